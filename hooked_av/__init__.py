@@ -1,0 +1,7 @@
+"""hooked_av: hooked, exact reimplementations of audio-visual LLMs for mechanistic interpretability."""
+
+from hooked_av.core.base import HookedAVModel
+from hooked_av.models.qwen2_5_omni import HookedQwen2_5Omni
+
+__all__ = ["HookedAVModel", "HookedQwen2_5Omni"]
+__version__ = "0.1.0"

@@ -1,0 +1,160 @@
+"""One hooked attention for every model: grouped-query, optional rotary, additive mask.
+
+Fast by default, exact when looked at: a call runs `scaled_dot_product_attention` unless
+`hook_attn_scores` or `hook_pattern` of this layer has a hook (forward or backward), in which
+case the scores and pattern are materialised for this layer only. Both paths apply the additive
+mask after `hook_attn_mask`, so every edit of who attends to whom acts before the softmax.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
+
+Rotary = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
+class Attention(nn.Module):
+    """Multi-head attention with `n_kv_heads <= n_heads` (grouped-query).
+
+    Hook shapes (TransformerLens convention):
+      hook_q, hook_rot_q, hook_z      [batch, pos, n_heads, d_head]
+      hook_k, hook_v, hook_rot_k      [batch, pos, n_kv_heads, d_head]  (k and v carry the kv heads)
+      hook_attn_mask                  [batch, 1 or n_heads, q_pos, k_pos], additive (0 or a large negative)
+      hook_attn_scores, hook_pattern  [batch, n_heads, q_pos, k_pos]
+      hook_result                     [batch, pos, n_heads, d_model], only when `use_attn_result` is set
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: int | None = None,
+        d_head: int | None = None,
+        q_bias: bool = True,
+        k_bias: bool = True,
+        v_bias: bool = True,
+        o_bias: bool = False,
+        names: tuple[str, str, str, str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
+    ):
+        super().__init__()
+        self.n_heads = n_heads
+        self.n_kv_heads = n_kv_heads or n_heads
+        self.d_head = d_head or d_model // n_heads
+        self.scale = self.d_head**-0.5
+        self._names = names
+        q, k, v, o = names
+        setattr(self, q, nn.Linear(d_model, n_heads * self.d_head, bias=q_bias))
+        setattr(self, k, nn.Linear(d_model, self.n_kv_heads * self.d_head, bias=k_bias))
+        setattr(self, v, nn.Linear(d_model, self.n_kv_heads * self.d_head, bias=v_bias))
+        setattr(self, o, nn.Linear(n_heads * self.d_head, d_model, bias=o_bias))
+        self.use_attn_result = False
+        self.last_path: str | None = None  # "fast" or "exact": which path the last call took
+
+        self.hook_q = HookPoint()
+        self.hook_k = HookPoint()
+        self.hook_v = HookPoint()
+        self.hook_rot_q = HookPoint()
+        self.hook_rot_k = HookPoint()
+        self.hook_attn_mask = HookPoint()
+        self.hook_attn_scores = HookPoint()
+        self.hook_pattern = HookPoint()
+        self.hook_z = HookPoint()
+        self.hook_result = HookPoint()
+
+    @property
+    def out_proj_module(self) -> nn.Linear:
+        return getattr(self, self._names[3])
+
+    def needs_exact(self) -> bool:
+        return self.hook_attn_scores.has_hooks() or self.hook_pattern.has_hooks()
+
+    def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        b, p, _ = x.shape
+        q_lin, k_lin, v_lin, _ = (getattr(self, n) for n in self._names)
+        q = q_lin(x).view(b, p, self.n_heads, self.d_head)
+        k = k_lin(x).view(b, p, self.n_kv_heads, self.d_head)
+        v = v_lin(x).view(b, p, self.n_kv_heads, self.d_head)
+        return q, k, v
+
+    def forward(
+        self,
+        x: Float[Tensor, "batch pos d_model"],
+        mask: Tensor | None = None,
+        rotary: Rotary | None = None,
+        causal: bool = False,
+        kv_cache: "KVSlot | None" = None,
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """`mask` is additive `[batch, 1|heads, q, k]` or None. `causal=True` means `mask` is a plain
+        causal mask (no padding, no edits), which the fast path may replace by the causal kernel."""
+        q, k, v = self.project_qkv(x)
+        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        if rotary is not None:
+            q, k = rotary(q, k)
+        q, k = self.hook_rot_q(q), self.hook_rot_k(k)
+        if kv_cache is not None:
+            k, v = kv_cache.update(k, v)
+
+        if mask is not None and self.hook_attn_mask.has_hooks():
+            # a clone: an in-place edit in a user's hook must not leak into the other layers
+            mask = self.hook_attn_mask(mask.clone())
+            causal = False
+        elif mask is not None:
+            mask = self.hook_attn_mask(mask)
+
+        qh = q.transpose(1, 2)  # [b, h, q, d]
+        kh, vh = k.transpose(1, 2), v.transpose(1, 2)
+        if self.needs_exact():
+            self.last_path = "exact"
+            groups = self.n_heads // self.n_kv_heads
+            kh = kh.repeat_interleave(groups, dim=1)
+            vh = vh.repeat_interleave(groups, dim=1)
+            scores = torch.matmul(qh, kh.transpose(2, 3)) * self.scale
+            if mask is not None:
+                scores = scores + mask
+            scores = self.hook_attn_scores(scores)
+            pattern = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+            pattern = self.hook_pattern(pattern)
+            z = torch.matmul(pattern, vh)
+        else:
+            self.last_path = "fast"
+            use_causal = causal and qh.shape[2] == kh.shape[2]
+            z = F.scaled_dot_product_attention(
+                qh,
+                kh,
+                vh,
+                attn_mask=None if use_causal else mask,
+                is_causal=use_causal,
+                scale=self.scale,
+                enable_gqa=self.n_kv_heads != self.n_heads,
+            )
+        z = self.hook_z(z.transpose(1, 2))  # [b, pos, heads, d_head]
+        o = self.out_proj_module
+        if self.use_attn_result:
+            w = o.weight.view(o.weight.shape[0], self.n_heads, self.d_head)  # [d_model, h, d]
+            result = self.hook_result(torch.einsum("bphd,mhd->bphm", z, w))
+            out = result.sum(2)
+            return out + o.bias if o.bias is not None else out
+        return o(z.reshape(z.shape[0], z.shape[1], -1))
+
+
+class KVSlot:
+    """The growing keys and values of one layer during generation (`[batch, pos, kv_heads, d]`)."""
+
+    def __init__(self):
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+
+    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=1)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=1)
+        return self.k, self.v
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[1]

@@ -1,0 +1,1 @@
+"""One file per model family: configuration, weight conversion, position ids, merge."""

@@ -1,0 +1,347 @@
+"""`HookedQwen2_5Omni`: the Qwen2.5-Omni Thinker (audio tower + vision tower + Qwen2 decoder) with a
+hook point on every residual stream, attention pattern and intermediate.
+
+    model = HookedQwen2_5Omni.from_pretrained("Qwen/Qwen2.5-Omni-7B", dtype=torch.bfloat16, device="cuda")
+    logits = model(**processor_outputs, use_audio_in_video=True)          # [batch, pos, vocab]
+    enc = model.encode(**processor_outputs)                               # run the towers once ...
+    logits = model(**enc)                                                 # ... and sweep from here
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
+
+from hooked_av.core.attention import Attention, KVSlot
+from hooked_av.core.base import HookedAVModel
+from hooked_av.core.block import Block
+from hooked_av.core.masks import additive, causal_allowed
+from hooked_av.core.mlp import GatedMLP
+from hooked_av.core.norms import RMSNorm
+from hooked_av.core.rope import apply_rotary, mrope_cos_sin
+from hooked_av.encoders.omni_audio import OmniAudioEncoder, audio_token_count
+from hooked_av.encoders.qwen_vision import QwenVisionEncoder
+from hooked_av.models import checkpoint
+from hooked_av.models.qwen2_5_omni_positions import OmniTokenIds, omni_position_ids
+from hooked_av.models.qwen2_5_omni_weights import convert_key, lm_config, thinker_config
+
+MEDIA_ARGS = (
+    "input_features", "feature_attention_mask", "audio_feature_lengths", "pixel_values", "image_grid_thw",
+    "pixel_values_videos", "video_grid_thw", "video_second_per_grid",
+)
+
+
+class HookedQwen2_5Omni(HookedAVModel):
+    """Hook names: `hook_audio_embeds` / `hook_image_embeds` / `hook_video_embeds` (tower outputs,
+    `[n_tokens, d_model]`), `hook_embed` (merged embeddings, `[batch, pos, d_model]`), `blocks.{l}.*`,
+    `ln_final.*`, `audio_encoder.*`, `vision_encoder.*` (see DESIGN.md)."""
+
+    def __init__(self, config):
+        super().__init__()
+        tc = thinker_config(config)
+        self.hf_config = tc
+        self.cfg = c = lm_config(tc)
+        self.ids = OmniTokenIds(
+            audio=tc.audio_token_id, image=tc.image_token_id, video=tc.video_token_id,
+            audio_start=tc.audio_start_token_id, audio_end=tc.audio_end_token_id,
+            vision_start=getattr(tc, "vision_start_token_id", 151652),
+            vision_end=getattr(tc, "vision_end_token_id", 151653),
+        )
+        self.position_id_per_seconds = tc.position_id_per_seconds
+        self.seconds_per_chunk = tc.seconds_per_chunk
+        self.tokenizer = None
+
+        a, v = c.towers["audio_encoder"], c.towers["vision_encoder"]
+        self.audio_encoder = OmniAudioEncoder(
+            a["num_mel_bins"], a["d_model"], a["n_layers"], a["n_heads"], a["d_mlp"], a["output_dim"],
+            a["n_window"], a["act_fn"],
+        )
+        self.vision_encoder = QwenVisionEncoder(
+            v["d_model"], v["n_layers"], v["n_heads"], v["d_mlp"], v["out_dim"], v["patch_size"],
+            v["temporal_patch_size"], v["in_channels"], v["spatial_merge_size"], v["window_size"],
+            v["fullatt_block_indexes"], v["act_fn"], v["rope_theta"],
+        )
+        self.embed = nn.Embedding(c.d_vocab, c.d_model)
+        self.blocks = nn.ModuleList(
+            Block(
+                RMSNorm(c.d_model, c.eps),
+                Attention(c.d_model, c.n_heads, c.n_key_value_heads, c.d_head, o_bias=False),
+                RMSNorm(c.d_model, c.eps),
+                GatedMLP(c.d_model, c.d_mlp, c.act_fn),
+            )
+            for _ in range(c.n_layers)
+        )
+        self.ln_final = RMSNorm(c.d_model, c.eps)
+        self.unembed = nn.Linear(c.d_model, c.d_vocab, bias=False)
+        if c.tie_word_embeddings:
+            self.unembed.weight = self.embed.weight
+        self.hook_audio_embeds = HookPoint()
+        self.hook_image_embeds = HookPoint()
+        self.hook_video_embeds = HookPoint()
+        self.hook_embed = HookPoint()
+        self.setup()
+
+    # ---- constructors -----------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config, dtype: torch.dtype = torch.float32, device=None) -> "HookedQwen2_5Omni":
+        """Random weights, for tests and shape studies (`device="meta"` allocates nothing)."""
+        with torch.device(device or "cpu"):
+            model = cls(config)
+        return model.to(dtype).eval()
+
+    @classmethod
+    def from_pretrained(
+        cls, name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32, device=None
+    ) -> "HookedQwen2_5Omni":
+        """A hub id or a local HF checkpoint folder, in the released (`thinker.*`, with the Talker's
+        keys) or the HF 5.x layout, with a nested `Qwen2_5OmniConfig` or a bare Thinker config."""
+        if str(name_or_path) == "toy":
+            from hooked_av import toy
+
+            return toy.load(dtype=dtype, device=device)
+        from transformers import AutoConfig
+
+        folder = checkpoint.resolve(name_or_path)
+        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+        tensors = checkpoint.iter_tensors(checkpoint.weight_files(folder))
+        model = cls._from_tensors(config, tensors, str(folder), dtype, device)
+        model.tokenizer = _maybe_tokenizer(folder)
+        return model
+
+    @classmethod
+    def from_hf(cls, hf_model, dtype: torch.dtype | None = None, device=None) -> "HookedQwen2_5Omni":
+        """From an instantiated HF `Qwen2_5OmniThinkerForConditionalGeneration` (or the full Omni model)."""
+        dtype = dtype or next(hf_model.parameters()).dtype
+        return cls._from_tensors(hf_model.config, hf_model.state_dict().items(), type(hf_model).__name__, dtype, device)
+
+    @classmethod
+    def _from_tensors(cls, config, tensors, source, dtype, device) -> "HookedQwen2_5Omni":
+        with torch.device("meta"):
+            model = cls(config)
+        tied = model.cfg.tie_word_embeddings
+        checkpoint.load_converted(
+            model, tensors, convert_key, source, dtype, optional=lambda n: tied and n == "unembed.weight"
+        )
+        if tied:
+            model.unembed.weight = model.embed.weight
+        return model.to(device or "cpu").eval()
+
+    # ---- inputs -----------------------------------------------------------------------------
+    def _audio_features(self, input_features, feature_attention_mask, audio_feature_lengths):
+        if feature_attention_mask is not None:
+            lens = feature_attention_mask.sum(1)
+            feats = input_features.permute(0, 2, 1)[feature_attention_mask.bool()].permute(1, 0)
+        else:
+            if input_features.dim() == 2:
+                if audio_feature_lengths is None:
+                    raise ValueError("2D input_features need audio_feature_lengths (frames per audio)")
+                return input_features, torch.as_tensor(audio_feature_lengths, device=input_features.device)
+            lens = torch.full((input_features.shape[0],), input_features.shape[2], device=input_features.device)
+            if audio_feature_lengths is not None:
+                lens = torch.as_tensor(audio_feature_lengths, device=input_features.device)
+            feats = torch.cat([f[:, :n] for f, n in zip(input_features, lens.tolist())], dim=1)
+        return feats, lens
+
+    def _check_placeholders(self, input_ids, audio_lens, image_grid_thw, video_grid_thw, pixel_values, pixel_values_videos):
+        m2 = self.vision_encoder.merge**2
+        checks = [
+            ("<|AUDIO|>", self.ids.audio, None if audio_lens is None else int(audio_token_count(audio_lens).sum()), "audio"),
+            ("<|IMAGE|>", self.ids.image, None if image_grid_thw is None else int(image_grid_thw.prod(-1).sum()) // m2, "image"),
+            ("<|VIDEO|>", self.ids.video, None if video_grid_thw is None else int(video_grid_thw.prod(-1).sum()) // m2, "video"),
+        ]
+        for token, tid, expected, what in checks:
+            n = int((input_ids == tid).sum())
+            if expected is None and n:
+                raise ValueError(f"the prompt has {n} {token} placeholder(s) but no {what} input was given")
+            if expected is not None and n != expected:
+                raise ValueError(
+                    f"placeholder count mismatch: the prompt has {n} {token} tokens but the {what} input "
+                    f"makes {expected}; build input_ids and media together (the processor or model.prepare)"
+                )
+        for pv, grid, what in ((pixel_values, image_grid_thw, "pixel_values"), (pixel_values_videos, video_grid_thw, "pixel_values_videos")):
+            if pv is not None and (grid is None or pv.shape[0] != int(grid.prod(-1).sum())):
+                raise ValueError(f"{what} has {pv.shape[0]} patch rows but its grid_thw says {None if grid is None else int(grid.prod(-1).sum())}")
+
+    def encode(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        input_features: Tensor | None = None,
+        feature_attention_mask: Tensor | None = None,
+        audio_feature_lengths: Tensor | None = None,
+        pixel_values: Tensor | None = None,
+        image_grid_thw: Tensor | None = None,
+        pixel_values_videos: Tensor | None = None,
+        video_grid_thw: Tensor | None = None,
+        video_second_per_grid: Tensor | None = None,
+        use_audio_in_video: bool = False,
+    ) -> dict[str, Tensor]:
+        """Run the towers and merge: returns `inputs_embeds` `[batch, pos, d_model]`, `position_ids`
+        `[3, batch, pos]`, `attention_mask`, `rope_deltas` `[batch, 1]`; `model(**enc)` continues."""
+        audio = None
+        if input_features is not None:
+            audio = self._audio_features(input_features, feature_attention_mask, audio_feature_lengths)
+        self._check_placeholders(
+            input_ids, None if audio is None else audio[1], image_grid_thw, video_grid_thw, pixel_values, pixel_values_videos
+        )
+        if video_grid_thw is not None and video_second_per_grid is None:
+            video_second_per_grid = torch.ones(len(video_grid_thw))
+        embeds = self.embed(input_ids)
+        if audio is not None:
+            a = self.hook_audio_embeds(self.audio_encoder(audio[0].to(self.dtype), audio[1]))
+            embeds = embeds.masked_scatter((input_ids == self.ids.audio)[..., None], a.to(embeds.dtype))
+        if pixel_values is not None:
+            im = self.hook_image_embeds(self.vision_encoder(pixel_values.to(self.dtype), image_grid_thw))
+            embeds = embeds.masked_scatter((input_ids == self.ids.image)[..., None], im.to(embeds.dtype))
+        if pixel_values_videos is not None:
+            vi = self.hook_video_embeds(self.vision_encoder(pixel_values_videos.to(self.dtype), video_grid_thw))
+            embeds = embeds.masked_scatter((input_ids == self.ids.video)[..., None], vi.to(embeds.dtype))
+        position_ids, deltas = self.position_ids(
+            input_ids, attention_mask, image_grid_thw, video_grid_thw,
+            None if audio is None else audio[1], video_second_per_grid, use_audio_in_video,
+        )
+        return {"inputs_embeds": embeds, "position_ids": position_ids, "attention_mask": attention_mask, "rope_deltas": deltas}
+
+    def position_ids(self, input_ids, attention_mask=None, image_grid_thw=None, video_grid_thw=None,
+                     audio_feature_lengths=None, video_second_per_grid=None, use_audio_in_video=False):
+        """TMRoPE ids `[3, batch, pos]` and rope deltas `[batch, 1]` (always 3D, with or without an
+        attention mask: HF falls back to 1D positions without one)."""
+        counts = None if audio_feature_lengths is None else audio_token_count(torch.as_tensor(audio_feature_lengths)).tolist()
+        return omni_position_ids(
+            input_ids, attention_mask, self.ids, image_grid_thw, video_grid_thw, counts, video_second_per_grid,
+            use_audio_in_video, self.vision_encoder.merge, self.position_id_per_seconds, self.seconds_per_chunk,
+        )
+
+    # ---- forward ----------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        *,
+        inputs_embeds: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        rope_deltas: Tensor | None = None,
+        use_audio_in_video: bool = False,
+        return_type: str | None = "logits",
+        **media,
+    ) -> Tensor:
+        """Logits `[batch, pos, vocab]` from processor outputs, or from `encode`'s outputs.
+        `return_type`: "logits", "resid" (after `ln_final`) or None."""
+        unknown = set(media) - set(MEDIA_ARGS)
+        if unknown:
+            raise TypeError(f"unexpected argument(s) {sorted(unknown)}; accepted media inputs: {list(MEDIA_ARGS)}")
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("pass input_ids (with media inputs) or inputs_embeds and position_ids from model.encode")
+            enc = self.encode(input_ids, attention_mask, use_audio_in_video=use_audio_in_video, **media)
+            inputs_embeds, position_ids = enc["inputs_embeds"], enc["position_ids"]
+        elif any(media.get(k) is not None for k in MEDIA_ARGS):
+            raise ValueError("pass either media inputs or inputs_embeds (already merged), not both")
+        elif position_ids is None:
+            position_ids = self._text_positions(inputs_embeds, attention_mask)
+        return self.run_language_model(inputs_embeds, position_ids, attention_mask, return_type=return_type)
+
+    def _text_positions(self, embeds: Tensor, attention_mask: Tensor | None) -> Tensor:
+        b, s = embeds.shape[:2]
+        if attention_mask is None:
+            return torch.arange(s, device=embeds.device).view(1, 1, -1).expand(3, b, -1)
+        pos = attention_mask.long().cumsum(-1) - 1
+        return pos.masked_fill(attention_mask == 0, 1).unsqueeze(0).expand(3, -1, -1)
+
+    def run_language_model(
+        self,
+        inputs_embeds: Tensor,
+        position_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        return_type: str | None = "logits",
+        kv_caches: list[KVSlot] | None = None,
+    ) -> Tensor | None:
+        x = self.hook_embed(inputs_embeds)
+        b, q_len, _ = x.shape
+        past = kv_caches[0].length if kv_caches else 0
+        k_len = past + q_len
+        if position_ids.dim() == 2:
+            position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
+        plain = attention_mask is None or bool(attention_mask.all())
+        needs_mask = not plain or any(
+            blk.attn.hook_attn_mask.has_hooks() or blk.attn.needs_exact() for blk in self.blocks
+        ) or (past and q_len > 1)
+        mask = additive(causal_allowed(attention_mask, q_len, k_len, b, x.device), x.dtype) if needs_mask else None
+        cos, sin = mrope_cos_sin(position_ids, self.cfg.d_head, self.cfg.rope_theta, self.cfg.mrope_section, x.dtype)
+
+        def rotary(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+            return apply_rotary(q, k, cos, sin)
+
+        for i, block in enumerate(self.blocks):
+            slot = kv_caches[i] if kv_caches else None
+            x = block(x, mask=mask, rotary=rotary, causal=plain and not past, kv_cache=slot)
+        x = self.ln_final(x)
+        if return_type is None:
+            return None
+        if return_type == "resid":
+            return x
+        if return_type == "logits":
+            return self.unembed(x)
+        raise ValueError(f"return_type must be 'logits', 'resid' or None, got {return_type!r}")
+
+    # ---- generation -------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None, *,
+        max_new_tokens: int = 16, eos_token_id: int | list[int] | None = None,
+        use_audio_in_video: bool = False, inputs_embeds: Tensor | None = None,
+        position_ids: Tensor | None = None, rope_deltas: Tensor | None = None, **media,
+    ) -> Tensor:
+        """Greedy decoding with a KV cache, under whatever hooks are active. Returns the new tokens
+        `[batch, n_new]` (finished rows are padded with their eos)."""
+        if inputs_embeds is None:
+            enc = self.encode(input_ids, attention_mask, use_audio_in_video=use_audio_in_video, **media)
+            inputs_embeds, position_ids, rope_deltas = enc["inputs_embeds"], enc["position_ids"], enc["rope_deltas"]
+        b, s = inputs_embeds.shape[:2]
+        if attention_mask is None:
+            attention_mask = torch.ones(b, s, dtype=torch.long, device=inputs_embeds.device)
+        if position_ids is None:
+            position_ids = self._text_positions(inputs_embeds, attention_mask)
+        if rope_deltas is None:
+            rope_deltas = (position_ids.amax(dim=(0, 2)) + 1 - attention_mask.sum(-1)).unsqueeze(1)
+        eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
+        caches = [KVSlot() for _ in self.blocks]
+        logits = self.run_language_model(inputs_embeds, position_ids, attention_mask, kv_caches=caches)
+        out, done = [], torch.zeros(b, dtype=torch.bool, device=inputs_embeds.device)
+        for _ in range(max_new_tokens):
+            nxt = logits[:, -1].argmax(-1)
+            if out and eos:
+                nxt = torch.where(done, out[-1], nxt)
+            out.append(nxt)
+            if eos:
+                done |= torch.isin(nxt, torch.tensor(sorted(eos), device=nxt.device))
+                if bool(done.all()):
+                    break
+            pos = (attention_mask.sum(-1, keepdim=True) + rope_deltas).unsqueeze(0).expand(3, -1, -1)
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(b, 1)], dim=1)
+            logits = self.run_language_model(self.embed(nxt[:, None]), pos, attention_mask, kv_caches=caches)
+        return torch.stack(out, dim=1)
+
+    # ---- TransformerLens-style weights ------------------------------------------------------
+    @property
+    def W_E(self) -> Tensor:
+        return self.embed.weight
+
+    @property
+    def W_U(self) -> Tensor:
+        return self.unembed.weight.T
+
+    @property
+    def b_U(self) -> Tensor:
+        return torch.zeros(self.cfg.d_vocab, dtype=self.unembed.weight.dtype, device=self.unembed.weight.device)
+
+
+def _maybe_tokenizer(folder):
+    if not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)

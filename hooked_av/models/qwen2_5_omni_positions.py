@@ -1,0 +1,157 @@
+"""TMRoPE position ids of the Qwen2.5-Omni Thinker, `[3, batch, pos]` (temporal, height, width).
+
+Written from the rules in MODELS.md and checked against HF's `get_rope_index` on every geometry:
+text counts up on all three rows; an image/video block starts where the text left off and places
+each merged patch at `(t_pos, h, w) + start`; audio counts up; after a block the text resumes at the
+block's largest id + 1. With `use_audio_in_video` the video and its audio share a start and are
+interleaved in chunks of `position_id_per_seconds * seconds_per_chunk` temporal ids; the closing
+tokens then sit at (largest id of the last chunk appended) + 1, which can be below the block's
+maximum (HF's behaviour, reproduced on purpose). Padding gets position 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class OmniTokenIds:
+    audio: int
+    image: int
+    video: int
+    audio_start: int
+    audio_end: int
+    vision_start: int
+    vision_end: int
+
+
+def _count_up(n: int, start: int) -> Tensor:
+    return (torch.arange(n) + start).view(1, -1).expand(3, -1)
+
+
+def vision_grid_positions(t_pos: Tensor, h: int, w: int, start: int) -> Tensor:
+    """`[3, t * h * w]` ids of merged patches with temporal ids `t_pos` on an `h x w` merged grid."""
+    t = t_pos.view(-1, 1).expand(-1, h * w).flatten()
+    hh = torch.arange(h).view(1, -1, 1).expand(len(t_pos), -1, w).flatten()
+    ww = torch.arange(w).view(1, 1, -1).expand(len(t_pos), h, -1).flatten()
+    return torch.stack([t, hh, ww]) + start
+
+
+def chunk_bounds(temporal: Tensor, per_chunk: int, start: int) -> list[tuple[int, int]]:
+    """Split a non-decreasing run of temporal ids where `id - start` crosses the next multiple of
+    `per_chunk` (one boundary per token at most, as HF does)."""
+    bounds, begin, k = [], 0, 1
+    values = (temporal - start).tolist()
+    for i, v in enumerate(values):
+        if v >= k * per_chunk:
+            bounds.append((begin, i))
+            begin, k = i, k + 1
+    bounds.append((begin, len(values)))
+    return bounds
+
+
+def video_temporal_ids(grid_t: int, second_per_grid: float | Tensor, per_second: int) -> Tensor:
+    # fp32 arithmetic, truncated, exactly as HF computes it
+    spg = torch.as_tensor(second_per_grid, dtype=torch.float).cpu()
+    return (torch.arange(grid_t) * spg * per_second).long()
+
+
+def omni_position_ids(
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    ids: OmniTokenIds,
+    image_grid_thw: Tensor | None = None,
+    video_grid_thw: Tensor | None = None,
+    audio_token_counts: list[int] | None = None,
+    video_second_per_grid: Tensor | None = None,
+    use_audio_in_video: bool = False,
+    spatial_merge_size: int = 2,
+    position_id_per_seconds: int = 25,
+    seconds_per_chunk: int = 2,
+) -> tuple[Tensor, Tensor]:
+    """Returns position ids `[3, batch, pos]` and rope deltas `[batch, 1]` (max + 1 - length, the
+    offset of decoding steps). Media are consumed in order across the batch, as the processor
+    emits them."""
+    batch, seq = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    out = torch.ones(3, batch, seq, dtype=torch.long)
+    deltas = []
+    m = spatial_merge_size
+    image_i = video_i = audio_i = 0
+    audio_counts = list(audio_token_counts or [])
+    per_chunk = int(position_id_per_seconds * seconds_per_chunk)
+    media = {ids.image, ids.video, ids.audio}
+    for row in range(batch):
+        keep = attention_mask[row].bool().cpu()
+        toks = input_ids[row].cpu()[keep].tolist()
+        parts: list[Tensor] = []
+        nxt = 0  # next free position id
+        st = 0  # next unread token
+        while True:
+            e = next((i for i in range(st, len(toks)) if toks[i] in media), None)
+            if e is None:
+                break
+            kind = toks[e]
+            av = kind == ids.video and use_audio_in_video
+            n_open = 2 if av else 1
+            if e - st - n_open > 0:
+                parts.append(_count_up(e - st - n_open, nxt))
+                nxt += e - st - n_open
+            parts.append(_count_up(1, nxt).repeat(1, n_open))  # the opening token(s), one shared id
+            nxt += 1
+            if kind == ids.audio:
+                n = audio_counts[audio_i]
+                audio_i += 1
+                block = _count_up(n, nxt)
+                parts.append(block)
+                nxt = int(block.max()) + 1
+                used = n
+            elif kind == ids.image:
+                gt, gh, gw = image_grid_thw[image_i].tolist()
+                image_i += 1
+                t_pos = torch.arange(gt) * position_id_per_seconds
+                block = vision_grid_positions(t_pos, gh // m, gw // m, nxt)
+                parts.append(block)
+                nxt = int(block.max()) + 1
+                used = block.shape[1]
+            elif not av:
+                gt, gh, gw = video_grid_thw[video_i].tolist()
+                t_pos = video_temporal_ids(gt, video_second_per_grid[video_i], position_id_per_seconds)
+                video_i += 1
+                block = vision_grid_positions(t_pos, gh // m, gw // m, nxt)
+                parts.append(block)
+                nxt = int(block.max()) + 1
+                used = block.shape[1]
+            else:
+                gt, gh, gw = video_grid_thw[video_i].tolist()
+                t_pos = video_temporal_ids(gt, video_second_per_grid[video_i], position_id_per_seconds)
+                video_i += 1
+                vid = vision_grid_positions(t_pos, gh // m, gw // m, nxt)
+                n_audio = audio_counts[audio_i]
+                audio_i += 1
+                aud = _count_up(n_audio, nxt)
+                v_chunks = chunk_bounds(vid[0], per_chunk, nxt)
+                a_chunks = chunk_bounds(aud[0], per_chunk, nxt)
+                last = None
+                for j in range(max(len(v_chunks), len(a_chunks))):
+                    if j < len(v_chunks):
+                        last = vid[:, v_chunks[j][0] : v_chunks[j][1]]
+                        parts.append(last)
+                    if j < len(a_chunks):
+                        last = aud[:, a_chunks[j][0] : a_chunks[j][1]]
+                        parts.append(last)
+                nxt = int(last.max()) + 1  # the quirk: the last chunk's max, not the block's
+                parts.append(_count_up(1, nxt).repeat(1, 2))  # audio_eos and vision_eos share an id
+                nxt += 1
+                used = vid.shape[1] + n_audio + 2
+            st = e + used
+        if st < len(toks):
+            parts.append(_count_up(len(toks) - st, nxt))
+        pos = torch.cat(parts, dim=1) if parts else torch.zeros(3, 0, dtype=torch.long)
+        out[:, row, keep] = pos
+        deltas.append(int(pos.max()) + 1 - len(toks) if pos.numel() else 0)
+    return out.to(input_ids.device), torch.tensor(deltas, device=input_ids.device).unsqueeze(1)
