@@ -71,6 +71,52 @@ class Attention(nn.Module):
     def out_proj_module(self) -> nn.Linear:
         return getattr(self, self._names[3])
 
+    # TransformerLens weight views: W_Q [n_heads, d_model, d_head]; W_K, W_V carry the kv heads;
+    # W_O [n_heads, d_head, d_model]; biases are zeros where the projection has none.
+    def _proj(self, i: int) -> nn.Linear:
+        return getattr(self, self._names[i])
+
+    def _w_in(self, i: int, n: int) -> Tensor:
+        return self._proj(i).weight.view(n, self.d_head, -1).transpose(1, 2)
+
+    def _b(self, i: int, shape: tuple[int, ...]) -> Tensor:
+        lin = self._proj(i)
+        if lin.bias is not None:
+            return lin.bias.view(shape)
+        return torch.zeros(shape, dtype=lin.weight.dtype, device=lin.weight.device)
+
+    @property
+    def W_Q(self) -> Tensor:
+        return self._w_in(0, self.n_heads)
+
+    @property
+    def W_K(self) -> Tensor:
+        return self._w_in(1, self.n_kv_heads)
+
+    @property
+    def W_V(self) -> Tensor:
+        return self._w_in(2, self.n_kv_heads)
+
+    @property
+    def W_O(self) -> Tensor:
+        return self._proj(3).weight.view(-1, self.n_heads, self.d_head).permute(1, 2, 0)
+
+    @property
+    def b_Q(self) -> Tensor:
+        return self._b(0, (self.n_heads, self.d_head))
+
+    @property
+    def b_K(self) -> Tensor:
+        return self._b(1, (self.n_kv_heads, self.d_head))
+
+    @property
+    def b_V(self) -> Tensor:
+        return self._b(2, (self.n_kv_heads, self.d_head))
+
+    @property
+    def b_O(self) -> Tensor:
+        return self._b(3, (self._proj(3).weight.shape[0],))
+
     def needs_exact(self) -> bool:
         return self.hook_attn_scores.has_hooks() or self.hook_pattern.has_hooks()
 
@@ -158,3 +204,4 @@ class KVSlot:
     @property
     def length(self) -> int:
         return 0 if self.k is None else self.k.shape[1]
+

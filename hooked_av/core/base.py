@@ -15,12 +15,14 @@ from transformer_lens import ActivationCache
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.HookedRootModule import HookedRootModule
 
+from hooked_av.core.tl_compat import TransformerLensCompat
+
 
 class HookShapeError(ValueError):
     pass
 
 
-class HookedAVModel(HookedRootModule):
+class HookedAVModel(TransformerLensCompat, HookedRootModule):
     """Base class: hook-name validation, shape-checked hook functions, an `ActivationCache`
     returned by `run_with_cache`. Subclasses build their modules, then call `self.setup()`."""
 

@@ -17,6 +17,9 @@ class Block(nn.Module):
     audio blocks (LayerNorm, fc1/fc2).
     """
 
+    # TransformerLens's logit lens checks this: logits are unembed(ln_final(last hook_resid_post))
+    hook_out_is_single_residual_stream = True
+
     def __init__(self, ln1: nn.Module, attn: Attention, ln2: nn.Module, mlp: nn.Module):
         super().__init__()
         self.ln1 = ln1

@@ -40,6 +40,27 @@ class GatedMLP(nn.Module):
         self.hook_pre_linear = HookPoint()
         self.hook_post = HookPoint()
 
+    # TransformerLens weight views: W_gate, W_in [d_model, d_mlp]; W_out [d_mlp, d_model]
+    @property
+    def W_gate(self) -> Tensor:
+        return self.gate_proj.weight.T
+
+    @property
+    def W_in(self) -> Tensor:
+        return self.up_proj.weight.T
+
+    @property
+    def W_out(self) -> Tensor:
+        return self.down_proj.weight.T
+
+    @property
+    def b_in(self) -> Tensor:
+        return self.up_proj.bias if self.up_proj.bias is not None else self.up_proj.weight.new_zeros(self.up_proj.weight.shape[0])
+
+    @property
+    def b_out(self) -> Tensor:
+        return self.down_proj.bias if self.down_proj.bias is not None else self.down_proj.weight.new_zeros(self.down_proj.weight.shape[0])
+
     def forward(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
         pre = self.hook_pre(self.gate_proj(x))
         pre_linear = self.hook_pre_linear(self.up_proj(x))

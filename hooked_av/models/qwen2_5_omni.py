@@ -325,19 +325,6 @@ class HookedQwen2_5Omni(HookedAVModel):
             logits = self.run_language_model(self.embed(nxt[:, None]), pos, attention_mask, kv_caches=caches)
         return torch.stack(out, dim=1)
 
-    # ---- TransformerLens-style weights ------------------------------------------------------
-    @property
-    def W_E(self) -> Tensor:
-        return self.embed.weight
-
-    @property
-    def W_U(self) -> Tensor:
-        return self.unembed.weight.T
-
-    @property
-    def b_U(self) -> Tensor:
-        return torch.zeros(self.cfg.d_vocab, dtype=self.unembed.weight.dtype, device=self.unembed.weight.device)
-
 
 def _maybe_tokenizer(folder):
     if not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):

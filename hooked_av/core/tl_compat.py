@@ -1,0 +1,104 @@
+"""What TransformerLens's `ActivationCache` and users' notebooks call on a model, beyond hooks.
+
+Mixed into `HookedAVModel`; reads only `cfg`, `embed`, `unembed`, `ln_final`, `blocks` and
+`tokenizer`, which every model family provides for its language model.
+
+Differences from a TransformerLens `HookedTransformer`, by design:
+- RMSNorm keeps its learned weight (no `fold_ln`): `tokens_to_residual_directions` multiplies the
+  unembedding by `ln_final.weight`, so `cache.apply_ln_to_stack(...) @ directions` (what
+  `cache.logit_attrs` computes) gives exact logit contributions.
+- There is no positional embedding matrix (rotary positions).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class TransformerLensCompat:
+    # ---- weights ----------------------------------------------------------------------------
+    @property
+    def W_E(self) -> Tensor:
+        """`[d_vocab, d_model]`."""
+        return self.embed.weight
+
+    @property
+    def W_U(self) -> Tensor:
+        """`[d_model, d_vocab]`."""
+        return self.unembed.weight.T
+
+    @property
+    def b_U(self) -> Tensor:
+        """Zeros `[d_vocab]`: the unembedding has no bias."""
+        w = self.unembed.weight
+        return w.new_zeros(w.shape[0])
+
+    @property
+    def W_pos(self):
+        # not AttributeError: nn.Module would swallow it and report a plain missing attribute
+        raise NotImplementedError(
+            "this model has no positional embedding matrix: positions enter through rotary embeddings "
+            "(M-RoPE) inside attention, so there is no W_pos / hook_pos_embed"
+        )
+
+    def accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True) -> Tensor:
+        """Sum of the biases written into the residual stream before `layer` (attention output and
+        MLP output biases), `[d_model]`; zeros for Qwen2, whose o_proj and down_proj have none."""
+        total = self.embed.weight.new_zeros(self.cfg.d_model)
+        for i in range(layer):
+            total = total + self.blocks[i].attn.b_O
+            if include_mlp_biases:
+                total = total + self.blocks[i].mlp.b_out
+        if mlp_input:
+            total = total + self.blocks[layer].attn.b_O
+        return total
+
+    # ---- tokens -----------------------------------------------------------------------------
+    def _need_tokenizer(self):
+        if getattr(self, "tokenizer", None) is None:
+            raise ValueError(
+                "no tokenizer is attached: load from a folder that holds one, or set model.tokenizer = ..."
+            )
+        return self.tokenizer
+
+    def to_tokens(self, text: str | list[str], prepend_bos: bool = False) -> Tensor:
+        """Plain text -> ids `[batch, pos]` (no chat template, no media: use `model.prepare` for those).
+        Qwen has no BOS token, so `prepend_bos` must stay False."""
+        if prepend_bos:
+            raise ValueError("Qwen tokenizers have no BOS token; prompts start with the chat template instead")
+        tok = self._need_tokenizer()
+        texts = [text] if isinstance(text, str) else list(text)
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        return enc["input_ids"].to(self.embed.weight.device)
+
+    def to_string(self, tokens) -> str | list[str]:
+        tok = self._need_tokenizer()
+        if isinstance(tokens, Tensor) and tokens.dim() == 2:
+            return [tok.decode(t) for t in tokens.tolist()]
+        if isinstance(tokens, Tensor):
+            tokens = tokens.tolist()
+        return tok.decode(tokens if isinstance(tokens, list) else [tokens])
+
+    def to_str_tokens(self, tokens) -> list[str]:
+        tok = self._need_tokenizer()
+        if isinstance(tokens, str):
+            tokens = self.to_tokens(tokens)[0]
+        ids = tokens.tolist() if isinstance(tokens, Tensor) else list(tokens)
+        return [tok.decode([i]) for i in ids]
+
+    def to_single_token(self, string: str) -> int:
+        ids = self.to_tokens(string)[0]
+        if ids.numel() != 1:
+            raise ValueError(f"{string!r} is {ids.numel()} tokens, not one: {self.to_str_tokens(ids)}")
+        return int(ids[0])
+
+    def tokens_to_residual_directions(self, tokens) -> Tensor:
+        """Unembedding directions `[d_model]` (one token) or `[*tokens, d_model]`, with the final
+        RMSNorm weight folded in so that `(resid / rms) @ direction` is the token's logit."""
+        if isinstance(tokens, str):
+            tokens = self.to_single_token(tokens)
+        if isinstance(tokens, int):
+            tokens = torch.tensor(tokens)
+        tokens = torch.as_tensor(tokens, device=self.unembed.weight.device)
+        return self.unembed.weight[tokens] * self.ln_final.weight
