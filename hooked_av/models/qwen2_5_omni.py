@@ -287,6 +287,33 @@ class HookedQwen2_5Omni(HookedAVModel):
             return self.unembed(x)
         raise ValueError(f"return_type must be 'logits', 'resid' or None, got {return_type!r}")
 
+    # ---- inputs from media and the TokenMap (hooked_av/inputs) --------------------------------
+    def prepare(self, prompts, *, use_audio_in_video: bool | None = None, parts=None, tokenizer=None, **prompt_kwargs) -> dict:
+        """Model inputs from media and a question (or a list of `hooked_av.inputs.Prompt`): see
+        `hooked_av.inputs.omni.prepare_omni`. `model(**inputs)` runs them."""
+        from hooked_av.inputs.omni import prepare_omni
+        from hooked_av.inputs.processor import parts_for_model
+
+        parts = parts or getattr(self, "processor_parts", None) or parts_for_model(self, tokenizer)
+        self.processor_parts = parts
+        return prepare_omni(parts, self.ids, prompts, use_audio_in_video, **prompt_kwargs)
+
+    def token_map(self, inputs: dict, tokenizer=None, chat=None):
+        """The `TokenMap` of processor/`prepare` outputs (group, item, frame, time, chunk per position)."""
+        from hooked_av.inputs.chat import ChatTokens
+        from hooked_av.inputs.omni_layout import audio_token_counts, omni_token_map
+
+        tok = tokenizer if tokenizer is not None else self.tokenizer
+        if chat is None and tok is None:
+            raise ValueError("token_map needs the chat-template token ids: set model.tokenizer or pass tokenizer= or chat=ChatTokens(...)")
+        fam = inputs.get("feature_attention_mask")
+        counts = audio_token_counts(fam) if fam is not None else inputs.get("audio_feature_lengths")
+        return omni_token_map(
+            inputs["input_ids"], inputs.get("attention_mask"), self.ids, chat or ChatTokens.from_tokenizer(tok),
+            inputs.get("image_grid_thw"), inputs.get("video_grid_thw"), None if counts is None else list(counts),
+            inputs.get("video_second_per_grid"), self.vision_encoder.merge, self.position_id_per_seconds, self.seconds_per_chunk,
+        )
+
     # ---- generation -------------------------------------------------------------------------
     @torch.no_grad()
     def generate(

@@ -1,0 +1,66 @@
+"""The ChatML structure shared by Qwen2.5-Omni and video-SALMONN 2+ (`<|im_start|>role\\n ... <|im_end|>\\n`):
+which text positions are system prompt, user text (the question), or template."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class ChatTokens:
+    """Token ids of the chat template: `im_start`, `im_end`, the newline that ends a header, and each
+    role's token ids. Read them from a tokenizer with `ChatTokens.from_tokenizer`."""
+
+    im_start: int
+    im_end: int
+    newline: int | None
+    roles: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer) -> "ChatTokens":
+        def one(token: str) -> int:
+            tid = tokenizer.convert_tokens_to_ids(token)
+            if tid is None or tid == tokenizer.unk_token_id:
+                raise ValueError(f"the tokenizer has no {token!r} token; it is not a ChatML (Qwen) tokenizer")
+            return int(tid)
+
+        nl = tokenizer.encode("\n", add_special_tokens=False)
+        roles = {r: tuple(tokenizer.encode(r, add_special_tokens=False)) for r in ROLES}
+        return cls(one("<|im_start|>"), one("<|im_end|>"), nl[0] if len(nl) == 1 else None, roles)
+
+
+def text_groups(tokens: list[int], chat: ChatTokens | None) -> list[str]:
+    """Group of every token of one unpadded row, from the chat structure alone: headers
+    (`<|im_start|>role\\n`), `<|im_end|>` and the text between messages are `template`; system
+    content is `system`; user content is `question`; assistant content is `template`. A row with no
+    `<|im_start|>` (a raw prompt) is all `question`. Media are labelled afterwards by the caller."""
+    if chat is None or chat.im_start not in tokens:
+        return ["question"] * len(tokens)
+    out = ["template"] * len(tokens)
+    role, i = None, 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if tok == chat.im_start:
+            role, n = _role_at(tokens, i + 1, chat)
+            end = i + 1 + n
+            if chat.newline is not None and end < len(tokens) and tokens[end] == chat.newline:
+                end += 1
+            i = end  # header tokens stay template
+            continue
+        if tok == chat.im_end:
+            role = None
+        elif role == "system":
+            out[i] = "system"
+        elif role == "user":
+            out[i] = "question"
+        i += 1
+    return out
+
+
+def _role_at(tokens: list[int], i: int, chat: ChatTokens) -> tuple[str | None, int]:
+    for role, ids in chat.roles.items():
+        if ids and tuple(tokens[i : i + len(ids)]) == ids:
+            return role, len(ids)
+    return None, 0

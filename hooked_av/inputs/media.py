@@ -1,0 +1,176 @@
+"""Media decoding: video files (frames and audio track, PyAV), audio files, images and numpy arrays,
+checked and normalised to what the processors take: frames `[T, H, W, 3]` uint8 sampled at `fps`,
+mono float32 waveforms at 16 kHz."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+SAMPLE_RATE = 16_000  # every audio front end here (Whisper features) runs at 16 kHz
+
+
+@dataclass
+class Audio:
+    """A mono waveform, float32 `[n_samples]` at 16 kHz."""
+
+    waveform: np.ndarray
+
+    @property
+    def seconds(self) -> float:
+        return len(self.waveform) / SAMPLE_RATE
+
+
+@dataclass
+class Video:
+    """Frames `[T, H, W, 3]` uint8 sampled at `fps` frames per second, and the audio track if any."""
+
+    frames: np.ndarray
+    fps: float
+    audio: Audio | None = None
+
+
+def check_frames(frames, what: str = "frames") -> np.ndarray:
+    """Frames as a uint8 array `[T, H, W, 3]`; a clear error otherwise."""
+    arr = frames.numpy() if hasattr(frames, "numpy") else np.asarray(frames)
+    if arr.ndim != 4 or arr.shape[-1] != 3 or 0 in arr.shape:
+        raise ValueError(f"{what} must be an array [T, H, W, 3] (RGB, channels last, T >= 1); got shape {tuple(arr.shape)}")
+    if arr.dtype != np.uint8:
+        raise ValueError(
+            f"{what} must be uint8 (0-255); got {arr.dtype}. Convert floats in [0, 1] with "
+            "(frames * 255).round().astype(np.uint8)"
+        )
+    return arr
+
+
+def resample(waveform, sample_rate: int) -> Audio:
+    """A float waveform `[n]` or `[n, channels]`/`[channels, n]` at any rate -> mono 16 kHz `Audio`."""
+    w = np.asarray(waveform.numpy() if hasattr(waveform, "numpy") else waveform)
+    if not np.issubdtype(w.dtype, np.floating):
+        raise ValueError(f"a waveform must be float (samples in [-1, 1]); got {w.dtype}")
+    if w.ndim == 2:  # average channels, whichever axis is the short one
+        w = w.mean(axis=0 if w.shape[0] < w.shape[1] else 1)
+    if w.ndim != 1 or w.size == 0:
+        raise ValueError(f"a waveform must be a non-empty 1D array (or 2D with channels); got shape {w.shape}")
+    w = w.astype(np.float32)
+    if int(sample_rate) == SAMPLE_RATE:
+        return Audio(w)
+    return Audio(_av_resample([w[None]], int(sample_rate), "fltp", "mono"))
+
+
+def _av_resample(chunks: list[np.ndarray], rate: int, fmt: str, layout: str) -> np.ndarray:
+    import av
+
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+    out = []
+    for c in chunks:
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(c), format=fmt, layout=layout)
+        frame.sample_rate = rate
+        out += [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
+    out += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
+    return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
+
+
+def _open(path):
+    import av
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"media file {str(path)!r} does not exist")
+    try:
+        return av.open(str(path))
+    except Exception as e:  # PyAV raises several error types for undecodable data
+        raise ValueError(f"cannot read media file {str(path)!r} ({type(e).__name__}: {e}); expected a video (mp4, mkv, webm, ...) or audio (wav, flac, mp3, ...) file") from e
+
+
+def _decode_audio(container, path) -> Audio:
+    import av
+
+    stream = container.streams.audio[0]
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+    out = []
+    try:
+        for frame in container.decode(stream):
+            frame.pts = None  # the resampler rejects timestamps it cannot follow; times are implicit
+            out += [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
+        out += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
+    except av.error.FFmpegError as e:
+        raise ValueError(f"cannot decode the audio of {str(path)!r}: {e}") from e
+    if not out:
+        raise ValueError(f"the audio track of {str(path)!r} holds no samples")
+    return Audio(np.concatenate(out).astype(np.float32))
+
+
+def load_audio(source, sample_rate: int | None = None) -> Audio:
+    """An audio file (or the audio track of a video file), a `(waveform, sample_rate)` pair, a
+    waveform with `sample_rate=`, or an `Audio` -> mono 16 kHz `Audio`."""
+    if isinstance(source, Audio):
+        return source
+    if isinstance(source, tuple) and len(source) == 2:
+        return resample(source[0], source[1])
+    if isinstance(source, (str, os.PathLike)):
+        with _open(source) as c:
+            if not c.streams.audio:
+                raise ValueError(f"{str(source)!r} has no audio stream")
+            return _decode_audio(c, source)
+    if sample_rate is None:
+        raise ValueError("a bare waveform needs its sample rate: pass (waveform, sample_rate) or sample_rate=")
+    return resample(source, sample_rate)
+
+
+def sample_indices(n_frames: int, source_fps: float, fps: float, max_frames: int = 768) -> np.ndarray:
+    """Frame indices for sampling at `fps` (qwen-omni-utils' rule: an even count of frames, evenly
+    spaced over the clip)."""
+    n = round(n_frames / source_fps * fps / 2) * 2
+    n = int(min(max(n, 2), max_frames, n_frames if n_frames % 2 == 0 else n_frames + 1))
+    return np.linspace(0, n_frames - 1, n).round().astype(int)
+
+
+def load_video(source, fps: float = 2.0, with_audio: bool = False, audio=None) -> Video:
+    """A video file (decoded with PyAV, sampled at `fps`), frames `[T, H, W, 3]` uint8 (taken as
+    already sampled at `fps`), or a `Video`. With `with_audio=True` the audio track is decoded (or
+    `audio` is used) and a missing one is an error."""
+    if isinstance(source, Video):
+        video = source
+    elif isinstance(source, (str, os.PathLike)):
+        with _open(source) as c:
+            if not c.streams.video:
+                raise ValueError(f"{str(source)!r} has no video stream; pass it as audio= instead")
+            frames = [f.to_ndarray(format="rgb24") for f in c.decode(c.streams.video[0])]
+            if not frames:
+                raise ValueError(f"{str(source)!r} holds no decodable video frames")
+            rate = float(c.streams.video[0].average_rate or fps)
+        with _open(source) as c:
+            track = _decode_audio(c, source) if c.streams.audio and with_audio and audio is None else None
+            has_audio = bool(c.streams.audio)
+        if with_audio and audio is None and not has_audio:
+            raise ValueError(
+                f"{str(source)!r} has no audio track, but its audio was requested (use_audio_in_video=True); "
+                "pass use_audio_in_video=False to use the frames only, or give the audio with audio=..."
+            )
+        video = Video(np.stack([frames[i] for i in sample_indices(len(frames), rate, fps)]), fps, track)
+    else:
+        video = Video(check_frames(source), fps)
+    if audio is not None:
+        video = Video(video.frames, video.fps, load_audio(audio))
+    if with_audio and video.audio is None:
+        raise ValueError("this video has no audio but its audio was requested (use_audio_in_video=True); pass audio=(waveform, sample_rate) with it or use_audio_in_video=False")
+    return video
+
+
+def load_image(source) -> np.ndarray:
+    """An image file, a PIL image or an array `[H, W, 3]` uint8 -> array `[H, W, 3]` uint8."""
+    if isinstance(source, (str, os.PathLike)):
+        from PIL import Image
+
+        if not os.path.exists(source):
+            raise FileNotFoundError(f"image file {str(source)!r} does not exist")
+        try:
+            with Image.open(source) as im:
+                return np.asarray(im.convert("RGB"))
+        except Exception as e:
+            raise ValueError(f"cannot read image file {str(source)!r} ({type(e).__name__}: {e})") from e
+    if hasattr(source, "convert"):  # PIL
+        return np.asarray(source.convert("RGB"))
+    return check_frames(np.asarray(source)[None], "an image")[0]

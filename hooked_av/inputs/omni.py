@@ -1,0 +1,215 @@
+"""Prompt building for Qwen2.5-Omni: media items and a question -> the exact inputs the model takes
+(what `Qwen2_5OmniProcessor` builds), with the chat template, audio-in-video interleaving, several
+audio-visual items in one prompt, and left-padded batches.
+
+    inputs = model.prepare("What makes the sound?", video="clip.mp4")             # audio from the track
+    inputs = model.prepare("Which clip has a dog?", items=[Item(video="a.mp4", label="Clip 1: "),
+                                                           Item(video="b.mp4", label="Clip 2: ")])
+    inputs = model.prepare([Prompt("q1", video=frames, audio=(wave, 44100)), Prompt("q2", image="x.png")])
+    logits = model(**inputs)
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from hooked_av.inputs.media import Video, load_audio, load_image, load_video
+from hooked_av.inputs.omni_layout import av_chunk_runs, audio_token_counts
+from hooked_av.inputs.processor import OmniParts
+from hooked_av.models.qwen2_5_omni_positions import OmniTokenIds
+
+OMNI_SYSTEM_PROMPT = (
+    "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving "
+    "auditory and visual inputs, as well as generating text and speech."
+)
+TEMPLATE_SYSTEM_PROMPT = "You are a helpful assistant."  # what the chat template inserts when none is given
+_DEFAULT = object()
+
+
+@dataclass
+class Item:
+    """One media item of a prompt, shown in the order label, image, video, audio. `video`: a file,
+    frames `[T, H, W, 3]` uint8 at the prompt's fps, or a `Video`; `audio`: a file, `(waveform,
+    sample_rate)` or `Audio` (with a video and `use_audio_in_video`, it replaces the file's track)."""
+
+    video: object = None
+    audio: object = None
+    image: object = None
+    label: str = ""
+
+
+@dataclass
+class Prompt:
+    """One row: a question, its media (`video`/`audio`/`image` for a single item, or `items`), an
+    optional system prompt (`None`: the template's default) and answer options (one line each,
+    lettered A., B., ...)."""
+
+    question: str
+    video: object = None
+    audio: object = None
+    image: object = None
+    items: list = field(default_factory=list)
+    system: object = _DEFAULT
+    options: list | None = None
+
+    def all_items(self) -> list[Item]:
+        single = Item(self.video, self.audio, self.image) if any(x is not None for x in (self.video, self.audio, self.image)) else None
+        if single and self.items:
+            raise ValueError("give media either as video=/audio=/image= (one item) or as items=[...], not both")
+        return [single] if single else [i if isinstance(i, Item) else Item(**i) for i in self.items]
+
+    def text(self) -> str:
+        if not isinstance(self.question, str) or not self.question.strip():
+            raise ValueError(f"the question is empty ({self.question!r}); pass the text the model should answer")
+        if not self.options:
+            return self.question
+        return self.question + "\n" + "\n".join(f"{chr(65 + i)}. {o}" for i, o in enumerate(self.options))
+
+
+def token_strings(tokenizer, ids: OmniTokenIds) -> dict[str, str]:
+    """The placeholder strings, read from the tokenizer at the model's ids."""
+    names = dict(audio=ids.audio, image=ids.image, video=ids.video, audio_bos=ids.audio_start,
+                 audio_eos=ids.audio_end, vision_bos=ids.vision_start, vision_eos=ids.vision_end)
+    return {k: tokenizer.convert_ids_to_tokens(v) for k, v in names.items()}
+
+
+def render_chat(messages: list[dict], tok: dict[str, str]) -> str:
+    """Qwen2.5-Omni's chat template (with the generation prompt) in Python. `messages`: role and
+    content, a string or a list of `{"type": "text"|"image"|"video"|"audio", ...}`."""
+    out = "" if messages and messages[0]["role"] == "system" else f"<|im_start|>system\n{TEMPLATE_SYSTEM_PROMPT}<|im_end|>\n"
+    media = {
+        "image": tok["vision_bos"] + tok["image"] + tok["vision_eos"],
+        "video": tok["vision_bos"] + tok["video"] + tok["vision_eos"],
+        "audio": tok["audio_bos"] + tok["audio"] + tok["audio_eos"],
+    }
+    for m in messages:
+        out += f"<|im_start|>{m['role']}\n"
+        content = m["content"]
+        if isinstance(content, str):
+            out += content
+        else:
+            out += "".join(media[c["type"]] if c["type"] in media else c.get("text", "") for c in content)
+        out += "<|im_end|>\n"
+    return out + "<|im_start|>assistant\n"
+
+
+def messages_for(prompt: Prompt, use_audio_in_video: bool) -> list[dict]:
+    """The chat messages of one prompt (media as typed parts, the question last)."""
+    content = []
+    for it in prompt.all_items():
+        if it.label:
+            content.append({"type": "text", "text": it.label})
+        if it.image is not None:
+            content.append({"type": "image"})
+        if it.video is not None:
+            content.append({"type": "video"})
+        if it.audio is not None and not (it.video is not None and use_audio_in_video):
+            content.append({"type": "audio"})
+    content.append({"type": "text", "text": prompt.text()})
+    system = OMNI_SYSTEM_PROMPT if prompt.system is _DEFAULT else prompt.system
+    return ([{"role": "system", "content": system}] if system is not None else []) + [{"role": "user", "content": content}]
+
+
+def _has_audio(it: Item) -> bool:
+    if it.audio is not None:
+        return True
+    if isinstance(it.video, Video):
+        return it.video.audio is not None
+    if isinstance(it.video, str) or hasattr(it.video, "__fspath__"):
+        from hooked_av.inputs.media import _open
+
+        with _open(it.video) as c:
+            return bool(c.streams.audio)
+    return False
+
+
+def resolve_audio_in_video(prompts: list[Prompt], use_audio_in_video: bool | None) -> bool:
+    """`None`: True when every video item has audio (a track or an explicit waveform), False when
+    none has; a mix is an error (the model's flag applies to the whole batch)."""
+    if use_audio_in_video is not None:
+        return bool(use_audio_in_video)
+    flags = [_has_audio(it) for p in prompts for it in p.all_items() if it.video is not None]
+    if flags and all(flags):
+        return True
+    if any(flags):
+        raise ValueError("some video items have audio and some do not; pass use_audio_in_video=True (and audio for each) or False")
+    return False
+
+
+def prepare_omni(
+    parts: OmniParts, ids: OmniTokenIds, prompts, use_audio_in_video: bool | None = None, return_text: bool = False, **prompt_kwargs
+) -> dict:
+    """Model inputs for one prompt (`prompts` a question string plus `prompt_kwargs`) or a batch (a
+    list of `Prompt`), left-padded: input_ids/attention_mask `[batch, pos]`, input_features
+    `[n_audio, mels, frames]` + feature_attention_mask, pixel_values(_videos) `[n_patches, 1176]` +
+    grid_thw, video_second_per_grid (seconds per temporal grid step), and `use_audio_in_video`."""
+    if isinstance(prompts, Prompt):
+        prompts = [prompts]
+    elif not isinstance(prompts, (list, tuple)):
+        prompts = [Prompt(prompts, **prompt_kwargs)]
+    elif prompt_kwargs:
+        raise ValueError(f"with a list of Prompt, put {sorted(prompt_kwargs)} inside each Prompt")
+    av_mode = resolve_audio_in_video(prompts, use_audio_in_video)
+    tok = token_strings(parts.tokenizer, ids)
+    texts, images, videos, audios, av_flags = [], [], [], [], []
+    for p in prompts:
+        texts.append(render_chat(messages_for(p, av_mode), tok))
+        for it in p.all_items():  # media in order of appearance: image, video (+ its audio), audio
+            if it.image is not None:
+                images.append(load_image(it.image))
+            if it.video is not None:
+                v = load_video(it.video, fps=parts.fps, with_audio=av_mode, audio=it.audio if av_mode else None)
+                videos.append(v)
+                if av_mode:
+                    audios.append(v.audio)
+            if it.audio is not None and not (it.video is not None and av_mode):
+                audios.append(load_audio(it.audio))
+    out: dict = {}
+    if audios:
+        feats = parts.feature_extractor(
+            [a.waveform for a in audios], sampling_rate=parts.feature_extractor.sampling_rate,
+            return_attention_mask=True, padding="max_length", return_tensors="pt",
+        )
+        out["input_features"], out["feature_attention_mask"] = feats["input_features"], feats["attention_mask"]
+    if images:
+        out.update(parts.image_processor(images=images, return_tensors="pt"))
+    if videos:
+        out.update(parts.video_processor(videos=[v.frames for v in videos], size=parts.video_size, return_tensors="pt"))
+        spg = parts.video_processor.temporal_patch_size / parts.fps
+        out["video_second_per_grid"] = torch.tensor([spg] * len(videos))
+    expanded = _expand(texts, tok, out, parts, av_mode)
+    enc = parts.tokenizer(expanded, padding=True, padding_side="left", return_tensors="pt")
+    result = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], **out, "use_audio_in_video": av_mode}
+    if return_text:  # the chat text before placeholder expansion (what the HF processor takes)
+        result["text"] = texts
+    return result
+
+
+def _expand(texts: list[str], tok: dict, out: dict, parts: OmniParts, av_mode: bool) -> list[str]:
+    """Replace each placeholder by its run of tokens, consuming media in order across the batch."""
+    merge = parts.video_processor.merge_size
+    counts = audio_token_counts(out["feature_attention_mask"]) if "feature_attention_mask" in out else []
+    state = {"image": 0, "video": 0, "audio": 0}
+    pattern = re.compile("|".join(re.escape(tok[k]) for k in ("image", "video", "audio")))
+    kind_of = {tok["image"]: "image", tok["video"]: "video", tok["audio"]: "audio"}
+
+    def one(m: re.Match) -> str:
+        kind = kind_of[m.group(0)]
+        i = state[kind]
+        state[kind] += 1
+        if kind == "audio":
+            return tok["audio"] * counts[state["audio"] - 1]
+        grid = out[f"{kind}_grid_thw"][i].tolist()
+        if kind == "image" or not av_mode:
+            return tok[kind] * (grid[0] * grid[1] * grid[2] // merge**2)
+        a = state["audio"]
+        state["audio"] += 1  # the video's own audio, next in appearance order
+        spg = parts.video_processor.temporal_patch_size / parts.fps  # a Python float, as the processor uses
+        runs = av_chunk_runs(grid, spg, counts[a], merge,
+                             parts.position_id_per_seconds, parts.seconds_per_chunk)
+        return tok["audio_bos"] + "".join(tok[m_] * n for m_, _, n in runs) + tok["audio_eos"]
+
+    return [pattern.sub(one, t) for t in texts]

@@ -1,0 +1,167 @@
+"""Qwen2.5-Omni token layout: how many placeholders each media item expands to (as
+`Qwen2_5OmniProcessor` does), and the TokenMap read back from input ids and media metadata.
+
+Times follow the model's TMRoPE ids (`qwen2_5_omni_positions.py`): a video token of temporal grid
+index t starts at `long(t * second_per_grid * 25) / 25` s; audio token k covers `[k, k+1) * 0.04` s.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from hooked_av.inputs.chat import ChatTokens, text_groups
+from hooked_av.inputs.token_map import TokenMap, TokenMapBuilder
+from hooked_av.models.qwen2_5_omni_positions import OmniTokenIds, video_temporal_ids
+
+AUDIO_SECONDS_PER_TOKEN = 0.04  # the audio tower emits 25 tokens per second
+
+
+def _chunk_bounds(values: np.ndarray, per_chunk: int) -> list[tuple[int, int]]:
+    # the processor's get_chunked_index: one boundary per token at most, on float temporal indices
+    bounds, start, k = [], 0, 1
+    for i, v in enumerate(values):
+        if v >= k * per_chunk:
+            bounds.append((start, i))
+            start, k = i, k + 1
+    bounds.append((start, len(values)))
+    return bounds
+
+
+def av_chunk_runs(
+    grid_thw, second_per_grid: float, n_audio: int, merge: int = 2, per_second: float = 25, seconds_per_chunk: float = 2.0
+) -> list[tuple[str, int, int]]:
+    """The audio-in-video body as runs `(modality, chunk, n_tokens)`: video chunk j then audio chunk j,
+    each chunk `seconds_per_chunk` long (computed exactly as the processor does)."""
+    t, h, w = (int(x) for x in grid_thw)
+    per_frame = (h // merge) * (w // merge)
+    v_idx = np.repeat(np.arange(t) * float(second_per_grid) * per_second, per_frame)
+    per_chunk = int(per_second * seconds_per_chunk)
+    v_chunks, a_chunks = _chunk_bounds(v_idx, per_chunk), _chunk_bounds(np.arange(n_audio), per_chunk)
+    runs = []
+    for j in range(max(len(v_chunks), len(a_chunks))):
+        if j < len(v_chunks):
+            runs.append(("video", j, v_chunks[j][1] - v_chunks[j][0]))
+        if j < len(a_chunks):
+            runs.append(("audio", j, a_chunks[j][1] - a_chunks[j][0]))
+    return [r for r in runs if r[2] > 0]
+
+
+def audio_token_counts(feature_attention_mask: Tensor) -> list[int]:
+    """Tokens per audio from the valid mel frames (the audio tower's conv + pooling arithmetic)."""
+    frames = feature_attention_mask.sum(-1).long()
+    return (((frames - 1) // 2 + 1 - 2) // 2 + 1).tolist()
+
+
+def omni_token_map(
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    ids: OmniTokenIds,
+    chat: ChatTokens | None,
+    image_grid_thw: Tensor | None = None,
+    video_grid_thw: Tensor | None = None,
+    audio_counts: list[int] | None = None,
+    video_second_per_grid: Tensor | list | None = None,
+    merge: int = 2,
+    per_second: float = 25,
+    seconds_per_chunk: float = 2.0,
+) -> TokenMap:
+    """TokenMap of a Qwen2.5-Omni batch `[batch, pos]` (left or right padded). Media items are
+    consumed in order across the batch, as the processor emits them; an audio-in-video block is a
+    run of media tokens holding both video and audio ids."""
+    b, s = input_ids.shape
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    out = TokenMapBuilder(b, s)
+    media = {ids.audio: "audio", ids.video: "video", ids.image: "image"}
+    specials = {ids.audio_start, ids.audio_end, ids.vision_start, ids.vision_end}
+    grids = {"image": image_grid_thw, "video": video_grid_thw}
+    spg = [1.0] * (0 if video_grid_thw is None else len(video_grid_thw))
+    if video_second_per_grid is not None:
+        spg = [float(x) for x in torch.as_tensor(video_second_per_grid).flatten().tolist()]
+    used = {"audio": 0, "video": 0, "image": 0}  # items consumed across the batch
+    for row in range(b):
+        pos = mask[row].bool().nonzero().flatten().tolist()
+        toks = input_ids[row, pos].tolist()
+        for p, g in zip(pos, text_groups(toks, chat)):
+            out.set(row, p, g)
+        for p, t in zip(pos, toks):
+            if t in specials:
+                out.set(row, p, "template")
+        per_row = {"audio": 0, "video": 0, "image": 0}
+        i = 0
+        while i < len(toks):
+            if toks[i] not in media:
+                i += 1
+                continue
+            j = i
+            while j < len(toks) and toks[j] in media:
+                j += 1
+            block = [media[t] for t in toks[i:j]]
+            kinds = set(block)
+            if "image" in kinds and len(kinds) > 1:
+                raise ValueError(f"row {row}: image placeholders at positions {pos[i]}..{pos[j-1]} are mixed with other media")
+            av = kinds == {"audio", "video"}
+            chunk_of = {}
+            if av:
+                chunk_of = _av_chunks(block, grids["video"], used["video"], spg, audio_counts, used["audio"], merge, per_second, seconds_per_chunk, row)
+            for kind in sorted(kinds):
+                where = [pos[i + k] for k, m in enumerate(block) if m == kind]
+                _fill_item(out, row, where, kind, per_row[kind], used[kind], grids, spg, audio_counts, merge, per_second,
+                           chunk_of.get(kind))
+                per_row[kind] += 1
+                used[kind] += 1
+            i = j
+        if pos:
+            out.set(row, pos[-1], "last")
+    for kind, n in used.items():
+        have = _n_items(kind, grids, audio_counts)
+        if n != have:
+            raise ValueError(f"the ids hold {n} {kind} item(s) but the metadata describes {have}; pass the inputs the processor (or model.prepare) built together")
+    return out.build()
+
+
+def _n_items(kind, grids, audio_counts) -> int:
+    if kind == "audio":
+        return len(audio_counts or [])
+    return 0 if grids[kind] is None else len(grids[kind])
+
+
+def _av_chunks(block, video_grid, vi, spg, audio_counts, ai, merge, per_second, seconds_per_chunk, row) -> dict:
+    if video_grid is None or audio_counts is None or vi >= len(video_grid) or ai >= len(audio_counts):
+        raise ValueError(f"row {row}: an audio-in-video block has no matching video_grid_thw / audio features")
+    runs = av_chunk_runs(video_grid[vi].tolist(), spg[vi], audio_counts[ai], merge, per_second, seconds_per_chunk)
+    expected = [m for m, _, n in runs for _ in range(n)]
+    if expected != block:
+        raise ValueError(
+            f"row {row}: the audio-in-video block does not follow the processor's 2 s chunk layout for "
+            f"video grid {video_grid[vi].tolist()} and {audio_counts[ai]} audio tokens; build the ids with "
+            "model.prepare or the HF processor with the same media"
+        )
+    return {m: torch.tensor([c for mm, c, n in runs if mm == m for _ in range(n)]) for m in ("video", "audio")}
+
+
+def _fill_item(out, row, where, kind, item, index, grids, spg, audio_counts, merge, per_second, chunk) -> None:
+    n = len(where)
+    if kind == "audio":
+        if audio_counts is None or index >= len(audio_counts):
+            raise ValueError(f"row {row} has <|AUDIO|> placeholders but no audio features are left for them")
+        if n != audio_counts[index]:
+            raise ValueError(f"row {row}: audio item {item} has {n} placeholders but its features make {audio_counts[index]} tokens")
+        k = torch.arange(n, dtype=torch.float)
+        out.set(row, where, "audio", item=item, time=k * AUDIO_SECONDS_PER_TOKEN,
+                time_end=(k + 1) * AUDIO_SECONDS_PER_TOKEN, chunk=chunk)
+        return
+    grid = grids[kind]
+    if grid is None or index >= len(grid):
+        raise ValueError(f"row {row} has {kind} placeholders but no {kind}_grid_thw entry is left for them")
+    t, h, w = (int(x) for x in grid[index].tolist())
+    per_frame = (h // merge) * (w // merge)
+    if n != t * per_frame:
+        raise ValueError(f"row {row}: {kind} item {item} has {n} placeholders but its grid {[t, h, w]} makes {t * per_frame}")
+    frame = torch.arange(t).repeat_interleave(per_frame)
+    if kind == "image":
+        out.set(row, where, "image", item=item, frame=frame)
+        return
+    ids = video_temporal_ids(t + 1, spg[index], int(per_second)).float() / per_second  # one more for the end
+    out.set(row, where, "video", item=item, frame=frame, time=ids[:-1][frame], time_end=ids[1:][frame], chunk=chunk)

@@ -1,0 +1,91 @@
+"""Processor glue for Qwen2.5-Omni: the HF components (Whisper features, Qwen2-VL image and video
+processors) and a tokenizer, loaded from a folder / hub id that holds them, or assembled offline."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Qwen2_5OmniProcessor's class-level defaults (its video size and fps are not in the released configs)
+OMNI_VIDEO_SIZE = {"shortest_edge": 128 * 28 * 28, "longest_edge": 768 * 28 * 28}
+OMNI_FPS = 2.0
+
+
+@dataclass
+class OmniParts:
+    """What `prepare` needs: `tokenizer`, `feature_extractor` (WhisperFeatureExtractor),
+    `image_processor`, `video_processor` (Qwen2-VL), the video sampling rate `fps` (frames per
+    second) and the video resize bounds in pixels."""
+
+    tokenizer: object
+    feature_extractor: object
+    image_processor: object
+    video_processor: object
+    fps: float = OMNI_FPS
+    video_size: dict = field(default_factory=lambda: dict(OMNI_VIDEO_SIZE))
+    position_id_per_seconds: float = 25
+    seconds_per_chunk: float = 2.0
+
+
+def has_processor(folder) -> bool:
+    return folder is not None and Path(folder).is_dir() and (Path(folder) / "preprocessor_config.json").exists()
+
+
+def load_omni_parts(name_or_path: str | os.PathLike, tokenizer=None) -> OmniParts:
+    """From a local folder or hub id holding the processor configs (and a tokenizer, unless given)."""
+    from transformers import AutoTokenizer, Qwen2VLImageProcessor, WhisperFeatureExtractor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    src = str(name_or_path)
+    try:
+        fe = WhisperFeatureExtractor.from_pretrained(src)
+        ip = Qwen2VLImageProcessor.from_pretrained(src)
+        try:
+            vp = Qwen2VLVideoProcessor.from_pretrained(src)
+        except (OSError, ValueError):  # older checkpoints keep the video settings in the image config
+            vp = Qwen2VLVideoProcessor(**{k: v for k, v in ip.to_dict().items() if k in ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std")})
+        tok = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(src)
+    except OSError as e:
+        raise OSError(f"could not load the Qwen2.5-Omni processor from {src!r} ({e}); offline, build one with assemble_omni_parts(tokenizer)") from e
+    return OmniParts(tok, fe, ip, vp)
+
+
+def assemble_omni_parts(tokenizer, num_mel_bins: int = 128, chunk_length: int = 300, **video_kwargs) -> OmniParts:
+    """Offline: the released configuration's components (128 mel bins, audio padded to 300 s, Qwen2-VL
+    defaults for images and video) around a given tokenizer. Tiny test models pass their own
+    `num_mel_bins` and may shorten `chunk_length` (seconds of padding)."""
+    if tokenizer is None:
+        raise ValueError(
+            "no tokenizer: load the model from a folder that has one, set model.tokenizer, or pass "
+            "tokenizer=... (the Qwen2/2.5 tokenizer; see MODELS.md for building it offline)"
+        )
+    from transformers import Qwen2VLImageProcessor, WhisperFeatureExtractor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    fe = WhisperFeatureExtractor(feature_size=num_mel_bins, sampling_rate=16000, hop_length=160, chunk_length=chunk_length, n_fft=400)
+    return OmniParts(tokenizer, fe, Qwen2VLImageProcessor(), Qwen2VLVideoProcessor(**video_kwargs))
+
+
+def parts_for_model(model, tokenizer=None) -> OmniParts:
+    """The parts for a `HookedQwen2_5Omni`: loaded from the folder its tokenizer came from when that
+    folder holds a processor, else assembled from components sized by the model's config."""
+    tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    folder = getattr(tok, "name_or_path", None)
+    if has_processor(folder):
+        return load_omni_parts(folder, tokenizer=tok)
+    parts = assemble_omni_parts(tok, num_mel_bins=model.hf_config.audio_config.num_mel_bins)
+    parts.position_id_per_seconds = model.position_id_per_seconds
+    parts.seconds_per_chunk = model.seconds_per_chunk
+    return parts
+
+
+def hf_processor(parts: OmniParts, chat_template: str | None = None):
+    """The stock `Qwen2_5OmniProcessor` over the same components (for cross-checks). The tokenizer
+    must name its multimodal tokens (`image_token`, `audio_token`, `video_token`, bos/eos)."""
+    from transformers import Qwen2_5OmniProcessor
+
+    return Qwen2_5OmniProcessor(
+        image_processor=parts.image_processor, video_processor=parts.video_processor,
+        feature_extractor=parts.feature_extractor, tokenizer=parts.tokenizer, chat_template=chat_template,
+    )

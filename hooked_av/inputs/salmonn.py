@@ -1,0 +1,111 @@
+"""video-SALMONN 2+ token layout: the interleaved audio-visual block (MODELS.md) and the TokenMap read
+back from input ids. `ids` is any object with `audio`, `image`, `video`, `vision_start`, `vision_end`
+(the model's `SalmonnTokenIds`); nothing here imports the model.
+
+Block: `<|vision_start|> [<|video_pad|> x H'W', <|audio_pad|> x n_t] for t in 0..T-1 <|vision_end|>`
+with `n_t` the audio tokens of grid step t (2 per second); audio only: `<|vision_start|> <|audio_pad|>
+x L <|vision_end|>`. Times: video step t starts at `t * second_per_grid` s, audio token k covers
+`[k, k+1) * 0.5` s (training-mode positions: temporal id `floor(t * spg * 2)` and k, in 0.5 s units).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from hooked_av.inputs.chat import ChatTokens, text_groups
+from hooked_av.inputs.token_map import TokenMap, TokenMapBuilder
+
+AUDIO_SECONDS_PER_TOKEN = 0.5  # the window Q-Former emits one token per 25 Whisper frames
+
+
+def audio_per_step(grid_t: int, second_per_grid: float, n_audio: int) -> list[int]:
+    """Audio tokens placed after each of the `grid_t` video steps: `floor(t * spg * 2)` differences,
+    the last step taking the remainder."""
+    bounds = [min(math.floor(t * second_per_grid / AUDIO_SECONDS_PER_TOKEN), n_audio) for t in range(grid_t)]
+    return [bounds[t + 1] - bounds[t] for t in range(grid_t - 1)] + [n_audio - bounds[-1]]
+
+
+def salmonn_block_ids(ids, video_grid_thw=None, second_per_grid: float = 1.0, n_audio: int = 0, merge: int = 2) -> list[int]:
+    """The token ids of one audio-visual (or audio-only, or video-only) block, bos and eos included."""
+    if video_grid_thw is None:
+        return [ids.vision_start] + [ids.audio] * n_audio + [ids.vision_end]
+    t, h, w = (int(x) for x in video_grid_thw)
+    per_frame = (h // merge) * (w // merge)
+    body = []
+    for n in audio_per_step(t, second_per_grid, n_audio) if n_audio else [0] * t:
+        body += [ids.video] * per_frame + [ids.audio] * n
+    return [ids.vision_start] + body + [ids.vision_end]
+
+
+def salmonn_token_map(
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    ids,
+    chat: ChatTokens | None,
+    image_grid_thw: Tensor | None = None,
+    video_grid_thw: Tensor | None = None,
+    second_per_grid: Tensor | list | None = None,
+    merge: int = 2,
+) -> TokenMap:
+    """TokenMap of a video-SALMONN 2+ batch `[batch, pos]`: audio tokens get the grid step they
+    follow as `frame`; blocks are consumed in order across the batch."""
+    b, s = input_ids.shape
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    out = TokenMapBuilder(b, s)
+    media = {ids.audio: "audio", ids.video: "video", ids.image: "image"}
+    spg = [1.0] * (0 if video_grid_thw is None else len(video_grid_thw))
+    if second_per_grid is not None:
+        spg = [float(x) for x in torch.as_tensor(second_per_grid).flatten().tolist()]
+    used = {"video": 0, "image": 0}
+    for row in range(b):
+        pos = mask[row].bool().nonzero().flatten().tolist()
+        toks = input_ids[row, pos].tolist()
+        for p, t, g in zip(pos, toks, text_groups(toks, chat)):
+            out.set(row, p, "template" if t in (ids.vision_start, ids.vision_end) else g)
+        per_row = {"audio": 0, "video": 0, "image": 0}
+        i = 0
+        while i < len(toks):
+            if toks[i] not in media:
+                i += 1
+                continue
+            j = i
+            while j < len(toks) and toks[j] in media:
+                j += 1
+            block = [media[t] for t in toks[i:j]]
+            kinds = set(block)
+            grid = None
+            for kind in ("video", "image"):
+                if kind in kinds:
+                    table = video_grid_thw if kind == "video" else image_grid_thw
+                    if table is None or used[kind] >= len(table):
+                        raise ValueError(f"row {row} has {kind} placeholders but no {kind}_grid_thw entry is left for them")
+                    grid = (kind, [int(x) for x in table[used[kind]].tolist()], spg[used[kind]] if kind == "video" else 0.0)
+            per_frame = 0 if grid is None else (grid[1][1] // merge) * (grid[1][2] // merge)
+            k = {"audio": 0, "video": 0, "image": 0}
+            for off, kind in enumerate(block):
+                p = pos[i + off]
+                n = k[kind]
+                k[kind] += 1
+                if kind == "audio":
+                    step = (k["video"] - 1) // per_frame if per_frame and k["video"] else -1
+                    out.set(row, p, "audio", item=per_row["audio"], frame=step,
+                            time=n * AUDIO_SECONDS_PER_TOKEN, time_end=(n + 1) * AUDIO_SECONDS_PER_TOKEN)
+                elif kind == "video":
+                    t = n // per_frame
+                    out.set(row, p, "video", item=per_row["video"], frame=t, time=t * grid[2], time_end=(t + 1) * grid[2])
+                else:
+                    out.set(row, p, "image", item=per_row["image"], frame=n // per_frame)
+            if grid is not None:
+                expected = grid[1][0] * per_frame
+                if k[grid[0]] != expected:
+                    raise ValueError(f"row {row}: {grid[0]} item {per_row[grid[0]]} has {k[grid[0]]} placeholders but its grid {grid[1]} makes {expected}")
+                used[grid[0]] += 1
+            for kind in kinds:
+                per_row[kind] += 1
+            i = j
+        if pos:
+            out.set(row, pos[-1], "last")
+    return out.build()

@@ -1,0 +1,291 @@
+"""`TokenMap`: what every position of a batch of prompts is (group, media item, frame, time, chunk), so
+experiments name token sets (`"audio"`, `"video[1]"`, `"question"`, `"last"`) instead of indices.
+
+Pure data (tensors and strings): `patching/` uses it without importing any model. The builders that
+read a model's token layout live beside the prompt builders (`omni_layout.py`, `salmonn.py`).
+
+    tm = model.token_map(inputs)
+    tm.mask("audio")                               # [batch, pos] bool, never padding
+    tm.positions("video", item=1, row=0)           # LongTensor of positions in row 0
+    tm.select("audio", time=(2.0, 4.0)) | tm.select("question")
+    print(tm.describe())                           # one line per contiguous segment
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+GROUPS = ("padding", "system", "template", "question", "audio", "video", "image", "last", "generated")
+MEDIA = ("audio", "video", "image")
+_CODE = {g: i for i, g in enumerate(GROUPS)}
+_ALIASES = {"media": MEDIA, "all": tuple(g for g in GROUPS if g != "padding"), "user": ("question",)}
+_SPEC = re.compile(r"^\s*([a-z_]+)\s*(?:\[\s*(\d+)\s*\])?\s*$")
+
+
+class _Text(str):
+    """A string that shows as itself in a notebook (no quotes, real newlines)."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """A set of positions: `mask` `[batch, pos]` bool and a label for messages. Compose with `|`
+    (union), `&` (intersection) and `-` (difference)."""
+
+    mask: Tensor
+    label: str
+
+    def __or__(self, other: "Selection") -> "Selection":
+        return Selection(self.mask | other.mask, f"{self.label} | {other.label}")
+
+    def __and__(self, other: "Selection") -> "Selection":
+        return Selection(self.mask & other.mask, f"({self.label}) & ({other.label})")
+
+    def __sub__(self, other: "Selection") -> "Selection":
+        return Selection(self.mask & ~other.mask, f"({self.label}) - ({other.label})")
+
+    def count(self) -> Tensor:
+        """Selected positions per row, `[batch]`."""
+        return self.mask.sum(-1)
+
+
+@dataclass(frozen=True)
+class TokenMap:
+    """Per position of a `[batch, pos]` prompt batch (all tensors `[batch, pos]`, on the CPU):
+
+    - `group`: index into `GROUPS` (padding, system, template, question, audio, video, image, last,
+      generated). `template` holds chat-template and media bos/eos tokens; `question` is the user's
+      text; `last` is the final prompt position of each row.
+    - `item`: media item index within the row, counted per modality (`video[1]` is the row's second
+      video; the audio of an audio-in-video clip is audio item of the same clip order); -1 elsewhere.
+    - `frame`: temporal grid index of video/image tokens (and, for video-SALMONN, of the grid step an
+      audio token follows); -1 elsewhere.
+    - `time`, `time_end`: seconds from the start of the item that the token covers, `[time, time_end)`,
+      as the model's own position ids place it; NaN for text and images.
+    - `chunk`: audio-in-video chunk index (Qwen2.5-Omni interleaves 2 s chunks); -1 elsewhere.
+    """
+
+    group: Tensor
+    item: Tensor
+    frame: Tensor
+    time: Tensor
+    time_end: Tensor
+    chunk: Tensor
+
+    def __post_init__(self):
+        shape = self.group.shape
+        for name in ("item", "frame", "time", "time_end", "chunk"):
+            if getattr(self, name).shape != shape:
+                raise ValueError(f"TokenMap.{name} has shape {tuple(getattr(self, name).shape)}, group has {tuple(shape)}")
+
+    # ---- shape --------------------------------------------------------------------------
+    @property
+    def batch(self) -> int:
+        return self.group.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.group.shape[1]
+
+    @property
+    def padding(self) -> Tensor:
+        """`[batch, pos]` bool, True on padding."""
+        return self.group == _CODE["padding"]
+
+    def names(self, row: int = 0) -> list[str]:
+        """The group name of every position of `row`."""
+        return [GROUPS[g] for g in self.group[row].tolist()]
+
+    # ---- selection ----------------------------------------------------------------------
+    def select(
+        self,
+        spec: "str | Selection | list | tuple",
+        *,
+        item: int | None = None,
+        time: tuple[float, float] | None = None,
+        frame: int | tuple[int, int] | None = None,
+        chunk: int | None = None,
+    ) -> Selection:
+        """Positions of a group spec: a name (`"audio"`, `"question"`, `"media"`, `"all"`), a name
+        with an item (`"video[1]"`), a union string (`"audio|video"`), a list of those, or a
+        `Selection`. Filters: `item`; `time=(a, b)` keeps media tokens whose span `[time, time_end)`
+        overlaps `[a, b)` seconds; `frame` (one index or an inclusive range); `chunk`. Padding is
+        never selected unless asked for by name."""
+        if isinstance(spec, Selection):
+            sel = spec
+        elif isinstance(spec, (list, tuple)):
+            if not spec:
+                raise ValueError("an empty list selects nothing; name at least one group")
+            parts = [self.select(s) for s in spec]
+            sel = parts[0]
+            for p in parts[1:]:
+                sel = sel | p
+        else:
+            sel = self._parse(spec)
+        mask, label = sel.mask, sel.label
+        if item is not None:
+            mask, label = mask & (self.item == item), f"{label} item={item}"
+        if time is not None:
+            a, b = time
+            mask, label = mask & (self.time < b) & (self.time_end > a), f"{label} time=[{a:g}, {b:g})"
+        if frame is not None:
+            lo, hi = (frame, frame) if isinstance(frame, int) else frame
+            mask, label = mask & (self.frame >= lo) & (self.frame <= hi), f"{label} frame={frame}"
+        if chunk is not None:
+            mask, label = mask & (self.chunk == chunk), f"{label} chunk={chunk}"
+        return Selection(mask, label)
+
+    def _parse(self, spec: str) -> Selection:
+        if "|" in spec:
+            return self.select([s for s in spec.split("|")])
+        m = _SPEC.match(spec)
+        if not m:
+            raise ValueError(f"cannot read the token spec {spec!r}; write a group name, optionally with an item: 'video[1]'")
+        name, item = m.group(1), m.group(2)
+        names = _ALIASES.get(name, (name,))
+        unknown = [n for n in names if n not in _CODE]
+        if unknown:
+            raise ValueError(f"unknown token group {name!r}; groups: {list(GROUPS)} (aliases: {list(_ALIASES)})")
+        mask = torch.zeros_like(self.group, dtype=torch.bool)
+        for n in names:
+            mask |= self.group == _CODE[n]
+        if item is not None:
+            if not set(names) <= set(MEDIA):
+                raise ValueError(f"{spec!r}: only media groups {list(MEDIA)} have items")
+            mask &= self.item == int(item)
+        return Selection(mask, spec.strip())
+
+    def mask(self, spec, *, nonempty: bool = False, device=None, **filters) -> Tensor:
+        """`[batch, pos]` bool mask of `select(spec, **filters)`. With `nonempty=True`, raise if any
+        row selects nothing (an experiment that needs the group in every row)."""
+        sel = self.select(spec, **filters)
+        if nonempty:
+            for row in range(self.batch):
+                self._require(sel, row)
+        return sel.mask if device is None else sel.mask.to(device)
+
+    def positions(self, spec, row: int = 0, *, nonempty: bool = True, **filters) -> Tensor:
+        """Positions (LongTensor, ascending) that `select(spec, **filters)` picks in `row`; raises if
+        there are none unless `nonempty=False`."""
+        if not -self.batch <= row < self.batch:
+            raise IndexError(f"row {row} does not exist; the batch has {self.batch} rows")
+        sel = self.select(spec, **filters)
+        if nonempty:
+            self._require(sel, row)
+        return sel.mask[row].nonzero().flatten()
+
+    def count(self, spec, **filters) -> Tensor:
+        """Selected positions per row, `[batch]`."""
+        return self.select(spec, **filters).count()
+
+    def _require(self, sel: Selection, row: int) -> None:
+        if bool(sel.mask[row].any()):
+            return
+        have = ", ".join(f"{g} {n}" for g, n in self._group_counts(row) if g != "padding")
+        raise ValueError(
+            f"{sel.label!r} selects no position in row {row} (row {row} holds: {have}); check that the "
+            "prompt of this row has it, or pass nonempty=False where an empty set is acceptable"
+        )
+
+    def _group_counts(self, row: int) -> list[tuple[str, int]]:
+        counts = torch.bincount(self.group[row].long(), minlength=len(GROUPS)).tolist()
+        return [(g, n) for g, n in zip(GROUPS, counts) if n]
+
+    # ---- growth -------------------------------------------------------------------------
+    def extend(self, n: int) -> "TokenMap":
+        """A map for the same batch with `n` generated tokens appended to every row (group
+        `generated`), as `model.generate` appends them after left-padded prompts."""
+        if n < 0:
+            raise ValueError(f"extend(n) needs n >= 0, got {n}")
+        b = self.batch
+
+        def cat(t: Tensor, fill) -> Tensor:
+            return torch.cat([t, torch.full((b, n), fill, dtype=t.dtype)], dim=1)
+
+        nan = float("nan")
+        return replace(
+            self, group=cat(self.group, _CODE["generated"]), item=cat(self.item, -1), frame=cat(self.frame, -1),
+            time=cat(self.time, nan), time_end=cat(self.time_end, nan), chunk=cat(self.chunk, -1),
+        )
+
+    # ---- views --------------------------------------------------------------------------
+    def segments(self, row: int = 0) -> list[dict]:
+        """Contiguous runs of equal (group, item, chunk) in `row`: dicts with group, item, chunk,
+        start, stop (positions, half-open), count, first/last frame, time span in seconds."""
+        g, it, ch = self.group[row].tolist(), self.item[row].tolist(), self.chunk[row].tolist()
+        out, start = [], 0
+        for i in range(1, len(g) + 1):
+            if i == len(g) or (g[i], it[i], ch[i]) != (g[start], it[start], ch[start]):
+                fr = self.frame[row, start:i]
+                t0, t1 = self.time[row, start:i], self.time_end[row, start:i]
+                timed = ~torch.isnan(t0)
+                out.append(dict(
+                    group=GROUPS[g[start]], item=it[start], chunk=ch[start], start=start, stop=i, count=i - start,
+                    frames=(int(fr.min()), int(fr.max())) if bool((fr >= 0).any()) else None,
+                    time=(float(t0[timed].min()), float(t1[timed].max())) if bool(timed.any()) else None,
+                ))
+                start = i
+        return out
+
+    def describe(self, row: int | None = None) -> str:
+        """One line per contiguous segment: row, position range, group[item], chunk, token count,
+        frames, time span. Returns the text (it displays as is in a notebook)."""
+        rows = range(self.batch) if row is None else [row]
+        lines = []
+        for r in rows:
+            for s in self.segments(r):
+                name = s["group"] + (f"[{s['item']}]" if s["item"] >= 0 else "")
+                if s["chunk"] >= 0:
+                    name += f" chunk {s['chunk']}"
+                line = f"row {r} [{s['start']:>5}, {s['stop']:>5})  {name:<20} {s['count']:>6} tok"
+                if s["frames"]:
+                    line += f"  frames {s['frames'][0]}-{s['frames'][1]}"
+                if s["time"]:
+                    line += f"  {s['time'][0]:.2f}-{s['time'][1]:.2f} s"
+                lines.append(line)
+        return _Text("\n".join(lines))
+
+    def to_df(self):
+        """A tidy pandas DataFrame, one row per (batch row, position)."""
+        import pandas as pd
+
+        b, s = self.group.shape
+        return pd.DataFrame({
+            "row": torch.arange(b).repeat_interleave(s).numpy(), "pos": torch.arange(s).repeat(b).numpy(),
+            "group": [GROUPS[g] for g in self.group.flatten().tolist()], "item": self.item.flatten().numpy(),
+            "frame": self.frame.flatten().numpy(), "time": self.time.flatten().numpy(),
+            "time_end": self.time_end.flatten().numpy(), "chunk": self.chunk.flatten().numpy(),
+        })
+
+    def __repr__(self) -> str:
+        counts = "; ".join(
+            f"row {r}: " + ", ".join(f"{g} {n}" for g, n in self._group_counts(r)) for r in range(min(self.batch, 4))
+        )
+        return f"TokenMap(batch={self.batch}, pos={self.seq_len}; {counts})"
+
+
+class TokenMapBuilder:
+    """Fills a TokenMap row by row; the model-specific builders call `set` on position ranges."""
+
+    def __init__(self, batch: int, seq: int):
+        self.group = torch.full((batch, seq), _CODE["padding"], dtype=torch.long)
+        self.item = torch.full((batch, seq), -1, dtype=torch.long)
+        self.frame = torch.full((batch, seq), -1, dtype=torch.long)
+        self.time = torch.full((batch, seq), float("nan"))
+        self.time_end = torch.full((batch, seq), float("nan"))
+        self.chunk = torch.full((batch, seq), -1, dtype=torch.long)
+
+    def set(self, row: int, pos, group: str, item=None, frame=None, time=None, time_end=None, chunk=None) -> None:
+        self.group[row, pos] = _CODE[group]
+        for name, value in (("item", item), ("frame", frame), ("time", time), ("time_end", time_end), ("chunk", chunk)):
+            if value is not None:
+                getattr(self, name)[row, pos] = torch.as_tensor(value, dtype=getattr(self, name).dtype)
+
+    def build(self) -> TokenMap:
+        return TokenMap(self.group, self.item, self.frame, self.time, self.time_end, self.chunk)
