@@ -2,6 +2,7 @@
 
 from hooked_av.core.base import HookedAVModel
 from hooked_av.models.qwen2_5_omni import HookedQwen2_5Omni
+from hooked_av.models.video_salmonn2 import HookedVideoSALMONN2
 
-__all__ = ["HookedAVModel", "HookedQwen2_5Omni"]
+__all__ = ["HookedAVModel", "HookedQwen2_5Omni", "HookedVideoSALMONN2"]
 __version__ = "0.1.0"

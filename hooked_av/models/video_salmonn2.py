@@ -1,0 +1,269 @@
+"""`HookedVideoSALMONN2`: video-SALMONN 2+ (a Qwen2.5-VL with a Whisper encoder and a window-level
+Q-Former for audio) with a hook point on every residual stream, attention pattern and intermediate.
+
+    model = HookedVideoSALMONN2.from_pretrained("path/to/video-SALMONN-2_plus_7B", dtype=torch.bfloat16, device="cuda")
+    logits = model(input_ids, attention_mask, input_features=mel, pixel_values_videos=pv, video_grid_thw=grid)
+    enc = model.encode(...)                        # towers once; enc["position_mode"] says which positions
+    logits = model(**enc)                          # ... and sweep from here
+
+Audio comes as Whisper mel chunks `[n_chunks, n_mels, 3000]` (30 s each, in prompt order); every chunk
+makes 60 `<|audio_pad|>` tokens. Position ids follow the official inference script by default
+(`position_mode="inference"`); `position_mode="training"` gives the time-aligned ids SALMONN was
+trained with (see `video_salmonn2_positions.py`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+from transformer_lens.hook_points import HookPoint
+
+from hooked_av.core.base import HookedAVModel
+from hooked_av.core.language_model import MRoPELanguageModel
+from hooked_av.encoders.qformer import WindowQFormer
+from hooked_av.encoders.qwen_vision import QwenVisionEncoder
+from hooked_av.encoders.whisper import WhisperEncoder
+from hooked_av.models import checkpoint
+from hooked_av.models.video_salmonn2_positions import POSITION_MODES, SalmonnTokenIds, salmonn_position_ids
+from hooked_av.models.video_salmonn2_weights import convert_key, lm_config, split_config
+
+MEDIA_ARGS = (
+    "input_features", "audio_feature", "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
+    "video_second_per_grid", "second_per_grid_ts",
+)
+# SALMONN's get_rope_index hard-codes 2 temporal ids per second (one per audio token)
+POSITION_IDS_PER_SECOND = 2
+
+
+class HookedVideoSALMONN2(MRoPELanguageModel, HookedAVModel):
+    """Hook names: `hook_audio_embeds` / `hook_image_embeds` / `hook_video_embeds` (tower outputs,
+    `[n_tokens, d_model]`), `hook_embed` (merged embeddings, `[batch, pos, d_model]`), `blocks.{l}.*`,
+    `ln_final.*`, `audio_encoder.*` (Whisper, one batch row per 30 s chunk), `audio_qformer.*`
+    (one batch row per 0.5 s window), `vision_encoder.*` (see DESIGN.md).
+
+    `position_mode`: "inference" (default, the official inference behaviour) or "training"
+    (time-aligned audio); `model.position_mode` is the default a call uses, `encode` returns the one used.
+    """
+
+    def __init__(self, config, position_mode: str = "inference"):
+        super().__init__()
+        if position_mode not in POSITION_MODES:
+            raise ValueError(f"position_mode {position_mode!r} is unknown; use one of {POSITION_MODES}")
+        self.position_mode = position_mode
+        vl, audio, qformer, ids = split_config(config)
+        self.hf_config = config
+        self.cfg = c = lm_config(vl, audio, qformer)
+        self.ids = SalmonnTokenIds(
+            audio=ids["audio_token_id"], image=ids["image_token_id"], video=ids["video_token_id"],
+            vision_start=ids["vision_start_token_id"], vision_end=ids["vision_end_token_id"],
+        )
+        self.tokenizer = None
+
+        a, q, v = c.towers["audio_encoder"], c.towers["audio_qformer"], c.towers["vision_encoder"]
+        self.audio_encoder = WhisperEncoder(
+            a["num_mel_bins"], a["d_model"], a["n_layers"], a["n_heads"], a["d_mlp"], a["max_source_positions"], a["act_fn"]
+        )
+        self.audio_qformer = WindowQFormer(
+            q["d_model"], q["d_context"], q["n_layers"], q["n_heads"], q["d_mlp"], q["out_dim"], q["window"],
+            q["stride"], q["n_query"], q["cross_attention_freq"], q["act_fn"], q["eps"],
+        )
+        self.vision_encoder = QwenVisionEncoder(
+            v["d_model"], v["n_layers"], v["n_heads"], v["d_mlp"], v["out_dim"], v["patch_size"],
+            v["temporal_patch_size"], v["in_channels"], v["spatial_merge_size"], v["window_size"],
+            v["fullatt_block_indexes"], v["act_fn"], v["rope_theta"],
+        )
+        self.build_language_model(c)
+        self.hook_audio_embeds = HookPoint()
+        self.hook_image_embeds = HookPoint()
+        self.hook_video_embeds = HookPoint()
+        self.setup()
+
+    @property
+    def audio_tokens_per_chunk(self) -> int:
+        """LLM tokens one 30 s mel chunk makes (60 for the released models: 2 per second)."""
+        q = self.audio_qformer
+        return q.windows_per_chunk(self.audio_encoder.max_source_positions) * q.q_tokens.shape[1]
+
+    # ---- constructors -----------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config, dtype: torch.dtype = torch.float32, device=None, position_mode: str = "inference"):
+        """Random weights, for tests and shape studies (`device="meta"` allocates nothing)."""
+        with torch.device(device or "cpu"):
+            model = cls(config, position_mode)
+        return model.to(dtype).eval()
+
+    @classmethod
+    def from_pretrained(
+        cls, name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32, device=None,
+        position_mode: str = "inference",
+    ) -> "HookedVideoSALMONN2":
+        """A hub id or a local checkpoint folder in the repository's layout (`visual.*`, `audio.*`,
+        `model.*`, `lm_head.*`) or the newer one (`model.language_model.*`, `model.visual.*`)."""
+        folder = checkpoint.resolve(name_or_path)
+        config = checkpoint.read_config(folder)  # a dict: AutoConfig would drop SALMONN's audio_config
+        split_config(config)  # refuse a config that is not SALMONN's before touching any weight file
+        tensors = checkpoint.iter_tensors(checkpoint.weight_files(folder))
+        model = cls._from_tensors(config, tensors, str(folder), dtype, device, position_mode)
+        model.tokenizer = _maybe_tokenizer(folder)
+        return model
+
+    @classmethod
+    def _from_tensors(cls, config, tensors, source, dtype, device, position_mode="inference"):
+        with torch.device("meta"):
+            model = cls(config, position_mode)
+        tied = model.cfg.tie_word_embeddings
+        checkpoint.load_converted(
+            model, tensors, convert_key, source, dtype, optional=lambda n: tied and n == "unembed.weight"
+        )
+        if tied:
+            model.unembed.weight = model.embed.weight
+        return model.to(device or "cpu").eval()
+
+    # ---- inputs -----------------------------------------------------------------------------
+    def _check_inputs(self, input_ids, features, image_grid_thw, video_grid_thw, pixel_values, pixel_values_videos):
+        """Every mismatch between the prompt and the media, before any tower runs."""
+        if features is not None:
+            self.audio_encoder.check_input(features)
+        m2 = self.vision_encoder.merge**2
+        checks = [
+            ("<|audio_pad|>", self.ids.audio, None if features is None else features.shape[0] * self.audio_tokens_per_chunk,
+             "audio", f"{0 if features is None else features.shape[0]} chunk(s) of 30 s x {self.audio_tokens_per_chunk}"),
+            ("<|image_pad|>", self.ids.image, None if image_grid_thw is None else int(image_grid_thw.prod(-1).sum()) // m2, "image", "image_grid_thw"),
+            ("<|video_pad|>", self.ids.video, None if video_grid_thw is None else int(video_grid_thw.prod(-1).sum()) // m2, "video", "video_grid_thw"),
+        ]
+        for token, tid, expected, what, how in checks:
+            n = int((input_ids == tid).sum())
+            if expected is None and n:
+                raise ValueError(f"the prompt has {n} {token} placeholder(s) but no {what} input was given")
+            if expected is not None and n != expected:
+                raise ValueError(
+                    f"placeholder count mismatch: the prompt has {n} {token} tokens but the {what} input makes "
+                    f"{expected} ({how}); build input_ids and media together"
+                )
+        for pv, grid, what in ((pixel_values, image_grid_thw, "pixel_values"), (pixel_values_videos, video_grid_thw, "pixel_values_videos")):
+            if pv is not None and (grid is None or pv.shape[0] != int(grid.prod(-1).sum())):
+                raise ValueError(f"{what} has {pv.shape[0]} patch rows but its grid_thw says {None if grid is None else int(grid.prod(-1).sum())}")
+
+    def encode(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        input_features: Tensor | None = None,
+        pixel_values: Tensor | None = None,
+        image_grid_thw: Tensor | None = None,
+        pixel_values_videos: Tensor | None = None,
+        video_grid_thw: Tensor | None = None,
+        video_second_per_grid: Tensor | list[float] | None = None,
+        position_mode: str | None = None,
+        audio_feature: Tensor | None = None,
+        second_per_grid_ts: Tensor | list[float] | None = None,
+        use_audio_in_video: bool | None = None,
+    ) -> dict:
+        """Run the towers and merge: returns `inputs_embeds` `[batch, pos, d_model]`, `position_ids`
+        `[3, batch, pos]`, `attention_mask`, `rope_deltas` `[batch, 1]` and `position_mode` (the mode
+        used); `model(**enc)` continues. `audio_feature` / `second_per_grid_ts` are the repository's
+        names for `input_features` / `video_second_per_grid`. `use_audio_in_video` is accepted for parity
+        with `HookedQwen2_5Omni` and changes nothing: here the token layout says where audio goes."""
+        features = input_features if input_features is not None else audio_feature
+        spg = video_second_per_grid if video_second_per_grid is not None else second_per_grid_ts
+        mode = position_mode or self.position_mode
+        if mode not in POSITION_MODES:
+            raise ValueError(f"position_mode {mode!r} is unknown; use one of {POSITION_MODES}")
+        self._check_inputs(input_ids, features, image_grid_thw, video_grid_thw, pixel_values, pixel_values_videos)
+
+        embeds = self.embed(input_ids)
+        if features is not None:
+            a = self.hook_audio_embeds(self.audio_qformer(self.audio_encoder(features.to(self.dtype))))
+            embeds = embeds.masked_scatter((input_ids == self.ids.audio)[..., None], a.to(embeds.dtype))
+        if pixel_values is not None:
+            im = self.hook_image_embeds(self.vision_encoder(pixel_values.to(self.dtype), image_grid_thw))
+            embeds = embeds.masked_scatter((input_ids == self.ids.image)[..., None], im.to(embeds.dtype))
+        if pixel_values_videos is not None:
+            vi = self.hook_video_embeds(self.vision_encoder(pixel_values_videos.to(self.dtype), video_grid_thw))
+            embeds = embeds.masked_scatter((input_ids == self.ids.video)[..., None], vi.to(embeds.dtype))
+        position_ids, deltas = self.position_ids(
+            input_ids, attention_mask, image_grid_thw, video_grid_thw, spg, features is not None, mode
+        )
+        return {
+            "inputs_embeds": embeds, "position_ids": position_ids, "attention_mask": attention_mask,
+            "rope_deltas": deltas, "position_mode": mode,
+        }
+
+    def position_ids(self, input_ids, attention_mask=None, image_grid_thw=None, video_grid_thw=None,
+                     video_second_per_grid=None, has_audio=False, position_mode=None):
+        """M-RoPE ids `[3, batch, pos]` and rope deltas `[batch, 1]` in `position_mode` (default:
+        `model.position_mode`). `has_audio`: the prompt came with audio (training mode aligns it)."""
+        return salmonn_position_ids(
+            input_ids, attention_mask, self.ids, position_mode or self.position_mode, image_grid_thw,
+            video_grid_thw, video_second_per_grid, has_audio, self.vision_encoder.merge, POSITION_IDS_PER_SECOND,
+        )
+
+    def token_map(self, inputs: dict, tokenizer=None, chat=None):
+        """The `TokenMap` of model inputs (group, item, frame, time per position). Without a tokenizer
+        or `chat` (a `hooked_av.inputs.chat.ChatTokens`), all text is labelled "question". The position
+        mode is not part of the map: `encode(...)["position_mode"]` / `model.position_mode` say it."""
+        from hooked_av.inputs.chat import ChatTokens
+        from hooked_av.inputs.salmonn import salmonn_token_map
+
+        tok = tokenizer if tokenizer is not None else self.tokenizer
+        if chat is None and tok is not None:
+            chat = ChatTokens.from_tokenizer(tok)
+        spg = inputs.get("video_second_per_grid", inputs.get("second_per_grid_ts"))
+        return salmonn_token_map(
+            inputs["input_ids"], inputs.get("attention_mask"), self.ids, chat, inputs.get("image_grid_thw"),
+            inputs.get("video_grid_thw"), spg, self.vision_encoder.merge,
+        )
+
+    # ---- forward ----------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        *,
+        inputs_embeds: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        rope_deltas: Tensor | None = None,
+        position_mode: str | None = None,
+        use_audio_in_video: bool | None = None,
+        return_type: str | None = "logits",
+        **media,
+    ) -> Tensor | None:
+        """Logits `[batch, pos, vocab]` from input ids and media, or from `encode`'s outputs.
+        `return_type`: "logits", "resid" (after `ln_final`) or None. `use_audio_in_video`: see `encode`."""
+        unknown = set(media) - set(MEDIA_ARGS)
+        if unknown:
+            raise TypeError(f"unexpected argument(s) {sorted(unknown)}; accepted media inputs: {list(MEDIA_ARGS)}")
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("pass input_ids (with media inputs) or inputs_embeds and position_ids from model.encode")
+            enc = self.encode(input_ids, attention_mask, position_mode=position_mode, **media)
+            inputs_embeds, position_ids = enc["inputs_embeds"], enc["position_ids"]
+        elif any(media.get(k) is not None for k in MEDIA_ARGS):
+            raise ValueError("pass either media inputs or inputs_embeds (already merged), not both")
+        elif position_ids is None:
+            position_ids = self.text_positions(inputs_embeds, attention_mask)
+        return self.run_language_model(inputs_embeds, position_ids, attention_mask, return_type=return_type)
+
+    @torch.no_grad()
+    def generate(
+        self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None, *,
+        max_new_tokens: int = 16, eos_token_id: int | list[int] | None = None, inputs_embeds: Tensor | None = None,
+        position_ids: Tensor | None = None, rope_deltas: Tensor | None = None, position_mode: str | None = None,
+        use_audio_in_video: bool | None = None, **media,
+    ) -> Tensor:
+        """Greedy decoding with a KV cache, under whatever hooks are active. Returns the new tokens
+        `[batch, n_new]` (finished rows are padded with their eos)."""
+        if inputs_embeds is None:
+            enc = self.encode(input_ids, attention_mask, position_mode=position_mode, **media)
+            inputs_embeds, position_ids, rope_deltas = enc["inputs_embeds"], enc["position_ids"], enc["rope_deltas"]
+        return self.greedy_decode(inputs_embeds, position_ids, attention_mask, rope_deltas, max_new_tokens, eos_token_id)
+
+
+def _maybe_tokenizer(folder):
+    if not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
