@@ -12,16 +12,11 @@ from __future__ import annotations
 import os
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
-from hooked_av.core.attention import Attention, KVSlot
 from hooked_av.core.base import HookedAVModel
-from hooked_av.core.block import Block
-from hooked_av.core.masks import additive, causal_allowed
-from hooked_av.core.mlp import GatedMLP
-from hooked_av.core.norms import RMSNorm
-from hooked_av.core.rope import apply_rotary, mrope_cos_sin
+from hooked_av.core.language_model import MRoPELanguageModel
 from hooked_av.encoders.omni_audio import OmniAudioEncoder, audio_token_count
 from hooked_av.encoders.qwen_vision import QwenVisionEncoder
 from hooked_av.models import checkpoint
@@ -34,7 +29,7 @@ MEDIA_ARGS = (
 )
 
 
-class HookedQwen2_5Omni(HookedAVModel):
+class HookedQwen2_5Omni(MRoPELanguageModel, HookedAVModel):
     """Hook names: `hook_audio_embeds` / `hook_image_embeds` / `hook_video_embeds` (tower outputs,
     `[n_tokens, d_model]`), `hook_embed` (merged embeddings, `[batch, pos, d_model]`), `blocks.{l}.*`,
     `ln_final.*`, `audio_encoder.*`, `vision_encoder.*` (see DESIGN.md)."""
@@ -64,24 +59,10 @@ class HookedQwen2_5Omni(HookedAVModel):
             v["temporal_patch_size"], v["in_channels"], v["spatial_merge_size"], v["window_size"],
             v["fullatt_block_indexes"], v["act_fn"], v["rope_theta"],
         )
-        self.embed = nn.Embedding(c.d_vocab, c.d_model)
-        self.blocks = nn.ModuleList(
-            Block(
-                RMSNorm(c.d_model, c.eps),
-                Attention(c.d_model, c.n_heads, c.n_key_value_heads, c.d_head, o_bias=False),
-                RMSNorm(c.d_model, c.eps),
-                GatedMLP(c.d_model, c.d_mlp, c.act_fn),
-            )
-            for _ in range(c.n_layers)
-        )
-        self.ln_final = RMSNorm(c.d_model, c.eps)
-        self.unembed = nn.Linear(c.d_model, c.d_vocab, bias=False)
-        if c.tie_word_embeddings:
-            self.unembed.weight = self.embed.weight
+        self.build_language_model(c)
         self.hook_audio_embeds = HookPoint()
         self.hook_image_embeds = HookPoint()
         self.hook_video_embeds = HookPoint()
-        self.hook_embed = HookPoint()
         self.setup()
 
     # ---- constructors -----------------------------------------------------------------------
@@ -241,51 +222,8 @@ class HookedQwen2_5Omni(HookedAVModel):
         elif any(media.get(k) is not None for k in MEDIA_ARGS):
             raise ValueError("pass either media inputs or inputs_embeds (already merged), not both")
         elif position_ids is None:
-            position_ids = self._text_positions(inputs_embeds, attention_mask)
+            position_ids = self.text_positions(inputs_embeds, attention_mask)
         return self.run_language_model(inputs_embeds, position_ids, attention_mask, return_type=return_type)
-
-    def _text_positions(self, embeds: Tensor, attention_mask: Tensor | None) -> Tensor:
-        b, s = embeds.shape[:2]
-        if attention_mask is None:
-            return torch.arange(s, device=embeds.device).view(1, 1, -1).expand(3, b, -1)
-        pos = attention_mask.long().cumsum(-1) - 1
-        return pos.masked_fill(attention_mask == 0, 1).unsqueeze(0).expand(3, -1, -1)
-
-    def run_language_model(
-        self,
-        inputs_embeds: Tensor,
-        position_ids: Tensor,
-        attention_mask: Tensor | None = None,
-        return_type: str | None = "logits",
-        kv_caches: list[KVSlot] | None = None,
-    ) -> Tensor | None:
-        x = self.hook_embed(inputs_embeds)
-        b, q_len, _ = x.shape
-        past = kv_caches[0].length if kv_caches else 0
-        k_len = past + q_len
-        if position_ids.dim() == 2:
-            position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
-        plain = attention_mask is None or bool(attention_mask.all())
-        needs_mask = not plain or any(
-            blk.attn.hook_attn_mask.has_hooks() or blk.attn.needs_exact() for blk in self.blocks
-        ) or (past and q_len > 1)
-        mask = additive(causal_allowed(attention_mask, q_len, k_len, b, x.device), x.dtype) if needs_mask else None
-        cos, sin = mrope_cos_sin(position_ids, self.cfg.d_head, self.cfg.rope_theta, self.cfg.mrope_section, x.dtype)
-
-        def rotary(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
-            return apply_rotary(q, k, cos, sin)
-
-        for i, block in enumerate(self.blocks):
-            slot = kv_caches[i] if kv_caches else None
-            x = block(x, mask=mask, rotary=rotary, causal=plain and not past, kv_cache=slot)
-        x = self.ln_final(x)
-        if return_type is None:
-            return None
-        if return_type == "resid":
-            return x
-        if return_type == "logits":
-            return self.unembed(x)
-        raise ValueError(f"return_type must be 'logits', 'resid' or None, got {return_type!r}")
 
     # ---- inputs from media and the TokenMap (hooked_av/inputs) --------------------------------
     def prepare(self, prompts, *, use_audio_in_video: bool | None = None, parts=None, tokenizer=None, **prompt_kwargs) -> dict:
@@ -327,30 +265,7 @@ class HookedQwen2_5Omni(HookedAVModel):
         if inputs_embeds is None:
             enc = self.encode(input_ids, attention_mask, use_audio_in_video=use_audio_in_video, **media)
             inputs_embeds, position_ids, rope_deltas = enc["inputs_embeds"], enc["position_ids"], enc["rope_deltas"]
-        b, s = inputs_embeds.shape[:2]
-        if attention_mask is None:
-            attention_mask = torch.ones(b, s, dtype=torch.long, device=inputs_embeds.device)
-        if position_ids is None:
-            position_ids = self._text_positions(inputs_embeds, attention_mask)
-        if rope_deltas is None:
-            rope_deltas = (position_ids.amax(dim=(0, 2)) + 1 - attention_mask.sum(-1)).unsqueeze(1)
-        eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
-        caches = [KVSlot() for _ in self.blocks]
-        logits = self.run_language_model(inputs_embeds, position_ids, attention_mask, kv_caches=caches)
-        out, done = [], torch.zeros(b, dtype=torch.bool, device=inputs_embeds.device)
-        for _ in range(max_new_tokens):
-            nxt = logits[:, -1].argmax(-1)
-            if out and eos:
-                nxt = torch.where(done, out[-1], nxt)
-            out.append(nxt)
-            if eos:
-                done |= torch.isin(nxt, torch.tensor(sorted(eos), device=nxt.device))
-                if bool(done.all()):
-                    break
-            pos = (attention_mask.sum(-1, keepdim=True) + rope_deltas).unsqueeze(0).expand(3, -1, -1)
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(b, 1)], dim=1)
-            logits = self.run_language_model(self.embed(nxt[:, None]), pos, attention_mask, kv_caches=caches)
-        return torch.stack(out, dim=1)
+        return self.greedy_decode(inputs_embeds, position_ids, attention_mask, rope_deltas, max_new_tokens, eos_token_id)
 
 
 def _maybe_tokenizer(folder):
