@@ -158,3 +158,30 @@ def test_generate_with_kv_cache_equals_full_recompute(pair):
             nxt_pos = (pos.amax(dim=2, keepdim=True).amax(dim=0, keepdim=True) + 1).expand(3, -1, 1)
             pos = torch.cat([pos, nxt_pos], 2)
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+
+
+def test_towers_run_one_row_per_frame_and_per_chunk_with_window_structure(pair):
+    """Vision hooks are [frames, patches, d]; a window block's pattern is zero across 56-px windows,
+    a full block's is not; audio hooks are [chunks, 20 ms frames, d] with the short last chunk's
+    padding never attended to."""
+    _, model = pair
+    inputs, _ = GEOMETRIES["video_only"]  # grid (2, 8, 12): 2 frames of 96 patches, 2x3 windows of 4x4 patches
+    with torch.no_grad():
+        _, cache = model.run_with_cache(**inputs, names_filter=lambda n: n.startswith("vision_encoder.blocks."))
+    window, full = cache["vision_encoder.blocks.0.attn.hook_pattern"], cache["vision_encoder.blocks.1.attn.hook_pattern"]
+    assert cache["vision_encoder.blocks.0.hook_resid_post"].shape == (2, 96, 32)
+    assert window.shape == full.shape == (2, 2, 96, 96)
+    hw, win = model.vision_encoder.frame_layout(8, 12)
+    assert win.unique().numel() == 6
+    across = win[:, None] != win[None, :]
+    assert window[..., across].abs().max() == 0
+    assert full[..., across].min() > 0
+    assert torch.allclose(window.sum(-1), torch.ones(2, 2, 96))
+
+    audio, _ = GEOMETRIES["audio_only"]  # 45 mel frames: chunks of 20, 20, 5 -> 10, 10, 3 frames after the conv
+    with torch.no_grad():
+        _, cache = model.run_with_cache(**audio, names_filter=lambda n: n.startswith("audio_encoder.blocks.0"))
+    pattern = cache["audio_encoder.blocks.0.attn.hook_pattern"]
+    assert cache["audio_encoder.blocks.0.hook_resid_pre"].shape == (3, 10, 32)
+    assert pattern[2, :, :, 3:].abs().max() == 0  # padding keys of the short chunk
+    assert pattern[:2].min() > 0

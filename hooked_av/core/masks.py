@@ -29,7 +29,3 @@ def causal_allowed(attention_mask: Tensor | None, q_len: int, k_len: int, batch:
         allowed = allowed & attention_mask[:, None, None, :k_len].bool()
     return allowed
 
-
-def block_diagonal_allowed(segment_ids: Tensor) -> Tensor:
-    """bool `[1, 1, n, n]`: tokens attend to each other when they share a segment id `[n]`."""
-    return (segment_ids[:, None] == segment_ids[None, :])[None, None]

@@ -15,7 +15,7 @@ from transformer_lens.hook_points import HookPoint
 
 from hooked_av.core.attention import Attention
 from hooked_av.core.block import Block
-from hooked_av.core.masks import additive, block_diagonal_allowed
+from hooked_av.core.masks import additive
 from hooked_av.core.mlp import MLP
 from hooked_av.core.norms import LayerNorm
 
@@ -35,9 +35,11 @@ def sinusoids(length: int, channels: int, device=None, max_timescale: float = 10
 
 
 class OmniAudioEncoder(nn.Module):
-    """Hook points: `hook_conv_out` `[1, n_frames_after_conv, d]` (with positions added), the blocks'
-    (`blocks.{i}.*`, batch 1, attention `[1, heads, n, n]` block-diagonal by chunk), `hook_pooled`
-    `[n_tokens, d]`, `hook_out` `[n_tokens, output_dim]`."""
+    """Runs with one batch row per 2 s chunk (attention never crosses chunks, so no `[n, n]` mask over
+    a whole audio is built). Hook points: `hook_conv_out` and the blocks' (`blocks.{i}.*`) with
+    shape `[chunks, frames, d]` (100 frames of 20 ms per full chunk; a shorter last chunk of an audio
+    is right-padded and its padding masked as keys), attention `[chunks, heads, frames, frames]`;
+    `hook_pooled` `[n_tokens, d]`, `hook_out` `[n_tokens, output_dim]` (40 ms per token)."""
 
     def __init__(
         self,
@@ -88,14 +90,15 @@ class OmniAudioEncoder(nn.Module):
         x = F.gelu(self.conv2(x)).transpose(1, 2)  # [c, L', d]
         x = x + sinusoids(x.shape[1], self.d_model, x.device).to(x.dtype)
         after = (cl - 1) // 2 + 1
-        valid = torch.arange(x.shape[1], device=x.device)[None, :] < after[:, None]
-        x = self.hook_conv_out(x[valid].unsqueeze(0))  # [1, n, d], chunks back to back
-
-        chunk_id = torch.repeat_interleave(torch.arange(len(chunk_lens), device=x.device), after)
-        mask = additive(block_diagonal_allowed(chunk_id), x.dtype)
+        real = torch.arange(x.shape[1], device=x.device)[None, :] < after[:, None]  # [chunks, frames]
+        x = self.hook_conv_out(x)
+        mask = None
+        if not bool(real.all()):
+            keys = real[:, None, None, :].expand(-1, 1, x.shape[1], -1)
+            mask = additive(keys, x.dtype)
         for block in self.blocks:
             x = block(x, mask=mask)
-        x = x[0]
+        x = x[real]  # chunks back to back, padding dropped: [n_frames, d]
 
         # average adjacent pairs within each audio (an odd last frame is dropped)
         after_audio = (feature_lens.to(x.device) - 1) // 2 + 1

@@ -1,9 +1,11 @@
 """The Qwen2.5-VL vision tower (also Qwen2.5-Omni's): patch embedding, 2D RoPE, window and
 full-attention blocks, and the 2x2 patch merger.
 
-Patches stay in the processor's order throughout, `(item, t, h_block, w_block, ih, iw)` with each
-2x2 merge block contiguous; window attention is an explicit block mask in that order instead of
-HF's permutation, so a hook on `vision_encoder.blocks.{i}` indexes patches by (t, h, w).
+Patches stay in the processor's order, `(h_block, w_block, ih, iw)` within a frame with each 2x2
+merge block contiguous, and the tower runs with one batch row per frame (temporal grid step of an
+image or video): full-attention blocks never attend across frames, so nothing `[n, n]` over a whole
+clip is ever built. Window attention is an explicit per-frame block mask instead of HF's token
+permutation, so a hook on `vision_encoder.blocks.{i}` indexes patches by (frame, h, w).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from transformer_lens.hook_points import HookPoint
 
 from hooked_av.core.attention import Attention
 from hooked_av.core.block import Block
-from hooked_av.core.masks import additive, block_diagonal_allowed
+from hooked_av.core.masks import additive
 from hooked_av.core.mlp import GatedMLP
 from hooked_av.core.norms import RMSNorm
 from hooked_av.core.rope import apply_rotary_fp32, vision_cos_sin
@@ -50,8 +52,11 @@ class QwenVisionEncoder(nn.Module):
     """Input: `pixel_values` `[n_patches, C * T * P * P]` and `grid_thw` `[n_items, 3]` (patch grid
     per image/video). Output: `[n_patches / merge**2, out_dim]` in the same order.
 
-    Hook points: `hook_patch_embed` `[1, n, d]`, the blocks' (`blocks.{i}.*`, batch 1, attention
-    `[1, heads, n, n]`: window blocks see their 112-px window, full blocks one frame), `hook_out`.
+    Hook points: `hook_patch_embed` and the blocks' (`blocks.{i}.*`) with shape `[frames, patches,
+    d]`, one row per temporal grid step of every item in order; attention `[frames, heads, patches,
+    patches]` (window blocks see their 112-px window, full blocks the whole frame). When items of
+    different sizes share a call, rows are right-padded to the largest frame and padded keys are
+    masked; `hook_out` `[n_patches / merge**2, out_dim]`.
     """
 
     def __init__(
@@ -90,37 +95,46 @@ class QwenVisionEncoder(nn.Module):
         self.hook_patch_embed = HookPoint()
         self.hook_out = HookPoint()
 
-    def layout(self, grid_thw: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Per patch, in processor order: (h, w) coordinates `[n, 2]`, frame id and window id `[n]`."""
+    def frame_layout(self, h: int, w: int) -> tuple[Tensor, Tensor]:
+        """One `h x w`-patch frame in processor order: (row, column) `[h * w, 2]` and window id `[h * w]`."""
         m, wm = self.merge, self.window_merged
-        hw, frame, window = [], [], []
-        n_frames = n_windows = 0
-        for t, h, w in grid_thw.tolist():
-            hb, wb, ih, iw = torch.meshgrid(
-                torch.arange(h // m), torch.arange(w // m), torch.arange(m), torch.arange(m), indexing="ij"
-            )
-            rows, cols = (hb * m + ih).flatten(), (wb * m + iw).flatten()
-            hw.append(torch.stack([rows, cols], -1).repeat(t, 1))
-            frame.append(n_frames + torch.arange(t).repeat_interleave(h * w))
-            nwh, nww = -(-(h // m) // wm), -(-(w // m) // wm)
-            win = ((hb // wm) * nww + wb // wm).flatten()
-            window.append(n_windows + (torch.arange(t)[:, None] * nwh * nww + win[None, :]).flatten())
-            n_frames += t
-            n_windows += t * nwh * nww
-        dev = grid_thw.device
-        return torch.cat(hw).to(dev), torch.cat(frame).to(dev), torch.cat(window).to(dev)
+        hb, wb, ih, iw = torch.meshgrid(
+            torch.arange(h // m), torch.arange(w // m), torch.arange(m), torch.arange(m), indexing="ij"
+        )
+        hw = torch.stack([(hb * m + ih).flatten(), (wb * m + iw).flatten()], -1)
+        n_win_w = -(-(w // m) // wm)
+        return hw, ((hb // wm) * n_win_w + wb // wm).flatten()
 
     def forward(self, pixel_values: Tensor, grid_thw: Tensor) -> Tensor:
-        hw, frame, window = self.layout(grid_thw)
-        x = self.hook_patch_embed(self.patch_embed(pixel_values).unsqueeze(0))
-        cos, sin = vision_cos_sin(hw, self.d_head, self.rope_theta)
+        frames = [(h, w) for t, h, w in grid_thw.tolist() for _ in range(t)]
+        sizes = [h * w for h, w in frames]
+        width = max(sizes)
+        dev = pixel_values.device
+        x = self.patch_embed(pixel_values)
+        rows = nn.utils.rnn.pad_sequence(list(x.split(sizes)), batch_first=True)  # [frames, width, d]
+        x = self.hook_patch_embed(rows)
+
+        layouts = {hw: self.frame_layout(*hw) for hw in set(frames)}
+        hw = torch.stack([F.pad(layouts[f][0], (0, 0, 0, width - n)) for f, n in zip(frames, sizes)]).to(dev)
+        cos, sin = vision_cos_sin(hw.view(-1, 2), self.d_head, self.rope_theta)
+        cos, sin = cos.view(len(frames), width, -1), sin.view(len(frames), width, -1)
 
         def rotary(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
             return apply_rotary_fp32(q, k, cos, sin)
 
-        full_mask = additive(block_diagonal_allowed(frame), x.dtype)
-        window_mask = additive(block_diagonal_allowed(window), x.dtype)
+        if len(layouts) == 1:  # one frame geometry: no padding, one window mask for every frame
+            win = layouts[frames[0]][1].to(dev)
+            full_mask = None
+            window_mask = additive((win[:, None] == win[None, :])[None, None], x.dtype)
+        else:
+            win = torch.stack([F.pad(layouts[f][1], (0, width - n), value=-1) for f, n in zip(frames, sizes)]).to(dev)
+            real = torch.arange(width, device=dev)[None, :] < torch.tensor(sizes, device=dev)[:, None]
+            keys = real[:, None, None, :]
+            full_mask = additive(keys.expand(-1, 1, width, -1), x.dtype)
+            window_mask = additive((win[:, :, None] == win[:, None, :])[:, None] & keys, x.dtype)
         for i, block in enumerate(self.blocks):
             mask = full_mask if i in self.fullatt_block_indexes else window_mask
             x = block(x, mask=mask, rotary=rotary)
-        return self.hook_out(self.merger(x[0]))
+        if len(layouts) > 1:
+            x = x[real]
+        return self.hook_out(self.merger(x.reshape(-1, x.shape[-1])))
