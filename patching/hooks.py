@@ -1,0 +1,291 @@
+"""Composable interventions: each constructor returns an `Intervention` (iterable `(hook_name, fn)` pairs,
+`+` to combine, printable, saved with results). Every one takes `rows=` (act on those batch rows only),
+so a sweep can hold a different intervention in every row of one forward.
+
+Attention edits act on `blocks.{l}.attn.hook_attn_mask` (the additive mask, before the softmax, on the
+SDPA and the exact path alike) or, where they need the scores themselves, on `hook_attn_scores`.
+Token sets are TokenMap specs (`"audio"`, `"video[1]"`, `"audio|video"`) or `Selection`s; a spec that
+selects nothing in some row is an error raised here, before anything runs.
+
+    iv = block_attention(tm, "audio", "last", range(4, 13)) + scale_attention(tm, "last", "video", 2.0, [10])
+    logits = model.run_with_hooks(**inputs, fwd_hooks=iv.check(model))
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from hooked_av.core.masks import neg_inf
+from patching.intervention import Intervention, Part, batch_rows, layer_list
+
+SITES = {  # short site names -> hook name templates
+    "resid_pre": "blocks.{l}.hook_resid_pre", "resid_mid": "blocks.{l}.hook_resid_mid",
+    "resid_post": "blocks.{l}.hook_resid_post", "attn_out": "blocks.{l}.hook_attn_out",
+    "mlp_out": "blocks.{l}.hook_mlp_out", "attn_in": "blocks.{l}.ln1.hook_normalized",
+    "z": "blocks.{l}.attn.hook_z", "head": "blocks.{l}.attn.hook_z",
+}
+
+
+def site_name(site: str, layer: int | None = None) -> str:
+    """`("resid_pre", 3)` -> `"blocks.3.hook_resid_pre"`; a full hook name passes through."""
+    if site in SITES:
+        if layer is None:
+            raise ValueError(f"site {site!r} needs a layer")
+        return SITES[site].format(l=layer)
+    return site
+
+
+def _layer_of(name: str) -> tuple[int, ...]:
+    parts = name.split(".")
+    return (int(parts[1]),) if len(parts) > 2 and parts[0] == "blocks" and parts[1].isdigit() else ()
+
+
+def _token_mask(tm, spec, what: str) -> tuple[Tensor, str]:
+    """bool `[tm.batch, pos]` of a spec; error if a row selects nothing."""
+    sel = tm.select(spec)
+    for row in range(tm.batch):
+        if not bool(sel.mask[row].any()):
+            try:
+                tm.mask(sel, nonempty=True)
+            except ValueError as e:
+                raise ValueError(f"{what}: {e}") from None
+    return sel.mask, sel.label
+
+
+def _pos_mask(positions, batch: int, seq: int, device) -> Tensor:
+    """positions (None = all; a Selection; bool `[b|1, pos]` or `[pos]`; int positions) -> bool `[b|1, pos]`."""
+    if positions is None:
+        return torch.ones(1, seq, dtype=torch.bool, device=device)
+    if hasattr(positions, "mask") and hasattr(positions, "label"):
+        positions = positions.mask
+    t = torch.as_tensor(positions, device=device)
+    if t.dtype == torch.bool:
+        t = t if t.dim() == 2 else t[None]
+        if t.shape[-1] != seq:
+            raise ValueError(f"a position mask over {t.shape[-1]} positions does not fit activations of {seq} positions; clean and corrupted layouts must match")
+        return t
+    out = torch.zeros(1, seq, dtype=torch.bool, device=device)
+    t = t.flatten().long()
+    if len(t) and (int(t.max()) >= seq or int(t.min()) < -seq):
+        raise ValueError(f"position(s) {t.tolist()} out of range for {seq} positions")
+    out[0, t] = True
+    return out
+
+
+def _positions_label(positions) -> str:
+    if positions is None:
+        return "all"
+    if hasattr(positions, "label"):
+        return positions.label
+    t = torch.as_tensor(positions)
+    return f"mask[{int(t.sum())}]" if t.dtype == torch.bool else str(t.flatten().tolist())
+
+
+def _edge_hooks(tm, src, dst, layers, op, params, edit, what):
+    """Shared by the mask edits: `edit(mask, edge)` where edge is bool `[b, 1, q, k]`."""
+    layers = layer_list(layers, what)
+    src_m, src_l = _token_mask(tm, src, f"{what} src")
+    dst_m, dst_l = _token_mask(tm, dst, f"{what} dst")
+    params = {"src": src_l, "dst": dst_l, **params, "layers": list(layers)}
+
+    def make(rows):
+        cache: dict = {}  # the edge mask of this row set, built once per run shape
+
+        def fn(mask: Tensor, hook) -> Tensor:
+            b, _, q, k = mask.shape
+            key = (b, q, k, mask.device)
+            if key not in cache:
+                if k != tm.seq_len:
+                    raise ValueError(f"{what}: the TokenMap has {tm.seq_len} positions, the attention sees {k} keys")
+                s = batch_rows(src_m.to(mask.device), b, rows, what)
+                d = batch_rows(dst_m.to(mask.device), b, rows, what)[:, k - q:]
+                cache.clear()
+                cache[key] = d[:, None, :, None] & s[:, None, None, :]
+            return edit(mask, cache[key])
+
+        return [(f"blocks.{l}.attn.hook_attn_mask", fn) for l in layers]
+
+    return Intervention([Part(op, params, make, layers)])
+
+
+def block_attention(tm, src, dst, layers, rows: Sequence[int] | None = None) -> Intervention:
+    """Knock out the edges src -> dst: `dst` queries may not attend to `src` keys in `layers`
+    (additive `neg_inf` on `hook_attn_mask`)."""
+
+    def edit(mask, edge):
+        return mask.masked_fill_(edge, neg_inf(mask.dtype))
+
+    iv = _edge_hooks(tm, src, dst, layers, "block_attention", {}, edit, "block_attention")
+    return iv if rows is None else iv.on_rows(rows)
+
+
+def scale_attention(tm, dst, src, factor: float, layers, rows: Sequence[int] | None = None) -> Intervention:
+    """Multiply the unnormalised attention of `dst` queries to `src` keys by `factor` (add `log(factor)`
+    to the additive mask before the softmax; factor 0 is a knockout)."""
+    if factor < 0:
+        raise ValueError(f"scale_attention: factor must be >= 0, got {factor}")
+    delta = math.log(factor) if factor > 0 else None
+
+    def edit(mask, edge):
+        if delta is None:
+            return mask.masked_fill_(edge, neg_inf(mask.dtype))
+        live = edge & (mask > neg_inf(mask.dtype) / 2)  # masked keys stay masked
+        return mask.add_(live.to(mask.dtype) * delta)
+
+    iv = _edge_hooks(tm, src, dst, layers, "scale_attention", {"factor": factor}, edit, "scale_attention")
+    return iv if rows is None else iv.on_rows(rows)
+
+
+def discard(tm, group, from_layer: int, n_layers: int | None = None, rows: Sequence[int] | None = None) -> Intervention:
+    """Mask-based discarding: from `from_layer` on, no other token attends to `group`'s keys, as if its
+    keys and values were gone (what `discarding.physical_forward` removes). Without `n_layers` the hook
+    is a name filter matching every later layer's `hook_attn_mask`."""
+    rest = tm.select("all") - tm.select(group)
+    if n_layers is not None:
+        make = block_attention(tm, group, rest, range(from_layer, n_layers)).parts[0].make
+    else:
+        inner = block_attention(tm, group, rest, [from_layer]).parts[0].make
+
+        def make(rows):
+            fn = inner(rows)[0][1]
+
+            def later(name: str) -> bool:
+                parts = name.split(".")
+                return name.endswith("attn.hook_attn_mask") and parts[0] == "blocks" and int(parts[1]) >= from_layer
+
+            return [(later, fn)]
+
+    iv = Intervention([Part("discard", {"group": tm.select(group).label, "from_layer": from_layer}, make, (from_layer,))])
+    return iv if rows is None else iv.on_rows(rows)
+
+
+def steer(tm, dst, src, alpha: float, layers, heads: Sequence[int] | None = None,
+          rows: Sequence[int] | None = None) -> Intervention:
+    """PAI-style attention-logit steering toward a token set (METHODS.md, cross-modal hubs): on
+    `hook_attn_scores`, `score[dst -> src] += alpha * |score[dst -> src]|` in `layers` (optionally only
+    `heads`). Acts before the softmax; runs those layers on the exact path."""
+    layers = layer_list(layers, "steer")
+    src_m, src_l = _token_mask(tm, src, "steer src")
+    dst_m, dst_l = _token_mask(tm, dst, "steer dst")
+    params = {"dst": dst_l, "src": src_l, "alpha": alpha, "layers": list(layers), "heads": None if heads is None else list(heads)}
+
+    def make(rows):
+        def fn(scores: Tensor, hook) -> Tensor:
+            b, h, q, k = scores.shape
+            s = batch_rows(src_m.to(scores.device), b, rows, "steer")
+            d = batch_rows(dst_m.to(scores.device), b, rows, "steer")[:, k - q:]
+            edge = (d[:, None, :, None] & s[:, None, None, :]).expand(b, h, q, k).clone()
+            if heads is not None:
+                keep = torch.zeros(h, dtype=torch.bool, device=scores.device)
+                keep[list(heads)] = True
+                edge &= keep.view(1, h, 1, 1)
+            edge &= scores > neg_inf(scores.dtype) / 2  # masked keys stay masked
+            return scores + alpha * scores.abs() * edge.to(scores.dtype)
+
+        return [(f"blocks.{l}.attn.hook_attn_scores", fn) for l in layers]
+
+    iv = Intervention([Part("steer", params, make, layers)])
+    return iv if rows is None else iv.on_rows(rows)
+
+
+def _write(act: Tensor, where: Tensor, value: Tensor, heads) -> Tensor:
+    """act `[b, pos, ...]`; where bool `[b, pos]`; value broadcastable to act; only `heads` (dim 2) if given."""
+    w = where.view(*where.shape, *([1] * (act.dim() - 2))).to(act.dtype)
+    if heads is not None:
+        hm = torch.zeros(act.shape[2], dtype=act.dtype, device=act.device)
+        hm[list(heads)] = 1
+        w = w * hm.view(1, 1, -1, *([1] * (act.dim() - 3)))
+    return act * (1 - w) + value * w
+
+
+def _sites(sites) -> list[str]:
+    return [sites] if isinstance(sites, str) else list(sites)
+
+
+def patch_from_cache(cache, sites, positions=None, heads: Sequence[int] | None = None,
+                     rows: Sequence[int] | None = None) -> Intervention:
+    """Write `cache[site]` (an ActivationCache or dict, batch 1 or the run's batch) into the run at
+    `positions` (None: all; a Selection, bool mask or int positions) of every site (hook names);
+    `heads` restricts a `hook_z` site to those heads."""
+    names = _sites(sites)
+    missing = [n for n in names if n not in cache]
+    if missing:
+        raise KeyError(f"patch_from_cache: the cache has no {missing}; cache those hooks in the source run")
+    params = {"sites": names, "positions": _positions_label(positions), "heads": None if heads is None else list(heads)}
+
+    def make(rows):
+        def fn(act: Tensor, hook) -> Tensor:
+            src = cache[hook.name].to(act.device, act.dtype)
+            if src.shape[1:] != act.shape[1:]:
+                raise ValueError(f"patch_from_cache at {hook.name}: cached shape {tuple(src.shape)} does not match the run's {tuple(act.shape)}; clean and corrupted layouts must match")
+            where = batch_rows(_pos_mask(positions, act.shape[0], act.shape[1], act.device), act.shape[0], rows, "patch_from_cache")
+            src = src if src.shape[0] in (1, act.shape[0]) else batch_rows(src, act.shape[0], None, "patch_from_cache")
+            return _write(act, where, src, heads)
+
+        return [(n, fn) for n in names]
+
+    layers = tuple(sorted({l for n in names for l in _layer_of(n)}))
+    iv = Intervention([Part("patch_from_cache", params, make, layers)])
+    return iv if rows is None else iv.on_rows(rows)
+
+
+def ablate(sites, mode: str = "zero", positions=None, reference=None, heads: Sequence[int] | None = None,
+           seed: int = 0, rows: Sequence[int] | None = None) -> Intervention:
+    """Replace activations at `positions`: `zero`; `mean` (the mean of `reference[site]` over its batch
+    rows and positions, one vector per site); `resample` (row `seed`-chosen of `reference[site]`, same
+    positions). `reference` is an ActivationCache or dict of the reference runs."""
+    if mode not in ("zero", "mean", "resample"):
+        raise ValueError(f"ablate: mode must be 'zero', 'mean' or 'resample', got {mode!r}")
+    names = _sites(sites)
+    if mode != "zero" and reference is None:
+        raise ValueError(f"ablate(mode={mode!r}) needs reference= (a cache of reference runs)")
+    params = {"sites": names, "mode": mode, "positions": _positions_label(positions), "heads": None if heads is None else list(heads)}
+    pick = int(torch.randint(0, 1 << 30, (1,), generator=torch.Generator().manual_seed(seed)))
+
+    def value(name: str, act: Tensor) -> Tensor:
+        if mode == "zero":
+            return torch.zeros((), dtype=act.dtype, device=act.device)
+        ref = reference[name].to(act.device, act.dtype)
+        if mode == "mean":
+            return ref.mean(dim=(0, 1), keepdim=True)
+        if ref.shape[1:] != act.shape[1:]:
+            raise ValueError(f"ablate(resample) at {name}: reference {tuple(ref.shape)} vs run {tuple(act.shape)}; layouts must match")
+        return ref[pick % ref.shape[0]][None]
+
+    def make(rows):
+        def fn(act: Tensor, hook) -> Tensor:
+            where = batch_rows(_pos_mask(positions, act.shape[0], act.shape[1], act.device), act.shape[0], rows, "ablate")
+            return _write(act, where, value(hook.name, act), heads)
+
+        return [(n, fn) for n in names]
+
+    layers = tuple(sorted({l for n in names for l in _layer_of(n)}))
+    iv = Intervention([Part("ablate", params, make, layers)])
+    return iv if rows is None else iv.on_rows(rows)
+
+
+def add_noise(site: str, positions, std: float, seed: int = 0, rows: Sequence[int] | None = None) -> Intervention:
+    """Add Gaussian noise of `std` (activation units) at `positions` of `site` (ROME's corruption on
+    `hook_embed`). The noise is drawn once from `seed` (`[pos, d]`, CPU generator) so the same seed
+    gives the same noise in any batch layout."""
+    params = {"site": site, "positions": _positions_label(positions), "std": float(std), "seed": seed}
+    drawn: dict = {}
+
+    def make(rows):
+        def fn(act: Tensor, hook) -> Tensor:
+            shape = tuple(act.shape[1:])
+            if shape not in drawn:
+                g = torch.Generator().manual_seed(seed)
+                drawn[shape] = torch.randn(shape, generator=g) * std
+            noise = drawn[shape].to(act.device, act.dtype)[None]
+            where = batch_rows(_pos_mask(positions, act.shape[0], act.shape[1], act.device), act.shape[0], rows, "add_noise")
+            return act + noise * where.view(*where.shape, *([1] * (act.dim() - 2))).to(act.dtype)
+
+        return [(site, fn)]
+
+    iv = Intervention([Part("add_noise", params, make, _layer_of(site))])
+    return iv if rows is None else iv.on_rows(rows)
