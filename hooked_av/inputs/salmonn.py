@@ -49,9 +49,11 @@ def salmonn_token_map(
     video_grid_thw: Tensor | None = None,
     second_per_grid: Tensor | list | None = None,
     merge: int = 2,
+    position_mode: str | None = None,
 ) -> TokenMap:
     """TokenMap of a video-SALMONN 2+ batch `[batch, pos]`: audio tokens get the grid step they
-    follow as `frame`; blocks are consumed in order across the batch."""
+    follow as `frame`; blocks are consumed in order across the batch. `position_mode` (the model's
+    "inference" or "training") is recorded on the map."""
     b, s = input_ids.shape
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
     out = TokenMapBuilder(b, s)
@@ -108,4 +110,4 @@ def salmonn_token_map(
             i = j
         if pos:
             out.set(row, pos[-1], "last")
-    return out.build()
+    return out.build(position_mode)

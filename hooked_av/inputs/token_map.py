@@ -69,6 +69,8 @@ class TokenMap:
     - `time`, `time_end`: seconds from the start of the item that the token covers, `[time, time_end)`,
       as the model's own position ids place it; NaN for text and images.
     - `chunk`: audio-in-video chunk index (Qwen2.5-Omni interleaves 2 s chunks); -1 elsewhere.
+    - `position_mode`: the position-id mode the times follow, where a model has several
+      (video-SALMONN 2+: "inference" or "training"); None where there is one (Qwen2.5-Omni's TMRoPE).
     """
 
     group: Tensor
@@ -77,6 +79,7 @@ class TokenMap:
     time: Tensor
     time_end: Tensor
     chunk: Tensor
+    position_mode: str | None = None
 
     def __post_init__(self):
         shape = self.group.shape
@@ -235,9 +238,10 @@ class TokenMap:
 
     def describe(self, row: int | None = None) -> str:
         """One line per contiguous segment: row, position range, group[item], chunk, token count,
-        frames, time span. Returns the text (it displays as is in a notebook)."""
+        frames, time span; a header line names the position mode when the map has one. Returns the
+        text (it displays as is in a notebook)."""
         rows = range(self.batch) if row is None else [row]
-        lines = []
+        lines = [] if self.position_mode is None else [f"position_mode={self.position_mode}"]
         for r in rows:
             for s in self.segments(r):
                 name = s["group"] + (f"[{s['item']}]" if s["item"] >= 0 else "")
@@ -267,7 +271,8 @@ class TokenMap:
         counts = "; ".join(
             f"row {r}: " + ", ".join(f"{g} {n}" for g, n in self._group_counts(r)) for r in range(min(self.batch, 4))
         )
-        return f"TokenMap(batch={self.batch}, pos={self.seq_len}; {counts})"
+        mode = "" if self.position_mode is None else f", position_mode={self.position_mode}"
+        return f"TokenMap(batch={self.batch}, pos={self.seq_len}{mode}; {counts})"
 
 
 class TokenMapBuilder:
@@ -287,5 +292,5 @@ class TokenMapBuilder:
             if value is not None:
                 getattr(self, name)[row, pos] = torch.as_tensor(value, dtype=getattr(self, name).dtype)
 
-    def build(self) -> TokenMap:
-        return TokenMap(self.group, self.item, self.frame, self.time, self.time_end, self.chunk)
+    def build(self, position_mode: str | None = None) -> TokenMap:
+        return TokenMap(self.group, self.item, self.frame, self.time, self.time_end, self.chunk, position_mode)

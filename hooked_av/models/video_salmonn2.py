@@ -200,10 +200,32 @@ class HookedVideoSALMONN2(MRoPELanguageModel, HookedAVModel):
             video_grid_thw, video_second_per_grid, has_audio, self.vision_encoder.merge, POSITION_IDS_PER_SECOND,
         )
 
+    def prepare(self, prompts, *, position_mode: str | None = None, use_audio_in_video: bool | None = None,
+                parts=None, tokenizer=None, fps: float | None = None, min_frames: int | None = None,
+                max_frames: int | None = None, max_pixels: int | None = None, **prompt_kwargs) -> dict:
+        """Model inputs from media and a question (or a list of `hooked_av.inputs.Prompt`) for
+        `position_mode` (default `model.position_mode`): see `hooked_av.inputs.salmonn_prompt.prepare_salmonn`.
+        `fps`, `min_frames`, `max_frames`, `max_pixels` override the sampling of this call (defaults
+        10 fps, 16..768 frames, 61250 pixels per frame). `model(**inputs)` runs them."""
+        from hooked_av.inputs.salmonn_prompt import prepare_salmonn, salmonn_parts_for_model, with_settings
+
+        mode = position_mode or self.position_mode
+        if mode not in POSITION_MODES:
+            raise ValueError(f"position_mode {mode!r} is unknown; use one of {POSITION_MODES}")
+        if tokenizer is not None and parts is None:
+            parts = salmonn_parts_for_model(self, tokenizer)
+        parts = parts or getattr(self, "processor_parts", None) or salmonn_parts_for_model(self)
+        self.processor_parts = parts
+        given = dict(fps=fps, min_frames=min_frames, max_frames=max_frames, max_pixels=max_pixels)
+        given = {k: v for k, v in given.items() if v is not None}
+        if given:
+            parts = with_settings(parts, **given)
+        return prepare_salmonn(parts, self.ids, prompts, mode, use_audio_in_video, self.vision_encoder.merge, **prompt_kwargs)
+
     def token_map(self, inputs: dict, tokenizer=None, chat=None):
-        """The `TokenMap` of model inputs (group, item, frame, time per position). Without a tokenizer
-        or `chat` (a `hooked_av.inputs.chat.ChatTokens`), all text is labelled "question". The position
-        mode is not part of the map: `encode(...)["position_mode"]` / `model.position_mode` say it."""
+        """The `TokenMap` of model inputs (group, item, frame, time per position), with the position
+        mode they run in (`inputs["position_mode"]`, else `model.position_mode`) as `tm.position_mode`.
+        Without a tokenizer or `chat` (a `hooked_av.inputs.chat.ChatTokens`), all text is "question"."""
         from hooked_av.inputs.chat import ChatTokens
         from hooked_av.inputs.salmonn import salmonn_token_map
 
@@ -213,7 +235,7 @@ class HookedVideoSALMONN2(MRoPELanguageModel, HookedAVModel):
         spg = inputs.get("video_second_per_grid", inputs.get("second_per_grid_ts"))
         return salmonn_token_map(
             inputs["input_ids"], inputs.get("attention_mask"), self.ids, chat, inputs.get("image_grid_thw"),
-            inputs.get("video_grid_thw"), spg, self.vision_encoder.merge,
+            inputs.get("video_grid_thw"), spg, self.vision_encoder.merge, inputs.get("position_mode") or self.position_mode,
         )
 
     # ---- forward ----------------------------------------------------------------------------
