@@ -120,3 +120,16 @@ def _assign(model: nn.Module, dotted: str, param: nn.Parameter) -> None:
     for p in path:
         mod = getattr(mod, p)
     setattr(mod, leaf, param)
+
+
+def build_and_load(make: Callable[[], nn.Module], tensors, convert, source: str, dtype, device) -> nn.Module:
+    """Construct a model on the meta device with `make()`, fill it from checkpoint `tensors`, tie the
+    unembedding to the embedding when the configuration says so (the checkpoint then may lack
+    it), move it to `device` and switch to eval mode."""
+    with torch.device("meta"):
+        model = make()
+    tied = model.cfg.tie_word_embeddings
+    load_converted(model, tensors, convert, source, dtype, optional=lambda n: tied and n == "unembed.weight")
+    if tied:
+        model.unembed.weight = model.embed.weight
+    return model.to(device or "cpu").eval()

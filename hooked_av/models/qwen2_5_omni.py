@@ -20,6 +20,7 @@ from hooked_av.core.language_model import MRoPELanguageModel
 from hooked_av.encoders.omni_audio import OmniAudioEncoder, audio_token_count
 from hooked_av.encoders.qwen_vision import QwenVisionEncoder
 from hooked_av.models import checkpoint
+from hooked_av.models.placeholders import check_patch_rows, check_placeholders, merged_tokens
 from hooked_av.models.qwen2_5_omni_positions import OmniTokenIds, omni_position_ids
 from hooked_av.models.qwen2_5_omni_weights import convert_key, lm_config, thinker_config
 
@@ -88,7 +89,7 @@ class HookedQwen2_5Omni(MRoPELanguageModel, HookedAVModel):
         folder = checkpoint.resolve(name_or_path)
         config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
         tensors = checkpoint.iter_tensors(checkpoint.weight_files(folder))
-        model = cls._from_tensors(config, tensors, str(folder), dtype, device)
+        model = checkpoint.build_and_load(lambda: cls(config), tensors, convert_key, str(folder), dtype, device)
         model.tokenizer = _maybe_tokenizer(folder)
         return model
 
@@ -96,19 +97,9 @@ class HookedQwen2_5Omni(MRoPELanguageModel, HookedAVModel):
     def from_hf(cls, hf_model, dtype: torch.dtype | None = None, device=None) -> "HookedQwen2_5Omni":
         """From an instantiated HF `Qwen2_5OmniThinkerForConditionalGeneration` (or the full Omni model)."""
         dtype = dtype or next(hf_model.parameters()).dtype
-        return cls._from_tensors(hf_model.config, hf_model.state_dict().items(), type(hf_model).__name__, dtype, device)
-
-    @classmethod
-    def _from_tensors(cls, config, tensors, source, dtype, device) -> "HookedQwen2_5Omni":
-        with torch.device("meta"):
-            model = cls(config)
-        tied = model.cfg.tie_word_embeddings
-        checkpoint.load_converted(
-            model, tensors, convert_key, source, dtype, optional=lambda n: tied and n == "unembed.weight"
+        return checkpoint.build_and_load(
+            lambda: cls(hf_model.config), hf_model.state_dict().items(), convert_key, type(hf_model).__name__, dtype, device
         )
-        if tied:
-            model.unembed.weight = model.embed.weight
-        return model.to(device or "cpu").eval()
 
     # ---- inputs -----------------------------------------------------------------------------
     def _audio_features(self, input_features, feature_attention_mask, audio_feature_lengths):
@@ -127,24 +118,13 @@ class HookedQwen2_5Omni(MRoPELanguageModel, HookedAVModel):
         return feats, lens
 
     def _check_placeholders(self, input_ids, audio_lens, image_grid_thw, video_grid_thw, pixel_values, pixel_values_videos):
-        m2 = self.vision_encoder.merge**2
-        checks = [
-            ("<|AUDIO|>", self.ids.audio, None if audio_lens is None else int(audio_token_count(audio_lens).sum()), "audio"),
-            ("<|IMAGE|>", self.ids.image, None if image_grid_thw is None else int(image_grid_thw.prod(-1).sum()) // m2, "image"),
-            ("<|VIDEO|>", self.ids.video, None if video_grid_thw is None else int(video_grid_thw.prod(-1).sum()) // m2, "video"),
-        ]
-        for token, tid, expected, what in checks:
-            n = int((input_ids == tid).sum())
-            if expected is None and n:
-                raise ValueError(f"the prompt has {n} {token} placeholder(s) but no {what} input was given")
-            if expected is not None and n != expected:
-                raise ValueError(
-                    f"placeholder count mismatch: the prompt has {n} {token} tokens but the {what} input "
-                    f"makes {expected}; build input_ids and media together (the processor or model.prepare)"
-                )
-        for pv, grid, what in ((pixel_values, image_grid_thw, "pixel_values"), (pixel_values_videos, video_grid_thw, "pixel_values_videos")):
-            if pv is not None and (grid is None or pv.shape[0] != int(grid.prod(-1).sum())):
-                raise ValueError(f"{what} has {pv.shape[0]} patch rows but its grid_thw says {None if grid is None else int(grid.prod(-1).sum())}")
+        m = self.vision_encoder.merge
+        check_placeholders(input_ids, [
+            ("<|AUDIO|>", self.ids.audio, None if audio_lens is None else int(audio_token_count(audio_lens).sum()), "audio", "25 tokens a second"),
+            ("<|IMAGE|>", self.ids.image, merged_tokens(image_grid_thw, m), "image", "image_grid_thw"),
+            ("<|VIDEO|>", self.ids.video, merged_tokens(video_grid_thw, m), "video", "video_grid_thw"),
+        ])
+        check_patch_rows(pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
 
     def encode(
         self,

@@ -26,6 +26,7 @@ from hooked_av.encoders.qformer import WindowQFormer
 from hooked_av.encoders.qwen_vision import QwenVisionEncoder
 from hooked_av.encoders.whisper import WhisperEncoder
 from hooked_av.models import checkpoint
+from hooked_av.models.placeholders import check_patch_rows, check_placeholders, merged_tokens
 from hooked_av.models.video_salmonn2_positions import POSITION_MODES, SalmonnTokenIds, salmonn_position_ids
 from hooked_av.models.video_salmonn2_weights import convert_key, lm_config, split_config
 
@@ -105,46 +106,24 @@ class HookedVideoSALMONN2(MRoPELanguageModel, HookedAVModel):
         config = checkpoint.read_config(folder)  # a dict: AutoConfig would drop SALMONN's audio_config
         split_config(config)  # refuse a config that is not SALMONN's before touching any weight file
         tensors = checkpoint.iter_tensors(checkpoint.weight_files(folder))
-        model = cls._from_tensors(config, tensors, str(folder), dtype, device, position_mode)
+        model = checkpoint.build_and_load(lambda: cls(config, position_mode), tensors, convert_key, str(folder), dtype, device)
         model.tokenizer = _maybe_tokenizer(folder)
         return model
-
-    @classmethod
-    def _from_tensors(cls, config, tensors, source, dtype, device, position_mode="inference"):
-        with torch.device("meta"):
-            model = cls(config, position_mode)
-        tied = model.cfg.tie_word_embeddings
-        checkpoint.load_converted(
-            model, tensors, convert_key, source, dtype, optional=lambda n: tied and n == "unembed.weight"
-        )
-        if tied:
-            model.unembed.weight = model.embed.weight
-        return model.to(device or "cpu").eval()
 
     # ---- inputs -----------------------------------------------------------------------------
     def _check_inputs(self, input_ids, features, image_grid_thw, video_grid_thw, pixel_values, pixel_values_videos):
         """Every mismatch between the prompt and the media, before any tower runs."""
         if features is not None:
             self.audio_encoder.check_input(features)
-        m2 = self.vision_encoder.merge**2
-        checks = [
-            ("<|audio_pad|>", self.ids.audio, None if features is None else features.shape[0] * self.audio_tokens_per_chunk,
-             "audio", f"{0 if features is None else features.shape[0]} chunk(s) of 30 s x {self.audio_tokens_per_chunk}"),
-            ("<|image_pad|>", self.ids.image, None if image_grid_thw is None else int(image_grid_thw.prod(-1).sum()) // m2, "image", "image_grid_thw"),
-            ("<|video_pad|>", self.ids.video, None if video_grid_thw is None else int(video_grid_thw.prod(-1).sum()) // m2, "video", "video_grid_thw"),
-        ]
-        for token, tid, expected, what, how in checks:
-            n = int((input_ids == tid).sum())
-            if expected is None and n:
-                raise ValueError(f"the prompt has {n} {token} placeholder(s) but no {what} input was given")
-            if expected is not None and n != expected:
-                raise ValueError(
-                    f"placeholder count mismatch: the prompt has {n} {token} tokens but the {what} input makes "
-                    f"{expected} ({how}); build input_ids and media together"
-                )
-        for pv, grid, what in ((pixel_values, image_grid_thw, "pixel_values"), (pixel_values_videos, video_grid_thw, "pixel_values_videos")):
-            if pv is not None and (grid is None or pv.shape[0] != int(grid.prod(-1).sum())):
-                raise ValueError(f"{what} has {pv.shape[0]} patch rows but its grid_thw says {None if grid is None else int(grid.prod(-1).sum())}")
+        n_chunks = 0 if features is None else features.shape[0]
+        m = self.vision_encoder.merge
+        check_placeholders(input_ids, [
+            ("<|audio_pad|>", self.ids.audio, None if features is None else n_chunks * self.audio_tokens_per_chunk,
+             "audio", f"{n_chunks} chunk(s) of 30 s x {self.audio_tokens_per_chunk}"),
+            ("<|image_pad|>", self.ids.image, merged_tokens(image_grid_thw, m), "image", "image_grid_thw"),
+            ("<|video_pad|>", self.ids.video, merged_tokens(video_grid_thw, m), "video", "video_grid_thw"),
+        ])
+        check_patch_rows(pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
 
     def encode(
         self,
