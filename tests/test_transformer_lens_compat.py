@@ -127,3 +127,17 @@ def test_transformer_lens_logit_lens_ends_at_the_models_logits(run):
     lens = cache.logit_lens(return_type="logits")
     assert lens.labels == [f"{l}_pre" for l in range(model.cfg.n_layers)] + ["final_post"]
     assert (lens.values[-1, 0] - logits[0, -1]).abs().max() < 1e-5
+
+
+def test_hook_result_per_head_sums_to_attn_out(run):
+    model, logits, _ = run
+    model.set_use_attn_result(True)
+    try:
+        with torch.no_grad():
+            again, cache = model.run_with_cache(**INPUTS, names_filter=lambda n: n.startswith("blocks.1."))
+    finally:
+        model.set_use_attn_result(False)
+    result = cache["blocks.1.attn.hook_result"]
+    assert result.shape == (*INPUTS["input_ids"].shape, model.cfg.n_heads, model.cfg.d_model)
+    assert (result.sum(2) + model.blocks[1].attn.b_O - cache["blocks.1.hook_attn_out"]).abs().max() < 1e-5
+    assert (again - logits).abs().max() < 1e-5

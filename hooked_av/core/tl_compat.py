@@ -54,6 +54,13 @@ class TransformerLensCompat:
             total = total + self.blocks[layer].attn.b_O
         return total
 
+    def set_use_attn_result(self, use_attn_result: bool) -> None:
+        """Compute `blocks.{l}.attn.hook_result` (each head's output `[batch, pos, head, d_model]`)
+        in the forward, as TransformerLens does; costs `n_heads` times the attention-output memory."""
+        for block in self.blocks:
+            block.attn.use_attn_result = use_attn_result
+        self.cfg.use_attn_result = use_attn_result
+
     # ---- tokens -----------------------------------------------------------------------------
     def _need_tokenizer(self):
         if getattr(self, "tokenizer", None) is None:
