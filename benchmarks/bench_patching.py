@@ -1,6 +1,6 @@
 """Benchmark (issue 5): a six-edge x all-layer knockout sweep batched vs one forward per cell, and
 physical discarding of audio+video from L = n_layers // 2 vs the full forward. Random weights; sizes
-are arguments. Run: `python -m patching.benchmark [--layers 12 --d-model 256 --device cpu]`.
+are arguments. Run: `.venv/bin/python benchmarks/bench_patching.py [--layers 12 --d-model 256 --device cpu]`.
 """
 
 from __future__ import annotations
