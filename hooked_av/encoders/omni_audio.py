@@ -13,11 +13,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
-from hooked_av.core.attention import Attention
-from hooked_av.core.block import Block
 from hooked_av.core.masks import additive
-from hooked_av.core.mlp import MLP
 from hooked_av.core.norms import LayerNorm
+from hooked_av.encoders.whisper import whisper_blocks
 
 
 def audio_token_count(n_frames: Tensor | int) -> Tensor | int:
@@ -57,15 +55,7 @@ class OmniAudioEncoder(nn.Module):
         self.n_window = n_window
         self.conv1 = nn.Conv1d(num_mel_bins, d_model, kernel_size=3, padding=1)
         self.conv2 = nn.Conv1d(d_model, d_model, kernel_size=3, stride=2, padding=1)
-        self.blocks = nn.ModuleList(
-            Block(
-                LayerNorm(d_model),
-                Attention(d_model, n_heads, k_bias=False, o_bias=True, names=("q_proj", "k_proj", "v_proj", "out_proj")),
-                LayerNorm(d_model),
-                MLP(d_model, d_mlp, act),
-            )
-            for _ in range(n_layers)
-        )
+        self.blocks = whisper_blocks(n_layers, d_model, n_heads, d_mlp, act)
         self.ln_post = LayerNorm(d_model)
         self.proj = nn.Linear(d_model, output_dim)
         # in every checkpoint but never used by the forward (kept so each checkpoint key has a home)

@@ -19,6 +19,20 @@ from hooked_av.core.mlp import MLP
 from hooked_av.core.norms import LayerNorm
 
 
+
+def whisper_blocks(n_layers: int, d_model: int, n_heads: int, d_mlp: int, act: str = "gelu") -> nn.ModuleList:
+    """Whisper's pre-LN encoder layers (the checkpoint names `q_proj`/`k_proj` (no bias)/`v_proj`/
+    `out_proj`, `fc1`/`fc2`), shared by SALMONN's Whisper and Qwen2.5-Omni's audio tower."""
+    return nn.ModuleList(
+        Block(
+            LayerNorm(d_model),
+            Attention(d_model, n_heads, k_bias=False, o_bias=True, names=("q_proj", "k_proj", "v_proj", "out_proj")),
+            LayerNorm(d_model),
+            MLP(d_model, d_mlp, act),
+        )
+        for _ in range(n_layers)
+    )
+
 class WhisperEncoder(nn.Module):
     """Input `[n_chunks, n_mels, 2 * max_source_positions]` mel frames; output
     `[n_chunks, max_source_positions, d_model]` (20 ms per frame).
@@ -43,15 +57,7 @@ class WhisperEncoder(nn.Module):
         self.conv1 = nn.Conv1d(num_mel_bins, d_model, kernel_size=3, padding=1)
         self.conv2 = nn.Conv1d(d_model, d_model, kernel_size=3, stride=2, padding=1)
         self.embed_positions = nn.Embedding(max_source_positions, d_model)
-        self.blocks = nn.ModuleList(
-            Block(
-                LayerNorm(d_model),
-                Attention(d_model, n_heads, k_bias=False, o_bias=True, names=("q_proj", "k_proj", "v_proj", "out_proj")),
-                LayerNorm(d_model),
-                MLP(d_model, d_mlp, act),
-            )
-            for _ in range(n_layers)
-        )
+        self.blocks = whisper_blocks(n_layers, d_model, n_heads, d_mlp, act)
         self.layer_norm = LayerNorm(d_model)
         self.hook_conv_out = HookPoint()
         self.hook_out = HookPoint()
