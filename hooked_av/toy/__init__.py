@@ -1,0 +1,54 @@
+"""The embedded, trained toy audio-visual model (Qwen2.5-Omni Thinker architecture, ~1M parameters)
+and the synthetic task it was trained on.
+
+    model = hooked_av.toy.load()                      # HookedQwen2_5Omni, tokenizer at model.tokenizer
+    bank = hooked_av.toy.make_clips(500, seed=123)    # fresh clips (the training run used seeds 0 and 1)
+    batch = hooked_av.toy.collate(bank, hooked_av.toy.draw_samples(bank, 64, seed=7), model.tokenizer)
+    acc = (model(**batch.inputs)[:, -1].argmax(-1) == batch.answers).float().mean()
+
+Retrain with `python -m hooked_av.toy.train` (CPU, about 15-20 minutes); it writes `weights_dir()`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from hooked_av.toy.clips import ClipBank, make_clips
+from hooked_av.toy.data import Batch, Sample, collate, draw_samples, prompt_text
+from hooked_av.toy.tokenizer import build_tokenizer, token_ids
+from hooked_av.toy.vocab import KINDS
+
+__all__ = [
+    "Batch", "ClipBank", "KINDS", "Sample", "build_tokenizer", "collate", "draw_samples", "load", "make_batch",
+    "make_clips", "prompt_text", "token_ids", "weights_dir",
+]
+
+
+def weights_dir() -> Path:
+    """The package-data folder with the trained model: config.json, model.safetensors, tokenizer
+    files and train_report.json."""
+    return Path(__file__).resolve().parent / "weights"
+
+
+def load(dtype: torch.dtype = torch.float32, device=None):
+    """The shipped toy model as a `HookedQwen2_5Omni` (eval mode), its tokenizer at `model.tokenizer`."""
+    from hooked_av.models.qwen2_5_omni import HookedQwen2_5Omni
+
+    folder = weights_dir()
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(
+            f"no trained toy model in {folder}; the package data is missing (reinstall hooked-av) "
+            "or train one with `python -m hooked_av.toy.train`"
+        )
+    model = HookedQwen2_5Omni.from_pretrained(folder, dtype=dtype, device=device)
+    if model.tokenizer is None:
+        raise FileNotFoundError(f"{folder} has no tokenizer files; retrain with `python -m hooked_av.toy.train`")
+    return model
+
+
+def make_batch(n: int, seed: int, tokenizer, n_clips: int = 400, kinds: tuple[str, ...] = KINDS) -> Batch:
+    """`n` fresh samples over a fresh bank of `n_clips` clips, both deterministic in `seed`."""
+    bank = make_clips(n_clips, seed=seed)
+    return collate(bank, draw_samples(bank, n, seed=seed + 1, kinds=kinds), tokenizer)

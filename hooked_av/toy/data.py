@@ -1,0 +1,143 @@
+"""Questions over a `ClipBank`, and batches in exactly the format the Thinker (ours or HF's) takes.
+
+    bank = make_clips(2000, seed=1)
+    samples = draw_samples(bank, 64, seed=2)                 # kinds drawn per sample
+    batch = collate(bank, samples, tokenizer)
+    logits = model(**batch.inputs)                           # [batch, pos, vocab]
+    correct = logits[:, -1].argmax(-1) == batch.answers     # the answer is read at the last position
+
+Every clip serves every kind: a sample picks a kind and a question, then the clip(s) whose stored
+attributes give the answer balance it needs (the match question and two-clip prompts need that).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from hooked_av.toy import vocab
+from hooked_av.toy.clips import ClipBank
+from hooked_av.toy.tokenizer import SPECIALS
+
+S = SPECIALS
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One question: `kind` (see `vocab.KINDS`), `question` (its name in `vocab`), `clips` (bank
+    indices, in prompt order), `text` (the question's words) and the one-word `answer`."""
+
+    kind: str
+    question: str
+    clips: tuple[int, ...]
+    text: str
+    answer: str
+
+
+@dataclass
+class Batch:
+    """`inputs`: processor-style kwargs for `model(**inputs)`; `answers` `[batch]` answer token ids;
+    `samples`: what each row asks."""
+
+    inputs: dict[str, Tensor]
+    answers: Tensor
+    samples: list[Sample]
+
+    @property
+    def kinds(self) -> list[str]:
+        return [s.kind for s in self.samples]
+
+
+def draw_samples(
+    bank: ClipBank, n: int, seed: int, kinds: tuple[str, ...] = vocab.KINDS, weights: tuple[float, ...] | None = None
+) -> list[Sample]:
+    """`n` questions over `bank`, deterministic in `seed`; the kind is drawn from `kinds` (uniform, or
+    with `weights`), the question uniform within the kind, answers balanced for the match and
+    two-clip questions."""
+    unknown = set(kinds) - set(vocab.KINDS)
+    if unknown:
+        raise ValueError(f"unknown question kind(s) {sorted(unknown)}; choose from {vocab.KINDS}")
+    p = None if weights is None else np.asarray(weights, dtype=float) / np.sum(weights)
+    rng = np.random.default_rng(seed)
+    by_value = {(a, v): np.flatnonzero(vals == v) for a, vals in bank.attrs.items() for v in np.unique(vals)}
+    out = []
+    for _ in range(n):
+        kind = kinds[rng.choice(len(kinds), p=p)]
+        if kind == "two_clip":
+            out.append(_two_clip(rng, bank, by_value))
+            continue
+        name = list(vocab.SINGLE_CLIP[kind])[rng.integers(len(vocab.SINGLE_CLIP[kind]))]
+        text, attr, words = vocab.SINGLE_CLIP[kind][name]
+        if attr == "match":  # only 1 clip in 4 matches by chance; pick the answer first to balance it
+            clip = int(_pick(rng, by_value, attr, rng.integers(2)))
+        else:
+            clip = int(rng.integers(len(bank)))
+        out.append(Sample(kind, name, (clip,), text, words[bank.attrs[attr][clip]]))
+    return out
+
+
+def _pick(rng, by_value, attr: str, value: int) -> int:
+    pool = by_value.get((attr, value))
+    if pool is None or len(pool) == 0:
+        raise ValueError(f"the clip bank has no clip with {attr}={value}; make a larger bank")
+    return int(pool[rng.integers(len(pool))])
+
+
+def _two_clip(rng, bank: ClipBank, by_value) -> Sample:
+    """Two clips that differ in the asked attribute; the question names which one to read."""
+    name = list(vocab.TWO_CLIP)[rng.integers(len(vocab.TWO_CLIP))]
+    template, attr, words = vocab.TWO_CLIP[name]
+    first = int(rng.integers(len(bank)))
+    others = np.flatnonzero(bank.attrs[attr] != bank.attrs[attr][first])
+    clips = (first, int(others[rng.integers(len(others))]))
+    which = int(rng.integers(2))
+    text = template.format(vocab.CLIP_NAMES[1 + which])
+    return Sample("two_clip", name, clips, text, words[bank.attrs[attr][clips[which]]])
+
+
+def media_text(bank: ClipBank) -> str:
+    """One clip's placeholders: its video block, then its audio block (separate blocks, so the model
+    runs with `use_audio_in_video=False`)."""
+    return " ".join(
+        [S["vision_bos"]] + [S["video"]] * bank.video_tokens + [S["vision_eos"]]
+        + [S["audio_bos"]] + [S["audio"]] * bank.audio_tokens + [S["audio_eos"]]
+    )
+
+
+def prompt_text(bank: ClipBank, sample: Sample) -> str:
+    """The chat prompt up to the answer (the model predicts the answer word next)."""
+    media = media_text(bank)
+    if len(sample.clips) == 1:
+        body = media
+    else:
+        clip, *names = vocab.CLIP_NAMES
+        body = " ".join(f"{clip} {name} {media}" for name in names[: len(sample.clips)])
+    return (
+        f"{S['im_start']} system {vocab.SYSTEM} {S['im_end']} "
+        f"{S['im_start']} user {body} {sample.text} {S['im_end']} {S['im_start']} assistant"
+    )
+
+
+def collate(bank: ClipBank, samples: list[Sample], tokenizer) -> Batch:
+    """Left-padded `input_ids` / `attention_mask` `[batch, pos]`, `input_features` `[n_audio, 128,
+    frames]` + `feature_attention_mask`, `pixel_values_videos` `[n_video * rows, 1176]`,
+    `video_grid_thw` `[n_video, 3]`, `video_second_per_grid` `[n_video]` (media in prompt order)."""
+    enc = tokenizer([prompt_text(bank, s) for s in samples], padding=True, return_tensors="pt")
+    if enc["input_ids"].eq(tokenizer.unk_token_id).any():
+        raise ValueError("a toy prompt has a word outside the toy vocabulary; rebuild the tokenizer")
+    clips = torch.tensor([c for s in samples for c in s.clips])
+    features = bank.features[clips]
+    answers = torch.tensor(tokenizer.convert_tokens_to_ids([s.answer for s in samples]))
+    inputs = {
+        "input_ids": enc["input_ids"],
+        "attention_mask": enc["attention_mask"],
+        "input_features": features,
+        "feature_attention_mask": torch.ones(features.shape[0], features.shape[2], dtype=torch.long),
+        "pixel_values_videos": bank.pixels[clips].flatten(0, 1),
+        "video_grid_thw": torch.tensor([bank.grid_thw] * len(clips)),
+        "video_second_per_grid": torch.full((len(clips),), bank.second_per_grid),
+    }
+    return Batch(inputs, answers, list(samples))
