@@ -1,0 +1,151 @@
+"""The shipped toy model: it loads in both implementations, it answers held-out questions, and the
+information flow we planted is there (raw hooks on `blocks.{l}.attn.hook_attn_mask`).
+
+Everything runs on one fixed held-out batch (fresh clip and question seeds, never used in training).
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from hooked_av import HookedQwen2_5Omni, toy
+from hooked_av.toy import vocab
+from hooked_av.toy.clips import log_mel, patchify
+
+HELD_OUT_SEED = 4242  # the training run used clip seeds 0 and 1 and question seeds below 2**31 from seed 0
+N_PER_KIND = 48
+
+
+@pytest.fixture(scope="module")
+def model():
+    return HookedQwen2_5Omni.from_pretrained("toy")
+
+
+@pytest.fixture(scope="module")
+def held_out(model):
+    bank = toy.make_clips(400, seed=HELD_OUT_SEED)
+    samples = [s for k in vocab.KINDS for s in toy.draw_samples(bank, N_PER_KIND, seed=HELD_OUT_SEED + 1, kinds=(k,))]
+    return toy.collate(bank, samples, model.tokenizer)
+
+
+def _media(model, batch, which: str) -> torch.Tensor:
+    """bool `[batch, pos]`: the placeholder positions of `which` ("audio", "video" or "media")."""
+    ids = batch.inputs["input_ids"]
+    wanted = {"audio": [model.ids.audio], "video": [model.ids.video], "media": [model.ids.audio, model.ids.video]}
+    return torch.isin(ids, torch.tensor(wanted[which]))
+
+
+def _block(queries: torch.Tensor, keys: torch.Tensor, layers) -> list:
+    """Hooks that stop every query in `queries` `[batch, pos]` from reading every key in `keys`."""
+    blocked = queries[:, None, :, None] & keys[:, None, None, :]
+
+    def fn(mask, hook):
+        return mask.masked_fill(blocked, torch.finfo(mask.dtype).min)
+
+    return [(f"blocks.{layer}.attn.hook_attn_mask", fn) for layer in layers]
+
+
+def _accuracy(model, batch, hooks=()) -> dict[str, float]:
+    with torch.no_grad():
+        logits = model.run_with_hooks(**batch.inputs, fwd_hooks=list(hooks))
+    hit = (logits[:, -1].argmax(-1) == batch.answers).numpy()
+    kinds = np.array(batch.kinds)
+    return {k: float(hit[kinds == k].mean()) for k in vocab.KINDS}
+
+
+def _chance(batch, kind: str) -> float:
+    return float(np.mean([vocab.chance(s.kind, s.question) for s in batch.samples if s.kind == kind]))
+
+
+@pytest.fixture(scope="module")
+def clean(model, held_out):
+    return _accuracy(model, held_out)
+
+
+def test_shipped_files_load_in_hf_and_ours_with_equal_logits(model):
+    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+    hf = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(str(toy.weights_dir())).eval()
+    batch = toy.make_batch(8, seed=7, tokenizer=model.tokenizer, n_clips=40)  # mixed kinds: padded rows
+    with torch.no_grad():
+        ours = model(**batch.inputs)
+        ref = hf(**batch.inputs, use_audio_in_video=False).logits
+    real = batch.inputs["attention_mask"].bool()
+    assert (ours[real] - ref[real]).abs().max() < 1e-4
+    size_mb = sum(f.stat().st_size for f in toy.weights_dir().glob("*.safetensors")) / 2**20
+    assert size_mb < 20
+
+
+def test_held_out_accuracy_of_every_question_kind_is_at_least_90_percent(clean):
+    assert min(clean.values()) >= 0.9, clean
+
+
+def test_blocking_audio_keys_kills_auditory_answers_only(model, held_out, clean):
+    audio = _media(model, held_out, "audio")
+    acc = _accuracy(model, held_out, _block(~audio, audio, range(model.cfg.n_layers)))
+    assert acc["auditory"] <= _chance(held_out, "auditory") + 0.15, acc
+    assert acc["visual"] >= 0.9, acc
+
+
+def test_blocking_video_keys_kills_visual_answers_only(model, held_out, clean):
+    video = _media(model, held_out, "video")
+    acc = _accuracy(model, held_out, _block(~video, video, range(model.cfg.n_layers)))
+    assert acc["visual"] <= _chance(held_out, "visual") + 0.15, acc
+    assert acc["auditory"] >= 0.9, acc
+
+
+def test_discarding_media_from_the_last_layer_keeps_accuracy(model, held_out):
+    media = _media(model, held_out, "media")
+    acc = _accuracy(model, held_out, _block(~media, media, [model.cfg.n_layers - 1]))
+    assert min(acc.values()) >= 0.9, acc
+
+
+def test_discarding_media_from_layer_0_destroys_accuracy(model, held_out):
+    media = _media(model, held_out, "media")
+    acc = _accuracy(model, held_out, _block(~media, media, range(model.cfg.n_layers)))
+    for kind in vocab.KINDS:
+        assert acc[kind] <= _chance(held_out, kind) + 0.15, (kind, acc)
+
+
+def test_data_generator_is_deterministic_in_its_seed(model):
+    a, b = (toy.make_batch(12, seed=3, tokenizer=model.tokenizer, n_clips=30) for _ in range(2))
+    c = toy.make_batch(12, seed=4, tokenizer=model.tokenizer, n_clips=30)
+    assert a.samples == b.samples and a.samples != c.samples
+    for key in a.inputs:
+        assert torch.equal(a.inputs[key], b.inputs[key]), key
+    assert not torch.equal(a.inputs["input_features"][:2], c.inputs["input_features"][:2])
+
+
+def test_media_tensors_match_the_hf_feature_extractor_and_video_processor():
+    from transformers import Qwen2VLVideoProcessor, WhisperFeatureExtractor
+
+    rng = np.random.default_rng(0)
+    wave = (0.3 * np.sin(2 * np.pi * 440 * np.arange(16000) / 16000) + rng.normal(0, 0.01, 16000)).astype(np.float32)
+    full = WhisperFeatureExtractor(feature_size=128)(wave, sampling_rate=16000, return_tensors="np")["input_features"]
+    assert full.shape[-1] == 3000  # the processor's 30 s padding
+    assert np.abs(log_mel(wave[None]).numpy() - full[:, :, :100]).max() < 1e-5
+
+    frames = rng.integers(0, 256, (2, 56, 56, 3)).astype(np.uint8)
+    ref = Qwen2VLVideoProcessor()(videos=[frames], return_tensors="pt", do_resize=False, cap_pixels_per_frame=False)
+    assert ref["video_grid_thw"].tolist() == [[1, 4, 4]]
+    assert (patchify(frames[None].astype(np.float32))[0] - ref["pixel_values_videos"]).abs().max() < 1e-5
+
+
+def test_tokenizer_round_trip_and_special_ids_agree_with_the_config(model):
+    tok = model.tokenizer
+    bank = toy.make_clips(20, seed=11)
+    batch = toy.collate(bank, toy.draw_samples(bank, 6, seed=12), tok)
+    for row, mask, sample in zip(batch.inputs["input_ids"], batch.inputs["attention_mask"], batch.samples):
+        ids = row[mask.bool()].tolist()
+        text = toy.prompt_text(bank, sample)
+        assert tok.decode(ids) == text
+        assert tok(text)["input_ids"] == ids
+    assert len(tok) == model.cfg.d_vocab == 256
+    assert tok.unk_token_id not in tok(" ".join(vocab.all_words()))["input_ids"]
+    ids, cfg = toy.token_ids(), model.hf_config
+    assert (cfg.audio_token_id, cfg.video_token_id, cfg.image_token_id) == (ids["audio"], ids["video"], ids["image"])
+    assert (cfg.audio_start_token_id, cfg.audio_end_token_id) == (ids["audio_bos"], ids["audio_eos"])
+    assert (cfg.vision_start_token_id, cfg.vision_end_token_id, cfg.user_token_id) == (
+        ids["vision_bos"], ids["vision_eos"], ids["user"]
+    )
+    assert tok.convert_tokens_to_ids("<|AUDIO|>") == ids["audio"]
