@@ -43,24 +43,31 @@ def run_demo(out_dir: str | Path = "runs/demo", n_eval: int = 200, n_flow: int =
     acc = accuracy_by_kind(model, batch)
     print("held-out accuracy per question kind:\n" + acc.to_string(index=False))
 
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=4, desc="knockout auditory/visual, discarding, attention mass")
     runs = []
     for i, kind in enumerate(("auditory", "visual")):
         b = toy.make_batch(n_flow, seed=seed + 1 + i, tokenizer=tok, kinds=(kind,))
         res = knockout(model, b.inputs, b.answers.tolist(), edges=DEFAULT_EDGES, window=window,
-                       tm=model.token_map(b.inputs), progress=True)
+                       tm=model.token_map(b.inputs), progress=False)
+        bar.update()
         runs.append(res.df.assign(kind=kind))
     ko_df = pd.concat(runs, ignore_index=True)
     summary = ko_df[ko_df.correct].groupby(["kind", "edge"]).rel_change.min().unstack("kind").round(1)
     print("knockout: largest drop of p(answer) in %, over window centres (correct samples):\n" + summary.to_string())
 
     d = toy.make_batch(max(4, n_flow // 2), seed=seed + 3, tokenizer=tok)
-    disc = discarding(model, d.inputs, d.answers.tolist(), group="audio|video", repeats=1, progress=True)
+    disc = discarding(model, d.inputs, d.answers.tolist(), group="audio|video", repeats=1, progress=False)
+    bar.update()
     curve = disc.df.groupby("from_layer").agg(accuracy=("correct", "mean"), flops_saved=("flops_saved", "mean")).reset_index()
     print("discarding audio+video from layer L:\n" + curve.round(3).to_string(index=False))
 
     one = toy.make_batch(1, seed=seed + 4, tokenizer=tok, kinds=("two_clip",))
     flow_batch = toy.make_batch(n_flow, seed=seed + 5, tokenizer=tok)
     mass = group_attention_mass(model, flow_batch.inputs, model.token_map(flow_batch.inputs))
+    bar.update()
+    bar.close()
 
     report = Report("hooked_av demo: information flow in the toy audio-visual model")
     report.text(f"{model.cfg.n_layers}-layer Qwen2.5-Omni Thinker architecture trained on a synthetic task; "

@@ -84,11 +84,11 @@ def plot_attention_mass(df, layers: Sequence[int] | None = None, ncols: int = 4)
     for ax, layer in zip(axes.flat, layers):
         sub = df[df.layer == layer].groupby(["dst", "src"]).mass.mean().unstack().reindex(index=order, columns=order)
         ax.axis("on")
-        ax.imshow(sub.values, vmin=0, vmax=1, cmap="viridis")
+        image = ax.imshow(sub.values, vmin=0, vmax=1, cmap="viridis")
         ax.set_xticks(range(len(order)), order, rotation=90, fontsize=7)
         ax.set_yticks(range(len(order)), order, fontsize=7)
         ax.set_title(f"layer {layer}", fontsize=9)
+    fig.colorbar(image, ax=list(axes.flat), shrink=0.8, label="mean attention mass")
     fig.supxlabel("attended group (key)")
     fig.supylabel("attending group (query)")
-    fig.tight_layout()
     return fig

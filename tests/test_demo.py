@@ -1,0 +1,24 @@
+"""The main job on the shipped toy model: `hooked-av demo` writes its report and the numbers in it
+show the structure the toy was built with."""
+
+import pandas as pd
+
+from patching.cli import main
+
+
+def test_demo_writes_a_report_whose_knockouts_show_the_audio_and_video_routes(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--samples", "60", "--flow-samples", "6"]) == 0
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 4 and "two_clip" in html
+    ko = pd.read_csv(out / "knockout.csv")
+    ko = ko[ko.correct]
+    worst = ko.groupby(["kind", "edge"]).rel_change.min()
+    # auditory answers need audio -> last; visual answers need video -> last; neither needs the other
+    assert worst["auditory", "audio->last"] < -50 and worst["visual", "video->last"] < -50
+    assert worst["auditory", "video->last"] > -20 and worst["visual", "audio->last"] > -20
+    disc = pd.read_csv(out / "discarding.csv")
+    by_layer = disc.groupby("from_layer").correct.mean()
+    assert by_layer.index.tolist() == [0, 1, 2, 3, 4]
+    assert by_layer[4] == by_layer[3] == 1.0 and by_layer[0] < 0.8
+    assert "report:" in capsys.readouterr().out
