@@ -57,7 +57,7 @@ def run_demo(out_dir: str | Path = "runs/demo", n_eval: int = 200, n_flow: int =
     summary = ko_df[ko_df.correct].groupby(["kind", "edge"]).rel_change.min().unstack("kind").round(1)
     print("knockout: largest drop of p(answer) in %, over window centres (correct samples):\n" + summary.to_string())
 
-    d = toy.make_batch(max(4, n_flow // 2), seed=seed + 3, tokenizer=tok)
+    d = toy.make_batch(max(16, n_flow), seed=seed + 3, tokenizer=tok)
     disc = discarding(model, d.inputs, d.answers.tolist(), group="audio|video", repeats=1, progress=False)
     bar.update()
     curve = disc.df.groupby("from_layer").agg(accuracy=("correct", "mean"), flops_saved=("flops_saved", "mean")).reset_index()

@@ -6,7 +6,10 @@ and the synthetic task it was trained on.
     batch = hooked_av.toy.collate(bank, hooked_av.toy.draw_samples(bank, 64, seed=7), model.tokenizer)
     acc = (model(**batch.inputs)[:, -1].argmax(-1) == batch.answers).float().mean()
 
-Retrain with `python -m hooked_av.toy.train` (CPU, about 15-20 minutes); it writes `weights_dir()`.
+Retrain with `python -m hooked_av.toy.train` (CPU). The shipped weights took three stages (2200 steps
+at lr 2e-3, then `--resume` 1500 steps at 1e-3 and 1500 at 5e-4; 25 minutes on one shared core);
+`weights/train_report.json` records every stage and the held-out accuracy (1.00 on every kind,
+2000 samples).
 """
 
 from __future__ import annotations
