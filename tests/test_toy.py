@@ -76,8 +76,8 @@ def test_shipped_files_load_in_hf_and_ours_with_equal_logits(model):
     assert size_mb < 20
 
 
-def test_held_out_accuracy_of_every_question_kind_is_at_least_90_percent(clean):
-    assert min(clean.values()) >= 0.9, clean
+def test_held_out_accuracy_of_every_question_kind_is_at_least_95_percent(clean):
+    assert min(clean.values()) >= 0.95, clean
 
 
 def test_blocking_audio_keys_kills_auditory_answers_only(model, held_out, clean):
