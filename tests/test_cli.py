@@ -41,3 +41,18 @@ def test_flow_refuses_an_unknown_family_and_an_empty_question(folder, tmp_path):
     (other / "config.json").write_text('{"model_type": "bert"}')
     with pytest.raises(ValueError, match="neither Qwen2.5-Omni nor video-SALMONN"):
         main(["flow", "--model", str(other), "--question", "What?", "--answer", "dog"])
+
+
+def test_flow_picks_video_salmonn_from_its_config(tmp_path):
+    import salmonn_helpers as H
+    from test_salmonn_inputs import salmonn_tokenizer
+
+    folder = H.Reference(seed=0).save(tmp_path / "salmonn")
+    salmonn_tokenizer().save_pretrained(folder)
+    clip = write_mp4(tmp_path / "clip.mp4", seconds=2.0, fps=10)
+    out = tmp_path / "out"
+    assert main(["flow", "--model", str(folder), "--video", str(clip), "--question", "What makes the sound?",
+                 "--answer", "dog", "--window", "1", "--out", str(out)]) == 0
+    df = pd.read_csv(out / "knockout.csv")
+    assert len(df.edge.unique()) == 6 and df.layer.nunique() == H.Reference(seed=0).salmonn_config()["num_hidden_layers"]
+    assert "position_mode=inference" in (out / "report.html").read_text()
