@@ -2,7 +2,8 @@
 
 Corrupt a token group's input embeddings (`hook_embed`) with Gaussian noise of `noise_scale` x the
 std of those embeddings (ROME: 3x, `n_noise` = 10 draws), or zero them (`mode="zero"`), or pass a
-corrupted input outright (`corrupted=`, e.g. with a modality's frames zeroed; same layout). Then
+corrupted input outright (`corrupted=`, e.g. `patching.corrupt.zero_modality(inputs, "video")`: black
+frames or silence at the media level, same layout). Then
 restore the clean state of a token set at one site — the residual (`resid`, `hook_resid_pre`) or the
 attention input (`attn_in`, `ln1.hook_normalized`: only what attention reads changes, as the hub
 paper did) — at every layer of a window centred on each layer (or all layers at once, `window=None`).
