@@ -44,6 +44,13 @@ class Result:
         if ax is None:
             _, ax = plt.subplots(figsize=kwargs.pop("figsize", (7, 4)))
         value = _DEFAULT_VALUE.get(self.kind, "value")
+        if self.kind == "sinks":  # one point per sink: position against MDS, by modality
+            for (m, cross), part in self.df.groupby(["modality", "cross_modal"]):
+                ax.scatter(part["pos"], part["mds"], s=14, label=f"{m} {'cross-modal' if cross else 'unimodal'}")
+            ax.axhline(0, color="grey", lw=0.5)
+            ax.set(xlabel="position", ylabel="MDS (video - audio) / (video + audio)", title="sinks")
+            ax.legend(fontsize="small")
+            return ax
         if self.kind in ("activation_patching", "attribution") and "pos" in self.df.columns and self.df["pos"].nunique() > 1:
             site = self.df["site"].iloc[0]
             grid = self.df[self.df["site"] == site].pivot_table(index="layer", columns="pos", values=value)
@@ -89,10 +96,11 @@ _DEFAULT_BY = {
     "knockout": ["edge", "layer"], "causal_tracing": ["site", "tokens", "layer"],
     "logit_lens": ["group", "layer"], "discarding": ["from_layer"],
     "activation_patching": ["site", "layer", "pos"], "attribution": ["site", "layer", "pos"],
+    "sinks": ["modality", "cross_modal"],
 }
 _DEFAULT_VALUE = {
     "knockout": "rel_change", "causal_tracing": "indirect_effect", "logit_lens": "prob", "discarding": "metric",
-    "activation_patching": "normalised", "attribution": "attribution",
+    "activation_patching": "normalised", "attribution": "attribution", "sinks": "mds",
 }
 _SERIES = {"knockout": "edge", "causal_tracing": "site", "logit_lens": "group", "activation_patching": "site", "attribution": "site"}
 _YLABEL = {

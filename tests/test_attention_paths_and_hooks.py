@@ -185,3 +185,11 @@ def test_towers_run_one_row_per_frame_and_per_chunk_with_window_structure(pair):
     assert cache["audio_encoder.blocks.0.hook_resid_pre"].shape == (3, 10, 32)
     assert pattern[2, :, :, 3:].abs().max() == 0  # padding keys of the short chunk
     assert pattern[:2].min() > 0
+
+
+def test_audio_in_video_layout_with_the_wrong_flag_is_a_clear_error(pair):
+    _, model = pair
+    inputs, av = GEOMETRIES["audio_in_video"]
+    assert av
+    with pytest.raises(ValueError, match="do not follow the layout for use_audio_in_video=False"):
+        model(**inputs, use_audio_in_video=False)

@@ -152,6 +152,12 @@ def omni_position_ids(
         if st < len(toks):
             parts.append(_count_up(len(toks) - st, nxt))
         pos = torch.cat(parts, dim=1) if parts else torch.zeros(3, 0, dtype=torch.long)
+        if pos.shape[1] != len(toks):
+            raise ValueError(
+                f"row {row}: the media placeholders do not follow the layout for use_audio_in_video="
+                f"{use_audio_in_video} ({pos.shape[1]} positions laid out for {len(toks)} tokens); pass the "
+                "use_audio_in_video the prompt was built with (model.prepare returns it with the inputs)"
+            )
         out[:, row, keep] = pos
         deltas.append(int(pos.max()) + 1 - len(toks) if pos.numel() else 0)
     return out.to(input_ids.device), torch.tensor(deltas, device=input_ids.device).unsqueeze(1)
