@@ -42,6 +42,30 @@ class HookedAVConfig:
     device: str | None = None
     towers: dict[str, dict[str, Any]] = field(default_factory=dict)
 
+    @classmethod
+    def from_qwen2_text(cls, text, model_name: str, original_architecture: str, tie_word_embeddings: bool,
+                        towers: dict[str, dict[str, Any]]) -> "HookedAVConfig":
+        """From a HF Qwen2-style text config (Qwen2.5-Omni's and Qwen2.5-VL's decoders)."""
+        rope = dict(getattr(text, "rope_parameters", None) or {})
+        n_heads = text.num_attention_heads
+        return cls(
+            model_name=model_name,
+            n_layers=text.num_hidden_layers,
+            d_model=text.hidden_size,
+            n_heads=n_heads,
+            n_key_value_heads=text.num_key_value_heads or n_heads,
+            d_head=getattr(text, "head_dim", None) or text.hidden_size // n_heads,
+            d_mlp=text.intermediate_size,
+            d_vocab=text.vocab_size,
+            act_fn=text.hidden_act,
+            eps=text.rms_norm_eps,
+            rope_theta=float(rope.get("rope_theta", 1e6)),
+            mrope_section=tuple(rope.get("mrope_section", (16, 24, 24))),
+            original_architecture=original_architecture,
+            tie_word_embeddings=bool(tie_word_embeddings),
+            towers=towers,
+        )
+
     @property
     def d_vocab_out(self) -> int:
         return self.d_vocab

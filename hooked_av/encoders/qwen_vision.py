@@ -48,6 +48,17 @@ class Merger(nn.Module):
         return self.mlp(self.ln_q(x).view(-1, self.d_in))
 
 
+def vision_tower_settings(v) -> dict:
+    """`QwenVisionEncoder` arguments (plus `act_fn`) from a HF Qwen2.5-VL / Omni vision config."""
+    return dict(
+        d_model=v.hidden_size, n_layers=v.depth, n_heads=v.num_heads, d_mlp=v.intermediate_size,
+        out_dim=v.out_hidden_size, patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size,
+        in_channels=v.in_channels, spatial_merge_size=v.spatial_merge_size, window_size=v.window_size,
+        fullatt_block_indexes=tuple(v.fullatt_block_indexes), act_fn=v.hidden_act,
+        rope_theta=float((getattr(v, "rope_parameters", None) or {}).get("rope_theta", 10000.0)),
+    )
+
+
 class QwenVisionEncoder(nn.Module):
     """Input: `pixel_values` `[n_patches, C * T * P * P]` and `grid_thw` `[n_items, 3]` (patch grid
     per image/video). Output: `[n_patches / merge**2, out_dim]` in the same order.

@@ -154,7 +154,7 @@ def prepare_omni(
         raise ValueError(f"with a list of Prompt, put {sorted(prompt_kwargs)} inside each Prompt")
     av_mode = resolve_audio_in_video(prompts, use_audio_in_video)
     tok = token_strings(parts.tokenizer, ids)
-    texts, images, videos, audios, av_flags = [], [], [], [], []
+    texts, images, videos, audios = [], [], [], []
     for p in prompts:
         texts.append(render_chat(messages_for(p, av_mode), tok))
         for it in p.all_items():  # media in order of appearance: image, video (+ its audio), audio

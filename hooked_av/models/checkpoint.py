@@ -133,3 +133,12 @@ def build_and_load(make: Callable[[], nn.Module], tensors, convert, source: str,
     if tied:
         model.unembed.weight = model.embed.weight
     return model.to(device or "cpu").eval()
+
+
+def load_tokenizer(folder: Path):
+    """The tokenizer saved in a checkpoint folder, or None when there is none (never remote code)."""
+    if not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)

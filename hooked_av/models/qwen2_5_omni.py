@@ -90,7 +90,7 @@ class HookedQwen2_5Omni(MRoPELanguageModel, HookedAVModel):
         config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
         tensors = checkpoint.iter_tensors(checkpoint.weight_files(folder))
         model = checkpoint.build_and_load(lambda: cls(config), tensors, convert_key, str(folder), dtype, device)
-        model.tokenizer = _maybe_tokenizer(folder)
+        model.tokenizer = checkpoint.load_tokenizer(folder)
         return model
 
     @classmethod
@@ -246,11 +246,3 @@ class HookedQwen2_5Omni(MRoPELanguageModel, HookedAVModel):
             enc = self.encode(input_ids, attention_mask, use_audio_in_video=use_audio_in_video, **media)
             inputs_embeds, position_ids, rope_deltas = enc["inputs_embeds"], enc["position_ids"], enc["rope_deltas"]
         return self.greedy_decode(inputs_embeds, position_ids, attention_mask, rope_deltas, max_new_tokens, eos_token_id)
-
-
-def _maybe_tokenizer(folder):
-    if not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)

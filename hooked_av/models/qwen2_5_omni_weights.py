@@ -13,6 +13,7 @@ import re
 from torch import Tensor
 
 from hooked_av.core.config import HookedAVConfig
+from hooked_av.encoders.qwen_vision import vision_tower_settings
 
 # (checkpoint name after the layout prefix) -> our name; applied in order, first match wins
 TEXT_KEYS = [
@@ -110,36 +111,16 @@ def lm_config(tc, name: str = "qwen2_5_omni") -> HookedAVConfig:
     text = tc.text_config
     if getattr(text, "use_sliding_window", False):
         raise NotImplementedError("sliding-window attention is not implemented; the released Omni configs do not use it")
-    rope = dict(text.rope_parameters or {})
-    n_heads = text.num_attention_heads
     a, v = tc.audio_config, tc.vision_config
-    return HookedAVConfig(
-        model_name=name,
-        n_layers=text.num_hidden_layers,
-        d_model=text.hidden_size,
-        n_heads=n_heads,
-        n_key_value_heads=text.num_key_value_heads or n_heads,
-        d_head=getattr(text, "head_dim", None) or text.hidden_size // n_heads,
-        d_mlp=text.intermediate_size,
-        d_vocab=text.vocab_size,
-        act_fn=text.hidden_act,
-        eps=text.rms_norm_eps,
-        rope_theta=float(rope.get("rope_theta", 1e6)),
-        mrope_section=tuple(rope.get("mrope_section", (16, 24, 24))),
-        original_architecture="Qwen2_5OmniThinkerForConditionalGeneration",
-        tie_word_embeddings=bool(getattr(tc, "tie_word_embeddings", False)),  # HF ties on the Thinker config
+    # HF ties the unembedding on the Thinker's own tie_word_embeddings, not the text config's
+    return HookedAVConfig.from_qwen2_text(
+        text, name, "Qwen2_5OmniThinkerForConditionalGeneration", bool(getattr(tc, "tie_word_embeddings", False)),
         towers={
             "audio_encoder": dict(
                 d_model=a.d_model, n_layers=a.encoder_layers, n_heads=a.encoder_attention_heads,
                 d_mlp=a.encoder_ffn_dim, num_mel_bins=a.num_mel_bins, n_window=a.n_window,
                 output_dim=a.output_dim, act_fn=a.activation_function,
             ),
-            "vision_encoder": dict(
-                d_model=v.hidden_size, n_layers=v.depth, n_heads=v.num_heads, d_mlp=v.intermediate_size,
-                out_dim=v.out_hidden_size, patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size,
-                in_channels=v.in_channels, spatial_merge_size=v.spatial_merge_size, window_size=v.window_size,
-                fullatt_block_indexes=tuple(v.fullatt_block_indexes), act_fn=v.hidden_act,
-                rope_theta=float((getattr(v, "rope_parameters", None) or {}).get("rope_theta", 10000.0)),
-            ),
+            "vision_encoder": vision_tower_settings(v),
         },
     )

@@ -19,6 +19,7 @@ from typing import Any
 from torch import Tensor
 
 from hooked_av.core.config import HookedAVConfig
+from hooked_av.encoders.qwen_vision import vision_tower_settings
 from hooked_av.models.qwen2_5_omni_weights import TEXT_KEYS, convert_vision_key
 
 WHISPER_KEYS = [
@@ -131,24 +132,9 @@ def lm_config(vl, audio: dict, qformer: dict) -> HookedAVConfig:
     text, v = vl.text_config, vl.vision_config
     if getattr(text, "use_sliding_window", False):
         raise NotImplementedError("sliding-window attention is not implemented; the released configs do not use it")
-    rope = dict(getattr(text, "rope_parameters", None) or {})
-    n_heads = text.num_attention_heads
     frames_per_second = audio["max_source_positions"] / 30.0  # Whisper frames in a 30 s chunk
-    return HookedAVConfig(
-        model_name="video_salmonn2",
-        n_layers=text.num_hidden_layers,
-        d_model=text.hidden_size,
-        n_heads=n_heads,
-        n_key_value_heads=text.num_key_value_heads or n_heads,
-        d_head=getattr(text, "head_dim", None) or text.hidden_size // n_heads,
-        d_mlp=text.intermediate_size,
-        d_vocab=text.vocab_size,
-        act_fn=text.hidden_act,
-        eps=text.rms_norm_eps,
-        rope_theta=float(rope.get("rope_theta", 1e6)),
-        mrope_section=tuple(rope.get("mrope_section", (16, 24, 24))),
-        original_architecture="video_SALMONN2_plus",
-        tie_word_embeddings=bool(vl.tie_word_embeddings),
+    return HookedAVConfig.from_qwen2_text(
+        text, "video_salmonn2", "video_SALMONN2_plus", bool(vl.tie_word_embeddings),
         towers={
             "audio_encoder": dict(
                 num_mel_bins=audio["num_mel_bins"], d_model=audio["d_model"], n_layers=audio["encoder_layers"],
@@ -164,12 +150,6 @@ def lm_config(vl, audio: dict, qformer: dict) -> HookedAVConfig:
                 n_query=qformer["query_length"], cross_attention_freq=qformer["cross_attention_freq"],
                 act_fn=qformer["hidden_act"], eps=qformer["layer_norm_eps"],
             ),
-            "vision_encoder": dict(
-                d_model=v.hidden_size, n_layers=v.depth, n_heads=v.num_heads, d_mlp=v.intermediate_size,
-                out_dim=v.out_hidden_size, patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size,
-                in_channels=v.in_channels, spatial_merge_size=v.spatial_merge_size, window_size=v.window_size,
-                fullatt_block_indexes=tuple(v.fullatt_block_indexes), act_fn=v.hidden_act,
-                rope_theta=float((getattr(v, "rope_parameters", None) or {}).get("rope_theta", 10000.0)),
-            ),
+            "vision_encoder": vision_tower_settings(v),
         },
     )
