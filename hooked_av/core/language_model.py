@@ -52,6 +52,24 @@ class MRoPELanguageModel:
         pos = attention_mask.long().cumsum(-1) - 1
         return pos.masked_fill(attention_mask == 0, 1).unsqueeze(0).expand(3, -1, -1)
 
+    def route_forward(self, input_ids, attention_mask, inputs_embeds, position_ids, return_type,
+                      media: dict, media_args: tuple[str, ...], **encode_kwargs):
+        """The body of a family's `forward`: encode `input_ids` + `media` (with `encode_kwargs`) or
+        take already merged `inputs_embeds`, then run the language model."""
+        unknown = set(media) - set(media_args)
+        if unknown:
+            raise TypeError(f"unexpected argument(s) {sorted(unknown)}; accepted media inputs: {list(media_args)}")
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("pass input_ids (with media inputs) or inputs_embeds and position_ids from model.encode")
+            enc = self.encode(input_ids, attention_mask, **encode_kwargs, **media)
+            inputs_embeds, position_ids = enc["inputs_embeds"], enc["position_ids"]
+        elif any(media.get(k) is not None for k in media_args):
+            raise ValueError("pass either media inputs or inputs_embeds (already merged), not both")
+        elif position_ids is None:
+            position_ids = self.text_positions(inputs_embeds, attention_mask)
+        return self.run_language_model(inputs_embeds, position_ids, attention_mask, return_type=return_type)
+
     def run_language_model(
         self,
         inputs_embeds: Tensor,

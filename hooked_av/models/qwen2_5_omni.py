@@ -191,19 +191,9 @@ class HookedQwen2_5Omni(MRoPELanguageModel, HookedAVModel):
     ) -> Tensor:
         """Logits `[batch, pos, vocab]` from processor outputs, or from `encode`'s outputs.
         `return_type`: "logits", "resid" (after `ln_final`) or None."""
-        unknown = set(media) - set(MEDIA_ARGS)
-        if unknown:
-            raise TypeError(f"unexpected argument(s) {sorted(unknown)}; accepted media inputs: {list(MEDIA_ARGS)}")
-        if inputs_embeds is None:
-            if input_ids is None:
-                raise ValueError("pass input_ids (with media inputs) or inputs_embeds and position_ids from model.encode")
-            enc = self.encode(input_ids, attention_mask, use_audio_in_video=use_audio_in_video, **media)
-            inputs_embeds, position_ids = enc["inputs_embeds"], enc["position_ids"]
-        elif any(media.get(k) is not None for k in MEDIA_ARGS):
-            raise ValueError("pass either media inputs or inputs_embeds (already merged), not both")
-        elif position_ids is None:
-            position_ids = self.text_positions(inputs_embeds, attention_mask)
-        return self.run_language_model(inputs_embeds, position_ids, attention_mask, return_type=return_type)
+        return self.route_forward(
+            input_ids, attention_mask, inputs_embeds, position_ids, return_type, media, MEDIA_ARGS, use_audio_in_video=use_audio_in_video
+        )
 
     # ---- inputs from media and the TokenMap (hooked_av/inputs) --------------------------------
     def prepare(self, prompts, *, use_audio_in_video: bool | None = None, parts=None, tokenizer=None, **prompt_kwargs) -> dict:
