@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import tempfile
 import time
 from pathlib import Path
 
@@ -178,16 +179,36 @@ def _plant_hook(plant: dict):
     return hook
 
 
+DEFAULT_SCHEDULE = "2200:2e-3,1500:1e-3,1500:5e-4"  # the shipped weights' stages
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=2200)
+    p.add_argument("--schedule", default=DEFAULT_SCHEDULE,
+                   help="comma-separated STEPS:LR stages, each continuing the previous one (fresh warm-up and cosine)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "weights")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--resume", type=Path, default=None, help="continue training a saved model")
+    p.add_argument("--resume", type=Path, default=None, help="start the first stage from a saved model")
     a = p.parse_args(argv)
-    train(a.steps, a.out, seed=a.seed, lr=a.lr, threads=a.threads, resume=a.resume)
+    try:
+        stages = [(int(steps), float(lr)) for steps, lr in (part.split(":") for part in a.schedule.split(","))]
+    except ValueError:
+        raise SystemExit(f"--schedule must look like {DEFAULT_SCHEDULE!r}, got {a.schedule!r}") from None
+    reports, previous = [], a.resume
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (steps, lr) in enumerate(stages):
+            out = a.out if i == len(stages) - 1 else Path(tmp) / f"stage{i}"
+            reports.append(train(steps, out, seed=a.seed, lr=lr, threads=a.threads, resume=previous))
+            previous = out
+    report = {
+        "schedule": a.schedule, "seed": a.seed, "threads": a.threads,
+        "steps": sum(r["steps"] for r in reports), "minutes": round(sum(r["minutes"] for r in reports), 2),
+        "held_out_samples": reports[-1]["held_out_samples"], "held_out_accuracy": reports[-1]["held_out_accuracy"],
+        "stages": reports,
+    }
+    (a.out / "train_report.json").write_text(json.dumps(report, indent=1) + "\n")
+    print(json.dumps({"held_out_accuracy": report["held_out_accuracy"], "minutes": report["minutes"]}), flush=True)
 
 
 if __name__ == "__main__":
