@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from hooked_av.inputs.chat import ChatTokens, text_groups
-from hooked_av.inputs.token_map import TokenMap, TokenMapBuilder
+from hooked_av.inputs.token_map import TokenMap, TokenMapBuilder, media_runs
 from hooked_av.models.qwen2_5_omni_positions import OmniTokenIds, video_temporal_ids
 
 AUDIO_SECONDS_PER_TOKEN = 0.04  # the audio tower emits 25 tokens per second
@@ -89,15 +89,7 @@ def omni_token_map(
             if t in specials:
                 out.set(row, p, "template")
         per_row = {"audio": 0, "video": 0, "image": 0}
-        i = 0
-        while i < len(toks):
-            if toks[i] not in media:
-                i += 1
-                continue
-            j = i
-            while j < len(toks) and toks[j] in media:
-                j += 1
-            block = [media[t] for t in toks[i:j]]
+        for i, j, block in media_runs(toks, media):
             kinds = set(block)
             if "image" in kinds and len(kinds) > 1:
                 raise ValueError(f"row {row}: image placeholders at positions {pos[i]}..{pos[j-1]} are mixed with other media")
@@ -111,7 +103,6 @@ def omni_token_map(
                            chunk_of.get(kind))
                 per_row[kind] += 1
                 used[kind] += 1
-            i = j
         if pos:
             out.set(row, pos[-1], "last")
     for kind, n in used.items():

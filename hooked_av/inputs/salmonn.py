@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from hooked_av.inputs.chat import ChatTokens, text_groups
-from hooked_av.inputs.token_map import TokenMap, TokenMapBuilder
+from hooked_av.inputs.token_map import TokenMap, TokenMapBuilder, media_runs
 
 AUDIO_SECONDS_PER_TOKEN = 0.5  # the window Q-Former emits one token per 25 Whisper frames
 
@@ -68,15 +68,7 @@ def salmonn_token_map(
         for p, t, g in zip(pos, toks, text_groups(toks, chat)):
             out.set(row, p, "template" if t in (ids.vision_start, ids.vision_end) else g)
         per_row = {"audio": 0, "video": 0, "image": 0}
-        i = 0
-        while i < len(toks):
-            if toks[i] not in media:
-                i += 1
-                continue
-            j = i
-            while j < len(toks) and toks[j] in media:
-                j += 1
-            block = [media[t] for t in toks[i:j]]
+        for i, j, block in media_runs(toks, media):
             kinds = set(block)
             grid = None
             for kind in ("video", "image"):
@@ -107,7 +99,6 @@ def salmonn_token_map(
                 used[grid[0]] += 1
             for kind in kinds:
                 per_row[kind] += 1
-            i = j
         if pos:
             out.set(row, pos[-1], "last")
     return out.build(position_mode)

@@ -275,6 +275,21 @@ class TokenMap:
         return f"TokenMap(batch={self.batch}, pos={self.seq_len}{mode}; {counts})"
 
 
+def media_runs(toks: list[int], media: dict[int, str]):
+    """Maximal runs of consecutive media placeholders in a row's ids: `(start, end, kinds)` with
+    `kinds` the media name of every token in `toks[start:end]` (`media` maps id -> name)."""
+    i = 0
+    while i < len(toks):
+        if toks[i] not in media:
+            i += 1
+            continue
+        j = i
+        while j < len(toks) and toks[j] in media:
+            j += 1
+        yield i, j, [media[t] for t in toks[i:j]]
+        i = j
+
+
 class TokenMapBuilder:
     """Fills a TokenMap row by row; the model-specific builders call `set` on position ranges."""
 
