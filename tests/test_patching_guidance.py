@@ -1,0 +1,35 @@
+"""Guided decoding: the formula, scale 0 = plain greedy decoding, per-row scales, and a guide that
+blocks the audio changes auditory answers of the toy model."""
+
+import torch
+
+from hooked_av import toy
+from hooked_av.models.qwen2_5_omni import HookedQwen2_5Omni
+from patching.guidance import guided_generate, guided_logits
+from patching.hooks import block_attention
+
+
+def test_guided_logits_interpolate_log_probabilities():
+    a, b = torch.randn(2, 7), torch.randn(2, 7)
+    half = guided_logits(a, b, 0.5)
+    assert torch.allclose(half, (a.log_softmax(-1) + b.log_softmax(-1)) / 2, atol=1e-6)
+    per_row = guided_logits(a, b, torch.tensor([0.0, 1.0]))
+    assert torch.allclose(per_row[0], a[0].log_softmax(-1)) and torch.allclose(per_row[1], b[1].log_softmax(-1), atol=1e-6)
+
+
+def test_guided_generation_on_the_toy_model():
+    model = HookedQwen2_5Omni.from_pretrained("toy")
+    batch = toy.make_batch(6, seed=31, tokenizer=model.tokenizer, kinds=("auditory",))
+
+    def no_audio(tm):
+        return block_attention(tm, "audio", tm.select("all") - tm.select("audio"), range(model.cfg.n_layers))
+
+    plain = guided_generate(model, batch.inputs, no_audio, scale=0.0, max_new_tokens=2)
+    with torch.no_grad():
+        reference = model.generate(**batch.inputs, max_new_tokens=2)
+    assert torch.equal(plain, reference)
+    assert (plain[:, 0] == batch.answers).float().mean() >= 0.95
+    guided = guided_generate(model, batch.inputs, no_audio, scale=1.0, max_new_tokens=1)
+    assert (guided[:, 0] == batch.answers).float().mean() <= 0.6
+    mixed = guided_generate(model, batch.inputs, no_audio, scale=torch.tensor([0.0, 1.0] * 3), max_new_tokens=1)
+    assert torch.equal(mixed[0::2], plain[0::2, :1]) and torch.equal(mixed[1::2], guided[1::2])
