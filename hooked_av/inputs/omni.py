@@ -139,6 +139,18 @@ def resolve_audio_in_video(prompts: list[Prompt], use_audio_in_video: bool | Non
     return False
 
 
+def as_prompts(prompts, prompt_kwargs: dict) -> list:
+    """A question string (with `Prompt` fields in `prompt_kwargs`), one `Prompt` or a list of them
+    -> a list of `Prompt`."""
+    if isinstance(prompts, Prompt):
+        return [prompts]
+    if not isinstance(prompts, (list, tuple)):
+        return [Prompt(prompts, **prompt_kwargs)]
+    if prompt_kwargs:
+        raise ValueError(f"with a list of Prompt, put {sorted(prompt_kwargs)} inside each Prompt")
+    return list(prompts)
+
+
 def prepare_omni(
     parts: OmniParts, ids: OmniTokenIds, prompts, use_audio_in_video: bool | None = None, return_text: bool = False, **prompt_kwargs
 ) -> dict:
@@ -146,12 +158,7 @@ def prepare_omni(
     list of `Prompt`), left-padded: input_ids/attention_mask `[batch, pos]`, input_features
     `[n_audio, mels, frames]` + feature_attention_mask, pixel_values(_videos) `[n_patches, 1176]` +
     grid_thw, video_second_per_grid (seconds per temporal grid step), and `use_audio_in_video`."""
-    if isinstance(prompts, Prompt):
-        prompts = [prompts]
-    elif not isinstance(prompts, (list, tuple)):
-        prompts = [Prompt(prompts, **prompt_kwargs)]
-    elif prompt_kwargs:
-        raise ValueError(f"with a list of Prompt, put {sorted(prompt_kwargs)} inside each Prompt")
+    prompts = as_prompts(prompts, prompt_kwargs)
     av_mode = resolve_audio_in_video(prompts, use_audio_in_video)
     tok = token_strings(parts.tokenizer, ids)
     texts, images, videos, audios = [], [], [], []

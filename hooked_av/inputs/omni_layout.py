@@ -13,20 +13,9 @@ from torch import Tensor
 
 from hooked_av.inputs.chat import ChatTokens, text_groups
 from hooked_av.inputs.token_map import TokenMap, TokenMapBuilder, media_runs
-from hooked_av.models.qwen2_5_omni_positions import OmniTokenIds, video_temporal_ids
+from hooked_av.models.qwen2_5_omni_positions import OmniTokenIds, chunk_bounds, video_temporal_ids
 
 AUDIO_SECONDS_PER_TOKEN = 0.04  # the audio tower emits 25 tokens per second
-
-
-def _chunk_bounds(values: np.ndarray, per_chunk: int) -> list[tuple[int, int]]:
-    # the processor's get_chunked_index: one boundary per token at most, on float temporal indices
-    bounds, start, k = [], 0, 1
-    for i, v in enumerate(values):
-        if v >= k * per_chunk:
-            bounds.append((start, i))
-            start, k = i, k + 1
-    bounds.append((start, len(values)))
-    return bounds
 
 
 def av_chunk_runs(
@@ -38,7 +27,9 @@ def av_chunk_runs(
     per_frame = (h // merge) * (w // merge)
     v_idx = np.repeat(np.arange(t) * float(second_per_grid) * per_second, per_frame)
     per_chunk = int(per_second * seconds_per_chunk)
-    v_chunks, a_chunks = _chunk_bounds(v_idx, per_chunk), _chunk_bounds(np.arange(n_audio), per_chunk)
+    # the processor chunks float temporal ids; chunk_bounds is HF's get_chunked_index rule
+    v_chunks = chunk_bounds(torch.from_numpy(v_idx), per_chunk, 0)
+    a_chunks = chunk_bounds(torch.arange(n_audio), per_chunk, 0)
     runs = []
     for j in range(max(len(v_chunks), len(a_chunks))):
         if j < len(v_chunks):

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from hooked_av.inputs.media import SAMPLE_RATE, Audio, Video, _decode_audio, _open, check_frames, load_audio, load_image
-from hooked_av.inputs.omni import _DEFAULT, Item, Prompt, _has_audio
+from hooked_av.inputs.omni import _DEFAULT, Item, Prompt, _has_audio, as_prompts
 from hooked_av.inputs.salmonn import salmonn_block_ids
 
 SALMONN_SYSTEM_PROMPT = "You are a helpful assistant."  # what the repository's data pipeline always inserts
@@ -184,12 +184,7 @@ def prepare_salmonn(
     `use_audio_in_video`: None (default) interleaves each video with its audio when it has some; True
     requires audio for every video; False keeps video frames alone (an `audio=` then becomes its own block).
     `ids`: the model's `SalmonnTokenIds`; `merge`: the vision tower's spatial merge size."""
-    if isinstance(prompts, Prompt):
-        prompts = [prompts]
-    elif not isinstance(prompts, (list, tuple)):
-        prompts = [Prompt(prompts, **prompt_kwargs)]
-    elif prompt_kwargs:
-        raise ValueError(f"with a list of Prompt, put {sorted(prompt_kwargs)} inside each Prompt")
+    prompts = as_prompts(prompts, prompt_kwargs)
     if not prompts:
         raise ValueError("no prompt given; pass a question string or a list of Prompt")
     if any(not isinstance(p, Prompt) for p in prompts):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -64,6 +65,15 @@ def iter_tensors(files: Iterable[Path]) -> Iterable[tuple[str, Tensor]]:
                     yield k, st.get_tensor(k)
         else:
             yield from torch.load(f, map_location="cpu", weights_only=True).items()
+
+
+def apply_key_table(table, rest: str, t: Tensor) -> list[tuple[str, Tensor]] | None:
+    """The first `(regex, replacement)` of `table` that matches the whole of `rest` renames it; None
+    when nothing matches."""
+    for pattern, target in table:
+        if re.fullmatch(pattern, rest):
+            return [(re.sub(f"^{pattern}$", target, rest), t)]
+    return None
 
 
 def load_converted(

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from hooked_av.core.config import HookedAVConfig
 from hooked_av.encoders.qwen_vision import vision_tower_settings
+from hooked_av.models.checkpoint import apply_key_table
 
 # (checkpoint name after the layout prefix) -> our name; applied in order, first match wins
 TEXT_KEYS = [
@@ -60,14 +61,7 @@ def convert_vision_key(rest: str, t: Tensor) -> list[tuple[str, Tensor]] | None:
     if m:
         q, k, v = t.chunk(3, dim=0)
         return [(f"blocks.{m.group(1)}.attn.{n}.{m.group(2)}", x) for n, x in zip("qkv", (q, k, v))]
-    return _apply(VISION_KEYS, rest, t)
-
-
-def _apply(table, rest: str, t: Tensor) -> list[tuple[str, Tensor]] | None:
-    for pattern, target in table:
-        if re.fullmatch(pattern, rest):
-            return [(re.sub(f"^{pattern}$", target, rest), t)]
-    return None
+    return apply_key_table(VISION_KEYS, rest, t)
 
 
 def convert_key(key: str, t: Tensor) -> list[tuple[str, Tensor]] | None:
@@ -81,7 +75,7 @@ def convert_key(key: str, t: Tensor) -> list[tuple[str, Tensor]] | None:
     for prefix, table, ours in PREFIXES:
         if k.startswith(prefix):
             rest = k[len(prefix) :]
-            mapped = convert_vision_key(rest, t) if table is VISION_KEYS else _apply(table, rest, t)
+            mapped = convert_vision_key(rest, t) if table is VISION_KEYS else apply_key_table(table, rest, t)
             if mapped is not None:
                 return [(ours + name, x) for name, x in mapped]
     return [(key, t)]

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from hooked_av.core.config import HookedAVConfig
 from hooked_av.encoders.qwen_vision import vision_tower_settings
+from hooked_av.models.checkpoint import apply_key_table
 from hooked_av.models.qwen2_5_omni_weights import TEXT_KEYS, convert_vision_key
 
 WHISPER_KEYS = [
@@ -58,13 +59,6 @@ WHISPER_DEFAULTS = dict(
 )
 
 
-def _apply(table, rest: str, t: Tensor) -> list[tuple[str, Tensor]] | None:
-    for pattern, target in table:
-        if re.fullmatch(pattern, rest):
-            return [(re.sub(f"^{pattern}$", target, rest), t)]
-    return None
-
-
 def convert_key(key: str, t: Tensor) -> list[tuple[str, Tensor]] | None:
     """Checkpoint key -> our parameter names; None for keys skipped on purpose; an unknown key comes
     back unchanged so the loader reports it as unexpected."""
@@ -79,14 +73,14 @@ def convert_key(key: str, t: Tensor) -> list[tuple[str, Tensor]] | None:
             return [("vision_encoder." + n, x) for n, x in mapped] if mapped else [(key, t)]
     if key.startswith("audio."):
         rest = key[len("audio."):]
-        mapped = _apply(WHISPER_KEYS, rest, t)
+        mapped = apply_key_table(WHISPER_KEYS, rest, t)
         if mapped:
             return [("audio_encoder." + n, x) for n, x in mapped]
-        mapped = _apply(QFORMER_KEYS, rest, t)
+        mapped = apply_key_table(QFORMER_KEYS, rest, t)
         return [("audio_qformer." + n, x) for n, x in mapped] if mapped else [(key, t)]
     for prefix in ("model.language_model.", "model."):
         if key.startswith(prefix):
-            mapped = _apply(TEXT_KEYS, key[len(prefix):], t)
+            mapped = apply_key_table(TEXT_KEYS, key[len(prefix):], t)
             if mapped:
                 return mapped
     return [(key, t)]
