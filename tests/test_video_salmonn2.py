@@ -88,8 +88,8 @@ def test_position_modes_differ_as_documented(model):
     """Row: 4 text, <|vision_start|> (id 4), then steps of 8 video tokens + audio (1, 1, 58), spg 0.5."""
     (inputs, _), _ = _inputs("video_audio_interleaved-inference")
     block = 5  # first token after <|vision_start|>
-    inf, _ = model.position_ids(inputs["input_ids"], inputs["attention_mask"], None, inputs["video_grid_thw"], None, True, "inference")
-    tr, _ = model.position_ids(inputs["input_ids"], inputs["attention_mask"], None, inputs["video_grid_thw"], [0.5], True, "training")
+    inf, _ = model.position_ids(inputs["input_ids"], inputs["attention_mask"], None, inputs["video_grid_thw"], None, "inference")
+    tr, _ = model.position_ids(inputs["input_ids"], inputs["attention_mask"], None, inputs["video_grid_thw"], [0.5], "training")
     assert model.position_mode == "inference"
     # inference: the 9th block token (audio of step 0) takes grid slot 8 = step 1 -> temporal 2 * 1 s * 1
     assert inf[:, 0, block + 8].tolist() == [block + 2, block, block]

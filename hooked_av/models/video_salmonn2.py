@@ -105,9 +105,10 @@ class HookedVideoSALMONN2(MRoPELanguageModel, HookedAVModel):
         folder = checkpoint.resolve(name_or_path)
         config = checkpoint.read_config(folder)  # a dict: AutoConfig would drop SALMONN's audio_config
         split_config(config)  # refuse a config that is not SALMONN's before touching any weight file
+        tokenizer = checkpoint.load_tokenizer(folder)  # before the weights: a bad tokenizer fails in a second
         tensors = checkpoint.iter_tensors(checkpoint.weight_files(folder))
         model = checkpoint.build_and_load(lambda: cls(config, position_mode), tensors, convert_key, str(folder), dtype, device)
-        model.tokenizer = checkpoint.load_tokenizer(folder)
+        model.tokenizer = tokenizer
         return model
 
     # ---- inputs -----------------------------------------------------------------------------
@@ -143,7 +144,8 @@ class HookedVideoSALMONN2(MRoPELanguageModel, HookedAVModel):
         """Run the towers and merge: returns `inputs_embeds` `[batch, pos, d_model]`, `position_ids`
         `[3, batch, pos]`, `attention_mask`, `rope_deltas` `[batch, 1]` and `position_mode` (the mode
         used); `model(**enc)` continues. `audio_feature` / `second_per_grid_ts` are the repository's
-        names for `input_features` / `video_second_per_grid`. `use_audio_in_video` is accepted for parity
+        names for `input_features` / `video_second_per_grid`; the latter counts in "training" mode only (the
+        official inference drops it: 1.0 s per grid step). `use_audio_in_video` is accepted for parity
         with `HookedQwen2_5Omni` and changes nothing: here the token layout says where audio goes."""
         features = input_features if input_features is not None else audio_feature
         spg = video_second_per_grid if video_second_per_grid is not None else second_per_grid_ts
@@ -151,6 +153,7 @@ class HookedVideoSALMONN2(MRoPELanguageModel, HookedAVModel):
         if mode not in POSITION_MODES:
             raise ValueError(f"position_mode {mode!r} is unknown; use one of {POSITION_MODES}")
         self._check_inputs(input_ids, features, image_grid_thw, video_grid_thw, pixel_values, pixel_values_videos)
+        position_ids, deltas = self.position_ids(input_ids, attention_mask, image_grid_thw, video_grid_thw, spg, mode)
 
         embeds = self.embed(input_ids)
         if features is not None:
@@ -162,21 +165,19 @@ class HookedVideoSALMONN2(MRoPELanguageModel, HookedAVModel):
         if pixel_values_videos is not None:
             vi = self.hook_video_embeds(self.vision_encoder(pixel_values_videos.to(self.dtype), video_grid_thw))
             embeds = embeds.masked_scatter((input_ids == self.ids.video)[..., None], vi.to(embeds.dtype))
-        position_ids, deltas = self.position_ids(
-            input_ids, attention_mask, image_grid_thw, video_grid_thw, spg, features is not None, mode
-        )
         return {
             "inputs_embeds": embeds, "position_ids": position_ids, "attention_mask": attention_mask,
             "rope_deltas": deltas, "position_mode": mode,
         }
 
     def position_ids(self, input_ids, attention_mask=None, image_grid_thw=None, video_grid_thw=None,
-                     video_second_per_grid=None, has_audio=False, position_mode=None):
+                     video_second_per_grid=None, position_mode=None):
         """M-RoPE ids `[3, batch, pos]` and rope deltas `[batch, 1]` in `position_mode` (default:
-        `model.position_mode`). `has_audio`: the prompt came with audio (training mode aligns it)."""
+        `model.position_mode`). Which rows are audio-visual, audio-only or visual is read from their
+        tokens; `video_second_per_grid` counts in "training" mode only (the official inference drops it)."""
         return salmonn_position_ids(
             input_ids, attention_mask, self.ids, position_mode or self.position_mode, image_grid_thw,
-            video_grid_thw, video_second_per_grid, has_audio, self.vision_encoder.merge, POSITION_IDS_PER_SECOND,
+            video_grid_thw, video_second_per_grid, self.vision_encoder.merge, POSITION_IDS_PER_SECOND,
         )
 
     def prepare(self, prompts, *, position_mode: str | None = None, use_audio_in_video: bool | None = None,
