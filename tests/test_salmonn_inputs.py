@@ -109,7 +109,7 @@ def test_video_file_with_its_track_makes_the_interleaved_block_and_runs(model, m
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n")
     assert ids[0, ids[0].tolist().index(H.VISION_END) + 1 :].tolist() == tok.encode(
         "\nWhat makes the sound?<|im_end|>\n<|im_start|>assistant\n")
-    assert inputs["position_mode"] == "inference" and "video_second_per_grid" not in inputs
+    assert inputs["position_mode"] == "inference" and inputs["video_second_per_grid"].tolist() == [pytest.approx(2 / 10)]
     with torch.no_grad():
         logits = model(**inputs)
     assert logits.shape == (1, ids.shape[1], 320) and torch.isfinite(logits).all()

@@ -200,3 +200,18 @@ def test_seconds_per_grid_not_one_per_video_is_refused_before_the_towers(model):
         model.reset_hooks()
     assert calls == []
 
+
+def test_prepare_in_inference_mode_keeps_the_clips_timing_for_the_token_map(model, tmp_path):
+    """The clip's seconds per grid step (2 frames / 10 fps) reach the TokenMap's times in either mode;
+    the positions still run at 1.0 s per step in "inference" mode, as the repository's do."""
+    from media_helpers import write_mp4
+    from test_salmonn_inputs import salmonn_tokenizer
+
+    inputs = model.prepare("What makes the sound?", video=write_mp4(tmp_path / "clip.mp4", seconds=3.0, fps=10),
+                           tokenizer=salmonn_tokenizer(), position_mode="inference")
+    assert inputs["video_second_per_grid"].tolist() == [pytest.approx(0.2)]
+    tm = model.token_map(inputs)
+    assert tm.time[0, tm.positions("video")].unique().tolist() == pytest.approx([t * 0.2 for t in range(15)])
+    t, h, w = inputs["video_grid_thw"][0].tolist()
+    expect = repo_rule_batch(inputs, [([], [(t, h, w, 0.2)])], "inference")
+    assert torch.equal(model.position_ids(**{k: inputs[k] for k in ("input_ids", "attention_mask", "video_grid_thw", "video_second_per_grid")})[0], expect)

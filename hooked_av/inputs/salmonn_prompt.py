@@ -177,8 +177,8 @@ def prepare_salmonn(
     - `input_ids` / `attention_mask` `[batch, pos]`;
     - `input_features` `[n_chunks, n_mels, 3000]`: every audio's 30 s chunks in prompt order;
     - `pixel_values` / `image_grid_thw`, `pixel_values_videos` `[patches, 3*2*14*14]` / `video_grid_thw`;
-    - `video_second_per_grid` (seconds per temporal grid step, `temporal_patch_size / fps`) only in
-      "training" mode: the official inference passes none, so its positions use 1.0 (MODELS.md);
+    - `video_second_per_grid` (seconds per temporal grid step, `temporal_patch_size / fps`): the
+      TokenMap's times; positions read it in "training" mode only (the official inference drops it);
     - `position_mode`: the mode these inputs are for (the model's forward, encode and token_map read it).
 
     `use_audio_in_video`: None (default) interleaves each video with its audio when it has some; True
@@ -232,8 +232,7 @@ def prepare_salmonn(
         out.update(parts.image_processor(images=images, size=_size(parts), return_tensors="pt"))
     if videos:
         out.update(parts.video_processor(videos=videos, size=_size(parts), cap_pixels_per_frame=False, return_tensors="pt"))
-        if position_mode == "training":
-            out["video_second_per_grid"] = torch.tensor(spgs)
+        out["video_second_per_grid"] = torch.tensor(spgs)
     out["position_mode"] = position_mode
     return out
 
