@@ -7,12 +7,47 @@ import json
 import os
 import re
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float64": torch.float64,
+}
+
+
+def as_dtype(dtype) -> torch.dtype | None:
+    """A floating torch dtype from one or its name ("bfloat16", "bf16", "torch.bfloat16"); None
+    (keep the checkpoint's) stays None."""
+    if dtype is None or (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.removeprefix("torch.")]
+    raise ValueError(
+        f"dtype {dtype!r} is not a floating dtype to load weights in; pass a torch dtype such as torch.bfloat16 "
+        f"or one of the names {sorted(DTYPES)}"
+    )
+
+
+def as_device(device) -> torch.device:
+    """`device` (None: the CPU) as a `torch.device` that exists on this machine."""
+    try:
+        d = torch.device("cpu" if device is None else device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r} is not a device ({e}); use e.g. 'cpu', 'cuda', 'cuda:0' or 'mps'") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for but CUDA is not available on this machine; use device='cpu'")
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if d.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r} was asked for but MPS is not available on this machine; use device='cpu'")
+    return d
 
 
 def resolve(name_or_path: str | os.PathLike) -> Path:
@@ -33,18 +68,56 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
         ) from e
 
 
+def read_json(f: Path) -> dict:
+    """A JSON object from `f`; a damaged file is an error that names it."""
+    try:
+        data = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{f} is not valid JSON ({e}); the file is damaged or incomplete: download it again") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{f} holds a JSON {type(data).__name__}, not an object; the file is not what its name says")
+    return data
+
+
 def read_config(folder: Path) -> dict:
+    """config.json of a checkpoint folder as a dict (with its `model_type`, when it has one)."""
     f = folder / "config.json"
     if not f.exists():
-        raise FileNotFoundError(f"{folder} has no config.json; is it a HF checkpoint folder?")
-    return json.loads(f.read_text())
+        held = sorted(p.name for p in folder.iterdir())
+        if not held:
+            raise FileNotFoundError(
+                f"{folder} is an empty folder; pass the checkpoint folder (config.json, the weights and the tokenizer "
+                "files) or a hub id"
+            )
+        raise FileNotFoundError(
+            f"{folder} has no config.json (it holds {held[:8]}); pass the checkpoint folder itself, the one with "
+            "config.json next to the weights"
+        )
+    return read_json(f)
+
+
+def model_type(folder: Path, config: dict, expected: str) -> str:
+    """The config's `model_type`; its absence is an error that says what the config should hold."""
+    kind = config.get("model_type")
+    if not kind:
+        raise ValueError(f"{folder / 'config.json'} has no model_type; {expected}. Is it the config of these weights?")
+    return kind
 
 
 def weight_files(folder: Path) -> list[Path]:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = folder / index_name
         if index.exists():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise ValueError(f"{index} has no weight_map (key -> shard file); the file is damaged: download it again")
+            shards = sorted(set(weight_map.values()))
+            absent = [s for s in shards if not (folder / s).exists()]
+            if absent:
+                raise FileNotFoundError(
+                    f"{index} lists {len(absent)} shard(s) that are not in {folder}, e.g. {absent[:3]}; "
+                    "an interrupted download? download them again"
+                )
             return [folder / s for s in shards]
     for single in ("model.safetensors", "pytorch_model.bin"):
         if (folder / single).exists():
@@ -55,16 +128,34 @@ def weight_files(folder: Path) -> list[Path]:
     return found
 
 
+@contextmanager
+def _reading(f: Path):
+    """Any failure to read weight file `f` names it."""
+    try:
+        yield
+    except Exception as e:
+        raise ValueError(
+            f"cannot read weight file {f} ({type(e).__name__}: {e}); the file is damaged, incomplete or not a plain "
+            "tensor file: download it again"
+        ) from e
+
+
 def iter_tensors(files: Iterable[Path]) -> Iterable[tuple[str, Tensor]]:
     for f in files:
         if f.suffix == ".safetensors":
             from safetensors import safe_open
 
-            with safe_open(str(f), framework="pt") as st:
-                for k in st.keys():
-                    yield k, st.get_tensor(k)
+            with _reading(f):
+                st = safe_open(str(f), framework="pt")
+                keys = list(st.keys())
+            for k in keys:
+                with _reading(f):
+                    t = st.get_tensor(k)
+                yield k, t
         else:
-            yield from torch.load(f, map_location="cpu", weights_only=True).items()
+            with _reading(f):
+                tensors = torch.load(f, map_location="cpu", weights_only=True)
+            yield from tensors.items()
 
 
 def apply_key_table(table, rest: str, t: Tensor) -> list[tuple[str, Tensor]] | None:
@@ -98,6 +189,11 @@ def load_converted(
             if name not in ours:
                 unexpected.append(f"{key} (as {name})" if name != key else key)
                 continue
+            if ours[name].is_floating_point() and not value.is_floating_point():
+                raise ValueError(
+                    f"{source}: weight {key!r} is {value.dtype}, but {name!r} is a floating-point weight; quantised "
+                    "checkpoints are not supported: load the original (float16 / bfloat16 / float32) checkpoint"
+                )
             if tuple(value.shape) != tuple(ours[name].shape):
                 raise ValueError(
                     f"{source}: weight {key!r} has shape {tuple(value.shape)} but the configuration "
@@ -135,14 +231,16 @@ def _assign(model: nn.Module, dotted: str, param: nn.Parameter) -> None:
 def build_and_load(make: Callable[[], nn.Module], tensors, convert, source: str, dtype, device) -> nn.Module:
     """Construct a model on the meta device with `make()`, fill it from checkpoint `tensors`, tie the
     unembedding to the embedding when the configuration says so (the checkpoint then may lack
-    it), move it to `device` and switch to eval mode."""
+    it), move it to `device` and switch to eval mode. `dtype` and `device` are checked before the
+    first tensor is read (`tensors` may be a lazy `iter_tensors`)."""
+    dtype, device = as_dtype(dtype), as_device(device)
     with torch.device("meta"):
         model = make()
     tied = model.cfg.tie_word_embeddings
     load_converted(model, tensors, convert, source, dtype, optional=lambda n: tied and n == "unembed.weight")
     if tied:
         model.unembed.weight = model.embed.weight
-    return model.to(device or "cpu").eval()
+    return model.to(device).eval()
 
 
 def load_tokenizer(folder: Path):
@@ -151,4 +249,13 @@ def load_tokenizer(folder: Path):
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    how = "load a tokenizer yourself and set model.tokenizer = ... (or pass tokenizer= to prepare / token_map)"
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    except Exception as e:
+        if "trust_remote_code" in str(e):  # HF's advice is to run the checkpoint's code: we never do
+            raise ValueError(
+                f"the tokenizer in {folder} needs custom code, which hooked_av never runs; move its "
+                f"tokenizer_config.json aside and {how}"
+            ) from None
+        raise ValueError(f"cannot load the tokenizer in {folder} ({type(e).__name__}: {e}); {how}") from e

@@ -87,10 +87,13 @@ class HookedQwen2_5Omni(MRoPELanguageModel, HookedAVModel):
         from transformers import AutoConfig
 
         folder = checkpoint.resolve(name_or_path)
+        checkpoint.model_type(folder, checkpoint.read_config(folder),
+                              "a Qwen2.5-Omni config has 'qwen2_5_omni' (a bare Thinker: 'qwen2_5_omni_thinker')")
         config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+        tokenizer = checkpoint.load_tokenizer(folder)  # before the weights: a bad tokenizer fails in a second
         tensors = checkpoint.iter_tensors(checkpoint.weight_files(folder))
         model = checkpoint.build_and_load(lambda: cls(config), tensors, convert_key, str(folder), dtype, device)
-        model.tokenizer = checkpoint.load_tokenizer(folder)
+        model.tokenizer = tokenizer
         return model
 
     @classmethod

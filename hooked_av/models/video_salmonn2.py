@@ -105,9 +105,10 @@ class HookedVideoSALMONN2(MRoPELanguageModel, HookedAVModel):
         folder = checkpoint.resolve(name_or_path)
         config = checkpoint.read_config(folder)  # a dict: AutoConfig would drop SALMONN's audio_config
         split_config(config)  # refuse a config that is not SALMONN's before touching any weight file
+        tokenizer = checkpoint.load_tokenizer(folder)  # before the weights: a bad tokenizer fails in a second
         tensors = checkpoint.iter_tensors(checkpoint.weight_files(folder))
         model = checkpoint.build_and_load(lambda: cls(config, position_mode), tensors, convert_key, str(folder), dtype, device)
-        model.tokenizer = checkpoint.load_tokenizer(folder)
+        model.tokenizer = tokenizer
         return model
 
     # ---- inputs -----------------------------------------------------------------------------
