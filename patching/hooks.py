@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from hooked_av.core.masks import neg_inf
+from patching import checks
 from patching.intervention import Intervention, Part, batch_rows, layer_list
 
 SITES = {  # short site names -> hook name templates
@@ -76,12 +77,16 @@ def _pos_mask(positions, batch: int, seq: int, device) -> Tensor:
     return out
 
 
-def _positions_label(positions) -> str:
+def _positions_label(positions, what: str) -> str:
+    """The label saved with the intervention; positions that select nothing are refused (a no-op edit)."""
     if positions is None:
         return "all"
+    t = torch.as_tensor(positions.mask if hasattr(positions, "mask") else positions)
+    if not bool(t.any() if t.dtype == torch.bool else t.numel()):
+        raise ValueError(f"{what}: positions select nothing, so the edit would change nothing; pass None for every "
+                         "position or at least one position")
     if hasattr(positions, "label"):
         return positions.label
-    t = torch.as_tensor(positions)
     return f"mask[{int(t.sum())}]" if t.dtype == torch.bool else str(t.flatten().tolist())
 
 
@@ -126,8 +131,7 @@ def block_attention(tm, src, dst, layers, rows: Sequence[int] | None = None) -> 
 def scale_attention(tm, dst, src, factor: float, layers, rows: Sequence[int] | None = None) -> Intervention:
     """Multiply the unnormalised attention of `dst` queries to `src` keys by `factor` (add `log(factor)`
     to the additive mask before the softmax; factor 0 is a knockout)."""
-    if factor < 0:
-        raise ValueError(f"scale_attention: factor must be >= 0, got {factor}")
+    checks.finite(factor, "scale_attention: factor", minimum=0)  # inf or NaN would act as a knockout
     delta = math.log(factor) if factor > 0 else None
 
     def edit(mask, edge):
@@ -169,9 +173,11 @@ def steer(tm, dst, src, alpha: float, layers, heads: Sequence[int] | None = None
     `hook_attn_scores`, `score[dst -> src] += alpha * |score[dst -> src]|` in `layers` (optionally only
     `heads`). Acts before the softmax; runs those layers on the exact path."""
     layers = layer_list(layers, "steer")
+    checks.finite(alpha, "steer: alpha")
+    heads = _heads(heads, "steer")
     src_m, src_l = _token_mask(tm, src, "steer src")
     dst_m, dst_l = _token_mask(tm, dst, "steer dst")
-    params = {"dst": dst_l, "src": src_l, "alpha": alpha, "layers": list(layers), "heads": None if heads is None else list(heads)}
+    params = {"dst": dst_l, "src": src_l, "alpha": alpha, "layers": list(layers), "heads": heads}
 
     def make(rows):
         def fn(scores: Tensor, hook) -> Tensor:
@@ -180,30 +186,39 @@ def steer(tm, dst, src, alpha: float, layers, heads: Sequence[int] | None = None
             d = batch_rows(dst_m.to(scores.device), b, rows, "steer")[:, k - q:]
             edge = (d[:, None, :, None] & s[:, None, None, :]).expand(b, h, q, k).clone()
             if heads is not None:
-                keep = torch.zeros(h, dtype=torch.bool, device=scores.device)
-                keep[list(heads)] = True
-                edge &= keep.view(1, h, 1, 1)
+                edge &= _head_mask(heads, h, scores.device, torch.bool, "steer").view(1, h, 1, 1)
             edge &= scores > neg_inf(scores.dtype) / 2  # masked keys stay masked
             return scores + alpha * scores.abs() * edge.to(scores.dtype)
 
         return [(f"blocks.{l}.attn.hook_attn_scores", fn) for l in layers]
 
-    iv = Intervention([Part("steer", params, make, layers)])
+    iv = Intervention([Part("steer", params, make, layers, heads=tuple(heads or ()))])
     return iv if rows is None else iv.on_rows(rows)
 
 
-def _write(act: Tensor, where: Tensor, value: Tensor, heads) -> Tensor:
+def _write(act: Tensor, where: Tensor, value: Tensor, heads, what: str) -> Tensor:
     """act `[b, pos, ...]`; where bool `[b, pos]`; value broadcastable to act; only `heads` (dim 2) if given."""
     w = where.view(*where.shape, *([1] * (act.dim() - 2))).to(act.dtype)
     if heads is not None:
-        hm = torch.zeros(act.shape[2], dtype=act.dtype, device=act.device)
-        hm[list(heads)] = 1
-        w = w * hm.view(1, 1, -1, *([1] * (act.dim() - 3)))
+        w = w * _head_mask(heads, act.shape[2], act.device, act.dtype, what).view(1, 1, -1, *([1] * (act.dim() - 3)))
     return act * (1 - w) + value * w
 
 
-def _sites(sites) -> list[str]:
-    return [sites] if isinstance(sites, str) else list(sites)
+def _sites(sites, what: str) -> list[str]:
+    return checks.nonempty([sites] if isinstance(sites, str) else sites, f"{what}: sites")
+
+
+def _heads(heads, what: str) -> list[int] | None:
+    """None (every head) or a non-empty list (its range is checked against the model by `check`)."""
+    return None if heads is None else checks.nonempty(heads, f"{what}: heads")
+
+
+def _head_mask(heads, n_heads: int, device, dtype, what: str) -> Tensor:
+    """`[n_heads]` with 1 at `heads` (a clear error, not an IndexError, for a head the run lacks)."""
+    checks.indices(heads, n_heads, f"{what}: head(s)", "heads", valid=f"the activations have {n_heads} heads (0..{n_heads - 1})")
+    keep = torch.zeros(n_heads, dtype=dtype, device=device)
+    keep[list(heads)] = 1
+    return keep
 
 
 def patch_from_cache(cache, sites, positions=None, heads: Sequence[int] | None = None,
@@ -211,11 +226,12 @@ def patch_from_cache(cache, sites, positions=None, heads: Sequence[int] | None =
     """Write `cache[site]` (an ActivationCache or dict, batch 1 or the run's batch) into the run at
     `positions` (None: all; a Selection, bool mask or int positions) of every site (hook names);
     `heads` restricts a `hook_z` site to those heads."""
-    names = _sites(sites)
+    names = _sites(sites, "patch_from_cache")
     missing = [n for n in names if n not in cache]
     if missing:
         raise KeyError(f"patch_from_cache: the cache has no {missing}; cache those hooks in the source run")
-    params = {"sites": names, "positions": _positions_label(positions), "heads": None if heads is None else list(heads)}
+    heads = _heads(heads, "patch_from_cache")
+    params = {"sites": names, "positions": _positions_label(positions, "patch_from_cache"), "heads": heads}
 
     def make(rows):
         def fn(act: Tensor, hook) -> Tensor:
@@ -224,12 +240,12 @@ def patch_from_cache(cache, sites, positions=None, heads: Sequence[int] | None =
                 raise ValueError(f"patch_from_cache at {hook.name}: cached shape {tuple(src.shape)} does not match the run's {tuple(act.shape)}; clean and corrupted layouts must match")
             where = batch_rows(_pos_mask(positions, act.shape[0], act.shape[1], act.device), act.shape[0], rows, "patch_from_cache")
             src = src if src.shape[0] in (1, act.shape[0]) else batch_rows(src, act.shape[0], None, "patch_from_cache")
-            return _write(act, where, src, heads)
+            return _write(act, where, src, heads, f"patch_from_cache at {hook.name}")
 
         return [(n, fn) for n in names]
 
     layers = tuple(sorted({l for n in names for l in _layer_of(n)}))
-    iv = Intervention([Part("patch_from_cache", params, make, layers)])
+    iv = Intervention([Part("patch_from_cache", params, make, layers, heads=tuple(heads or ()))])
     return iv if rows is None else iv.on_rows(rows)
 
 
@@ -240,10 +256,11 @@ def ablate(sites, mode: str = "zero", positions=None, reference=None, heads: Seq
     positions). `reference` is an ActivationCache or dict of the reference runs."""
     if mode not in ("zero", "mean", "resample"):
         raise ValueError(f"ablate: mode must be 'zero', 'mean' or 'resample', got {mode!r}")
-    names = _sites(sites)
+    names = _sites(sites, "ablate")
     if mode != "zero" and reference is None:
         raise ValueError(f"ablate(mode={mode!r}) needs reference= (a cache of reference runs)")
-    params = {"sites": names, "mode": mode, "positions": _positions_label(positions), "heads": None if heads is None else list(heads)}
+    heads = _heads(heads, "ablate")
+    params = {"sites": names, "mode": mode, "positions": _positions_label(positions, "ablate"), "heads": heads}
     pick = int(torch.randint(0, 1 << 30, (1,), generator=torch.Generator().manual_seed(seed)))
 
     def value(name: str, act: Tensor) -> Tensor:
@@ -259,12 +276,12 @@ def ablate(sites, mode: str = "zero", positions=None, reference=None, heads: Seq
     def make(rows):
         def fn(act: Tensor, hook) -> Tensor:
             where = batch_rows(_pos_mask(positions, act.shape[0], act.shape[1], act.device), act.shape[0], rows, "ablate")
-            return _write(act, where, value(hook.name, act), heads)
+            return _write(act, where, value(hook.name, act), heads, f"ablate at {hook.name}")
 
         return [(n, fn) for n in names]
 
     layers = tuple(sorted({l for n in names for l in _layer_of(n)}))
-    iv = Intervention([Part("ablate", params, make, layers)])
+    iv = Intervention([Part("ablate", params, make, layers, heads=tuple(heads or ()))])
     return iv if rows is None else iv.on_rows(rows)
 
 
@@ -272,7 +289,8 @@ def add_noise(site: str, positions, std: float, seed: int = 0, rows: Sequence[in
     """Add Gaussian noise of `std` (activation units) at `positions` of `site` (ROME's corruption on
     `hook_embed`). The noise is drawn once from `seed` (`[pos, d]`, CPU generator) so the same seed
     gives the same noise in any batch layout."""
-    params = {"site": site, "positions": _positions_label(positions), "std": float(std), "seed": seed}
+    checks.finite(std, "add_noise: std", minimum=0)
+    params = {"site": site, "positions": _positions_label(positions, "add_noise"), "std": float(std), "seed": seed}
     drawn: dict = {}
 
     def make(rows):

@@ -11,11 +11,14 @@ Row rule used by every part: a per-position tensor it holds (a TokenMap mask, a 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
+from patching import checks
 
 HookFn = Callable[[Tensor, object], "Tensor | None"]
 
@@ -23,14 +26,15 @@ HookFn = Callable[[Tensor, object], "Tensor | None"]
 @dataclass(frozen=True)
 class Part:
     """One primitive edit: `op` and JSON-able `params` describe it; `make(rows)` builds its
-    `(hook_name, fn)` pairs acting on batch rows `rows` (None: every row); `layers` are the blocks it
-    touches (checked against the model before a run)."""
+    `(hook_name, fn)` pairs acting on batch rows `rows` (None: every row); `layers` and `heads` are the
+    blocks and query heads it touches (checked against the model before a run)."""
 
     op: str
     params: dict
     make: Callable[[Sequence[int] | None], list[tuple[str, HookFn]]] = field(repr=False, compare=False)
     layers: tuple[int, ...] = ()
     rows: tuple[int, ...] | None = None
+    heads: tuple[int, ...] = ()
 
     def describe(self) -> str:
         args = ", ".join(f"{k}={v}" for k, v in self.params.items())
@@ -75,7 +79,7 @@ class Intervention:
     def on_rows(self, rows: Sequence[int] | int) -> "Intervention":
         """The same edits acting only on batch rows `rows` of a run."""
         rows = (rows,) if isinstance(rows, int) else tuple(int(r) for r in rows)
-        return Intervention([Part(p.op, p.params, p.make, p.layers, rows) for p in self.parts])
+        return Intervention([dataclasses.replace(p, rows=rows) for p in self.parts])
 
     def to_dict(self) -> list[dict]:
         return [{"op": p.op, **p.params, **({} if p.rows is None else {"rows": list(p.rows)})} for p in self.parts]
@@ -89,13 +93,11 @@ class Intervention:
 
     # ---- validation -------------------------------------------------------------------------
     def check(self, model, batch: int | None = None) -> "Intervention":
-        """Raise a clear error for a layer the model does not have, a hook name it does not know, or
-        a row outside a run of `batch` rows."""
-        n = model.cfg.n_layers
+        """Raise a clear error for a layer or head the model does not have, a hook name it does not
+        know, or a row outside a run of `batch` rows."""
         for p in self.parts:
-            bad = [layer for layer in p.layers if not 0 <= layer < n]
-            if bad:
-                raise ValueError(f"{p.describe()}: layer(s) {bad} out of range; the model has {n} layers (0..{n - 1})")
+            checks.indices(p.layers, model.cfg.n_layers, f"{p.describe()}: layer(s)", "layers")
+            checks.heads(model, p.heads, f"{p.describe()}: head(s)")
             if batch is not None and p.rows is not None:
                 bad_rows = [r for r in p.rows if not 0 <= r < batch]
                 if bad_rows:

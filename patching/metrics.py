@@ -12,12 +12,16 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from patching import checks
+
 
 def _ids(tokens) -> Tensor:
-    t = torch.as_tensor(tokens, dtype=torch.long).flatten()
+    t = torch.as_tensor(tokens).flatten()
     if t.numel() == 0:
         raise ValueError("a metric needs at least one answer token id")
-    return t
+    if t.is_floating_point() or t.is_complex():  # a cast would truncate 2.5 to token 2
+        raise ValueError(f"answer token ids must be integers, got {t.tolist()}")
+    return t.long()
 
 
 class Metric:
@@ -35,6 +39,20 @@ class Metric:
         if int(s.max()) >= len(ids):
             raise IndexError(f"sample {int(s.max())} has no answer: the metric holds {len(ids)} answers")
         return ids.to(device)[s]
+
+    def check(self, model, n_samples: int) -> "Metric":
+        """Raise, before any forward, unless every id list holds one id per sample (or one for all)
+        and every id is in the model's vocabulary."""
+        for field, ids in self._id_lists().items():
+            what = f"{field.removesuffix('_ids')} token"  # "answer token", "correct token", "wrong token"
+            if len(ids) not in (1, n_samples):
+                raise ValueError(f"{len(ids)} {what} ids for {n_samples} sample{'s' * (n_samples != 1)}: "
+                                 "pass one id per sample (or one for all)")
+            checks.token_ids(model, ids.tolist(), f"{what} id(s)")
+        return self
+
+    def _id_lists(self) -> dict[str, Tensor]:
+        return {k: v for k, v in vars(self).items() if isinstance(v, Tensor)}
 
     def settings(self) -> dict:
         return {"metric": self.name, **{k: v.tolist() if isinstance(v, Tensor) else v for k, v in vars(self).items()}}

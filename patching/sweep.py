@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from patching import checks
 from patching.intervention import Intervention
 
 
@@ -75,10 +76,8 @@ def samples(model, inputs: dict, tm=None) -> list[Sample]:
 def rows_per_forward(seq_len: int, batch_size: int | None, max_batch_tokens: int) -> int:
     """`batch_size` if given, else as many rows as fit `max_batch_tokens` (at least 1)."""
     if batch_size is not None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        return batch_size
-    return max(1, max_batch_tokens // max(seq_len, 1))
+        return checks.count(batch_size, "batch_size")
+    return max(1, checks.count(max_batch_tokens, "max_batch_tokens") // max(seq_len, 1))
 
 
 def forward_rows(model, sample: Sample, n: int) -> Tensor:
