@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import pandas as pd
 import torch
 
+from patching import checks
 from patching.activation_patching import cache_sample, pair_samples, position_units
 from patching.hooks import site_name
 from patching.metrics import AnswerProb, Metric
@@ -31,11 +32,12 @@ def attribution_patching(
 ) -> Result:
     """One row per (sample, site, layer, position unit[, head for site "head"]) with `attribution`,
     the estimated `m_patched - m_corrupt` (metric units), summed over the unit's positions."""
-    L = model.cfg.n_layers
-    layers = list(range(L)) if layers is None else [int(x) for x in layers]
-    bad = [x for x in layers if not 0 <= x < L]
-    if bad:
-        raise ValueError(f"layer(s) {bad} out of range; the model has {L} layers (0..{L - 1})")
+    layers = checks.layers(model, layers)
+    sites = checks.nonempty([sites] if isinstance(sites, str) else sites, "sites")
+    if not isinstance(positions, str):
+        positions = checks.nonempty(positions, "positions")
+    if metric is not None:
+        metric.check(model, checks.batch_of(clean))
     cl, co = pair_samples(model, clean, corrupted, tm_clean, tm_corrupted)
     names = {(s, l): site_name(s, l) for s in sites for l in layers}
     rows = []

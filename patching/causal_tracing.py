@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import pandas as pd
 import torch
 
+from patching import checks
 from patching.activation_patching import cache_sample, check_same_layout
 from patching.hooks import ablate, add_noise, patch_from_cache, site_name
 from patching.intervention import Intervention
@@ -49,7 +50,7 @@ def causal_tracing(
     max_batch_tokens: int = 16384,
     progress: bool = True,
 ) -> Result:
-    """`answers`: correct token id per sample (default: the clean top token). `corrupt`: the TokenMap
+    """`answers`: correct token id per sample, or one for all (default: the clean top token). `corrupt`: the TokenMap
     spec corrupted (noise/zero modes). `tokens`: specs of the token sets to restore (default
     `[corrupt]`, ROME's subject tokens). `window`: layers per restoration (1 = single layer; None =
     all layers at once). One row per (sample, site, tokens, centre layer)."""
@@ -57,27 +58,33 @@ def causal_tracing(
         raise ValueError(f"mode must be 'noise', 'zero' or 'inputs' (with corrupted=), got {mode!r}")
     if (mode == "inputs") != (corrupted is not None):
         raise ValueError("pass corrupted= exactly when mode='inputs'")
+    restore = checks.nonempty([restore] if isinstance(restore, str) else restore, "restore")
     unknown = [r for r in restore if r not in RESTORE_SITES]
     if unknown:
         raise ValueError(f"restore site(s) {unknown} unknown; choose from {list(RESTORE_SITES)}")
+    sets = [corrupt] if tokens is None else checks.nonempty([tokens] if isinstance(tokens, str) else tokens, "tokens")
+    checks.count(n_noise, "n_noise")
+    checks.finite(noise_scale, "noise_scale", minimum=0)
+    if noise_std is not None:
+        checks.finite(noise_std, "noise_std", minimum=0)
     L = model.cfg.n_layers
-    centres = list(range(L)) if centres is None else [int(c) for c in centres]
-    bad = [c for c in centres if not 0 <= c < L]
-    if bad:
-        raise ValueError(f"layer(s) {bad} out of range; the model has {L} layers (0..{L - 1})")
+    centres = checks.layers(model, centres, "centres")
     windows = [(None, range(L))] if window is None else [(c, window_layers(c, window, L)) for c in centres]
+    if answers is not None:
+        AnswerProb(answers).check(model, checks.batch_of(inputs))
+    if corrupted is not None and checks.batch_of(corrupted) != checks.batch_of(inputs):
+        raise ValueError(f"inputs hold {checks.batch_of(inputs)} samples, corrupted {checks.batch_of(corrupted)}; pair them one to one")
     clean = samples(model, inputs, tm)
+    for s in clean:  # every token set of every sample selects something, before the first forward
+        for spec in sets + ([] if mode == "inputs" else [corrupt]):
+            s.tm.mask(spec, nonempty=True)
     bad_ones = samples(model, corrupted) if corrupted is not None else [None] * len(clean)
     rows = []
     for s, c in zip(clean, bad_ones):
         if c is not None:
             check_same_layout(s, c)
         target = c or s
-        sets = [tokens] if isinstance(tokens, str) else list(tokens or [corrupt])
         sels = [s.tm.select(t) for t in sets]
-        for sel in sels:
-            if not bool(sel.mask.any()):
-                s.tm.positions(sel)  # the TokenMap's clear error
         names = sorted({site_name(RESTORE_SITES[r], l) for r in restore for l in range(L)})
         cache = cache_sample(model, s, names)
         with torch.no_grad():
@@ -121,6 +128,6 @@ def causal_tracing(
                              p_corrupt=float(probs_corrupt[:, col[answer]].mean()),
                              p_restored=sum(float(pr[col[answer]]) for _, pr in vals) / n, indirect_effect=ie,
                              ie_corrupt_pred=ie_wrong, correct=bool(metric.correct(lc, idx)[0])))
-    settings = dict(corrupt=str(corrupt), mode=mode, restore=list(restore), tokens=[str(t) for t in (tokens or [corrupt])],
+    settings = dict(corrupt=str(corrupt), mode=mode, restore=restore, tokens=[str(t) for t in sets],
                     window=window, n_noise=n_noise if mode == "noise" else 1, noise_scale=noise_scale, noise_std=noise_std, seed=seed)
     return Result("causal_tracing", pd.DataFrame(rows), settings)

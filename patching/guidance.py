@@ -14,12 +14,15 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from patching import checks
 from patching.sweep import encode
 
 
 def guided_logits(logits: Tensor, guided: Tensor, scale: float | Tensor) -> Tensor:
     """`log_softmax(logits) + scale * (log_softmax(guided) - log_softmax(logits))`, `[..., vocab]`.
-    `scale` 0 gives the plain model, 1 the guided one; a tensor scale broadcasts per row."""
+    `scale` 0 gives the plain model, 1 the guided one; a tensor scale broadcasts per row. A NaN or
+    inf scale is refused: its argmax would be token 0."""
+    checks.finite(scale, "guidance scale")
     lp = torch.log_softmax(logits.float(), -1)
     lg = torch.log_softmax(guided.float(), -1)
     if isinstance(scale, Tensor):
@@ -40,8 +43,14 @@ def guided_generate(
     """Greedy tokens `[batch, n_new]` under guidance. `make_hooks(tm)` returns the intervention for
     the current TokenMap; `scale` is a number, a `[batch]` tensor, or `fn(tm) -> scale` (e.g. from
     the last token's attention mass on cross-modal vs unimodal sinks)."""
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    checks.count(max_new_tokens, "max_new_tokens")
+    if not callable(scale):  # a callable's value is checked at each step, by guided_logits
+        checks.finite(scale, "guidance scale")
+        n, batch = torch.as_tensor(scale).numel(), checks.batch_of(inputs)
+        if n not in (1, batch):
+            raise ValueError(f"a scale tensor of {n} values for {batch} prompt{'s' * (batch != 1)}: pass one per prompt (or one number)")
+    if eos_token_id is not None:
+        checks.token_ids(model, [eos_token_id], "eos_token_id")
     enc = encode(model, inputs)
     tm = model.token_map(inputs) if tm is None else tm
     embeds, pos = enc["inputs_embeds"], enc["position_ids"]

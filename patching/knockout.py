@@ -18,6 +18,7 @@ from itertools import combinations
 import pandas as pd
 import torch
 
+from patching import checks
 from patching.hooks import block_attention
 from patching.metrics import AnswerProb, relative_change
 from patching.results import Result
@@ -31,6 +32,7 @@ DEFAULT_EDGES = (
 
 def window_layers(centre: int, k: int, n_layers: int) -> range:
     """The k-layer window centred on `centre`, clipped to the model (METHODS.md)."""
+    checks.count(k, "window", unit=" layer")  # a 0-layer window edits nothing
     return range(max(0, centre - k // 2), min(n_layers, centre - (-k // 2)))
 
 
@@ -76,21 +78,22 @@ def knockout(
     max_batch_tokens: int = 16384,
     progress: bool = True,
 ) -> Result:
-    """`answers`: the answer's first token id per sample (or an `AnswerProb`). `edges`: list of
+    """`answers`: the answer's first token id per sample, one for all, or an `AnswerProb`. `edges`: list of
     (src, dst) or "src->dst" (default `default_edges` of each sample). `centres`: window centres
     (default every layer). Returns a Result with one row per (sample, edge, centre)."""
     L = model.cfg.n_layers
-    if window < 1:
-        raise ValueError(f"window must be >= 1 layer, got {window}")
-    centres = list(range(L)) if centres is None else [int(c) for c in centres]
-    bad = [c for c in centres if not 0 <= c < L]
-    if bad:
-        raise ValueError(f"window centre(s) {bad} out of range; the model has {L} layers (0..{L - 1})")
+    checks.count(window, "window", unit=" layer")
+    centres = checks.layers(model, centres, "centres", "window centre(s)")
+    if edges is not None:
+        edges = [parse_edge(e) for e in checks.nonempty(edges, "edges")]
     metric = answers if isinstance(answers, AnswerProb) else AnswerProb(answers)
+    metric.check(model, checks.batch_of(inputs))
     data = samples(model, inputs, tm)
     plans = []
     for s in data:  # build (and so validate) every intervention before the first forward
-        sample_edges = default_edges(s.tm) if edges is None else [parse_edge(e) for e in edges]
+        sample_edges = default_edges(s.tm) if edges is None else edges
+        if not sample_edges:
+            raise ValueError(f"sample {s.index} has none of the default edges' token groups; pass edges= explicitly")
         cells, ivs = [], []
         for src, dst in sample_edges:
             for c in centres:
@@ -114,7 +117,7 @@ def knockout(
         for (edge, src, dst, c, lo, hi), pb, rc in zip(cells, p.tolist(), rel.tolist()):
             rows.append(dict(sample=s.index, edge=edge, src=src, dst=dst, layer=c, window_start=lo, window_end=hi,
                              p_orig=p_orig, p_blocked=pb, rel_change=rc, correct=correct))
-    settings = dict(window=window, centres=centres, edges=None if edges is None else [list(parse_edge(e)) for e in edges],
+    settings = dict(window=window, centres=centres, edges=None if edges is None else [list(e) for e in edges],
                     metric=metric.settings(), n_layers=L, seconds=time.perf_counter() - t0,
                     interventions_sample0=[iv.to_dict() for iv in plans[0][2]] if plans else [])
     return Result("knockout", pd.DataFrame(rows), settings)

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import pandas as pd
 import torch
 
+from patching import checks
 from patching.results import Result
 from patching.sweep import samples
 
@@ -34,7 +35,8 @@ def _resid_inputs(model, sample, layers) -> dict[int, torch.Tensor]:
 
 def sink_dimensions(model, inputs: dict, ratio: float = 100.0, layers: Sequence[int] | None = None, tm=None) -> list[int]:
     """Dimensions of massive activations over the samples of `inputs` (sorted by magnitude)."""
-    layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
+    layers = checks.layers(model, layers)
+    checks.finite(ratio, "ratio", minimum=0)
     peak = torch.zeros(model.cfg.d_model)
     medians = []
     for s in samples(model, inputs, tm):
@@ -60,13 +62,13 @@ def find_sinks(
     """Sinks per sample and modality, with their MDS and whether they are cross-modal. `dims`:
     sink dimensions (default `sink_dimensions(model, inputs, ratio)`); `tau`: threshold on the
     RMS-normalised residual; keep `n_tokens // k_divide` most often flagged positions per modality."""
-    if k_divide < 1:
-        raise ValueError(f"k_divide must be >= 1, got {k_divide}")
-    layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
-    bad = [l for l in layers if not 0 <= l < model.cfg.n_layers]
-    if bad:
-        raise ValueError(f"layer(s) {bad} out of range; the model has {model.cfg.n_layers} layers")
-    dims = sink_dimensions(model, inputs, ratio, layers, tm) if dims is None else list(dims)
+    checks.count(k_divide, "k_divide")
+    checks.finite(tau, "tau")
+    modalities = checks.nonempty([modalities] if isinstance(modalities, str) else modalities, "modalities")
+    layers = checks.layers(model, layers)
+    if dims is not None:  # negative dims would silently count from the end
+        dims = checks.indices(checks.nonempty(dims, "dims"), model.cfg.d_model, "dims", "dimensions")
+    dims = sink_dimensions(model, inputs, ratio, layers, tm) if dims is None else dims
     if not dims:
         raise ValueError(
             f"no dimension reaches {ratio}x the median |activation|: this model shows no massive activations "
