@@ -13,12 +13,14 @@ from collections.abc import Sequence
 import pandas as pd
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from hooked_av.core.masks import additive, causal_allowed
 from hooked_av.core.rope import apply_rotary, mrope_cos_sin
+from patching import checks
 from patching.metrics import AnswerProb
 from patching.results import Result
-from patching.sweep import Sample, forward_rows, samples
+from patching.sweep import Sample, samples
 
 
 def _run_blocks(model, x: Tensor, position_ids: Tensor, blocks) -> Tensor:
@@ -33,16 +35,21 @@ def _run_blocks(model, x: Tensor, position_ids: Tensor, blocks) -> Tensor:
     return x
 
 
+def _dropped(tm, group) -> Tensor:
+    """bool `[batch, pos]`: the group's positions in every row (never the last position)."""
+    drop = tm.mask(group, nonempty=True)
+    if bool(drop[:, -1].any()):
+        raise ValueError(f"{group!r} includes the last position, whose logits are the answer; discard something else")
+    return drop
+
+
 def physical_forward(model, sample: Sample, group, from_layer: int) -> Tensor:
     """Last-position logits `[1, vocab]` with `group` (TokenMap spec) removed from layer `from_layer`
     on. The last position may not be in the group."""
     L = model.cfg.n_layers
     if not 0 <= from_layer <= L:
         raise ValueError(f"from_layer {from_layer} out of range; the model has {L} layers (0..{L}, {L} = discard nothing)")
-    drop = sample.tm.mask(group, nonempty=True)[0].to(sample.embeds.device)
-    if bool(drop[-1]):
-        raise ValueError(f"{group!r} includes the last position, whose logits are the answer; discard something else")
-    keep = ~drop
+    keep = ~_dropped(sample.tm, group)[0].to(sample.embeds.device)
     x = model.hook_embed(sample.embeds)
     x = _run_blocks(model, x, sample.position_ids, model.blocks[:from_layer])
     x = _run_blocks(model, x[:, keep], sample.position_ids[:, :, keep], model.blocks[from_layer:])
@@ -68,17 +75,25 @@ def forward_flops(model, n_tokens: int, n_kept: int | None = None, from_layer: i
     return cut * layer(n_tokens) + (L - cut) * layer(kept) + 2 * c.d_model * c.d_vocab
 
 
-def _timed(fn, repeats: int) -> tuple[Tensor, float]:
-    out, times = None, []
-    for _ in range(repeats):
+def _median_times(fns: dict, repeats: int) -> tuple[dict, dict]:
+    """Outputs and median wall times (s) of the `fns`: one untimed warm-up call each, then `repeats`
+    rounds calling each once in turn, so a drift in clock or cache affects every one alike."""
+
+    def timed(fn):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         t = time.perf_counter()
         out = fn()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return out, sorted(times)[len(times) // 2]
+        return out, time.perf_counter() - t
+
+    outs = {k: fn() for k, fn in fns.items()}
+    times: dict = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            times[k].append(timed(fn)[1])
+    return outs, {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 
 
 def discarding(
@@ -93,24 +108,32 @@ def discarding(
 ) -> Result:
     """For every sample and every L in `from_layers` (default 0..n_layers): the answer's probability
     and correctness with `group` physically discarded from L on, FLOPs (full vs discarded) and median
-    wall time over `repeats` forwards (seconds). L = n_layers is the full forward."""
-    from tqdm.auto import tqdm
-
+    wall time over `repeats` forwards (seconds). The full forward is `physical_forward` from
+    L = n_layers (nothing discarded): the same code, warmed up and timed in turn with the others, so
+    its row has `time_saved` 0."""
     L = model.cfg.n_layers
-    from_layers = list(range(L + 1)) if from_layers is None else [int(x) for x in from_layers]
+    from_layers = list(range(L + 1)) if from_layers is None else checks.indices(
+        checks.nonempty(from_layers, "from_layers"), L + 1, "from_layer(s)", "layers", valid=f"valid: 0..{L} ({L} = discard nothing)")
+    checks.count(repeats, "repeats")
     metric = answers if isinstance(answers, AnswerProb) else AnswerProb(answers)
+    metric.check(model, checks.batch_of(inputs))
+    tm = model.token_map(inputs) if tm is None else tm
+    n_drop = _dropped(tm, group).sum(-1).tolist()  # every sample, before any forward
+    data = samples(model, inputs, tm)
+    layers = [L] + [x for x in dict.fromkeys(from_layers) if x != L]  # the full forward first
     rows = []
-    for s in samples(model, inputs, tm):
-        n, n_drop = s.seq_len, int(s.tm.mask(group, nonempty=True).sum())
+    for s, dropped in zip(tqdm(data, desc="discarding", disable=not progress, leave=False), n_drop):
+        n = s.seq_len
         with torch.no_grad():
-            full, t_full = _timed(lambda: forward_rows(model, s, 1), repeats)
-            p_full = float(metric(full, s.index)[0])
-            for layer in tqdm(from_layers, desc=f"discarding sample {s.index}", disable=not progress, leave=False):
-                logits, t = _timed(lambda: physical_forward(model, s, group, layer), repeats)
-                f_full, f = forward_flops(model, n), forward_flops(model, n, n - n_drop, layer)
-                rows.append(dict(sample=s.index, from_layer=layer, group=str(group), n_tokens=n, n_discarded=n_drop,
-                                 metric=float(metric(logits, s.index)[0]), metric_full=p_full,
-                                 correct=bool(metric.correct(logits, s.index)[0]), flops=f, flops_full=f_full,
-                                 flops_saved=1 - f / f_full, seconds=t, seconds_full=t_full, time_saved=1 - t / t_full))
+            fns = {x: (lambda x=x: physical_forward(model, s, group, x)) for x in layers}
+            logits, seconds = _median_times(fns, repeats)
+        p_full, f_full = float(metric(logits[L], s.index)[0]), forward_flops(model, n)
+        for layer in from_layers:
+            f = forward_flops(model, n, n - dropped, layer)
+            rows.append(dict(sample=s.index, from_layer=layer, group=str(group), n_tokens=n, n_discarded=dropped,
+                             metric=float(metric(logits[layer], s.index)[0]), metric_full=p_full,
+                             correct=bool(metric.correct(logits[layer], s.index)[0]), flops=f, flops_full=f_full,
+                             flops_saved=1 - f / f_full, seconds=seconds[layer], seconds_full=seconds[L],
+                             time_saved=1 - seconds[layer] / seconds[L]))
     return Result("discarding", pd.DataFrame(rows), dict(group=str(group), from_layers=from_layers, repeats=repeats,
                                                           metric=metric.settings()))
