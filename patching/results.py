@@ -23,22 +23,30 @@ class Result:
 
     # ---- summaries --------------------------------------------------------------------------
     def mean(self, by: list[str] | None = None, value: str | None = None, correct_only: bool | None = None) -> pd.DataFrame:
-        """Mean of `value` grouped by `by` (defaults per kind), over correctly answered samples when the
-        frame has a `correct` column and `correct_only` (default: for knockout and causal tracing, the
-        papers' convention; discarding keeps every sample, its `correct` is the accuracy)."""
+        """Mean of `value` grouped by `by` (defaults per kind), over correctly answered samples when
+        `correct_only` (default: for knockout and causal tracing, the papers' convention; discarding
+        keeps every sample, its `correct` is the accuracy). With `correct_only` and no correct sample it
+        raises rather than average the wrong answers: pass `correct_only=False` to ask for that."""
         if correct_only is None:
             correct_only = self.kind in ("knockout", "causal_tracing")
         by = by or _DEFAULT_BY.get(self.kind, ["layer"])
         value = value or _DEFAULT_VALUE.get(self.kind, "value")
         df = self.df
-        if correct_only and "correct" in df.columns and bool(df["correct"].any()):
+        if correct_only:
+            if "correct" not in df.columns:
+                raise ValueError(f"correct_only=True but this {self.kind} frame has no 'correct' column; pass correct_only=False")
+            if not bool(df["correct"].any()):
+                raise ValueError(
+                    f"no sample is answered correctly in this {self.kind} result, so a mean over correct samples "
+                    "is undefined; check the answers, or pass correct_only=False to average every sample"
+                )
             df = df[df["correct"]]
         return df.groupby(by, sort=False)[value].mean().reset_index()
 
     # ---- pictures ---------------------------------------------------------------------------
-    def plot(self, ax=None, **kwargs):
+    def plot(self, ax=None, correct_only: bool | None = None, **kwargs):
         """Matplotlib: lines against layer, one per series (edge, group, site...), or a layer x position
-        heatmap for per-position patching. Returns the axes."""
+        heatmap for per-position patching; `correct_only` as in `mean`. Returns the axes."""
         import matplotlib.pyplot as plt
 
         if ax is None:
@@ -60,7 +68,7 @@ class Result:
             return ax
         x = "from_layer" if self.kind == "discarding" else "layer"
         series = _SERIES.get(self.kind)
-        m = self.mean(by=[series, x] if series else [x], value=value)
+        m = self.mean(by=[series, x] if series else [x], value=value, correct_only=correct_only)
         for name, part in (m.groupby(series, sort=False) if series else [(None, m)]):
             ax.plot(part[x], part[value], marker="o", ms=3, label=name, **kwargs)
         ax.axhline(0, color="grey", lw=0.5)
