@@ -64,3 +64,22 @@ def _role_at(tokens: list[int], i: int, chat: ChatTokens) -> tuple[str | None, i
         if ids and tuple(tokens[i : i + len(ids)]) == ids:
             return role, len(ids)
     return None, 0
+
+
+def special_texts(tokenizer, extra=()) -> frozenset[str]:
+    """The text of every special token of `tokenizer` (media placeholders, `<|im_start|>`, ...) and of
+    `extra`: written in a prompt's text they would be tokenized as that token, so prompt builders
+    refuse them (`check_plain_text`) rather than build a layout that no longer matches the media."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    found = set(tokenizer.all_special_tokens) | {t.content for t in added.values() if t.special} | set(extra)
+    return frozenset(t for t in found if t)
+
+
+def check_plain_text(text: str, specials: frozenset[str], what: str) -> None:
+    """A clear error when `text` (named `what`) holds the text of a special token."""
+    found = sorted(t for t in specials if t in text)
+    if found:
+        raise ValueError(
+            f"{what} {text!r} contains a media placeholder token or chat-template token ({', '.join(map(repr, found))}); "
+            "prepare writes those itself: pass media as video=/audio=/image= and leave them out of the text"
+        )

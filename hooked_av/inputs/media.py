@@ -4,6 +4,8 @@ mono float32 waveforms at 16 kHz."""
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from dataclasses import dataclass
 
@@ -14,9 +16,12 @@ SAMPLE_RATE = 16_000  # every audio front end here (Whisper features) runs at 16
 
 @dataclass
 class Audio:
-    """A mono waveform, float32 `[n_samples]` at 16 kHz."""
+    """A mono waveform, float32 `[n_samples]` at 16 kHz, every sample finite."""
 
     waveform: np.ndarray
+
+    def __post_init__(self):
+        check_finite(self.waveform)
 
     @property
     def seconds(self) -> float:
@@ -45,8 +50,20 @@ def check_frames(frames, what: str = "frames") -> np.ndarray:
     return arr
 
 
+def check_finite(waveform) -> None:
+    """A NaN or inf sample would turn every logit into NaN downstream: refuse it here."""
+    bad = ~np.isfinite(np.asarray(waveform))
+    if bad.any():
+        raise ValueError(
+            f"the waveform has {int(bad.sum())} non-finite sample(s) (NaN or inf), the first at sample "
+            f"{int(np.argmax(bad))}; replace them (np.nan_to_num) or cut them out before passing the audio"
+        )
+
+
 def resample(waveform, sample_rate: int) -> Audio:
     """A float waveform `[n]` or `[n, channels]`/`[channels, n]` at any rate -> mono 16 kHz `Audio`."""
+    if not (isinstance(sample_rate, numbers.Real) and math.isfinite(sample_rate) and sample_rate > 0):
+        raise ValueError(f"the sample rate must be a positive, finite number of samples per second; got {sample_rate!r}")
     w = np.asarray(waveform.numpy() if hasattr(waveform, "numpy") else waveform)
     if not np.issubdtype(w.dtype, np.floating):
         raise ValueError(f"a waveform must be float (samples in [-1, 1]); got {w.dtype}")
@@ -55,6 +72,7 @@ def resample(waveform, sample_rate: int) -> Audio:
     if w.ndim != 1 or w.size == 0:
         raise ValueError(f"a waveform must be a non-empty 1D array (or 2D with channels); got shape {w.shape}")
     w = w.astype(np.float32)
+    check_finite(w)  # before resampling, so that the sample index is the caller's
     if int(sample_rate) == SAMPLE_RATE:
         return Audio(w)
     return Audio(_av_resample([w[None]], int(sample_rate), "fltp", "mono"))
@@ -119,18 +137,32 @@ def load_audio(source, sample_rate: int | None = None) -> Audio:
     return resample(source, sample_rate)
 
 
-def sample_indices(n_frames: int, source_fps: float, fps: float, max_frames: int = 768) -> np.ndarray:
-    """Frame indices for sampling at `fps` (qwen-omni-utils' rule: an even count of frames, evenly
-    spaced over the clip)."""
-    n = round(n_frames / source_fps * fps / 2) * 2
-    n = int(min(max(n, 2), max_frames, n_frames if n_frames % 2 == 0 else n_frames + 1))
-    return np.linspace(0, n_frames - 1, n).round().astype(int)
+def sampled_rate(n_sampled: int, n_frames: int, source_fps: float) -> float:
+    """Frames per second actually sampled when `n_sampled` of a clip's `n_frames` are kept, evenly
+    spaced (qwen-omni-utils' `sample_fps`). Seconds per temporal grid step are `temporal_patch_size`
+    over this, not over the requested fps: the count is clipped and made even, so a clip below the
+    requested rate or longer than `max_frames` frames is sampled slower than asked."""
+    return n_sampled / n_frames * source_fps
+
+
+def sample_frames(n_frames: int, source_fps: float, fps: float, min_frames: int = 4, max_frames: int = 768) -> tuple[np.ndarray, float]:
+    """Indices of the frames to keep and the rate they make (`sampled_rate`), by qwen-omni-utils'
+    rule: `n_frames / source_fps * fps` frames, at least `min_frames` and at most `min(max_frames,
+    n_frames)` (both bounds made even), floored to an even count, evenly spaced over the clip."""
+    if n_frames < 2:
+        raise ValueError(f"the video holds {n_frames} frame(s) but a video needs at least 2; pass a single frame as image= instead")
+    if not source_fps > 0:
+        raise ValueError(f"the video's frame rate is {source_fps}; pass the frames as Video(frames, fps) with the rate they were sampled at")
+    lo = math.ceil(min_frames / 2) * 2
+    hi = math.floor(min(max_frames, n_frames) / 2) * 2
+    n = math.floor(min(max(n_frames / source_fps * fps, lo), hi, n_frames) / 2) * 2
+    return np.linspace(0, n_frames - 1, n).round().astype(int), sampled_rate(n, n_frames, source_fps)
 
 
 def load_video(source, fps: float = 2.0, with_audio: bool = False, audio=None) -> Video:
-    """A video file (decoded with PyAV, sampled at `fps`), frames `[T, H, W, 3]` uint8 (taken as
-    already sampled at `fps`), or a `Video`. With `with_audio=True` the audio track is decoded (or
-    `audio` is used) and a missing one is an error."""
+    """A video file (decoded with PyAV, sampled at `fps` by `sample_frames`; `Video.fps` is the rate
+    actually sampled), frames `[T, H, W, 3]` uint8 (taken as already sampled at `fps`), or a `Video`.
+    With `with_audio=True` the audio track is decoded (or `audio` is used) and a missing one is an error."""
     if isinstance(source, Video):
         video = source
     elif isinstance(source, (str, os.PathLike)):
@@ -140,7 +172,7 @@ def load_video(source, fps: float = 2.0, with_audio: bool = False, audio=None) -
             frames = [f.to_ndarray(format="rgb24") for f in c.decode(c.streams.video[0])]
             if not frames:
                 raise ValueError(f"{str(source)!r} holds no decodable video frames")
-            rate = float(c.streams.video[0].average_rate or fps)
+            rate = float(c.streams.video[0].average_rate or 0)
         with _open(source) as c:
             track = _decode_audio(c, source) if c.streams.audio and with_audio and audio is None else None
             has_audio = bool(c.streams.audio)
@@ -149,7 +181,8 @@ def load_video(source, fps: float = 2.0, with_audio: bool = False, audio=None) -
                 f"{str(source)!r} has no audio track, but its audio was requested (use_audio_in_video=True); "
                 "pass use_audio_in_video=False to use the frames only, or give the audio with audio=..."
             )
-        video = Video(np.stack([frames[i] for i in sample_indices(len(frames), rate, fps)]), fps, track)
+        keep, sampled_fps = sample_frames(len(frames), rate, fps)
+        video = Video(np.stack([frames[i] for i in keep]), sampled_fps, track)
     else:
         video = Video(check_frames(source), fps)
     if audio is not None:

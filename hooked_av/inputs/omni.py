@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hooked_av.inputs.media import Video, load_audio, load_image, load_video
+from hooked_av.inputs.chat import check_plain_text, special_texts
+from hooked_av.inputs.media import SAMPLE_RATE, Video, load_audio, load_image, load_video
 from hooked_av.inputs.omni_layout import av_chunk_runs, audio_token_counts
-from hooked_av.inputs.processor import OmniParts
+from hooked_av.inputs.processor import OmniParts, video_max_pixels
 from hooked_av.models.qwen2_5_omni_positions import OmniTokenIds
 
 OMNI_SYSTEM_PROMPT = (
@@ -67,6 +68,19 @@ class Prompt:
         if not self.options:
             return self.question
         return self.question + "\n" + "\n".join(f"{chr(65 + i)}. {o}" for i, o in enumerate(self.options))
+
+
+def check_prompt_text(prompt: Prompt, specials: frozenset[str]) -> None:
+    """Refuse a special token's text (`<|AUDIO|>`, `<|im_start|>`, ...) in the question, an option, a
+    label or the system prompt, before anything is tokenized: it would become that token."""
+    prompt.text()  # refuses an empty question first
+    texts = [("the question", prompt.question)]
+    texts += [(f"option {i + 1}", str(o)) for i, o in enumerate(prompt.options or [])]
+    texts += [("the label", it.label) for it in prompt.all_items() if it.label]
+    if isinstance(prompt.system, str):
+        texts.append(("the system prompt", prompt.system))
+    for what, text in texts:
+        check_plain_text(text, specials, what)
 
 
 def token_strings(tokenizer, ids: OmniTokenIds) -> dict[str, str]:
@@ -157,10 +171,20 @@ def prepare_omni(
     """Model inputs for one prompt (`prompts` a question string plus `prompt_kwargs`) or a batch (a
     list of `Prompt`), left-padded: input_ids/attention_mask `[batch, pos]`, input_features
     `[n_audio, mels, frames]` + feature_attention_mask, pixel_values(_videos) `[n_patches, 1176]` +
-    grid_thw, video_second_per_grid (seconds per temporal grid step), and `use_audio_in_video`."""
+    grid_thw, video_second_per_grid, and `use_audio_in_video`.
+
+    As qwen-omni-utils + `Qwen2_5OmniProcessor` build them: a video file is sampled at `parts.fps` by
+    `media.sample_frames`, and its seconds per temporal grid step are `temporal_patch_size` over the
+    rate actually sampled (`Video.fps`; frames given as an array are taken as sampled at
+    `parts.fps`). Every video's frames are resized within `video_max_pixels` (qwen-omni-utils'
+    per-frame cap, applied to frame arrays too). Frames and images are read channels last. Audio too
+    short for one token, and prompt text holding a special token, are errors."""
     prompts = as_prompts(prompts, prompt_kwargs)
     av_mode = resolve_audio_in_video(prompts, use_audio_in_video)
     tok = token_strings(parts.tokenizer, ids)
+    specials = special_texts(parts.tokenizer, tok.values())
+    for p in prompts:
+        check_prompt_text(p, specials)
     texts, images, videos, audios = [], [], [], []
     for p in prompts:
         texts.append(render_chat(messages_for(p, av_mode), tok))
@@ -181,13 +205,20 @@ def prepare_omni(
             return_attention_mask=True, padding="max_length", return_tensors="pt",
         )
         out["input_features"], out["feature_attention_mask"] = feats["input_features"], feats["attention_mask"]
+        _check_audio_tokens(audios, audio_token_counts(feats["attention_mask"]), parts.feature_extractor.hop_length)
     if images:
-        out.update(parts.image_processor(images=images, return_tensors="pt"))
+        out.update(parts.image_processor(images=images, input_data_format="channels_last", return_tensors="pt"))
+    spgs = [parts.video_processor.temporal_patch_size / v.fps for v in videos]  # Python floats, as the processor uses
     if videos:
-        out.update(parts.video_processor(videos=[v.frames for v in videos], size=parts.video_size, return_tensors="pt"))
-        spg = parts.video_processor.temporal_patch_size / parts.fps
-        out["video_second_per_grid"] = torch.tensor([spg] * len(videos))
-    expanded = _expand(texts, tok, out, parts, av_mode)
+        # one call per video: the per-frame cap depends on the video's frame count
+        done = [parts.video_processor(
+            videos=[v.frames], size={**parts.video_size, "longest_edge": video_max_pixels(parts, len(v.frames))},
+            cap_pixels_per_frame=False, input_data_format="channels_last", return_tensors="pt",
+        ) for v in videos]
+        out["pixel_values_videos"] = torch.cat([d["pixel_values_videos"] for d in done])
+        out["video_grid_thw"] = torch.cat([d["video_grid_thw"] for d in done])
+        out["video_second_per_grid"] = torch.tensor(spgs)
+    expanded = _expand(texts, tok, out, spgs, parts, av_mode)
     enc = parts.tokenizer(expanded, padding=True, padding_side="left", return_tensors="pt")
     result = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], **out, "use_audio_in_video": av_mode}
     if return_text:  # the chat text before placeholder expansion (what the HF processor takes)
@@ -195,7 +226,19 @@ def prepare_omni(
     return result
 
 
-def _expand(texts: list[str], tok: dict, out: dict, parts: OmniParts, av_mode: bool) -> list[str]:
+def _check_audio_tokens(audios: list, counts: list[int], hop: int) -> None:
+    """The audio tower turns mel frames into tokens as `audio_token_counts` says: 2 frames or fewer
+    (2 hops of samples, 20 ms) make none, and the audio would silently vanish from the prompt."""
+    for i, (a, n) in enumerate(zip(audios, counts)):
+        if n == 0:
+            k = len(a.waveform)
+            raise ValueError(
+                f"audio item {i} is {k} samples ({1000 * k / SAMPLE_RATE:.1f} ms at 16 kHz), too short for one audio "
+                f"token: pass at least {2 * hop + 1} samples (pad it with silence if the sound really is that short)"
+            )
+
+
+def _expand(texts: list[str], tok: dict, out: dict, spgs: list[float], parts: OmniParts, av_mode: bool) -> list[str]:
     """Replace each placeholder by its run of tokens, consuming media in order across the batch."""
     merge = parts.video_processor.merge_size
     counts = audio_token_counts(out["feature_attention_mask"]) if "feature_attention_mask" in out else []
@@ -214,8 +257,7 @@ def _expand(texts: list[str], tok: dict, out: dict, parts: OmniParts, av_mode: b
             return tok[kind] * (grid[0] * grid[1] * grid[2] // merge**2)
         a = state["audio"]
         state["audio"] += 1  # the video's own audio, next in appearance order
-        spg = parts.video_processor.temporal_patch_size / parts.fps  # a Python float, as the processor uses
-        runs = av_chunk_runs(grid, spg, counts[a], merge,
+        runs = av_chunk_runs(grid, spgs[i], counts[a], merge,
                              parts.position_id_per_seconds, parts.seconds_per_chunk)
         return tok["audio_bos"] + "".join(tok[m_] * n for m_, _, n in runs) + tok["audio_eos"]
 

@@ -7,16 +7,20 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# Qwen2_5OmniProcessor's class-level defaults (its video size and fps are not in the released configs)
+# Qwen2_5OmniProcessor's class-level defaults (its video size and fps are not in the released configs),
+# which are qwen-omni-utils' VIDEO_MIN_PIXELS / VIDEO_MAX_PIXELS and FPS
 OMNI_VIDEO_SIZE = {"shortest_edge": 128 * 28 * 28, "longest_edge": 768 * 28 * 28}
 OMNI_FPS = 2.0
+# qwen-omni-utils' VIDEO_TOTAL_PIXELS: 90% of a 128k-token context, shared by a video's frames
+OMNI_VIDEO_TOTAL_PIXELS = int(128000 * 28 * 28 * 0.9)
 
 
 @dataclass
 class OmniParts:
     """What `prepare` needs: `tokenizer`, `feature_extractor` (WhisperFeatureExtractor),
     `image_processor`, `video_processor` (Qwen2-VL), the video sampling rate `fps` (frames per
-    second) and the video resize bounds in pixels."""
+    second), the video resize bounds in pixels per frame and the pixel budget of a whole video
+    (`video_max_pixels`)."""
 
     tokenizer: object
     feature_extractor: object
@@ -24,8 +28,20 @@ class OmniParts:
     video_processor: object
     fps: float = OMNI_FPS
     video_size: dict = field(default_factory=lambda: dict(OMNI_VIDEO_SIZE))
+    video_total_pixels: float = OMNI_VIDEO_TOTAL_PIXELS
     position_id_per_seconds: float = 25
     seconds_per_chunk: float = 2.0
+
+
+def video_max_pixels(parts: OmniParts, n_frames: int) -> int:
+    """The most pixels one frame of an `n_frames` video is resized to: qwen-omni-utils' per-frame cap
+    (its `fetch_video`), an even share of `video_total_pixels` per 2 frames (one temporal grid step),
+    within `video_size` and never below 1.05x its smallest frame, floored to whole pixels (the
+    processor takes integers; the resized size is the same). It binds past 300 frames (a 150 s clip
+    at 2 fps). The stock Qwen2-VL video processor applies a variant only when asked
+    (`cap_pixels_per_frame`); `prepare` applies this rule itself."""
+    lo, hi = parts.video_size["shortest_edge"], parts.video_size["longest_edge"]
+    return int(max(min(hi, parts.video_total_pixels / n_frames * 2), int(lo * 1.05)))
 
 
 def has_processor(folder) -> bool:

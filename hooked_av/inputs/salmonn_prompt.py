@@ -24,8 +24,11 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from hooked_av.inputs.media import SAMPLE_RATE, Audio, Video, _decode_audio, _open, check_frames, load_audio, load_image
-from hooked_av.inputs.omni import _DEFAULT, Item, Prompt, _has_audio, as_prompts
+from hooked_av.inputs.chat import special_texts
+from hooked_av.inputs.media import (
+    SAMPLE_RATE, Audio, Video, _decode_audio, _open, check_frames, load_audio, load_image, sampled_rate,
+)
+from hooked_av.inputs.omni import _DEFAULT, Item, Prompt, _has_audio, as_prompts, check_prompt_text
 from hooked_av.inputs.salmonn import salmonn_block_ids
 
 SALMONN_SYSTEM_PROMPT = "You are a helpful assistant."  # what the repository's data pipeline always inserts
@@ -106,7 +109,8 @@ def audio_features(parts: SalmonnParts, audio: Audio) -> tuple[torch.Tensor, int
 def sample_video_file(path, parts: SalmonnParts, with_audio: bool) -> Video:
     """Frames `[T, H, W, 3]` uint8 from a video file: `round(duration * fps)` frames clipped to
     `[min_frames, max_frames]`, evenly spaced (the repository's rule); `Video.fps` is the rate actually
-    sampled (`T / duration`). With `with_audio`, the audio track (mono 16 kHz) comes too."""
+    sampled (`media.sampled_rate`), which sets the seconds per grid step. With `with_audio`, the audio
+    track (mono 16 kHz) comes too."""
     with _open(path) as c:
         if not c.streams.video:
             raise ValueError(f"{str(path)!r} has no video stream; pass it as audio= instead")
@@ -132,7 +136,7 @@ def sample_video_file(path, parts: SalmonnParts, with_audio: bool) -> Video:
                     "to use the frames only, or give the audio with audio=..."
                 )
             track = _decode_audio(c, path)
-    return Video(np.stack(frames), len(frames) / duration, track)
+    return Video(np.stack(frames), sampled_rate(len(frames), total, rate), track)
 
 
 def load_salmonn_video(source, parts: SalmonnParts, with_audio: bool, audio=None) -> Video:
@@ -160,11 +164,8 @@ def _audio_for(it: Item, use_audio_in_video: bool | None) -> bool:
     return bool(use_audio_in_video)
 
 
-def _encode(tok, text: str, media_ids: set[int]) -> list[int]:
-    ids = tok.encode(text, add_special_tokens=False)
-    if media_ids & set(ids):
-        raise ValueError(f"the text {text!r} contains a media placeholder token; pass media as video=/audio=/image= instead")
-    return ids
+def _encode(tok, text: str) -> list[int]:
+    return tok.encode(text, add_special_tokens=False)
 
 
 def prepare_salmonn(
@@ -190,17 +191,19 @@ def prepare_salmonn(
     if any(not isinstance(p, Prompt) for p in prompts):
         raise ValueError("a batch must be a list of hooked_av.inputs.omni.Prompt")
     tok = parts.tokenizer
-    media_ids = {ids.audio, ids.image, ids.video, ids.vision_start, ids.vision_end}
+    media = [ids.audio, ids.image, ids.video, ids.vision_start, ids.vision_end]
+    specials = special_texts(tok, tok.convert_ids_to_tokens(media))
+    for p in prompts:
+        check_prompt_text(p, specials)
     tp = parts.video_processor.temporal_patch_size
     rows, mels, images, videos, spgs = [], [], [], [], []
 
     for p in prompts:
-        question = p.text()  # checks that the question is not empty
         system = SALMONN_SYSTEM_PROMPT if p.system is _DEFAULT else p.system
         head = (f"<|im_start|>system\n{system}<|im_end|>\n" if system is not None else "") + "<|im_start|>user\n"
-        row = _encode(tok, head, set())
+        row = _encode(tok, head)
         for it in p.all_items():
-            row += _encode(tok, it.label, media_ids) if it.label else []
+            row += _encode(tok, it.label) if it.label else []
             if it.image is not None:
                 images.append(load_image(it.image))
                 grid = _image_grid(parts, images)
@@ -221,17 +224,19 @@ def prepare_salmonn(
                 feats, n_audio = audio_features(parts, load_audio(it.audio))
                 mels.append(feats)
                 row += salmonn_block_ids(ids, None, n_audio=n_audio)
-            row += _encode(tok, "\n", set())
-        row += _encode(tok, question, media_ids) + _encode(tok, "<|im_end|>\n<|im_start|>assistant\n", set())
+            row += _encode(tok, "\n")
+        row += _encode(tok, p.text()) + _encode(tok, "<|im_end|>\n<|im_start|>assistant\n")
         rows.append(row)
 
     out = _left_pad(rows, tok)
     if mels:
         out["input_features"] = torch.cat(mels)
     if images:
-        out.update(parts.image_processor(images=images, size=_size(parts), return_tensors="pt"))
+        out.update(parts.image_processor(images=images, size=_size(parts), input_data_format="channels_last", return_tensors="pt"))
     if videos:
-        out.update(parts.video_processor(videos=videos, size=_size(parts), cap_pixels_per_frame=False, return_tensors="pt"))
+        # the repository caps each frame at max_pixels only (no whole-video budget); frames are [T, H, W, 3]
+        out.update(parts.video_processor(videos=videos, size=_size(parts), cap_pixels_per_frame=False,
+                                         input_data_format="channels_last", return_tensors="pt"))
         out["video_second_per_grid"] = torch.tensor(spgs)
     out["position_mode"] = position_mode
     return out
