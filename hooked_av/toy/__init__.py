@@ -16,11 +16,13 @@ on two threads (21.9 minutes) ended at visual 0.76, auditory 1.00, audio-visual 
 from __future__ import annotations
 
 from pathlib import Path
+from types import MethodType
 
 import torch
 
 from hooked_av.toy.clips import ClipBank, make_clips
 from hooked_av.toy.data import Batch, Sample, collate, draw_samples, prompt_text
+from hooked_av.toy.prepare import prepare
 from hooked_av.toy.tokenizer import build_tokenizer, token_ids
 from hooked_av.toy.vocab import KINDS
 
@@ -37,7 +39,8 @@ def weights_dir() -> Path:
 
 
 def load(dtype: torch.dtype = torch.float32, device=None):
-    """The shipped toy model as a `HookedQwen2_5Omni` (eval mode), its tokenizer at `model.tokenizer`."""
+    """The shipped toy model as a `HookedQwen2_5Omni` (eval mode), its tokenizer at `model.tokenizer`
+    and `model.prepare` building the toy's training format from media (`toy.prepare.prepare`)."""
     from hooked_av.models.qwen2_5_omni import HookedQwen2_5Omni
 
     folder = weights_dir()
@@ -49,6 +52,7 @@ def load(dtype: torch.dtype = torch.float32, device=None):
     model = HookedQwen2_5Omni.from_pretrained(folder, dtype=dtype, device=device)
     if model.tokenizer is None:
         raise FileNotFoundError(f"{folder} has no tokenizer files; retrain with `python -m hooked_av.toy.train`")
+    model.prepare = MethodType(prepare, model)  # the toy's own format, not Omni's prompt (toy/prepare.py)
     return model
 
 

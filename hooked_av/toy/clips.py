@@ -70,11 +70,25 @@ class ClipBank:
         return ((frames - 1) // 2 + 1 - 2) // 2 + 1
 
 
+# The training format: every clip the shipped model saw has frames of SIZE x SIZE px, N_FRAMES of them
+# at FPS frames per second, and SECONDS of audio.
+SIZE, N_FRAMES, FPS, SECONDS = 56, 2, 2.0, 1.0
+
+
 def make_clips(
-    n: int, seed: int, size: int = 56, n_frames: int = 2, fps: float = 2.0, seconds: float = 1.0
+    n: int, seed: int, size: int = SIZE, n_frames: int = N_FRAMES, fps: float = FPS, seconds: float = SECONDS
 ) -> ClipBank:
     """`n` clips with independent uniform attributes, deterministic in `seed`. `size` (px, a
     multiple of 28) and `n_frames` (even) fix the video grid; `seconds` the audio length."""
+    attrs, video, audio = render_clips(n, seed, size, n_frames, seconds)
+    return bank_from_media(attrs, video, audio, fps)
+
+
+def render_clips(
+    n: int, seed: int, size: int = SIZE, n_frames: int = N_FRAMES, seconds: float = SECONDS
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """The media of `make_clips(n, seed, ...)` before the model's transforms: attributes, video
+    `[n, frames, size, size, 3]` float in [0, 255] and audio `[n, samples]` float32 at 16 kHz."""
     if size % (PATCH * MERGE) or n_frames % TEMPORAL_PATCH:
         raise ValueError(f"size must be a multiple of {PATCH * MERGE} px and n_frames even; got {size}, {n_frames}")
     rng = np.random.default_rng(seed)
@@ -83,7 +97,14 @@ def make_clips(
     attrs["match"] = (attrs["note"] == attrs["colour"]).astype(np.int64)
     video = np.stack([_render_video(rng, attrs, i, size, n_frames) for i in range(n)])
     audio = np.stack([_render_tone(rng, attrs, i, seconds) for i in range(n)])
-    grid = (n_frames // TEMPORAL_PATCH, size // PATCH, size // PATCH)
+    return attrs, video, audio
+
+
+def bank_from_media(attrs: dict[str, np.ndarray], video: np.ndarray, audio: np.ndarray, fps: float = FPS) -> ClipBank:
+    """A `ClipBank` from video `[n, frames, H, W, 3]` in [0, 255] (float or uint8) sampled at `fps`
+    and audio `[n, samples]` at 16 kHz: the model's tensors, as in training."""
+    n, frames, height, width, _ = video.shape
+    grid = (frames // TEMPORAL_PATCH, height // PATCH, width // PATCH)
     return ClipBank(attrs, patchify(video), log_mel(audio), grid, TEMPORAL_PATCH / fps)
 
 

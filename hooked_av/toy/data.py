@@ -109,35 +109,47 @@ def media_text(bank: ClipBank) -> str:
 
 def prompt_text(bank: ClipBank, sample: Sample) -> str:
     """The chat prompt up to the answer (the model predicts the answer word next)."""
+    return chat_text(bank, len(sample.clips), sample.text)
+
+
+def chat_text(bank: ClipBank, n_clips: int, question: str) -> str:
+    """The toy's chat prompt for a question over `n_clips` clips of `bank`'s format: its own system
+    prompt; one clip's media bare, two as "clip one <media> clip two <media>"."""
     media = media_text(bank)
-    if len(sample.clips) == 1:
+    if n_clips == 1:
         body = media
     else:
         clip, *names = vocab.CLIP_NAMES
-        body = " ".join(f"{clip} {name} {media}" for name in names[: len(sample.clips)])
+        body = " ".join(f"{clip} {name} {media}" for name in names[:n_clips])
     return (
         f"{S['im_start']} system {vocab.SYSTEM} {S['im_end']} "
-        f"{S['im_start']} user {body} {sample.text} {S['im_end']} {S['im_start']} assistant"
+        f"{S['im_start']} user {body} {question} {S['im_end']} {S['im_start']} assistant"
     )
 
 
 def collate(bank: ClipBank, samples: list[Sample], tokenizer) -> Batch:
-    """Left-padded `input_ids` / `attention_mask` `[batch, pos]`, `input_features` `[n_audio, 128,
-    frames]` + `feature_attention_mask`, `pixel_values_videos` `[n_video * rows, 1176]`,
-    `video_grid_thw` `[n_video, 3]`, `video_second_per_grid` `[n_video]` (media in prompt order)."""
-    enc = tokenizer([prompt_text(bank, s) for s in samples], padding=True, return_tensors="pt")
+    """`model_inputs` for `samples`, and their answer ids `[batch]`."""
+    inputs = model_inputs(bank, [s.clips for s in samples], [s.text for s in samples], tokenizer)
+    answers = torch.tensor(tokenizer.convert_tokens_to_ids([s.answer for s in samples]))
+    return Batch(inputs, answers, list(samples))
+
+
+def model_inputs(bank: ClipBank, clips: list[tuple[int, ...]], questions: list[str], tokenizer) -> dict[str, Tensor]:
+    """One row per question over the bank's `clips` (indices, prompt order): left-padded
+    `input_ids` / `attention_mask` `[batch, pos]`, `input_features` `[n_audio, 128, frames]` +
+    `feature_attention_mask`, `pixel_values_videos` `[n_video * rows, 1176]`, `video_grid_thw`
+    `[n_video, 3]`, `video_second_per_grid` `[n_video]` (media in prompt order)."""
+    enc = tokenizer([chat_text(bank, len(c), q) for c, q in zip(clips, questions)], padding=True, return_tensors="pt")
     if enc["input_ids"].eq(tokenizer.unk_token_id).any():
         raise ValueError("a toy prompt has a word outside the toy vocabulary; rebuild the tokenizer")
-    clips = torch.tensor([c for s in samples for c in s.clips])
-    features = bank.features[clips]
-    answers = torch.tensor(tokenizer.convert_tokens_to_ids([s.answer for s in samples]))
-    inputs = {
+    flat = torch.tensor([i for c in clips for i in c])
+    features = bank.features[flat]
+    return {
         "input_ids": enc["input_ids"],
         "attention_mask": enc["attention_mask"],
         "input_features": features,
         "feature_attention_mask": torch.ones(features.shape[0], features.shape[2], dtype=torch.long),
-        "pixel_values_videos": bank.pixels[clips].flatten(0, 1),
-        "video_grid_thw": torch.tensor([bank.grid_thw] * len(clips)),
-        "video_second_per_grid": torch.full((len(clips),), bank.second_per_grid),
+        "pixel_values_videos": bank.pixels[flat].flatten(0, 1),
+        "video_grid_thw": torch.tensor([bank.grid_thw] * len(flat)),
+        "video_second_per_grid": torch.full((len(flat),), bank.second_per_grid),
     }
-    return Batch(inputs, answers, list(samples))
