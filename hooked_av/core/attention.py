@@ -3,7 +3,9 @@
 Fast by default, exact when looked at: a call runs `scaled_dot_product_attention` unless
 `hook_attn_scores` or `hook_pattern` of this layer has a hook (forward or backward), in which
 case the scores and pattern are materialised for this layer only. Both paths apply the additive
-mask after `hook_attn_mask`, so every edit of who attends to whom acts before the softmax.
+mask after `hook_attn_mask`, so every edit of who attends to whom acts before the softmax. A hooked
+`hook_attn_mask` always runs: where the caller passes no mask (nothing padded), it sees the mask of
+"nothing masked" (causal, or all zeros).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
+
+from hooked_av.core.masks import open_mask
 
 Rotary = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
@@ -146,9 +150,11 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)
 
-        if mask is not None and self.hook_attn_mask.has_hooks():
-            # a clone: an in-place edit in a user's hook must not leak into the other layers
-            mask = self.hook_attn_mask(mask.clone())
+        if self.hook_attn_mask.has_hooks():
+            # a hooked mask point always runs, on a real mask where the caller needs none (nothing
+            # padded); else on a clone, so that an in-place edit does not leak into the other layers
+            b, q_len, k_len = q.shape[0], q.shape[1], k.shape[1]
+            mask = self.hook_attn_mask(open_mask(b, q_len, k_len, causal, q.dtype, q.device) if mask is None else mask.clone())
             causal = False
         elif mask is not None:
             mask = self.hook_attn_mask(mask)

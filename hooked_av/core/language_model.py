@@ -88,10 +88,9 @@ class MRoPELanguageModel:
         if position_ids.dim() == 2:
             position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
         plain = attention_mask is None or bool(attention_mask.all())
-        # a mask is only materialised when something needs it: padding, a mask hook, an exact layer
-        needs_mask = not plain or any(
-            blk.attn.hook_attn_mask.has_hooks() or blk.attn.needs_exact() for blk in self.blocks
-        ) or (past and q_len > 1)
+        # a mask is only materialised when something needs it: padding, an exact layer (a hooked mask
+        # point without one gets its own, see Attention)
+        needs_mask = not plain or any(blk.attn.needs_exact() for blk in self.blocks) or (past and q_len > 1)
         mask = additive(causal_allowed(attention_mask, q_len, k_len, b, x.device), x.dtype) if needs_mask else None
         cos, sin = mrope_cos_sin(position_ids, self.cfg.d_head, self.cfg.rope_theta, self.cfg.mrope_section, x.dtype)
 

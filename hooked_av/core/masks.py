@@ -29,3 +29,10 @@ def causal_allowed(attention_mask: Tensor | None, q_len: int, k_len: int, batch:
         allowed = allowed & attention_mask[:, None, None, :k_len].bool()
     return allowed
 
+
+
+def open_mask(batch: int, q_len: int, k_len: int, causal: bool, dtype: torch.dtype, device) -> Tensor:
+    """The additive mask that masks nothing, `[batch, 1, q_len, k_len]`: causal, or all zeros."""
+    if causal:
+        return additive(causal_allowed(None, q_len, k_len, batch, device), dtype)
+    return torch.zeros(batch, 1, q_len, k_len, dtype=dtype, device=device)

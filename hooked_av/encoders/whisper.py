@@ -3,7 +3,7 @@
 pre-LN blocks, full bidirectional attention inside the chunk and a final LayerNorm.
 
 Chunks are the batch dimension, so `blocks.{i}.attn.hook_pattern` is `[n_chunks, heads, 1500, 1500]`
-and no mask is built: nothing is padded inside a chunk.
+and no mask is built: nothing is padded inside a chunk (a hooked `hook_attn_mask` sees the all-zero mask).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from hooked_av.core.attention import Attention
 from hooked_av.core.block import Block
 from hooked_av.core.mlp import MLP
 from hooked_av.core.norms import LayerNorm
-
 
 
 def whisper_blocks(n_layers: int, d_model: int, n_heads: int, d_mlp: int, act: str = "gelu") -> nn.ModuleList:
