@@ -81,6 +81,9 @@ class MRoPELanguageModel:
         """inputs_embeds `[batch, pos, d_model]`, position_ids `[3, batch, pos]` (or `[batch, pos]`),
         attention_mask `[batch, past + pos]` (1 = real token) -> logits `[batch, pos, vocab]`,
         the final residual after `ln_final` ("resid") or None."""
+        if self.hook_embed.has_hooks() or self.blocks[0].hook_resid_pre.has_hooks():
+            # these two hooks receive the caller's tensor (encode() outputs): an in-place edit must stay in this run
+            inputs_embeds = inputs_embeds.clone()
         x = self.hook_embed(inputs_embeds)
         b, q_len, _ = x.shape
         past = kv_caches[0].length if kv_caches else 0
