@@ -11,20 +11,20 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from transformer_lens import ActivationCache
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.HookedRootModule import HookedRootModule
 
-from hooked_av.core.tl_compat import TransformerLensCompat
+from hooked_av.core.tl_compat import AVActivationCache, TransformerLensCompat
 
 
 class HookShapeError(ValueError):
-    pass
+    """A hook function returned something other than a tensor of the shape, dtype and device it received."""
 
 
 class HookedAVModel(TransformerLensCompat, HookedRootModule):
-    """Base class: hook-name validation, shape-checked hook functions, an `ActivationCache`
-    returned by `run_with_cache`. Subclasses build their modules, then call `self.setup()`."""
+    """Base class: hook names (and `names_filter`s) checked before any work, hook functions checked
+    for the shape, dtype and device they return, an `ActivationCache` that knows which activations
+    are batch-major returned by `run_with_cache`. Subclasses build their modules, then call `self.setup()`."""
 
     def blocks_count(self) -> int:
         return len(getattr(self, "blocks", []))
@@ -48,10 +48,26 @@ class HookedAVModel(TransformerLensCompat, HookedRootModule):
         return f"hook {name!r} does not exist{hint}"
 
     def check_hook_name(self, name: str | Callable) -> None:
-        if isinstance(name, str) and name not in self.hook_dict:
-            raise KeyError(self._unknown_hook_message(name))
-        if not isinstance(name, str) and not callable(name):
+        """A name must exist and a filter function must match at least one hook point: either
+        mistake would otherwise run the model untouched (or cache nothing) without a word."""
+        if isinstance(name, str):
+            if name not in self.hook_dict:
+                raise KeyError(self._unknown_hook_message(name))
+        elif callable(name):
+            if not any(name(n) for n in self.hook_dict):
+                raise KeyError(
+                    f"the filter function {getattr(name, '__name__', name)!r} matches no hook point; "
+                    "see model.hook_dict for every name"
+                )
+        else:
             raise TypeError(f"a hook name must be a string or a filter function, got {type(name).__name__}")
+
+    def check_names_filter(self, names_filter) -> None:
+        """`run_with_cache`'s `names_filter` (None, a name, a list of names or a filter function)."""
+        if names_filter is None:
+            return
+        for name in [names_filter] if isinstance(names_filter, str) or callable(names_filter) else names_filter:
+            self.check_hook_name(name)
 
     @staticmethod
     def _shape_checked(fn: Callable) -> Callable:
@@ -59,16 +75,22 @@ class HookedAVModel(TransformerLensCompat, HookedRootModule):
         def checked(tensor: Tensor, hook: HookPoint):
             out = fn(tensor, hook=hook)
             if out is not None and isinstance(tensor, Tensor):
+                who = f"hook function {getattr(fn, '__name__', fn)!r} on {hook.name!r}"
                 if not isinstance(out, Tensor):
                     raise HookShapeError(
-                        f"hook function {getattr(fn, '__name__', fn)!r} on {hook.name!r} returned "
-                        f"{type(out).__name__}; return a tensor of shape {tuple(tensor.shape)} or None"
+                        f"{who} returned {type(out).__name__}; return a tensor of shape {tuple(tensor.shape)} or None"
                     )
                 if out.shape != tensor.shape:
                     raise HookShapeError(
-                        f"hook function {getattr(fn, '__name__', fn)!r} on {hook.name!r} returned shape "
-                        f"{tuple(out.shape)}; it must return the shape it received, {tuple(tensor.shape)} "
-                        "(or None to keep the activation)"
+                        f"{who} returned shape {tuple(out.shape)}; it must return the shape it received, "
+                        f"{tuple(tensor.shape)} (or None to keep the activation)"
+                    )
+                # the next op would silently cast (a bool mask, a truncated int residual) or fail far away
+                if out.dtype != tensor.dtype or out.device != tensor.device:
+                    got = [f"dtype {out.dtype}"] * (out.dtype != tensor.dtype) + [f"device {out.device}"] * (out.device != tensor.device)
+                    raise HookShapeError(
+                        f"{who} returned {' and '.join(got)}; it must return the dtype and device it received, "
+                        f"{tensor.dtype} on {tensor.device} (return `new.to(tensor)`, or None to keep the activation)"
                     )
             return out
 
@@ -97,19 +119,38 @@ class HookedAVModel(TransformerLensCompat, HookedRootModule):
 
     @contextmanager
     def hooks(self, fwd_hooks=[], bwd_hooks=[], reset_hooks_end=True, clear_contexts=False):
-        # validate every name before adding any, so a typo adds nothing and leaks nothing
-        for name, _ in list(fwd_hooks) + list(bwd_hooks):
+        # read once (a generator is empty the second time), then validate every name before adding
+        # any, so a typo adds nothing and leaks nothing
+        fwd_hooks, bwd_hooks = list(fwd_hooks), list(bwd_hooks)
+        for name, _ in fwd_hooks + bwd_hooks:
             self.check_hook_name(name)
         with super().hooks(fwd_hooks, bwd_hooks, reset_hooks_end, clear_contexts) as m:
             yield m
 
-    def run_with_cache(self, *model_args: Any, return_cache_object: bool = True, **kwargs: Any):
-        """Run the model and return `(output, cache)`; the cache is a TransformerLens
-        `ActivationCache` (its analysis methods read `model.cfg`, `model.blocks`, `model.ln_final`)."""
+    def get_caching_hooks(self, names_filter=None, *args, **kwargs):
+        self.check_names_filter(names_filter)
+        return super().get_caching_hooks(names_filter, *args, **kwargs)
+
+    def add_caching_hooks(self, names_filter=None, *args, **kwargs):
+        self.check_names_filter(names_filter)
+        return super().add_caching_hooks(names_filter, *args, **kwargs)
+
+    def run_with_cache(self, *model_args: Any, return_cache_object: bool = True, remove_batch_dim: bool = False,
+                       **kwargs: Any):
+        """Run the model and return `(output, cache)`; the cache is a TransformerLens `ActivationCache`
+        (its analysis methods read `model.cfg`, `model.blocks`, `model.ln_final`) that slices and
+        drops the batch dimension of the language model's activations only (see `AVActivationCache`)."""
+        if remove_batch_dim:
+            first = next((t for t in (*model_args[:1], kwargs.get("input_ids"), kwargs.get("inputs_embeds"))
+                          if isinstance(t, Tensor)), None)
+            if first is not None and first.shape[0] != 1:
+                raise ValueError(f"remove_batch_dim=True needs a batch of 1, got {first.shape[0]}; "
+                                 "run one sample or keep the batch dimension")
         out, cache_dict = super().run_with_cache(*model_args, **kwargs)
-        if return_cache_object:
-            return out, ActivationCache(cache_dict, self, has_batch_dim=not kwargs.get("remove_batch_dim", False))
-        return out, cache_dict
+        cache = AVActivationCache(cache_dict, self)
+        if remove_batch_dim:
+            cache.remove_batch_dim()
+        return (out, cache) if return_cache_object else (out, cache.cache_dict)
 
     # ---- device / dtype ---------------------------------------------------------------------
     @property

@@ -149,3 +149,15 @@ class MRoPELanguageModel:
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(b, 1)], dim=1)
             logits = self.run_language_model(self.embed(nxt[:, None]), pos, attention_mask, kv_caches=caches)
         return torch.stack(out, dim=1)
+
+
+def decode_args(max_new_tokens: int, eos_token_id: int | list[int] | None, d_vocab: int) -> set[int]:
+    """The eos ids of a `greedy_decode` call as a set, after refusing what cannot be decoded; a
+    family's `generate` calls it before its towers run."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    eos = {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(t) for t in eos_token_id or []}
+    bad = sorted(t for t in eos if not 0 <= t < d_vocab)
+    if bad:
+        raise ValueError(f"eos_token_id {bad} out of range; the model has {d_vocab} token ids (0..{d_vocab - 1})")
+    return eos

@@ -8,12 +8,47 @@ Differences from a TransformerLens `HookedTransformer`, by design:
   unembedding by `ln_final.weight`, so `cache.apply_ln_to_stack(...) @ directions` (what
   `cache.logit_attrs` computes) gives exact logit contributions.
 - There is no positional embedding matrix (rotary positions).
+- Only the language model's activations are batch-major (`AVActivationCache`).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+from transformer_lens import ActivationCache
+
+# hook names (and their "_grad" twins) of the language model, the only activations that are [batch, ...]
+BATCH_MAJOR_PREFIXES = ("hook_embed", "blocks.", "ln_final.")
+
+
+def is_batch_major(name: str) -> bool:
+    """Whether a cached activation is `[batch, ...]`: the language model's are; the towers' (`audio_encoder.*`,
+    `vision_encoder.*`, `audio_qformer.*`: `[chunks | frames | windows, ...]`) and their outputs
+    (`hook_*_embeds`: `[n_tokens, d]`) hold the whole batch's media back to back."""
+    return name.startswith(BATCH_MAJOR_PREFIXES)
+
+
+class AVActivationCache(ActivationCache):
+    """TransformerLens's `ActivationCache`, slicing (`apply_slice_to_batch_dim`) and dropping
+    (`remove_batch_dim`) the batch dimension of batch-major activations only. Tower activations
+    are kept whole: their first size counts chunks or frames of every sample, and equalling the
+    batch size makes it no batch index."""
+
+    def _batch_major_part(self) -> ActivationCache:
+        part = {k: v for k, v in self.cache_dict.items() if is_batch_major(k)}
+        return ActivationCache(part, self.model, has_batch_dim=self.has_batch_dim)
+
+    def _with(self, part: ActivationCache) -> dict:
+        return {k: part.cache_dict.get(k, v) for k, v in self.cache_dict.items()}
+
+    def remove_batch_dim(self, batch_size: int | None = None) -> "AVActivationCache":
+        part = self._batch_major_part().remove_batch_dim(batch_size)
+        self.cache_dict, self.has_batch_dim = self._with(part), part.has_batch_dim
+        return self
+
+    def apply_slice_to_batch_dim(self, batch_slice) -> "AVActivationCache":
+        part = self._batch_major_part().apply_slice_to_batch_dim(batch_slice)
+        return AVActivationCache(self._with(part), self.model, has_batch_dim=part.has_batch_dim)
 
 
 class TransformerLensCompat:

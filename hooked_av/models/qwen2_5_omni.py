@@ -16,7 +16,7 @@ from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
 from hooked_av.core.base import HookedAVModel
-from hooked_av.core.language_model import MRoPELanguageModel
+from hooked_av.core.language_model import MRoPELanguageModel, decode_args
 from hooked_av.encoders.omni_audio import OmniAudioEncoder, audio_token_count
 from hooked_av.encoders.qwen_vision import QwenVisionEncoder
 from hooked_av.models import checkpoint
