@@ -10,13 +10,14 @@ per position), or a list of TokenMap specs.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Sequence
 
 import pandas as pd
 import torch
 
 from hooked_av.inputs.token_map import GROUPS
-from patching.hooks import patch_from_cache, site_name
+from patching.hooks import SITES, patch_from_cache, site_name
 from patching.metrics import AnswerProb, Metric
 from patching.results import Result
 from patching.sweep import Sample, forward_rows, run_rows, samples
@@ -61,6 +62,21 @@ def pair_samples(model, clean: dict, corrupted: dict, tm_clean=None, tm_corrupte
     return a, b
 
 
+def site_names(model, sites: Sequence[str], layers: Sequence[int]) -> list[str]:
+    """The hook names of `sites` (short names of `patching.hooks.SITES` or full hook names) at `layers`,
+    checked against the model before anything runs."""
+    names = []
+    for site in sites:
+        if site not in SITES and "." not in site and site not in model.hook_dict:
+            close = difflib.get_close_matches(site, list(SITES), n=3)
+            hint = f"; did you mean {close}?" if close else ""
+            raise ValueError(f"site {site!r} is neither a site name ({', '.join(SITES)}) nor a hook name{hint}")
+        for layer in layers:
+            names.append(site_name(site, layer))
+            model.check_hook_name(names[-1])
+    return names
+
+
 def cache_sample(model, sample: Sample, names: Sequence[str]) -> dict:
     """Activations of `names` for one sample (batch 1), detached."""
     with torch.no_grad():
@@ -96,6 +112,7 @@ def activation_patching(
     if bad:
         raise ValueError(f"layer(s) {bad} out of range; the model has {L} layers (0..{L - 1})")
     heads = list(range(model.cfg.n_heads)) if heads is None else list(heads)
+    names = sorted(set(site_names(model, sites, layers)))
     cl, co = pair_samples(model, clean, corrupted, tm_clean, tm_corrupted)
     rows = []
     for a, b in zip(cl, co):
@@ -105,7 +122,6 @@ def activation_patching(
         idx = a.index if metric is not None else 0
         m_clean, m_corrupt = float(m(lc, idx)[0]), float(m(lx, idx)[0])
         source, target = (a, b) if direction == "clean->corrupted" else (b, a)
-        names = sorted({site_name(s, l) for s in sites for l in layers})
         cache = cache_sample(model, source, names)
         cells, ivs = [], []
         for site in sites:

@@ -9,8 +9,7 @@ import pandas as pd
 import torch
 
 from hooked_av.inputs.token_map import GROUPS
-from patching.activation_patching import cache_sample
-from patching.hooks import site_name
+from patching.activation_patching import cache_sample, site_names
 from patching.metrics import AnswerProb
 from patching.results import Result
 from patching.sweep import samples
@@ -28,9 +27,9 @@ def logit_lens(
     `unembed(ln_final(resid))`), `rank` (mean rank of the answer, 0 = top), `top_token` (argmax of the
     mean log-probabilities). `answers` default: the final top token of each sample."""
     L = model.cfg.n_layers
+    names = site_names(model, [site], range(L))
     rows = []
     for s in samples(model, inputs, tm):
-        names = [site_name(site, l) for l in range(L)]
         cache = cache_sample(model, s, names)
         with torch.no_grad():
             final = model.unembed(model.ln_final(cache[names[-1]][:, -1])) if site == "resid_post" else None
