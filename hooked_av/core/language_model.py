@@ -125,6 +125,7 @@ class MRoPELanguageModel:
         """Greedy decoding with a KV cache from merged embeddings, under whatever hooks are active.
         Decoding step n sits at position `n_real_tokens + rope_deltas` on all three rows.
         Returns the new tokens `[batch, n_new]` (finished rows are padded with their eos)."""
+        eos = decode_args(max_new_tokens, eos_token_id, self.cfg.d_vocab)
         b, s = inputs_embeds.shape[:2]
         if attention_mask is None:
             attention_mask = torch.ones(b, s, dtype=torch.long, device=inputs_embeds.device)
@@ -132,7 +133,6 @@ class MRoPELanguageModel:
             position_ids = self.text_positions(inputs_embeds, attention_mask)
         if rope_deltas is None:
             rope_deltas = (position_ids.amax(dim=(0, 2)) + 1 - attention_mask.sum(-1)).unsqueeze(1)
-        eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
         caches = [KVSlot() for _ in self.blocks]
         logits = self.run_language_model(inputs_embeds, position_ids, attention_mask, kv_caches=caches)
         out, done = [], torch.zeros(b, dtype=torch.bool, device=inputs_embeds.device)
