@@ -2,7 +2,7 @@
 hook point on every residual stream, attention pattern and intermediate.
 
     model = HookedQwen2_5Omni.from_pretrained("Qwen/Qwen2.5-Omni-7B", dtype=torch.bfloat16, device="cuda")
-    logits = model(**processor_outputs, use_audio_in_video=True)          # [batch, pos, vocab]
+    logits = model(**processor_outputs)                                   # [batch, pos, vocab]
     enc = model.encode(**processor_outputs)                               # run the towers once ...
     logits = model(**enc)                                                 # ... and sweep from here
 """
@@ -141,10 +141,13 @@ class HookedQwen2_5Omni(MRoPELanguageModel, HookedAVModel):
         pixel_values_videos: Tensor | None = None,
         video_grid_thw: Tensor | None = None,
         video_second_per_grid: Tensor | None = None,
-        use_audio_in_video: bool = False,
+        use_audio_in_video: bool | None = None,
     ) -> dict[str, Tensor]:
         """Run the towers and merge: returns `inputs_embeds` `[batch, pos, d_model]`, `position_ids`
-        `[3, batch, pos]`, `attention_mask`, `rope_deltas` `[batch, 1]`; `model(**enc)` continues."""
+        `[3, batch, pos]`, `attention_mask`, `rope_deltas` `[batch, 1]`; `model(**enc)` continues.
+        `use_audio_in_video`: the layout of each video block in `input_ids` decides (its audio
+        interleaved or not, as the processor built it); None (default) follows it, True or False is
+        checked against it and a mismatch is a ValueError raised before any tower runs."""
         audio = None
         if input_features is not None:
             audio = self._audio_features(input_features, feature_attention_mask, audio_feature_lengths)
@@ -153,6 +156,11 @@ class HookedQwen2_5Omni(MRoPELanguageModel, HookedAVModel):
         )
         if video_grid_thw is not None and video_second_per_grid is None:
             video_second_per_grid = torch.ones(len(video_grid_thw))
+        # before the towers: the ids' layout is checked here (use_audio_in_video, media order)
+        position_ids, deltas = self.position_ids(
+            input_ids, attention_mask, image_grid_thw, video_grid_thw,
+            None if audio is None else audio[1], video_second_per_grid, use_audio_in_video,
+        )
         embeds = self.embed(input_ids)
         if audio is not None:
             a = self.hook_audio_embeds(self.audio_encoder(audio[0].to(self.dtype), audio[1]))
@@ -163,16 +171,12 @@ class HookedQwen2_5Omni(MRoPELanguageModel, HookedAVModel):
         if pixel_values_videos is not None:
             vi = self.hook_video_embeds(self.vision_encoder(pixel_values_videos.to(self.dtype), video_grid_thw))
             embeds = embeds.masked_scatter((input_ids == self.ids.video)[..., None], vi.to(embeds.dtype))
-        position_ids, deltas = self.position_ids(
-            input_ids, attention_mask, image_grid_thw, video_grid_thw,
-            None if audio is None else audio[1], video_second_per_grid, use_audio_in_video,
-        )
         return {"inputs_embeds": embeds, "position_ids": position_ids, "attention_mask": attention_mask, "rope_deltas": deltas}
 
     def position_ids(self, input_ids, attention_mask=None, image_grid_thw=None, video_grid_thw=None,
-                     audio_feature_lengths=None, video_second_per_grid=None, use_audio_in_video=False):
+                     audio_feature_lengths=None, video_second_per_grid=None, use_audio_in_video=None):
         """TMRoPE ids `[3, batch, pos]` and rope deltas `[batch, 1]` (always 3D, with or without an
-        attention mask: HF falls back to 1D positions without one)."""
+        attention mask: HF falls back to 1D positions without one). `use_audio_in_video`: see `encode`."""
         counts = None if audio_feature_lengths is None else audio_token_count(torch.as_tensor(audio_feature_lengths)).tolist()
         return omni_position_ids(
             input_ids, attention_mask, self.ids, image_grid_thw, video_grid_thw, counts, video_second_per_grid,
@@ -188,12 +192,12 @@ class HookedQwen2_5Omni(MRoPELanguageModel, HookedAVModel):
         inputs_embeds: Tensor | None = None,
         position_ids: Tensor | None = None,
         rope_deltas: Tensor | None = None,
-        use_audio_in_video: bool = False,
+        use_audio_in_video: bool | None = None,
         return_type: str | None = "logits",
         **media,
     ) -> Tensor:
         """Logits `[batch, pos, vocab]` from processor outputs, or from `encode`'s outputs.
-        `return_type`: "logits", "resid" (after `ln_final`) or None."""
+        `return_type`: "logits", "resid" (after `ln_final`) or None. `use_audio_in_video`: see `encode`."""
         return self.route_forward(
             input_ids, attention_mask, inputs_embeds, position_ids, return_type, media, MEDIA_ARGS, use_audio_in_video=use_audio_in_video
         )
@@ -210,17 +214,17 @@ class HookedQwen2_5Omni(MRoPELanguageModel, HookedAVModel):
         return prepare_omni(parts, self.ids, prompts, use_audio_in_video, **prompt_kwargs)
 
     def token_map(self, inputs: dict, tokenizer=None, chat=None):
-        """The `TokenMap` of processor/`prepare` outputs (group, item, frame, time, chunk per position)."""
-        from hooked_av.inputs.chat import ChatTokens
-        from hooked_av.inputs.omni_layout import audio_token_counts, omni_token_map
+        """The `TokenMap` of processor/`prepare` outputs (group, item, frame, time, chunk per position).
+        The chat structure comes from `chat` (a `hooked_av.inputs.chat.ChatTokens`), else the tokenizer,
+        else Qwen2.5's fixed chat ids when the config has Qwen2.5's vocabulary; otherwise all text is
+        "question"."""
+        from hooked_av.inputs.omni_layout import audio_token_counts, chat_tokens, omni_token_map
 
         tok = tokenizer if tokenizer is not None else self.tokenizer
-        if chat is None and tok is None:
-            raise ValueError("token_map needs the chat-template token ids: set model.tokenizer or pass tokenizer= or chat=ChatTokens(...)")
         fam = inputs.get("feature_attention_mask")
         counts = audio_token_counts(fam) if fam is not None else inputs.get("audio_feature_lengths")
         return omni_token_map(
-            inputs["input_ids"], inputs.get("attention_mask"), self.ids, chat or ChatTokens.from_tokenizer(tok),
+            inputs["input_ids"], inputs.get("attention_mask"), self.ids, chat_tokens(tok, chat, self.cfg.d_vocab, self.ids.vision_start),
             inputs.get("image_grid_thw"), inputs.get("video_grid_thw"), None if counts is None else list(counts),
             inputs.get("video_second_per_grid"), self.vision_encoder.merge, self.position_id_per_seconds, self.seconds_per_chunk,
         )
@@ -230,11 +234,12 @@ class HookedQwen2_5Omni(MRoPELanguageModel, HookedAVModel):
     def generate(
         self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None, *,
         max_new_tokens: int = 16, eos_token_id: int | list[int] | None = None,
-        use_audio_in_video: bool = False, inputs_embeds: Tensor | None = None,
+        use_audio_in_video: bool | None = None, inputs_embeds: Tensor | None = None,
         position_ids: Tensor | None = None, rope_deltas: Tensor | None = None, **media,
     ) -> Tensor:
         """Greedy decoding with a KV cache, under whatever hooks are active. Returns the new tokens
         `[batch, n_new]` (finished rows are padded with their eos)."""
+        decode_args(max_new_tokens, eos_token_id, self.cfg.d_vocab)  # refused before the towers run
         if inputs_embeds is None:
             enc = self.encode(input_ids, attention_mask, use_audio_in_video=use_audio_in_video, **media)
             inputs_embeds, position_ids, rope_deltas = enc["inputs_embeds"], enc["position_ids"], enc["rope_deltas"]

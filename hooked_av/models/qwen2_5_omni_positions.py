@@ -3,10 +3,14 @@
 Written from the rules in MODELS.md and checked against HF's `get_rope_index` on every geometry:
 text counts up on all three rows; an image/video block starts where the text left off and places
 each merged patch at `(t_pos, h, w) + start`; audio counts up; after a block the text resumes at the
-block's largest id + 1. With `use_audio_in_video` the video and its audio share a start and are
-interleaved in chunks of `position_id_per_seconds * seconds_per_chunk` temporal ids; the closing
-tokens then sit at (largest id of the last chunk appended) + 1, which can be below the block's
-maximum (HF's behaviour, reproduced on purpose). Padding gets position 1.
+block's largest id + 1. An audio-in-video block (`<|vision_bos|><|audio_bos|>`, then one run of
+video and audio placeholders) gives the video and its audio one start, interleaved in chunks of
+`position_id_per_seconds * seconds_per_chunk` temporal ids; the closing tokens then sit at (largest
+id of the last chunk appended) + 1, which can be below the block's maximum (HF's behaviour,
+reproduced on purpose). Padding gets position 1.
+
+Which of the two layouts a video block has is read from the ids, never assumed: HF's
+`use_audio_in_video` is a claim about the layout, checked here (see `video_layout`).
 """
 
 from __future__ import annotations
@@ -53,6 +57,37 @@ def chunk_bounds(temporal: Tensor, per_chunk: int, start: int) -> list[tuple[int
     return bounds
 
 
+def video_layout(toks: list[int], start: int, ids: OmniTokenIds) -> bool:
+    """True when the video block whose first placeholder is `toks[start]` is laid out audio-in-video:
+    its run of media placeholders also holds audio (the processor interleaves the clip's audio in
+    it); False when the run is video alone."""
+    end = start
+    while end < len(toks) and toks[end] in (ids.video, ids.audio):
+        end += 1
+    return ids.audio in toks[start:end]
+
+
+def check_video_layout(laid_av: bool, use_audio_in_video: bool | None, row: int, video: int) -> None:
+    if use_audio_in_video is None or bool(use_audio_in_video) == laid_av:
+        return
+    how = ("with its audio interleaved (<|vision_bos|><|audio_bos|>, then video and audio chunks in turn)" if laid_av
+           else "as video alone (no audio placeholders in its block)")
+    raise ValueError(
+        f"row {row}: the media placeholders do not follow the layout for use_audio_in_video={use_audio_in_video}: "
+        f"video {video} is laid out {how}; pass use_audio_in_video={laid_av} or leave it out (the layout in "
+        "input_ids decides)"
+    )
+
+
+def _nth(items, i: int, what: str, row: int):
+    if items is None or i >= len(items):
+        raise ValueError(
+            f"row {row}: the ids hold more {what} blocks than the {what} metadata describes "
+            f"({0 if items is None else len(items)}); build input_ids and media together (the processor or model.prepare)"
+        )
+    return items[i]
+
+
 def video_temporal_ids(grid_t: int, second_per_grid: float | Tensor, per_second: int) -> Tensor:
     # fp32 arithmetic, truncated, exactly as HF computes it
     spg = torch.as_tensor(second_per_grid, dtype=torch.float).cpu()
@@ -67,14 +102,16 @@ def omni_position_ids(
     video_grid_thw: Tensor | None = None,
     audio_token_counts: list[int] | None = None,
     video_second_per_grid: Tensor | None = None,
-    use_audio_in_video: bool = False,
+    use_audio_in_video: bool | None = None,
     spatial_merge_size: int = 2,
     position_id_per_seconds: int = 25,
     seconds_per_chunk: int = 2,
 ) -> tuple[Tensor, Tensor]:
     """Returns position ids `[3, batch, pos]` and rope deltas `[batch, 1]` (max + 1 - length, the
     offset of decoding steps). Media are consumed in order across the batch, as the processor
-    emits them."""
+    emits them. `use_audio_in_video`: None (default) lays out each video block as its ids show
+    (`video_layout`); True or False must agree with every video block, else a ValueError says
+    which block disagrees and what to pass."""
     batch, seq = input_ids.shape
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
@@ -96,7 +133,9 @@ def omni_position_ids(
             if e is None:
                 break
             kind = toks[e]
-            av = kind == ids.video and use_audio_in_video
+            av = kind == ids.video and video_layout(toks, e, ids)
+            if kind == ids.video:
+                check_video_layout(av, use_audio_in_video, row, video_i)
             n_open = 2 if av else 1
             if e - st - n_open > 0:
                 parts.append(_count_up(e - st - n_open, nxt))
@@ -104,14 +143,14 @@ def omni_position_ids(
             parts.append(_count_up(1, nxt).repeat(1, n_open))  # the opening token(s), one shared id
             nxt += 1
             if kind == ids.audio:
-                n = audio_counts[audio_i]
+                n = _nth(audio_counts, audio_i, "audio", row)
                 audio_i += 1
                 block = _count_up(n, nxt)
                 parts.append(block)
                 nxt = int(block.max()) + 1
                 used = n
             elif kind == ids.image:
-                gt, gh, gw = image_grid_thw[image_i].tolist()
+                gt, gh, gw = _nth(image_grid_thw, image_i, "image", row).tolist()
                 image_i += 1
                 t_pos = torch.arange(gt) * position_id_per_seconds
                 block = vision_grid_positions(t_pos, gh // m, gw // m, nxt)
@@ -119,7 +158,7 @@ def omni_position_ids(
                 nxt = int(block.max()) + 1
                 used = block.shape[1]
             elif not av:
-                gt, gh, gw = video_grid_thw[video_i].tolist()
+                gt, gh, gw = _nth(video_grid_thw, video_i, "video", row).tolist()
                 t_pos = video_temporal_ids(gt, video_second_per_grid[video_i], position_id_per_seconds)
                 video_i += 1
                 block = vision_grid_positions(t_pos, gh // m, gw // m, nxt)
@@ -127,11 +166,11 @@ def omni_position_ids(
                 nxt = int(block.max()) + 1
                 used = block.shape[1]
             else:
-                gt, gh, gw = video_grid_thw[video_i].tolist()
+                gt, gh, gw = _nth(video_grid_thw, video_i, "video", row).tolist()
                 t_pos = video_temporal_ids(gt, video_second_per_grid[video_i], position_id_per_seconds)
                 video_i += 1
                 vid = vision_grid_positions(t_pos, gh // m, gw // m, nxt)
-                n_audio = audio_counts[audio_i]
+                n_audio = _nth(audio_counts, audio_i, "audio", row)
                 audio_i += 1
                 aud = _count_up(n_audio, nxt)
                 v_chunks = chunk_bounds(vid[0], per_chunk, nxt)
@@ -154,9 +193,9 @@ def omni_position_ids(
         pos = torch.cat(parts, dim=1) if parts else torch.zeros(3, 0, dtype=torch.long)
         if pos.shape[1] != len(toks):
             raise ValueError(
-                f"row {row}: the media placeholders do not follow the layout for use_audio_in_video="
-                f"{use_audio_in_video} ({pos.shape[1]} positions laid out for {len(toks)} tokens); pass the "
-                "use_audio_in_video the prompt was built with (model.prepare returns it with the inputs)"
+                f"row {row}: the media placeholders do not follow the processor's layout ({pos.shape[1]} "
+                f"positions laid out for {len(toks)} tokens); build input_ids and media together (the "
+                "processor or model.prepare)"
             )
         out[:, row, keep] = pos
         deltas.append(int(pos.max()) + 1 - len(toks) if pos.numel() else 0)
