@@ -160,3 +160,12 @@ def test_generate_refuses_arguments_it_cannot_decode_before_any_tower(pair, kwar
                             kwargs.get("max_new_tokens", 2), kwargs.get("eos_token_id"))
     new = model.generate(**inputs, max_new_tokens=1, eos_token_id=319)
     assert new.shape == (1, 1)
+
+
+def test_position_ids_say_when_the_ids_hold_more_media_than_the_metadata(pair):
+    _, model = pair
+    inputs, _ = GEOMETRIES["audio_in_video"]
+    with pytest.raises(ValueError, match=r"row 0: the ids hold more audio blocks than the audio metadata describes \(0\)"):
+        model.position_ids(inputs["input_ids"], inputs["attention_mask"], None, inputs["video_grid_thw"], None, inputs["video_second_per_grid"])
+    with pytest.raises(ValueError, match=r"row 0: the ids hold more video blocks than the video metadata describes \(0\)"):
+        model.position_ids(inputs["input_ids"], inputs["attention_mask"])
