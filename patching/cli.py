@@ -1,5 +1,6 @@
 """The `hooked-av` command: `demo` (the main job, on the embedded toy model) and `flow` (the same
-knockout analysis on any supported model and clip)."""
+knockout analysis on any supported model and clip). A user mistake prints one `error: ...` line
+and exits with status 2; anything else (a bug) keeps its traceback."""
 
 from __future__ import annotations
 
@@ -30,15 +31,19 @@ def main(argv: list[str] | None = None) -> int:
     flow.add_argument("--out", default="runs/flow")
 
     args = ap.parse_args(argv)
-    if args.command == "demo":
-        from patching.demo import run_demo
+    try:
+        if args.command == "demo":
+            from patching.demo import run_demo
 
-        run_demo(args.out, n_eval=args.samples, n_flow=args.flow_samples, window=args.window, seed=args.seed)
-    else:
-        from patching.flow import run_flow
+            run_demo(args.out, n_eval=args.samples, n_flow=args.flow_samples, window=args.window, seed=args.seed)
+        else:
+            from patching.flow import run_flow
 
-        run_flow(args.model, args.video, args.question, args.answer, audio=args.audio, window=args.window,
-                 out_dir=args.out, dtype=args.dtype, device=args.device)
+            run_flow(args.model, args.video, args.question, args.answer, audio=args.audio, window=args.window,
+                     out_dir=args.out, dtype=args.dtype, device=args.device)
+    except (ValueError, OSError) as e:  # a user mistake (path, file, value): the message says what to do
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
     return 0
 
 

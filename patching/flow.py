@@ -2,76 +2,152 @@
 
     hooked-av flow --model Qwen/Qwen2.5-Omni-7B --video clip.mp4 --question "What instrument?" --answer Piano
 
-Loads the model (Qwen2.5-Omni or video-SALMONN 2+, chosen from its config.json; "toy" for the
-embedded one), builds the inputs with `model.prepare`, runs the six-edge knockout sweep on the
-answer's first token and writes a report with the plot, the token layout and the attention mass.
+Checks the media, the question and the answer first, then loads the model (Qwen2.5-Omni or
+video-SALMONN 2+, chosen from its config.json; "toy" for the embedded one), builds the inputs with
+`model.prepare`, runs the six-edge knockout sweep on the answer's first token and writes a report
+with the plot, the token layout and the attention mass. An answer the model does not predict (top
+token, p >= MIN_P) is warned about in the output and the report.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+from hooked_av.models import checkpoint
 from hooked_av.viz import Report, group_attention_mass, plot_attention_mass
 from patching.knockout import knockout
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MIN_P = 1e-3  # p(answer) on the clean run below this: the knockout would follow an answer the model does not give
 
 
-def load_any(name_or_path: str, dtype: torch.dtype = torch.float32, device=None):
-    """A supported model from a hub id, a local folder or "toy", by its configuration's family."""
+def model_class(name_or_path: str, config: dict):
+    """The hooked class of a checkpoint's family, from its config.json's dict."""
     from hooked_av import HookedQwen2_5Omni, HookedVideoSALMONN2
-    from hooked_av.models import checkpoint
 
-    if name_or_path == "toy":
-        return HookedQwen2_5Omni.from_pretrained("toy", dtype=dtype, device=device)
-    config = checkpoint.read_config(checkpoint.resolve(name_or_path))
     if str(config.get("model_type", "")).startswith("qwen2_5_omni"):
-        return HookedQwen2_5Omni.from_pretrained(name_or_path, dtype=dtype, device=device)
+        return HookedQwen2_5Omni
     if "qformer_config" in (config.get("audio_config") or {}):
-        return HookedVideoSALMONN2.from_pretrained(name_or_path, dtype=dtype, device=device)
+        return HookedVideoSALMONN2
     raise ValueError(
         f"{name_or_path}: model_type {config.get('model_type')!r} is neither Qwen2.5-Omni nor video-SALMONN 2+ "
         "(an audio_config with a qformer_config)"
     )
 
 
-def answer_token(model, answer: str) -> int:
-    if model.tokenizer is None:
-        raise ValueError("the model has no tokenizer attached; load it from a folder that holds one")
-    ids = model.tokenizer.encode(answer, add_special_tokens=False)
+def model_folder(name_or_path: str) -> Path:
+    from hooked_av import toy
+
+    return toy.weights_dir() if name_or_path == "toy" else checkpoint.resolve(name_or_path)
+
+
+def load_any(name_or_path: str, dtype: torch.dtype | str = torch.float32, device=None):
+    """A supported model from a hub id, a local folder or "toy", by its configuration's family."""
+    from hooked_av import HookedQwen2_5Omni
+
+    if name_or_path == "toy":
+        return HookedQwen2_5Omni.from_pretrained("toy", dtype=dtype, device=device)
+    cls = model_class(name_or_path, checkpoint.read_config(model_folder(name_or_path)))
+    return cls.from_pretrained(name_or_path, dtype=dtype, device=device)
+
+
+def check_media(video: str | None, audio: str | None) -> None:
+    """Each media file exists, holds the stream it is given as, and its first frame decodes: cheap
+    checks, made before a model is loaded."""
+    import av
+
+    from hooked_av.inputs.media import _open
+
+    if video is None and audio is None:
+        raise ValueError("give --video and/or --audio: the flow analysis follows the media to the answer")
+    for path, kind in ((video, "video"), (audio, "audio")):
+        if path is None:
+            continue
+        with _open(path) as c:  # a missing or unreadable file is an error that names it
+            streams = c.streams.video if kind == "video" else c.streams.audio
+            if not streams:
+                other = "pass it as --audio" if kind == "video" else "give an audio file or a video with an audio track"
+                raise ValueError(f"{path!r} has no {kind} stream; {other}")
+            try:
+                next(c.decode(streams[0]))
+            except (StopIteration, av.error.FFmpegError) as e:
+                raise ValueError(f"cannot decode the {kind} of {path!r} ({e or 'no frames'}); re-encode the file") from None
+
+
+def unknown_words(tokenizer, text: str) -> list[str]:
+    """Words of `text` the tokenizer can only spell with its unknown token (none for byte-level BPE)."""
+    unk = tokenizer.unk_token_id
+    return [] if unk is None else [w for w in text.split() if unk in tokenizer.encode(w, add_special_tokens=False)]
+
+
+def answer_id(tokenizer, question: str, answer: str) -> int:
+    """The answer's first token id, after checking that the tokenizer can spell question and answer."""
+    unknown = unknown_words(tokenizer, question)
+    if unknown:
+        raise ValueError(f"the question has words the model's tokenizer does not know: {unknown}; rephrase it in its vocabulary")
+    ids = tokenizer.encode(answer, add_special_tokens=False)
     if not ids:
-        raise ValueError(f"the answer {answer!r} tokenizes to nothing")
+        raise ValueError(f"the answer {answer!r} tokenizes to nothing; give the answer's text")
+    if ids[0] == tokenizer.unk_token_id:
+        raise ValueError(
+            f"the answer {answer!r} starts with a word the model's tokenizer does not know (its first token is "
+            f"{tokenizer.unk_token}): the knockout would score that unknown token; give an answer in the model's vocabulary"
+        )
     return ids[0]
 
 
 def run_flow(model_name: str, video: str | None, question: str, answer: str, audio: str | None = None,
              window: int = 9, out_dir: str | Path = "runs/flow", dtype: str = "float32", device: str | None = None) -> Path:
+    """Everything a user can get wrong (text, window, dtype, device, media, folder, tokenizer) is
+    checked before the model is loaded."""
     t0 = time.perf_counter()
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if not question.strip():
         raise ValueError("the question is empty")
-    model = load_any(model_name, DTYPES[dtype], device)
+    if not answer.strip():
+        raise ValueError("the answer is empty")
+    if window < 1:
+        raise ValueError(f"the knockout window must be at least 1 layer; got {window}")
+    checkpoint.as_dtype(dtype)
+    checkpoint.as_device(device)
+    check_media(video, audio)
+    folder = model_folder(model_name)
+    model_class(model_name, checkpoint.read_config(folder))
+    tokenizer = checkpoint.load_tokenizer(folder)
+    if tokenizer is None:
+        raise ValueError(f"{folder} has no tokenizer files (tokenizer.json, tokenizer_config.json); copy them from the original checkpoint")
+    target = answer_id(tokenizer, question, answer)
+
+    model = load_any(model_name, dtype, device)
     inputs = model.prepare(question, video=video, audio=audio)
     inputs = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     tm = model.token_map(inputs)
-    target = answer_token(model, answer)
     with torch.no_grad():
-        logits = model(**inputs)[0, -1]
-    predicted = model.tokenizer.decode([int(logits.argmax())])
+        probs = model(**inputs)[0, -1].float().softmax(-1)
+    top, p_answer = int(probs.argmax()), float(probs[target])
+    predicted = model.tokenizer.decode([top])
+    warning = None
+    if top != target or p_answer < MIN_P:
+        warning = (
+            f"the model does not predict the answer {answer!r}: p = {p_answer:.2g} and its top prediction is "
+            f"{predicted!r} (p = {float(probs[top]):.2g}); the knockout follows p({answer!r}), an answer the model does not give"
+        )
+        print(f"warning: {warning}", file=sys.stderr)
     window = min(window, model.cfg.n_layers)
     res = knockout(model, inputs, [target], window=window, tm=tm, progress=True)
     mass = group_attention_mass(model, inputs, tm)
 
     out_dir = Path(out_dir)
     report = Report(f"information flow: {model_name}")
+    if warning:
+        report.text(f"Warning: {warning}.")
     report.text(f"question {question!r}; answer {answer!r} (first token id {target}); the model's first "
-                f"token: {predicted!r}; p(answer) = {float(logits.float().softmax(-1)[target]):.3f}; "
-                f"knockout window {window}; {time.perf_counter() - t0:.0f} s.")
-    report.heading("Attention knockout").figure(res.plot().figure).table(res.df)
+                f"token: {predicted!r}; p(answer) = {p_answer:.3f}; knockout window {window}; "
+                f"{time.perf_counter() - t0:.0f} s.")
+    # one sample: its curve whether or not the model gives the answer (the warning above says so)
+    report.heading("Attention knockout").figure(res.plot(correct_only=False).figure).table(res.df)
     report.heading("Token layout").pre(tm.describe())
     report.heading("Attention mass between token groups").figure(plot_attention_mass(mass))
     path = report.save(out_dir / "report.html")

@@ -14,11 +14,12 @@ would add a system prompt, an audio-in-video layout and `<|unk|>` tokens the toy
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
 
-from hooked_av.inputs.media import SAMPLE_RATE, Video, check_frames, load_audio, load_video
+from hooked_av.inputs.media import SAMPLE_RATE, Video, load_audio, load_video
 from hooked_av.inputs.omni import Prompt, as_prompts
 from hooked_av.toy import vocab
 from hooked_av.toy.clips import FPS, N_FRAMES, SECONDS, SIZE, bank_from_media
@@ -72,17 +73,17 @@ def _frames(video) -> np.ndarray:
     if video is None:
         raise ValueError("the toy model was trained on clips with both video and audio; give video= too")
     name = str(video) if isinstance(video, (str, os.PathLike)) else "these frames"
-    frames = video.frames if isinstance(video, Video) else load_video(video, fps=FPS).frames
-    frames = check_frames(frames)
+    v = load_video(video, fps=FPS)  # a file sampled at FPS; frames in memory are taken as sampled at FPS
+    frames = v.frames
     if frames.shape[1:3] != (SIZE, SIZE):
         raise ValueError(
             f"the toy model was trained on {SIZE}x{SIZE} px frames; {name} has {frames.shape[1]}x{frames.shape[2]}: "
             "render or crop the clip at that size"
         )
-    if len(frames) != N_FRAMES:
+    if len(frames) != N_FRAMES or not math.isclose(v.fps, FPS):
         raise ValueError(
             f"the toy model was trained on {N_FRAMES} frames per clip ({SECONDS} s at {FPS} fps); {name} gives "
-            f"{len(frames)}: cut the clip to {SECONDS} s"
+            f"{len(frames)} at {v.fps:g} fps: write the clip at {FPS} fps and {SECONDS} s, or pass its {N_FRAMES} frames"
         )
     return frames
 
