@@ -200,8 +200,10 @@ class Row:
                 out.append(VISION_END)
         return out
 
-    def positions(self, mode: str, batch_has_audio: bool, batch_has_video: bool, spg_given: bool) -> torch.Tensor:
-        """`[3, n]`, following the rules of the repository's get_rope_index in `mode`."""
+    def positions(self, mode: str, spg_given: bool) -> torch.Tensor:
+        """`[3, n]`, following the rules of the repository's get_rope_index in `mode`: the branch is
+        this row's own (the repository computes each sample alone), and inference ignores the given
+        seconds per grid step (the official inference drops it: 1.0 s)."""
         cols: list[list[int]] = []
         nxt = 0
 
@@ -211,8 +213,9 @@ class Row:
             nxt += n
 
         last_block = max((i for i, s in enumerate(self.segments) if s[0] != "text"), default=-1)
-        training_av = mode == "training" and batch_has_audio and batch_has_video
-        training_a = mode == "training" and batch_has_audio and not batch_has_video
+        training_av = mode == "training" and bool(self.mels) and bool(self.videos)
+        training_a = mode == "training" and bool(self.mels) and not self.videos
+        use_spg = spg_given and mode == "training"
         for i, seg in enumerate(self.segments):
             if seg[0] == "text":
                 text(len(seg[1]))
@@ -229,7 +232,7 @@ class Row:
             else:
                 (t, h, w), counts, spg = seg[1], seg[2], seg[3]
                 text(1)
-                grid = [[int(s * (spg if spg_given else 1.0) * 2) + nxt, r + nxt, c + nxt]
+                grid = [[int(s * (spg if use_spg else 1.0) * 2) + nxt, r + nxt, c + nxt]
                         for s in range(t) for r in range(h) for c in range(w)]
                 if training_av:
                     block, k, g = [], 0, iter(grid)
@@ -259,7 +262,7 @@ def batch(*rows: Row, mode: str = "inference", spg_given: bool = False, pad_id: 
     for i, (r, t) in enumerate(zip(rows, toks)):
         ids[i, n - len(t):] = torch.tensor(t)
         mask[i, n - len(t):] = 1
-        pos[:, i, n - len(t):] = r.positions(mode, has_audio, has_video, spg_given)
+        pos[:, i, n - len(t):] = r.positions(mode, spg_given)
     out: dict = {"input_ids": ids, "attention_mask": mask}
     if has_audio:
         out["input_features"] = torch.cat([m for r in rows for m in r.mels])

@@ -253,3 +253,41 @@ def test_unknown_position_mode_is_refused(model, ckpt):
     with pytest.raises(ValueError, match=r"position_mode 'aligned' is unknown"):
         config = json.loads((ckpt / "config.json").read_text())
         HookedVideoSALMONN2.from_config(config, device="meta", position_mode="aligned")
+
+
+def test_use_audio_in_video_that_disagrees_with_the_layout_is_refused_before_any_tower(model):
+    (av, _), _ = _inputs("video_audio_interleaved-inference")
+    (video_only, _), _ = _inputs("video_only-inference")
+    calls = _count_whisper_runs(model)
+    try:
+        with pytest.raises(ValueError, match="use_audio_in_video=False but a video block in input_ids interleaves audio"):
+            model(**av, use_audio_in_video=False)
+        with pytest.raises(ValueError, match="use_audio_in_video=True but a video block in input_ids holds no audio"):
+            model(**video_only, use_audio_in_video=True)
+        assert calls == []
+    finally:
+        model.reset_hooks()
+    # a flag that agrees with the layout, or none, runs the same forward
+    assert torch.equal(model(**av, use_audio_in_video=True), model(**av))
+
+
+def test_generate_refuses_max_new_tokens_0_before_any_tower(model):
+    (inputs, _), _ = _inputs("audio_only-inference")
+    calls = _count_whisper_runs(model)
+    try:
+        with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+            model.generate(**inputs, max_new_tokens=0)
+        assert calls == []
+    finally:
+        model.reset_hooks()
+
+
+def test_token_map_without_a_tokenizer_reads_qwen2_5_chat_ids_on_a_qwen2_5_vocabulary(model):
+    from hooked_av.inputs.chat import QWEN2_5_CHAT, chat_tokens
+
+    assert model.tokenizer is None
+    # the tiny vocabulary is not Qwen2.5's: all text is question, as for HookedQwen2_5Omni
+    tm = model.token_map(_inputs("audio_only-inference")[0][0])
+    assert (tm.count("question").tolist(), tm.count("system").tolist(), tm.count("template").tolist()) == ([6], [0], [2])  # + "last"
+    assert chat_tokens(None, None, 152064, 151652) is QWEN2_5_CHAT
+    assert chat_tokens(None, None, 320, 151652) is None and chat_tokens(None, None, 152064, 93) is None

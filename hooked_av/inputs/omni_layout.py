@@ -17,26 +17,6 @@ from hooked_av.models.qwen2_5_omni_positions import OmniTokenIds, chunk_bounds, 
 
 AUDIO_SECONDS_PER_TOKEN = 0.04  # the audio tower emits 25 tokens per second
 
-# ChatML ids of the Qwen2.5 tokenizer, the same in every Qwen2.5 checkpoint (Omni's and the
-# Qwen2.5-VL under video-SALMONN 2+): <|im_start|>, <|im_end|>, "\n" and the role words.
-QWEN2_5_CHAT = ChatTokens(151644, 151645, 198, {"system": (8948,), "user": (872,), "assistant": (77091,)})
-QWEN2_5_VOCAB = 151665  # tokens in the Qwen2.5 tokenizer; checkpoints pad the embedding beyond it
-QWEN2_5_VISION_START = 151652
-
-
-def chat_tokens(tokenizer, chat: ChatTokens | None, d_vocab: int, vision_start: int) -> ChatTokens | None:
-    """The chat ids a TokenMap reads: `chat` if given, else the tokenizer's, else Qwen2.5's own when
-    the config uses Qwen2.5's vocabulary (`<|vision_start|>` at its id and room for every token),
-    else None, and all text is "question"."""
-    if chat is not None:
-        return chat
-    if tokenizer is not None:
-        return ChatTokens.from_tokenizer(tokenizer)
-    if d_vocab >= QWEN2_5_VOCAB and vision_start == QWEN2_5_VISION_START:
-        return QWEN2_5_CHAT
-    return None
-
-
 def av_chunk_runs(
     grid_thw, second_per_grid: float, n_audio: int, merge: int = 2, per_second: float = 25, seconds_per_chunk: float = 2.0
 ) -> list[tuple[str, int, int]]:

@@ -218,7 +218,8 @@ class HookedQwen2_5Omni(MRoPELanguageModel, HookedAVModel):
         The chat structure comes from `chat` (a `hooked_av.inputs.chat.ChatTokens`), else the tokenizer,
         else Qwen2.5's fixed chat ids when the config has Qwen2.5's vocabulary; otherwise all text is
         "question"."""
-        from hooked_av.inputs.omni_layout import audio_token_counts, chat_tokens, omni_token_map
+        from hooked_av.inputs.chat import chat_tokens
+        from hooked_av.inputs.omni_layout import audio_token_counts, omni_token_map
 
         tok = tokenizer if tokenizer is not None else self.tokenizer
         fam = inputs.get("feature_attention_mask")

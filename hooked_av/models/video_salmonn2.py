@@ -21,7 +21,7 @@ from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
 from hooked_av.core.base import HookedAVModel
-from hooked_av.core.language_model import MRoPELanguageModel
+from hooked_av.core.language_model import MRoPELanguageModel, decode_args
 from hooked_av.encoders.qformer import WindowQFormer
 from hooked_av.encoders.qwen_vision import QwenVisionEncoder
 from hooked_av.encoders.whisper import WhisperEncoder
@@ -146,13 +146,16 @@ class HookedVideoSALMONN2(MRoPELanguageModel, HookedAVModel):
         used); `model(**enc)` continues. `audio_feature` / `second_per_grid_ts` are the repository's
         names for `input_features` / `video_second_per_grid`; the latter counts in "training" mode only (the
         official inference drops it: 1.0 s per grid step). `use_audio_in_video` is accepted for parity
-        with `HookedQwen2_5Omni` and changes nothing: here the token layout says where audio goes."""
+        with `HookedQwen2_5Omni`: the token layout says where audio goes, and a given flag that
+        disagrees with it is an error."""
         features = input_features if input_features is not None else audio_feature
         spg = video_second_per_grid if video_second_per_grid is not None else second_per_grid_ts
         mode = position_mode or self.position_mode
         if mode not in POSITION_MODES:
             raise ValueError(f"position_mode {mode!r} is unknown; use one of {POSITION_MODES}")
         self._check_inputs(input_ids, features, image_grid_thw, video_grid_thw, pixel_values, pixel_values_videos)
+        if use_audio_in_video is not None:
+            self._check_audio_in_video(input_ids, attention_mask, use_audio_in_video)
         position_ids, deltas = self.position_ids(input_ids, attention_mask, image_grid_thw, video_grid_thw, spg, mode)
 
         embeds = self.embed(input_ids)
@@ -169,6 +172,26 @@ class HookedVideoSALMONN2(MRoPELanguageModel, HookedAVModel):
             "inputs_embeds": embeds, "position_ids": position_ids, "attention_mask": attention_mask,
             "rope_deltas": deltas, "position_mode": mode,
         }
+
+    def _check_audio_in_video(self, input_ids: Tensor, attention_mask: Tensor | None, flag: bool) -> None:
+        """A given `use_audio_in_video` must describe every video block: audio interleaved in it (True)
+        or not (False); SALMONN's layout leaves no choice, so a flag that disagrees is a mistake."""
+        for r, row in enumerate(input_ids.tolist()):
+            if attention_mask is not None:
+                row = [t for t, m in zip(row, attention_mask[r].tolist()) if m]
+            start = None
+            for i, t in enumerate(row):
+                if t == self.ids.vision_start:
+                    start = i
+                elif t == self.ids.vision_end and start is not None:
+                    block = row[start + 1 : i]
+                    if self.ids.video in block and (self.ids.audio in block) != flag:
+                        has = "interleaves audio" if not flag else "holds no audio"
+                        raise ValueError(
+                            f"row {r}: use_audio_in_video={flag} but a video block in input_ids {has}; "
+                            "video-SALMONN's layout decides: leave use_audio_in_video out"
+                        )
+                    start = None
 
     def position_ids(self, input_ids, attention_mask=None, image_grid_thw=None, video_grid_thw=None,
                      video_second_per_grid=None, position_mode=None):
@@ -205,13 +228,13 @@ class HookedVideoSALMONN2(MRoPELanguageModel, HookedAVModel):
     def token_map(self, inputs: dict, tokenizer=None, chat=None):
         """The `TokenMap` of model inputs (group, item, frame, time per position), with the position
         mode they run in (`inputs["position_mode"]`, else `model.position_mode`) as `tm.position_mode`.
-        Without a tokenizer or `chat` (a `hooked_av.inputs.chat.ChatTokens`), all text is "question"."""
-        from hooked_av.inputs.chat import ChatTokens
+        Without a tokenizer or `chat` (a `hooked_av.inputs.chat.ChatTokens`), Qwen2.5's own chat ids are
+        used on a Qwen2.5 vocabulary, else all text is "question" (`hooked_av.inputs.chat.chat_tokens`)."""
+        from hooked_av.inputs.chat import chat_tokens
         from hooked_av.inputs.salmonn import salmonn_token_map
 
         tok = tokenizer if tokenizer is not None else self.tokenizer
-        if chat is None and tok is not None:
-            chat = ChatTokens.from_tokenizer(tok)
+        chat = chat_tokens(tok, chat, self.cfg.d_vocab, self.ids.vision_start)
         spg = inputs.get("video_second_per_grid", inputs.get("second_per_grid_ts"))
         return salmonn_token_map(
             inputs["input_ids"], inputs.get("attention_mask"), self.ids, chat, inputs.get("image_grid_thw"),
@@ -235,7 +258,8 @@ class HookedVideoSALMONN2(MRoPELanguageModel, HookedAVModel):
         """Logits `[batch, pos, vocab]` from input ids and media, or from `encode`'s outputs.
         `return_type`: "logits", "resid" (after `ln_final`) or None. `use_audio_in_video`: see `encode`."""
         return self.route_forward(
-            input_ids, attention_mask, inputs_embeds, position_ids, return_type, media, MEDIA_ARGS, position_mode=position_mode
+            input_ids, attention_mask, inputs_embeds, position_ids, return_type, media, MEDIA_ARGS,
+            position_mode=position_mode, use_audio_in_video=use_audio_in_video,
         )
 
     @torch.no_grad()
@@ -247,7 +271,8 @@ class HookedVideoSALMONN2(MRoPELanguageModel, HookedAVModel):
     ) -> Tensor:
         """Greedy decoding with a KV cache, under whatever hooks are active. Returns the new tokens
         `[batch, n_new]` (finished rows are padded with their eos)."""
+        decode_args(max_new_tokens, eos_token_id, self.cfg.d_vocab)  # before the towers run
         if inputs_embeds is None:
-            enc = self.encode(input_ids, attention_mask, position_mode=position_mode, **media)
+            enc = self.encode(input_ids, attention_mask, position_mode=position_mode, use_audio_in_video=use_audio_in_video, **media)
             inputs_embeds, position_ids, rope_deltas = enc["inputs_embeds"], enc["position_ids"], enc["rope_deltas"]
         return self.greedy_decode(inputs_embeds, position_ids, attention_mask, rope_deltas, max_new_tokens, eos_token_id)
