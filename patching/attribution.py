@@ -33,7 +33,7 @@ def attribution_patching(
     """One row per (sample, site, layer, position unit[, head for site "head"]) with `attribution`,
     the estimated `m_patched - m_corrupt` (metric units), summed over the unit's positions."""
     layers = checks.layers(model, layers)
-    sites = checks.nonempty([sites] if isinstance(sites, str) else sites, "sites")
+    sites = checks.nonempty(sites, "sites")
     if not isinstance(positions, str):
         positions = checks.nonempty(positions, "positions")
     if metric is not None:

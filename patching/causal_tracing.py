@@ -58,11 +58,11 @@ def causal_tracing(
         raise ValueError(f"mode must be 'noise', 'zero' or 'inputs' (with corrupted=), got {mode!r}")
     if (mode == "inputs") != (corrupted is not None):
         raise ValueError("pass corrupted= exactly when mode='inputs'")
-    restore = checks.nonempty([restore] if isinstance(restore, str) else restore, "restore")
+    restore = checks.nonempty(restore, "restore")
     unknown = [r for r in restore if r not in RESTORE_SITES]
     if unknown:
         raise ValueError(f"restore site(s) {unknown} unknown; choose from {list(RESTORE_SITES)}")
-    sets = [corrupt] if tokens is None else checks.nonempty([tokens] if isinstance(tokens, str) else tokens, "tokens")
+    sets = [corrupt] if tokens is None else checks.nonempty(tokens, "tokens", none_ok=True)
     checks.count(n_noise, "n_noise")
     checks.finite(noise_scale, "noise_scale", minimum=0)
     if noise_std is not None:

@@ -35,11 +35,13 @@ def finite(value, what: str, minimum: float | None = None):
     return value
 
 
-def nonempty(items, what: str) -> list:
-    """A list that must hold at least one item (None, where allowed, is the caller's default)."""
-    out = list(items)
+def nonempty(items, what: str, none_ok: bool = False) -> list:
+    """A list (or one name or number, made a list) that must hold at least one item; `none_ok`: the
+    caller takes None for its default."""
+    out = [items] if isinstance(items, (str, int)) else list(items)
     if not out:
-        raise ValueError(f"{what} is empty, so nothing would be run or measured; give at least one (or None for the default)")
+        default = " (or None for the default)" if none_ok else ""
+        raise ValueError(f"{what} is empty, so nothing would be run or measured; give at least one{default}")
     return out
 
 
@@ -63,7 +65,7 @@ def layers(model, values, name: str = "layers", each: str = "layer(s)") -> list[
     n = model.cfg.n_layers
     if values is None:
         return list(range(n))
-    return indices(nonempty([values] if isinstance(values, int) else values, name), n, each, "layers")
+    return indices(nonempty(values, name, none_ok=True), n, each, "layers")
 
 
 def heads(model, values, what: str = "head(s)") -> list[int]:

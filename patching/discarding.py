@@ -113,7 +113,7 @@ def discarding(
     its row has `time_saved` 0."""
     L = model.cfg.n_layers
     from_layers = list(range(L + 1)) if from_layers is None else checks.indices(
-        checks.nonempty(from_layers, "from_layers"), L + 1, "from_layer(s)", "layers", valid=f"valid: 0..{L} ({L} = discard nothing)")
+        checks.nonempty(from_layers, "from_layers", none_ok=True), L + 1, "from_layer(s)", "layers", valid=f"valid: 0..{L} ({L} = discard nothing)")
     checks.count(repeats, "repeats")
     metric = answers if isinstance(answers, AnswerProb) else AnswerProb(answers)
     metric.check(model, checks.batch_of(inputs))

@@ -205,12 +205,12 @@ def _write(act: Tensor, where: Tensor, value: Tensor, heads, what: str) -> Tenso
 
 
 def _sites(sites, what: str) -> list[str]:
-    return checks.nonempty([sites] if isinstance(sites, str) else sites, f"{what}: sites")
+    return checks.nonempty(sites, f"{what}: sites")
 
 
 def _heads(heads, what: str) -> list[int] | None:
     """None (every head) or a non-empty list (its range is checked against the model by `check`)."""
-    return None if heads is None else checks.nonempty(heads, f"{what}: heads")
+    return None if heads is None else checks.nonempty(heads, f"{what}: heads", none_ok=True)
 
 
 def _head_mask(heads, n_heads: int, device, dtype, what: str) -> Tensor:

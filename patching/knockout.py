@@ -85,7 +85,7 @@ def knockout(
     checks.count(window, "window", unit=" layer")
     centres = checks.layers(model, centres, "centres", "window centre(s)")
     if edges is not None:
-        edges = [parse_edge(e) for e in checks.nonempty(edges, "edges")]
+        edges = [parse_edge(e) for e in checks.nonempty(edges, "edges", none_ok=True)]
     metric = answers if isinstance(answers, AnswerProb) else AnswerProb(answers)
     metric.check(model, checks.batch_of(inputs))
     data = samples(model, inputs, tm)

@@ -64,10 +64,10 @@ def find_sinks(
     RMS-normalised residual; keep `n_tokens // k_divide` most often flagged positions per modality."""
     checks.count(k_divide, "k_divide")
     checks.finite(tau, "tau")
-    modalities = checks.nonempty([modalities] if isinstance(modalities, str) else modalities, "modalities")
+    modalities = checks.nonempty(modalities, "modalities")
     layers = checks.layers(model, layers)
     if dims is not None:  # negative dims would silently count from the end
-        dims = checks.indices(checks.nonempty(dims, "dims"), model.cfg.d_model, "dims", "dimensions")
+        dims = checks.indices(checks.nonempty(dims, "dims", none_ok=True), model.cfg.d_model, "dims", "dimensions")
     dims = sink_dimensions(model, inputs, ratio, layers, tm) if dims is None else dims
     if not dims:
         raise ValueError(
