@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 
 from hooked_av.inputs.token_map import GROUPS
+from patching import checks
 from patching.hooks import SITES, patch_from_cache, site_name
 from patching.metrics import AnswerProb, Metric
 from patching.results import Result
@@ -106,12 +107,13 @@ def activation_patching(
     probability of the clean run's top token."""
     if direction not in ("clean->corrupted", "corrupted->clean"):
         raise ValueError(f"direction must be 'clean->corrupted' or 'corrupted->clean', got {direction!r}")
-    L = model.cfg.n_layers
-    layers = list(range(L)) if layers is None else [int(x) for x in layers]
-    bad = [x for x in layers if not 0 <= x < L]
-    if bad:
-        raise ValueError(f"layer(s) {bad} out of range; the model has {L} layers (0..{L - 1})")
-    heads = list(range(model.cfg.n_heads)) if heads is None else list(heads)
+    layers = checks.layers(model, layers)
+    sites = checks.nonempty(sites, "sites")
+    if not isinstance(positions, str):
+        positions = checks.nonempty(positions, "positions")
+    heads = list(range(model.cfg.n_heads)) if heads is None else checks.heads(model, checks.nonempty(heads, "heads", none_ok=True))
+    if metric is not None:
+        metric.check(model, checks.batch_of(clean))
     names = sorted(set(site_names(model, sites, layers)))
     cl, co = pair_samples(model, clean, corrupted, tm_clean, tm_corrupted)
     rows = []

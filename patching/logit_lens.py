@@ -1,5 +1,5 @@
 """Logit lens per modality: unembed `ln_final(resid)` at every layer, averaged over a token group's
-positions (METHODS.md §3). One forward with the residual stream cached; the towers run once."""
+positions (docs/methods.md). One forward with the residual stream cached; the towers run once."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pandas as pd
 import torch
 
 from hooked_av.inputs.token_map import GROUPS
+from patching import checks
 from patching.activation_patching import cache_sample, site_names
 from patching.metrics import AnswerProb
 from patching.results import Result
@@ -28,6 +29,10 @@ def logit_lens(
     mean log-probabilities). `answers` default: the final top token of each sample."""
     L = model.cfg.n_layers
     names = site_names(model, [site], range(L))
+    if answers is not None:
+        (answers if isinstance(answers, AnswerProb) else AnswerProb(answers)).check(model, checks.batch_of(inputs))
+    if groups is not None:
+        groups = checks.nonempty(groups, "groups", none_ok=True)
     rows = []
     for s in samples(model, inputs, tm):
         cache = cache_sample(model, s, names)
@@ -40,7 +45,7 @@ def logit_lens(
         else:
             answer, idx = (answers if isinstance(answers, AnswerProb) else AnswerProb(answers)), s.index
         tok = int(answer._pick(answer.answer, idx, 1, "cpu")[0])
-        specs = groups or [g for g in GROUPS if g != "padding" and bool(s.tm.select(g).mask.any())]
+        specs = groups if groups is not None else [g for g in GROUPS if g != "padding" and bool(s.tm.select(g).mask.any())]
         for spec in specs:
             sel = s.tm.select(spec)
             where = sel.mask[0].to(s.embeds.device)

@@ -270,3 +270,32 @@ def test_guidance_refuses_a_callable_scale_that_returns_nan(setup):
     model, one, tm, _ = setup
     with pytest.raises(ValueError, match=r"guidance scale must be a finite number, got nan"):
         guided_generate(model, one, lambda tm: Intervention(), scale=lambda _: math.nan, tm=tm)
+
+
+# ---- activation patching and the logit lens -------------------------------------------------------
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(positions=[]), "positions is empty"),
+    (dict(sites=[]), "sites is empty"),
+    (dict(layers=[]), "layers is empty"),
+    (dict(heads=[4], sites=("head",)), r"head\(s\) \[4\] out of range"),
+    (dict(metric=AnswerProb([1, 2, 3])), "3 answer token ids for 1 sample"),
+])
+def test_activation_patching_refuses_lists_that_patch_nothing_before_any_forward(no_forward, kwargs, message):
+    from patching.activation_patching import activation_patching
+
+    model, one, tm, _ = no_forward
+    with pytest.raises(ValueError, match=message):
+        activation_patching(model, one, one, **{"progress": False, **kwargs})
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(answers=[1, 2, 3]), "3 answer token ids for 1 sample"),
+    (dict(answers=[320]), r"answer token id\(s\) \[320\] out of range"),
+    (dict(groups=[]), "groups is empty"),
+])
+def test_logit_lens_refuses_answers_and_groups_that_do_not_fit_before_any_forward(no_forward, kwargs, message):
+    from patching.logit_lens import logit_lens
+
+    model, one, tm, _ = no_forward
+    with pytest.raises(ValueError, match=message):
+        logit_lens(model, one, **kwargs)
