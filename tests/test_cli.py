@@ -33,14 +33,16 @@ def test_flow_writes_a_knockout_report_for_a_checkpoint_folder_and_a_clip(folder
     assert "report:" in capsys.readouterr().out
 
 
-def test_flow_refuses_an_unknown_family_and_an_empty_question(folder, tmp_path):
-    with pytest.raises(ValueError, match="the question is empty"):
-        main(["flow", "--model", str(folder), "--question", " ", "--answer", "dog"])
+def test_flow_refuses_an_unknown_family_and_an_empty_question_with_one_error_line(folder, tmp_path, capsys):
+    assert main(["flow", "--model", str(folder), "--question", " ", "--answer", "dog"]) == 2
+    assert capsys.readouterr().err == "error: the question is empty\n"
     other = tmp_path / "bert"
     other.mkdir()
     (other / "config.json").write_text('{"model_type": "bert"}')
-    with pytest.raises(ValueError, match="neither Qwen2.5-Omni nor video-SALMONN"):
-        main(["flow", "--model", str(other), "--question", "What?", "--answer", "dog"])
+    clip = write_mp4(tmp_path / "c.mp4", seconds=1.0)  # media are checked before the model's family
+    assert main(["flow", "--model", str(other), "--video", str(clip), "--question", "What?", "--answer", "dog"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "neither Qwen2.5-Omni nor video-SALMONN" in err and err.count("\n") == 1
 
 
 def test_flow_picks_video_salmonn_from_its_config(tmp_path):
