@@ -253,3 +253,18 @@ def test_remove_batch_dim_leaves_a_single_chunk_tower_activation_whole(omni):
     assert cache.has_batch_dim is False
     assert cache["blocks.0.hook_resid_pre"].dim() == 2
     assert cache["audio_encoder.blocks.0.hook_resid_pre"].shape == (1, 10, 32)
+
+
+def test_a_batch_with_images_and_videos_caches_every_frame_of_the_vision_tower_once(omni):
+    """One tower call per forward: with images and videos in one batch the cache holds the image's
+    frame and the video's two (two calls kept only the last call's frames)."""
+    from omni_helpers import geometries
+
+    inputs, flag = geometries()["padded_batch"]  # row 0 an image (1 frame), row 1 a video (2 frames)
+    calls = []
+    omni.add_hook("vision_encoder.hook_patch_embed", lambda t, hook: calls.append(t.shape[0]))
+    try:
+        _, cache = omni.run_with_cache(**inputs, use_audio_in_video=flag, names_filter=["vision_encoder.hook_patch_embed"])
+    finally:
+        omni.reset_hooks()
+    assert calls == [3] and cache["vision_encoder.hook_patch_embed"].shape[0] == 3

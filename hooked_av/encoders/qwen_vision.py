@@ -116,6 +116,18 @@ class QwenVisionEncoder(nn.Module):
         n_win_w = -(-(w // m) // wm)
         return hw, ((hb // wm) * n_win_w + wb // wm).flatten()
 
+    def images_and_videos(self, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw):
+        """`(image tokens, video tokens)` (each None when not given) from ONE call of the tower, images'
+        frames first: every tower hook fires once per forward and a cache holds all the frames (two
+        calls would leave a cache with the videos' activations only)."""
+        given = [(p, g) for p, g in ((pixel_values, image_grid_thw), (pixel_values_videos, video_grid_thw)) if p is not None]
+        if not given:
+            return None, None
+        out = self(torch.cat([p for p, _ in given]), torch.cat([g.to(given[0][1].device) for _, g in given]))
+        n_image = 0 if pixel_values is None else int(image_grid_thw.prod(-1).sum()) // self.merge**2
+        return (out[:n_image] if pixel_values is not None else None,
+                out[n_image:] if pixel_values_videos is not None else None)
+
     def forward(self, pixel_values: Tensor, grid_thw: Tensor) -> Tensor:
         frames = [(h, w) for t, h, w in grid_thw.tolist() for _ in range(t)]
         sizes = [h * w for h, w in frames]

@@ -162,11 +162,15 @@ class HookedVideoSALMONN2(MRoPELanguageModel, HookedAVModel):
         if features is not None:
             a = self.hook_audio_embeds(self.audio_qformer(self.audio_encoder(features.to(self.dtype))))
             embeds = embeds.masked_scatter((input_ids == self.ids.audio)[..., None], a.to(embeds.dtype))
-        if pixel_values is not None:
-            im = self.hook_image_embeds(self.vision_encoder(pixel_values.to(self.dtype), image_grid_thw))
+        im, vi = self.vision_encoder.images_and_videos(
+            None if pixel_values is None else pixel_values.to(self.dtype), image_grid_thw,
+            None if pixel_values_videos is None else pixel_values_videos.to(self.dtype), video_grid_thw,
+        )
+        if im is not None:
+            im = self.hook_image_embeds(im)
             embeds = embeds.masked_scatter((input_ids == self.ids.image)[..., None], im.to(embeds.dtype))
-        if pixel_values_videos is not None:
-            vi = self.hook_video_embeds(self.vision_encoder(pixel_values_videos.to(self.dtype), video_grid_thw))
+        if vi is not None:
+            vi = self.hook_video_embeds(vi)
             embeds = embeds.masked_scatter((input_ids == self.ids.video)[..., None], vi.to(embeds.dtype))
         return {
             "inputs_embeds": embeds, "position_ids": position_ids, "attention_mask": attention_mask,
