@@ -45,7 +45,10 @@ class Attention(nn.Module):
         v_bias: bool = True,
         o_bias: bool = False,
         names: tuple[str, str, str, str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
+        qk_norm: tuple[nn.Module, nn.Module] | None = None,
     ):
+        """`qk_norm`: norms over d_head applied to q and k after `hook_q` / `hook_k`, before the rotary
+        (Qwen3's QK-norm; their own hooks are `q_norm.hook_normalized`, `k_norm.hook_normalized`)."""
         super().__init__()
         self.n_heads = n_heads
         self.n_kv_heads = n_kv_heads or n_heads
@@ -57,6 +60,8 @@ class Attention(nn.Module):
         setattr(self, k, nn.Linear(d_model, self.n_kv_heads * self.d_head, bias=k_bias))
         setattr(self, v, nn.Linear(d_model, self.n_kv_heads * self.d_head, bias=v_bias))
         setattr(self, o, nn.Linear(n_heads * self.d_head, d_model, bias=o_bias))
+        if qk_norm is not None:
+            self.q_norm, self.k_norm = qk_norm
         self.use_attn_result = False
         self.last_path: str | None = None  # "fast" or "exact": which path the last call took
 
@@ -144,6 +149,8 @@ class Attention(nn.Module):
         causal mask (no padding, no edits), which the fast path may replace by the causal kernel."""
         q, k, v = self.project_qkv(x)
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
         if rotary is not None:
             q, k = rotary(q, k)
         q, k = self.hook_rot_q(q), self.hook_rot_k(k)

@@ -20,7 +20,8 @@ class Block(nn.Module):
     # TransformerLens's logit lens checks this: logits are unembed(ln_final(last hook_resid_post))
     hook_out_is_single_residual_stream = True
 
-    def __init__(self, ln1: nn.Module, attn: Attention, ln2: nn.Module, mlp: nn.Module):
+    def __init__(self, ln1: nn.Module, attn: Attention, ln2: nn.Module, mlp: nn.Module, injection: bool = False):
+        """`injection`: the block accepts a residual addition after its MLP (`hook_injection`)."""
         super().__init__()
         self.ln1 = ln1
         self.attn = attn
@@ -31,8 +32,18 @@ class Block(nn.Module):
         self.hook_resid_mid = HookPoint()
         self.hook_mlp_out = HookPoint()
         self.hook_resid_post = HookPoint()
+        if injection:
+            self.hook_injection = HookPoint()
 
-    def forward(self, x: Float[Tensor, "batch pos d_model"], **attn_kwargs) -> Float[Tensor, "batch pos d_model"]:
+    def forward(self, x: Float[Tensor, "batch pos d_model"], injection: Tensor | None = None,
+                **attn_kwargs) -> Float[Tensor, "batch pos d_model"]:
+        """`injection` `[batch, pos, d_model]` is added after the MLP, before `hook_resid_post`, so that
+        `resid_post` of block l stays `resid_pre` of block l + 1 (DeepStack; zero where nothing is injected)."""
         x = self.hook_resid_pre(x)
         x = self.hook_resid_mid(x + self.hook_attn_out(self.attn(self.ln1(x), **attn_kwargs)))
-        return self.hook_resid_post(x + self.hook_mlp_out(self.mlp(self.ln2(x))))
+        x = x + self.hook_mlp_out(self.mlp(self.ln2(x)))
+        if injection is not None:
+            if not hasattr(self, "hook_injection"):
+                raise ValueError("this block takes no injection; its family's recipe has injection=False")
+            x = x + self.hook_injection(injection)
+        return self.hook_resid_post(x)

@@ -1,5 +1,7 @@
-"""The Qwen2-style M-RoPE decoder shared by the audio-visual models: token embedding, pre-norm blocks,
-final RMSNorm, unembedding, the masked forward from merged embeddings and greedy decoding.
+"""The M-RoPE decoder shared by the audio-visual models: token embedding, pre-norm blocks built from the
+family's `BlockRecipe` (Qwen2's dense decoder; Qwen3's QK-norm, mixture of experts, interleaved M-RoPE and
+DeepStack injection), final RMSNorm, unembedding, the one layer loop every experiment runs through
+(`run_language_model`: injections, physical discarding, logits where they are read) and greedy decoding.
 
 A model family mixes `MRoPELanguageModel` into its `HookedAVModel`, calls `build_language_model(cfg)`
 in `__init__` and supplies its own `encode` (towers, merge, position ids). The module names
@@ -8,6 +10,9 @@ in `__init__` and supplies its own `encode` (towers, merge, position ids). The m
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -18,6 +23,7 @@ from hooked_av.core.block import Block
 from hooked_av.core.config import HookedAVConfig
 from hooked_av.core.masks import additive, causal_allowed
 from hooked_av.core.mlp import GatedMLP
+from hooked_av.core.moe import SparseMoE
 from hooked_av.core.norms import RMSNorm
 from hooked_av.core.rope import apply_rotary, mrope_cos_sin
 
@@ -28,15 +34,21 @@ class MRoPELanguageModel:
     cfg: HookedAVConfig
 
     def build_language_model(self, c: HookedAVConfig) -> None:
+        """Embedding, `c.n_layers` blocks built from `c.recipe` (see `BlockRecipe`), final norm, unembedding."""
+        r = c.recipe
         self.embed = nn.Embedding(c.d_vocab, c.d_model)
         self.blocks = nn.ModuleList(
             Block(
                 RMSNorm(c.d_model, c.eps),
-                Attention(c.d_model, c.n_heads, c.n_key_value_heads, c.d_head, o_bias=False),
+                Attention(c.d_model, c.n_heads, c.n_key_value_heads, c.d_head, q_bias=r.qkv_bias, k_bias=r.qkv_bias,
+                          v_bias=r.qkv_bias, o_bias=r.o_bias,
+                          qk_norm=(RMSNorm(c.d_head, c.eps), RMSNorm(c.d_head, c.eps)) if r.qk_norm else None),
                 RMSNorm(c.d_model, c.eps),
-                GatedMLP(c.d_model, c.d_mlp, c.act_fn),
+                SparseMoE(c.d_model, r.moe.n_experts, r.moe.top_k, r.moe.d_expert, r.moe.norm_topk_prob, c.act_fn)
+                if r.moe and layer in r.moe.layers else GatedMLP(c.d_model, c.d_mlp, c.act_fn),
+                injection=r.injection,
             )
-            for _ in range(c.n_layers)
+            for layer in range(c.n_layers)
         )
         self.ln_final = RMSNorm(c.d_model, c.eps)
         self.unembed = nn.Linear(c.d_model, c.d_vocab, bias=False)
@@ -53,22 +65,26 @@ class MRoPELanguageModel:
         return pos.masked_fill(attention_mask == 0, 1).unsqueeze(0).expand(3, -1, -1)
 
     def route_forward(self, input_ids, attention_mask, inputs_embeds, position_ids, return_type,
-                      media: dict, media_args: tuple[str, ...], **encode_kwargs):
+                      media: dict, media_args: tuple[str, ...], logits_at=None, injections=None, **encode_kwargs):
         """The body of a family's `forward`: encode `input_ids` + `media` (with `encode_kwargs`) or
-        take already merged `inputs_embeds`, then run the language model."""
+        take already merged `inputs_embeds` (with the `injections` `encode` returned, if any), then run
+        the language model, reading logits at `logits_at` (see `run_language_model`)."""
         unknown = set(media) - set(media_args)
         if unknown:
             raise TypeError(f"unexpected argument(s) {sorted(unknown)}; accepted media inputs: {list(media_args)}")
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass input_ids (with media inputs) or inputs_embeds and position_ids from model.encode")
+            if injections is not None:
+                raise ValueError("injections come from model.encode: pass them with inputs_embeds, not with input_ids")
             enc = self.encode(input_ids, attention_mask, **encode_kwargs, **media)
-            inputs_embeds, position_ids = enc["inputs_embeds"], enc["position_ids"]
+            inputs_embeds, position_ids, injections = enc["inputs_embeds"], enc["position_ids"], enc.get("injections")
         elif any(media.get(k) is not None for k in media_args):
             raise ValueError("pass either media inputs or inputs_embeds (already merged), not both")
         elif position_ids is None:
             position_ids = self.text_positions(inputs_embeds, attention_mask)
-        return self.run_language_model(inputs_embeds, position_ids, attention_mask, return_type=return_type)
+        return self.run_language_model(inputs_embeds, position_ids, attention_mask, return_type=return_type,
+                                       injections=injections, logits_at=logits_at)
 
     def run_language_model(
         self,
@@ -77,40 +93,111 @@ class MRoPELanguageModel:
         attention_mask: Tensor | None = None,
         return_type: str | None = "logits",
         kv_caches: list[KVSlot] | None = None,
+        injections: Mapping[int, Tensor] | Sequence[Tensor | None] | None = None,
+        discard: tuple[object, int] | None = None,
+        logits_at=None,
     ) -> Tensor | None:
-        """inputs_embeds `[batch, pos, d_model]`, position_ids `[3, batch, pos]` (or `[batch, pos]`),
-        attention_mask `[batch, past + pos]` (1 = real token) -> logits `[batch, pos, vocab]`,
-        the final residual after `ln_final` ("resid") or None."""
+        """The one layer loop of the language model (every experiment runs through it).
+
+        inputs_embeds `[batch, pos, d_model]`, position_ids `[3, batch, pos]` (or `[batch, pos]`),
+        attention_mask `[batch, past + pos]` (1 = real token).
+        injections: `{layer: [batch, pos, d_model]}` (or a list indexed by layer), added after that
+          block's MLP (`blocks.{l}.hook_injection`; the recipe must allow it).
+        discard: `(positions, from_layer)`: the positions (bool `[pos]`, bool `[batch, pos]` equal in every
+          row, or a `Selection`) are physically removed from the residual stream before block
+          `from_layer`; the rest keep their own position ids (rotary angles), padding and injections.
+        logits_at: None or "all" (every position), "last", or positions (ints or a bool `[pos]` mask);
+          HF's `logits_to_keep`. Only those positions are unembedded (or returned, for "resid").
+        Returns logits `[batch, n_read, vocab]`, the final residual after `ln_final` ("resid") or None.
+        """
+        b, q_len, _ = inputs_embeds.shape
+        past = kv_caches[0].length if kv_caches else 0
+        inject = self._injections(injections, inputs_embeds)
+        drop_at, keep = self._discard_plan(discard, b, q_len, inputs_embeds.device, past)
+        read = read_positions(logits_at, q_len, inputs_embeds.device, keep)
+        if return_type not in ("logits", "resid", None):
+            raise ValueError(f"return_type must be 'logits', 'resid' or None, got {return_type!r}")
         if self.hook_embed.has_hooks() or self.blocks[0].hook_resid_pre.has_hooks():
             # these two hooks receive the caller's tensor (encode() outputs): an in-place edit must stay in this run
             inputs_embeds = inputs_embeds.clone()
         x = self.hook_embed(inputs_embeds)
-        b, q_len, _ = x.shape
-        past = kv_caches[0].length if kv_caches else 0
-        k_len = past + q_len
         if position_ids.dim() == 2:
             position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
-        plain = attention_mask is None or bool(attention_mask.all())
-        # a mask is only materialised when something needs it: padding, an exact layer (a hooked mask
-        # point without one gets its own, see Attention)
-        needs_mask = not plain or any(blk.attn.needs_exact() for blk in self.blocks) or (past and q_len > 1)
-        mask = additive(causal_allowed(attention_mask, q_len, k_len, b, x.device), x.dtype) if needs_mask else None
-        cos, sin = mrope_cos_sin(position_ids, self.cfg.d_head, self.cfg.rope_theta, self.cfg.mrope_section, x.dtype)
-
-        def rotary(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
-            return apply_rotary(q, k, cos, sin)
-
+        state = None
         for i, block in enumerate(self.blocks):
-            slot = kv_caches[i] if kv_caches else None
-            x = block(x, mask=mask, rotary=rotary, causal=plain and not past, kv_cache=slot)
+            if i == drop_at:  # physical discarding: fewer positions from here on
+                x, position_ids = x[:, keep], position_ids[:, :, keep]
+                attention_mask = None if attention_mask is None else attention_mask[:, keep]
+                inject = [None if t is None else t[:, keep] for t in inject]
+                state = None
+            if state is None:
+                state = self.attention_inputs(x, position_ids, attention_mask, past)
+            x = block(x, injection=inject[i], kv_cache=kv_caches[i] if kv_caches else None, **state)
         x = self.ln_final(x)
         if return_type is None:
             return None
-        if return_type == "resid":
-            return x
-        if return_type == "logits":
-            return self.unembed(x)
-        raise ValueError(f"return_type must be 'logits', 'resid' or None, got {return_type!r}")
+        if read is not None:
+            x = x[:, read]
+        return x if return_type == "resid" else self.unembed(x)
+
+    def attention_inputs(self, x: Tensor, position_ids: Tensor, attention_mask: Tensor | None, past: int = 0) -> dict:
+        """The keyword arguments every block's attention takes for a run of x `[batch, q, d]` after `past`
+        cached positions: the additive mask (None where the causal kernel suffices), the rotary of the
+        recipe's M-RoPE variant, and whether the mask is plain causal."""
+        c = self.cfg
+        b, q_len = x.shape[:2]
+        k_len = past + q_len
+        plain = attention_mask is None or bool(attention_mask.all())
+        # a mask is only materialised when something needs it: padding, an exact layer (a hooked mask
+        # point without one gets its own, see Attention), or queries after a cached prefix
+        needs_mask = not plain or any(blk.attn.needs_exact() for blk in self.blocks) or (past and q_len > 1)
+        mask = additive(causal_allowed(attention_mask, q_len, k_len, b, x.device), x.dtype) if needs_mask else None
+        cos, sin = mrope_cos_sin(position_ids, c.d_head, c.rope_theta, c.mrope_section, x.dtype,
+                                 interleaved=c.recipe.rope == "mrope_interleaved")
+        return dict(mask=mask, rotary=functools.partial(apply_rotary, cos=cos, sin=sin), causal=plain and not past)
+
+    def _injections(self, injections, embeds: Tensor) -> list[Tensor | None]:
+        """Per layer: the injection `[batch, pos, d_model]` or None, checked before any work."""
+        n = len(self.blocks)
+        out: list[Tensor | None] = [None] * n
+        if injections is None:
+            return out
+        if not self.cfg.recipe.injection:
+            raise ValueError("this model's blocks take no injections (its recipe has injection=False)")
+        items = injections.items() if isinstance(injections, Mapping) else enumerate(injections)
+        for layer, t in items:
+            if t is None:
+                continue
+            if not 0 <= int(layer) < n:
+                raise ValueError(f"injection at layer {layer}: the model has {n} blocks (0..{n - 1})")
+            if tuple(t.shape) != tuple(embeds.shape):
+                raise ValueError(f"injection at layer {layer} has shape {tuple(t.shape)}; it must be "
+                                 f"[batch, pos, d_model] = {tuple(embeds.shape)} (zeros where nothing is added)")
+            out[int(layer)] = t.to(embeds.device, embeds.dtype)
+        return out
+
+    def _discard_plan(self, discard, batch: int, seq: int, device, past: int) -> tuple[int, Tensor | None]:
+        """`(from_layer, keep)`: keep is bool `[pos]` (None: nothing discarded)."""
+        if discard is None:
+            return -1, None
+        positions, from_layer = discard
+        n = len(self.blocks)
+        if not 0 <= int(from_layer) <= n:
+            raise ValueError(f"discard from layer {from_layer}: the model has {n} layers (0..{n}, {n} = discard nothing)")
+        if past:
+            raise ValueError("discard cannot run after a cached prefix (kv_caches); run the whole sequence")
+        drop = torch.as_tensor(getattr(positions, "mask", positions), device=device)
+        if drop.dtype != torch.bool or drop.shape[-1] != seq or drop.dim() not in (1, 2):
+            raise ValueError(f"discard positions must be a bool mask [pos] or [batch, pos] over {seq} positions "
+                             f"(or a Selection), got {drop.dtype} {tuple(drop.shape)}")
+        if drop.dim() == 2:
+            if drop.shape[0] not in (1, batch) or not bool((drop == drop[:1]).all()):
+                raise ValueError("discard positions differ between batch rows; physical discarding removes the "
+                                 "same positions from every row: run the rows one at a time")
+            drop = drop[0]
+        if not bool(drop.any()):
+            raise ValueError("discard positions select nothing; pass None to discard nothing")
+        return int(from_layer), ~drop
 
     @torch.no_grad()
     def greedy_decode(
@@ -134,7 +221,7 @@ class MRoPELanguageModel:
         if rope_deltas is None:
             rope_deltas = (position_ids.amax(dim=(0, 2)) + 1 - attention_mask.sum(-1)).unsqueeze(1)
         caches = [KVSlot() for _ in self.blocks]
-        logits = self.run_language_model(inputs_embeds, position_ids, attention_mask, kv_caches=caches)
+        logits = self.run_language_model(inputs_embeds, position_ids, attention_mask, kv_caches=caches, logits_at="last")
         out, done = [], torch.zeros(b, dtype=torch.bool, device=inputs_embeds.device)
         for _ in range(max_new_tokens):
             nxt = logits[:, -1].argmax(-1)
@@ -147,7 +234,8 @@ class MRoPELanguageModel:
                     break
             pos = (attention_mask.sum(-1, keepdim=True) + rope_deltas).unsqueeze(0).expand(3, -1, -1)
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(b, 1)], dim=1)
-            logits = self.run_language_model(self.embed(nxt[:, None]), pos, attention_mask, kv_caches=caches)
+            logits = self.run_language_model(self.embed(nxt[:, None]), pos, attention_mask, kv_caches=caches,
+                                             logits_at="last")
         return torch.stack(out, dim=1)
 
 
@@ -161,3 +249,49 @@ def decode_args(max_new_tokens: int, eos_token_id: int | list[int] | None, d_voc
     if bad:
         raise ValueError(f"eos_token_id {bad} out of range; the model has {d_vocab} token ids (0..{d_vocab - 1})")
     return eos
+
+
+def read_positions(logits_at, seq: int, device, keep: Tensor | None = None) -> Tensor | slice | None:
+    """Which positions of a run of `seq` positions `run_language_model` reads out (None: all), as an index
+    into the final residual; with physical discarding (`keep` bool `[seq]`) into the kept positions, and a
+    discarded position is refused."""
+    if logits_at is None or (isinstance(logits_at, str) and logits_at == "all"):
+        return None
+    if isinstance(logits_at, str):
+        if logits_at != "last":
+            raise ValueError(f"logits_at must be None, 'all', 'last' or positions, got {logits_at!r}")
+        if keep is not None and not bool(keep[-1]):
+            raise ValueError("logits_at='last': the last position is discarded; discard something else")
+        return slice(-1, None)
+    t = torch.as_tensor(getattr(logits_at, "mask", logits_at), device=device)
+    if t.dtype == torch.bool:
+        if t.shape != (seq,):
+            raise ValueError(f"logits_at as a mask must be bool [{seq}], got {tuple(t.shape)}")
+        t = t.nonzero()[:, 0]
+    t = t.flatten().long()
+    if not len(t):
+        raise ValueError("logits_at selects no position; pass None for every position")
+    if int(t.max()) >= seq or int(t.min()) < -seq:
+        raise ValueError(f"logits_at position(s) {t.tolist()} out of range for {seq} positions")
+    t = t % seq
+    if keep is not None:
+        if not bool(keep[t].all()):
+            raise ValueError(f"logits_at position(s) {t[~keep[t]].tolist()} are discarded; read kept positions")
+        t = (keep.long().cumsum(0) - 1)[t]
+    return t
+
+
+def scatter_injections(positions: Tensor, features: Sequence[Tensor], like: Tensor) -> list[Tensor]:
+    """DeepStack's per-layer features as dense injections: `positions` bool `[batch, pos]` (the visual
+    positions, HF's `visual_pos_masks`), `features[i]` `[n_positions, d_model]` in the batch-major order of
+    `positions` -> one `[batch, pos, d_model]` per layer i, zero elsewhere (adding zero changes nothing)."""
+    out = []
+    n = int(positions.sum())
+    for i, f in enumerate(features):
+        if f.shape != (n, like.shape[-1]):
+            raise ValueError(f"injection features {i} have shape {tuple(f.shape)}; expected [{n}, {like.shape[-1]}] "
+                             "(one row per True of positions)")
+        t = torch.zeros_like(like)
+        t[positions.to(like.device)] = f.to(like.device, like.dtype)
+        out.append(t)
+    return out

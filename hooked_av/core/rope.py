@@ -23,21 +23,42 @@ def inv_freq(dim: int, theta: float, device=None) -> Tensor:
     return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float, device=device) / dim))
 
 
+def mrope_rows(head_dim: int, sections: Sequence[int], interleaved: bool, device=None) -> Tensor:
+    """Which position row (0 temporal, 1 height, 2 width) gives each of the `head_dim // 2` frequency
+    bands their angle, long `[head_dim // 2]`.
+
+    Sectioned (Qwen2-VL / Qwen2.5-Omni, transformers `qwen2_5_omni`): band section `i` of `sections`
+    takes row `i % 3`. Interleaved (Qwen3-VL / Qwen3-Omni, transformers `qwen3_omni_moe`,
+    `recomposition_frequencies`): bands cycle t, h, w; band `j` takes row 1 when `j % 3 == 1` and
+    `j < 3 * sections[1]`, row 2 when `j % 3 == 2` and `j < 3 * sections[2]`, else row 0."""
+    n = head_dim // 2
+    if interleaved:
+        j = torch.arange(n, device=device)
+        rows = torch.zeros(n, dtype=torch.long, device=device)
+        for row in (1, 2):
+            rows[(j % 3 == row) & (j < 3 * sections[row])] = row
+        return rows
+    if sum(sections) != n:
+        raise ValueError(f"mrope sections {list(sections)} sum to {sum(sections)}, the head has {n} frequency bands")
+    return torch.cat([torch.full((s,), i % 3, dtype=torch.long, device=device) for i, s in enumerate(sections)])
+
+
 def mrope_cos_sin(
-    position_ids: Tensor, head_dim: int, theta: float, sections: Sequence[int], dtype: torch.dtype
+    position_ids: Tensor, head_dim: int, theta: float, sections: Sequence[int], dtype: torch.dtype,
+    interleaved: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """cos/sin for M-RoPE.
 
-    position_ids: `[3, batch, pos]` (temporal, height, width rows). Frequency band `i` of
-    `sections` takes its angle from row `i % 3`. Returns cos, sin `[batch, pos, head_dim]` cast to
+    position_ids: `[3, batch, pos]` (temporal, height, width rows). Each frequency band takes its
+    angle from the row `mrope_rows` assigns it. Returns cos, sin `[batch, pos, head_dim]` cast to
     `dtype` (HF rotates text q/k in the model dtype).
     """
     freqs = position_ids[..., None].float() * inv_freq(head_dim, theta, position_ids.device)
     cos, sin = freqs.cos(), freqs.sin()  # [3, batch, pos, head_dim // 2]
+    rows = mrope_rows(head_dim, sections, interleaved, position_ids.device)
 
     def pick(f: Tensor) -> Tensor:
-        parts = [chunk[i % 3] for i, chunk in enumerate(f.split(list(sections), dim=-1))]
-        f = torch.cat(parts, dim=-1)
+        f = f.gather(0, rows.view(1, 1, 1, -1).expand(1, *f.shape[1:]))[0]
         return torch.cat((f, f), dim=-1).to(dtype)
 
     return pick(cos), pick(sin)

@@ -24,8 +24,10 @@ BATCH_MAJOR_PREFIXES = ("hook_embed", "blocks.", "ln_final.")
 def is_batch_major(name: str) -> bool:
     """Whether a cached activation is `[batch, ...]`: the language model's are; the towers' (`audio_encoder.*`,
     `vision_encoder.*`, `audio_qformer.*`: `[chunks | frames | windows, ...]`) and their outputs
-    (`hook_*_embeds`: `[n_tokens, d]`) hold the whole batch's media back to back."""
-    return name.startswith(BATCH_MAJOR_PREFIXES)
+    (`hook_*_embeds`: `[n_tokens, d]`) hold the whole batch's media back to back; so do the experts' hooks
+    (`blocks.{l}.mlp.experts.{e}.*`) with the tokens routed to them."""
+    # a mixture-of-experts expert's hooks hold only the tokens routed to it, `[n_routed, d]`
+    return name.startswith(BATCH_MAJOR_PREFIXES) and ".mlp.experts." not in name
 
 
 class AVActivationCache(ActivationCache):
