@@ -1,0 +1,298 @@
+"""The study runner: every sample of a manifest through the chosen experiments, results streamed to
+parquet as each sample finishes, resumable, and data-parallel under torchrun.
+
+    run_study("toy", "data/toy/manifest.jsonl", ["knockout", "discarding"], "runs/study", window=1)
+
+Per sample: media decoded (`model.prepare` on the template's Prompt), the towers run once
+(`model.encode`), the answer scored (`scoring.Scorer`), then each experiment is called once with the
+encoded inputs and the sample's TokenMap, so every cell reuses the towers' output. Each experiment's
+rows gain the sample's `id`, its metadata columns and `correct` (the sample answered correctly by the
+scoring rule); an experiment's own per-cell correctness is renamed `cell_correct`.
+
+Files in `out_dir`: `settings.json` (what decides the results, and the versions); `parts/<experiment>/
+<row>-<id hash>.parquet`, one per sample, written atomically (a crash loses at most the sample in
+flight; the accuracy part is written last and marks the sample done); after the run,
+`<experiment>.parquet`, the parts merged in manifest order. Running again skips done samples; a run
+with other settings into the same folder is refused. Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK in
+the environment) rank r takes rows r, r + W, ...; the ranks meet at a barrier (gloo on CPU, nccl on
+CUDA) before rank 0 merges.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from patching import checks
+from patching.study.manifest import Manifest, Row, read_manifest
+from patching.study.scoring import Scorer
+from patching.study.templates import parse_template
+
+EXPERIMENTS = ("accuracy", "knockout", "discarding", "causal_tracing", "sinks", "logit_lens")
+# discarding's measured wall times differ from run to run; every other column is a function of the inputs
+TIMING_COLUMNS = ("seconds", "seconds_full", "time_saved")
+MEDIA = ("audio", "video", "image")
+
+
+def run_study(
+    model,
+    manifest,
+    experiments=("accuracy",),
+    out_dir="runs/study",
+    *,
+    limit: int | None = None,
+    template="default",
+    scoring: str = "first_token",
+    window: int = 9,
+    options: dict | None = None,
+    device=None,
+    dtype="float32",
+    progress: bool = True,
+) -> Path:
+    """Run (or resume) a study into `out_dir` and return it. `model`: a name for `hooked_av.load`
+    ("toy", a hub id, a folder) or a loaded model; `manifest`: a path or a `Manifest`;
+    `experiments`: names from `EXPERIMENTS` (accuracy is always written: every result needs each
+    sample's correctness); `limit`: the first N samples; `template`: "default", "mc" or a custom
+    text; `scoring`: a `scoring.RULES` rule; `window`: the knockout window (layers, the papers' 9);
+    `options`: keyword arguments per experiment, e.g. `{"discarding": {"repeats": 1}}`."""
+    experiments = _experiments(experiments)
+    options = _options(options, experiments)
+    checks.count(window, "window", unit=" layer")
+    if limit is not None:
+        checks.count(limit, "limit", unit=" sample")
+    from hooked_av.core.checkpoint import as_device, as_dtype
+
+    dtype_ = as_dtype(dtype)
+    manifest = manifest if isinstance(manifest, Manifest) else read_manifest(manifest)
+    tpl = parse_template(template)
+    scorer = Scorer(scoring)
+    rows = manifest.rows[:limit]
+    tpl.check(rows)
+    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    dev = as_device(f"cuda:{local}" if device == "cuda" and world > 1 else device)
+    name = model if isinstance(model, (str, os.PathLike)) else type(model).__name__
+    settings = dict(model=str(name), dtype=str(dtype_ or "checkpoint").removeprefix("torch."), device_type=dev.type,
+                    manifest=manifest.sha256, experiments=experiments, template=tpl.settings(), scoring=scorer.settings(),
+                    window=window, options=options, versions=_versions())
+    out = Path(out_dir)
+    _claim(out, settings, dict(manifest_path=str(manifest.path.resolve()), limit=limit))
+
+    if isinstance(model, (str, os.PathLike)):
+        from hooked_av import load
+
+        model = load(model, dtype=dtype_ or torch.float32, device=dev)
+    model.eval()
+    scorer.check(model.tokenizer, rows)
+    group = _process_group(world, dev)
+    mine = rows[rank::world]
+    done = {p.name for p in (out / "parts" / "accuracy").glob("*.parquet")}
+    todo = [r for r in mine if part_name(r) not in done]
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="sample", desc="study",
+               disable=not progress or rank != 0, dynamic_ncols=True)
+    for row in todo:
+        for exp, df in run_sample(model, row, tpl, scorer, experiments, window, options, manifest.meta_columns, dev):
+            if len(df) or exp == "accuracy":  # accuracy comes last: its part marks the sample done
+                write_part(out, exp, row, df)
+        bar.update()
+    bar.close()
+    if group:
+        torch.distributed.barrier()
+    if rank == 0:
+        merge(out, experiments)
+    if group:
+        torch.distributed.barrier()
+    return out
+
+
+def run_sample(model, row: Row, tpl, scorer: Scorer, experiments, window, options, meta_columns, device) -> dict:
+    """Yields `(experiment, rows)` for one sample as each experiment finishes, accuracy last."""
+    from patching.sweep import encode
+
+    inputs = model.prepare(tpl.prompt(row))
+    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    tm = model.token_map(inputs)
+    enc = encode(model, inputs)  # the towers, once for every experiment of this sample
+    with torch.no_grad():
+        last = model(**enc)[0, -1]
+    s = scorer.score(model, enc, last, row)
+    front = {"id": row.id, **{c: row.meta.get(c) for c in meta_columns}, "correct": s.correct}
+    acc = pd.DataFrame([{**front, "prediction": s.prediction, "answer_text": row.answer_text, "answer_token": s.answer_token,
+                         "p_answer": s.p_answer, "rule": scorer.rule}])
+    for exp in experiments:
+        if exp == "accuracy":
+            continue
+        df = EXPERIMENT_FNS[exp](model, enc, inputs, tm, s.answer_token, window, dict(options.get(exp, {})))
+        clash = [c for c in front if c in df.columns and c != "correct"]
+        if clash:
+            raise ValueError(f"metadata column(s) {clash} have the names of {exp} result columns; rename them in the manifest")
+        df = df.drop(columns=["sample"], errors="ignore").rename(columns={"correct": "cell_correct"})
+        for c in reversed(list(front)):
+            df.insert(0, c, [front[c]] * len(df))
+        yield exp, df.reset_index(drop=True)
+    yield "accuracy", acc
+
+
+def _present(tm, groups) -> list[str]:
+    return [g for g in groups if bool(tm.select(g).mask.any())]
+
+
+def _knockout(model, enc, inputs, tm, answer, window, opts):
+    from patching.knockout import knockout
+
+    return knockout(model, enc, [answer], window=min(window, model.cfg.n_layers), tm=tm, progress=False, **opts).df
+
+
+def _discarding(model, enc, inputs, tm, answer, window, opts):
+    from patching.discarding import discarding
+
+    opts.setdefault("group", "|".join(_present(tm, MEDIA)))
+    return discarding(model, enc, [answer], tm=tm, progress=False, **opts).df
+
+
+def _causal_tracing(model, enc, inputs, tm, answer, window, opts):
+    """One run per media modality present (its tokens corrupted), and the sample's unimodal
+    dominance (the hub paper's labelling: the AV prediction against runs with the frames or the
+    waveform zeroed) on every row."""
+    from patching.causal_tracing import causal_tracing
+
+    modalities = opts.pop("corrupt", None) or _present(tm, MEDIA)
+    frames = [causal_tracing(model, enc, [answer], corrupt=m, tm=tm, progress=False, **opts).df.assign(corrupted=m)
+              for m in checks.nonempty(modalities, "corrupt")]
+    return pd.concat(frames, ignore_index=True).assign(dominance=dominance(model, inputs, enc))
+
+
+def dominance(model, inputs, enc) -> str:
+    """"audio" when the audio+video prediction equals the audio-only one (frames black) and differs
+    from the video-only one (silence), "video" the reverse, "both" / "neither" otherwise; "" without
+    both modalities (docs/methods.md §2)."""
+    from patching.corrupt import zero_modality
+
+    if "input_features" not in inputs or "pixel_values_videos" not in inputs:
+        return ""
+    with torch.no_grad():
+        av = int(model(**enc)[0, -1].argmax())
+        audio_only = int(model(**zero_modality(inputs, "video"))[0, -1].argmax())
+        video_only = int(model(**zero_modality(inputs, "audio"))[0, -1].argmax())
+    a, v = av == audio_only, av == video_only
+    return "audio" if a and not v else "video" if v and not a else "both" if a else "neither"
+
+
+def _sinks(model, enc, inputs, tm, answer, window, opts):
+    from patching.sinks import find_sinks
+
+    return find_sinks(model, enc, tm=tm, **opts).df
+
+
+def _logit_lens(model, enc, inputs, tm, answer, window, opts):
+    from patching.logit_lens import logit_lens
+
+    return logit_lens(model, enc, [answer], tm=tm, **opts).df
+
+
+EXPERIMENT_FNS = {"knockout": _knockout, "discarding": _discarding, "causal_tracing": _causal_tracing,
+                  "sinks": _sinks, "logit_lens": _logit_lens}
+
+
+# ---- files ------------------------------------------------------------------------------------
+def part_name(row: Row) -> str:
+    """`<manifest row>-<id hash>.parquet`: sorts in manifest order; the id may hold any character."""
+    return f"{row.index:08d}-{hashlib.sha1(row.id.encode()).hexdigest()[:10]}.parquet"
+
+
+def write_part(out: Path, exp: str, row: Row, df: pd.DataFrame) -> Path:
+    folder = out / "parts" / exp
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / part_name(row)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    df.to_parquet(tmp, index=False)
+    os.replace(tmp, path)  # atomic: a reader or a resumed run never sees half a part
+    return path
+
+
+def read_parts(out: Path, exp: str) -> pd.DataFrame | None:
+    """The parts of `exp` merged in manifest order (None when there are none)."""
+    files = sorted((Path(out) / "parts" / exp).glob("*.parquet"))
+    if not files:
+        return None
+    return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+
+
+def merge(out: Path, experiments) -> None:
+    for exp in experiments:
+        df = read_parts(out, exp)
+        if df is None:
+            continue
+        tmp = out / f".{exp}.parquet.tmp"
+        df.to_parquet(tmp, index=False)
+        os.replace(tmp, out / f"{exp}.parquet")
+
+
+def _claim(out: Path, settings: dict, info: dict) -> None:
+    """Write `settings.json`, or refuse when the folder holds a run with other settings."""
+    path = out / "settings.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        theirs = {k: v for k, v in old.items() if k != "run"}
+        if theirs != json.loads(json.dumps(settings)):
+            diff = sorted(k for k in set(theirs) | set(settings) if theirs.get(k) != json.loads(json.dumps(settings.get(k))))
+            raise ValueError(f"{out} holds a study with other settings ({', '.join(diff)} differ: "
+                             f"{ {k: theirs.get(k) for k in diff} } there, { {k: settings.get(k) for k in diff} } now); "
+                             "use another --out folder, or the same settings to resume")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".settings.json.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps({**settings, "run": info}, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _versions() -> dict:
+    import hooked_av
+
+    out = {"hooked_av": hooked_av.__version__, "torch": torch.__version__}
+    try:
+        import transformers
+
+        out["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    return out
+
+
+def _experiments(experiments) -> list[str]:
+    names = checks.nonempty(experiments, "experiments")
+    unknown = [e for e in names if e not in EXPERIMENTS]
+    if unknown:
+        raise ValueError(f"unknown experiment(s) {unknown}; choose from {list(EXPERIMENTS)}")
+    return ["accuracy"] + [e for e in dict.fromkeys(names) if e != "accuracy"]
+
+
+def _options(options, experiments) -> dict:
+    options = dict(options or {})
+    stray = [k for k in options if k not in experiments]
+    if stray:
+        raise ValueError(f"options for {stray}, which this study does not run ({experiments}); drop them or add the experiment")
+    reserved = {"model", "inputs", "answers", "tm", "progress"}
+    for exp, kw in options.items():
+        bad = sorted(reserved & set(kw)) + (["window"] if exp == "knockout" and "window" in kw else [])
+        if bad:
+            raise ValueError(f"options[{exp!r}] sets {bad}, which the study sets itself (window: the study's window=)")
+    return json.loads(json.dumps(options))
+
+
+def _process_group(world: int, device) -> bool:
+    """A process group for the end-of-run barrier, when there are several ranks and none exists."""
+    if world <= 1:
+        return False
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return True
