@@ -40,7 +40,7 @@ def test_sink_dimension_is_found_and_the_planted_tokens_are_the_sinks(setup):
     assert set(df[df.pos == planted[0]].modality) == {"audio"}
     assert (df.layers_flagged == model.cfg.n_layers).all()
     with pytest.raises(ValueError, match="no massive activations"):
-        find_sinks(model, inputs, tm=tm)  # without the plant this random model has none
+        find_sinks(model, inputs, tau=5.0, tm=tm)  # without the plant this random model has none
 
 
 def test_mds_equals_the_score_from_cached_patterns_and_splits_at_the_median(setup):
