@@ -97,18 +97,22 @@ def run_study(
 
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="sample", desc="study",
                disable=not progress or rank != 0, dynamic_ncols=True)
+    t0 = time.perf_counter()
     for row in todo:
         for exp, df in run_sample(model, row, tpl, scorer, experiments, window, options, manifest.meta_columns, dev):
             if len(df) or exp == "accuracy":  # accuracy comes last: its part marks the sample done
                 write_part(out, exp, row, df)
         bar.update()
     bar.close()
+    _log_rank(out, rank, world, [r.id for r in todo], time.perf_counter() - t0)
     if group:
         torch.distributed.barrier()
     if rank == 0:
         merge(out, experiments)
     if group:
-        torch.distributed.barrier()
+        torch.distributed.barrier()  # no rank returns before the merged files exist
+        if group == "created":
+            torch.distributed.destroy_process_group()
     return out
 
 
@@ -253,6 +257,13 @@ def _claim(out: Path, settings: dict, info: dict) -> None:
     os.replace(tmp, path)
 
 
+def _log_rank(out: Path, rank: int, world: int, ids: list[str], seconds: float) -> None:
+    """`ranks/rank<r>.json`: the ids this rank ran in its last call and its throughput (samples/s)."""
+    (out / "ranks").mkdir(exist_ok=True)
+    info = dict(rank=rank, world_size=world, ids=ids, seconds=seconds, samples_per_s=len(ids) / seconds if ids else None)
+    (out / "ranks" / f"rank{rank}.json").write_text(json.dumps(info, indent=2))
+
+
 def _versions() -> dict:
     import hooked_av
 
@@ -287,12 +298,14 @@ def _options(options, experiments) -> dict:
     return json.loads(json.dumps(options))
 
 
-def _process_group(world: int, device) -> bool:
-    """A process group for the end-of-run barrier, when there are several ranks and none exists."""
+def _process_group(world: int, device) -> str | None:
+    """A process group for the end-of-run barrier when there are several ranks: the caller's, or one
+    made here ("created", destroyed at the end of the run)."""
     if world <= 1:
-        return False
+        return None
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return True
+    if dist.is_initialized():
+        return "existing"
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return "created"
