@@ -15,24 +15,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from hooked_av.core.masks import additive, causal_allowed
-from hooked_av.core.rope import apply_rotary, mrope_cos_sin
 from patching import checks
 from patching.metrics import AnswerProb
 from patching.results import Result
 from patching.sweep import Sample, samples
-
-
-def _run_blocks(model, x: Tensor, position_ids: Tensor, blocks) -> Tensor:
-    """Causal forward of `blocks` on x `[b, pos, d]` with M-RoPE ids `[3, b, pos]` (no padding)."""
-    c = model.cfg
-    cos, sin = mrope_cos_sin(position_ids, c.d_head, c.rope_theta, c.mrope_section, x.dtype)
-    b, s = x.shape[:2]
-    # an explicit mask keeps the exact path (hooked scores/pattern) causal; SDPA uses its causal kernel
-    mask = additive(causal_allowed(None, s, s, b, x.device), x.dtype)
-    for block in blocks:
-        x = block(x, mask=mask, rotary=lambda q, k: apply_rotary(q, k, cos, sin), causal=True)
-    return x
 
 
 def _dropped(tm, group) -> Tensor:
@@ -45,15 +31,13 @@ def _dropped(tm, group) -> Tensor:
 
 def physical_forward(model, sample: Sample, group, from_layer: int) -> Tensor:
     """Last-position logits `[1, vocab]` with `group` (TokenMap spec) removed from layer `from_layer`
-    on. The last position may not be in the group."""
+    on, through the model's own layer loop (`run_language_model(discard=...)`, injections included).
+    The last position may not be in the group."""
     L = model.cfg.n_layers
     if not 0 <= from_layer <= L:
         raise ValueError(f"from_layer {from_layer} out of range; the model has {L} layers (0..{L}, {L} = discard nothing)")
-    keep = ~_dropped(sample.tm, group)[0].to(sample.embeds.device)
-    x = model.hook_embed(sample.embeds)
-    x = _run_blocks(model, x, sample.position_ids, model.blocks[:from_layer])
-    x = _run_blocks(model, x[:, keep], sample.position_ids[:, :, keep], model.blocks[from_layer:])
-    return model.unembed(model.ln_final(x[:, -1]))
+    drop = _dropped(sample.tm, group)[0].to(sample.embeds.device)
+    return model.run_language_model(**sample.lm_inputs(1), discard=(drop, from_layer), logits_at="last")[:, -1]
 
 
 def forward_flops(model, n_tokens: int, n_kept: int | None = None, from_layer: int | None = None) -> float:

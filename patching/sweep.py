@@ -23,17 +23,26 @@ from patching.intervention import Intervention
 
 @dataclass
 class Sample:
-    """One prompt ready for sweeps: `embeds` `[1, pos, d_model]`, `position_ids` `[3, 1, pos]`, `tm` a
-    batch-1 TokenMap of the same positions, `index` its row in the caller's batch."""
+    """One prompt ready for sweeps: what the family's `encode` gives the language model, trimmed to the
+    real positions: `embeds` `[1, pos, d_model]`, `position_ids` `[3, 1, pos]`, `injections` (per layer
+    `[1, pos, d_model]` or None; DeepStack's features), `tm` a batch-1 TokenMap of the same positions,
+    `index` its row in the caller's batch."""
 
     embeds: Tensor
     position_ids: Tensor
     tm: object
     index: int
+    injections: list | None = None
 
     @property
     def seq_len(self) -> int:
         return self.embeds.shape[1]
+
+    def lm_inputs(self, n: int = 1) -> dict:
+        """`run_language_model` keyword arguments for `n` copies of the sample along the batch."""
+        inj = None if self.injections is None else [None if t is None else t.expand(n, -1, -1) for t in self.injections]
+        return dict(inputs_embeds=self.embeds.expand(n, -1, -1).contiguous(),
+                    position_ids=self.position_ids.expand(-1, n, -1), injections=inj)
 
 
 def encode(model, inputs: dict) -> dict:
@@ -69,7 +78,10 @@ def samples(model, inputs: dict, tm=None) -> list[Sample]:
     out = []
     for i in range(embeds.shape[0]):
         keep = torch.ones(embeds.shape[1], dtype=torch.bool, device=embeds.device) if mask is None else mask[i].bool()
-        out.append(Sample(embeds[i : i + 1, keep].detach(), pos[:, i : i + 1, keep], slice_token_map(tm, i, keep), i))
+        inj = enc.get("injections")
+        if inj is not None:
+            inj = [None if t is None else t[i : i + 1, keep].detach() for t in inj]
+        out.append(Sample(embeds[i : i + 1, keep].detach(), pos[:, i : i + 1, keep], slice_token_map(tm, i, keep), i, inj))
     return out
 
 
@@ -82,10 +94,7 @@ def rows_per_forward(seq_len: int, batch_size: int | None, max_batch_tokens: int
 
 def forward_rows(model, sample: Sample, n: int) -> Tensor:
     """Last-position logits `[n, vocab]` of `n` copies of the sample under the active hooks."""
-    embeds = sample.embeds.expand(n, -1, -1).contiguous()
-    pos = sample.position_ids.expand(-1, n, -1)
-    resid = model.run_language_model(embeds, pos, None, return_type="resid")
-    return model.unembed(resid[:, -1])
+    return model.run_language_model(**sample.lm_inputs(n), logits_at="last")[:, -1]
 
 
 def run_rows(

@@ -197,6 +197,8 @@ class MRoPELanguageModel:
             drop = drop[0]
         if not bool(drop.any()):
             raise ValueError("discard positions select nothing; pass None to discard nothing")
+        if int(from_layer) == n:
+            return -1, None
         return int(from_layer), ~drop
 
     @torch.no_grad()
