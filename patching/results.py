@@ -104,11 +104,13 @@ _DEFAULT_BY = {
     "knockout": ["edge", "layer"], "causal_tracing": ["site", "tokens", "layer"],
     "logit_lens": ["group", "layer"], "discarding": ["from_layer"],
     "activation_patching": ["site", "layer", "pos"], "attribution": ["site", "layer", "pos"],
-    "sinks": ["modality", "cross_modal"],
+    "sinks": ["modality", "cross_modal"], "pathway": ["run"], "fastv": ["method"], "dla": ["layer", "head", "group"],
+    "knockout_accuracy": ["edge", "layer"],
 }
 _DEFAULT_VALUE = {
     "knockout": "rel_change", "causal_tracing": "indirect_effect", "logit_lens": "prob", "discarding": "metric",
     "activation_patching": "normalised", "attribution": "attribution", "sinks": "mds",
+    "pathway": "correct", "fastv": "correct", "dla": "dla", "knockout_accuracy": "accuracy",
 }
 _SERIES = {"knockout": "edge", "causal_tracing": "site", "logit_lens": "group", "activation_patching": "site", "attribution": "site"}
 _YLABEL = {
