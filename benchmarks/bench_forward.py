@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_forward.py [--tokens 1500] [--repeats 3] [--device cpu]
 
-Random weights of the real architecture at PEERS.md's benchmark size (text hidden 512, 8 layers,
+Random weights of the real architecture at docs/peers.md's benchmark size (text hidden 512, 8 layers,
 8/2 heads; towers width 256, 4 layers), one video with its audio track (use_audio_in_video) and a
 question. Each row is the median of `--repeats` runs after a warm-up; the ratio is against HF sdpa.
 """
@@ -32,7 +32,7 @@ def config(n_layers: int = 8):
 
 def inputs(tokens: int, cfg):
     """A video (grid 2 x 28 x 28 per second of video) with its audio, sized to about `tokens`."""
-    from hooked_av.models.qwen2_5_omni_positions import chunk_bounds, video_temporal_ids
+    from hooked_av.families.qwen2_5_omni.layout import chunk_bounds, video_temporal_ids
 
     seconds = max(1, tokens // (196 + 25))
     t, h, w = seconds, 28, 28

@@ -31,11 +31,12 @@ def accuracy_by_kind(model, batch) -> pd.DataFrame:
 
 
 def run_demo(out_dir: str | Path = "runs/demo", n_eval: int = 200, n_flow: int = 16, window: int = 1, seed: int = 2024) -> Path:
+    import hooked_av
     from hooked_av import toy
 
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
-    model = toy.load()
+    model = hooked_av.load("toy")
     tok = model.tokenizer
     print(f"toy model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {model.cfg.n_layers} layers")
 

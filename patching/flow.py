@@ -17,41 +17,12 @@ from pathlib import Path
 
 import torch
 
-from hooked_av.models import checkpoint
+from hooked_av import registry
+from hooked_av.core import checkpoint
 from hooked_av.viz import Report, group_attention_mass, plot_attention_mass
 from patching.knockout import knockout
 
 MIN_P = 1e-3  # p(answer) on the clean run below this: the knockout would follow an answer the model does not give
-
-
-def model_class(name_or_path: str, config: dict):
-    """The hooked class of a checkpoint's family, from its config.json's dict."""
-    from hooked_av import HookedQwen2_5Omni, HookedVideoSALMONN2
-
-    if str(config.get("model_type", "")).startswith("qwen2_5_omni"):
-        return HookedQwen2_5Omni
-    if "qformer_config" in (config.get("audio_config") or {}):
-        return HookedVideoSALMONN2
-    raise ValueError(
-        f"{name_or_path}: model_type {config.get('model_type')!r} is neither Qwen2.5-Omni nor video-SALMONN 2+ "
-        "(an audio_config with a qformer_config)"
-    )
-
-
-def model_folder(name_or_path: str) -> Path:
-    from hooked_av import toy
-
-    return toy.weights_dir() if name_or_path == "toy" else checkpoint.resolve(name_or_path)
-
-
-def load_any(name_or_path: str, dtype: torch.dtype | str = torch.float32, device=None):
-    """A supported model from a hub id, a local folder or "toy", by its configuration's family."""
-    from hooked_av import HookedQwen2_5Omni
-
-    if name_or_path == "toy":
-        return HookedQwen2_5Omni.from_pretrained("toy", dtype=dtype, device=device)
-    cls = model_class(name_or_path, checkpoint.read_config(model_folder(name_or_path)))
-    return cls.from_pretrained(name_or_path, dtype=dtype, device=device)
 
 
 def check_media(video: str | None, audio: str | None) -> None:
@@ -113,14 +84,14 @@ def run_flow(model_name: str, video: str | None, question: str, answer: str, aud
     checkpoint.as_dtype(dtype)
     checkpoint.as_device(device)
     check_media(video, audio)
-    folder = model_folder(model_name)
-    model_class(model_name, checkpoint.read_config(folder))
+    folder = registry.folder(model_name)
+    registry.family(checkpoint.read_config(folder), model_name)  # an unsupported checkpoint is refused before loading
     tokenizer = checkpoint.load_tokenizer(folder)
     if tokenizer is None:
         raise ValueError(f"{folder} has no tokenizer files (tokenizer.json, tokenizer_config.json); copy them from the original checkpoint")
     target = answer_id(tokenizer, question, answer)
 
-    model = load_any(model_name, dtype, device)
+    model = registry.load(model_name, dtype, device)
     inputs = model.prepare(question, video=video, audio=audio)
     inputs = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     tm = model.token_map(inputs)

@@ -169,7 +169,7 @@ def discard(tm, group, from_layer: int, n_layers: int | None = None, rows: Seque
 
 def steer(tm, dst, src, alpha: float, layers, heads: Sequence[int] | None = None,
           rows: Sequence[int] | None = None) -> Intervention:
-    """PAI-style attention-logit steering toward a token set (METHODS.md, cross-modal hubs): on
+    """PAI-style attention-logit steering toward a token set (docs/methods.md, cross-modal hubs): on
     `hook_attn_scores`, `score[dst -> src] += alpha * |score[dst -> src]|` in `layers` (optionally only
     `heads`). Acts before the softmax; runs those layers on the exact path."""
     layers = layer_list(layers, "steer")

@@ -62,8 +62,9 @@ def tiny_hf_thinker(seed: int = 0, **text_overrides):
 
 
 def audio_tokens(frames: int) -> int:
-    after = (frames - 1) // 2 + 1
-    return (after - 2) // 2 + 1
+    from hooked_av.families.qwen2_5_omni.layout import audio_token_counts
+
+    return audio_token_counts([frames])[0]
 
 
 def _text(rng, n):
@@ -104,21 +105,15 @@ class Builder:
 
     def audio_in_video(self, t: int, h: int, w: int, frames: int, spg: float = 1.0):
         """`<vision_bos><audio_bos>` then video/audio chunks of 2 s (50 temporal ids) interleaved."""
-        from hooked_av.models.qwen2_5_omni_positions import chunk_bounds, video_temporal_ids
+        from hooked_av.families.qwen2_5_omni.layout import av_chunk_runs, video_temporal_ids
 
         self.videos.append((self._pixels(t, h, w), (t, h, w), spg))
         self.features.append(torch.randn(N_MELS, frames, generator=self.rng))
         per_frame = h * w // 4
         t_ids = video_temporal_ids(t, spg, 25).repeat_interleave(per_frame)
-        n_audio = audio_tokens(frames)
-        v_chunks = chunk_bounds(t_ids, 50, 0)
-        a_chunks = chunk_bounds(torch.arange(n_audio), 50, 0)
         body = []
-        for j in range(max(len(v_chunks), len(a_chunks))):
-            if j < len(v_chunks):
-                body += [VIDEO] * (v_chunks[j][1] - v_chunks[j][0])
-            if j < len(a_chunks):
-                body += [AUDIO] * (a_chunks[j][1] - a_chunks[j][0])
+        for kind, _, begin, end in av_chunk_runs(t_ids, audio_tokens(frames), 50):
+            body += [VIDEO if kind == "video" else AUDIO] * (end - begin)
         self.ids += [VISION_BOS, AUDIO_BOS] + body + [AUDIO_EOS, VISION_EOS]
         return self
 

@@ -11,10 +11,11 @@ from media_helpers import OMNI_CHAT_TEMPLATE, moving_frames, sine, tiny_tokenize
 from omni_helpers import AUDIO, tiny_thinker_config
 
 from hooked_av.inputs.media import load_audio, load_video, resample
-from hooked_av.inputs.omni import Item, Prompt, messages_for, render_chat, token_strings
-from hooked_av.inputs.omni_layout import audio_token_counts
-from hooked_av.inputs.processor import assemble_omni_parts, hf_processor
-from hooked_av.models.qwen2_5_omni import HookedQwen2_5Omni
+from hooked_av import HookedQwen2_5Omni
+from hooked_av.families.qwen2_5_omni.layout import audio_token_counts
+from hooked_av.families.qwen2_5_omni.processor import assemble_omni_parts, hf_processor
+from hooked_av.families.qwen2_5_omni.prompt import messages_for, render_chat, token_strings
+from hooked_av.inputs.prompt import Item, Prompt
 
 KEYS = ["input_ids", "attention_mask", "input_features", "feature_attention_mask", "pixel_values", "image_grid_thw",
         "pixel_values_videos", "video_grid_thw", "video_second_per_grid"]

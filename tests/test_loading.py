@@ -8,7 +8,7 @@ from omni_helpers import geometries, tiny_hf_thinker, tiny_thinker_config
 from safetensors.torch import load_file, save_file
 
 from hooked_av import HookedQwen2_5Omni
-from hooked_av.models.qwen2_5_omni_weights import convert_key
+from hooked_av.families.qwen2_5_omni.weights import convert_key
 
 INPUTS, AV = geometries()["audio_and_video_blocks"]
 
@@ -93,7 +93,7 @@ def test_not_a_checkpoint_folder_is_a_clear_error(tmp_path):
         HookedQwen2_5Omni.from_pretrained(tmp_path / "nowhere")
 
 
-REAL = {  # MODELS.md; the 3B total of 4.70B holds only with an untied lm_head
+REAL = {  # docs/models.md; the 3B total of 4.70B holds only with an untied lm_head
     "7B": dict(text=(152064, 3584, 18944, 28, 28, 4), out=3584, tie=False, params=8.93e9),
     "3B": dict(text=(151936, 2048, 11008, 36, 16, 2), out=2048, tie=False, params=4.70e9),
 }

@@ -7,7 +7,7 @@ from media_helpers import moving_frames, sine, tiny_tokenizer
 from omni_helpers import tiny_thinker_config
 
 from hooked_av import HookedQwen2_5Omni
-from hooked_av.inputs.processor import assemble_omni_parts
+from hooked_av.families.qwen2_5_omni.processor import assemble_omni_parts
 from patching.causal_tracing import causal_tracing
 from patching.corrupt import zero_modality
 

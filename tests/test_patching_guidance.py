@@ -3,8 +3,8 @@ blocks the audio changes auditory answers of the toy model."""
 
 import torch
 
+import hooked_av
 from hooked_av import toy
-from hooked_av.models.qwen2_5_omni import HookedQwen2_5Omni
 from patching.guidance import guided_generate, guided_logits
 from patching.hooks import block_attention
 
@@ -18,7 +18,7 @@ def test_guided_logits_interpolate_log_probabilities():
 
 
 def test_guided_generation_on_the_toy_model():
-    model = HookedQwen2_5Omni.from_pretrained("toy")
+    model = hooked_av.load("toy")
     batch = toy.make_batch(6, seed=31, tokenizer=model.tokenizer, kinds=("auditory",))
 
     def no_audio(tm):

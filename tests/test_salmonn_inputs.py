@@ -15,8 +15,8 @@ from media_helpers import moving_frames, sine, write_mp4, write_wav
 
 from hooked_av import HookedVideoSALMONN2
 from hooked_av.inputs.media import load_audio
-from hooked_av.inputs.omni import Item, Prompt
-from hooked_av.inputs.salmonn import audio_per_step
+from hooked_av.families.video_salmonn2.layout import audio_per_step
+from hooked_av.inputs.prompt import Item, Prompt
 
 IM_START, IM_END, USER, PAD = 300, 301, 302, 303
 WORDS = ["system", "assistant", "\n", " ", "What", "makes", "the", "sound", "?", ":", "Clip", "1", "2", ".", "You",

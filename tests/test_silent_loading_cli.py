@@ -13,7 +13,7 @@ from omni_helpers import geometries, tiny_hf_thinker
 from safetensors.torch import load_file, save_file
 
 from hooked_av import HookedQwen2_5Omni, HookedVideoSALMONN2, toy
-from hooked_av.inputs.omni import Item, Prompt
+from hooked_av.inputs.prompt import Item, Prompt
 from hooked_av.toy.clips import SAMPLE_RATE, bank_from_media, render_clips
 from patching.cli import main
 

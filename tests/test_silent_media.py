@@ -18,9 +18,9 @@ from test_salmonn_inputs import salmonn_tokenizer
 
 from hooked_av import HookedVideoSALMONN2
 from hooked_av.inputs.media import Audio, load_audio, load_video
-from hooked_av.inputs.omni import Prompt
-from hooked_av.inputs.processor import assemble_omni_parts, hf_processor
-from hooked_av.models.qwen2_5_omni import HookedQwen2_5Omni
+from hooked_av import HookedQwen2_5Omni
+from hooked_av.families.qwen2_5_omni.processor import assemble_omni_parts, hf_processor
+from hooked_av.inputs.prompt import Prompt
 import salmonn_helpers as SH
 
 
@@ -111,7 +111,7 @@ def _reference_resolution(h: int, w: int, n_frames: int, total_pixels: float) ->
 
 
 def test_video_frames_get_the_reference_per_frame_pixel_cap(model):
-    from hooked_av.inputs.processor import OMNI_VIDEO_TOTAL_PIXELS, video_max_pixels
+    from hooked_av.families.qwen2_5_omni.processor import OMNI_VIDEO_TOTAL_PIXELS, video_max_pixels
 
     assert OMNI_VIDEO_TOTAL_PIXELS == int(128000 * 28 * 28 * 0.9)
     for n in (4, 300, 400, 768):  # the cap binds past 300 frames

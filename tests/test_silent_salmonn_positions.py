@@ -1,6 +1,6 @@
 """video-SALMONN 2+ position ids against the rules of the repository (bytedance/video-SALMONN-2,
 `video_SALMONN2_plus/`), written here as a naive per-row walk that shares nothing with
-`hooked_av.models.video_salmonn2_positions`.
+`hooked_av.families.video_salmonn2.positions`.
 
 The rules, as read from the repository:
 - Inference (`inference.py`): `prepare_inputs` keeps only tensors and `_get_item` pops `audio_lengths`

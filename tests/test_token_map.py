@@ -13,11 +13,12 @@ from media_helpers import moving_frames, sine, tiny_tokenizer, write_mp4
 from omni_helpers import AUDIO, IM_END, IM_START, USER, VIDEO, geometries, tiny_thinker_config
 
 from hooked_av.inputs.chat import ChatTokens
-from hooked_av.inputs.omni import Item, Prompt
-from hooked_av.inputs.omni_layout import audio_token_counts
-from hooked_av.inputs.processor import assemble_omni_parts
-from hooked_av.inputs.salmonn import salmonn_block_ids, salmonn_token_map
-from hooked_av.models.qwen2_5_omni import HookedQwen2_5Omni
+from hooked_av import HookedQwen2_5Omni
+from hooked_av.families.qwen2_5_omni.layout import audio_token_counts
+from hooked_av.families.qwen2_5_omni.processor import assemble_omni_parts
+from hooked_av.families.video_salmonn2.layout import salmonn_block_ids
+from hooked_av.families.video_salmonn2.token_map import salmonn_token_map
+from hooked_av.inputs.prompt import Item, Prompt
 
 CHAT = ChatTokens(IM_START, IM_END, None, {"user": (USER,)})  # the hand-built rows have no newline token
 

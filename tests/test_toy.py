@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from hooked_av import HookedQwen2_5Omni, toy
+import hooked_av
+from hooked_av import toy
 from hooked_av.toy import vocab
 from hooked_av.toy.clips import log_mel, patchify
 
@@ -18,7 +19,7 @@ N_PER_KIND = 48
 
 @pytest.fixture(scope="module")
 def model():
-    return HookedQwen2_5Omni.from_pretrained("toy")
+    return hooked_av.load("toy")
 
 
 @pytest.fixture(scope="module")

@@ -37,6 +37,42 @@ class Video:
     audio: Audio | None = None
 
 
+@dataclass(frozen=True)
+class MediaConstants:
+    """What a family's processor does to the media, as numbers: `image_mean` / `image_std` per
+    channel (pixels in [0, 1] become `(x - mean) / std`) and `silent_log_mel`, the value every
+    log-mel feature of an all-zero waveform takes."""
+
+    image_mean: tuple[float, ...]
+    image_std: tuple[float, ...]
+    silent_log_mel: float
+
+
+def media_constants(image_processor, feature_extractor) -> MediaConstants:
+    """Read from a family's own components: the image processor's `image_mean` / `image_std`, and
+    the feature extractor run on 0.1 s of silence (Whisper: `log10(1e-10) = -10`, clamped at max - 8,
+    `(x + 4) / 4` = -1.5), which must come out as one value."""
+    silent = feature_extractor(
+        np.zeros(SAMPLE_RATE // 10, dtype=np.float32), sampling_rate=SAMPLE_RATE, padding="longest", return_tensors="np"
+    )["input_features"]
+    levels = np.unique(silent)
+    if len(levels) != 1:
+        raise ValueError(f"{type(feature_extractor).__name__} maps silence to {len(levels)} different values, not one level")
+    return MediaConstants(
+        tuple(float(x) for x in image_processor.image_mean), tuple(float(x) for x in image_processor.image_std),
+        float(levels[0]),
+    )
+
+
+def stock_media_constants() -> MediaConstants:
+    """`media_constants` of the stock transformers Qwen2-VL image processor and Whisper feature
+    extractor, the front end both Qwen2.5-Omni and video-SALMONN 2+ ship with: the default where no
+    model is at hand (a model's own are `model.media_constants`)."""
+    from transformers import Qwen2VLImageProcessor, WhisperFeatureExtractor
+
+    return media_constants(Qwen2VLImageProcessor(), WhisperFeatureExtractor())
+
+
 def check_frames(frames, what: str = "frames") -> np.ndarray:
     """Frames as a uint8 array `[T, H, W, 3]`; a clear error otherwise."""
     arr = frames.numpy() if hasattr(frames, "numpy") else np.asarray(frames)

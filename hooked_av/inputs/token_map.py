@@ -2,7 +2,7 @@
 experiments name token sets (`"audio"`, `"video[1]"`, `"question"`, `"last"`) instead of indices.
 
 Pure data (tensors and strings): `patching/` uses it without importing any model. The builders that
-read a model's token layout live beside the prompt builders (`omni_layout.py`, `salmonn.py`).
+read a model's token layout live beside the prompt builders (`hooked_av/families/<family>/token_map.py`).
 
     tm = model.token_map(inputs)
     tm.mask("audio")                               # [batch, pos] bool, never padding

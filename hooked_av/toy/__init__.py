@@ -41,7 +41,7 @@ def weights_dir() -> Path:
 def load(dtype: torch.dtype = torch.float32, device=None):
     """The shipped toy model as a `HookedQwen2_5Omni` (eval mode), its tokenizer at `model.tokenizer`
     and `model.prepare` building the toy's training format from media (`toy.prepare.prepare`)."""
-    from hooked_av.models.qwen2_5_omni import HookedQwen2_5Omni
+    from hooked_av.families.qwen2_5_omni import HookedQwen2_5Omni
 
     folder = weights_dir()
     if not (folder / "config.json").exists():

@@ -3,7 +3,7 @@
 A clip is a short video of a large striped square (40 px, anywhere in a noisy dark 56-px frame) and a
 tone. Both visual attributes (colour, brightness) are visible to any 14-px patch the square covers,
 which a 2-layer ViT learns quickly; a global shape over 2x2 merged tokens is not, and a prototype of
-this file found stripe orientation (a second-order feature under random phase) slow too (TOY.md).
+this file found stripe orientation (a second-order feature under random phase) slow too (docs/toy.md).
 
     bank = make_clips(1000, seed=0)
     bank.pixels[i]    [rows, 3*2*14*14]  one clip's video patches, Qwen2-VL layout, CLIP-normalised
@@ -12,20 +12,20 @@ this file found stripe orientation (a second-order feature under random phase) s
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from hooked_av.families.qwen2_5_omni.layout import audio_token_counts
 from hooked_av.toy import vocab
 
 SAMPLE_RATE = 16_000  # Hz, what Whisper features assume
 HOP = 160  # samples per mel frame (10 ms)
 N_MELS = 128
 PATCH, TEMPORAL_PATCH, MERGE = 14, 2, 2
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # Qwen2-VL processor's image_mean / image_std
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 RGB = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 235), "yellow": (230, 210, 40)}
 NOTE_HZ = {"do": 261.63, "sol": 392.00, "re": 587.33, "la": 880.00}
@@ -66,8 +66,7 @@ class ClipBank:
     @property
     def audio_tokens(self) -> int:
         """Audio tower output tokens per clip (25 per second), as the Omni audio tower counts them."""
-        frames = self.features.shape[-1]
-        return ((frames - 1) // 2 + 1 - 2) // 2 + 1
+        return audio_token_counts([self.features.shape[-1]])[0]
 
 
 # The training format: every clip the shipped model saw has frames of SIZE x SIZE px, N_FRAMES of them
@@ -141,12 +140,22 @@ def _render_tone(rng, attrs, i: int, seconds: float) -> np.ndarray:
     return (wave + rng.normal(0, 0.005, t.shape)).astype(np.float32)
 
 
+@functools.cache
+def _image_norm() -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The image mean/std of the Thinker's stock image processor (Qwen2-VL's), which the toy was trained with."""
+    from hooked_av.families.qwen2_5_omni.processor import stock_components
+
+    ip = stock_components(N_MELS)[1]
+    return tuple(ip.image_mean), tuple(ip.image_std)
+
+
 def patchify(video: np.ndarray) -> Tensor:
     """`[n, frames, H, W, 3]` in [0, 255] -> `[n, t*h*w, 3*2*14*14]`: the Qwen2-VL processor's
     rescale, normalise and patch order (rows (t, h_block, w_block, ih, iw); values (c, t, y, x))."""
     n, frames, height, width, _ = video.shape
     x = torch.from_numpy(np.ascontiguousarray(video, dtype=np.float32)).permute(0, 1, 4, 2, 3) / 255.0
-    x = (x - torch.tensor(CLIP_MEAN).view(1, 1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 1, 3, 1, 1)
+    mean, std = _image_norm()
+    x = (x - torch.tensor(mean).view(1, 1, 3, 1, 1)) / torch.tensor(std).view(1, 1, 3, 1, 1)
     gt, gh, gw = frames // TEMPORAL_PATCH, height // PATCH, width // PATCH
     x = x.reshape(n, gt, TEMPORAL_PATCH, 3, gh // MERGE, MERGE, PATCH, gw // MERGE, MERGE, PATCH)
     x = x.permute(0, 1, 4, 7, 5, 8, 3, 2, 6, 9)

@@ -20,7 +20,7 @@ import os
 import numpy as np
 
 from hooked_av.inputs.media import SAMPLE_RATE, Video, load_audio, load_video
-from hooked_av.inputs.omni import Prompt, as_prompts
+from hooked_av.inputs.prompt import Prompt, as_prompts
 from hooked_av.toy import vocab
 from hooked_av.toy.clips import FPS, N_FRAMES, SECONDS, SIZE, bank_from_media
 from hooked_av.toy.data import model_inputs

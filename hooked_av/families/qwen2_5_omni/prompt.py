@@ -12,75 +12,20 @@ audio-visual items in one prompt, and left-padded batches.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 
 import torch
 
-from hooked_av.inputs.chat import check_plain_text, special_texts
-from hooked_av.inputs.media import SAMPLE_RATE, Video, load_audio, load_image, load_video
-from hooked_av.inputs.omni_layout import av_chunk_runs, audio_token_counts
-from hooked_av.inputs.processor import OmniParts, video_max_pixels
-from hooked_av.models.qwen2_5_omni_positions import OmniTokenIds
+from hooked_av.families.qwen2_5_omni.layout import OmniTokenIds, audio_token_counts, av_block_runs
+from hooked_av.families.qwen2_5_omni.processor import OmniParts, video_max_pixels
+from hooked_av.inputs.chat import special_texts
+from hooked_av.inputs.media import SAMPLE_RATE, load_audio, load_image, load_video
+from hooked_av.inputs.prompt import DEFAULT, Prompt, as_prompts, check_prompt_text, has_audio
 
 OMNI_SYSTEM_PROMPT = (
     "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving "
     "auditory and visual inputs, as well as generating text and speech."
 )
 TEMPLATE_SYSTEM_PROMPT = "You are a helpful assistant."  # what the chat template inserts when none is given
-_DEFAULT = object()
-
-
-@dataclass
-class Item:
-    """One media item of a prompt, shown in the order label, image, video, audio. `video`: a file,
-    frames `[T, H, W, 3]` uint8 at the prompt's fps, or a `Video`; `audio`: a file, `(waveform,
-    sample_rate)` or `Audio` (with a video and `use_audio_in_video`, it replaces the file's track)."""
-
-    video: object = None
-    audio: object = None
-    image: object = None
-    label: str = ""
-
-
-@dataclass
-class Prompt:
-    """One row: a question, its media (`video`/`audio`/`image` for a single item, or `items`), an
-    optional system prompt (`None`: the template's default) and answer options (one line each,
-    lettered A., B., ...)."""
-
-    question: str
-    video: object = None
-    audio: object = None
-    image: object = None
-    items: list = field(default_factory=list)
-    system: object = _DEFAULT
-    options: list | None = None
-
-    def all_items(self) -> list[Item]:
-        single = Item(self.video, self.audio, self.image) if any(x is not None for x in (self.video, self.audio, self.image)) else None
-        if single and self.items:
-            raise ValueError("give media either as video=/audio=/image= (one item) or as items=[...], not both")
-        return [single] if single else [i if isinstance(i, Item) else Item(**i) for i in self.items]
-
-    def text(self) -> str:
-        if not isinstance(self.question, str) or not self.question.strip():
-            raise ValueError(f"the question is empty ({self.question!r}); pass the text the model should answer")
-        if not self.options:
-            return self.question
-        return self.question + "\n" + "\n".join(f"{chr(65 + i)}. {o}" for i, o in enumerate(self.options))
-
-
-def check_prompt_text(prompt: Prompt, specials: frozenset[str]) -> None:
-    """Refuse a special token's text (`<|AUDIO|>`, `<|im_start|>`, ...) in the question, an option, a
-    label or the system prompt, before anything is tokenized: it would become that token."""
-    prompt.text()  # refuses an empty question first
-    texts = [("the question", prompt.question)]
-    texts += [(f"option {i + 1}", str(o)) for i, o in enumerate(prompt.options or [])]
-    texts += [("the label", it.label) for it in prompt.all_items() if it.label]
-    if isinstance(prompt.system, str):
-        texts.append(("the system prompt", prompt.system))
-    for what, text in texts:
-        check_plain_text(text, specials, what)
 
 
 def token_strings(tokenizer, ids: OmniTokenIds) -> dict[str, str]:
@@ -123,21 +68,8 @@ def messages_for(prompt: Prompt, use_audio_in_video: bool) -> list[dict]:
         if it.audio is not None and not (it.video is not None and use_audio_in_video):
             content.append({"type": "audio"})
     content.append({"type": "text", "text": prompt.text()})
-    system = OMNI_SYSTEM_PROMPT if prompt.system is _DEFAULT else prompt.system
+    system = OMNI_SYSTEM_PROMPT if prompt.system is DEFAULT else prompt.system
     return ([{"role": "system", "content": system}] if system is not None else []) + [{"role": "user", "content": content}]
-
-
-def _has_audio(it: Item) -> bool:
-    if it.audio is not None:
-        return True
-    if isinstance(it.video, Video):
-        return it.video.audio is not None
-    if isinstance(it.video, str) or hasattr(it.video, "__fspath__"):
-        from hooked_av.inputs.media import _open
-
-        with _open(it.video) as c:
-            return bool(c.streams.audio)
-    return False
 
 
 def resolve_audio_in_video(prompts: list[Prompt], use_audio_in_video: bool | None) -> bool:
@@ -145,24 +77,12 @@ def resolve_audio_in_video(prompts: list[Prompt], use_audio_in_video: bool | Non
     none has; a mix is an error (the model's flag applies to the whole batch)."""
     if use_audio_in_video is not None:
         return bool(use_audio_in_video)
-    flags = [_has_audio(it) for p in prompts for it in p.all_items() if it.video is not None]
+    flags = [has_audio(it) for p in prompts for it in p.all_items() if it.video is not None]
     if flags and all(flags):
         return True
     if any(flags):
         raise ValueError("some video items have audio and some do not; pass use_audio_in_video=True (and audio for each) or False")
     return False
-
-
-def as_prompts(prompts, prompt_kwargs: dict) -> list:
-    """A question string (with `Prompt` fields in `prompt_kwargs`), one `Prompt` or a list of them
-    -> a list of `Prompt`."""
-    if isinstance(prompts, Prompt):
-        return [prompts]
-    if not isinstance(prompts, (list, tuple)):
-        return [Prompt(prompts, **prompt_kwargs)]
-    if prompt_kwargs:
-        raise ValueError(f"with a list of Prompt, put {sorted(prompt_kwargs)} inside each Prompt")
-    return list(prompts)
 
 
 def prepare_omni(
@@ -257,8 +177,7 @@ def _expand(texts: list[str], tok: dict, out: dict, spgs: list[float], parts: Om
             return tok[kind] * (grid[0] * grid[1] * grid[2] // merge**2)
         a = state["audio"]
         state["audio"] += 1  # the video's own audio, next in appearance order
-        runs = av_chunk_runs(grid, spgs[i], counts[a], merge,
-                             parts.position_id_per_seconds, parts.seconds_per_chunk)
-        return tok["audio_bos"] + "".join(tok[m_] * n for m_, _, n in runs) + tok["audio_eos"]
+        runs = av_block_runs(grid, spgs[i], counts[a], merge, parts.position_id_per_seconds, parts.seconds_per_chunk)
+        return tok["audio_bos"] + "".join(tok[m_] * (e - b) for m_, _, b, e in runs) + tok["audio_eos"]
 
     return [pattern.sub(one, t) for t in texts]

@@ -9,7 +9,7 @@ Q-Former for audio) with a hook point on every residual stream, attention patter
 Audio comes as Whisper mel chunks `[n_chunks, n_mels, 3000]` (30 s each, in prompt order); every chunk
 makes 60 `<|audio_pad|>` tokens. Position ids follow the official inference script by default
 (`position_mode="inference"`); `position_mode="training"` gives the time-aligned ids SALMONN was
-trained with (see `video_salmonn2_positions.py`).
+trained with (see `positions.py`).
 """
 
 from __future__ import annotations
@@ -25,24 +25,23 @@ from hooked_av.core.language_model import MRoPELanguageModel, decode_args
 from hooked_av.encoders.qformer import WindowQFormer
 from hooked_av.encoders.qwen_vision import QwenVisionEncoder
 from hooked_av.encoders.whisper import WhisperEncoder
-from hooked_av.models import checkpoint
-from hooked_av.models.placeholders import check_patch_rows, check_placeholders, merged_tokens
-from hooked_av.models.video_salmonn2_positions import POSITION_MODES, SalmonnTokenIds, salmonn_position_ids
-from hooked_av.models.video_salmonn2_weights import convert_key, lm_config, split_config
+from hooked_av.core import checkpoint
+from hooked_av.core.placeholders import check_patch_rows, check_placeholders, merged_tokens
+from hooked_av.families.video_salmonn2.layout import POSITION_IDS_PER_SECOND, token_ids
+from hooked_av.families.video_salmonn2.positions import POSITION_MODES, salmonn_position_ids
+from hooked_av.families.video_salmonn2.weights import convert_key, lm_config, split_config
 
 MEDIA_ARGS = (
     "input_features", "audio_feature", "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
     "video_second_per_grid", "second_per_grid_ts",
 )
-# SALMONN's get_rope_index hard-codes 2 temporal ids per second (one per audio token)
-POSITION_IDS_PER_SECOND = 2
 
 
 class HookedVideoSALMONN2(MRoPELanguageModel, HookedAVModel):
     """Hook names: `hook_audio_embeds` / `hook_image_embeds` / `hook_video_embeds` (tower outputs,
     `[n_tokens, d_model]`), `hook_embed` (merged embeddings, `[batch, pos, d_model]`), `blocks.{l}.*`,
     `ln_final.*`, `audio_encoder.*` (Whisper, one batch row per 30 s chunk), `audio_qformer.*`
-    (one batch row per 0.5 s window), `vision_encoder.*` (see DESIGN.md).
+    (one batch row per 0.5 s window), `vision_encoder.*` (see docs/architecture.md).
 
     `position_mode`: "inference" (default, the official inference behaviour) or "training"
     (time-aligned audio); `model.position_mode` is the default a call uses, `encode` returns the one used.
@@ -56,10 +55,7 @@ class HookedVideoSALMONN2(MRoPELanguageModel, HookedAVModel):
         vl, audio, qformer, ids = split_config(config)
         self.hf_config = config
         self.cfg = c = lm_config(vl, audio, qformer)
-        self.ids = SalmonnTokenIds(
-            audio=ids["audio_token_id"], image=ids["image_token_id"], video=ids["video_token_id"],
-            vision_start=ids["vision_start_token_id"], vision_end=ids["vision_end_token_id"],
-        )
+        self.ids = token_ids(ids)
         self.tokenizer = None
 
         a, q, v = c.towers["audio_encoder"], c.towers["audio_qformer"], c.towers["vision_encoder"]
@@ -110,6 +106,14 @@ class HookedVideoSALMONN2(MRoPELanguageModel, HookedAVModel):
         model = checkpoint.build_and_load(lambda: cls(config, position_mode), tensors, convert_key, str(folder), dtype, device)
         model.tokenizer = tokenizer
         return model
+
+    @property
+    def media_constants(self):
+        """`hooked_av.inputs.media.MediaConstants` of this model's processor (image mean/std, silent
+        log-mel level): what black frames and silence become as model inputs (`patching.corrupt`)."""
+        from hooked_av.families.video_salmonn2.prompt import model_media_constants
+
+        return model_media_constants(self)
 
     # ---- inputs -----------------------------------------------------------------------------
     def _check_inputs(self, input_ids, features, image_grid_thw, video_grid_thw, pixel_values, pixel_values_videos):
@@ -211,10 +215,10 @@ class HookedVideoSALMONN2(MRoPELanguageModel, HookedAVModel):
                 parts=None, tokenizer=None, fps: float | None = None, min_frames: int | None = None,
                 max_frames: int | None = None, max_pixels: int | None = None, **prompt_kwargs) -> dict:
         """Model inputs from media and a question (or a list of `hooked_av.inputs.Prompt`) for
-        `position_mode` (default `model.position_mode`): see `hooked_av.inputs.salmonn_prompt.prepare_salmonn`.
+        `position_mode` (default `model.position_mode`): see `hooked_av.families.video_salmonn2.prompt.prepare_salmonn`.
         `fps`, `min_frames`, `max_frames`, `max_pixels` override the sampling of this call (defaults
         10 fps, 16..768 frames, 61250 pixels per frame). `model(**inputs)` runs them."""
-        from hooked_av.inputs.salmonn_prompt import prepare_salmonn, salmonn_parts_for_model, with_settings
+        from hooked_av.families.video_salmonn2.prompt import prepare_salmonn, salmonn_parts_for_model, with_settings
 
         mode = position_mode or self.position_mode
         if mode not in POSITION_MODES:
@@ -235,7 +239,7 @@ class HookedVideoSALMONN2(MRoPELanguageModel, HookedAVModel):
         Without a tokenizer or `chat` (a `hooked_av.inputs.chat.ChatTokens`), Qwen2.5's own chat ids are
         used on a Qwen2.5 vocabulary, else all text is "question" (`hooked_av.inputs.chat.chat_tokens`)."""
         from hooked_av.inputs.chat import chat_tokens
-        from hooked_av.inputs.salmonn import salmonn_token_map
+        from hooked_av.families.video_salmonn2.token_map import salmonn_token_map
 
         tok = tokenizer if tokenizer is not None else self.tokenizer
         chat = chat_tokens(tok, chat, self.cfg.d_vocab, self.ids.vision_start)

@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hooked_av.inputs.media import MediaConstants, media_constants
+
 # Qwen2_5OmniProcessor's class-level defaults (its video size and fps are not in the released configs),
 # which are qwen-omni-utils' VIDEO_MIN_PIXELS / VIDEO_MAX_PIXELS and FPS
 OMNI_VIDEO_SIZE = {"shortest_edge": 128 * 28 * 28, "longest_edge": 768 * 28 * 28}
@@ -74,13 +76,33 @@ def assemble_omni_parts(tokenizer, num_mel_bins: int = 128, chunk_length: int = 
     if tokenizer is None:
         raise ValueError(
             "no tokenizer: load the model from a folder that has one, set model.tokenizer, or pass "
-            "tokenizer=... (the Qwen2/2.5 tokenizer; see MODELS.md for building it offline)"
+            "tokenizer=... (the Qwen2/2.5 tokenizer; see docs/models.md for building it offline)"
         )
+    return OmniParts(tokenizer, *stock_components(num_mel_bins, chunk_length, **video_kwargs))
+
+
+def stock_components(num_mel_bins: int = 128, chunk_length: int = 300, **video_kwargs) -> tuple:
+    """`(feature_extractor, image_processor, video_processor)` of the released configuration:
+    `WhisperFeatureExtractor(num_mel_bins, 16 kHz, hop 160, chunk_length s)` and the stock Qwen2-VL
+    image and video processors (what `Qwen2_5OmniProcessor` holds)."""
     from transformers import Qwen2VLImageProcessor, WhisperFeatureExtractor
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
     fe = WhisperFeatureExtractor(feature_size=num_mel_bins, sampling_rate=16000, hop_length=160, chunk_length=chunk_length, n_fft=400)
-    return OmniParts(tokenizer, fe, Qwen2VLImageProcessor(), Qwen2VLVideoProcessor(**video_kwargs))
+    return fe, Qwen2VLImageProcessor(), Qwen2VLVideoProcessor(**video_kwargs)
+
+
+def model_media_constants(model) -> MediaConstants:
+    """Image mean/std and the silent log-mel level of a `HookedQwen2_5Omni`'s processor: the parts its
+    `prepare` uses (`model.processor_parts`, else those `parts_for_model` finds for its tokenizer),
+    else the stock components sized by its config."""
+    parts = getattr(model, "processor_parts", None)
+    if parts is None and getattr(model, "tokenizer", None) is not None:
+        parts = parts_for_model(model)
+    if parts is None:
+        fe, ip, _ = stock_components(model.hf_config.audio_config.num_mel_bins)
+        return media_constants(ip, fe)
+    return media_constants(parts.image_processor, parts.feature_extractor)
 
 
 def parts_for_model(model, tokenizer=None) -> OmniParts:

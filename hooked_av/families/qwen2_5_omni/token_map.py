@@ -1,47 +1,18 @@
-"""Qwen2.5-Omni token layout: how many placeholders each media item expands to (as
-`Qwen2_5OmniProcessor` does), and the TokenMap read back from input ids and media metadata.
+"""The TokenMap of Qwen2.5-Omni inputs, read back from input ids and media metadata (the token
+arithmetic itself is `layout.py`).
 
-Times follow the model's TMRoPE ids (`qwen2_5_omni_positions.py`): a video token of temporal grid
+Times follow the model's TMRoPE ids (`positions.py`): a video token of temporal grid
 index t starts at `long(t * second_per_grid * 25) / 25` s; audio token k covers `[k, k+1) * 0.04` s.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import Tensor
 
+from hooked_av.families.qwen2_5_omni.layout import AUDIO_SECONDS_PER_TOKEN, OmniTokenIds, av_block_runs, video_temporal_ids
 from hooked_av.inputs.chat import ChatTokens, text_groups
 from hooked_av.inputs.token_map import TokenMap, TokenMapBuilder, media_runs
-from hooked_av.models.qwen2_5_omni_positions import OmniTokenIds, chunk_bounds, video_temporal_ids
-
-AUDIO_SECONDS_PER_TOKEN = 0.04  # the audio tower emits 25 tokens per second
-
-def av_chunk_runs(
-    grid_thw, second_per_grid: float, n_audio: int, merge: int = 2, per_second: float = 25, seconds_per_chunk: float = 2.0
-) -> list[tuple[str, int, int]]:
-    """The audio-in-video body as runs `(modality, chunk, n_tokens)`: video chunk j then audio chunk j,
-    each chunk `seconds_per_chunk` long (computed exactly as the processor does)."""
-    t, h, w = (int(x) for x in grid_thw)
-    per_frame = (h // merge) * (w // merge)
-    v_idx = np.repeat(np.arange(t) * float(second_per_grid) * per_second, per_frame)
-    per_chunk = int(per_second * seconds_per_chunk)
-    # the processor chunks float temporal ids; chunk_bounds is HF's get_chunked_index rule
-    v_chunks = chunk_bounds(torch.from_numpy(v_idx), per_chunk, 0)
-    a_chunks = chunk_bounds(torch.arange(n_audio), per_chunk, 0)
-    runs = []
-    for j in range(max(len(v_chunks), len(a_chunks))):
-        if j < len(v_chunks):
-            runs.append(("video", j, v_chunks[j][1] - v_chunks[j][0]))
-        if j < len(a_chunks):
-            runs.append(("audio", j, a_chunks[j][1] - a_chunks[j][0]))
-    return [r for r in runs if r[2] > 0]
-
-
-def audio_token_counts(feature_attention_mask: Tensor) -> list[int]:
-    """Tokens per audio from the valid mel frames (the audio tower's conv + pooling arithmetic)."""
-    frames = feature_attention_mask.sum(-1).long()
-    return (((frames - 1) // 2 + 1 - 2) // 2 + 1).tolist()
 
 
 def omni_token_map(
@@ -111,15 +82,15 @@ def _n_items(kind, grids, audio_counts) -> int:
 def _av_chunks(block, video_grid, vi, spg, audio_counts, ai, merge, per_second, seconds_per_chunk, row) -> dict:
     if video_grid is None or audio_counts is None or vi >= len(video_grid) or ai >= len(audio_counts):
         raise ValueError(f"row {row}: an audio-in-video block has no matching video_grid_thw / audio features")
-    runs = av_chunk_runs(video_grid[vi].tolist(), spg[vi], audio_counts[ai], merge, per_second, seconds_per_chunk)
-    expected = [m for m, _, n in runs for _ in range(n)]
+    runs = av_block_runs(video_grid[vi].tolist(), spg[vi], audio_counts[ai], merge, per_second, seconds_per_chunk)
+    expected = [m for m, _, b, e in runs for _ in range(e - b)]
     if expected != block:
         raise ValueError(
             f"row {row}: the audio-in-video block does not follow the processor's 2 s chunk layout for "
             f"video grid {video_grid[vi].tolist()} and {audio_counts[ai]} audio tokens; build the ids with "
             "model.prepare or the HF processor with the same media"
         )
-    return {m: torch.tensor([c for mm, c, n in runs if mm == m for _ in range(n)]) for m in ("video", "audio")}
+    return {m: torch.tensor([c for mm, c, b, e in runs if mm == m for _ in range(e - b)]) for m in ("video", "audio")}
 
 
 def _fill_item(out, row, where, kind, item, index, grids, spg, audio_counts, merge, per_second, chunk) -> None:

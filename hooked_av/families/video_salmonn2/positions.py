@@ -20,21 +20,12 @@ Each row takes the grids of the blocks it opens, in order across the batch; padd
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
+from hooked_av.families.video_salmonn2.layout import SalmonnTokenIds
+
 POSITION_MODES = ("inference", "training")
-
-
-@dataclass(frozen=True)
-class SalmonnTokenIds:
-    audio: int
-    image: int
-    video: int
-    vision_start: int
-    vision_end: int
 
 
 def _count_up(n: int, start: int) -> Tensor:

@@ -20,8 +20,8 @@ from torch import Tensor
 
 from hooked_av.core.config import HookedAVConfig
 from hooked_av.encoders.qwen_vision import vision_tower_settings
-from hooked_av.models.checkpoint import apply_key_table
-from hooked_av.models.qwen2_5_omni_weights import TEXT_KEYS, convert_vision_key
+from hooked_av.core.checkpoint import apply_key_table
+from hooked_av.families.qwen2_5_omni.weights import TEXT_KEYS, convert_vision_key
 
 WHISPER_KEYS = [
     (r"(conv1|conv2|layer_norm)\.(weight|bias)", r"\1.\2"),

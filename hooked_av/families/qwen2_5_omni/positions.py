@@ -1,6 +1,6 @@
 """TMRoPE position ids of the Qwen2.5-Omni Thinker, `[3, batch, pos]` (temporal, height, width).
 
-Written from the rules in MODELS.md and checked against HF's `get_rope_index` on every geometry:
+Written from the rules in docs/models.md and checked against HF's `get_rope_index` on every geometry:
 text counts up on all three rows; an image/video block starts where the text left off and places
 each merged patch at `(t_pos, h, w) + start`; audio counts up; after a block the text resumes at the
 block's largest id + 1. An audio-in-video block (`<|vision_bos|><|audio_bos|>`, then one run of
@@ -15,21 +15,10 @@ Which of the two layouts a video block has is read from the ids, never assumed: 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
-
-@dataclass(frozen=True)
-class OmniTokenIds:
-    audio: int
-    image: int
-    video: int
-    audio_start: int
-    audio_end: int
-    vision_start: int
-    vision_end: int
+from hooked_av.families.qwen2_5_omni.layout import OmniTokenIds, av_chunk_runs, video_temporal_ids
 
 
 def _count_up(n: int, start: int) -> Tensor:
@@ -42,19 +31,6 @@ def vision_grid_positions(t_pos: Tensor, h: int, w: int, start: int) -> Tensor:
     hh = torch.arange(h).view(1, -1, 1).expand(len(t_pos), -1, w).flatten()
     ww = torch.arange(w).view(1, 1, -1).expand(len(t_pos), h, -1).flatten()
     return torch.stack([t, hh, ww]) + start
-
-
-def chunk_bounds(temporal: Tensor, per_chunk: int, start: int) -> list[tuple[int, int]]:
-    """Split a non-decreasing run of temporal ids where `id - start` crosses the next multiple of
-    `per_chunk` (one boundary per token at most, as HF does)."""
-    bounds, begin, k = [], 0, 1
-    values = (temporal - start).tolist()
-    for i, v in enumerate(values):
-        if v >= k * per_chunk:
-            bounds.append((begin, i))
-            begin, k = i, k + 1
-    bounds.append((begin, len(values)))
-    return bounds
 
 
 def video_layout(toks: list[int], start: int, ids: OmniTokenIds) -> bool:
@@ -86,12 +62,6 @@ def _nth(items, i: int, what: str, row: int):
             f"({0 if items is None else len(items)}); build input_ids and media together (the processor or model.prepare)"
         )
     return items[i]
-
-
-def video_temporal_ids(grid_t: int, second_per_grid: float | Tensor, per_second: int) -> Tensor:
-    # fp32 arithmetic, truncated, exactly as HF computes it
-    spg = torch.as_tensor(second_per_grid, dtype=torch.float).cpu()
-    return (torch.arange(grid_t) * spg * per_second).long()
 
 
 def omni_position_ids(
@@ -173,16 +143,10 @@ def omni_position_ids(
                 n_audio = _nth(audio_counts, audio_i, "audio", row)
                 audio_i += 1
                 aud = _count_up(n_audio, nxt)
-                v_chunks = chunk_bounds(vid[0], per_chunk, nxt)
-                a_chunks = chunk_bounds(aud[0], per_chunk, nxt)
                 last = None
-                for j in range(max(len(v_chunks), len(a_chunks))):
-                    if j < len(v_chunks):
-                        last = vid[:, v_chunks[j][0] : v_chunks[j][1]]
-                        parts.append(last)
-                    if j < len(a_chunks):
-                        last = aud[:, a_chunks[j][0] : a_chunks[j][1]]
-                        parts.append(last)
+                for kind_, _, begin, end in av_chunk_runs(vid[0] - nxt, n_audio, per_chunk):
+                    last = (vid if kind_ == "video" else aud)[:, begin:end]
+                    parts.append(last)
                 nxt = int(last.max()) + 1  # the quirk: the last chunk's max, not the block's
                 parts.append(_count_up(1, nxt).repeat(1, 2))  # audio_eos and vision_eos share an id
                 nxt += 1

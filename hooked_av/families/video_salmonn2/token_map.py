@@ -1,44 +1,19 @@
-"""video-SALMONN 2+ token layout: the interleaved audio-visual block (MODELS.md) and the TokenMap read
-back from input ids. `ids` is any object with `audio`, `image`, `video`, `vision_start`, `vision_end`
-(the model's `SalmonnTokenIds`); nothing here imports the model.
+"""The TokenMap of video-SALMONN 2+ inputs, read back from input ids (the block layout itself is
+`layout.py`). `ids` is any object with `audio`, `image`, `video`, `vision_start`, `vision_end` (the
+model's `SalmonnTokenIds`).
 
-Block: `<|vision_start|> [<|video_pad|> x H'W', <|audio_pad|> x n_t] for t in 0..T-1 <|vision_end|>`
-with `n_t` the audio tokens of grid step t (2 per second); audio only: `<|vision_start|> <|audio_pad|>
-x L <|vision_end|>`. Times: video step t starts at `t * second_per_grid` s, audio token k covers
-`[k, k+1) * 0.5` s (training-mode positions: temporal id `floor(t * spg * 2)` and k, in 0.5 s units).
+Times: video step t starts at `t * second_per_grid` s, audio token k covers `[k, k+1) * 0.5` s
+(training-mode positions: temporal id `floor(t * spg * 2)` and k, in 0.5 s units).
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
+from hooked_av.families.video_salmonn2.layout import AUDIO_SECONDS_PER_TOKEN
 from hooked_av.inputs.chat import ChatTokens, text_groups
 from hooked_av.inputs.token_map import TokenMap, TokenMapBuilder, media_runs
-
-AUDIO_SECONDS_PER_TOKEN = 0.5  # the window Q-Former emits one token per 25 Whisper frames
-
-
-def audio_per_step(grid_t: int, second_per_grid: float, n_audio: int) -> list[int]:
-    """Audio tokens placed after each of the `grid_t` video steps: `floor(t * spg * 2)` differences,
-    the last step taking the remainder."""
-    bounds = [min(math.floor(t * second_per_grid / AUDIO_SECONDS_PER_TOKEN), n_audio) for t in range(grid_t)]
-    return [bounds[t + 1] - bounds[t] for t in range(grid_t - 1)] + [n_audio - bounds[-1]]
-
-
-def salmonn_block_ids(ids, video_grid_thw=None, second_per_grid: float = 1.0, n_audio: int = 0, merge: int = 2) -> list[int]:
-    """The token ids of one audio-visual (or audio-only, or video-only) block, bos and eos included."""
-    if video_grid_thw is None:
-        return [ids.vision_start] + [ids.audio] * n_audio + [ids.vision_end]
-    t, h, w = (int(x) for x in video_grid_thw)
-    per_frame = (h // merge) * (w // merge)
-    body = []
-    for n in audio_per_step(t, second_per_grid, n_audio) if n_audio else [0] * t:
-        body += [ids.video] * per_frame + [ids.audio] * n
-    return [ids.vision_start] + body + [ids.vision_end]
-
 
 def salmonn_token_map(
     input_ids: Tensor,

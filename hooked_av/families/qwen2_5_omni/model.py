@@ -17,12 +17,13 @@ from transformer_lens.hook_points import HookPoint
 
 from hooked_av.core.base import HookedAVModel
 from hooked_av.core.language_model import MRoPELanguageModel, decode_args
-from hooked_av.encoders.omni_audio import OmniAudioEncoder, audio_token_count
+from hooked_av.core import checkpoint
+from hooked_av.core.placeholders import check_patch_rows, check_placeholders, merged_tokens
+from hooked_av.encoders.omni_audio import OmniAudioEncoder
 from hooked_av.encoders.qwen_vision import QwenVisionEncoder
-from hooked_av.models import checkpoint
-from hooked_av.models.placeholders import check_patch_rows, check_placeholders, merged_tokens
-from hooked_av.models.qwen2_5_omni_positions import OmniTokenIds, omni_position_ids
-from hooked_av.models.qwen2_5_omni_weights import convert_key, lm_config, thinker_config
+from hooked_av.families.qwen2_5_omni.layout import audio_token_counts, token_ids
+from hooked_av.families.qwen2_5_omni.positions import omni_position_ids
+from hooked_av.families.qwen2_5_omni.weights import convert_key, lm_config, thinker_config
 
 MEDIA_ARGS = (
     "input_features", "feature_attention_mask", "audio_feature_lengths", "pixel_values", "image_grid_thw",
@@ -33,19 +34,14 @@ MEDIA_ARGS = (
 class HookedQwen2_5Omni(MRoPELanguageModel, HookedAVModel):
     """Hook names: `hook_audio_embeds` / `hook_image_embeds` / `hook_video_embeds` (tower outputs,
     `[n_tokens, d_model]`), `hook_embed` (merged embeddings, `[batch, pos, d_model]`), `blocks.{l}.*`,
-    `ln_final.*`, `audio_encoder.*`, `vision_encoder.*` (see DESIGN.md)."""
+    `ln_final.*`, `audio_encoder.*`, `vision_encoder.*` (see docs/architecture.md)."""
 
     def __init__(self, config):
         super().__init__()
         tc = thinker_config(config)
         self.hf_config = tc
         self.cfg = c = lm_config(tc)
-        self.ids = OmniTokenIds(
-            audio=tc.audio_token_id, image=tc.image_token_id, video=tc.video_token_id,
-            audio_start=tc.audio_start_token_id, audio_end=tc.audio_end_token_id,
-            vision_start=getattr(tc, "vision_start_token_id", 151652),
-            vision_end=getattr(tc, "vision_end_token_id", 151653),
-        )
+        self.ids = token_ids(tc)
         self.position_id_per_seconds = tc.position_id_per_seconds
         self.seconds_per_chunk = tc.seconds_per_chunk
         self.tokenizer = None
@@ -80,10 +76,6 @@ class HookedQwen2_5Omni(MRoPELanguageModel, HookedAVModel):
     ) -> "HookedQwen2_5Omni":
         """A hub id or a local HF checkpoint folder, in the released (`thinker.*`, with the Talker's
         keys) or the HF 5.x layout, with a nested `Qwen2_5OmniConfig` or a bare Thinker config."""
-        if str(name_or_path) == "toy":
-            from hooked_av import toy
-
-            return toy.load(dtype=dtype, device=device)
         from transformers import AutoConfig
 
         folder = checkpoint.resolve(name_or_path)
@@ -104,6 +96,14 @@ class HookedQwen2_5Omni(MRoPELanguageModel, HookedAVModel):
             lambda: cls(hf_model.config), hf_model.state_dict().items(), convert_key, type(hf_model).__name__, dtype, device
         )
 
+    @property
+    def media_constants(self):
+        """`hooked_av.inputs.media.MediaConstants` of this model's processor (image mean/std, silent
+        log-mel level): what black frames and silence become as model inputs (`patching.corrupt`)."""
+        from hooked_av.families.qwen2_5_omni.processor import model_media_constants
+
+        return model_media_constants(self)
+
     # ---- inputs -----------------------------------------------------------------------------
     def _audio_features(self, input_features, feature_attention_mask, audio_feature_lengths):
         if feature_attention_mask is not None:
@@ -123,7 +123,7 @@ class HookedQwen2_5Omni(MRoPELanguageModel, HookedAVModel):
     def _check_placeholders(self, input_ids, audio_lens, image_grid_thw, video_grid_thw, pixel_values, pixel_values_videos):
         m = self.vision_encoder.merge
         check_placeholders(input_ids, [
-            ("<|AUDIO|>", self.ids.audio, None if audio_lens is None else int(audio_token_count(audio_lens).sum()), "audio", "25 tokens a second"),
+            ("<|AUDIO|>", self.ids.audio, None if audio_lens is None else sum(audio_token_counts(audio_lens)), "audio", "25 tokens a second"),
             ("<|IMAGE|>", self.ids.image, merged_tokens(image_grid_thw, m), "image", "image_grid_thw"),
             ("<|VIDEO|>", self.ids.video, merged_tokens(video_grid_thw, m), "video", "video_grid_thw"),
         ])
@@ -181,7 +181,7 @@ class HookedQwen2_5Omni(MRoPELanguageModel, HookedAVModel):
                      audio_feature_lengths=None, video_second_per_grid=None, use_audio_in_video=None):
         """TMRoPE ids `[3, batch, pos]` and rope deltas `[batch, 1]` (always 3D, with or without an
         attention mask: HF falls back to 1D positions without one). `use_audio_in_video`: see `encode`."""
-        counts = None if audio_feature_lengths is None else audio_token_count(torch.as_tensor(audio_feature_lengths)).tolist()
+        counts = None if audio_feature_lengths is None else audio_token_counts(audio_feature_lengths)
         return omni_position_ids(
             input_ids, attention_mask, self.ids, image_grid_thw, video_grid_thw, counts, video_second_per_grid,
             use_audio_in_video, self.vision_encoder.merge, self.position_id_per_seconds, self.seconds_per_chunk,
@@ -209,9 +209,9 @@ class HookedQwen2_5Omni(MRoPELanguageModel, HookedAVModel):
     # ---- inputs from media and the TokenMap (hooked_av/inputs) --------------------------------
     def prepare(self, prompts, *, use_audio_in_video: bool | None = None, parts=None, tokenizer=None, **prompt_kwargs) -> dict:
         """Model inputs from media and a question (or a list of `hooked_av.inputs.Prompt`): see
-        `hooked_av.inputs.omni.prepare_omni`. `model(**inputs)` runs them."""
-        from hooked_av.inputs.omni import prepare_omni
-        from hooked_av.inputs.processor import parts_for_model
+        `hooked_av.families.qwen2_5_omni.prompt.prepare_omni`. `model(**inputs)` runs them."""
+        from hooked_av.families.qwen2_5_omni.processor import parts_for_model
+        from hooked_av.families.qwen2_5_omni.prompt import prepare_omni
 
         parts = parts or getattr(self, "processor_parts", None) or parts_for_model(self, tokenizer)
         self.processor_parts = parts
@@ -222,8 +222,8 @@ class HookedQwen2_5Omni(MRoPELanguageModel, HookedAVModel):
         The chat structure comes from `chat` (a `hooked_av.inputs.chat.ChatTokens`), else the tokenizer,
         else Qwen2.5's fixed chat ids when the config has Qwen2.5's vocabulary; otherwise all text is
         "question"."""
+        from hooked_av.families.qwen2_5_omni.token_map import omni_token_map
         from hooked_av.inputs.chat import chat_tokens
-        from hooked_av.inputs.omni_layout import audio_token_counts, omni_token_map
 
         tok = tokenizer if tokenizer is not None else self.tokenizer
         fam = inputs.get("feature_attention_mask")

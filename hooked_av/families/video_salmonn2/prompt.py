@@ -1,7 +1,7 @@
 """Prompt building for video-SALMONN 2+: media items and a question -> the exact inputs
 `HookedVideoSALMONN2` takes, with SALMONN's own chat template, its audio front end (30 s Whisper
 chunks, 60 tokens each), its frame sampling (10 fps, 16..768 frames, 61250 pixels per frame), the
-interleaved audio-visual block per temporal grid step (`salmonn.py`), several items in one prompt, and
+interleaved audio-visual block per temporal grid step (`layout.py`), several items in one prompt, and
 left-padded batches.
 
     inputs = model.prepare("What makes the sound?", video="clip.mp4")        # audio from the track
@@ -24,12 +24,13 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from hooked_av.families.video_salmonn2.layout import salmonn_block_ids
 from hooked_av.inputs.chat import special_texts
 from hooked_av.inputs.media import (
-    SAMPLE_RATE, Audio, Video, _decode_audio, _open, check_frames, load_audio, load_image, sampled_rate,
+    SAMPLE_RATE, Audio, MediaConstants, Video, _decode_audio, _open, check_frames, load_audio, load_image, media_constants,
+    sampled_rate,
 )
-from hooked_av.inputs.omni import _DEFAULT, Item, Prompt, _has_audio, as_prompts, check_prompt_text
-from hooked_av.inputs.salmonn import salmonn_block_ids
+from hooked_av.inputs.prompt import DEFAULT, Item, Prompt, as_prompts, check_prompt_text, has_audio
 
 SALMONN_SYSTEM_PROMPT = "You are a helpful assistant."  # what the repository's data pipeline always inserts
 
@@ -68,14 +69,34 @@ def assemble_salmonn_parts(tokenizer, num_mel_bins: int = 128, chunk_seconds: in
             "no tokenizer: load the model from a folder that has one, set model.tokenizer, or pass "
             "tokenizer=... (the Qwen2.5-VL tokenizer with <|audio_pad|>)"
         )
+    return SalmonnParts(tokenizer, *stock_components(num_mel_bins, chunk_seconds), chunk_seconds=chunk_seconds,
+                        tokens_per_chunk=tokens_per_chunk, **settings)
+
+
+def stock_components(num_mel_bins: int = 128, chunk_seconds: int = 30) -> tuple:
+    """`(feature_extractor, image_processor, video_processor)`: `WhisperFeatureExtractor(num_mel_bins,
+    16 kHz, hop 160, chunk_seconds)` and the stock Qwen2-VL image and video processors, as the
+    repository's data pipeline builds them."""
     from transformers import Qwen2VLImageProcessor, WhisperFeatureExtractor
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
     fe = WhisperFeatureExtractor(
         feature_size=num_mel_bins, sampling_rate=SAMPLE_RATE, hop_length=160, chunk_length=chunk_seconds, n_fft=400
     )
-    return SalmonnParts(tokenizer, fe, Qwen2VLImageProcessor(), Qwen2VLVideoProcessor(), chunk_seconds=chunk_seconds,
-                        tokens_per_chunk=tokens_per_chunk, **settings)
+    return fe, Qwen2VLImageProcessor(), Qwen2VLVideoProcessor()
+
+
+def model_media_constants(model) -> MediaConstants:
+    """Image mean/std and the silent log-mel level of a `HookedVideoSALMONN2`'s processor: the parts
+    its `prepare` uses (`model.processor_parts`, else those built for its tokenizer), else the stock
+    components sized by its Whisper encoder."""
+    parts = getattr(model, "processor_parts", None)
+    if parts is None and getattr(model, "tokenizer", None) is not None:
+        parts = salmonn_parts_for_model(model)
+    if parts is None:
+        fe, ip, _ = stock_components(model.audio_encoder.num_mel_bins)
+        return media_constants(ip, fe)
+    return media_constants(parts.image_processor, parts.feature_extractor)
 
 
 def salmonn_parts_for_model(model, tokenizer=None, **settings) -> SalmonnParts:
@@ -160,7 +181,7 @@ def load_salmonn_video(source, parts: SalmonnParts, with_audio: bool, audio=None
 def _audio_for(it: Item, use_audio_in_video: bool | None) -> bool:
     """Whether a video item's block interleaves audio: `None` = when it has some (track or audio=)."""
     if use_audio_in_video is None:
-        return _has_audio(it)
+        return has_audio(it)
     return bool(use_audio_in_video)
 
 
@@ -189,7 +210,7 @@ def prepare_salmonn(
     if not prompts:
         raise ValueError("no prompt given; pass a question string or a list of Prompt")
     if any(not isinstance(p, Prompt) for p in prompts):
-        raise ValueError("a batch must be a list of hooked_av.inputs.omni.Prompt")
+        raise ValueError("a batch must be a list of hooked_av.inputs.Prompt")
     tok = parts.tokenizer
     media = [ids.audio, ids.image, ids.video, ids.vision_start, ids.vision_end]
     specials = special_texts(tok, tok.convert_ids_to_tokens(media))
@@ -199,7 +220,7 @@ def prepare_salmonn(
     rows, mels, images, videos, spgs = [], [], [], [], []
 
     for p in prompts:
-        system = SALMONN_SYSTEM_PROMPT if p.system is _DEFAULT else p.system
+        system = SALMONN_SYSTEM_PROMPT if p.system is DEFAULT else p.system
         head = (f"<|im_start|>system\n{system}<|im_end|>\n" if system is not None else "") + "<|im_start|>user\n"
         row = _encode(tok, head)
         for it in p.all_items():

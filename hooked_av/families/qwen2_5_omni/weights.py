@@ -14,7 +14,7 @@ from torch import Tensor
 
 from hooked_av.core.config import HookedAVConfig
 from hooked_av.encoders.qwen_vision import vision_tower_settings
-from hooked_av.models.checkpoint import apply_key_table
+from hooked_av.core.checkpoint import apply_key_table
 
 # (checkpoint name after the layout prefix) -> our name; applied in order, first match wins
 TEXT_KEYS = [

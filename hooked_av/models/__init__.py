@@ -1,1 +1,0 @@
-"""One file per model family: configuration, weight conversion, position ids, merge."""

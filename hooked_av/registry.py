@@ -1,0 +1,49 @@
+"""`hooked_av.load(name_or_path)`: any supported model from a hub id, a local checkpoint folder or
+"toy", its family picked from config.json (`hooked_av.families.FAMILIES`, each with `matches`)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from hooked_av.core import checkpoint
+from hooked_av.families import FAMILIES
+
+TOY = "toy"
+
+
+def folder(name_or_path: str | os.PathLike) -> Path:
+    """The checkpoint folder: the embedded toy's for "toy", else a local folder or a downloaded hub id."""
+    if str(name_or_path) == TOY:
+        from hooked_av import toy
+
+        return toy.weights_dir()
+    return checkpoint.resolve(name_or_path)
+
+
+def family(config: dict, name_or_path: str | os.PathLike = "this checkpoint"):
+    """The family package whose `matches(config)` holds; none is a ValueError listing the known ones."""
+    found = [f for f in FAMILIES if f.matches(config)]
+    if not found:
+        names = " nor ".join(f.NAME for f in FAMILIES)
+        how = "; ".join(f"{f.NAME}: {f.RECOGNISED_BY}" for f in FAMILIES)
+        raise ValueError(
+            f"{name_or_path}: model_type {config.get('model_type')!r} is neither {names} ({how}); pass a "
+            "checkpoint of a supported family"
+        )
+    return found[0]
+
+
+def load(name_or_path: str | os.PathLike, dtype: torch.dtype | str = torch.float32, device=None, **kwargs):
+    """The hooked model of a hub id, a local folder or "toy" (`hooked_av.toy.load`), by its config's
+    family; `kwargs` go to the family's `from_pretrained` (e.g. SALMONN's `position_mode`)."""
+    if str(name_or_path) == TOY:
+        from hooked_av import toy
+
+        if kwargs:
+            raise ValueError(f"the toy model takes no {sorted(kwargs)}; it is loaded as trained")
+        return toy.load(dtype=dtype, device=device)
+    fam = family(checkpoint.read_config(folder(name_or_path)), name_or_path)
+    return fam.MODEL.from_pretrained(name_or_path, dtype=dtype, device=device, **kwargs)

@@ -1,0 +1,142 @@
+"""The structure of the package (docs/architecture.md): the registry picks the family from config.json,
+the dependency rules hold, the token arithmetic has one home per family and agrees with the towers,
+and media constants come from the family's processor."""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import hooked_av
+from hooked_av import HookedQwen2_5Omni, HookedVideoSALMONN2
+from hooked_av.families.qwen2_5_omni.layout import audio_token_counts, av_chunk_runs
+
+torch.set_num_threads(1)
+ROOT = Path(hooked_av.__file__).resolve().parent
+
+
+# ---- registry -----------------------------------------------------------------------------------
+def test_load_picks_each_family_from_its_config(tmp_path):
+    import salmonn_helpers as S
+    from omni_helpers import tiny_hf_thinker
+
+    tiny_hf_thinker().save_pretrained(tmp_path / "omni")
+    S.Reference(seed=0).save(tmp_path / "salmonn")
+    assert type(hooked_av.load(tmp_path / "omni")) is HookedQwen2_5Omni
+    salmonn = hooked_av.load(tmp_path / "salmonn", position_mode="training")
+    assert type(salmonn) is HookedVideoSALMONN2 and salmonn.position_mode == "training"
+
+
+def test_load_refuses_an_unknown_family_naming_the_known_ones_before_any_weight(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))  # no weight files at all
+    with pytest.raises(ValueError, match=r"'llama' is neither Qwen2\.5-Omni nor video-SALMONN 2\+ \(Qwen2\.5-Omni: model_type .*; video-SALMONN 2\+: .*qformer_config\)"):
+        hooked_av.load(tmp_path)
+
+
+def test_load_toy_is_the_registry_s_and_takes_no_family_options():
+    model = hooked_av.load("toy")
+    assert type(model) is HookedQwen2_5Omni and model.tokenizer is not None
+    with pytest.raises(ValueError, match="toy model takes no"):
+        hooked_av.load("toy", position_mode="training")
+
+
+# ---- dependency rules ---------------------------------------------------------------------------
+def _imports(folder: Path) -> dict[str, set[str]]:
+    """Module file -> every module name it imports (top level or inside functions)."""
+    out = {}
+    for f in folder.rglob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module)
+                names |= {f"{node.module}.{a.name}" for a in node.names}
+        out[str(f.relative_to(ROOT.parent))] = names
+    return out
+
+
+@pytest.mark.parametrize("folder, forbidden", [
+    ("", ("patching",)),  # nothing in hooked_av imports patching
+    ("core", ("hooked_av.families", "hooked_av.toy", "hooked_av.registry")),
+    ("encoders", ("hooked_av.families", "hooked_av.toy", "hooked_av.inputs", "hooked_av.registry")),
+    ("inputs", ("hooked_av.families", "hooked_av.toy", "hooked_av.registry")),
+    ("families", ("hooked_av.toy", "hooked_av.registry")),  # the toy depends on the families, never the reverse
+])
+def test_dependency_rules(folder, forbidden):
+    bad = {f: sorted(n for n in names if n.split(".")[0] in forbidden or n.startswith(forbidden))
+           for f, names in _imports(ROOT / folder).items()}
+    assert {f: n for f, n in bad.items() if n} == {}
+
+
+def test_the_old_module_paths_are_gone():
+    assert not (ROOT / "models").exists()
+    for old in ("omni.py", "omni_layout.py", "processor.py", "salmonn.py", "salmonn_prompt.py"):
+        assert not (ROOT / "inputs" / old).exists()
+
+
+# ---- token arithmetic ---------------------------------------------------------------------------
+def test_audio_token_counts_equal_what_the_audio_tower_emits():
+    from omni_helpers import N_MELS, tiny_thinker_config
+
+    model = HookedQwen2_5Omni.from_config(tiny_thinker_config())
+    frames = [3, 4, 5, 19, 20, 21, 37, 100, 101]
+    with torch.no_grad():
+        for n in frames:  # the oracle: the rows the tower really outputs
+            out = model.audio_encoder(torch.randn(N_MELS, n), torch.tensor([n]))
+            assert audio_token_counts([n]) == [out.shape[0]], n
+    mask = torch.zeros(len(frames), 101, dtype=torch.long)
+    for i, n in enumerate(frames):
+        mask[i, :n] = 1
+    assert audio_token_counts(mask) == audio_token_counts(frames) == [1, 1, 1, 5, 5, 5, 9, 25, 25]
+
+
+def test_av_chunk_runs_interleave_2s_chunks_video_first():
+    # 4 frames at 1 s per grid step, 2 tokens each: temporal ids 0, 0, 25, 25, 50, 50, 75, 75; 120 audio tokens
+    video = torch.tensor([0, 0, 25, 25, 50, 50, 75, 75])
+    assert av_chunk_runs(video, 120, 50) == [
+        ("video", 0, 0, 4), ("audio", 0, 0, 50), ("video", 1, 4, 8), ("audio", 1, 50, 100), ("audio", 2, 100, 120),
+    ]
+    assert av_chunk_runs(video, 0, 50) == [("video", 0, 0, 4), ("video", 1, 4, 8)]  # no empty runs
+
+
+# ---- media constants ----------------------------------------------------------------------------
+def test_media_constants_come_from_the_family_processor_and_drive_zero_modality():
+    from media_helpers import tiny_tokenizer
+    from omni_helpers import tiny_thinker_config
+    from transformers import Qwen2VLImageProcessor
+
+    from hooked_av.families.qwen2_5_omni.processor import assemble_omni_parts
+    from patching.corrupt import zero_modality
+
+    whisper_silence = (math.log10(1e-10) + 4) / 4  # log10 of the clamp floor, then Whisper's (x + 4) / 4
+    stock = Qwen2VLImageProcessor()
+    model = HookedQwen2_5Omni.from_config(tiny_thinker_config())
+    c = model.media_constants
+    assert (c.image_mean, c.image_std, c.silent_log_mel) == (tuple(stock.image_mean), tuple(stock.image_std), whisper_silence)
+
+    model.tokenizer = tiny_tokenizer()
+    model.processor_parts = assemble_omni_parts(model.tokenizer, num_mel_bins=16, chunk_length=30)
+    model.processor_parts.image_processor.image_mean = [0.5, 0.5, 0.5]  # a Qwen3-VL-style processor
+    model.processor_parts.image_processor.image_std = [0.5, 0.5, 0.5]
+    assert model.media_constants.image_mean == (0.5, 0.5, 0.5)
+    inputs = {"pixel_values_videos": torch.randn(8, 3 * 2 * 14 * 14), "input_features": torch.randn(1, 16, 40)}
+    z = zero_modality(inputs, "video", model)
+    assert torch.equal(z["pixel_values_videos"], torch.full((8, 1176), -1.0))  # (0 - 0.5) / 0.5
+    assert torch.equal(zero_modality(inputs, "audio", model)["input_features"], torch.full((1, 16, 40), whisper_silence))
+    # without a model: the stock Qwen2-VL / Whisper numbers both families ship with
+    assert torch.allclose(zero_modality(inputs, "video")["pixel_values_videos"][0, 0], torch.tensor(-stock.image_mean[0] / stock.image_std[0]))
+    with pytest.raises(ValueError, match="not both"):
+        zero_modality(inputs, "video", model, constants=c)
+
+
+def test_salmonn_media_constants():
+    import salmonn_helpers as S
+
+    c = HookedVideoSALMONN2.from_config(S.Reference(seed=0).salmonn_config()).media_constants
+    assert c.silent_log_mel == -1.5 and c.image_mean == (0.48145466, 0.4578275, 0.40821073)
