@@ -1,5 +1,5 @@
 """`TokenMap`: what every position of a batch of prompts is (group, media item, frame, time, chunk), so
-experiments name token sets (`"audio"`, `"video[1]"`, `"question"`, `"last"`) instead of indices.
+experiments name token sets (`"audio"`, `"video[1]"`, `"item[0]"`, `"question"`, `"last"`) instead of indices.
 
 Pure data (tensors and strings): `patching/` uses it without importing any model. The builders that
 read a model's token layout live beside the prompt builders (`hooked_av/families/<family>/token_map.py`).
@@ -24,6 +24,9 @@ MEDIA = ("audio", "video", "image")
 _CODE = {g: i for i, g in enumerate(GROUPS)}
 _ALIASES = {"media": MEDIA, "all": tuple(g for g in GROUPS if g != "padding"), "user": ("question",)}
 _SPEC = re.compile(r"^\s*([a-z_]+)\s*(?:\[\s*(\d+)\s*\])?\s*$")
+ITEM = "item"  # `item[i]`: every media token of clip i
+# the order in which a clip (`hooked_av.inputs.prompt.Item`) shows its media: image, video, audio
+_MEDIA_RANK = {"image": 0, "video": 1, "audio": 2}
 
 
 class _Text(str):
@@ -62,8 +65,10 @@ class TokenMap:
     - `group`: index into `GROUPS` (padding, system, template, question, audio, video, image, last,
       generated). `template` holds chat-template and media bos/eos tokens; `question` is the user's
       text; `last` is the final prompt position of each row.
-    - `item`: media item index within the row, counted per modality (`video[1]` is the row's second
-      video; the audio of an audio-in-video clip is audio item of the same clip order); -1 elsewhere.
+    - `item`: the clip (media item) of a media token within its row, counted by clip, not per
+      modality: in a row whose first clip is video only and whose second is video with audio,
+      `audio[1]` is the second clip's audio and `audio[0]` is empty; `item[i]` is every media token
+      of clip i; -1 elsewhere. How builders tell clips apart: `clip_numbers`.
     - `frame`: temporal grid index of video/image tokens (and, for video-SALMONN, of the grid step an
       audio token follows); -1 elsewhere.
     - `time`, `time_end`: seconds from the start of the item that the token covers, `[time, time_end)`,
@@ -116,7 +121,7 @@ class TokenMap:
         chunk: int | None = None,
     ) -> Selection:
         """Positions of a group spec: a name (`"audio"`, `"question"`, `"media"`, `"all"`), a name
-        with an item (`"video[1]"`), a union string (`"audio|video"`), a list of those, or a
+        with an item (`"video[1]"`: clip 1's video), `"item[i]"` (all media of clip i), a union string (`"audio|video"`), a list of those, or a
         `Selection`. Filters: `item`; `time=(a, b)` keeps media tokens whose span `[time, time_end)`
         overlaps `[a, b)` seconds; `frame` (one index or an inclusive range); `chunk`. Padding is
         never selected unless asked for by name."""
@@ -151,6 +156,10 @@ class TokenMap:
         if not m:
             raise ValueError(f"cannot read the token spec {spec!r}; write a group name, optionally with an item: 'video[1]'")
         name, item = m.group(1), m.group(2)
+        if name == ITEM:
+            if item is None:
+                raise ValueError(f"{spec!r} needs a clip index: 'item[0]' is every media token of the row's first clip")
+            name = "media"
         names = _ALIASES.get(name, (name,))
         unknown = [n for n in names if n not in _CODE]
         if unknown:
@@ -273,6 +282,23 @@ class TokenMap:
         )
         mode = "" if self.position_mode is None else f", position_mode={self.position_mode}"
         return f"TokenMap(batch={self.batch}, pos={self.seq_len}{mode}; {counts})"
+
+
+def clip_numbers(runs: list[tuple[int, int, list[str]]]) -> list[int]:
+    """The clip index of each media run of one row (`runs` from `media_runs`, in order). A clip shows
+    its media in the order image, video, audio (as `prepare` lays out an `Item`; an audio-in-video
+    run is one clip), so a run starts a new clip when it holds a modality that does not come after
+    every modality of the current clip. Text between runs does not split a clip (a prompt "video,
+    question, audio" is one clip, as a processor lays out a clip whose audio is not interleaved), so
+    from ids alone a video-only clip followed by an audio-only clip reads as one clip."""
+    out, clip, ranks = [], -1, None
+    for _, _, kinds in runs:
+        rank = [_MEDIA_RANK[k] for k in set(kinds)]
+        if ranks is None or min(rank) <= max(ranks):
+            clip, ranks = clip + 1, []
+        ranks += rank
+        out.append(clip)
+    return out
 
 
 def media_runs(toks: list[int], media: dict[int, str]):

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from hooked_av.families.qwen2_5_omni.layout import AUDIO_SECONDS_PER_TOKEN, OmniTokenIds, av_block_runs, video_temporal_ids
 from hooked_av.inputs.chat import ChatTokens, text_groups
-from hooked_av.inputs.token_map import TokenMap, TokenMapBuilder, media_runs
+from hooked_av.inputs.token_map import TokenMap, TokenMapBuilder, clip_numbers, media_runs
 
 
 def omni_token_map(
@@ -28,9 +28,10 @@ def omni_token_map(
     per_second: float = 25,
     seconds_per_chunk: float = 2.0,
 ) -> TokenMap:
-    """TokenMap of a Qwen2.5-Omni batch `[batch, pos]` (left or right padded). Media items are
+    """TokenMap of a Qwen2.5-Omni batch `[batch, pos]` (left or right padded). Media metadata are
     consumed in order across the batch, as the processor emits them; an audio-in-video block is a
-    run of media tokens holding both video and audio ids."""
+    run of media tokens holding both video and audio ids. Items are numbered by clip within each row
+    (`clip_numbers`)."""
     b, s = input_ids.shape
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
     out = TokenMapBuilder(b, s)
@@ -49,8 +50,8 @@ def omni_token_map(
         for p, t in zip(pos, toks):
             if t in specials:
                 out.set(row, p, "template")
-        per_row = {"audio": 0, "video": 0, "image": 0}
-        for i, j, block in media_runs(toks, media):
+        runs = list(media_runs(toks, media))
+        for (i, j, block), clip in zip(runs, clip_numbers(runs)):
             kinds = set(block)
             if "image" in kinds and len(kinds) > 1:
                 raise ValueError(f"row {row}: image placeholders at positions {pos[i]}..{pos[j-1]} are mixed with other media")
@@ -60,9 +61,8 @@ def omni_token_map(
                 chunk_of = _av_chunks(block, grids["video"], used["video"], spg, audio_counts, used["audio"], merge, per_second, seconds_per_chunk, row)
             for kind in sorted(kinds):
                 where = [pos[i + k] for k, m in enumerate(block) if m == kind]
-                _fill_item(out, row, where, kind, per_row[kind], used[kind], grids, spg, audio_counts, merge, per_second,
+                _fill_item(out, row, where, kind, clip, used[kind], grids, spg, audio_counts, merge, per_second,
                            chunk_of.get(kind))
-                per_row[kind] += 1
                 used[kind] += 1
         if pos:
             out.set(row, pos[-1], "last")
@@ -99,7 +99,7 @@ def _fill_item(out, row, where, kind, item, index, grids, spg, audio_counts, mer
         if audio_counts is None or index >= len(audio_counts):
             raise ValueError(f"row {row} has <|AUDIO|> placeholders but no audio features are left for them")
         if n != audio_counts[index]:
-            raise ValueError(f"row {row}: audio item {item} has {n} placeholders but its features make {audio_counts[index]} tokens")
+            raise ValueError(f"row {row}: the audio of clip {item} has {n} placeholders but its features make {audio_counts[index]} tokens")
         k = torch.arange(n, dtype=torch.float)
         out.set(row, where, "audio", item=item, time=k * AUDIO_SECONDS_PER_TOKEN,
                 time_end=(k + 1) * AUDIO_SECONDS_PER_TOKEN, chunk=chunk)
@@ -110,7 +110,7 @@ def _fill_item(out, row, where, kind, item, index, grids, spg, audio_counts, mer
     t, h, w = (int(x) for x in grid[index].tolist())
     per_frame = (h // merge) * (w // merge)
     if n != t * per_frame:
-        raise ValueError(f"row {row}: {kind} item {item} has {n} placeholders but its grid {[t, h, w]} makes {t * per_frame}")
+        raise ValueError(f"row {row}: the {kind} of clip {item} has {n} placeholders but its grid {[t, h, w]} makes {t * per_frame}")
     frame = torch.arange(t).repeat_interleave(per_frame)
     if kind == "image":
         out.set(row, where, "image", item=item, frame=frame)

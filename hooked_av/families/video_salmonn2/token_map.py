@@ -13,7 +13,7 @@ from torch import Tensor
 
 from hooked_av.families.video_salmonn2.layout import AUDIO_SECONDS_PER_TOKEN
 from hooked_av.inputs.chat import ChatTokens, text_groups
-from hooked_av.inputs.token_map import TokenMap, TokenMapBuilder, media_runs
+from hooked_av.inputs.token_map import TokenMap, TokenMapBuilder, clip_numbers, media_runs
 
 def salmonn_token_map(
     input_ids: Tensor,
@@ -27,7 +27,8 @@ def salmonn_token_map(
     position_mode: str | None = None,
 ) -> TokenMap:
     """TokenMap of a video-SALMONN 2+ batch `[batch, pos]`: audio tokens get the grid step they
-    follow as `frame`; blocks are consumed in order across the batch. `position_mode` (the model's
+    follow as `frame`; blocks are consumed in order across the batch; items are numbered by clip within
+    each row (`clip_numbers`). `position_mode` (the model's
     "inference" or "training") is recorded on the map."""
     b, s = input_ids.shape
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
@@ -42,8 +43,8 @@ def salmonn_token_map(
         toks = input_ids[row, pos].tolist()
         for p, t, g in zip(pos, toks, text_groups(toks, chat)):
             out.set(row, p, "template" if t in (ids.vision_start, ids.vision_end) else g)
-        per_row = {"audio": 0, "video": 0, "image": 0}
-        for i, j, block in media_runs(toks, media):
+        runs = list(media_runs(toks, media))
+        for (i, j, block), clip in zip(runs, clip_numbers(runs)):
             kinds = set(block)
             grid = None
             for kind in ("video", "image"):
@@ -60,20 +61,18 @@ def salmonn_token_map(
                 k[kind] += 1
                 if kind == "audio":
                     step = (k["video"] - 1) // per_frame if per_frame and k["video"] else -1
-                    out.set(row, p, "audio", item=per_row["audio"], frame=step,
+                    out.set(row, p, "audio", item=clip, frame=step,
                             time=n * AUDIO_SECONDS_PER_TOKEN, time_end=(n + 1) * AUDIO_SECONDS_PER_TOKEN)
                 elif kind == "video":
                     t = n // per_frame
-                    out.set(row, p, "video", item=per_row["video"], frame=t, time=t * grid[2], time_end=(t + 1) * grid[2])
+                    out.set(row, p, "video", item=clip, frame=t, time=t * grid[2], time_end=(t + 1) * grid[2])
                 else:
-                    out.set(row, p, "image", item=per_row["image"], frame=n // per_frame)
+                    out.set(row, p, "image", item=clip, frame=n // per_frame)
             if grid is not None:
                 expected = grid[1][0] * per_frame
                 if k[grid[0]] != expected:
-                    raise ValueError(f"row {row}: {grid[0]} item {per_row[grid[0]]} has {k[grid[0]]} placeholders but its grid {grid[1]} makes {expected}")
+                    raise ValueError(f"row {row}: {grid[0]} of clip {clip} has {k[grid[0]]} placeholders but its grid {grid[1]} makes {expected}")
                 used[grid[0]] += 1
-            for kind in kinds:
-                per_row[kind] += 1
         if pos:
             out.set(row, pos[-1], "last")
     return out.build(position_mode)
