@@ -140,3 +140,17 @@ def test_salmonn_media_constants():
 
     c = HookedVideoSALMONN2.from_config(S.Reference(seed=0).salmonn_config()).media_constants
     assert c.silent_log_mel == -1.5 and c.image_mean == (0.48145466, 0.4578275, 0.40821073)
+
+
+def test_omni_token_map_reads_audio_feature_lengths_as_mel_frames():
+    # audio_feature_lengths are mel frames per audio (HF's name; model.encode reads them so), not tokens
+    from omni_helpers import Builder, audio_tokens, batch, tiny_thinker_config
+
+    from hooked_av.inputs.chat import ChatTokens
+
+    model = HookedQwen2_5Omni.from_config(tiny_thinker_config())
+    inputs = batch(Builder(3).audio(45).text().end())
+    lengths = inputs.pop("feature_attention_mask").sum(-1)
+    inputs["audio_feature_lengths"] = lengths
+    tm = model.token_map(inputs, chat=ChatTokens(300, 301, None, {"user": (302,)}))
+    assert tm.count("audio").tolist() == [audio_tokens(45)] and lengths.tolist() == [45]

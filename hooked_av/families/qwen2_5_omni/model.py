@@ -226,11 +226,12 @@ class HookedQwen2_5Omni(MRoPELanguageModel, HookedAVModel):
         from hooked_av.inputs.chat import chat_tokens
 
         tok = tokenizer if tokenizer is not None else self.tokenizer
-        fam = inputs.get("feature_attention_mask")
-        counts = audio_token_counts(fam) if fam is not None else inputs.get("audio_feature_lengths")
+        frames = inputs.get("feature_attention_mask")  # valid mel frames per audio, or their counts
+        frames = frames if frames is not None else inputs.get("audio_feature_lengths")
+        counts = None if frames is None else audio_token_counts(frames)
         return omni_token_map(
             inputs["input_ids"], inputs.get("attention_mask"), self.ids, chat_tokens(tok, chat, self.cfg.d_vocab, self.ids.vision_start),
-            inputs.get("image_grid_thw"), inputs.get("video_grid_thw"), None if counts is None else list(counts),
+            inputs.get("image_grid_thw"), inputs.get("video_grid_thw"), counts,
             inputs.get("video_second_per_grid"), self.vision_encoder.merge, self.position_id_per_seconds, self.seconds_per_chunk,
         )
 
