@@ -18,7 +18,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
-from hooked_av.core.masks import open_mask
+from hooked_av.core.masks import additive, open_mask
 
 Rotary = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
@@ -63,6 +63,9 @@ class Attention(nn.Module):
         if qk_norm is not None:
             self.q_norm, self.k_norm = qk_norm
         self.use_attn_result = False
+        # set by read-outs (`attention_rows`, `group_attention_mass`): called once per forward with the
+        # (query-head) q, k, final mask, causal flag and, on the exact path, the final pattern
+        self.reader: Callable | None = None
         self.last_path: str | None = None  # "fast" or "exact": which path the last call took
 
         self.hook_q = HookPoint()
@@ -168,6 +171,8 @@ class Attention(nn.Module):
 
         qh = q.transpose(1, 2)  # [b, h, q, d]
         kh, vh = k.transpose(1, 2), v.transpose(1, 2)
+        if self.reader is not None and not self.needs_exact():
+            self.reader(self, qh, kh, mask, causal, None)
         if self.needs_exact():
             self.last_path = "exact"
             groups = self.n_heads // self.n_kv_heads
@@ -179,6 +184,8 @@ class Attention(nn.Module):
             scores = self.hook_attn_scores(scores)
             pattern = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
             pattern = self.hook_pattern(pattern)
+            if self.reader is not None:  # rows of the pattern as edited, the one that multiplies the values
+                self.reader(self, qh, kh, mask, causal, pattern)
             z = torch.matmul(pattern, vh)
         else:
             self.last_path = "fast"
@@ -202,12 +209,41 @@ class Attention(nn.Module):
         return o(z.reshape(z.shape[0], z.shape[1], -1))
 
 
+    def pattern_rows(self, qh: Tensor, kh: Tensor, mask: Tensor | None, causal: bool, rows: Tensor,
+                     pattern: Tensor | None = None) -> Tensor:
+        """The attention pattern of query rows `rows` (long `[batch, r]`, indices into the queries) over every
+        key, `[batch, heads, r, keys]`: the rows of `pattern` where the exact path made one, else computed
+        as the exact path computes the full pattern (scores in the model dtype, softmax in fp32) without any
+        `[queries, keys]` matrix: the mask's rows are gathered, or the causal rows built directly.
+        qh `[b, heads, q, d]`, kh `[b, kv_heads, k, d]` (the arguments a `reader` receives)."""
+        if pattern is not None:
+            return pattern.gather(2, rows[:, None, :, None].expand(*pattern.shape[:2], rows.shape[1], pattern.shape[-1]))
+        b, h, _, d = qh.shape
+        n_q, n_k, r = qh.shape[2], kh.shape[2], rows.shape[1]
+        q = qh.gather(2, rows[:, None, :, None].expand(b, h, r, d))
+        scores = torch.matmul(q, kh.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1).transpose(2, 3)) * self.scale
+        if mask is not None:
+            scores = scores + mask.gather(2, rows[:, None, :, None].expand(b, mask.shape[1], r, n_k))
+        elif causal:  # queries are the last n_q of n_k positions
+            allowed = torch.arange(n_k, device=qh.device)[None, None, :] <= (rows + n_k - n_q)[:, :, None]
+            scores = scores + additive(allowed, scores.dtype)[:, None]
+        return F.softmax(scores, dim=-1, dtype=torch.float32).to(qh.dtype)
+
+
 class KVSlot:
-    """The growing keys and values of one layer during generation (`[batch, pos, kv_heads, d]`)."""
+    """The growing keys and values of one layer (`[batch, pos, kv_heads, d]`, rotated keys) during
+    generation, or a cached prefix that a sweep's cells continue from."""
 
     def __init__(self):
         self.k: Tensor | None = None
         self.v: Tensor | None = None
+
+    @classmethod
+    def of(cls, k: Tensor, v: Tensor) -> "KVSlot":
+        """A slot already holding keys and values (a cached prefix)."""
+        slot = cls()
+        slot.k, slot.v = k, v
+        return slot
 
     def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         self.k = k if self.k is None else torch.cat([self.k, k], dim=1)

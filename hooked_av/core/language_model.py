@@ -12,7 +12,8 @@ in `__init__` and supplies its own `encode` (towers, merge, position ids). The m
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -139,6 +140,76 @@ class MRoPELanguageModel:
         if read is not None:
             x = x[:, read]
         return x if return_type == "resid" else self.unembed(x)
+
+    def attention_rows(self, inputs: dict, queries="last", layers: Sequence[int] | None = None,
+                       heads: Sequence[int] | None = None, tm=None) -> Tensor:
+        """The attention of chosen query rows over every key, `[layers, batch, heads, rows, keys]`, for a
+        forward of `inputs` (what `model(**inputs)` takes) under whatever hooks are active.
+
+        queries: a TokenMap spec ("last", "question", ...; `tm` defaults to `model.token_map(inputs)`), a
+        Selection, a bool mask `[pos]` or `[batch, pos]`, or int positions; every batch row must select as
+        many. Computed per layer from the rotated q and k with the final mask (after any `hook_attn_mask`
+        edits), the rows alone (see `Attention.pattern_rows`); a layer whose scores or pattern are hooked
+        runs exactly and gives the rows of its pattern as edited. Memory grows with rows x keys."""
+        n = len(self.blocks)
+        layers = list(range(n)) if layers is None else [int(l) for l in layers]
+        bad = [l for l in layers if not 0 <= l < n]
+        if not layers or bad:
+            raise ValueError(f"layers {bad or '[]'}: name at least one of the model's {n} layers (0..{n - 1})")
+        h = self.cfg.n_heads
+        heads_t = None if heads is None else torch.as_tensor(list(heads), dtype=torch.long)
+        if heads_t is not None and (not len(heads_t) or int(heads_t.min()) < 0 or int(heads_t.max()) >= h):
+            raise ValueError(f"heads {list(heads)}: the model has {h} query heads (0..{h - 1})")
+        rows = self.query_rows(inputs, queries, tm)
+        out: dict[int, Tensor] = {}
+
+        def reader(layer: int):
+            def read(attn, qh, kh, mask, causal, pattern):
+                got = attn.pattern_rows(qh, kh, mask, causal, rows.to(qh.device), pattern)
+                out[layer] = got if heads_t is None else got[:, heads_t.to(got.device)]
+
+            return read
+
+        with self.attention_readers({l: reader(l) for l in layers}), torch.no_grad():
+            self(**inputs, return_type=None)
+        return torch.stack([out[l] for l in layers])
+
+    @contextmanager
+    def attention_readers(self, readers: Mapping[int, Callable]):
+        """Install `readers[l]` as block l's `attn.reader` for the runs inside the context (see `Attention`):
+        `reader(attn, qh, kh, mask, causal, pattern)` sees each forward's final q, k and mask."""
+        try:
+            for l, fn in readers.items():
+                self.blocks[l].attn.reader = fn
+            yield
+        finally:
+            for blk in self.blocks:
+                blk.attn.reader = None
+
+    def query_rows(self, inputs: dict, queries, tm=None) -> Tensor:
+        """long `[batch, r]`: the positions `queries` names in each row (see `attention_rows`)."""
+        ref = inputs.get("inputs_embeds", inputs.get("input_ids"))
+        b, s = ref.shape[:2]
+        if isinstance(queries, str):
+            tm = self.token_map(inputs) if tm is None else tm
+            queries = tm.select(queries)
+        t = torch.as_tensor(getattr(queries, "mask", queries))
+        if t.dtype != torch.bool:
+            t = t.flatten().long()
+            if not len(t) or int(t.max()) >= s or int(t.min()) < -s:
+                raise ValueError(f"queries {t.tolist()}: name at least one position in 0..{s - 1}")
+            m = torch.zeros(s, dtype=torch.bool)
+            m[t % s] = True
+            t = m
+        t = t if t.dim() == 2 else t[None].expand(b, -1)
+        if t.shape[-1] != s or t.shape[0] not in (1, b):
+            raise ValueError(f"queries as a mask must be [pos] or [batch, pos] = [{b}, {s}], got {tuple(t.shape)}")
+        t = t.expand(b, -1)
+        counts = t.sum(-1)
+        if int(counts.min()) == 0 or bool((counts != counts[0]).any()):
+            raise ValueError(f"queries select {counts.tolist()} positions per row; every row must select the same "
+                             "number (at least one): read the rows one at a time or pick positions")
+        return t.nonzero()[:, 1].view(b, -1)
 
     def attention_inputs(self, x: Tensor, position_ids: Tensor, attention_mask: Tensor | None, past: int = 0) -> dict:
         """The keyword arguments every block's attention takes for a run of x `[batch, q, d]` after `past`

@@ -1,8 +1,10 @@
 """Token-group x token-group attention mass per layer (and head), reduced inside the forward.
 
 A 7B model on a 4k-token clip has 28 x 28 x 4k x 4k attention weights; nobody looks at them
-one by one. This view hooks each layer's pattern, reduces it to `[groups, groups]` on the spot and
-keeps only that, so its cost grows with the groups shown, not with tokens squared.
+one by one. This view reads each layer's pattern a block of query rows at a time from the rotated q and
+k and the final mask (`Attention.pattern_rows`, on the fast path, interventions included), reduces each
+block to `[groups, groups]` and drops it: memory grows with `block_rows x tokens`, never `tokens x tokens`
+(the time still grows with tokens squared, as attention does).
 """
 
 from __future__ import annotations
@@ -22,13 +24,17 @@ def group_attention_mass(
     groups: Sequence[str] = DEFAULT_GROUPS,
     layers: Sequence[int] | None = None,
     per_head: bool = False,
+    block_rows: int = 256,
 ):
     """Mean over the query positions of group `dst` of the attention mass they put on the keys of
     group `src` (a number in [0, 1]; a row sums to 1 over groups that cover every key).
 
     Returns a tidy DataFrame: layer, (head,) dst, src, mass, n_dst, n_src, averaged over batch rows
-    that have both groups. Groups absent from the input are skipped.
+    that have both groups. Groups absent from the input are skipped. Query rows are read `block_rows`
+    at a time (memory `batch x heads x block_rows x tokens` per layer); active hooks apply.
     """
+    if block_rows < 1:
+        raise ValueError(f"block_rows must be >= 1, got {block_rows}")
     import pandas as pd
 
     layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
@@ -38,17 +44,23 @@ def group_attention_mass(
     masks = torch.stack([token_map.mask(g) for g in present]).float()  # [G, batch, pos]
     out: dict[int, Tensor] = {}
 
-    def reduce(pattern: Tensor, hook) -> None:
-        m = masks.to(pattern.device, pattern.dtype)
-        to_src = torch.einsum("bhqk,gbk->bhqg", pattern, m)  # mass each query puts on each src group
-        summed = torch.einsum("bhqg,fbq->bhfg", to_src, m)  # summed over the queries of each dst group
-        n_dst = m.sum(-1).T  # [batch, G]
-        out[hook.layer()] = (summed / n_dst.clamp(min=1)[:, None, :, None]).float().cpu()
+    def reader(layer: int):
+        def read(attn, qh, kh, mask, causal, pattern) -> None:
+            m = masks.to(qh.device, qh.dtype)
+            b, n_q = qh.shape[0], qh.shape[2]
+            summed = 0
+            for start in range(0, n_q, block_rows):
+                rows = torch.arange(start, min(n_q, start + block_rows), device=qh.device).expand(b, -1)
+                p = attn.pattern_rows(qh, kh, mask, causal, rows, pattern)  # [b, h, rows, keys]
+                to_src = torch.einsum("bhqk,gbk->bhqg", p, m)  # mass each query puts on each src group
+                summed = summed + torch.einsum("bhqg,fbq->bhfg", to_src, m[:, :, start : start + rows.shape[1]])
+            n_dst = m.sum(-1).T  # [batch, G]
+            out[layer] = (summed / n_dst.clamp(min=1)[:, None, :, None]).float().cpu()
 
-    with torch.no_grad():
-        model.run_with_hooks(
-            **inputs, fwd_hooks=[(f"blocks.{l}.attn.hook_pattern", reduce) for l in layers]
-        )
+        return read
+
+    with model.attention_readers({l: reader(l) for l in layers}), torch.no_grad():
+        model(**inputs, return_type=None)
     counts = masks.sum(-1).T.cpu()  # [batch, G]
     both = (counts[:, :, None] > 0) & (counts[:, None, :] > 0)  # [batch, dst, src]
     rows = []
