@@ -91,7 +91,8 @@ def _positions_label(positions, what: str) -> str:
 
 
 def _edge_hooks(tm, src, dst, layers, op, params, edit, what):
-    """Shared by the mask edits: `edit(mask, edge)` where edge is bool `[b, 1, q, k]`."""
+    """Shared by the mask edits: `edit(mask, edge)` where edge is bool `[b, 1, q, k]`. The mask's q queries
+    are the last q of its k positions (a forward of the whole prompt, or of a suffix after cached keys)."""
     layers = layer_list(layers, what)
     src_m, src_l = _token_mask(tm, src, f"{what} src")
     dst_m, dst_l = _token_mask(tm, dst, f"{what} dst")
@@ -112,6 +113,8 @@ def _edge_hooks(tm, src, dst, layers, op, params, edit, what):
                 cache[key] = d[:, None, :, None] & s[:, None, None, :]
             return edit(mask, cache[key])
 
+        # the first query position any row edits: a sweep may reuse everything before it (patching.sweep)
+        fn.first_query = int(dst_m.any(0).nonzero()[0, 0])
         return [(f"blocks.{l}.attn.hook_attn_mask", fn) for l in layers]
 
     return Intervention([Part(op, params, make, layers)])

@@ -4,7 +4,8 @@
 left padding trimmed (padding is masked anyway, so trimming changes nothing but the cost).
 `run_rows(model, sample, interventions)` repeats the sample's embeddings along the batch, puts
 intervention i on row i (`iv.on_rows(i)`), and runs chunks that fit `max_batch_tokens`, returning the
-last position's logits (or what `reduce` makes of them) per intervention.
+last position's logits (or what `reduce` makes of them) per intervention; where the interventions are
+attention-mask edits it recomputes only the positions from the first edited query on.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from hooked_av.core.attention import KVSlot
 from patching import checks
 from patching.intervention import Intervention
 
@@ -97,6 +99,36 @@ def forward_rows(model, sample: Sample, n: int) -> Tensor:
     return model.run_language_model(**sample.lm_inputs(n), logits_at="last")[:, -1]
 
 
+def first_query(iv: Intervention) -> int | None:
+    """The first query position `iv` can change, when every hook it installs is an attention-mask edit
+    that says so (`first_query`, set by `patching.hooks`' mask edits); None otherwise. Attention is causal,
+    so nothing before that position changes, in any layer."""
+    firsts = []
+    for name, fn in iv:
+        first = getattr(fn, "first_query", None)
+        if first is None or not (isinstance(name, str) and name.endswith("attn.hook_attn_mask")):
+            return None
+        firsts.append(first)
+    return min(firsts) if firsts else None
+
+
+def clean_keys_values(model, sample: Sample) -> list[tuple[Tensor, Tensor]]:
+    """One clean forward of the sample keeping every layer's rotated keys and values `[1, pos, kv_heads, d]`."""
+    slots = [KVSlot() for _ in model.blocks]
+    model.run_language_model(**sample.lm_inputs(1), kv_caches=slots, return_type=None)
+    return [(s.k, s.v) for s in slots]
+
+
+def forward_suffix(model, sample: Sample, kv: list[tuple[Tensor, Tensor]], start: int, n: int) -> Tensor:
+    """Last-position logits `[n, vocab]` of `n` copies of the sample under the active hooks, recomputing only
+    positions `start..` against the clean keys and values of the prefix (masks `[n, 1, pos - start, pos]`)."""
+    kw = sample.lm_inputs(n)
+    slots = [KVSlot.of(k[:, :start].expand(n, -1, -1, -1), v[:, :start].expand(n, -1, -1, -1)) for k, v in kv]
+    inj = kw["injections"] and [None if t is None else t[:, start:] for t in kw["injections"]]
+    return model.run_language_model(kw["inputs_embeds"][:, start:], kw["position_ids"][:, :, start:], kv_caches=slots,
+                                    injections=inj, logits_at="last")[:, -1]
+
+
 def run_rows(
     model,
     sample: Sample,
@@ -107,21 +139,47 @@ def run_rows(
     max_batch_tokens: int = 16384,
     progress: bool = True,
     desc: str = "sweep",
+    incremental: bool = True,
+    stats: dict | None = None,
 ) -> Tensor:
     """Run `interventions[i]` on row i of chunked forwards of repeated copies of `sample`. Returns
-    `reduce(last_logits)` stacked over interventions (default: the logits, `[n, vocab]`)."""
-    per = rows_per_forward(sample.seq_len, batch_size, max_batch_tokens)
-    outs = []
-    chunks = range(0, len(interventions), per)
+    `reduce(last_logits)` stacked over interventions (default: the logits, `[n, vocab]`).
+
+    Recompute only what changes: when every intervention is an attention-mask edit that names its first
+    query (knockout, scaled attention, mask discarding), one clean forward keeps each layer's keys and values
+    and each chunk recomputes only the positions from its rows' first edited query on (attention is causal:
+    nothing earlier changes). Anything else (an edit of activations, of scores, an intervention from
+    position 0) runs whole forwards, as does `incremental=False`. `stats`, if given, receives the positions
+    actually run (`positions`, summed over rows) and those of whole forwards (`positions_full`)."""
+    starts = [first_query(iv) for iv in interventions] if incremental else [None] * len(interventions)
+    use = bool(interventions) and all(s is not None and s > 0 for s in starts)
+    seq = sample.seq_len
+    starts = [s if use else 0 for s in starts]
+    order = sorted(range(len(interventions)), key=lambda i: starts[i])  # similar suffixes share a chunk
+    chunks, i = [], 0
+    while i < len(order):
+        n_rec = seq - starts[order[i]]
+        per = rows_per_forward(n_rec, batch_size, max_batch_tokens)
+        chunks.append(order[i : i + per])
+        i += per
+    outs: list = [None] * len(interventions)
+    done = 0
     bar = tqdm(total=len(interventions), desc=desc, disable=not progress, leave=False)
     with torch.no_grad():
-        for start in chunks:
-            group = interventions[start : start + per]
+        kv = clean_keys_values(model, sample) if use else None
+        for chunk in chunks:
+            group = [interventions[j] for j in chunk]
             combined = sum((iv.on_rows(j) for j, iv in enumerate(group)), Intervention())
             combined.check(model, batch=len(group))
+            start = min(starts[j] for j in chunk)
             with model.hooks(fwd_hooks=list(combined)):
-                logits = forward_rows(model, sample, len(group))
-            outs.append(reduce(logits) if reduce else logits)
+                logits = forward_suffix(model, sample, kv, start, len(group)) if use else forward_rows(model, sample, len(group))
+            vals = reduce(logits) if reduce else logits
+            for j, v in zip(chunk, vals):
+                outs[j] = v
+            done += len(group) * (seq - start)
             bar.update(len(group))
     bar.close()
-    return torch.cat(outs) if outs else torch.empty(0)
+    if stats is not None:
+        stats.update(positions=done + (seq if use else 0), positions_full=seq * len(interventions), incremental=use)
+    return torch.stack(outs) if outs else torch.empty(0)
