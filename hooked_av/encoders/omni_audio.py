@@ -18,10 +18,19 @@ from hooked_av.core.norms import LayerNorm
 from hooked_av.encoders.whisper import whisper_blocks
 
 
+def conv_frames(n_frames: Tensor | int) -> Tensor | int:
+    """Frames after the stride-2 conv (kernel 3, padding 1) from `n_frames` mel frames."""
+    return (n_frames - 1) // 2 + 1
+
+
+def pooled_frames(n_conv_frames: Tensor | int) -> Tensor | int:
+    """Tokens after pooling adjacent pairs of `n_conv_frames` (an odd last frame is dropped)."""
+    return (n_conv_frames - 2) // 2 + 1
+
+
 def audio_token_count(n_frames: Tensor | int) -> Tensor | int:
     """Tokens the tower makes from `n_frames` mel frames: conv stride 2, then pairs pooled."""
-    after_conv = (n_frames - 1) // 2 + 1
-    return (after_conv - 2) // 2 + 1
+    return pooled_frames(conv_frames(n_frames))
 
 
 def sinusoids(length: int, channels: int, device=None, max_timescale: float = 10000.0) -> Tensor:
@@ -79,7 +88,7 @@ class OmniAudioEncoder(nn.Module):
         x = F.gelu(self.conv1(padded)) * frame_ok  # zero padding so conv2 sees each chunk alone
         x = F.gelu(self.conv2(x)).transpose(1, 2)  # [c, L', d]
         x = x + sinusoids(x.shape[1], self.d_model, x.device).to(x.dtype)
-        after = (cl - 1) // 2 + 1
+        after = conv_frames(cl)
         real = torch.arange(x.shape[1], device=x.device)[None, :] < after[:, None]  # [chunks, frames]
         x = self.hook_conv_out(x)
         mask = None
@@ -91,9 +100,9 @@ class OmniAudioEncoder(nn.Module):
         x = x[real]  # chunks back to back, padding dropped: [n_frames, d]
 
         # average adjacent pairs within each audio (an odd last frame is dropped)
-        after_audio = (feature_lens.to(x.device) - 1) // 2 + 1
+        after_audio = conv_frames(feature_lens.to(x.device))
         starts = F.pad(after_audio.cumsum(0)[:-1], (1, 0))
-        n_pool = (after_audio - 2) // 2 + 1
+        n_pool = pooled_frames(after_audio)
         first = torch.cat([s + 2 * torch.arange(int(n), device=x.device) for s, n in zip(starts.tolist(), n_pool.tolist())])
         pooled = self.hook_pooled((x[first] + x[first + 1]) / 2)
         return self.hook_out(self.proj(self.ln_post(pooled)))
