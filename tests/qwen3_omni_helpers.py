@@ -1,0 +1,92 @@
+"""Tiny random Qwen3-Omni Thinkers (HF `qwen3_omni_moe`) and hand-built token layouts.
+
+Token ids are deliberately not the real ones (a 128-word vocabulary): the model must read them from the
+configuration. 4 experts with top-2, 3 layers (layer 1 dense), DeepStack taps at vision blocks 0 and 1,
+13 temporal ids per second as in the released checkpoints, audio chunks of 20 mel frames (n_window 10).
+"""
+
+from __future__ import annotations
+
+import torch
+
+AUDIO, IMAGE, VIDEO = 100, 101, 102
+AUDIO_BOS, AUDIO_EOS, VISION_BOS, VISION_EOS = 103, 104, 105, 106
+IM_START, IM_END, USER = 110, 111, 112
+PER_SECOND = 13
+MERGE = 2
+N_WINDOW = 10
+
+
+def tiny_text_dict(**over) -> dict:
+    kw = dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, num_experts=4, num_experts_per_tok=2,
+              moe_intermediate_size=16, mlp_only_layers=[1], decoder_sparse_step=1, norm_topk_prob=True,
+              rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 2, 2],
+                               "mrope_interleaved": True})
+    kw.update(over)
+    return kw
+
+
+def tiny_thinker_config(**text_over):
+    from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import Qwen3OmniMoeThinkerConfig
+
+    cfg = Qwen3OmniMoeThinkerConfig(
+        text_config=tiny_text_dict(**text_over),
+        audio_config=dict(num_mel_bins=16, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=32,
+                          d_model=16, output_dim=32, n_window=N_WINDOW, n_window_infer=40,
+                          downsample_hidden_size=8, max_source_positions=200),
+        vision_config=dict(depth=2, hidden_size=16, intermediate_size=24, num_heads=2, patch_size=16,
+                           temporal_patch_size=2, spatial_merge_size=MERGE, out_hidden_size=32,
+                           num_position_embeddings=16, deepstack_visual_indexes=[0, 1]),
+        audio_token_id=AUDIO, image_token_id=IMAGE, video_token_id=VIDEO, audio_start_token_id=AUDIO_BOS,
+        user_token_id=USER, position_id_per_seconds=PER_SECOND,
+    )
+    cfg.vision_start_token_id = VISION_BOS  # read by get_rope_index but not a declared Thinker field
+    cfg.vision_end_token_id = VISION_EOS
+    cfg.audio_end_token_id = AUDIO_EOS
+    return cfg
+
+
+def hf_rope_index(tc, input_ids, attention_mask=None, image_grid_thw=None, video_grid_thw=None,
+                  use_audio_in_video=False, audio_frames=None, second_per_grid=None):
+    """HF's own `get_rope_index` (the oracle), called without building a model."""
+    from types import SimpleNamespace
+
+    from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import Qwen3OmniMoeThinkerForConditionalGeneration
+
+    cls = Qwen3OmniMoeThinkerForConditionalGeneration
+    owner = SimpleNamespace(spatial_merge_size=tc.vision_config.spatial_merge_size, config=tc)
+    owner.get_llm_pos_ids_for_vision = lambda *a: cls.get_llm_pos_ids_for_vision(owner, *a)
+    return cls.get_rope_index(
+        owner, input_ids, image_grid_thw, video_grid_thw, attention_mask, use_audio_in_video, audio_frames,
+        second_per_grid)
+
+
+# ---- token layouts ------------------------------------------------------------------------------------------
+def text(n: int, seed: int = 0) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 99, (n,), generator=g).tolist()
+
+
+def audio_block(n_tokens: int) -> list[int]:
+    return [AUDIO_BOS] + [AUDIO] * n_tokens + [AUDIO_EOS]
+
+
+def vision_block(token: int, grid) -> list[int]:
+    t, h, w = grid
+    return [VISION_BOS] + [token] * (t * (h // MERGE) * (w // MERGE)) + [VISION_EOS]
+
+
+def av_block(grid, second_per_grid: float, n_audio: int) -> list[int]:
+    from hooked_av.families.qwen3_omni.layout import processor_av_order
+
+    order = processor_av_order(grid, second_per_grid, n_audio, MERGE, PER_SECOND)
+    return [VISION_BOS, AUDIO_BOS] + [VIDEO if k == "video" else AUDIO for k in order] + [AUDIO_EOS, VISION_EOS]
+
+
+def batch(rows: list[list[int]]):
+    """Left-padded `input_ids`, `attention_mask` (pad id 0)."""
+    n = max(len(r) for r in rows)
+    ids = torch.tensor([[0] * (n - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (n - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
