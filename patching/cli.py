@@ -1,11 +1,14 @@
-"""The `hooked-av` command: `demo` (the main job, on the embedded toy model) and `flow` (the same
-knockout analysis on any supported model and clip). A user mistake prints one `error: ...` line
+"""The `hooked-av` command: `demo` (the main job, on the embedded toy model), `flow` (the same
+knockout analysis on any supported model and clip), `study` (experiments over a dataset manifest)
+and `toy-data` (the toy task as files and a manifest). A user mistake prints one `error: ...` line
 and exits with status 2; anything else (a bug) keeps its traceback."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+from patching.study.cli import register as register_study
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,10 +32,13 @@ def main(argv: list[str] | None = None) -> int:
     flow.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     flow.add_argument("--device", default=None, help='e.g. "cuda" (default: CPU)')
     flow.add_argument("--out", default="runs/flow")
+    register_study(sub)  # study, toy-data: each sets args.func
 
     args = ap.parse_args(argv)
     try:
-        if args.command == "demo":
+        if hasattr(args, "func"):
+            args.func(args)
+        elif args.command == "demo":
             from patching.demo import run_demo
 
             run_demo(args.out, n_eval=args.samples, n_flow=args.flow_samples, window=args.window, seed=args.seed)

@@ -1,10 +1,11 @@
-"""The main job (`make demo` / `hooked-av demo`): the toolkit's information-flow analysis on the
-embedded toy model, written to one self-contained HTML report.
+"""The main job (`make demo` / `hooked-av demo`), run as a user runs a study on a real dataset.
 
-Steps: held-out samples -> accuracy per question kind -> six-edge attention-knockout sweep for
-auditory vs visual questions -> physical discarding of the media tokens from every layer ->
-token-group attention mass per layer -> `runs/demo/report.html`. The same analysis runs on any
-supported model through `hooked-av flow` (see `flow.py`).
+Steps: write the toy task as media files and a manifest (`hooked_av.toy.dataset`) -> a study of
+accuracy over every sample -> a study of attention knockout (every question kind: auditory vs
+visual, and the two-clip samples' cross-item edges) and physical discarding of the media from each
+layer over the first `n_flow` samples per kind's worth -> one self-contained report,
+`runs/demo/report.html`, with the studies' figures and the attention mass between token groups of
+one batch. The same commands run on a real model and dataset: `hooked-av study --model ... --manifest ...`.
 """
 
 from __future__ import annotations
@@ -12,81 +13,79 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import pandas as pd
-import torch
+import matplotlib
 
-from hooked_av.viz import Report, group_attention_mass, plot_attention_mass
-from patching.discarding import discarding
-from patching.knockout import DEFAULT_EDGES, knockout
-from patching.results import Result
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
 
-
-def accuracy_by_kind(model, batch) -> pd.DataFrame:
-    with torch.no_grad():
-        pred = model(**batch.inputs)[:, -1].argmax(-1)
-    right = (pred == batch.answers).tolist()
-    df = pd.DataFrame({"kind": batch.kinds, "correct": right})
-    out = df.groupby("kind", sort=False).correct.agg(["mean", "size"]).reset_index()
-    return out.rename(columns={"mean": "accuracy", "size": "samples"})
+from hooked_av.viz import Report, group_attention_mass, plot_attention_mass  # noqa: E402
 
 
 def run_demo(out_dir: str | Path = "runs/demo", n_eval: int = 200, n_flow: int = 16, window: int = 1, seed: int = 2024) -> Path:
-    import hooked_av
+    """`n_eval` samples for accuracy; knockout and discarding on the first `n_flow` x (number of
+    question kinds) of them; the toy has 4 layers, hence the 1-layer knockout window."""
     from hooked_av import toy
+    from hooked_av.toy.dataset import write_toy_dataset
+    from patching.study import Study, read_manifest, run_study
+    from patching.study.figures import discarding_figure, knockout_figure
 
     t0 = time.perf_counter()
-    out_dir = Path(out_dir)
-    model = hooked_av.load("toy")
-    tok = model.tokenizer
-    print(f"toy model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {model.cfg.n_layers} layers")
+    out = Path(out_dir)
+    manifest = read_manifest(write_toy_dataset(out / "data", n=n_eval, seed=seed))
+    t_data = time.perf_counter() - t0
+    model = toy.load()
+    print(f"toy model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {model.cfg.n_layers} layers; "
+          f"{len(manifest)} samples written to {out / 'data'} in {t_data:.1f} s")
 
-    batch = toy.make_batch(n_eval, seed=seed, tokenizer=tok)
-    acc = accuracy_by_kind(model, batch)
-    print("held-out accuracy per question kind:\n" + acc.to_string(index=False))
+    t1 = time.perf_counter()
+    run_study(model, manifest, ["accuracy"], out / "accuracy", progress=False)
+    acc = Study(out / "accuracy")
+    t2 = time.perf_counter()
+    n_flow_total = min(len(manifest), n_flow * len(toy.KINDS))
+    run_study(model, manifest, ["knockout", "discarding"], out / "flow", limit=n_flow_total, window=window,
+              options={"discarding": {"repeats": 1}})
+    flow = Study(out / "flow")
+    t3 = time.perf_counter()
+    acc_table = acc.summary("accuracy", by=["kind"])[["kind", "n_samples", "mean", "ci_low", "ci_high"]]
+    print("accuracy per question kind (from the files):\n" + acc_table.round(3).to_string(index=False))
+    throughput = dict(accuracy=len(manifest) / (t2 - t1), flow=n_flow_total / (t3 - t2))
+    print(f"throughput: accuracy {throughput['accuracy']:.1f} samples/s; knockout + discarding {throughput['flow']:.1f} samples/s")
 
-    from tqdm.auto import tqdm
+    ko = flow.frame("knockout")
+    strongest = flow.summary("knockout", by=["kind", "edge", "layer"])
+    strongest = strongest[strongest.subset == "correct"].groupby(["kind", "edge"]).agg(largest_drop=("mean", "min")).reset_index()
+    print("knockout: largest mean drop of p(answer) in %, over window centres (correct samples):\n"
+          + strongest.pivot(index="edge", columns="kind", values="largest_drop").round(1).to_string())
 
-    bar = tqdm(total=4, desc="knockout auditory/visual, discarding, attention mass")
-    runs = []
-    for i, kind in enumerate(("auditory", "visual")):
-        b = toy.make_batch(n_flow, seed=seed + 1 + i, tokenizer=tok, kinds=(kind,))
-        res = knockout(model, b.inputs, b.answers.tolist(), edges=DEFAULT_EDGES, window=window,
-                       tm=model.token_map(b.inputs), progress=False)
-        bar.update()
-        runs.append(res.df.assign(kind=kind))
-    ko_df = pd.concat(runs, ignore_index=True)
-    summary = ko_df[ko_df.correct].groupby(["kind", "edge"]).rel_change.min().unstack("kind").round(1)
-    print("knockout: largest drop of p(answer) in %, over window centres (correct samples):\n" + summary.to_string())
+    batch = toy.make_batch(max(4, n_flow), seed=seed + 5, tokenizer=model.tokenizer)
+    mass = group_attention_mass(model, batch.inputs, model.token_map(batch.inputs))
+    two_clip = next(r for r in manifest.rows if r.items)
+    from patching.study.templates import parse_template
 
-    d = toy.make_batch(max(16, n_flow), seed=seed + 3, tokenizer=tok)
-    disc = discarding(model, d.inputs, d.answers.tolist(), group="audio|video", repeats=1, progress=False)
-    bar.update()
-    curve = disc.df.groupby("from_layer").agg(accuracy=("correct", "mean"), flops_saved=("flops_saved", "mean")).reset_index()
-    print("discarding audio+video from layer L:\n" + curve.round(3).to_string(index=False))
+    layout = model.token_map(model.prepare(parse_template("default").prompt(two_clip))).describe()
 
-    one = toy.make_batch(1, seed=seed + 4, tokenizer=tok, kinds=("two_clip",))
-    flow_batch = toy.make_batch(n_flow, seed=seed + 5, tokenizer=tok)
-    mass = group_attention_mass(model, flow_batch.inputs, model.token_map(flow_batch.inputs))
-    bar.update()
-    bar.close()
-
-    report = Report("hooked_av demo: information flow in the toy audio-visual model")
-    report.text(f"{model.cfg.n_layers}-layer Qwen2.5-Omni Thinker architecture trained on a synthetic task; "
-                f"{n_eval} held-out samples, knockout window {window}, run time {time.perf_counter() - t0:.0f} s.")
-    report.heading("Accuracy per question kind").table(acc)
-    report.heading("Attention knockout (relative change of p(answer), %)")
-    for kind in ("auditory", "visual"):
-        sub = ko_df[ko_df.kind == kind].reset_index(drop=True)
-        fig = Result("knockout", sub, {"window": window}).plot().figure
-        fig.suptitle(f"{kind} questions")
-        report.figure(fig)
-    report.table(summary.reset_index())
-    report.heading("Discarding audio + video tokens from layer L on").table(curve)
-    report.figure(disc.plot().figure)
-    report.heading("Token layout of one two-clip sample").pre(model.token_map(one.inputs).describe())
+    report = Report("hooked_av demo: information flow in the toy audio-visual model, run as a study")
+    report.text(f"{model.cfg.n_layers}-layer Qwen2.5-Omni Thinker architecture trained on a synthetic task, read from "
+                f"{len(manifest)} samples written as files ({out / 'data' / 'manifest.jsonl'}); knockout window {window}; "
+                f"run time {time.perf_counter() - t0:.0f} s; throughput {throughput['accuracy']:.1f} samples/s (accuracy), "
+                f"{throughput['flow']:.1f} samples/s (knockout + discarding).")
+    report.heading("Accuracy per question kind (bootstrap 95 % intervals)").figure(_accuracy_figure(acc_table)).table(acc_table)
+    report.heading("Attention knockout: relative change of p(answer) (%), correct samples, 95 % bands")
+    report.figure(knockout_figure(flow)).table(strongest)
+    report.heading("Discarding audio + video tokens from layer L on: accuracy and FLOPs saved").figure(discarding_figure(flow))
+    report.heading("Token layout of one two_clip sample").pre(layout)
     report.heading("Attention mass between token groups, per layer").figure(plot_attention_mass(mass))
-    path = report.save(out_dir / "report.html")
-    Result("knockout", ko_df, {"window": window, "edges": DEFAULT_EDGES}).save(out_dir / "knockout.csv")
-    disc.save(out_dir / "discarding.csv")
+    path = report.save(out / "report.html")
+    ko.to_csv(out / "knockout.csv", index=False)
+    flow.frame("discarding").to_csv(out / "discarding.csv", index=False)
     print(f"\nreport: {path.resolve()}  ({time.perf_counter() - t0:.0f} s)")
     return path
+
+
+def _accuracy_figure(table):
+    fig, ax = plt.subplots(figsize=(5, 3))
+    err = [(table["mean"] - table.ci_low).clip(lower=0), (table.ci_high - table["mean"]).clip(lower=0)]
+    ax.bar(table["kind"], table["mean"], yerr=err, capsize=3)
+    ax.set(ylim=(0, 1.05), ylabel="accuracy", title="accuracy from the files")
+    return fig
+

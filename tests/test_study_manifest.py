@@ -43,7 +43,7 @@ def test_every_problem_is_listed_at_once_with_row_id_and_column(media):
         {"id": "broken", "video": "broken.mp4", "question": "Q", "answer": "a"},
         {"id": "noaudio", "audio": "silent.mp4", "question": "Q", "answer": "a"},
         {"id": "item", "items": [{"video": "av.mp4"}, {"sound": "tone.wav"}], "question": "Q", "answer": "a"},
-        {"id": "reserved", "video": "av.mp4", "question": "Q", "answer": "a", "correct": True},
+        {"id": "reserved", "video": "av.mp4", "question": "Q", "answer": "a", "sample_correct": True},
     ]
     with pytest.raises(ManifestError) as e:
         read_manifest(_jsonl(media, rows))
@@ -51,7 +51,7 @@ def test_every_problem_is_listed_at_once_with_row_id_and_column(media):
     assert got == {
         (2, "gone", "video"), (3, "ok", "id"), (4, "noq", "question"), (5, "letter", "answer"),
         (6, "opts", "options"), (7, "nomedia", None), (8, "both", "items"), (9, None, None),
-        (10, "broken", "video"), (11, "noaudio", "audio"), (12, "item", "items[1]"), (13, "reserved", "correct"),
+        (10, "broken", "video"), (11, "noaudio", "audio"), (12, "item", "items[1]"), (13, "reserved", "sample_correct"),
     }
     msg = str(e.value)
     assert "12 problem(s)" in msg and "row 3 (id 'ok'), column 'id': duplicate id: row 1" in msg
@@ -91,8 +91,9 @@ def test_templates_letter_the_options_and_add_the_instruction(media):
                                        {"id": "b", "video": "av.mp4", "question": "What sounds?", "answer": "dog"}]))
     mc = parse_template("mc")
     prompt = mc.prompt(man.rows[0])
-    text = prompt.text() + ("\n" + prompt.instruction if getattr(prompt, "instruction", None) else "")
-    assert text == f"What sounds?\nA. dog\nB. car\n{MC_INSTRUCTION}"
+    assert prompt.text() == f"What sounds?\nA. dog\nB. car\n{MC_INSTRUCTION}"
+    assert [g for g, _ in prompt.parts()] == ["question", "options", "instruction"]  # own TokenMap groups
+    assert parse_template("default").prompt(man.rows[1]).parts() == [("question", "What sounds?")]
     with pytest.raises(ValueError, match=r"'mc' template needs options; 1 sample\(s\) have none \(ids \['b'\]\)"):
         mc.check(man.rows)
     custom = parse_template("Listen. {question} Options: {options}")

@@ -48,10 +48,10 @@ def test_one_row_per_sample_and_cell_with_id_metadata_and_correctness(model, dat
         part = ko[ko.id == r.id]
         n_edges = part.edge.nunique()
         assert len(part) == n_edges * model.cfg.n_layers and n_edges >= 6
-        assert set(part.correct) == {bool(got["accuracy"].set_index("id").correct[r.id])}
+        assert set(part.sample_correct) == {bool(got["accuracy"].set_index("id").sample_correct[r.id])}
     disc = got["discarding"]
     assert len(disc) == len(man.rows) * (model.cfg.n_layers + 1) and set(disc.group) == {"audio|video"}
-    assert list(ko.columns[:5]) == ["id", "kind", "question_name", "dataset", "correct"]
+    assert list(ko.columns[:5]) == ["id", "kind", "question_name", "dataset", "sample_correct"]
 
 
 def test_resume_after_a_crash_equals_an_uninterrupted_run(model, data, full_run, tmp_path, monkeypatch):
@@ -105,7 +105,24 @@ def test_a_bad_manifest_is_refused_before_any_model_loads(data, tmp_path, monkey
 def test_toy_accuracy_from_files_is_at_least_095_per_kind(model, tmp_path):
     out = run_study(model, write_toy_dataset(tmp_path / "d", n=24, seed=5), ["accuracy"], tmp_path / "acc", progress=False)
     acc = pd.read_parquet(out / "accuracy.parquet")
-    per_kind = acc.groupby("kind").correct.agg(["mean", "size"])
+    per_kind = acc.groupby("kind").sample_correct.agg(["mean", "size"])
     print(per_kind)
     assert set(per_kind.index) == set(toy.KINDS) and (per_kind["size"] >= 3).all()
     assert (per_kind["mean"] >= 0.95).all()
+
+
+def test_the_cli_writes_toy_data_runs_a_study_and_reports_a_bad_manifest_in_one_line(tmp_path, capsys):
+    from patching.cli import main
+
+    assert main(["toy-data", str(tmp_path / "d"), "--n", "3", "--seed", "4"]) == 0
+    manifest = tmp_path / "d" / "manifest.jsonl"
+    assert len(read_manifest(manifest)) == 3
+    args = ["study", "--model", "toy", "--manifest", str(manifest), "--experiment", "knockout", "--window", "1", "--limit", "2"]
+    assert main(args + ["--out", str(tmp_path / "s")]) == 0
+    assert pd.read_parquet(tmp_path / "s" / "knockout.parquet").id.unique().tolist() == ["toy-00000", "toy-00001"]
+    assert (tmp_path / "s" / "report.html").is_file() and "report:" in capsys.readouterr().out
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "x", "question": "q", "answer": "a", "video": "none.mp4"}\n{"id": "x"}\n')
+    assert main(["study", "--model", "toy", "--manifest", str(bad), "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: manifest") and "4 problem(s)" in err[0]

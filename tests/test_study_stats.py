@@ -23,9 +23,9 @@ def _study(tmp_path):
     for i in range(6):
         row = Row(index=i, id=f"s{i}", question="q", answer="a", answer_text="a")
         kind, correct = ("a", i != 1) if i < 4 else ("b", False)
-        front = {"id": row.id, "kind": kind, "correct": correct}
+        front = {"id": row.id, "kind": kind, "sample_correct": correct}
         ko = pd.DataFrame([{**front, "edge": e, "layer": l, "rel_change": float(rng.normal())} for e in ("x->y", "z->y") for l in range(3)])
-        disc = pd.DataFrame([{**front, "group": "audio", "from_layer": l, "cell_correct": bool(rng.integers(2)), "flops_saved": 0.5 - l / 10}
+        disc = pd.DataFrame([{**front, "group": "audio", "from_layer": l, "correct": bool(rng.integers(2)), "flops_saved": 0.5 - l / 10}
                              for l in range(3)])
         write_part(out, "knockout", row, ko)
         write_part(out, "discarding", row, disc)
@@ -42,7 +42,7 @@ def test_summary_matches_a_naive_computation(tmp_path):
             for layer in range(3):
                 for subset in ("correct", "all"):
                     vals = [r.rel_change for r in ko.itertuples()
-                            if r.kind == kind and r.edge == edge and r.layer == layer and (subset == "all" or r.correct)]
+                            if r.kind == kind and r.edge == edge and r.layer == layer and (subset == "all" or r.sample_correct)]
                     got = s.loc[(kind, edge, layer, subset)]
                     assert got.n_samples == len(vals)
                     if not vals:  # kind b has no correct sample: nothing is averaged in its place

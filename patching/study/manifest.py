@@ -32,7 +32,7 @@ MEDIA = ("video", "audio", "image")
 ITEM_KEYS = MEDIA + ("label",)
 CORE = ("id", "question", "answer", "options", "items") + MEDIA
 # columns the study writes itself: metadata under these names would be overwritten in the results
-RESERVED = ("correct", "prediction", "answer_text", "answer_token", "p_answer", "rule", "row", "sample", "cell_correct")
+RESERVED = ("sample_correct", "correct", "prediction", "answer_text", "answer_token", "p_answer", "rule", "sample")
 
 
 class ManifestError(ValueError):

@@ -6,8 +6,9 @@ parquet as each sample finishes, resumable, and data-parallel under torchrun.
 Per sample: media decoded (`model.prepare` on the template's Prompt), the towers run once
 (`model.encode`), the answer scored (`scoring.Scorer`), then each experiment is called once with the
 encoded inputs and the sample's TokenMap, so every cell reuses the towers' output. Each experiment's
-rows gain the sample's `id`, its metadata columns and `correct` (the sample answered correctly by the
-scoring rule); an experiment's own per-cell correctness is renamed `cell_correct`.
+rows (the library's own columns, unchanged: `correct` is the experiment's, e.g. discarding's accuracy
+per cell) gain the sample's `id`, its metadata columns and `sample_correct` (the sample answered
+correctly by the scoring rule, the subset the papers average over).
 
 Files in `out_dir`: `settings.json` (what decides the results, and the versions); `parts/<experiment>/
 <row>-<id hash>.parquet`, one per sample, written atomically (a crash loses at most the sample in
@@ -127,17 +128,17 @@ def run_sample(model, row: Row, tpl, scorer: Scorer, experiments, window, option
     with torch.no_grad():
         last = model(**enc)[0, -1]
     s = scorer.score(model, enc, last, row)
-    front = {"id": row.id, **{c: row.meta.get(c) for c in meta_columns}, "correct": s.correct}
+    front = {"id": row.id, **{c: row.meta.get(c) for c in meta_columns}, "sample_correct": s.correct}
     acc = pd.DataFrame([{**front, "prediction": s.prediction, "answer_text": row.answer_text, "answer_token": s.answer_token,
                          "p_answer": s.p_answer, "rule": scorer.rule}])
     for exp in experiments:
         if exp == "accuracy":
             continue
         df = EXPERIMENT_FNS[exp](model, enc, inputs, tm, s.answer_token, window, dict(options.get(exp, {})))
-        clash = [c for c in front if c in df.columns and c != "correct"]
+        clash = [c for c in front if c in df.columns]
         if clash:
             raise ValueError(f"metadata column(s) {clash} have the names of {exp} result columns; rename them in the manifest")
-        df = df.drop(columns=["sample"], errors="ignore").rename(columns={"correct": "cell_correct"})
+        df = df.drop(columns=["sample"])
         for c in reversed(list(front)):
             df.insert(0, c, [front[c]] * len(df))
         yield exp, df.reset_index(drop=True)

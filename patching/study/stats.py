@@ -22,9 +22,9 @@ from patching.study.runner import read_parts
 
 # experiment -> (value averaged, the columns naming a cell)
 DEFAULTS = {
-    "accuracy": ("correct", []),
+    "accuracy": ("sample_correct", []),
     "knockout": ("rel_change", ["edge", "layer"]),
-    "discarding": ("cell_correct", ["group", "from_layer"]),  # accuracy with the group discarded from that layer
+    "discarding": ("correct", ["group", "from_layer"]),  # accuracy with the group discarded from that layer
     "causal_tracing": ("indirect_effect", ["corrupted", "site", "tokens", "layer"]),
     "logit_lens": ("prob", ["group", "layer"]),
     "sinks": ("mds", ["modality", "cross_modal"]),
@@ -97,7 +97,7 @@ class Study:
         by = list(by) if by is not None else self.group_columns(df) + [c for c in cells if c in df.columns]
         if experiment == "accuracy":
             subsets = [s for s in subsets if s == "all"]  # accuracy over the correct samples is 1 by definition
-        per_sample = df.groupby(by + ["id"], sort=False, dropna=False).agg(v=(value, "mean"), correct=("correct", "first")).reset_index()
+        per_sample = df.groupby(by + ["id"], sort=False, dropna=False).agg(v=(value, "mean"), correct=("sample_correct", "first")).reset_index()
         rows = []
         for key, part in per_sample.groupby(by, sort=False, dropna=False) if by else [((), per_sample)]:
             key = key if isinstance(key, tuple) else (key,)

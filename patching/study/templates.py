@@ -8,8 +8,8 @@
 - a custom string with `{question}` (and optionally `{options}`, the lettered lines): the question
   text the model sees, e.g. `"Listen and watch. {question} Answer in one word."`.
 
-The instruction goes to `Prompt(instruction=...)` where the Prompt has that field, so the TokenMap
-shows it as its own group; until then it is appended to the question text (and counts as question).
+Options and the instruction go to `Prompt(options=..., instruction=...)`, so the TokenMap shows them
+as their own groups ("options", "instruction"), not lumped into "question".
 """
 
 from __future__ import annotations
@@ -58,15 +58,7 @@ class Template:
         if self.kind == "custom":
             question = self.text.format(question=row.question, options=lettered(row.options or ()))
             options = None  # the custom text placed them (or left them out) itself
-        if instruction and not _has_field("instruction"):
-            question, instruction = f"{Prompt(question, options=options).text()}\n{instruction}", None
-            options = None
-        extra = {"instruction": instruction} if instruction else {}
-        return Prompt(question, options=options, **media, **extra)
-
-
-def _has_field(name: str) -> bool:
-    return name in {f.name for f in dataclasses.fields(Prompt)}
+        return Prompt(question, options=options, instruction=instruction, **media)
 
 
 def parse_template(spec, instruction: str | None = None) -> Template:
