@@ -1,0 +1,215 @@
+"""HookedQwen3Omni against HF's `Qwen3OmniMoeThinkerForConditionalGeneration` built from a tiny random config
+(4 experts, top-2, 3 layers with layer 1 dense, DeepStack taps), saved with `save_pretrained` and loaded
+through our `from_pretrained`: fp32 logits, residuals and router choices, bf16 within HF's own bf16 gap,
+both checkpoint layouts, the registry, and the parameter count of the released 30B-A3B Thinker sizes.
+
+Media geometries run once the Qwen3-Omni towers exist in `hooked_av.encoders` (see the skip reasons)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from qwen3_omni_helpers import USER, batch, text, tiny_thinker_config
+
+import hooked_av
+from hooked_av import HookedQwen3Omni
+
+torch.set_num_threads(1)
+TOL = 1e-5
+
+
+def tiny_hf(seed: int = 0):
+    from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import Qwen3OmniMoeThinkerForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = tiny_thinker_config()
+    cfg._attn_implementation = "eager"
+    hf = Qwen3OmniMoeThinkerForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # decisive routing, non-trivial norms, every weight matters
+        for name, p in hf.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p) if name.endswith("norm.weight") else 0.3 * torch.randn_like(p))
+    return hf
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    hf = tiny_hf()
+    folder = tmp_path_factory.mktemp("qwen3_thinker")
+    hf.save_pretrained(folder)
+    return hf, folder
+
+
+@pytest.fixture(scope="module")
+def pair(saved):
+    hf, folder = saved
+    return hf, HookedQwen3Omni.from_pretrained(folder)
+
+
+def router_hooks(hf):
+    """Forward hooks on HF's routers collecting (logits, weights, indices) per sparse layer."""
+    got, handles = {}, []
+    for i, layer in enumerate(hf.model.language_model.layers):
+        if hasattr(layer.mlp, "gate"):
+            handles.append(layer.mlp.gate.register_forward_hook(lambda m, a, out, i=i: got.__setitem__(i, out)))
+    return got, handles
+
+
+def text_inputs(padded: bool):
+    rows = [text(12), text(7, 1)] if padded else [text(12)]
+    ids, mask = batch(rows)
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_loaded_structure_and_registry(pair, saved):
+    _, ours = pair
+    assert [type(b.mlp).__name__ for b in ours.blocks] == ["SparseMoE", "GatedMLP", "SparseMoE"]
+    assert ours.cfg.num_experts == 4 and ours.cfg.experts_per_token == 2 and ours.cfg.d_head == 16
+    assert ours.ids.audio == 100 and ours.position_id_per_seconds == 13
+    for name in ("blocks.0.mlp.hook_router_choice", "blocks.2.mlp.experts.3.hook_out", "blocks.0.hook_injection",
+                 "blocks.0.attn.q_norm.hook_normalized", "hook_audio_embeds", "hook_video_embeds"):
+        assert name in ours.hook_dict, name
+    loaded = hooked_av.load(saved[1])
+    assert type(loaded) is HookedQwen3Omni
+    assert hooked_av.families.qwen3_omni.matches({"model_type": "qwen3_omni_moe"})
+    assert not hooked_av.families.qwen3_omni.matches({"model_type": "qwen2_5_omni"})
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["text", "left_padded"])
+def test_text_logits_residuals_and_routing_equal_hf(pair, padded):
+    hf, ours = pair
+    inputs = text_inputs(padded)
+    got, handles = router_hooks(hf)
+    with torch.no_grad():
+        ref = hf(**inputs, output_hidden_states=True)
+    for h in handles:
+        h.remove()
+    names = lambda n: n.endswith("hook_resid_post") or "hook_router_" in n  # noqa: E731
+    with torch.no_grad():
+        logits, cache = ours.run_with_cache(**inputs, names_filter=names)
+    real = inputs["attention_mask"].bool()
+    assert (logits[real] - ref.logits[real]).abs().max() <= TOL
+    for l in range(2):  # HF records each decoder layer's output (the last after its norm)
+        hs = ref.hidden_states[l + 1][real]  # the residual grows to ~10-100: fp32 rounding relative to it
+        diff = (cache[f"blocks.{l}.hook_resid_post"][real] - hs).abs().max()
+        assert diff <= TOL * max(1.0, float(hs.abs().max())), (l, diff)
+    b, s = inputs["input_ids"].shape
+    for l in (0, 2):
+        hf_logits, hf_weights, hf_choice = got[l]
+        mine = cache[f"blocks.{l}.mlp.hook_router_choice"]
+        assert torch.equal(mine[real], hf_choice.view(b, s, -1)[real])
+        assert (cache[f"blocks.{l}.mlp.hook_router_weights"] - hf_weights.view(b, s, -1)).abs().max() <= TOL
+        assert (cache[f"blocks.{l}.mlp.hook_router_logits"] - hf_logits.view(b, s, -1)).abs().max() <= TOL
+
+
+def test_positions_and_encode_outputs(pair):
+    hf, ours = pair
+    inputs = text_inputs(True)
+    enc = ours.encode(**inputs)
+    ref_pos, ref_delta = hf.model.get_rope_index(inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    assert torch.equal(enc["position_ids"], ref_pos) and torch.equal(enc["rope_deltas"], ref_delta)
+    assert enc["injections"] is None  # no images or videos: nothing for DeepStack to add
+    with torch.no_grad():
+        assert torch.equal(ours(**enc), ours(**inputs))
+
+
+def test_greedy_generation_equals_hf(pair):
+    hf, ours = pair
+    inputs = text_inputs(True)
+    with torch.no_grad():
+        ref = hf.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=0)[:, inputs["input_ids"].shape[1]:]
+    assert torch.equal(ours.generate(**inputs, max_new_tokens=5), ref)
+
+
+def test_expert_ablation_equals_hf_with_the_expert_zeroed(saved):
+    hf, folder = saved
+    ours = HookedQwen3Omni.from_pretrained(folder)
+    inputs = text_inputs(False)
+    with torch.no_grad():
+        choice = ours.run_with_cache(**inputs, names_filter="blocks.2.mlp.hook_router_choice")[1]["blocks.2.mlp.hook_router_choice"]
+        e = int(choice.flatten().mode().values)
+        ablated = tiny_hf()
+        ablated.model.language_model.layers[2].mlp.experts.down_proj[e].zero_()
+        ref = ablated(**inputs).logits
+        got = ours.run_with_hooks(**inputs, fwd_hooks=[(f"blocks.2.mlp.experts.{e}.hook_out", lambda t, hook: torch.zeros_like(t))])
+    assert (got - ref).abs().max() <= TOL
+    assert (got - ours(**inputs)).abs().max() > 1e-3  # the expert mattered
+
+
+def test_both_checkpoint_layouts_and_from_hf_load_the_same_weights(saved, tmp_path):
+    """The saved Thinker (`model.*`, per-expert tensors), the released layout (`thinker.*` in the whole
+    Qwen3-Omni model, with Talker keys and a nested config) and an in-memory HF model (experts fused)."""
+    from safetensors.torch import load_file, save_file
+    from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import Qwen3OmniMoeConfig
+
+    hf, folder = saved
+    on_disk = load_file(folder / "model.safetensors")
+    assert any(".mlp.experts.3.gate_proj.weight" in k for k in on_disk)  # per-expert on disk
+    released = {f"thinker.{k}": v for k, v in on_disk.items()} | {"talker.model.norm.weight": torch.ones(4)}
+    save_file(released, tmp_path / "model.safetensors")
+    full = Qwen3OmniMoeConfig(thinker_config=json.loads(hf.config.to_json_string()))
+    (tmp_path / "config.json").write_text(full.to_json_string())
+    a = HookedQwen3Omni.from_pretrained(folder).state_dict()
+    b = HookedQwen3Omni.from_pretrained(tmp_path).state_dict()
+    c = HookedQwen3Omni.from_hf(hf).state_dict()
+    assert a.keys() == b.keys() == c.keys()
+    assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a)
+    fused = hf.model.language_model.layers[0].mlp.experts
+    assert torch.equal(a["blocks.0.mlp.experts.gate_up_proj"], fused.gate_up_proj.detach())
+    del released["thinker.model.layers.2.mlp.experts.1.up_proj.weight"]  # one expert short
+    save_file(released, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"missing, e.g. \['blocks.2.mlp.experts.gate_up_proj'\]"):
+        HookedQwen3Omni.from_pretrained(tmp_path)
+
+
+def test_bf16_within_hfs_own_bf16_gap(saved):
+    from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import Qwen3OmniMoeThinkerForConditionalGeneration
+
+    hf32, folder = saved
+    hf16 = Qwen3OmniMoeThinkerForConditionalGeneration.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    ours16 = HookedQwen3Omni.from_pretrained(folder, dtype=torch.bfloat16)
+    inputs = text_inputs(False)
+    with torch.no_grad():
+        ref = hf32(**inputs).logits
+        hf_gap = (hf16(**inputs).logits.float() - ref).abs().max()
+        our_gap = (ours16(**inputs).float() - ref).abs().max()
+    assert ours16.dtype == torch.bfloat16 and hf_gap > 0
+    assert our_gap <= 1.5 * hf_gap, (our_gap, hf_gap)
+
+
+def test_meta_parameter_count_of_the_released_thinker_equals_hf():
+    """The released 30B-A3B Thinker sizes (docs/models.md section 4: 48 layers, 32 q / 4 kv heads, head_dim
+    128, 128 experts with 8 active, expert width 768, hidden 2048, vocabulary 152064), on the meta device:
+    the language model and unembedding (the towers count once their modules exist)."""
+    from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import Qwen3OmniMoeThinkerConfig
+    from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import Qwen3OmniMoeThinkerForConditionalGeneration
+
+    tc = Qwen3OmniMoeThinkerConfig(
+        text_config=dict(vocab_size=152064, hidden_size=2048, num_hidden_layers=48, num_attention_heads=32,
+                         num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+                         moe_intermediate_size=768, rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                                                     "mrope_section": [24, 20, 20]}),
+        audio_config=dict(output_dim=2048), vision_config=dict(out_hidden_size=2048), user_token_id=USER,
+        position_id_per_seconds=13)
+    tc.vision_start_token_id = 151652
+    with torch.device("meta"):
+        hf = Qwen3OmniMoeThinkerForConditionalGeneration(tc)
+    ours = HookedQwen3Omni.from_config(tc, device="meta")
+    count = lambda ps: sum(p.numel() for p in ps)  # noqa: E731
+    hf_parts = {"audio": hf.model.audio_tower, "vision": hf.model.visual}
+    expected = count(hf.parameters()) - sum(count(m.parameters()) for k, m in hf_parts.items() if k not in ours.towers)
+    assert count(ours.parameters()) == expected
+    lm = count(hf.model.language_model.parameters()) + count(hf.lm_head.parameters())
+    assert lm > 30e9 - 1e9  # the 30B of 30B-A3B is the decoder's
+    print(f"released Thinker sizes: {count(ours.parameters()):,} parameters (HF: {expected:,}), towers {ours.towers}")
+
+
+def test_media_without_a_tower_is_refused_before_any_work(pair):
+    _, ours = pair
+    if "audio" in ours.towers:
+        pytest.skip("the audio tower exists; the refusal no longer applies")
+    ids, mask = batch([[103] + [100] * 13 + [104]])  # 20 mel frames = one chunk = 13 tokens
+    with pytest.raises(NotImplementedError, match="audio tower"):
+        ours(input_ids=ids, attention_mask=mask, input_features=torch.zeros(1, 16, 20),
+             feature_attention_mask=torch.ones(1, 20, dtype=torch.long))
