@@ -24,7 +24,7 @@ from hooked_av.viz import Report, group_attention_mass, plot_attention_mass  # n
 def run_demo(out_dir: str | Path = "runs/demo", n_eval: int = 200, n_flow: int = 16, window: int = 1, seed: int = 2024) -> Path:
     """`n_eval` samples for accuracy; knockout and discarding on the first `n_flow` x (number of
     question kinds) of them; the toy has 4 layers, hence the 1-layer knockout window."""
-    from hooked_av import toy
+    from hooked_av import load, toy
     from hooked_av.toy.dataset import write_toy_dataset
     from patching.study import Study, read_manifest, run_study
     from patching.study.figures import discarding_figure, knockout_figure
@@ -33,7 +33,7 @@ def run_demo(out_dir: str | Path = "runs/demo", n_eval: int = 200, n_flow: int =
     out = Path(out_dir)
     manifest = read_manifest(write_toy_dataset(out / "data", n=n_eval, seed=seed))
     t_data = time.perf_counter() - t0
-    model = toy.load()
+    model = load("toy")
     print(f"toy model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {model.cfg.n_layers} layers; "
           f"{len(manifest)} samples written to {out / 'data'} in {t_data:.1f} s")
 

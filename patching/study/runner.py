@@ -184,8 +184,8 @@ def dominance(model, inputs, enc) -> str:
         return ""
     with torch.no_grad():
         av = int(model(**enc)[0, -1].argmax())
-        audio_only = int(model(**zero_modality(inputs, "video"))[0, -1].argmax())
-        video_only = int(model(**zero_modality(inputs, "audio"))[0, -1].argmax())
+        audio_only = int(model(**zero_modality(inputs, "video", model=model))[0, -1].argmax())
+        video_only = int(model(**zero_modality(inputs, "audio", model=model))[0, -1].argmax())
     a, v = av == audio_only, av == video_only
     return "audio" if a and not v else "video" if v and not a else "both" if a else "neither"
 
