@@ -86,6 +86,8 @@ class Scorer:
         tok = model.tokenizer
         probs = last_logits.float().softmax(-1)
         ids = (Scorer("first_token") if self.rule == "generate" else self).targets(tok, row)
+        if not ids:
+            self.check(tok, [row])  # raises, naming the row and why
         best = max(ids, key=lambda i: float(probs[i]))
         top = int(probs.argmax())
         if self.rule != "generate":
