@@ -77,17 +77,19 @@ def _present(tm, spec) -> bool:
 
 
 def default_edges(tm) -> list[tuple[str, str]]:
-    """The six edges whose groups every row has, plus for interleaved media items the cross-item
-    edges `item i -> item j` (i < j; an item is its audio and video tokens together)."""
+    """The six edges whose groups every row has; with several clips in every row ("From Senses to
+    Decisions"' interleaved items, issue 14), per clip `item[i] -> question` and `item[i] -> last`
+    (where the row has a question), then `item[i] -> item[j]` for i < j (attention is causal: an
+    earlier clip never reads a later one). A clip (`item[i]`) is all its media tokens; the text
+    naming the clips is the group `label`, not the question."""
     edges = [(s, d) for s, d in DEFAULT_EDGES if _present(tm, s) and _present(tm, d)]
     n_items = 0
-    while any(_present(tm, f"{m}[{n_items}]") for m in ("audio", "video", "image")):
+    while _present(tm, f"item[{n_items}]"):
         n_items += 1
     if n_items > 1:
-        def item(i):
-            return "|".join(f"{m}[{i}]" for m in ("audio", "video", "image") if _present(tm, f"{m}[{i}]"))
-
-        edges += [(item(i), item(j)) for i, j in combinations(range(n_items), 2)]
+        items = [f"item[{i}]" for i in range(n_items)]
+        edges += [(it, dst) for it in items for dst in ("question", "last") if _present(tm, dst)]
+        edges += [(items[i], items[j]) for i, j in combinations(range(n_items), 2)]
     return edges
 
 

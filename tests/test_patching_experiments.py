@@ -34,13 +34,13 @@ def test_window_is_centred_and_clipped_as_methods_md():
     assert list(window_layers(5, 4, 28)) == list(range(3, 7))
 
 
-def test_default_edges_are_the_six_plus_cross_item_edges(setup):
+def test_default_edges_are_the_six_plus_per_clip_and_cross_clip_edges(setup):
     model, _, tm, _ = setup
-    assert default_edges(samples(model, av_inputs(), tm=token_map(model, av_inputs()))[0].tm) == [
-        ("audio", "question"), ("video", "question"), ("audio", "last"), ("video", "last"), ("question", "last"), ("last", "last")]
-    inter = interleaved_inputs()
-    edges = default_edges(token_map(model, inter))
-    assert edges[-1] == ("audio[0]|video[0]", "audio[1]|video[1]") and len(edges) == 7
+    six = [("audio", "question"), ("video", "question"), ("audio", "last"), ("video", "last"), ("question", "last"), ("last", "last")]
+    assert default_edges(samples(model, av_inputs(), tm=token_map(model, av_inputs()))[0].tm) == six
+    inter = interleaved_inputs()  # clip 0: video block, audio block; text; clip 1: video block, audio block
+    assert default_edges(token_map(model, inter)) == six + [
+        ("item[0]", "question"), ("item[0]", "last"), ("item[1]", "question"), ("item[1]", "last"), ("item[0]", "item[1]")]
 
 
 def test_batched_knockout_sweep_equals_one_forward_per_cell(setup):

@@ -1,13 +1,18 @@
 """Family-agnostic prompt objects: a `Prompt` (one batch row: question, media items, system
-prompt, options) and its `Item`s (one clip each), which every family's `prepare` turns into its own
-chat text and token layout."""
+prompt, options, instruction) and its `Item`s (one clip each), which every family's `prepare` turns
+into its own chat text and token layout, recording which tokens hold which part of the user's text
+(`text_part_codes`, read back by the TokenMap as the groups question, options, instruction, label)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+from torch import Tensor
+
 from hooked_av.inputs.chat import check_plain_text
 from hooked_av.inputs.media import Video
+from hooked_av.inputs.token_map import TEXT_PARTS
 
 DEFAULT = object()  # "the family's own default system prompt"
 
@@ -27,8 +32,18 @@ class Item:
 @dataclass
 class Prompt:
     """One row: a question, its media (`video`/`audio`/`image` for a single item, or `items`), an
-    optional system prompt (`None`: the template's default) and answer options (one line each,
-    lettered A., B., ...)."""
+    optional system prompt (`None`: the template's default), answer options
+    (one line each, lettered A., B., ...) and an instruction (e.g. "Respond ONLY with a single label
+    letter.", the hub paper's VGGSound prompt; "Answer with a single word.").
+
+    The user's text after the media is rendered in the order question, options, instruction
+    (`parts()`); each part after the question starts on a new line:
+
+        Which clip has the dog?
+        A. clip one
+        B. clip two
+        Respond ONLY with a single label letter.
+    """
 
     question: str
     video: object = None
@@ -37,6 +52,7 @@ class Prompt:
     items: list = field(default_factory=list)
     system: object = DEFAULT
     options: list | None = None
+    instruction: str | None = None
 
     def all_items(self) -> list[Item]:
         single = Item(self.video, self.audio, self.image) if any(x is not None for x in (self.video, self.audio, self.image)) else None
@@ -44,12 +60,24 @@ class Prompt:
             raise ValueError("give media either as video=/audio=/image= (one item) or as items=[...], not both")
         return [single] if single else [i if isinstance(i, Item) else Item(**i) for i in self.items]
 
-    def text(self) -> str:
+    def parts(self) -> list[tuple[str, str]]:
+        """The user's text after the media as `(group, text)` in the order written: `("question", q)`,
+        then `("options", "\nA. ...\nB. ...")` when there are options, then `("instruction",
+        "\n...")` when there is one. The newline that separates a part belongs to it."""
         if not isinstance(self.question, str) or not self.question.strip():
             raise ValueError(f"the question is empty ({self.question!r}); pass the text the model should answer")
-        if not self.options:
-            return self.question
-        return self.question + "\n" + "\n".join(f"{chr(65 + i)}. {o}" for i, o in enumerate(self.options))
+        out = [("question", self.question)]
+        if self.options:
+            out.append(("options", "".join(f"\n{chr(65 + i)}. {o}" for i, o in enumerate(self.options))))
+        if self.instruction is not None:
+            if not isinstance(self.instruction, str) or not self.instruction.strip():
+                raise ValueError(f"the instruction is empty ({self.instruction!r}); pass its text or leave instruction out")
+            out.append(("instruction", "\n" + self.instruction))
+        return out
+
+    def text(self) -> str:
+        """The user's text after the media: question, options, instruction (`parts()`) joined."""
+        return "".join(t for _, t in self.parts())
 
 
 def check_prompt_text(prompt: Prompt, specials: frozenset[str]) -> None:
@@ -58,11 +86,51 @@ def check_prompt_text(prompt: Prompt, specials: frozenset[str]) -> None:
     prompt.text()  # refuses an empty question first
     texts = [("the question", prompt.question)]
     texts += [(f"option {i + 1}", str(o)) for i, o in enumerate(prompt.options or [])]
+    if prompt.instruction is not None:
+        texts.append(("the instruction", prompt.instruction))
     texts += [("the label", it.label) for it in prompt.all_items() if it.label]
     if isinstance(prompt.system, str):
         texts.append(("the system prompt", prompt.system))
     for what, text in texts:
         check_plain_text(text, specials, what)
+
+
+def text_part_codes(offsets: Tensor, segments: list[tuple[str | None, str]]) -> Tensor:
+    """Which part of a text each of its tokens holds: `offsets` `[pos, 2]` the tokens' character spans
+    `[start, end)` in `"".join(text for _, text in segments)` (a fast tokenizer's `offset_mapping`),
+    `segments` the text in order as `(part, text)`, `part` a name of `TEXT_PARTS` or None. Returns
+    LongTensor `[pos]`: `TEXT_PARTS.index(part)` of the segment where the token's first character
+    lies, 0 for a token in a None segment and for an empty span (padding). Reading the parts from the
+    offsets of the whole text's tokens leaves the ids exactly the tokenizer's; a token that straddles
+    two parts (a BPE merge such as "?\n") belongs to the part where it starts."""
+    starts, ends, codes, at = [], [], [], 0
+    for part, text in segments:
+        if part is not None and text:
+            starts.append(at)
+            ends.append(at + len(text))
+            codes.append(TEXT_PARTS.index(part))
+        at += len(text)
+    offsets = torch.as_tensor(offsets).reshape(-1, 2)
+    out = torch.zeros(len(offsets), dtype=torch.long)
+    if not starts:
+        return out
+    first = offsets[:, 0].contiguous()
+    seg = torch.searchsorted(torch.tensor(starts), first, right=True) - 1
+    inside = (seg >= 0) & (offsets[:, 1] > offsets[:, 0])
+    seg = seg.clamp(min=0)
+    inside &= first < torch.tensor(ends)[seg]
+    return torch.where(inside, torch.tensor(codes)[seg], out)
+
+
+def check_offsets(tokenizer) -> None:
+    """Refuse, before any media work, a tokenizer without character offsets (a slow, pure-Python
+    one): prepare reads the offsets to record which tokens hold which part of the user's text."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(
+            f"{type(tokenizer).__name__} gives no character offsets, which prepare reads to record which tokens "
+            "are the question, the options, the instruction and the item labels; load the fast tokenizer "
+            "(AutoTokenizer.from_pretrained(..., use_fast=True))"
+        )
 
 
 def has_audio(it: Item) -> bool:

@@ -19,10 +19,15 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-GROUPS = ("padding", "system", "template", "question", "audio", "video", "image", "last", "generated")
+GROUPS = ("padding", "system", "template", "question", "audio", "video", "image", "last", "generated",
+          "options", "instruction", "label")
 MEDIA = ("audio", "video", "image")
 _CODE = {g: i for i, g in enumerate(GROUPS)}
-_ALIASES = {"media": MEDIA, "all": tuple(g for g in GROUPS if g != "padding"), "user": ("question",)}
+# the parts of the user's text that `prepare` records (`inputs["text_parts"]`, `[batch, pos]`): code i > 0
+# is the group TEXT_PARTS[i]; 0 leaves the chat structure's group (`hooked_av.inputs.chat.text_groups`)
+TEXT_PARTS = (None, "question", "options", "instruction", "label", "template")
+_ALIASES = {"media": MEDIA, "all": tuple(g for g in GROUPS if g != "padding"),
+            "user": ("question", "options", "instruction", "label")}
 _SPEC = re.compile(r"^\s*([a-z_]+)\s*(?:\[\s*(\d+)\s*\])?\s*$")
 ITEM = "item"  # `item[i]`: every media token of clip i
 # the order in which a clip (`hooked_av.inputs.prompt.Item`) shows its media: image, video, audio
@@ -63,8 +68,12 @@ class TokenMap:
     """Per position of a `[batch, pos]` prompt batch (all tensors `[batch, pos]`, on the CPU):
 
     - `group`: index into `GROUPS` (padding, system, template, question, audio, video, image, last,
-      generated). `template` holds chat-template and media bos/eos tokens; `question` is the user's
-      text; `last` is the final prompt position of each row.
+      generated, options, instruction, label). `template` holds chat-template and media bos/eos
+      tokens; `last` is the final prompt position of each row. The user's text: on inputs from
+      `model.prepare` (which record it as `inputs["text_parts"]`), `question` is the question only,
+      `options` the lettered options, `instruction` the instruction after them, `label` the text
+      naming each clip (`Item.label`), and text the template adds between items is `template`; on
+      inputs without that record all user text is `question`. `"user"` selects all four.
     - `item`: the clip (media item) of a media token within its row, counted by clip, not per
       modality: in a row whose first clip is video only and whose second is video with audio,
       `audio[1]` is the second clip's audio and `audio[0]` is empty; `item[i]` is every media token
@@ -299,6 +308,31 @@ def clip_numbers(runs: list[tuple[int, int, list[str]]]) -> list[int]:
         ranks += rank
         out.append(clip)
     return out
+
+
+def check_text_parts(text_parts, input_ids: Tensor) -> Tensor | None:
+    """`inputs["text_parts"]` (codes into `TEXT_PARTS`, `[batch, pos]` like `input_ids`) on the CPU,
+    or None when the inputs carry no record; a record that does not fit the ids is an error."""
+    if text_parts is None:
+        return None
+    codes = torch.as_tensor(text_parts).cpu()
+    if codes.shape != input_ids.shape:
+        raise ValueError(
+            f"inputs['text_parts'] has shape {tuple(codes.shape)} but input_ids {tuple(input_ids.shape)}: it records "
+            "prepare's text parts per position; slice or pad it together with input_ids, or drop it (all user text is "
+            "then 'question')"
+        )
+    if codes.numel() and not (0 <= int(codes.min()) and int(codes.max()) < len(TEXT_PARTS)):
+        raise ValueError(f"inputs['text_parts'] holds codes outside 0..{len(TEXT_PARTS) - 1} (TEXT_PARTS: {TEXT_PARTS})")
+    return codes
+
+
+def with_text_parts(groups: list[str], codes: list[int] | None) -> list[str]:
+    """One row's text groups (`hooked_av.inputs.chat.text_groups`) with `prepare`'s record applied:
+    a position of code c > 0 becomes `TEXT_PARTS[c]`, the others keep their group."""
+    if codes is None:
+        return groups
+    return [TEXT_PARTS[c] if c else g for g, c in zip(groups, codes)]
 
 
 def media_runs(toks: list[int], media: dict[int, str]):

@@ -53,8 +53,8 @@ def prepare(model, prompts, *, use_audio_in_video: bool | None = None, **prompt_
 
 
 def _question(p: Prompt) -> str:
-    if p.options:
-        raise ValueError("the toy model was not trained on answer options; ask its plain questions")
+    if p.options or p.instruction is not None:
+        raise ValueError("the toy model was not trained on answer options or instructions; ask its plain questions")
     if p.system is not Prompt.system and p.system != vocab.SYSTEM:
         raise ValueError(f"the toy model was trained with its own system prompt ({vocab.SYSTEM!r}) only; leave system= out")
     known = set(vocab.all_words())

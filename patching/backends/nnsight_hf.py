@@ -29,14 +29,13 @@ exposes no module output for them.
 from __future__ import annotations
 
 import re
-from collections import defaultdict
 
 import torch
 from torch import Tensor
 
 from hooked_av.core.masks import additive, open_mask
 from hooked_av.inputs.chat import ChatTokens, text_groups
-from hooked_av.inputs.token_map import MEDIA, TokenMap, TokenMapBuilder, media_runs
+from hooked_av.inputs.token_map import MEDIA, TokenMap, TokenMapBuilder, clip_numbers, media_runs
 from hooked_av.interop.nnsight import require_nnsight
 from patching.intervention import Intervention
 
@@ -65,8 +64,8 @@ def _config_ids(config, pattern: re.Pattern) -> dict[str, int]:
 
 def hf_token_map(inputs: dict, config, tokenizer=None, chat: ChatTokens | None = None) -> TokenMap:
     """The TokenMap of an HF multimodal model's processor outputs from its config alone: media runs
-    from the config's `{audio,image,video}_token_{id,index}` fields (a maximal run of placeholders is
-    one item per modality in it, so an audio-in-video block is video[i] and audio[i]), media start/end
+    from the config's `{audio,image,video}_token_{id,index}` fields, items numbered by clip as our
+    models' maps number them (`clip_numbers`: an audio-in-video block is one clip), media start/end
     ids (`*_start/_end/_bos/_eos_token_id`, `boi/eoi`) and the tokenizer's special tokens as template
     (without a tokenizer, a media start/end id the config does not name reads as text), text from the ChatML structure of
     `chat` or `tokenizer` (ChatML only; without either all text is "question"), `last` the final real
@@ -89,12 +88,11 @@ def hf_token_map(inputs: dict, config, tokenizer=None, chat: ChatTokens | None =
         toks = ids[row, real].tolist()
         for i, g in enumerate(text_groups(toks, chat)):
             b.set(row, int(real[i]), "template" if toks[i] in edges else g)
-        count = defaultdict(int)
-        for start, end, kinds in media_runs(toks, media):
+        runs = list(media_runs(toks, media))
+        for (start, end, kinds), clip in zip(runs, clip_numbers(runs)):
             for kind in dict.fromkeys(kinds):
                 pos = [int(real[start + j]) for j, k in enumerate(kinds) if k == kind]
-                b.set(row, pos, kind, item=count[kind])
-                count[kind] += 1
+                b.set(row, pos, kind, item=clip)
         if len(real):
             b.set(row, int(real[-1]), "last")
     return b.build()

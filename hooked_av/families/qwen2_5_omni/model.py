@@ -142,12 +142,15 @@ class HookedQwen2_5Omni(MRoPELanguageModel, HookedAVModel):
         video_grid_thw: Tensor | None = None,
         video_second_per_grid: Tensor | None = None,
         use_audio_in_video: bool | None = None,
+        text_parts: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Run the towers and merge: returns `inputs_embeds` `[batch, pos, d_model]`, `position_ids`
         `[3, batch, pos]`, `attention_mask`, `rope_deltas` `[batch, 1]`; `model(**enc)` continues.
         `use_audio_in_video`: the layout of each video block in `input_ids` decides (its audio
         interleaved or not, as the processor built it); None (default) follows it, True or False is
-        checked against it and a mismatch is a ValueError raised before any tower runs."""
+        checked against it and a mismatch is a ValueError raised before any tower runs. `text_parts`
+        (`prepare`'s record of the user's text, for `token_map`) is accepted and not read, so
+        `model.encode(**inputs)` takes prepare's output as it is."""
         audio = None
         if input_features is not None:
             audio = self._audio_features(input_features, feature_attention_mask, audio_feature_lengths)
@@ -198,10 +201,12 @@ class HookedQwen2_5Omni(MRoPELanguageModel, HookedAVModel):
         rope_deltas: Tensor | None = None,
         use_audio_in_video: bool | None = None,
         return_type: str | None = "logits",
+        text_parts: Tensor | None = None,
         **media,
     ) -> Tensor:
         """Logits `[batch, pos, vocab]` from processor outputs, or from `encode`'s outputs.
-        `return_type`: "logits", "resid" (after `ln_final`) or None. `use_audio_in_video`: see `encode`."""
+        `return_type`: "logits", "resid" (after `ln_final`) or None. `use_audio_in_video`,
+        `text_parts` (accepted, not read): see `encode`."""
         return self.route_forward(
             input_ids, attention_mask, inputs_embeds, position_ids, return_type, media, MEDIA_ARGS, use_audio_in_video=use_audio_in_video
         )
@@ -221,7 +226,8 @@ class HookedQwen2_5Omni(MRoPELanguageModel, HookedAVModel):
         """The `TokenMap` of processor/`prepare` outputs (group, item, frame, time, chunk per position).
         The chat structure comes from `chat` (a `hooked_av.inputs.chat.ChatTokens`), else the tokenizer,
         else Qwen2.5's fixed chat ids when the config has Qwen2.5's vocabulary; otherwise all text is
-        "question"."""
+        "question". `inputs["text_parts"]` (from `prepare`) splits the user's text into question,
+        options, instruction and label."""
         from hooked_av.families.qwen2_5_omni.token_map import omni_token_map
         from hooked_av.inputs.chat import chat_tokens
 
@@ -233,6 +239,7 @@ class HookedQwen2_5Omni(MRoPELanguageModel, HookedAVModel):
             inputs["input_ids"], inputs.get("attention_mask"), self.ids, chat_tokens(tok, chat, self.cfg.d_vocab, self.ids.vision_start),
             inputs.get("image_grid_thw"), inputs.get("video_grid_thw"), counts,
             inputs.get("video_second_per_grid"), self.vision_encoder.merge, self.position_id_per_seconds, self.seconds_per_chunk,
+            inputs.get("text_parts"),
         )
 
     # ---- generation -------------------------------------------------------------------------

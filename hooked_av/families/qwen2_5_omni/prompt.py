@@ -19,7 +19,7 @@ from hooked_av.families.qwen2_5_omni.layout import OmniTokenIds, audio_token_cou
 from hooked_av.families.qwen2_5_omni.processor import OmniParts, video_max_pixels
 from hooked_av.inputs.chat import special_texts
 from hooked_av.inputs.media import SAMPLE_RATE, load_audio, load_image, load_video
-from hooked_av.inputs.prompt import DEFAULT, Prompt, as_prompts, check_prompt_text, has_audio
+from hooked_av.inputs.prompt import DEFAULT, Prompt, as_prompts, check_offsets, check_prompt_text, has_audio, text_part_codes
 
 OMNI_SYSTEM_PROMPT = (
     "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving "
@@ -38,36 +38,43 @@ def token_strings(tokenizer, ids: OmniTokenIds) -> dict[str, str]:
 def render_chat(messages: list[dict], tok: dict[str, str]) -> str:
     """Qwen2.5-Omni's chat template (with the generation prompt) in Python. `messages`: role and
     content, a string or a list of `{"type": "text"|"image"|"video"|"audio", ...}`."""
-    out = "" if messages and messages[0]["role"] == "system" else f"<|im_start|>system\n{TEMPLATE_SYSTEM_PROMPT}<|im_end|>\n"
+    return "".join(text for _, text in chat_segments(messages, tok))
+
+
+def chat_segments(messages: list[dict], tok: dict[str, str]) -> list[tuple[str | None, str]]:
+    """`render_chat`'s text in order as `(part, text)`: a text content's `"part"` (a name of
+    `hooked_av.inputs.token_map.TEXT_PARTS`, as `messages_for` sets it), None for the rest."""
+    out = [] if messages and messages[0]["role"] == "system" else [(None, f"<|im_start|>system\n{TEMPLATE_SYSTEM_PROMPT}<|im_end|>\n")]
     media = {
         "image": tok["vision_bos"] + tok["image"] + tok["vision_eos"],
         "video": tok["vision_bos"] + tok["video"] + tok["vision_eos"],
         "audio": tok["audio_bos"] + tok["audio"] + tok["audio_eos"],
     }
     for m in messages:
-        out += f"<|im_start|>{m['role']}\n"
+        out.append((None, f"<|im_start|>{m['role']}\n"))
         content = m["content"]
         if isinstance(content, str):
-            out += content
+            out.append((None, content))
         else:
-            out += "".join(media[c["type"]] if c["type"] in media else c.get("text", "") for c in content)
-        out += "<|im_end|>\n"
-    return out + "<|im_start|>assistant\n"
+            out += [(None, media[c["type"]]) if c["type"] in media else (c.get("part"), c.get("text", "")) for c in content]
+        out.append((None, "<|im_end|>\n"))
+    return out + [(None, "<|im_start|>assistant\n")]
 
 
 def messages_for(prompt: Prompt, use_audio_in_video: bool) -> list[dict]:
-    """The chat messages of one prompt (media as typed parts, the question last)."""
+    """The chat messages of one prompt (media as typed parts, then the question, options and
+    instruction, each a text content; text contents name their `"part"`, which chat templates ignore)."""
     content = []
     for it in prompt.all_items():
         if it.label:
-            content.append({"type": "text", "text": it.label})
+            content.append({"type": "text", "text": it.label, "part": "label"})
         if it.image is not None:
             content.append({"type": "image"})
         if it.video is not None:
             content.append({"type": "video"})
         if it.audio is not None and not (it.video is not None and use_audio_in_video):
             content.append({"type": "audio"})
-    content.append({"type": "text", "text": prompt.text()})
+    content += [{"type": "text", "text": text, "part": part} for part, text in prompt.parts()]
     system = OMNI_SYSTEM_PROMPT if prompt.system is DEFAULT else prompt.system
     return ([{"role": "system", "content": system}] if system is not None else []) + [{"role": "user", "content": content}]
 
@@ -91,7 +98,10 @@ def prepare_omni(
     """Model inputs for one prompt (`prompts` a question string plus `prompt_kwargs`) or a batch (a
     list of `Prompt`), left-padded: input_ids/attention_mask `[batch, pos]`, input_features
     `[n_audio, mels, frames]` + feature_attention_mask, pixel_values(_videos) `[n_patches, 1176]` +
-    grid_thw, video_second_per_grid, and `use_audio_in_video`.
+    grid_thw, video_second_per_grid, `use_audio_in_video`, and `text_parts` `[batch, pos]` (codes into
+    `hooked_av.inputs.token_map.TEXT_PARTS`: which tokens are the question, options, instruction and
+    item labels, read from the fast tokenizer's character offsets of the same call, so the ids are the
+    processor's; `token_map` reads it, `forward` / `encode` accept and ignore it).
 
     As qwen-omni-utils + `Qwen2_5OmniProcessor` build them: a video file is sampled at `parts.fps` by
     `media.sample_frames`, and its seconds per temporal grid step are `temporal_patch_size` over the
@@ -101,13 +111,14 @@ def prepare_omni(
     short for one token, and prompt text holding a special token, are errors."""
     prompts = as_prompts(prompts, prompt_kwargs)
     av_mode = resolve_audio_in_video(prompts, use_audio_in_video)
+    check_offsets(parts.tokenizer)
     tok = token_strings(parts.tokenizer, ids)
     specials = special_texts(parts.tokenizer, tok.values())
     for p in prompts:
         check_prompt_text(p, specials)
-    texts, images, videos, audios = [], [], [], []
+    segments, images, videos, audios = [], [], [], []
     for p in prompts:
-        texts.append(render_chat(messages_for(p, av_mode), tok))
+        segments.append(chat_segments(messages_for(p, av_mode), tok))
         for it in p.all_items():  # media in order of appearance: image, video (+ its audio), audio
             if it.image is not None:
                 images.append(load_image(it.image))
@@ -138,11 +149,14 @@ def prepare_omni(
         out["pixel_values_videos"] = torch.cat([d["pixel_values_videos"] for d in done])
         out["video_grid_thw"] = torch.cat([d["video_grid_thw"] for d in done])
         out["video_second_per_grid"] = torch.tensor(spgs)
-    expanded = _expand(texts, tok, out, spgs, parts, av_mode)
-    enc = parts.tokenizer(expanded, padding=True, padding_side="left", return_tensors="pt")
-    result = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], **out, "use_audio_in_video": av_mode}
+    expanded = _expand(segments, tok, out, spgs, parts, av_mode)
+    enc = parts.tokenizer(["".join(t for _, t in row) for row in expanded], padding=True, padding_side="left",
+                          return_tensors="pt", return_offsets_mapping=True)
+    text_parts = torch.stack([text_part_codes(o, row) for o, row in zip(enc["offset_mapping"], expanded)])
+    result = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], **out, "use_audio_in_video": av_mode,
+              "text_parts": text_parts}
     if return_text:  # the chat text before placeholder expansion (what the HF processor takes)
-        result["text"] = texts
+        result["text"] = ["".join(t for _, t in row) for row in segments]
     return result
 
 
@@ -158,8 +172,10 @@ def _check_audio_tokens(audios: list, counts: list[int], hop: int) -> None:
             )
 
 
-def _expand(texts: list[str], tok: dict, out: dict, spgs: list[float], parts: OmniParts, av_mode: bool) -> list[str]:
-    """Replace each placeholder by its run of tokens, consuming media in order across the batch."""
+def _expand(rows: list[list[tuple[str | None, str]]], tok: dict, out: dict, spgs: list[float], parts: OmniParts,
+            av_mode: bool) -> list[list[tuple[str | None, str]]]:
+    """Replace each placeholder by its run of tokens, consuming media in order across the batch;
+    each row is `chat_segments`' `(part, text)` list, expanded segment by segment."""
     merge = parts.video_processor.merge_size
     counts = audio_token_counts(out["feature_attention_mask"]) if "feature_attention_mask" in out else []
     state = {"image": 0, "video": 0, "audio": 0}
@@ -180,4 +196,4 @@ def _expand(texts: list[str], tok: dict, out: dict, spgs: list[float], parts: Om
         runs = av_block_runs(grid, spgs[i], counts[a], merge, parts.position_id_per_seconds, parts.seconds_per_chunk)
         return tok["audio_bos"] + "".join(tok[m_] * (e - b) for m_, _, b, e in runs) + tok["audio_eos"]
 
-    return [pattern.sub(one, t) for t in texts]
+    return [[(part, pattern.sub(one, t)) for part, t in row] for row in rows]

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from hooked_av.families.qwen2_5_omni.layout import AUDIO_SECONDS_PER_TOKEN, OmniTokenIds, av_block_runs, video_temporal_ids
 from hooked_av.inputs.chat import ChatTokens, text_groups
-from hooked_av.inputs.token_map import TokenMap, TokenMapBuilder, clip_numbers, media_runs
+from hooked_av.inputs.token_map import TokenMap, TokenMapBuilder, check_text_parts, clip_numbers, media_runs, with_text_parts
 
 
 def omni_token_map(
@@ -27,12 +27,15 @@ def omni_token_map(
     merge: int = 2,
     per_second: float = 25,
     seconds_per_chunk: float = 2.0,
+    text_parts: Tensor | None = None,
 ) -> TokenMap:
     """TokenMap of a Qwen2.5-Omni batch `[batch, pos]` (left or right padded). Media metadata are
     consumed in order across the batch, as the processor emits them; an audio-in-video block is a
     run of media tokens holding both video and audio ids. Items are numbered by clip within each row
-    (`clip_numbers`)."""
+    (`clip_numbers`). `text_parts`: `prepare`'s record of the user's text (`inputs["text_parts"]`),
+    which makes it question, options, instruction and label; without it all user text is question."""
     b, s = input_ids.shape
+    parts = check_text_parts(text_parts, input_ids)
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
     out = TokenMapBuilder(b, s)
     media = {ids.audio: "audio", ids.video: "video", ids.image: "image"}
@@ -45,7 +48,8 @@ def omni_token_map(
     for row in range(b):
         pos = mask[row].bool().nonzero().flatten().tolist()
         toks = input_ids[row, pos].tolist()
-        for p, g in zip(pos, text_groups(toks, chat)):
+        groups = with_text_parts(text_groups(toks, chat), None if parts is None else parts[row, pos].tolist())
+        for p, g in zip(pos, groups):
             out.set(row, p, g)
         for p, t in zip(pos, toks):
             if t in specials:

@@ -144,6 +144,7 @@ class HookedVideoSALMONN2(MRoPELanguageModel, HookedAVModel):
         audio_feature: Tensor | None = None,
         second_per_grid_ts: Tensor | list[float] | None = None,
         use_audio_in_video: bool | None = None,
+        text_parts: Tensor | None = None,
     ) -> dict:
         """Run the towers and merge: returns `inputs_embeds` `[batch, pos, d_model]`, `position_ids`
         `[3, batch, pos]`, `attention_mask`, `rope_deltas` `[batch, 1]` and `position_mode` (the mode
@@ -151,7 +152,8 @@ class HookedVideoSALMONN2(MRoPELanguageModel, HookedAVModel):
         names for `input_features` / `video_second_per_grid`; the latter counts in "training" mode only (the
         official inference drops it: 1.0 s per grid step). `use_audio_in_video` is accepted for parity
         with `HookedQwen2_5Omni`: the token layout says where audio goes, and a given flag that
-        disagrees with it is an error."""
+        disagrees with it is an error. `text_parts` (`prepare`'s record of the user's text, for
+        `token_map`) is accepted and not read, so `model.encode(**inputs)` takes prepare's output as it is."""
         features = input_features if input_features is not None else audio_feature
         spg = video_second_per_grid if video_second_per_grid is not None else second_per_grid_ts
         mode = position_mode or self.position_mode
@@ -237,7 +239,9 @@ class HookedVideoSALMONN2(MRoPELanguageModel, HookedAVModel):
         """The `TokenMap` of model inputs (group, item, frame, time per position), with the position
         mode they run in (`inputs["position_mode"]`, else `model.position_mode`) as `tm.position_mode`.
         Without a tokenizer or `chat` (a `hooked_av.inputs.chat.ChatTokens`), Qwen2.5's own chat ids are
-        used on a Qwen2.5 vocabulary, else all text is "question" (`hooked_av.inputs.chat.chat_tokens`)."""
+        used on a Qwen2.5 vocabulary, else all text is "question" (`hooked_av.inputs.chat.chat_tokens`).
+        `inputs["text_parts"]` (from `prepare`) splits the user's text into question, options,
+        instruction and label."""
         from hooked_av.inputs.chat import chat_tokens
         from hooked_av.families.video_salmonn2.token_map import salmonn_token_map
 
@@ -247,6 +251,7 @@ class HookedVideoSALMONN2(MRoPELanguageModel, HookedAVModel):
         return salmonn_token_map(
             inputs["input_ids"], inputs.get("attention_mask"), self.ids, chat, inputs.get("image_grid_thw"),
             inputs.get("video_grid_thw"), spg, self.vision_encoder.merge, inputs.get("position_mode") or self.position_mode,
+            inputs.get("text_parts"),
         )
 
     # ---- forward ----------------------------------------------------------------------------
@@ -261,10 +266,12 @@ class HookedVideoSALMONN2(MRoPELanguageModel, HookedAVModel):
         position_mode: str | None = None,
         use_audio_in_video: bool | None = None,
         return_type: str | None = "logits",
+        text_parts: Tensor | None = None,
         **media,
     ) -> Tensor | None:
         """Logits `[batch, pos, vocab]` from input ids and media, or from `encode`'s outputs.
-        `return_type`: "logits", "resid" (after `ln_final`) or None. `use_audio_in_video`: see `encode`."""
+        `return_type`: "logits", "resid" (after `ln_final`) or None. `use_audio_in_video`,
+        `text_parts` (accepted, not read): see `encode`."""
         return self.route_forward(
             input_ids, attention_mask, inputs_embeds, position_ids, return_type, media, MEDIA_ARGS,
             position_mode=position_mode, use_audio_in_video=use_audio_in_video,

@@ -11,8 +11,9 @@ left-padded batches.
     logits = model(**inputs)
 
 The prompt text is the repository's: `<|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n`,
-then per item `{label}<|vision_start|>...<|vision_end|>\\n`, then the question (and lettered options),
-`<|im_end|>\\n<|im_start|>assistant\\n`. Media ids come from the model (`model.ids`), never from strings.
+then per item `{label}<|vision_start|>...<|vision_end|>\\n`, then the question (and lettered options,
+and an instruction: `Prompt.parts`), `<|im_end|>\\n<|im_start|>assistant\\n`. Media ids come from the
+model (`model.ids`), never from strings.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from hooked_av.inputs.media import (
     SAMPLE_RATE, Audio, MediaConstants, Video, _decode_audio, _open, check_frames, load_audio, load_image, media_constants,
     sampled_rate,
 )
-from hooked_av.inputs.prompt import DEFAULT, Item, Prompt, as_prompts, check_prompt_text, has_audio
+from hooked_av.inputs.prompt import DEFAULT, Item, Prompt, as_prompts, check_offsets, check_prompt_text, has_audio, text_part_codes
+from hooked_av.inputs.token_map import TEXT_PARTS
 
 SALMONN_SYSTEM_PROMPT = "You are a helpful assistant."  # what the repository's data pipeline always inserts
 
@@ -201,7 +203,12 @@ def prepare_salmonn(
     - `pixel_values` / `image_grid_thw`, `pixel_values_videos` `[patches, 3*2*14*14]` / `video_grid_thw`;
     - `video_second_per_grid` (seconds per temporal grid step, `temporal_patch_size / fps`): the
       TokenMap's times; positions read it in "training" mode only (the official inference drops it);
-    - `position_mode`: the mode these inputs are for (the model's forward, encode and token_map read it).
+    - `position_mode`: the mode these inputs are for (the model's forward, encode and token_map read it);
+    - `text_parts` `[batch, pos]`: codes into `hooked_av.inputs.token_map.TEXT_PARTS` saying which
+      tokens are the question, options, instruction, item labels and the newline the template puts
+      after each item (the question text is tokenized whole and split by the fast tokenizer's
+      character offsets, so the ids do not change); `token_map` reads it, `forward` / `encode`
+      accept and ignore it.
 
     `use_audio_in_video`: None (default) interleaves each video with its audio when it has some; True
     requires audio for every video; False keeps video frames alone (an `audio=` then becomes its own block).
@@ -212,19 +219,22 @@ def prepare_salmonn(
     if any(not isinstance(p, Prompt) for p in prompts):
         raise ValueError("a batch must be a list of hooked_av.inputs.Prompt")
     tok = parts.tokenizer
+    check_offsets(tok)
     media = [ids.audio, ids.image, ids.video, ids.vision_start, ids.vision_end]
     specials = special_texts(tok, tok.convert_ids_to_tokens(media))
     for p in prompts:
         check_prompt_text(p, specials)
     tp = parts.video_processor.temporal_patch_size
-    rows, mels, images, videos, spgs = [], [], [], [], []
+    rows, codes, mels, images, videos, spgs = [], [], [], [], [], []
 
     for p in prompts:
         system = SALMONN_SYSTEM_PROMPT if p.system is DEFAULT else p.system
         head = (f"<|im_start|>system\n{system}<|im_end|>\n" if system is not None else "") + "<|im_start|>user\n"
         row = _encode(tok, head)
+        code = [0] * len(row)
         for it in p.all_items():
             row += _encode(tok, it.label) if it.label else []
+            code += [TEXT_PARTS.index("label")] * (len(row) - len(code))
             if it.image is not None:
                 images.append(load_image(it.image))
                 grid = _image_grid(parts, images)
@@ -245,11 +255,19 @@ def prepare_salmonn(
                 feats, n_audio = audio_features(parts, load_audio(it.audio))
                 mels.append(feats)
                 row += salmonn_block_ids(ids, None, n_audio=n_audio)
+            code += [0] * (len(row) - len(code))
             row += _encode(tok, "\n")
-        row += _encode(tok, p.text()) + _encode(tok, "<|im_end|>\n<|im_start|>assistant\n")
+            code += [TEXT_PARTS.index("template")] * (len(row) - len(code))
+        text = tok(p.text(), add_special_tokens=False, return_offsets_mapping=True)  # whole: the ids do not change
+        row += text["input_ids"]
+        code += text_part_codes(text["offset_mapping"], p.parts()).tolist()
+        row += _encode(tok, "<|im_end|>\n<|im_start|>assistant\n")
+        code += [0] * (len(row) - len(code))
         rows.append(row)
+        codes.append(code)
 
     out = _left_pad(rows, tok)
+    out["text_parts"] = _left_pad(codes, tok, pad=0)["input_ids"]
     if mels:
         out["input_features"] = torch.cat(mels)
     if images:
@@ -288,9 +306,10 @@ def _video_grid(parts: SalmonnParts, frames: np.ndarray, tp: int, merge: int) ->
     return [math.ceil(len(frames) / tp), rh // vp.patch_size, rw // vp.patch_size]
 
 
-def _left_pad(rows: list[list[int]], tok) -> dict:
+def _left_pad(rows: list[list[int]], tok, pad: int | None = None) -> dict:
+    """`input_ids` (left-padded with `pad`, default the tokenizer's pad id) and `attention_mask`."""
     n = max(len(r) for r in rows)
-    pad = tok.pad_token_id
+    pad = tok.pad_token_id if pad is None else pad
     if pad is None and any(len(r) < n for r in rows):
         raise ValueError("the rows differ in length but the tokenizer has no pad token; set tokenizer.pad_token (Qwen: '<|endoftext|>')")
     ids = torch.full((len(rows), n), pad if pad is not None else 0, dtype=torch.long)

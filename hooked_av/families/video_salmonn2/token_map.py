@@ -13,7 +13,7 @@ from torch import Tensor
 
 from hooked_av.families.video_salmonn2.layout import AUDIO_SECONDS_PER_TOKEN
 from hooked_av.inputs.chat import ChatTokens, text_groups
-from hooked_av.inputs.token_map import TokenMap, TokenMapBuilder, clip_numbers, media_runs
+from hooked_av.inputs.token_map import TokenMap, TokenMapBuilder, check_text_parts, clip_numbers, media_runs, with_text_parts
 
 def salmonn_token_map(
     input_ids: Tensor,
@@ -25,12 +25,16 @@ def salmonn_token_map(
     second_per_grid: Tensor | list | None = None,
     merge: int = 2,
     position_mode: str | None = None,
+    text_parts: Tensor | None = None,
 ) -> TokenMap:
     """TokenMap of a video-SALMONN 2+ batch `[batch, pos]`: audio tokens get the grid step they
     follow as `frame`; blocks are consumed in order across the batch; items are numbered by clip within
     each row (`clip_numbers`). `position_mode` (the model's
-    "inference" or "training") is recorded on the map."""
+    "inference" or "training") is recorded on the map. `text_parts`: `prepare`'s record of the user's
+    text (`inputs["text_parts"]`), which makes it question, options, instruction, label and the
+    template's newline after each item; without it all user text is question."""
     b, s = input_ids.shape
+    parts = check_text_parts(text_parts, input_ids)
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
     out = TokenMapBuilder(b, s)
     media = {ids.audio: "audio", ids.video: "video", ids.image: "image"}
@@ -41,7 +45,8 @@ def salmonn_token_map(
     for row in range(b):
         pos = mask[row].bool().nonzero().flatten().tolist()
         toks = input_ids[row, pos].tolist()
-        for p, t, g in zip(pos, toks, text_groups(toks, chat)):
+        groups = with_text_parts(text_groups(toks, chat), None if parts is None else parts[row, pos].tolist())
+        for p, t, g in zip(pos, toks, groups):
             out.set(row, p, "template" if t in (ids.vision_start, ids.vision_end) else g)
         runs = list(media_runs(toks, media))
         for (i, j, block), clip in zip(runs, clip_numbers(runs)):
