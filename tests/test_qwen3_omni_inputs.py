@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from qwen3_omni_helpers import (AUDIO, AUDIO_BOS, AUDIO_EOS, IMAGE, N_WINDOW, PER_SECOND, VIDEO, VISION_BOS,
-                                VISION_EOS, audio_block, av_block, batch, hf_rope_index, text, tiny_thinker_config,
-                                vision_block)
+from qwen3_omni_helpers import (AUDIO, AUDIO_BOS, AUDIO_EOS, GEOMETRIES, N_WINDOW, PER_SECOND, VIDEO, VISION_BOS,
+                                VISION_EOS, geometry, hf_rope_index, tiny_thinker_config)
 
 from hooked_av.families.qwen3_omni import layout
 from hooked_av.families.qwen3_omni.positions import qwen3_omni_position_ids
@@ -15,53 +14,6 @@ from hooked_av.families.qwen3_omni.positions import qwen3_omni_position_ids
 torch.set_num_threads(1)
 TC = tiny_thinker_config()
 IDS = layout.token_ids(TC)
-
-
-def frames_for(n_tokens_wanted: int) -> int:
-    """The smallest mel frame count whose clip makes `n_tokens_wanted` tokens."""
-    f = 1
-    while layout.audio_token_count(torch.tensor(f), N_WINDOW) < n_tokens_wanted:
-        f += 1
-    return f
-
-
-def geometry(name: str):
-    """(input_ids, attention_mask, kwargs for both functions: image/video grids, audio frames, spg, av)."""
-    img, vid, vid2 = [1, 4, 6], [3, 4, 4], [2, 2, 4]
-    fa, fb = 47, 23  # mel frames of two clips (tails exercise the conv arithmetic)
-    na, nb = (int(layout.audio_token_count(torch.tensor(f), N_WINDOW)) for f in (fa, fb))
-    if name == "text":
-        ids, mask = batch([text(9)])
-        return ids, mask, {}
-    if name == "text_padded":
-        ids, mask = batch([text(9), text(5, 1)])
-        return ids, mask, {}
-    if name == "audio":
-        ids, mask = batch([text(3) + audio_block(na) + text(4, 1)])
-        return ids, mask, dict(audio=[fa])
-    if name == "image":
-        ids, mask = batch([text(3) + vision_block(IMAGE, img) + text(4, 1)])
-        return ids, mask, dict(image=[img])
-    if name == "video":  # 2/3 s per grid step: fractional temporal ids
-        ids, mask = batch([text(3) + vision_block(VIDEO, vid) + text(4, 1)])
-        return ids, mask, dict(video=[vid], spg=[2 / 3])
-    if name == "audio_in_video":
-        ids, mask = batch([text(3) + av_block(vid, 1.0, na) + text(4, 1)])
-        return ids, mask, dict(video=[vid], spg=[1.0], audio=[fa], av=True)
-    if name == "two_clips":  # two audio-in-video clips, the second with fractional ids, then an image and audio
-        row = (text(2) + av_block(vid, 1.0, na) + text(2, 1) + av_block(vid2, 0.5, nb) + text(1, 2)
-               + vision_block(IMAGE, img) + audio_block(nb) + text(3, 3))
-        ids, mask = batch([row])
-        return ids, mask, dict(video=[vid, vid2], spg=[1.0, 0.5], audio=[fa, fb, fb], image=[img], av=True)
-    if name == "left_padded":  # rows of different media, left padded; media consumed in batch order
-        r0 = text(2) + vision_block(VIDEO, vid) + text(3, 1) + audio_block(na) + text(2, 2)
-        r1 = text(4, 3) + vision_block(IMAGE, img) + text(2, 4)
-        ids, mask = batch([r0, r1])
-        return ids, mask, dict(video=[vid], spg=[2 / 3], audio=[fa], image=[img])
-    raise KeyError(name)
-
-
-GEOMETRIES = ["text", "text_padded", "audio", "image", "video", "audio_in_video", "two_clips", "left_padded"]
 
 
 def both(name):
@@ -135,3 +87,29 @@ def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="vision_start_token_id"):
         layout.token_ids(no_vs)
     assert (IDS.audio_end, IDS.vision_end) == (AUDIO_EOS, VISION_EOS)
+
+
+@pytest.mark.parametrize("name", ["audio_in_video", "two_clips", "left_padded"])
+def test_token_map_times_agree_with_position_ids(name):
+    """Each media token's time (s) x position_id_per_seconds + its block's start id = its temporal position id."""
+    from hooked_av.families.qwen3_omni.token_map import qwen3_omni_token_map
+
+    (_, _), (pos, _), ids, mask = both(name)
+    _, _, kw = geometry(name)
+    grid = lambda k: torch.tensor(kw[k]) if k in kw else None  # noqa: E731
+    counts = layout.audio_token_counts(torch.tensor(kw["audio"]), N_WINDOW)
+    tm = qwen3_omni_token_map(ids, mask, IDS, None, grid("image"), grid("video"), counts, kw.get("spg"), 2, PER_SECOND,
+                              layout.audio_seconds_per_token(N_WINDOW))
+    checked = 0
+    for row in range(ids.shape[0]):
+        toks = ids[row].tolist()
+        for p, t in enumerate(toks):
+            if t in (AUDIO, VIDEO):
+                start = p
+                while toks[start - 1] in (AUDIO, VIDEO):
+                    start -= 1
+                first = float(pos[0, row, start - 1]) + 1  # the id after the opening token(s)
+                assert float(tm.time[row, p]) * PER_SECOND + first == pytest.approx(float(pos[0, row, p]), abs=1e-4)
+                checked += 1
+    assert checked == int(((ids == AUDIO) | (ids == VIDEO)).sum()) > 0
+    assert set(tm.names(0)) >= {"audio", "video", "question", "template", "last"}
