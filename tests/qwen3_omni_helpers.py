@@ -2,19 +2,21 @@
 
 Token ids are deliberately not the real ones (a 128-word vocabulary): the model must read them from the
 configuration. 4 experts with top-2, 3 layers (layer 1 dense), DeepStack taps at vision blocks 0 and 1,
-13 temporal ids per second as in the released checkpoints, audio chunks of 20 mel frames (n_window 10).
+13 temporal ids per second as in the released checkpoints, audio chunks of 1 s and attention windows of 2 s.
 """
 
 from __future__ import annotations
 
 import torch
 
+from hooked_av.families.qwen3_omni.layout import audio_token_count
+
 AUDIO, IMAGE, VIDEO = 100, 101, 102
 AUDIO_BOS, AUDIO_EOS, VISION_BOS, VISION_EOS = 103, 104, 105, 106
 IM_START, IM_END, USER = 110, 111, 112
 PER_SECOND = 13
 MERGE = 2
-N_WINDOW = 10
+N_WINDOW = 50  # HF's position ids count 13 tokens per full chunk, which holds at 50 only
 
 
 def tiny_text_dict(**over) -> dict:
@@ -33,7 +35,7 @@ def tiny_thinker_config(**text_over):
     cfg = Qwen3OmniMoeThinkerConfig(
         text_config=tiny_text_dict(**text_over),
         audio_config=dict(num_mel_bins=16, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=32,
-                          d_model=16, output_dim=32, n_window=N_WINDOW, n_window_infer=40,
+                          d_model=16, output_dim=32, n_window=N_WINDOW, n_window_infer=200,
                           downsample_hidden_size=8, max_source_positions=200),
         vision_config=dict(depth=2, hidden_size=16, intermediate_size=24, num_heads=2, patch_size=16,
                            temporal_patch_size=2, spatial_merge_size=MERGE, out_hidden_size=32,
@@ -90,3 +92,62 @@ def batch(rows: list[list[int]]):
     ids = torch.tensor([[0] * (n - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (n - len(r)) + [1] * len(r) for r in rows])
     return ids, mask
+
+
+# ---- geometries -----------------------------------------------------------------------------------------
+def geometry(name: str):
+    """(input_ids, attention_mask, kwargs for both functions: image/video grids, audio frames, spg, av)."""
+    img, vid, vid2 = [1, 4, 6], [3, 4, 4], [2, 2, 4]
+    fa, fb = 123, 47  # mel frames of two clips (a full chunk, and tails, exercise the conv arithmetic)
+    na, nb = (int(audio_token_count(torch.tensor(f), N_WINDOW)) for f in (fa, fb))
+    if name == "text":
+        ids, mask = batch([text(9)])
+        return ids, mask, {}
+    if name == "text_padded":
+        ids, mask = batch([text(9), text(5, 1)])
+        return ids, mask, {}
+    if name == "audio":
+        ids, mask = batch([text(3) + audio_block(na) + text(4, 1)])
+        return ids, mask, dict(audio=[fa])
+    if name == "image":
+        ids, mask = batch([text(3) + vision_block(IMAGE, img) + text(4, 1)])
+        return ids, mask, dict(image=[img])
+    if name == "video":  # 2/3 s per grid step: fractional temporal ids
+        ids, mask = batch([text(3) + vision_block(VIDEO, vid) + text(4, 1)])
+        return ids, mask, dict(video=[vid], spg=[2 / 3])
+    if name == "audio_in_video":
+        ids, mask = batch([text(3) + av_block(vid, 1.0, na) + text(4, 1)])
+        return ids, mask, dict(video=[vid], spg=[1.0], audio=[fa], av=True)
+    if name == "two_clips":  # two audio-in-video clips, the second with fractional ids, then an image and audio
+        row = (text(2) + av_block(vid, 1.0, na) + text(2, 1) + av_block(vid2, 0.5, nb) + text(1, 2)
+               + vision_block(IMAGE, img) + audio_block(nb) + text(3, 3))
+        ids, mask = batch([row])
+        return ids, mask, dict(video=[vid, vid2], spg=[1.0, 0.5], audio=[fa, fb, fb], image=[img], av=True)
+    if name == "left_padded":  # rows of different media, left padded; media consumed in batch order
+        r0 = text(2) + vision_block(VIDEO, vid) + text(3, 1) + audio_block(na) + text(2, 2)
+        r1 = text(4, 3) + vision_block(IMAGE, img) + text(2, 4)
+        ids, mask = batch([r0, r1])
+        return ids, mask, dict(video=[vid], spg=[2 / 3], audio=[fa], image=[img])
+    raise KeyError(name)
+
+
+GEOMETRIES = ["text", "text_padded", "audio", "image", "video", "audio_in_video", "two_clips", "left_padded"]
+
+
+def model_inputs(name: str, n_mels: int = 16, patch_dim: int = 3 * 2 * 16 * 16, seed: int = 0) -> tuple[dict, bool | None]:
+    """Full model inputs of a geometry (random mel features and pixels) and its use_audio_in_video."""
+    g = torch.Generator().manual_seed(seed)
+    ids, mask, kw = geometry(name)
+    out = {"input_ids": ids, "attention_mask": mask}
+    if "audio" in kw:
+        frames = kw["audio"]
+        out["input_features"] = torch.randn(len(frames), n_mels, max(frames), generator=g)
+        out["feature_attention_mask"] = (torch.arange(max(frames))[None] < torch.tensor(frames)[:, None]).long()
+    for kind, pv in (("image", "pixel_values"), ("video", "pixel_values_videos")):
+        if kind in kw:
+            grid = torch.tensor(kw[kind])
+            out[f"{kind}_grid_thw"] = grid
+            out[pv] = torch.randn(int(grid.prod(-1).sum()), patch_dim, generator=g)
+    if "spg" in kw:
+        out["video_second_per_grid"] = torch.tensor(kw["spg"])
+    return out, kw.get("av")

@@ -11,7 +11,7 @@ import json
 
 import pytest
 import torch
-from qwen3_omni_helpers import USER, batch, text, tiny_thinker_config
+from qwen3_omni_helpers import GEOMETRIES, USER, batch, model_inputs, text, tiny_thinker_config
 
 import hooked_av
 from hooked_av import HookedQwen3Omni
@@ -101,6 +101,49 @@ def test_text_logits_residuals_and_routing_equal_hf(pair, padded):
         assert torch.equal(mine[real], hf_choice.view(b, s, -1)[real])
         assert (cache[f"blocks.{l}.mlp.hook_router_weights"] - hf_weights.view(b, s, -1)).abs().max() <= TOL
         assert (cache[f"blocks.{l}.mlp.hook_router_logits"] - hf_logits.view(b, s, -1)).abs().max() <= TOL
+
+
+MEDIA = [g for g in GEOMETRIES if not g.startswith("text")]
+
+
+@pytest.mark.parametrize("name", MEDIA)
+def test_media_logits_and_routing_equal_hf(pair, name):
+    """fp32 logits (1e-5) and router choices on every media geometry, DeepStack included."""
+    hf, ours = pair
+    missing = {"audio", "vision"} - set(ours.towers)
+    if missing:
+        pytest.skip(f"hooked_av.encoders has no Qwen3-Omni {sorted(missing)} tower yet")
+    inputs, av = model_inputs(name)
+    got, handles = router_hooks(hf)
+    with torch.no_grad():
+        ref = hf(**inputs, use_audio_in_video=av).logits
+    for h in handles:
+        h.remove()
+    with torch.no_grad():
+        logits, cache = ours.run_with_cache(**inputs, use_audio_in_video=av,
+                                            names_filter=lambda n: n.endswith("hook_router_choice"))
+    real = inputs["attention_mask"].bool()
+    diff = (logits[real] - ref[real]).abs().max()
+    assert diff <= TOL, diff
+    b, s = inputs["input_ids"].shape
+    for l in (0, 2):
+        assert torch.equal(cache[f"blocks.{l}.mlp.hook_router_choice"][real], got[l][2].view(b, s, -1)[real])
+
+
+def test_deepstack_injections_are_carried_by_encode(pair):
+    hf, ours = pair
+    if "vision" not in ours.towers:
+        pytest.skip("hooked_av.encoders has no Qwen3-Omni vision tower yet")
+    inputs, _ = model_inputs("left_padded")
+    enc = ours.encode(**inputs)
+    k = len(hf.config.vision_config.deepstack_visual_indexes)
+    assert len(enc["injections"]) == k
+    visual = (inputs["input_ids"] == ours.ids.image) | (inputs["input_ids"] == ours.ids.video)
+    assert all(bool(t[visual].abs().sum(-1).gt(0).all()) and not bool(t[~visual].any()) for t in enc["injections"])
+    with torch.no_grad():
+        full = ours(**enc)
+        dropped = ours(**{**enc, "injections": None})
+    assert torch.equal(full, ours(**inputs)) and (full - dropped).abs().max() > 1e-3
 
 
 def test_positions_and_encode_outputs(pair):

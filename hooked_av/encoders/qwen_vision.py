@@ -25,27 +25,57 @@ from hooked_av.core.rope import apply_rotary_fp32, vision_cos_sin
 
 class PatchEmbed(nn.Module):
     """Conv3d with kernel = stride = (temporal_patch, patch, patch), i.e. a matmul (kept as Conv3d
-    so the checkpoint's `patch_embed.proj.weight` loads as is)."""
+    so the checkpoint's `patch_embed.proj.weight` loads as is). `[n_patches, C * T * P * P]` ->
+    `[n_patches, d_model]`; `bias`: Qwen3-VL's has one, Qwen2.5-VL's not."""
 
-    def __init__(self, in_channels: int, temporal_patch_size: int, patch_size: int, d_model: int):
+    def __init__(self, in_channels: int, temporal_patch_size: int, patch_size: int, d_model: int, bias: bool = False):
         super().__init__()
         k = (temporal_patch_size, patch_size, patch_size)
-        self.proj = nn.Conv3d(in_channels, d_model, kernel_size=k, stride=k, bias=False)
+        self.proj = nn.Conv3d(in_channels, d_model, kernel_size=k, stride=k, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.proj.weight
-        return F.linear(x.to(w.dtype), w.view(w.shape[0], -1))
+        return F.linear(x.to(w.dtype), w.view(w.shape[0], -1), self.proj.bias)
 
 
 class Merger(nn.Module):
-    def __init__(self, d_model: int, out_dim: int, merge: int = 2):
+    """`[n_patches, d_model]` (each 2x2 merge block contiguous) -> `[n_patches / merge**2, out_dim]`:
+    the norm (eps 1e-6) per patch, the merge block's patches concatenated, Linear, GELU, Linear.
+    `norm`: RMSNorm (Qwen2.5-VL) or LayerNorm (Qwen3-VL); `postshuffle`: the norm runs after the
+    concatenation, over `d_model * merge**2` (Qwen3-VL's DeepStack mergers)."""
+
+    def __init__(self, d_model: int, out_dim: int, merge: int = 2, norm: type[nn.Module] = RMSNorm,
+                 postshuffle: bool = False):
         super().__init__()
         self.d_in = d_model * merge**2
-        self.ln_q = RMSNorm(d_model, eps=1e-6)
+        self.postshuffle = postshuffle
+        self.ln_q = norm(self.d_in if postshuffle else d_model, eps=1e-6)
         self.mlp = nn.Sequential(nn.Linear(self.d_in, self.d_in), nn.GELU(), nn.Linear(self.d_in, out_dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.postshuffle:
+            return self.mlp(self.ln_q(x.reshape(-1, self.d_in)))
         return self.mlp(self.ln_q(x).view(-1, self.d_in))
+
+
+def merge_block_coords(h: int, w: int, merge: int) -> Tensor:
+    """(row, column) of each patch of one `h x w`-patch frame in the processor's order, long
+    `[h * w, 2]`: `(h_block, w_block, ih, iw)`, each `merge x merge` block contiguous."""
+    hb, wb, ih, iw = torch.meshgrid(
+        torch.arange(h // merge), torch.arange(w // merge), torch.arange(merge), torch.arange(merge), indexing="ij"
+    )
+    return torch.stack([(hb * merge + ih).flatten(), (wb * merge + iw).flatten()], -1)
+
+
+def run_images_and_videos(tower: nn.Module, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw):
+    """ONE call of `tower` on the images' and the videos' patches together (images' frames first), so
+    every tower hook fires once per forward and a cache holds all the frames (two calls would leave
+    the videos' activations only). Returns `(output, n_image_patches)`, or None when no media is given."""
+    given = [(p, g) for p, g in ((pixel_values, image_grid_thw), (pixel_values_videos, video_grid_thw)) if p is not None]
+    if not given:
+        return None
+    out = tower(torch.cat([p for p, _ in given]), torch.cat([g.to(given[0][1].device) for _, g in given]))
+    return out, 0 if pixel_values is None else int(image_grid_thw.prod(-1).sum())
 
 
 def vision_tower_settings(v) -> dict:
@@ -109,22 +139,17 @@ class QwenVisionEncoder(nn.Module):
     def frame_layout(self, h: int, w: int) -> tuple[Tensor, Tensor]:
         """One `h x w`-patch frame in processor order: (row, column) `[h * w, 2]` and window id `[h * w]`."""
         m, wm = self.merge, self.window_merged
-        hb, wb, ih, iw = torch.meshgrid(
-            torch.arange(h // m), torch.arange(w // m), torch.arange(m), torch.arange(m), indexing="ij"
-        )
-        hw = torch.stack([(hb * m + ih).flatten(), (wb * m + iw).flatten()], -1)
+        hw = merge_block_coords(h, w, m)
         n_win_w = -(-(w // m) // wm)
-        return hw, ((hb // wm) * n_win_w + wb // wm).flatten()
+        return hw, (hw[:, 0] // m // wm) * n_win_w + hw[:, 1] // m // wm
 
     def images_and_videos(self, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw):
-        """`(image tokens, video tokens)` (each None when not given) from ONE call of the tower, images'
-        frames first: every tower hook fires once per forward and a cache holds all the frames (two
-        calls would leave a cache with the videos' activations only)."""
-        given = [(p, g) for p, g in ((pixel_values, image_grid_thw), (pixel_values_videos, video_grid_thw)) if p is not None]
-        if not given:
+        """`(image tokens, video tokens)` (each None when not given) from ONE call of the tower
+        (`run_images_and_videos`)."""
+        ran = run_images_and_videos(self, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+        if ran is None:
             return None, None
-        out = self(torch.cat([p for p, _ in given]), torch.cat([g.to(given[0][1].device) for _, g in given]))
-        n_image = 0 if pixel_values is None else int(image_grid_thw.prod(-1).sum()) // self.merge**2
+        out, n_image = ran[0], ran[1] // self.merge**2
         return (out[:n_image] if pixel_values is not None else None,
                 out[n_image:] if pixel_values_videos is not None else None)
 

@@ -37,7 +37,20 @@ MEDIA_ARGS = (
 def build_towers(tc) -> dict:
     """`{"audio": (module, key_map) | None, "vision": (module, key_map) | None}`: the towers whose encoder
     modules exist in `hooked_av.encoders` (Qwen3-Omni's audio encoder, the Qwen3-VL vision tower)."""
-    return {"audio": None, "vision": None}
+    out = {"audio": None, "vision": None}
+    try:
+        from hooked_av.encoders import qwen3_omni_audio as audio
+    except ImportError:
+        pass
+    else:
+        out["audio"] = (audio.Qwen3OmniAudioEncoder(**audio.audio_settings(tc.audio_config)), audio.convert_audio_key)
+    try:
+        from hooked_av.encoders import qwen3_vl_vision as vision
+    except ImportError:
+        pass
+    else:
+        out["vision"] = (vision.Qwen3VisionEncoder(**vision.vision_settings(tc.vision_config)), vision.convert_vision_key)
+    return out
 
 
 class HookedQwen3Omni(MRoPELanguageModel, HookedAVModel):
@@ -203,14 +216,15 @@ class HookedQwen3Omni(MRoPELanguageModel, HookedAVModel):
     def _merge_visual(self, input_ids, embeds, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw):
         """Scatter image and video tokens, and their DeepStack features as dense per-layer injections (HF
         scatters images and videos into one tensor in position order; disjoint masks summed are the same)."""
-        im, im_deep, vi, vi_deep = self.vision_encoder.images_and_videos(
+        image, video = self.vision_encoder.images_and_videos(  # each (tokens, deepstack [k, n, d]) or None
             None if pixel_values is None else pixel_values.to(self.dtype), image_grid_thw,
             None if pixel_values_videos is None else pixel_values_videos.to(self.dtype), video_grid_thw)
         injections = None
-        for feats, deep, token, hook in ((im, im_deep, self.ids.image, self.hook_image_embeds),
-                                         (vi, vi_deep, self.ids.video, self.hook_video_embeds)):
-            if feats is None:
+        for got, token, hook in ((image, self.ids.image, self.hook_image_embeds),
+                                 (video, self.ids.video, self.hook_video_embeds)):
+            if got is None:
                 continue
+            feats, deep = got
             where = input_ids == token
             embeds = embeds.masked_scatter(where[..., None], hook(feats).to(embeds.dtype))
             dense = scatter_injections(where, deep, embeds)
