@@ -84,11 +84,12 @@ def group_attention_mass(
 
 
 def plot_attention_mass(df, layers: Sequence[int] | None = None, ncols: int = 4):
-    """One heatmap per layer: rows = attending group (dst), columns = attended group (src)."""
+    """One heatmap per layer: rows = attending group (dst), columns = attended group (src), in the
+    order the groups were given to `group_attention_mass` (custom ones such as `audio[1]` included)."""
     import matplotlib.pyplot as plt
 
     layers = sorted(df.layer.unique()) if layers is None else list(layers)
-    order = [g for g in DEFAULT_GROUPS if g in set(df.dst) | set(df.src)]
+    order = list(dict.fromkeys([*df.dst, *df.src]))  # the frame lists groups in the order they were asked for
     nrows = -(-len(layers) // ncols)
     fig, axes = plt.subplots(nrows, min(ncols, len(layers)), figsize=(3.2 * min(ncols, len(layers)), 3.0 * nrows), squeeze=False)
     for ax in axes.flat:
