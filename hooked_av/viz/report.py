@@ -50,6 +50,12 @@ class Report:
         self.parts.append(f'<img src="data:image/png;base64,{data}"/>')
         return self
 
+    def raw(self, fragment: str) -> "Report":
+        """A block of HTML as given (e.g. a circuitsvis view's `OfflinePage.fragment`, its script inlined,
+        so the file still fetches nothing)."""
+        self.parts.append(fragment)
+        return self
+
     def html(self) -> str:
         body = "\n".join(self.parts)
         return (
