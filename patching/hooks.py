@@ -14,7 +14,10 @@ selects nothing in some row is an error raised here, before anything runs.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from torch import Tensor
@@ -29,6 +32,57 @@ SITES = {  # short site names -> hook name templates
     "mlp_out": "blocks.{l}.hook_mlp_out", "attn_in": "blocks.{l}.ln1.hook_normalized",
     "z": "blocks.{l}.attn.hook_z", "head": "blocks.{l}.attn.hook_z",
 }
+
+
+# hook points whose dim 1 is the prompt's positions in the language model: the activation edits below can
+# run on a suffix of the prompt (a sweep recomputing only what changes) at these, and only these
+_POSITION_MAJOR = re.compile(r"hook_embed|blocks\.\d+\.(hook_\w+|ln[12]\.hook_\w+|attn\.[qk]_norm\.hook_\w+"
+                             r"|attn\.hook_(q|k|v|rot_q|rot_k|z|result)|mlp\.hook_(pre|pre_linear|post))")
+_OFFSET: ContextVar[int] = ContextVar("patching_hooks_run_from", default=0)
+
+
+@contextmanager
+def run_from(start: int) -> Iterator[None]:
+    """Inside, runs are suffixes of their prompt from position `start` on (after cached keys and values,
+    as `patching.sweep.forward_suffix` runs them): the activation edits here (`patch_from_cache`, `ablate`,
+    `add_noise`) read prompt position p at index `p - start` of the activations they receive."""
+    token = _OFFSET.set(int(start))
+    try:
+        yield
+    finally:
+        _OFFSET.reset(token)
+
+
+def _window(positions, act: Tensor, rows, what: str) -> tuple[int, Tensor]:
+    """`(start, where)`: the prompt position of the activations' first index (see `run_from`) and bool
+    `[batch, act positions]`, the edited positions of the run's rows from `start` on."""
+    start = _OFFSET.get()
+    full = _pos_mask(positions, act.shape[0], act.shape[1] + start, act.device)
+    return start, batch_rows(full, act.shape[0], rows, what)[:, start:]
+
+
+def _first_position(positions, name: str) -> int | None:
+    """The first prompt position an activation edit at `name` touches, or None where a sweep may not
+    start later than position 0: a site that is not position-major, or positions counted from the end."""
+    if not (isinstance(name, str) and _POSITION_MAJOR.fullmatch(name)):
+        return None
+    if positions is None:
+        return 0
+    t = torch.as_tensor(getattr(positions, "mask", positions))
+    if t.dtype == torch.bool:
+        t = t if t.dim() == 2 else t[None]
+        return int(t.any(0).nonzero()[0, 0])
+    t = t.flatten().long()
+    return None if bool((t < 0).any()) else int(t.min())
+
+
+def _starting(fn, positions, name: str):
+    """`fn` with `first_query` set to the first prompt position it edits at hook `name` (where known,
+    see `_first_position`): `patching.sweep.run_rows` recomputes only from there on."""
+    first = _first_position(positions, name)
+    if first is not None:
+        fn.first_query = first
+    return fn
 
 
 def site_name(site: str, layer: int | None = None) -> str:
@@ -90,44 +144,55 @@ def _positions_label(positions, what: str) -> str:
     return f"mask[{int(t.sum())}]" if t.dtype == torch.bool else str(t.flatten().tolist())
 
 
-def _edge_hooks(tm, src, dst, layers, op, params, edit, what):
-    """Shared by the mask edits: `edit(mask, edge)` where edge is bool `[b, 1, q, k]`. The mask's q queries
-    are the last q of its k positions (a forward of the whole prompt, or of a suffix after cached keys)."""
+def _edge_hooks(tm, src, dst, layers, op, params, edit, what, heads=None):
+    """Shared by the mask edits: `edit(t, edge)` where edge is bool `[b, 1, q, k]`, t the layer's additive
+    mask (`hook_attn_mask`). With `heads` the edit is on `hook_attn_scores` instead (a `[b, 1, q, k]` mask
+    cannot tell heads apart), edge `[b, heads, q, k]` True in those query heads only; those layers run
+    on the exact path. The q queries are the last q of the k positions (a forward of the whole prompt,
+    or of a suffix after cached keys)."""
     layers = layer_list(layers, what)
+    heads = _heads(heads, what)
     src_m, src_l = _token_mask(tm, src, f"{what} src")
     dst_m, dst_l = _token_mask(tm, dst, f"{what} dst")
-    params = {"src": src_l, "dst": dst_l, **params, "layers": list(layers)}
+    params = {"src": src_l, "dst": dst_l, **params, "layers": list(layers), **({} if heads is None else {"heads": heads})}
+    site = "hook_attn_mask" if heads is None else "hook_attn_scores"
 
     def make(rows):
         cache: dict = {}  # the edge mask of this row set, built once per run shape
 
-        def fn(mask: Tensor, hook) -> Tensor:
-            b, _, q, k = mask.shape
-            key = (b, q, k, mask.device)
+        def fn(t: Tensor, hook) -> Tensor:
+            b, h, q, k = t.shape
+            key = (b, h, q, k, t.device)
             if key not in cache:
                 if k != tm.seq_len:
                     raise ValueError(f"{what}: the TokenMap has {tm.seq_len} positions, the attention sees {k} keys")
-                s = batch_rows(src_m.to(mask.device), b, rows, what)
-                d = batch_rows(dst_m.to(mask.device), b, rows, what)[:, k - q:]
+                s = batch_rows(src_m.to(t.device), b, rows, what)
+                d = batch_rows(dst_m.to(t.device), b, rows, what)[:, k - q:]
+                edge = d[:, None, :, None] & s[:, None, None, :]
+                if heads is not None:
+                    edge = edge & _head_mask(heads, h, t.device, torch.bool, what).view(1, h, 1, 1)
                 cache.clear()
-                cache[key] = d[:, None, :, None] & s[:, None, None, :]
-            return edit(mask, cache[key])
+                cache[key] = edge
+            return edit(t, cache[key])
 
         # the first query position any row edits: a sweep may reuse everything before it (patching.sweep)
         fn.first_query = int(dst_m.any(0).nonzero()[0, 0])
-        return [(f"blocks.{l}.attn.hook_attn_mask", fn) for l in layers]
+        return [(f"blocks.{l}.attn.{site}", fn) for l in layers]
 
-    return Intervention([Part(op, params, make, layers)])
+    return Intervention([Part(op, params, make, layers, heads=tuple(heads or ()))])
 
 
-def block_attention(tm, src, dst, layers, rows: Sequence[int] | None = None) -> Intervention:
+def block_attention(tm, src, dst, layers, rows: Sequence[int] | None = None,
+                    heads: Sequence[int] | None = None) -> Intervention:
     """Knock out the edges src -> dst: `dst` queries may not attend to `src` keys in `layers`
-    (additive `neg_inf` on `hook_attn_mask`)."""
+    (additive `neg_inf` on `hook_attn_mask`). `heads`: in those query heads only (Map the Flow's
+    head-level knockout): the edges' scores are set to `neg_inf` on `hook_attn_scores` (after the mask,
+    before the softmax), so those layers run on the exact path."""
 
-    def edit(mask, edge):
-        return mask.masked_fill_(edge, neg_inf(mask.dtype))
+    def edit(t, edge):
+        return t.masked_fill_(edge, neg_inf(t.dtype))
 
-    iv = _edge_hooks(tm, src, dst, layers, "block_attention", {}, edit, "block_attention")
+    iv = _edge_hooks(tm, src, dst, layers, "block_attention", {}, edit, "block_attention", heads)
     return iv if rows is None else iv.on_rows(rows)
 
 
@@ -238,14 +303,15 @@ def patch_from_cache(cache, sites, positions=None, heads: Sequence[int] | None =
 
     def make(rows):
         def fn(act: Tensor, hook) -> Tensor:
+            start, where = _window(positions, act, rows, "patch_from_cache")
             src = cache[hook.name].to(act.device, act.dtype)
-            if src.shape[1:] != act.shape[1:]:
+            if src.shape[2:] != act.shape[2:] or src.shape[1] != start + act.shape[1]:
                 raise ValueError(f"patch_from_cache at {hook.name}: cached shape {tuple(src.shape)} does not match the run's {tuple(act.shape)}; clean and corrupted layouts must match")
-            where = batch_rows(_pos_mask(positions, act.shape[0], act.shape[1], act.device), act.shape[0], rows, "patch_from_cache")
+            src = src[:, start:]
             src = src if src.shape[0] in (1, act.shape[0]) else batch_rows(src, act.shape[0], None, "patch_from_cache")
             return _write(act, where, src, heads, f"patch_from_cache at {hook.name}")
 
-        return [(n, fn) for n in names]
+        return [(n, _starting(fn, positions, n)) for n in names]
 
     layers = tuple(sorted({l for n in names for l in _layer_of(n)}))
     iv = Intervention([Part("patch_from_cache", params, make, layers, heads=tuple(heads or ()))])
@@ -266,22 +332,22 @@ def ablate(sites, mode: str = "zero", positions=None, reference=None, heads: Seq
     params = {"sites": names, "mode": mode, "positions": _positions_label(positions, "ablate"), "heads": heads}
     pick = int(torch.randint(0, 1 << 30, (1,), generator=torch.Generator().manual_seed(seed)))
 
-    def value(name: str, act: Tensor) -> Tensor:
+    def value(name: str, act: Tensor, start: int) -> Tensor:
         if mode == "zero":
             return torch.zeros((), dtype=act.dtype, device=act.device)
         ref = reference[name].to(act.device, act.dtype)
         if mode == "mean":
             return ref.mean(dim=(0, 1), keepdim=True)
-        if ref.shape[1:] != act.shape[1:]:
+        if ref.shape[2:] != act.shape[2:] or ref.shape[1] != start + act.shape[1]:
             raise ValueError(f"ablate(resample) at {name}: reference {tuple(ref.shape)} vs run {tuple(act.shape)}; layouts must match")
-        return ref[pick % ref.shape[0]][None]
+        return ref[pick % ref.shape[0]][None, start:]
 
     def make(rows):
         def fn(act: Tensor, hook) -> Tensor:
-            where = batch_rows(_pos_mask(positions, act.shape[0], act.shape[1], act.device), act.shape[0], rows, "ablate")
-            return _write(act, where, value(hook.name, act), heads, f"ablate at {hook.name}")
+            start, where = _window(positions, act, rows, "ablate")
+            return _write(act, where, value(hook.name, act, start), heads, f"ablate at {hook.name}")
 
-        return [(n, fn) for n in names]
+        return [(n, _starting(fn, positions, n)) for n in names]
 
     layers = tuple(sorted({l for n in names for l in _layer_of(n)}))
     iv = Intervention([Part("ablate", params, make, layers, heads=tuple(heads or ()))])
@@ -298,15 +364,15 @@ def add_noise(site: str, positions, std: float, seed: int = 0, rows: Sequence[in
 
     def make(rows):
         def fn(act: Tensor, hook) -> Tensor:
-            shape = tuple(act.shape[1:])
+            start, where = _window(positions, act, rows, "add_noise")
+            shape = (start + act.shape[1], *act.shape[2:])  # the whole prompt's noise, whatever part runs
             if shape not in drawn:
                 g = torch.Generator().manual_seed(seed)
                 drawn[shape] = torch.randn(shape, generator=g) * std
-            noise = drawn[shape].to(act.device, act.dtype)[None]
-            where = batch_rows(_pos_mask(positions, act.shape[0], act.shape[1], act.device), act.shape[0], rows, "add_noise")
+            noise = drawn[shape][start:].to(act.device, act.dtype)[None]
             return act + noise * where.view(*where.shape, *([1] * (act.dim() - 2))).to(act.dtype)
 
-        return [(site, fn)]
+        return [(site, _starting(fn, positions, site))]
 
     iv = Intervention([Part("add_noise", params, make, _layer_of(site))])
     return iv if rows is None else iv.on_rows(rows)

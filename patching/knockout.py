@@ -21,12 +21,9 @@ from itertools import combinations
 
 import pandas as pd
 import torch
-from torch import Tensor
 
-from hooked_av.core.masks import neg_inf
 from patching import checks
 from patching.hooks import block_attention
-from patching.intervention import Intervention, Part, batch_rows, layer_list
 from patching.metrics import AnswerProb, relative_change
 from patching.results import Result
 from patching.sweep import forward_rows, run_rows, samples
@@ -104,32 +101,6 @@ def parse_edge(edge) -> tuple[str, str]:
     return src, dst
 
 
-def block_heads(tm, src, dst, layers, heads: Sequence[int], rows: Sequence[int] | None = None) -> Intervention:
-    """Knock out src -> dst in the query heads `heads` only: the scores of those edges are set to the
-    mask's large negative on `blocks.{l}.attn.hook_attn_scores` (after the additive mask, before the
-    softmax; the layers run on the exact path), which is `block_attention` restricted to heads."""
-    layers = layer_list(layers, "block_heads")
-    heads = checks.nonempty(heads, "block_heads: heads")
-    src_m, dst_m = tm.mask(src, nonempty=True), tm.mask(dst, nonempty=True)
-    params = {"src": tm.select(src).label, "dst": tm.select(dst).label, "layers": list(layers), "heads": list(heads)}
-
-    def make(rows):
-        def fn(scores: Tensor, hook) -> Tensor:
-            b, h, q, k = scores.shape
-            checks.indices(heads, h, "block_heads: head(s)", "heads")
-            s = batch_rows(src_m.to(scores.device), b, rows, "block_heads")
-            d = batch_rows(dst_m.to(scores.device), b, rows, "block_heads")[:, k - q:]
-            on = torch.zeros(h, dtype=torch.bool, device=scores.device)
-            on[list(heads)] = True
-            edge = d[:, None, :, None] & s[:, None, None, :] & on.view(1, h, 1, 1)
-            return scores.masked_fill(edge, neg_inf(scores.dtype))
-
-        return [(f"blocks.{l}.attn.hook_attn_scores", fn) for l in layers]
-
-    iv = Intervention([Part("block_heads", params, make, layers, heads=tuple(heads))])
-    return iv if rows is None else iv.on_rows(rows)
-
-
 def knockout(
     model,
     inputs: dict,
@@ -178,8 +149,7 @@ def knockout(
             for c in centres:
                 layers = layer_sets[c]
                 try:
-                    ivs.append(block_attention(s.tm, src, dst, layers) if heads is None
-                               else block_heads(s.tm, src, dst, layers, heads))
+                    ivs.append(block_attention(s.tm, src, dst, layers, heads=heads))
                 except ValueError as e:
                     raise ValueError(f"knockout edge {src}->{dst} (sample {s.index}): {e}") from None
                 cells.append((f"{src}->{dst}", src, dst, c, layers[0], layers[-1], len(layers)))

@@ -4,8 +4,9 @@
 left padding trimmed (padding is masked anyway, so trimming changes nothing but the cost).
 `run_rows(model, sample, interventions)` repeats the sample's embeddings along the batch, puts
 intervention i on row i (`iv.on_rows(i)`), and runs chunks that fit `max_batch_tokens`, returning the
-last position's logits (or what `reduce` makes of them) per intervention; where the interventions are
-attention-mask edits it recomputes only the positions from the first edited query on.
+last position's logits (or what `reduce` makes of them) per intervention; where the interventions name
+the first position they edit (attention edits, activation edits at positions) it recomputes only the
+positions from there on.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from tqdm.auto import tqdm
 
 from hooked_av.core.attention import KVSlot
 from patching import checks
+from patching.hooks import run_from
 from patching.intervention import Intervention
 
 
@@ -100,13 +102,14 @@ def forward_rows(model, sample: Sample, n: int) -> Tensor:
 
 
 def first_query(iv: Intervention) -> int | None:
-    """The first query position `iv` can change, when every hook it installs is an attention-mask edit
-    that says so (`first_query`, set by `patching.hooks`' mask edits); None otherwise. Attention is causal,
+    """The first position `iv` can change, when every hook it installs says so (`first_query`, set by
+    `patching.hooks`' attention edits, the first edited query, and its activation edits, the first edited
+    position, each of which also runs on a suffix of the prompt); None otherwise. Attention is causal,
     so nothing before that position changes, in any layer."""
     firsts = []
     for name, fn in iv:
         first = getattr(fn, "first_query", None)
-        if first is None or not (isinstance(name, str) and name.endswith("attn.hook_attn_mask")):
+        if first is None or not isinstance(name, str):  # a name filter may match anything
             return None
         firsts.append(first)
     return min(firsts) if firsts else None
@@ -125,8 +128,9 @@ def forward_suffix(model, sample: Sample, kv: list[tuple[Tensor, Tensor]], start
     kw = sample.lm_inputs(n)
     slots = [KVSlot.of(k[:, :start].expand(n, -1, -1, -1), v[:, :start].expand(n, -1, -1, -1)) for k, v in kv]
     inj = kw["injections"] and [None if t is None else t[:, start:] for t in kw["injections"]]
-    return model.run_language_model(kw["inputs_embeds"][:, start:], kw["position_ids"][:, :, start:], kv_caches=slots,
-                                    injections=inj, logits_at="last")[:, -1]
+    with run_from(start):
+        return model.run_language_model(kw["inputs_embeds"][:, start:], kw["position_ids"][:, :, start:],
+                                        kv_caches=slots, injections=inj, logits_at="last")[:, -1]
 
 
 def run_rows(
@@ -145,11 +149,12 @@ def run_rows(
     """Run `interventions[i]` on row i of chunked forwards of repeated copies of `sample`. Returns
     `reduce(last_logits)` stacked over interventions (default: the logits, `[n, vocab]`).
 
-    Recompute only what changes: when every intervention is an attention-mask edit that names its first
-    query (knockout, scaled attention, mask discarding), one clean forward keeps each layer's keys and values
-    and each chunk recomputes only the positions from its rows' first edited query on (attention is causal:
-    nothing earlier changes). Anything else (an edit of activations, of scores, an intervention from
-    position 0) runs whole forwards, as does `incremental=False`. `stats`, if given, receives the positions
+    Recompute only what changes: when every intervention names the first position it edits (`patching.hooks`'
+    knockout, head knockout, scaled attention, mask discarding, and patching, ablation and noise at
+    positions of position-major sites), one clean forward keeps each layer's keys and values and each chunk
+    recomputes only the positions from its rows' first edited position on (attention is causal: nothing
+    earlier changes). Anything else (a hook of another origin, an edit from position 0) runs whole
+    forwards, as does `incremental=False`. `stats`, if given, receives the positions
     actually run (`positions`, summed over rows) and those of whole forwards (`positions_full`)."""
     starts = [first_query(iv) for iv in interventions] if incremental else [None] * len(interventions)
     use = bool(interventions) and all(s is not None and s > 0 for s in starts)
@@ -162,23 +167,24 @@ def run_rows(
         per = rows_per_forward(n_rec, batch_size, max_batch_tokens)
         chunks.append(order[i : i + per])
         i += per
+    plans = []  # every chunk's hooks, checked before the first forward
+    for chunk in chunks:
+        combined = sum((interventions[j].on_rows(r) for r, j in enumerate(chunk)), Intervention())
+        plans.append((chunk, list(combined.check(model, batch=len(chunk))), min(starts[j] for j in chunk)))
     outs: list = [None] * len(interventions)
     done = 0
     bar = tqdm(total=len(interventions), desc=desc, disable=not progress, leave=False)
     with torch.no_grad():
         kv = clean_keys_values(model, sample) if use else None
-        for chunk in chunks:
-            group = [interventions[j] for j in chunk]
-            combined = sum((iv.on_rows(j) for j, iv in enumerate(group)), Intervention())
-            combined.check(model, batch=len(group))
-            start = min(starts[j] for j in chunk)
-            with model.hooks(fwd_hooks=list(combined)):
-                logits = forward_suffix(model, sample, kv, start, len(group)) if use else forward_rows(model, sample, len(group))
+        for n_plan in range(len(plans)):
+            (chunk, hooks, start), plans[n_plan] = plans[n_plan], None  # free each chunk's edge masks after use
+            with model.hooks(fwd_hooks=hooks):
+                logits = forward_suffix(model, sample, kv, start, len(chunk)) if use else forward_rows(model, sample, len(chunk))
             vals = reduce(logits) if reduce else logits
             for j, v in zip(chunk, vals):
                 outs[j] = v
-            done += len(group) * (seq - start)
-            bar.update(len(group))
+            done += len(chunk) * (seq - start)
+            bar.update(len(chunk))
     bar.close()
     if stats is not None:
         stats.update(positions=done + (seq if use else 0), positions_full=seq * len(interventions), incremental=use)
