@@ -79,10 +79,15 @@ def site_names(model, sites: Sequence[str], layers: Sequence[int]) -> list[str]:
 
 
 def cache_sample(model, sample: Sample, names: Sequence[str]) -> dict:
-    """Activations of `names` for one sample (batch 1), detached."""
-    with torch.no_grad():
-        _, cache = model.run_with_cache(inputs_embeds=sample.embeds, position_ids=sample.position_ids,
-                                        return_type=None, names_filter=list(names))
+    """Activations of `names` for one sample (batch 1), detached, from the model's layer loop with the
+    sample's injections (DeepStack) applied."""
+    cache: dict = {}
+
+    def keep(t, hook):
+        cache[hook.name] = t.detach()
+
+    with torch.no_grad(), model.hooks(fwd_hooks=[(n, keep) for n in dict.fromkeys(names)]):
+        model.run_language_model(**sample.lm_inputs(1), return_type=None)
     return {n: cache[n] for n in names}
 
 

@@ -54,8 +54,9 @@ def attribution_patching(
             return None
 
         with torch.enable_grad(), model.hooks(fwd_hooks=[(n, keep) for n in set(names.values())]):
-            x = b.embeds.detach().clone().requires_grad_(True)  # a graph even when the weights are frozen
-            resid = model.run_language_model(x, b.position_ids, None, return_type="resid")
+            kw = b.lm_inputs(1)  # the sample's injections (DeepStack) too
+            x = kw.pop("inputs_embeds").detach().clone().requires_grad_(True)  # a graph even when the weights are frozen
+            resid = model.run_language_model(x, **kw, return_type="resid", logits_at="last")
             value = m(model.unembed(resid[:, -1]), idx).sum()
             order = sorted(acts)
             grads = dict(zip(order, torch.autograd.grad(value, [acts[n] for n in order], allow_unused=True)))

@@ -59,7 +59,7 @@ def forward_flops(model, n_tokens: int, n_kept: int | None = None, from_layer: i
     return cut * layer(n_tokens) + (L - cut) * layer(kept) + 2 * c.d_model * c.d_vocab
 
 
-def _median_times(fns: dict, repeats: int) -> tuple[dict, dict]:
+def median_times(fns: dict, repeats: int) -> tuple[dict, dict]:
     """Outputs and median wall times (s) of the `fns`: one untimed warm-up call each, then `repeats`
     rounds calling each once in turn, so a drift in clock or cache affects every one alike."""
 
@@ -110,7 +110,7 @@ def discarding(
         n = s.seq_len
         with torch.no_grad():
             fns = {x: (lambda x=x: physical_forward(model, s, group, x)) for x in layers}
-            logits, seconds = _median_times(fns, repeats)
+            logits, seconds = median_times(fns, repeats)
         p_full, f_full = float(metric(logits[L], s.index)[0]), forward_flops(model, n)
         for layer in from_layers:
             f = forward_flops(model, n, n - dropped, layer)

@@ -22,7 +22,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from patching import checks
-from patching.discarding import _median_times, forward_flops
+from patching.discarding import forward_flops, median_times
 from patching.metrics import AnswerProb
 from patching.results import Result
 from patching.sweep import samples
@@ -47,19 +47,23 @@ def fastv_keep(attn_last: Tensor, media: Tensor, r: float) -> Tensor:
 
 
 def pruned_forward(model, embeds: Tensor, position_ids: Tensor, k: int,
-                   choose: Callable[[Tensor | None], Tensor], rank: bool) -> tuple[Tensor, Tensor]:
+                   choose: Callable[[Tensor | None], Tensor], rank: bool,
+                   injections: Sequence[Tensor | None] | None = None) -> tuple[Tensor, Tensor]:
     """Last-position logits `[1, vocab]` and the kept positions (bool `[pos]`) of one prompt (batch 1,
     no padding): blocks 0..k-1 on the full sequence, blocks k.. on the positions `choose(attn)` keeps,
     with their own position ids. With `rank`, `attn` is the last query's head-averaged attention at
     layer k-1 (`[pos]`), read on that layer's `hook_pattern` in this same forward; else None.
     (`run_language_model(discard=)` takes its positions before the first block, so FastV, whose
-    positions come from layer k-1, runs the blocks itself through `model.attention_inputs`.)"""
+    positions come from layer k-1, runs the blocks itself through `model.attention_inputs`.)
+    `injections`: the sample's per-layer residual additions (`Sample.lm_inputs`; DeepStack), cut as the
+    positions are."""
     seen: dict = {}
 
     def grab(pattern, hook):
         seen["attn"] = pattern[0, :, -1].float().mean(0)
 
     hooks = [(f"blocks.{k - 1}.attn.hook_pattern", grab)] if rank else []
+    inject = list(injections) if injections is not None else [None] * len(model.blocks)
     with model.hooks(fwd_hooks=hooks):
         x = model.hook_embed(embeds)
         state, keep = model.attention_inputs(x, position_ids, None), None
@@ -67,23 +71,28 @@ def pruned_forward(model, embeds: Tensor, position_ids: Tensor, k: int,
             if i == k:
                 keep = choose(seen.get("attn")).to(x.device)
                 x, position_ids = x[:, keep], position_ids[:, :, keep]
+                inject = [None if t is None else t[:, keep] for t in inject]
                 state = model.attention_inputs(x, position_ids, None)
-            x = block(x, **state)
+            x = block(x, injection=inject[i], **state)
     if keep is None:  # k == n_layers: nothing dropped
         keep = choose(seen.get("attn")).to(x.device)
     return model.unembed(model.ln_final(x[:, -1])), keep
 
 
-def greedy(model, embeds: Tensor, position_ids: Tensor, step: Callable, n_new: int) -> list[int]:
-    """`n_new` greedy tokens without a KV cache: each step runs `step(embeds, position_ids)` (-> last
-    logits) on the prompt plus the tokens so far, a new token at the next position on all three rows."""
+def greedy(model, embeds: Tensor, position_ids: Tensor, step: Callable, n_new: int,
+           injections: Sequence[Tensor | None] | None = None) -> list[int]:
+    """`n_new` greedy tokens without a KV cache: each step runs `step(embeds, position_ids, injections)`
+    (-> last logits) on the prompt plus the tokens so far, a new token at the next position on all three
+    rows (nothing injected at generated tokens)."""
     out = []
     for _ in range(n_new):
-        tok = int(step(embeds, position_ids)[0].argmax())
+        tok = int(step(embeds, position_ids, injections)[0].argmax())
         out.append(tok)
         nxt = position_ids.amax(-1, keepdim=True) + 1  # [3, 1, 1]
         embeds = torch.cat([embeds, model.embed(torch.tensor([[tok]], device=embeds.device)).to(embeds.dtype)], 1)
         position_ids = torch.cat([position_ids, nxt], -1)
+        injections = injections and [None if t is None else torch.cat([t, t.new_zeros(1, 1, t.shape[-1])], 1)
+                                     for t in injections]
     return out
 
 
@@ -139,9 +148,9 @@ def fastv(
         n = s.seq_len
 
         def method(choose, rank, kk=k):
-            def step(embeds, pos):
+            def step(embeds, pos, injections):
                 extra = embeds.shape[1] - n  # generated tokens are never media
-                return pruned_forward(model, embeds, pos, kk, lambda a: choose(a, extra), rank)
+                return pruned_forward(model, embeds, pos, kk, lambda a: choose(a, extra), rank, injections)
             return step
 
         pad = lambda mask, extra: torch.cat([mask, mask.new_zeros(extra)])  # noqa: E731
@@ -150,10 +159,12 @@ def fastv(
         for g, d in drops.items():
             steps[f"discard {g}"] = method(lambda a, e, d=d: ~pad(d, e), False)
         with torch.no_grad():
-            prefill = {name: (lambda st=st: st(s.embeds, s.position_ids)) for name, st in steps.items()}
-            outs, seconds = _median_times(prefill, repeats)
-            gen, gen_seconds = ({}, {}) if max_new_tokens == 0 else _median_times(
-                {name: (lambda st=st: greedy(model, s.embeds, s.position_ids, st, max_new_tokens)) for name, st in steps.items()},
+            kw = s.lm_inputs(1)  # with the sample's injections (DeepStack)
+            args = (kw["inputs_embeds"], kw["position_ids"], kw["injections"])
+            prefill = {name: (lambda st=st: st(*args)) for name, st in steps.items()}
+            outs, seconds = median_times(prefill, repeats)
+            gen, gen_seconds = ({}, {}) if max_new_tokens == 0 else median_times(
+                {name: (lambda st=st: greedy(model, args[0], args[1], st, max_new_tokens, args[2])) for name, st in steps.items()},
                 repeats)
         f_full = forward_flops(model, n)
         g_full = sum(forward_flops(model, n + t) for t in range(max_new_tokens))
