@@ -32,6 +32,9 @@ _SPEC = re.compile(r"^\s*([a-z_]+)\s*(?:\[\s*(\d+)\s*\])?\s*$")
 ITEM = "item"  # `item[i]`: every media token of clip i
 # the order in which a clip (`hooked_av.inputs.prompt.Item`) shows its media: image, video, audio
 _MEDIA_RANK = {"image": 0, "video": 1, "audio": 2}
+# the letter `TokenMap.labels` gives each text group
+_TEXT_LETTER = {"padding": "P", "system": "S", "template": "T", "question": "Q", "last": "L", "generated": "G",
+                "options": "O", "instruction": "R", "label": "C"}  # R: the rule to answer by; C: a clip's label
 
 
 class _Text(str):
@@ -85,6 +88,9 @@ class TokenMap:
     - `chunk`: audio-in-video chunk index (Qwen2.5-Omni interleaves 2 s chunks); -1 elsewhere.
     - `position_mode`: the position-id mode the times follow, where a model has several
       (video-SALMONN 2+: "inference" or "training"); None where there is one (Qwen2.5-Omni's TMRoPE).
+    - `patch_row`, `patch_col`: for video/image tokens, the (row, column) of the token's merged patch
+      in its frame's merged grid (`[H / merge, W / merge]`, `TokenMapBuilder.set_patches`); -1 elsewhere
+      and where the builder did not know the grid; None on maps made without a builder.
     """
 
     group: Tensor
@@ -94,11 +100,13 @@ class TokenMap:
     time_end: Tensor
     chunk: Tensor
     position_mode: str | None = None
+    patch_row: Tensor | None = None
+    patch_col: Tensor | None = None
 
     def __post_init__(self):
         shape = self.group.shape
-        for name in ("item", "frame", "time", "time_end", "chunk"):
-            if getattr(self, name).shape != shape:
+        for name in ("item", "frame", "time", "time_end", "chunk", "patch_row", "patch_col"):
+            if getattr(self, name) is not None and getattr(self, name).shape != shape:
                 raise ValueError(f"TokenMap.{name} has shape {tuple(getattr(self, name).shape)}, group has {tuple(shape)}")
 
     # ---- shape --------------------------------------------------------------------------
@@ -233,6 +241,8 @@ class TokenMap:
         return replace(
             self, group=cat(self.group, _CODE["generated"]), item=cat(self.item, -1), frame=cat(self.frame, -1),
             time=cat(self.time, nan), time_end=cat(self.time_end, nan), chunk=cat(self.chunk, -1),
+            patch_row=None if self.patch_row is None else cat(self.patch_row, -1),
+            patch_col=None if self.patch_col is None else cat(self.patch_col, -1),
         )
 
     # ---- views --------------------------------------------------------------------------
@@ -273,6 +283,45 @@ class TokenMap:
                 lines.append(line)
         return _Text("\n".join(lines))
 
+    def labels(self, row: int = 0, tokens: "list[str] | None" = None, *, ids=None, tokenizer=None) -> list[str]:
+        """One short label per position of `row` (`seq_len` strings): media say modality, item, time
+        and patch (`A0 0.12s`: clip 0's audio token starting at 0.12 s; `V1 t3 (2,5)`: clip 1's video,
+        temporal grid step 3, merged patch row 2 column 5; `I0 (1,0)`: an image patch); text is its
+        group's letter (S system, T template, Q question, L last, G generated, P padding) and the token
+        text, from `tokens` (one string per position) or `ids` (`[pos]` or `[batch, pos]`) decoded
+        one by one with `tokenizer`; without either, `#position` (`Q #12`). The patch is left out
+        where the map carries no patch grid (`patch_row` None)."""
+        if not -self.batch <= row < self.batch:
+            raise IndexError(f"row {row} does not exist; the batch has {self.batch} rows")
+        if tokens is None and (ids is None) != (tokenizer is None):
+            raise ValueError("labels(ids=..., tokenizer=...) needs both: the ids of the prompt and the tokenizer that decodes them")
+        if tokens is None and ids is not None:
+            ids = torch.as_tensor(ids)
+            ids = ids[row] if ids.dim() == 2 else ids
+            tokens = [tokenizer.decode([int(i)]) for i in ids.tolist()]
+        if tokens is not None and len(tokens) != self.seq_len:
+            raise ValueError(f"{len(tokens)} token strings for {self.seq_len} positions; pass one string per position of the row")
+        g, it, fr = self.group[row].tolist(), self.item[row].tolist(), self.frame[row].tolist()
+        t = self.time[row].tolist()
+        pr = None if self.patch_row is None else self.patch_row[row].tolist()
+        pc = None if self.patch_col is None else self.patch_col[row].tolist()
+        out = []
+        for p in range(self.seq_len):
+            name = GROUPS[g[p]]
+            if name in MEDIA:
+                label = f"{name[0].upper()}{it[p]}"
+                if name == "audio":
+                    label += f" {t[p]:.2f}s"
+                elif name == "video":
+                    label += f" t{fr[p]}"
+                if name != "audio" and pr is not None and pr[p] >= 0:
+                    label += f" ({pr[p]},{pc[p]})"
+            else:
+                text = f"#{p}" if tokens is None else (tokens[p].strip() or repr(tokens[p]).strip("'\""))
+                label = f"{_TEXT_LETTER[name]} {text}"
+            out.append(label)
+        return out
+
     def to_df(self):
         """A tidy pandas DataFrame, one row per (batch row, position)."""
         import pandas as pd
@@ -283,6 +332,7 @@ class TokenMap:
             "group": [GROUPS[g] for g in self.group.flatten().tolist()], "item": self.item.flatten().numpy(),
             "frame": self.frame.flatten().numpy(), "time": self.time.flatten().numpy(),
             "time_end": self.time_end.flatten().numpy(), "chunk": self.chunk.flatten().numpy(),
+            **{k: getattr(self, k).flatten().numpy() for k in ("patch_row", "patch_col") if getattr(self, k) is not None},
         })
 
     def __repr__(self) -> str:
@@ -360,6 +410,16 @@ class TokenMapBuilder:
         self.time = torch.full((batch, seq), float("nan"))
         self.time_end = torch.full((batch, seq), float("nan"))
         self.chunk = torch.full((batch, seq), -1, dtype=torch.long)
+        self.patch_row = torch.full((batch, seq), -1, dtype=torch.long)
+        self.patch_col = torch.full((batch, seq), -1, dtype=torch.long)
+
+    def set_patches(self, row: int, pos, rows: int, cols: int) -> None:
+        """The merged-patch (row, column) of the video/image tokens at positions `pos` of `row`: whole
+        frames of `rows x cols` tokens each, in the processor's order (Qwen2-VL's image processor,
+        `image_processing_qwen2_vl.py`, lays a frame's merged patches out row-major)."""
+        k = torch.arange(len(pos)) % (rows * cols)
+        self.patch_row[row, pos] = k // cols
+        self.patch_col[row, pos] = k % cols
 
     def set(self, row: int, pos, group: str, item=None, frame=None, time=None, time_end=None, chunk=None) -> None:
         self.group[row, pos] = _CODE[group]
@@ -368,4 +428,5 @@ class TokenMapBuilder:
                 getattr(self, name)[row, pos] = torch.as_tensor(value, dtype=getattr(self, name).dtype)
 
     def build(self, position_mode: str | None = None) -> TokenMap:
-        return TokenMap(self.group, self.item, self.frame, self.time, self.time_end, self.chunk, position_mode)
+        return TokenMap(self.group, self.item, self.frame, self.time, self.time_end, self.chunk, position_mode,
+                        self.patch_row, self.patch_col)

@@ -116,6 +116,7 @@ def _fill_item(out, row, where, kind, item, index, grids, spg, audio_counts, mer
     if n != t * per_frame:
         raise ValueError(f"row {row}: the {kind} of clip {item} has {n} placeholders but its grid {[t, h, w]} makes {t * per_frame}")
     frame = torch.arange(t).repeat_interleave(per_frame)
+    out.set_patches(row, where, h // merge, w // merge)
     if kind == "image":
         out.set(row, where, "image", item=item, frame=frame)
         return

@@ -77,6 +77,7 @@ def salmonn_token_map(
                 expected = grid[1][0] * per_frame
                 if k[grid[0]] != expected:
                     raise ValueError(f"row {row}: {grid[0]} of clip {clip} has {k[grid[0]]} placeholders but its grid {grid[1]} makes {expected}")
+                out.set_patches(row, [pos[i + off] for off, m in enumerate(block) if m == grid[0]], grid[1][1] // merge, grid[1][2] // merge)
                 used[grid[0]] += 1
         if pos:
             out.set(row, pos[-1], "last")
