@@ -98,7 +98,8 @@ def test_interleaved_clips_are_indexed_by_item_with_chunks(model, two_clips):
     assert tm.count("audio", time=(2.0, 4.0), item=0).tolist() == [25, 0]
     assert tm.count("video", time=(0.5, 1.5), item=0).tolist() == [2 * per[0] // 3, 0]  # frames at 0 s and 1 s
     q = tm.positions("question", row=0)
-    assert len(q) == len(tiny_tokenizer()("Clip 1: Clip 2: Which clip has the dog?")["input_ids"])
+    assert len(q) == len(tiny_tokenizer()("Which clip has the dog?")["input_ids"])  # the clips' labels are "label"
+    assert tm.count("label").tolist()[0] == len(tiny_tokenizer()("Clip 1: Clip 2: ")["input_ids"])
     assert tm.count("system").tolist()[0] > 0 and tm.names(1)[-1] == "last"
 
 
