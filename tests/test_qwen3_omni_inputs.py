@@ -51,9 +51,14 @@ def test_audio_in_video_opens_with_two_ids_and_merges_by_temporal_id():
 def test_layout_rules_equal_hf():
     from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import _get_feat_extract_output_lengths
 
+    from hooked_av.encoders import qwen3_omni_audio
+
+    assert layout.audio_token_count is qwen3_omni_audio.audio_token_count  # one frames -> tokens rule, the tower's
     frames = torch.arange(1, 400)
-    for n_window in (10, 50):
-        assert torch.equal(layout.audio_token_count(frames, n_window), _get_feat_extract_output_lengths(frames, n_window))
+    assert torch.equal(layout.audio_token_count(frames, 50), _get_feat_extract_output_lengths(frames, 50))
+    # HF writes 13 tokens per full chunk as a literal; at n_window 10 a 20-frame chunk makes 10 -> 5 -> 3 tokens, a 7-frame tail 1
+    assert layout.audio_token_counts([20, 40, 47], 10) == [3, 6, 7]
+    assert _get_feat_extract_output_lengths(torch.tensor(40), 10) == 26
     assert layout.audio_seconds_per_token(50) == pytest.approx(1 / 13)
     # the processor's own interleave (float64) equals ours on a grid with fractional ids
     from types import SimpleNamespace

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from hooked_av.encoders.qwen3_omni_audio import audio_token_count  # the one frames -> tokens rule (the tower's)
+
 # mel frames are 10 ms apart (WhisperFeatureExtractor hop 160 at 16 kHz, the processor's feature extractor)
 MEL_SECONDS_PER_FRAME = 0.01
 
@@ -61,17 +63,10 @@ def token_ids(tc, tokenizer=None) -> Qwen3OmniTokenIds:
     )
 
 
-def audio_token_count(frames: Tensor, n_window: int) -> Tensor:
-    """Tokens the Qwen3-Omni audio encoder makes from `frames` valid mel frames (long, any shape):
-    13 per full chunk of `2 * n_window` frames, the tail through three stride-2 convolutions.
-    HF: `_get_feat_extract_output_lengths` (modeling and processing)."""
-    chunk = 2 * n_window
-    tail = (frames % chunk - 1) // 2 + 1
-    return ((tail - 1) // 2 + 1 - 1) // 2 + 1 + (frames // chunk) * 13
-
-
 def audio_token_counts(lengths_or_mask: Tensor | list, n_window: int) -> list[int]:
-    """Tokens per audio clip from a `feature_attention_mask` `[n_audio, frames]` or frame counts `[n_audio]`."""
+    """Tokens per audio clip from a `feature_attention_mask` `[n_audio, frames]` or frame counts `[n_audio]`
+    (`encoders.qwen3_omni_audio.audio_token_count`, right for any `n_window`; HF's
+    `_get_feat_extract_output_lengths` writes 13 tokens per chunk as a literal, right at n_window 50 only)."""
     t = torch.as_tensor(lengths_or_mask)
     frames = t.sum(-1) if t.dim() == 2 else t
     return audio_token_count(frames.long(), n_window).tolist()
