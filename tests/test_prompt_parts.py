@@ -238,3 +238,14 @@ def test_hf_token_map_numbers_items_by_clip_like_ours(model):
     theirs = hf_token_map(inputs, tiny_thinker_config(), chat=CHAT)
     assert torch.equal(theirs.item, ours.item) and torch.equal(theirs.group, ours.group)
     assert theirs.count("audio[0]").tolist() == [0] and theirs.count("audio[1]").tolist() == [int((inputs["input_ids"] == AUDIO).sum())]
+
+
+def test_hf_token_map_reads_prepares_text_parts_like_ours(model):
+    """The nnsight backend's map of `prepare`'s inputs names the question, options, instruction and labels as
+    ours does (it used to call all user text question), and the record never reaches the HF model."""
+    inputs = model.prepare(Prompt(QUESTION, items=_items(), options=OPTIONS, instruction=INSTRUCTION))
+    ours = model.token_map(inputs)
+    theirs = hf_token_map(inputs, tiny_thinker_config(), tokenizer=model.tokenizer)
+    assert torch.equal(theirs.group, ours.group) and torch.equal(theirs.item, ours.item)
+    assert {g: int(theirs.count(g)[0]) > 0 for g in ("options", "instruction", "label")} == dict.fromkeys(
+        ("options", "instruction", "label"), True)

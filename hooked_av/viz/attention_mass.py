@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-DEFAULT_GROUPS = ("system", "template", "audio", "video", "image", "question", "last")
+DEFAULT_GROUPS = ("system", "template", "audio", "video", "image", "label", "question", "options", "instruction", "last")
 
 
 def group_attention_mass(

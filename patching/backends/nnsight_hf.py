@@ -35,7 +35,9 @@ from torch import Tensor
 
 from hooked_av.core.masks import additive, open_mask
 from hooked_av.inputs.chat import ChatTokens, text_groups
-from hooked_av.inputs.token_map import MEDIA, TokenMap, TokenMapBuilder, clip_numbers, media_runs
+from hooked_av.inputs.token_map import (
+    MEDIA, TokenMap, TokenMapBuilder, check_text_parts, clip_numbers, media_runs, with_text_parts,
+)
 from hooked_av.interop.nnsight import require_nnsight
 from patching.intervention import Intervention
 
@@ -68,7 +70,8 @@ def hf_token_map(inputs: dict, config, tokenizer=None, chat: ChatTokens | None =
     models' maps number them (`clip_numbers`: an audio-in-video block is one clip), media start/end
     ids (`*_start/_end/_bos/_eos_token_id`, `boi/eoi`) and the tokenizer's special tokens as template
     (without a tokenizer, a media start/end id the config does not name reads as text), text from the ChatML structure of
-    `chat` or `tokenizer` (ChatML only; without either all text is "question"), `last` the final real
+    `chat` or `tokenizer` (ChatML only; without either all text is "question") and `prepare`'s
+    `text_parts` record where the inputs carry it (question, options, instruction, label), `last` the final real
     position. Frames, times and chunks are not known here (-1 / NaN)."""
     media = {v: _MEDIA_ID.match(k).group(1) for k, v in _config_ids(config, _MEDIA_ID).items()}
     if not media:
@@ -82,11 +85,13 @@ def hf_token_map(inputs: dict, config, tokenizer=None, chat: ChatTokens | None =
     mask = inputs.get("attention_mask")
     if mask is not None and mask.dim() != 2:
         raise ValueError(f"attention_mask must be the processor's 2D [batch, pos] mask, got shape {tuple(mask.shape)}")
+    parts = check_text_parts(inputs.get("text_parts"), ids)
     b = TokenMapBuilder(*ids.shape)
     for row in range(ids.shape[0]):
         real = torch.arange(ids.shape[1]) if mask is None else mask[row].cpu().bool().nonzero().flatten()
         toks = ids[row, real].tolist()
-        for i, g in enumerate(text_groups(toks, chat)):
+        groups = with_text_parts(text_groups(toks, chat), None if parts is None else parts[row, real].tolist())
+        for i, g in enumerate(groups):
             b.set(row, int(real[i]), "template" if toks[i] in edges else g)
         runs = list(media_runs(toks, media))
         for (start, end, kinds), clip in zip(runs, clip_numbers(runs)):
@@ -180,7 +185,8 @@ class NNsightHF:
         order = sorted(sites, key=self._order)
         saved: dict[str, Tensor] = {}
         env = self.envoy
-        with env.trace(**inputs, use_cache=False, **forward_kwargs):
+        model_inputs = {k: v for k, v in inputs.items() if k != "text_parts"}  # prepare's record, not a model input
+        with env.trace(**model_inputs, use_cache=False, **forward_kwargs):
             for name in order:
                 self._visit(env, name, sites[name], name in read, saved)
             out = env.get(self._head_path).output
