@@ -165,6 +165,25 @@ def test_greedy_generation_equals_hf(pair):
     assert torch.equal(ours.generate(**inputs, max_new_tokens=5), ref)
 
 
+@pytest.mark.parametrize("name", ["image", "left_padded"])
+def test_greedy_generation_with_media_equals_hf(pair, name):
+    """DeepStack's injections on the prefill: greedy tokens equal HF's `generate` (image; video + audio +
+    image in a left-padded batch), and differ from a run without the injections (they are used)."""
+    hf, ours = pair
+    inputs, av = model_inputs(name)
+    with torch.no_grad():
+        ref = hf.generate(**inputs, use_audio_in_video=av, max_new_tokens=6, do_sample=False,
+                          pad_token_id=0)[:, inputs["input_ids"].shape[1]:]
+    got = ours.generate(**inputs, use_audio_in_video=av, max_new_tokens=6)
+    assert torch.equal(got, ref), (got, ref)
+    enc = ours.encode(**inputs)
+    assert torch.equal(ours.generate(**enc, max_new_tokens=6), ref)
+    with torch.no_grad():
+        first = ours(**enc)[:, -1]
+        without = ours(**{**enc, "injections": None})[:, -1]
+    assert (first - without).abs().max() > 1e-3  # the prefill's injections change the first step
+
+
 def test_expert_ablation_equals_hf_with_the_expert_zeroed(saved):
     hf, folder = saved
     ours = HookedQwen3Omni.from_pretrained(folder)

@@ -281,9 +281,13 @@ class MRoPELanguageModel:
         rope_deltas: Tensor | None,
         max_new_tokens: int,
         eos_token_id: int | list[int] | None,
+        injections: Mapping[int, Tensor] | Sequence[Tensor | None] | None = None,
     ) -> Tensor:
         """Greedy decoding with a KV cache from merged embeddings, under whatever hooks are active.
         Decoding step n sits at position `n_real_tokens + rope_deltas` on all three rows.
+        `injections` (what `encode` returns, e.g. DeepStack's `[batch, pos, d_model]` per layer) are added
+        on the prefill only: generated tokens are text, where they add nothing (HF's Qwen3-Omni passes its
+        visual features on the first step alone).
         Returns the new tokens `[batch, n_new]` (finished rows are padded with their eos)."""
         eos = decode_args(max_new_tokens, eos_token_id, self.cfg.d_vocab)
         b, s = inputs_embeds.shape[:2]
@@ -294,7 +298,8 @@ class MRoPELanguageModel:
         if rope_deltas is None:
             rope_deltas = (position_ids.amax(dim=(0, 2)) + 1 - attention_mask.sum(-1)).unsqueeze(1)
         caches = [KVSlot() for _ in self.blocks]
-        logits = self.run_language_model(inputs_embeds, position_ids, attention_mask, kv_caches=caches, logits_at="last")
+        logits = self.run_language_model(inputs_embeds, position_ids, attention_mask, kv_caches=caches, logits_at="last",
+                                         injections=injections)
         out, done = [], torch.zeros(b, dtype=torch.bool, device=inputs_embeds.device)
         for _ in range(max_new_tokens):
             nxt = logits[:, -1].argmax(-1)

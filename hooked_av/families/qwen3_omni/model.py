@@ -271,17 +271,17 @@ class HookedQwen3Omni(MRoPELanguageModel, HookedAVModel):
         position_ids: Tensor | None = None, rope_deltas: Tensor | None = None, injections=None, **media,
     ) -> Tensor:
         """Greedy decoding with a KV cache, under whatever hooks are active; decoding step n sits at id
-        `n_real_tokens + rope_deltas` on every row (HF's). Returns the new tokens `[batch, n_new]`."""
+        `n_real_tokens + rope_deltas` on every row (HF's); DeepStack's injections are added on the prefill
+        (from `encode`, or passed with `inputs_embeds`). Returns the new tokens `[batch, n_new]`."""
         decode_args(max_new_tokens, eos_token_id, self.cfg.d_vocab)  # refused before the towers run
         if inputs_embeds is None:
+            if injections is not None:
+                raise ValueError("injections come from model.encode: pass them with inputs_embeds, not with input_ids")
             enc = self.encode(input_ids, attention_mask, use_audio_in_video=use_audio_in_video, **media)
             inputs_embeds, position_ids, rope_deltas = enc["inputs_embeds"], enc["position_ids"], enc["rope_deltas"]
             injections = enc["injections"]
-        if injections is not None:
-            raise NotImplementedError(
-                "generation with images or videos needs DeepStack injections on the prefill, which greedy_decode "
-                "does not take yet; run model(**inputs) for one step's logits")
-        return self.greedy_decode(inputs_embeds, position_ids, attention_mask, rope_deltas, max_new_tokens, eos_token_id)
+        return self.greedy_decode(inputs_embeds, position_ids, attention_mask, rope_deltas, max_new_tokens, eos_token_id,
+                                  injections=injections)
 
     # ---- inputs from media and the TokenMap ---------------------------------------------------
     def token_map(self, inputs: dict, tokenizer=None, chat=None):
