@@ -126,3 +126,21 @@ def test_the_cli_writes_toy_data_runs_a_study_and_reports_a_bad_manifest_in_one_
     assert main(["study", "--model", "toy", "--manifest", str(bad), "--out", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: manifest") and "4 problem(s)" in err[0]
+
+
+def test_study_rows_equal_the_library_called_on_the_prepared_sample(model, data, tmp_path):
+    from patching.discarding import discarding
+    from patching.knockout import knockout
+    from patching.study.templates import parse_template
+
+    out = run_study(model, data, EXPERIMENTS, tmp_path, window=9, limit=1, options=OPTIONS, progress=False)
+    row = read_manifest(data).rows[0]
+    inputs = model.prepare(parse_template("default").prompt(row))
+    answer = int(pd.read_parquet(out / "accuracy.parquet").answer_token[0])
+    ref = knockout(model, inputs, [answer], window=9, progress=False).df.drop(columns=["sample"])
+    got = pd.read_parquet(out / "knockout.parquet")
+    pd.testing.assert_frame_equal(got[ref.columns], ref, check_exact=True)
+    assert (got.window_end - got.window_start + 1).eq(model.cfg.n_layers).all()  # a 9-layer window covers all 4
+    ref = discarding(model, inputs, [answer], group="audio|video", repeats=1, progress=False).df.drop(columns=["sample", *TIMING_COLUMNS])
+    got = pd.read_parquet(out / "discarding.parquet")
+    pd.testing.assert_frame_equal(got[ref.columns], ref, check_exact=True)

@@ -152,7 +152,7 @@ def _present(tm, groups) -> list[str]:
 def _knockout(model, enc, inputs, tm, answer, window, opts):
     from patching.knockout import knockout
 
-    return knockout(model, enc, [answer], window=min(window, model.cfg.n_layers), tm=tm, progress=False, **opts).df
+    return knockout(model, enc, [answer], window=window, tm=tm, progress=False, **opts).df
 
 
 def _discarding(model, enc, inputs, tm, answer, window, opts):
