@@ -29,8 +29,14 @@ class FakeModel:
         return torch.tensor([self.new_ids])
 
 
-def test_first_token_and_letter_rules_read_the_top_token():
-    tok = toy.load().tokenizer
+@pytest.fixture(scope="module")
+def tok():
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.from_pretrained(str(toy.weights_dir()))  # the toy's tokenizer, no model built
+
+
+def test_first_token_and_letter_rules_read_the_top_token(tok):
     red, blue = tok.convert_tokens_to_ids(["red", "blue"])
     logits = torch.full((len(tok),), -10.0)
     logits[red], logits[blue] = 3.0, 1.0
@@ -48,8 +54,7 @@ def test_first_token_and_letter_rules_read_the_top_token():
     assert Scorer("letter").score(FakeModel(tiny, []), {}, logits, _row("B", ["dog", "cat"], 1)).correct is False
 
 
-def test_generate_compares_the_text_up_to_the_stop_rule():
-    tok = toy.load().tokenizer
+def test_generate_compares_the_text_up_to_the_stop_rule(tok):
     ids = tok.convert_tokens_to_ids(["red", "<|im_end|>", "blue"])
     logits = torch.zeros(len(tok))
     enc = {"inputs_embeds": torch.zeros(1, 3, 4), "position_ids": torch.zeros(3, 1, 3, dtype=torch.long)}
@@ -60,8 +65,7 @@ def test_generate_compares_the_text_up_to_the_stop_rule():
     assert Scorer("generate").score(FakeModel(tok, ids[::-1]), enc, logits, _row("red")).correct is False  # "blue" first
 
 
-def test_rows_that_cannot_be_scored_are_refused_together():
-    tok = toy.load().tokenizer
+def test_rows_that_cannot_be_scored_are_refused_together(tok):
     with pytest.raises(ValueError, match=r"2 sample\(s\) cannot be scored by the 'first_token' rule: 'x': the answer 'Zebra'.*'y'"):
         Scorer("first_token").check(tok, [Row(0, "x", "q", "Zebra", "Zebra"), Row(1, "y", "q", "Piano", "Piano"), _row("red")])
     with pytest.raises(ValueError, match=r"'r': no options, so no answer letter"):
