@@ -275,3 +275,33 @@ def test_media_without_a_tower_is_refused_before_any_work(pair):
     with pytest.raises(NotImplementedError, match="audio tower"):
         ours(input_ids=ids, attention_mask=mask, input_features=torch.zeros(1, 16, 20),
              feature_attention_mask=torch.ones(1, 20, dtype=torch.long))
+
+
+def test_expert_hook_points_are_built_when_asked_for(saved, monkeypatch):
+    """The experts' hook points exist by name before they are built, are built on first lookup, and hook
+    and cache exactly as the eagerly built ones (a filter function reaches them through `items()`)."""
+    import contextlib
+
+    import hooked_av.families.qwen3_omni.model as family
+
+    hf, _ = saved
+    lazy = HookedQwen3Omni.from_hf(hf)
+    monkeypatch.setattr(family, "experts_without_hooks", contextlib.nullcontext)
+    eager = HookedQwen3Omni.from_hf(hf)
+    n_expert_points = 2 * 4 * 2  # hook_in / hook_out x 4 experts x 2 sparse layers
+    assert set(lazy.hook_dict) == set(eager.hook_dict) and len(lazy.hook_dict) == len(eager.hook_dict)
+    assert dict.__len__(lazy.hook_dict) == len(eager.hook_dict) - n_expert_points  # none built yet
+    assert "blocks.2.mlp.experts.3.hook_out" in lazy.hook_dict and "blocks.2.mlp.experts.4.hook_out" not in lazy.hook_dict
+    assert "blocks.1.mlp.experts.0.hook_out" not in lazy.hook_dict  # layer 1 is dense
+    inputs = text_inputs(True)
+    wanted = lambda n: n.endswith(("experts.1.hook_in", "experts.2.hook_out"))  # noqa: E731
+    with torch.no_grad():
+        a, ca = lazy.run_with_cache(**inputs, names_filter=wanted)
+        b, cb = eager.run_with_cache(**inputs, names_filter=wanted)
+    assert torch.equal(a, b) and sorted(ca.keys()) == sorted(cb.keys()) and len(ca.keys()) >= 2
+    assert all(torch.equal(ca[k], cb[k]) for k in ca.keys())
+    built = dict.__len__(lazy.hook_dict) - (len(eager.hook_dict) - n_expert_points)
+    assert built == 8  # both points of experts 1 and 2 in both sparse layers, and no others
+    assert all(not hp.has_hooks() for hp in lazy.hook_dict.values())  # removed after the run
+    with pytest.raises(KeyError, match="does not exist"):
+        lazy.run_with_hooks(**inputs, fwd_hooks=[("blocks.2.mlp.experts.4.hook_out", lambda t, hook: t)])

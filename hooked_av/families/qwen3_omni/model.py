@@ -23,6 +23,7 @@ from transformer_lens.hook_points import HookPoint
 from hooked_av.core import checkpoint
 from hooked_av.core.base import HookedAVModel
 from hooked_av.core.language_model import MRoPELanguageModel, decode_args, scatter_injections
+from hooked_av.core.moe import experts_without_hooks, lazy_expert_hooks
 from hooked_av.core.placeholders import check_patch_rows, check_placeholders, merged_tokens
 from hooked_av.families.qwen3_omni.layout import audio_token_counts, token_ids
 from hooked_av.families.qwen3_omni.positions import qwen3_omni_position_ids
@@ -79,11 +80,13 @@ class HookedQwen3Omni(MRoPELanguageModel, HookedAVModel):
             self.audio_encoder = towers["audio"][0]
         if towers["vision"] is not None:
             self.vision_encoder = towers["vision"][0]
-        self.build_language_model(c)
+        with experts_without_hooks():  # 48 x 128 experts' hook points are built when asked for (core/moe.py)
+            self.build_language_model(c)
         self.hook_audio_embeds = HookPoint()
         self.hook_image_embeds = HookPoint()
         self.hook_video_embeds = HookPoint()
         self.setup()
+        lazy_expert_hooks(self)
 
     def converter(self) -> Converter:
         """The checkpoint key converter for this model (experts fused, towers it has)."""
