@@ -27,11 +27,10 @@ def family(config: dict, name_or_path: str | os.PathLike = "this checkpoint"):
     """The family package whose `matches(config)` holds; none is a ValueError listing the known ones."""
     found = [f for f in FAMILIES if f.matches(config)]
     if not found:
-        names = " nor ".join(f.NAME for f in FAMILIES)
         how = "; ".join(f"{f.NAME}: {f.RECOGNISED_BY}" for f in FAMILIES)
         raise ValueError(
-            f"{name_or_path}: model_type {config.get('model_type')!r} is neither {names} ({how}); pass a "
-            "checkpoint of a supported family"
+            f"{name_or_path}: model_type {config.get('model_type')!r} is not a supported family ({how}); pass a "
+            "checkpoint of one of them"
         )
     return found[0]
 

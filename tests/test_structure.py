@@ -34,7 +34,7 @@ def test_load_picks_each_family_from_its_config(tmp_path):
 
 def test_load_refuses_an_unknown_family_naming_the_known_ones_before_any_weight(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))  # no weight files at all
-    with pytest.raises(ValueError, match=r"'llama' is neither Qwen2\.5-Omni nor video-SALMONN 2\+ \(Qwen2\.5-Omni: model_type .*; video-SALMONN 2\+: .*qformer_config\)"):
+    with pytest.raises(ValueError, match=r"'llama' is not a supported family \(Qwen2\.5-Omni: model_type .*; video-SALMONN 2\+: .*qformer_config; Qwen3-Omni: model_type .*qwen3_omni_moe.*\)"):
         hooked_av.load(tmp_path)
 
 
