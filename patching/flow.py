@@ -28,24 +28,13 @@ MIN_P = 1e-3  # p(answer) on the clean run below this: the knockout would follow
 def check_media(video: str | None, audio: str | None) -> None:
     """Each media file exists, holds the stream it is given as, and its first frame decodes: cheap
     checks, made before a model is loaded."""
-    import av
-
-    from hooked_av.inputs.media import _open
+    from hooked_av.inputs.media import check_media_file
 
     if video is None and audio is None:
         raise ValueError("give --video and/or --audio: the flow analysis follows the media to the answer")
     for path, kind in ((video, "video"), (audio, "audio")):
-        if path is None:
-            continue
-        with _open(path) as c:  # a missing or unreadable file is an error that names it
-            streams = c.streams.video if kind == "video" else c.streams.audio
-            if not streams:
-                other = "pass it as --audio" if kind == "video" else "give an audio file or a video with an audio track"
-                raise ValueError(f"{path!r} has no {kind} stream; {other}")
-            try:
-                next(c.decode(streams[0]))
-            except (StopIteration, av.error.FFmpegError) as e:
-                raise ValueError(f"cannot decode the {kind} of {path!r} ({e or 'no frames'}); re-encode the file") from None
+        if path is not None:
+            check_media_file(path, kind)
 
 
 def unknown_words(tokenizer, text: str) -> list[str]:

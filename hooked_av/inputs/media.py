@@ -138,6 +138,24 @@ def _open(path):
         raise ValueError(f"cannot read media file {str(path)!r} ({type(e).__name__}: {e}); expected a video (mp4, mkv, webm, ...) or audio (wav, flac, mp3, ...) file") from e
 
 
+def check_media_file(path, kind: str) -> None:
+    """A cheap check before any model loads: `path` exists, holds a `kind` ("video" or "audio") stream
+    and its first frame decodes; a clear error naming the file otherwise."""
+    import av
+
+    if kind not in ("video", "audio"):
+        raise ValueError(f"kind must be 'video' or 'audio', got {kind!r}")
+    with _open(path) as c:  # a missing or unreadable file is an error that names it
+        streams = c.streams.video if kind == "video" else c.streams.audio
+        if not streams:
+            other = "give it as audio" if kind == "video" else "give an audio file or a video with an audio track"
+            raise ValueError(f"{str(path)!r} has no {kind} stream; {other}")
+        try:
+            next(c.decode(streams[0]))
+        except (StopIteration, av.error.FFmpegError) as e:
+            raise ValueError(f"cannot decode the {kind} of {str(path)!r} ({e or 'no frames'}); re-encode the file") from None
+
+
 def _decode_audio(container, path) -> Audio:
     import av
 

@@ -259,9 +259,9 @@ def _media_problem(path: Path, kind: str, check_files: bool) -> str | None:
 
             load_image(path)
         else:
-            from patching.flow import check_media
+            from hooked_av.inputs.media import check_media_file
 
-            check_media(str(path), None) if kind == "video" else check_media(None, str(path))
+            check_media_file(path, kind)
     except (ValueError, OSError) as e:
         return " ".join(str(e).split())
     return None
