@@ -4,11 +4,14 @@ full-attention blocks, and the 2x2 patch merger.
 Patches stay in the processor's order, `(h_block, w_block, ih, iw)` within a frame with each 2x2
 merge block contiguous, and the tower runs with one batch row per frame (temporal grid step of an
 image or video): full-attention blocks never attend across frames, so nothing `[n, n]` over a whole
-clip is ever built. Window attention is an explicit per-frame block mask instead of HF's token
-permutation, so a hook on `vision_encoder.blocks.{i}` indexes patches by (frame, h, w).
+clip is ever built. A window block's attention takes one batch row per (frame, window) and puts
+every patch back in its place after it, instead of HF's permutation of the whole residual stream,
+so a hook on `vision_encoder.blocks.{i}` indexes patches by (frame, h, w) in every block.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -89,15 +92,94 @@ def vision_tower_settings(v) -> dict:
     )
 
 
+@dataclass(frozen=True)
+class WindowRows:
+    """The batch rows of the window blocks' attention: one row per (frame, window).
+
+    Rows are frame-major, frames in the order of the block hooks' rows (items in order, then their
+    temporal steps); within a frame, windows in raster order (window row, then window column) of
+    `window_size`-px tiles from the frame's top-left corner, partial at the bottom and right edges
+    (Qwen2.5-VL's partition, HF `get_vision_window_index`). Within a row, the window's patches in
+    the processor's order, then padding up to the largest window of the call (padded keys masked).
+
+    frame        long `[rows]`: the frame (row of `blocks.{i}.hook_*`) a window row belongs to
+    window       long `[rows]`: the window's index within its frame
+    patch        long `[rows, w]`: index of each slot's patch in its frame (the block hooks' patch
+                 axis); -1 marks padding. `hook_pattern[r, h, i, j]` is how much patch `patch[r, i]`
+                 of frame `frame[r]` attends to patch `patch[r, j]` of the same frame.
+    frame_width  patches per block-hook row (the largest frame of the call)
+    """
+
+    frame: Tensor
+    window: Tensor
+    patch: Tensor
+    frame_width: int
+
+    @property
+    def n_frames(self) -> int:
+        return int(self.frame[-1]) + 1
+
+    @property
+    def real(self) -> Tensor:
+        """bool `[rows, w]`: the slots that hold a patch."""
+        return self.patch >= 0
+
+    @property
+    def _gather(self) -> Tensor:  # long [rows, w]: each slot's position in the flattened [frames * width]
+        return self.frame[:, None] * self.frame_width + self.patch.clamp(min=0)
+
+    def to(self, device) -> "WindowRows":
+        return WindowRows(self.frame.to(device), self.window.to(device), self.patch.to(device), self.frame_width)
+
+    def to_windows(self, x: Tensor) -> Tensor:
+        """`[frames, frame_width, ...]` -> `[rows, w, ...]` (padding slots repeat the frame's first patch)."""
+        return x.flatten(0, 1)[self._gather]
+
+    def to_frames(self, y: Tensor) -> Tensor:
+        """`[rows, w, ...]` -> `[frames, frame_width, ...]`: every patch back at its place; frame
+        positions past a smaller frame's patches (frame padding) get zeros."""
+        rows, w = self.patch.shape
+        source = torch.full((self.n_frames * self.frame_width,), rows * w, dtype=torch.long, device=y.device)
+        source[self._gather[self.real]] = torch.arange(rows * w, device=y.device).view(rows, w)[self.real]
+        flat = torch.cat([y.flatten(0, 1), y.new_zeros(1, *y.shape[2:])])
+        return flat[source].view(self.n_frames, self.frame_width, *y.shape[2:])
+
+    def to_frame_pattern(self, pattern: Tensor) -> Tensor:
+        """A window block's `[rows, heads, w, w]` pattern (or scores, mask) as the per-frame
+        `[frames, heads, frame_width, frame_width]` it stands for: zero between windows."""
+        rows, w = self.patch.shape
+        out = pattern.new_zeros(self.n_frames, pattern.shape[1], self.frame_width, self.frame_width)
+        both = self.real[:, :, None] & self.real[:, None, :]  # [rows, w, w]
+        r, i, j = both.nonzero(as_tuple=True)
+        out[self.frame[r], :, self.patch[r, i], self.patch[r, j]] = pattern[r, :, i, j]
+        return out
+
+
+class WindowAttention(Attention):
+    """The attention of a window block: `[frames, frame_width, d]` in and out, each window attending
+    inside itself with the windows as batch rows (`WindowRows`), never a `[patches, patches]` mask
+    over a frame. Its hooks are per window: `hook_q/k/v/rot_q/rot_k/z` `[rows, w, heads, d_head]`,
+    `hook_attn_mask` `[rows, 1, w, w]`, `hook_attn_scores` / `hook_pattern` `[rows, heads, w, w]`."""
+
+    def forward(self, x: Tensor, windows: WindowRows, mask: Tensor | None, rotary) -> Tensor:
+        """`mask` (additive `[rows, 1, w, w]`, or None when no window is padded) and `rotary` act on
+        the window rows."""
+        return windows.to_frames(super().forward(windows.to_windows(x), mask=mask, rotary=rotary))
+
+
 class QwenVisionEncoder(nn.Module):
     """Input: `pixel_values` `[n_patches, C * T * P * P]` and `grid_thw` `[n_items, 3]` (patch grid
     per image/video). Output: `[n_patches / merge**2, out_dim]` in the same order.
 
-    Hook points: `hook_patch_embed` and the blocks' (`blocks.{i}.*`) with shape `[frames, patches,
-    d]`, one row per temporal grid step of every item in order; attention `[frames, heads, patches,
-    patches]` (window blocks see their 112-px window, full blocks the whole frame). When items of
-    different sizes share a call, rows are right-padded to the largest frame and padded keys are
-    masked; `hook_out` `[n_patches / merge**2, out_dim]`.
+    Hook points: `hook_patch_embed` and the blocks' (`blocks.{i}.hook_resid_*`, `ln*`, `mlp.*`) with
+    shape `[frames, patches, d]`, one row per temporal grid step of every item in order, patches in
+    the processor's order. Attention hooks of full-attention blocks (`fullatt_block_indexes`) are
+    per frame: `[frames, patches, heads, d_head]`, patterns `[frames, heads, patches, patches]`.
+    Attention hooks of window blocks are per window (`WindowAttention`): `[rows, w, heads, d_head]`,
+    patterns `[rows, heads, w, w]`, rows and slots as `window_rows(grid_thw)` describes them. When
+    items of different sizes share a call, frame rows are right-padded to the largest frame and
+    padded keys are masked (window rows likewise to the largest window); `hook_out`
+    `[n_patches / merge**2, out_dim]`.
     """
 
     def __init__(
@@ -126,22 +208,52 @@ class QwenVisionEncoder(nn.Module):
         self.blocks = nn.ModuleList(
             Block(
                 RMSNorm(d_model, eps=1e-6),
-                Attention(d_model, n_heads, o_bias=True, names=("q", "k", "v", "proj")),
+                (Attention if i in self.fullatt_block_indexes else WindowAttention)(
+                    d_model, n_heads, o_bias=True, names=("q", "k", "v", "proj")),
                 RMSNorm(d_model, eps=1e-6),
                 GatedMLP(d_model, d_mlp, act, bias=True),
             )
-            for _ in range(n_layers)
+            for i in range(n_layers)
         )
         self.merger = Merger(d_model, out_dim, spatial_merge_size)
         self.hook_patch_embed = HookPoint()
         self.hook_out = HookPoint()
 
     def frame_layout(self, h: int, w: int) -> tuple[Tensor, Tensor]:
-        """One `h x w`-patch frame in processor order: (row, column) `[h * w, 2]` and window id `[h * w]`."""
+        """One `h x w`-patch frame in processor order: (row, column) `[h * w, 2]` and window id `[h * w]`
+        (windows in raster order, see `WindowRows`)."""
         m, wm = self.merge, self.window_merged
         hw = merge_block_coords(h, w, m)
         n_win_w = -(-(w // m) // wm)
         return hw, (hw[:, 0] // m // wm) * n_win_w + hw[:, 1] // m // wm
+
+    @staticmethod
+    def _frames(grid_thw: Tensor) -> list[tuple[int, int]]:
+        """(h, w) in patches of every frame (block-hook row) of a call, in order."""
+        return [(h, w) for t, h, w in grid_thw.tolist() for _ in range(t)]
+
+    def window_rows(self, grid_thw: Tensor) -> WindowRows:
+        """The batch rows of the window blocks' attention hooks for a call with `grid_thw` `[n_items, 3]`:
+        which frame, window and patches each row holds (`WindowRows`, on CPU)."""
+        frames = self._frames(grid_thw)
+        return self._window_rows(frames, {f: self.frame_layout(*f) for f in set(frames)})
+
+    def _window_rows(self, frames: list[tuple[int, int]], layouts: dict) -> WindowRows:
+        sorted_ids = {f: layouts[f][1].sort(stable=True) for f in layouts}  # patches grouped by window, in order
+        counts = {f: torch.bincount(ids) for f, (ids, _) in sorted_ids.items()}  # patches per window
+        w = max(int(c.max()) for c in counts.values())
+        template = {}  # [windows, w] patch indices of one frame geometry, -1 = padding
+        for f, (_, order) in sorted_ids.items():
+            patch = torch.full((len(counts[f]), w), -1, dtype=torch.long)
+            patch[torch.arange(w) < counts[f][:, None]] = order  # row-major fill: window by window
+            template[f] = patch
+        n = [len(counts[f]) for f in frames]
+        return WindowRows(
+            frame=torch.arange(len(frames)).repeat_interleave(torch.tensor(n)),
+            window=torch.cat([torch.arange(k) for k in n]),
+            patch=torch.cat([template[f] for f in frames]),
+            frame_width=max(h * w_ for h, w_ in frames),
+        )
 
     def images_and_videos(self, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw):
         """`(image tokens, video tokens)` (each None when not given) from ONE call of the tower
@@ -154,7 +266,7 @@ class QwenVisionEncoder(nn.Module):
                 out[n_image:] if pixel_values_videos is not None else None)
 
     def forward(self, pixel_values: Tensor, grid_thw: Tensor) -> Tensor:
-        frames = [(h, w) for t, h, w in grid_thw.tolist() for _ in range(t)]
+        frames = self._frames(grid_thw)
         sizes = [h * w for h, w in frames]
         width = max(sizes)
         dev = pixel_values.device
@@ -166,23 +278,28 @@ class QwenVisionEncoder(nn.Module):
         hw = torch.stack([F.pad(layouts[f][0], (0, 0, 0, width - n)) for f, n in zip(frames, sizes)]).to(dev)
         cos, sin = vision_cos_sin(hw.view(-1, 2), self.d_head, self.rope_theta)
         cos, sin = cos.view(len(frames), width, -1), sin.view(len(frames), width, -1)
+        windows = self._window_rows(frames, layouts).to(dev)
+        win_cos, win_sin = windows.to_windows(cos), windows.to_windows(sin)
 
         def rotary(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
             return apply_rotary_fp32(q, k, cos, sin)
 
-        if len(layouts) == 1:  # one frame geometry: no padding, one window mask for every frame
-            win = layouts[frames[0]][1].to(dev)
-            full_mask = None
-            window_mask = additive((win[:, None] == win[None, :])[None, None], x.dtype)
-        else:
-            win = torch.stack([F.pad(layouts[f][1], (0, width - n), value=-1) for f, n in zip(frames, sizes)]).to(dev)
+        def window_rotary(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+            return apply_rotary_fp32(q, k, win_cos, win_sin)
+
+        real_slots = windows.real
+        n_slots = real_slots.shape[1]
+        window_mask = None if bool(real_slots.all()) else additive(
+            real_slots[:, None, None, :].expand(-1, 1, n_slots, -1), x.dtype)
+        full_mask = None  # one frame geometry: nothing padded
+        if len(layouts) > 1:
             real = torch.arange(width, device=dev)[None, :] < torch.tensor(sizes, device=dev)[:, None]
-            keys = real[:, None, None, :]
-            full_mask = additive(keys.expand(-1, 1, width, -1), x.dtype)
-            window_mask = additive((win[:, :, None] == win[:, None, :])[:, None] & keys, x.dtype)
+            full_mask = additive(real[:, None, None, :].expand(-1, 1, width, -1), x.dtype)
         for i, block in enumerate(self.blocks):
-            mask = full_mask if i in self.fullatt_block_indexes else window_mask
-            x = block(x, mask=mask, rotary=rotary)
+            if i in self.fullatt_block_indexes:
+                x = block(x, mask=full_mask, rotary=rotary)
+            else:
+                x = block(x, windows=windows, mask=window_mask, rotary=window_rotary)
         if len(layouts) > 1:
             x = x[real]
         return self.hook_out(self.merger(x.reshape(-1, x.shape[-1])))
