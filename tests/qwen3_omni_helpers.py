@@ -49,6 +49,21 @@ def tiny_thinker_config(**text_over):
     return cfg
 
 
+def tiny_hf(seed: int = 0):
+    """HF's `Qwen3OmniMoeThinkerForConditionalGeneration` of `tiny_thinker_config` (eager attention) with
+    weights drawn so that routing is decisive and every weight matters."""
+    from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import Qwen3OmniMoeThinkerForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = tiny_thinker_config()
+    cfg._attn_implementation = "eager"
+    hf = Qwen3OmniMoeThinkerForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p) if name.endswith("norm.weight") else 0.3 * torch.randn_like(p))
+    return hf
+
+
 def hf_rope_index(tc, input_ids, attention_mask=None, image_grid_thw=None, video_grid_thw=None,
                   use_audio_in_video=False, audio_frames=None, second_per_grid=None):
     """HF's own `get_rope_index` (the oracle), called without building a model."""

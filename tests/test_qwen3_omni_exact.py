@@ -11,26 +11,13 @@ import json
 
 import pytest
 import torch
-from qwen3_omni_helpers import GEOMETRIES, USER, batch, model_inputs, text, tiny_thinker_config
+from qwen3_omni_helpers import GEOMETRIES, USER, batch, model_inputs, text, tiny_hf
 
 import hooked_av
 from hooked_av import HookedQwen3Omni
 
 torch.set_num_threads(1)
 TOL = 1e-5
-
-
-def tiny_hf(seed: int = 0):
-    from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import Qwen3OmniMoeThinkerForConditionalGeneration
-
-    torch.manual_seed(seed)
-    cfg = tiny_thinker_config()
-    cfg._attn_implementation = "eager"
-    hf = Qwen3OmniMoeThinkerForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # decisive routing, non-trivial norms, every weight matters
-        for name, p in hf.named_parameters():
-            p.copy_(1 + 0.1 * torch.randn_like(p) if name.endswith("norm.weight") else 0.3 * torch.randn_like(p))
-    return hf
 
 
 @pytest.fixture(scope="module")
