@@ -173,7 +173,7 @@ def _lines(ax, df, x: str, series: str, ctx) -> dict:
     return ns
 
 
-def _line_panels(df, ax, figsize, ctx, x: str, series: str, panel: str | None, xlabel: str):
+def _line_panels(df, ax, figsize, ctx, x: str, series: str, panel: str | None, xlabel: str, what: str = ""):
     panels = list(dict.fromkeys(df[panel])) if panel else [None]
     axes = _axes(ax, len(panels), figsize)
     for a, p in zip(axes, panels):
@@ -185,7 +185,7 @@ def _line_panels(df, ax, figsize, ctx, x: str, series: str, panel: str | None, x
             _integer_ticks(a.xaxis)
             a.set_xlabel(xlabel)
         a.axhline(0, color="grey", lw=0.5)
-        a.set_title(_series_title(ctx, "" if p is None else f" ({panel} {p})"), fontsize="small")
+        a.set_title(_series_title(ctx, what + ("" if p is None else f" ({panel} {p})")), fontsize="small")
         _legend(a, ns, ctx["subset"])
     axes[0].set_ylabel(_ylabel(ctx))
     return _out(axes)
@@ -216,13 +216,12 @@ def _bars(ax, df, series: str, ctx) -> dict:
 
 
 def _knockout(df, ax, figsize, ctx):
-    out = _line_panels(df, ax, figsize, ctx, "layer", "edge", None, "layer")
-    st = ctx["settings"]
+    st, what = ctx["settings"], ""
     if st.get("window_style"):  # which layers a point knocks out: the x axis is the window's anchor layer
         k = st.get("window")
         size = "" if st["window_style"] in ("top_down", "bottom_up") else f"{DEFAULT_WINDOW if k is None else k}-layer "
-        out.set_title(f"{size}{st['window_style'].replace('_', '-')} window at each layer; " + out.get_title(), fontsize="small")
-    return out
+        what = f", {size}{st['window_style'].replace('_', '-')} window at each layer"
+    return _line_panels(df, ax, figsize, ctx, "layer", "edge", None, "layer", what)
 
 
 def _logit_lens(df, ax, figsize, ctx):

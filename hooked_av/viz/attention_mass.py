@@ -94,12 +94,12 @@ def plot_attention_mass(df, layers: Sequence[int] | None = None, ncols: int = 4)
     fig, axes = plt.subplots(nrows, min(ncols, len(layers)), figsize=(3.2 * min(ncols, len(layers)), 3.0 * nrows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, layer in zip(axes.flat, layers):
+    for i, (ax, layer) in enumerate(zip(axes.flat, layers)):
         sub = df[df.layer == layer].groupby(["dst", "src"]).mass.mean().unstack().reindex(index=order, columns=order)
         ax.axis("on")
         image = ax.imshow(sub.values, vmin=0, vmax=1, cmap="viridis")
         ax.set_xticks(range(len(order)), order, rotation=90, fontsize=7)
-        ax.set_yticks(range(len(order)), order, fontsize=7)
+        ax.set_yticks(range(len(order)), order if i % axes.shape[1] == 0 else [], fontsize=7)  # names once per row of panels
         ax.set_title(f"layer {layer}", fontsize=9)
     fig.colorbar(image, ax=list(axes.flat), shrink=0.8, label="mean attention mass")
     fig.supxlabel("attended group (key)")
