@@ -41,10 +41,14 @@ def render_chat(messages: list[dict], tok: dict[str, str]) -> str:
     return "".join(text for _, text in chat_segments(messages, tok))
 
 
-def chat_segments(messages: list[dict], tok: dict[str, str]) -> list[tuple[str | None, str]]:
+def chat_segments(messages: list[dict], tok: dict[str, str],
+                  default_system: str | None = TEMPLATE_SYSTEM_PROMPT) -> list[tuple[str | None, str]]:
     """`render_chat`'s text in order as `(part, text)`: a text content's `"part"` (a name of
-    `hooked_av.inputs.token_map.TEXT_PARTS`, as `messages_for` sets it), None for the rest."""
-    out = [] if messages and messages[0]["role"] == "system" else [(None, f"<|im_start|>system\n{TEMPLATE_SYSTEM_PROMPT}<|im_end|>\n")]
+    `hooked_av.inputs.token_map.TEXT_PARTS`, as `messages_for` sets it), None for the rest.
+    `default_system`: the system message the template writes when the messages have none (None: none,
+    as Qwen3's ChatML templates)."""
+    has_system = bool(messages) and messages[0]["role"] == "system"
+    out = [] if has_system or default_system is None else [(None, f"<|im_start|>system\n{default_system}<|im_end|>\n")]
     media = {
         "image": tok["vision_bos"] + tok["image"] + tok["vision_eos"],
         "video": tok["vision_bos"] + tok["video"] + tok["vision_eos"],
@@ -61,9 +65,10 @@ def chat_segments(messages: list[dict], tok: dict[str, str]) -> list[tuple[str |
     return out + [(None, "<|im_start|>assistant\n")]
 
 
-def messages_for(prompt: Prompt, use_audio_in_video: bool) -> list[dict]:
+def messages_for(prompt: Prompt, use_audio_in_video: bool, default_system: str | None = OMNI_SYSTEM_PROMPT) -> list[dict]:
     """The chat messages of one prompt (media as typed parts, then the question, options and
-    instruction, each a text content; text contents name their `"part"`, which chat templates ignore)."""
+    instruction, each a text content; text contents name their `"part"`, which chat templates ignore).
+    `default_system`: the family's system prompt when the prompt asks for the default (`DEFAULT`)."""
     content = []
     for it in prompt.all_items():
         if it.label:
@@ -75,7 +80,7 @@ def messages_for(prompt: Prompt, use_audio_in_video: bool) -> list[dict]:
         if it.audio is not None and not (it.video is not None and use_audio_in_video):
             content.append({"type": "audio"})
     content += [{"type": "text", "text": text, "part": part} for part, text in prompt.parts()]
-    system = OMNI_SYSTEM_PROMPT if prompt.system is DEFAULT else prompt.system
+    system = default_system if prompt.system is DEFAULT else prompt.system
     return ([{"role": "system", "content": system}] if system is not None else []) + [{"role": "user", "content": content}]
 
 
