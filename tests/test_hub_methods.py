@@ -127,3 +127,113 @@ def test_token_sets_are_the_hub_replace_modes(planted):
     assert sets["cross_modal_sink"].label == "cross_modal_sink(audio)"
     with pytest.raises(ValueError, match=r"8 positions asked from 7 'audio' positions"):
         token_sets.random_like(token_sets.TokenSet("big", lambda tm, s: range(8)), "audio")(tm, 0)
+
+
+# ---- causal tracing, the hub preset -------------------------------------------------------------------
+def _greedy_probs(model, enc, hooks, steps):
+    """Probabilities `[steps, vocab]` of greedy decoding, the whole sequence recomputed at every step
+    (no KV cache); `hooks(n)` edits the first n (prompt) positions only, as the hub's hooks skip decoding."""
+    embeds, pos = enc["inputs_embeds"], enc["position_ids"]
+    n, out = embeds.shape[1], []
+    with torch.no_grad():
+        for _ in range(steps):
+            p = model.run_with_hooks(inputs_embeds=embeds, position_ids=pos, fwd_hooks=hooks(n))[0, -1].softmax(-1)
+            out.append(p)
+            tok = p.argmax()
+            embeds = torch.cat([embeds, model.embed(tok.view(1, 1))], 1)
+            pos = torch.cat([pos, (pos.max() + 1).view(1, 1, 1).expand(3, 1, 1)], 2)
+    return torch.stack(out)
+
+
+@pytest.fixture(scope="module")
+def toy_model():
+    from hooked_av import toy
+
+    return toy.load()
+
+
+def test_hub_preset_of_causal_tracing_equals_the_hubs_loop(toy_model):
+    """The toy asked a colour with black frames, its video tokens' attention input restored from
+    each layer to the last (the hub's video-corrupted case restores the other modality's sinks; the
+    definitions are the same for any set)."""
+    from hooked_av import toy
+    from patching.causal_tracing import causal_tracing
+    from patching.corrupt import zero_modality
+
+    model = toy_model
+    inputs = toy.make_batch(1, seed=3, tokenizer=model.tokenizer, kinds=("visual",)).inputs  # black frames flip it
+    tm = model.token_map(inputs)
+    n_layers = model.cfg.n_layers
+    bad = model.encode(**zero_modality(inputs, "video"))
+    with torch.no_grad():
+        top2 = model(**inputs)[0, -1].topk(2).indices.tolist()
+    steps, audio = 3, tm.positions("video")
+    names = [f"blocks.{l}.ln1.hook_normalized" for l in range(n_layers)]
+    with torch.no_grad():
+        _, clean = model.run_with_cache(**inputs, names_filter=names)
+
+    def restore(layers):
+        def hooks(n):
+            def fn(x, hook):
+                x = x.clone()
+                x[:, audio] = clean[hook.name][:, audio]  # prompt positions only
+                return x
+            return [(f"blocks.{l}.ln1.hook_normalized", fn) for l in layers]
+        return hooks
+
+    corrupt_p = _greedy_probs(model, bad, lambda n: [], steps)
+    pred = int(corrupt_p[0].argmax())  # the corrupted run's own answer
+    res = causal_tracing(model, inputs, answers=[top2], corrupt="video", tokens=["video"], preset="hub", steps=steps,
+                         tm=tm, progress=False).df
+    assert res.window_end.tolist() == [n_layers - 1] * n_layers and res.window_start.tolist() == list(range(n_layers))
+    for _, row in res.iterrows():
+        restored_p = _greedy_probs(model, bad, restore(range(row.layer, n_layers)), steps)
+        rcp, ccp = restored_p[:, top2].max(), corrupt_p[:, top2].max()  # max_prob_for_word: steps x candidates
+        ie = float(rcp - ccp) * 100
+        mirror = float(corrupt_p[:, pred].max() - restored_p[:, pred].max()) * 100  # causal_effect.py
+        assert abs(row.p_restored - float(rcp)) < 1e-5 and abs(row.p_corrupt - float(ccp)) < 1e-5
+        assert abs(row.indirect_effect - ie) < 1e-3 and abs(row.ie_corrupt_pred - mirror) < 1e-3
+    # the earlier definition (first step of the first candidate, restored sign, x1, a centred window) differs
+    old = causal_tracing(model, inputs, answers=[top2[0]], corrupt="video", tokens=["video"],
+                         corrupted=zero_modality(inputs, "video"), restore=("attn_in",), tm=tm, progress=False).df
+    assert old.window_end.tolist() == list(range(n_layers))
+    assert (old.indirect_effect * 100 - res.indirect_effect).abs().max() > 1.0
+    print("hub IE", res.indirect_effect.round(3).tolist(), "earlier x100", (old.indirect_effect * 100).round(3).tolist())
+
+
+def test_answers_as_words_take_both_space_variants_of_the_first_sub_token(planted):
+    from patching.causal_tracing import candidates
+
+    model = planted[0]
+
+    class Tok:  # "cat" -> [5, 6], " cat" -> [9]: the first sub-token of each
+        def encode(self, text, add_special_tokens=False):
+            return {"cat": [5, 6], " cat": [9]}[text]
+
+    model.tokenizer = Tok()
+    try:
+        assert candidates(model, ["cat", 7, [3, 4]], 3, "answers") == [[5, 9], [7], [3, 4]]
+        with pytest.raises(ValueError, match=r"2 answer token ids for 3 samples"):
+            candidates(model, ["cat", 7], 3, "answers")
+    finally:
+        del model.tokenizer
+
+
+# ---- unimodal dominance ----------------------------------------------------------------------------------
+def test_dominance_labels_as_the_hub_selects_its_cases(toy_model):
+    from hooked_av import toy
+    from patching.corrupt import zero_modality
+    from patching.dominance import dominance
+
+    model = toy_model
+    batch = toy.make_batch(8, seed=0, tokenizer=model.tokenizer, kinds=("visual", "auditory"))
+    df = dominance(model, batch.inputs, answers=batch.answers)
+    with torch.no_grad():  # av / a (black frames) / v (silence) answers
+        runs = [model(**x)[:, -1].argmax(-1).tolist() for x in
+                (batch.inputs, zero_modality(batch.inputs, "video"), zero_modality(batch.inputs, "audio"))]
+    for i in range(8):  # the hub's rule, one sample at a time
+        av, a, v = (r[i] for r in runs)
+        expect = "video" if (av == v and av != a) else "audio" if (av == a and av != v) else "neither"
+        assert df.loc[i, "label"] == expect and (df.loc[i, "pred_av"], df.loc[i, "pred_audio_only"], df.loc[i, "pred_video_only"]) == (av, a, v)
+    print(df.label.value_counts().to_dict())
+    assert df.correct_av.all() and df.label.value_counts().to_dict() == {"neither": 4, "audio": 2, "video": 2}
