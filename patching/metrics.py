@@ -1,8 +1,10 @@
 """Metrics on last-position logits, and the normalisations the experiments report.
 
 A metric is called as `metric(logits, samples)`: `logits` `[rows, vocab]` (the final prompt position),
-`samples` `[rows]` the sample index of each row (a sweep repeats one sample over many rows); it returns
-`[rows]` floats. Answers are token ids, one for every sample (or one for all).
+`samples` `[rows]` (or one int) the sample index of each row (a sweep repeats one sample over many rows);
+it returns `[rows]` floats. Answers are token ids, one for every sample (or one for all). Without
+`samples`, row i is sample i when there are as many rows as answers; any other shape must say which
+sample each row is (scoring every row against the first answer was a silent wrong result).
 """
 
 from __future__ import annotations
@@ -27,11 +29,20 @@ def _ids(tokens) -> Tensor:
 class Metric:
     name = "metric"
 
-    def __call__(self, logits: Tensor, samples: Tensor | Sequence[int] | int = 0) -> Tensor:
+    def __call__(self, logits: Tensor, samples: Tensor | Sequence[int] | int | None = None) -> Tensor:
         raise NotImplementedError
 
     @staticmethod
     def _pick(ids: Tensor, samples, rows: int, device) -> Tensor:
+        if samples is None:
+            if len(ids) == 1:
+                return ids.to(device).expand(rows)
+            if len(ids) != rows:
+                raise ValueError(
+                    f"the metric holds {len(ids)} answers but the logits have {rows} rows; pass samples= (the sample "
+                    "index of each row, or one int for every row)"
+                )
+            return ids.to(device)
         s = torch.as_tensor(samples, dtype=torch.long, device=device).flatten()
         s = s.expand(rows) if s.numel() == 1 else s
         if len(ids) == 1:
@@ -69,11 +80,11 @@ class AnswerProb(Metric):
     def __init__(self, answer):
         self.answer = _ids(answer)
 
-    def __call__(self, logits, samples=0):
+    def __call__(self, logits, samples=None):
         a = self._pick(self.answer, samples, logits.shape[0], logits.device)
         return logits.float().softmax(-1).gather(-1, a[:, None])[:, 0]
 
-    def correct(self, logits, samples=0) -> Tensor:
+    def correct(self, logits, samples=None) -> Tensor:
         """bool `[rows]`: the answer token is the argmax."""
         return logits.argmax(-1) == self._pick(self.answer, samples, logits.shape[0], logits.device)
 
@@ -81,7 +92,7 @@ class AnswerProb(Metric):
 class AnswerLogProb(AnswerProb):
     name = "logprob"
 
-    def __call__(self, logits, samples=0):
+    def __call__(self, logits, samples=None):
         a = self._pick(self.answer, samples, logits.shape[0], logits.device)
         return logits.float().log_softmax(-1).gather(-1, a[:, None])[:, 0]
 
@@ -94,7 +105,7 @@ class LogitDiff(Metric):
     def __init__(self, correct, wrong):
         self.correct_ids, self.wrong_ids = _ids(correct), _ids(wrong)
 
-    def __call__(self, logits, samples=0):
+    def __call__(self, logits, samples=None):
         n, d = logits.shape[0], logits.device
         c, w = self._pick(self.correct_ids, samples, n, d), self._pick(self.wrong_ids, samples, n, d)
         lf = logits.float()

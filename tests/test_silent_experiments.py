@@ -299,3 +299,16 @@ def test_logit_lens_refuses_answers_and_groups_that_do_not_fit_before_any_forwar
     model, one, tm, _ = no_forward
     with pytest.raises(ValueError, match=message):
         logit_lens(model, one, **kwargs)
+
+
+def test_a_metric_without_samples_scores_row_i_against_answer_i_or_asks_which():
+    """`metric(logits)` on n rows with n answers used to score every row against answer 0."""
+    logits = torch.tensor([[4.0, 0.0, 0.0], [0.0, 4.0, 0.0]])
+    m = AnswerProb([0, 1])
+    assert torch.allclose(m(logits), logits.softmax(-1)[[0, 1], [0, 1]])
+    assert m.correct(logits).tolist() == [True, True]
+    assert torch.allclose(m(logits, 1), logits.softmax(-1)[:, 1])  # one sample for every row, as sweeps call it
+    assert torch.allclose(AnswerProb([2])(logits), logits.softmax(-1)[:, 2])  # one answer for all rows
+    with pytest.raises(ValueError, match="3 answers but the logits have 2 rows; pass samples="):
+        AnswerProb([0, 1, 2])(logits)
+    assert LogitDiff([0, 1], [1, 0])(logits).tolist() == [4.0, 4.0]
