@@ -166,3 +166,40 @@ def model_inputs(name: str, n_mels: int = 16, patch_dim: int = 3 * 2 * 16 * 16, 
     if "spg" in kw:
         out["video_second_per_grid"] = torch.tensor(kw["spg"])
     return out, kw.get("av")
+
+
+# ---- an offline tokenizer and a Qwen3-style chat template over the tiny ids ----------------------------------
+# Qwen3's ChatML: no system message unless one is given, media as <|vision_start|><|image_pad|><|vision_end|>,
+# <|vision_start|><|video_pad|><|vision_end|>, <|audio_start|><|audio_pad|><|audio_end|>, text as written
+QWEN3_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'audio' %}<|audio_start|><|audio_pad|><|audio_end|>"
+    "{% elif content['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+PAD = 120
+SPECIALS = {"<|audio_pad|>": AUDIO, "<|image_pad|>": IMAGE, "<|video_pad|>": VIDEO, "<|audio_start|>": AUDIO_BOS,
+            "<|audio_end|>": AUDIO_EOS, "<|vision_start|>": VISION_BOS, "<|vision_end|>": VISION_EOS,
+            "<|im_start|>": IM_START, "<|im_end|>": IM_END, "<|endoftext|>": PAD}
+
+
+def tiny_tokenizer():
+    """A word-level fast tokenizer over the tiny config's ids, naming its multimodal tokens as
+    `Qwen3OmniMoeProcessor` reads them (tests/media_helpers.py's words)."""
+    from media_helpers import WORDS
+    from tokenizers import AddedToken, Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(WORDS)} | {"user": USER} | SPECIALS
+    vocab |= {f"<unused{i}>": i for i in range(128) if i not in set(vocab.values())}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\s|\w+|[^\w\s]"), behavior="isolated")
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIALS])
+    names = dict(image_token="<|image_pad|>", audio_token="<|audio_pad|>", video_token="<|video_pad|>",
+                 vision_bos_token="<|vision_start|>", vision_eos_token="<|vision_end|>",
+                 audio_bos_token="<|audio_start|>", audio_eos_token="<|audio_end|>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>",
+                                   extra_special_tokens=names)

@@ -69,6 +69,9 @@ class Experts(nn.Module):
         self.n_experts = n_experts
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * d_expert, d_model))
         self.down_proj = nn.Parameter(torch.empty(n_experts, d_model, d_expert))
+        # random weights for `from_config` (a checkpoint overwrites them): HF's normal(0, initializer_range 0.02)
+        nn.init.normal_(self.gate_up_proj, std=0.02)
+        nn.init.normal_(self.down_proj, std=0.02)
         self.act = activation(act)
         if not _LAZY.get():
             for e in range(n_experts):

@@ -191,12 +191,14 @@ class HookedQwen3Omni(MRoPELanguageModel, HookedAVModel):
         video_grid_thw: Tensor | None = None,
         video_second_per_grid: Tensor | None = None,
         use_audio_in_video: bool | None = None,
+        text_parts: Tensor | None = None,
     ) -> dict:
         """Run the towers and merge: returns `inputs_embeds` `[batch, pos, d_model]`, `position_ids` fp32
         `[3, batch, pos]`, `attention_mask`, `rope_deltas` `[batch, 1]` and `injections` (DeepStack: one
         `[batch, pos, d_model]` per tapped layer, zero off the image/video positions; None without
         images or videos); `model(**enc)` continues. `use_audio_in_video`: the layout of each video block
-        in `input_ids` decides; a flag that disagrees is a ValueError raised before any tower runs."""
+        in `input_ids` decides; a flag that disagrees is a ValueError raised before any tower runs.
+        `text_parts` (`prepare`'s record of the user's text, for `token_map`) is accepted and not read."""
         audio = None
         if input_features is not None:
             audio = self._audio_frames(input_features, feature_attention_mask, audio_feature_lengths)
@@ -256,11 +258,12 @@ class HookedQwen3Omni(MRoPELanguageModel, HookedAVModel):
         use_audio_in_video: bool | None = None,
         return_type: str | None = "logits",
         logits_at=None,
+        text_parts: Tensor | None = None,
         **media,
     ) -> Tensor:
         """Logits `[batch, pos, vocab]` from processor outputs, or from `encode`'s outputs (with their
         `injections`). `return_type`: "logits", "resid" (after `ln_final`) or None; `logits_at`: see
-        `run_language_model`. `use_audio_in_video`: see `encode`."""
+        `run_language_model`. `use_audio_in_video`, `text_parts` (accepted, not read): see `encode`."""
         return self.route_forward(input_ids, attention_mask, inputs_embeds, position_ids, return_type, media,
                                   MEDIA_ARGS, logits_at=logits_at, injections=injections,
                                   use_audio_in_video=use_audio_in_video)
@@ -271,7 +274,8 @@ class HookedQwen3Omni(MRoPELanguageModel, HookedAVModel):
         self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None, *,
         max_new_tokens: int = 16, eos_token_id: int | list[int] | None = None,
         use_audio_in_video: bool | None = None, inputs_embeds: Tensor | None = None,
-        position_ids: Tensor | None = None, rope_deltas: Tensor | None = None, injections=None, **media,
+        position_ids: Tensor | None = None, rope_deltas: Tensor | None = None, injections=None,
+        text_parts: Tensor | None = None, **media,
     ) -> Tensor:
         """Greedy decoding with a KV cache, under whatever hooks are active; decoding step n sits at id
         `n_real_tokens + rope_deltas` on every row (HF's); DeepStack's injections are added on the prefill
@@ -287,6 +291,20 @@ class HookedQwen3Omni(MRoPELanguageModel, HookedAVModel):
                                   injections=injections)
 
     # ---- inputs from media and the TokenMap ---------------------------------------------------
+    def prepare(self, prompts, *, use_audio_in_video: bool | None = None, parts=None, tokenizer=None,
+                **prompt_kwargs) -> dict:
+        """Model inputs from media and a question (or a list of `hooked_av.inputs.Prompt`), equal to
+        `Qwen3OmniMoeProcessor`'s: see `hooked_av.families.qwen3_omni.prompt.prepare_qwen3_omni`.
+        `model(**inputs)` runs them; `parts` (`processor.parts_for_model`) are kept as `processor_parts`."""
+        from hooked_av.families.qwen3_omni.layout import token_ids as read_ids
+        from hooked_av.families.qwen3_omni.processor import parts_for_model
+        from hooked_av.families.qwen3_omni.prompt import prepare_qwen3_omni
+
+        parts = parts or getattr(self, "processor_parts", None) or parts_for_model(self, tokenizer)
+        self.processor_parts = parts
+        ids = read_ids(self.hf_config, parts.tokenizer)  # the closing ids may be the tokenizer's alone
+        return prepare_qwen3_omni(parts, ids, self.n_window, prompts, use_audio_in_video, **prompt_kwargs)
+
     def token_map(self, inputs: dict, tokenizer=None, chat=None):
         """The `TokenMap` of processor/`prepare` outputs (group, item, frame, time per position); see
         `token_map.qwen3_omni_token_map`."""

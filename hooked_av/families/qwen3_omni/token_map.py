@@ -13,9 +13,10 @@ import torch
 from torch import Tensor
 
 from hooked_av.families.qwen3_omni.layout import (Qwen3OmniTokenIds, audio_seconds_per_token, audio_token_counts,
-                                                  processor_av_order)
+                                                  processor_av_order, token_ids)
 from hooked_av.inputs.chat import ChatTokens, chat_tokens, text_groups
-from hooked_av.inputs.token_map import TokenMap, TokenMapBuilder, clip_numbers, media_runs
+from hooked_av.inputs.token_map import (TokenMap, TokenMapBuilder, check_text_parts, clip_numbers, media_runs,
+                                        with_text_parts)
 
 
 def qwen3_omni_token_map(
@@ -30,11 +31,15 @@ def qwen3_omni_token_map(
     merge: int = 2,
     per_second: float = 13,
     seconds_per_audio_token: float = 1 / 13,
+    text_parts: Tensor | None = None,
 ) -> TokenMap:
     """TokenMap of a Qwen3-Omni batch `[batch, pos]` (left or right padded). Media metadata are consumed in
     order across the batch; an audio-in-video block is one run of media tokens holding both ids, checked
-    against the processor's interleave (`layout.processor_av_order`). Items are clips (`clip_numbers`)."""
+    against the processor's interleave (`layout.processor_av_order`). Items are clips (`clip_numbers`).
+    `text_parts`: `prepare`'s record of the user's text (`inputs["text_parts"]`), which makes it question,
+    options, instruction and label; without it all user text is question."""
     b, s = input_ids.shape
+    parts = check_text_parts(text_parts, input_ids)
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
     out = TokenMapBuilder(b, s)
     media = {ids.audio: "audio", ids.video: "video", ids.image: "image"}
@@ -45,7 +50,7 @@ def qwen3_omni_token_map(
     for row in range(b):
         pos = mask[row].bool().nonzero().flatten().tolist()
         toks = input_ids[row, pos].tolist()
-        for p, g in zip(pos, text_groups(toks, chat)):
+        for p, g in zip(pos, with_text_parts(text_groups(toks, chat), None if parts is None else parts[row, pos].tolist())):
             out.set(row, p, g)
         for p, t in zip(pos, toks):
             if t in specials:
@@ -107,13 +112,14 @@ def _fill(out, row, where, kind, item, index, grids, spg, audio_counts, merge, s
 
 def model_token_map(model, inputs: dict, tokenizer=None, chat=None) -> TokenMap:
     """`qwen3_omni_token_map` of a `HookedQwen3Omni`'s inputs; the chat structure comes from `chat`, else the
-    tokenizer (`model.tokenizer`), else all text is "question"."""
+    tokenizer (`model.tokenizer`), else all text is "question"; the closing audio / vision ids from the
+    config, else the tokenizer. `inputs["text_parts"]` (from `prepare`) splits the user's text."""
     tok = tokenizer if tokenizer is not None else model.tokenizer
     fam = inputs.get("feature_attention_mask")
     counts = None if fam is None else audio_token_counts(fam, model.n_window)
     return qwen3_omni_token_map(
-        inputs["input_ids"], inputs.get("attention_mask"), model.ids,
+        inputs["input_ids"], inputs.get("attention_mask"), token_ids(model.hf_config, tok),
         chat_tokens(tok, chat, model.cfg.d_vocab, model.ids.vision_start),
         inputs.get("image_grid_thw"), inputs.get("video_grid_thw"), counts, inputs.get("video_second_per_grid"),
-        model.merge, model.position_id_per_seconds, audio_seconds_per_token(model.n_window),
+        model.merge, model.position_id_per_seconds, audio_seconds_per_token(model.n_window), inputs.get("text_parts"),
     )
