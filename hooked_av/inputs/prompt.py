@@ -147,6 +147,28 @@ def has_audio(it: Item) -> bool:
     return False
 
 
+def gather_media(prompts: list[Prompt], fps: float, use_audio_in_video: bool) -> tuple[list, list, list]:
+    """`(images, videos, audios)` of a batch of prompts, decoded, in the order the processors consume them:
+    clip by clip, image, then video (with its audio when `use_audio_in_video`: the track, or the item's
+    explicit audio), then a separate audio. Videos are sampled at `fps` (`media.load_video`)."""
+    from hooked_av.inputs.media import load_audio, load_image, load_video
+
+    images, videos, audios = [], [], []
+    for p in prompts:
+        for it in p.all_items():
+            if it.image is not None:
+                images.append(load_image(it.image))
+            if it.video is not None:
+                v = load_video(it.video, fps=fps, with_audio=use_audio_in_video,
+                               audio=it.audio if use_audio_in_video else None)
+                videos.append(v)
+                if use_audio_in_video:
+                    audios.append(v.audio)
+            if it.audio is not None and not (it.video is not None and use_audio_in_video):
+                audios.append(load_audio(it.audio))
+    return images, videos, audios
+
+
 def as_prompts(prompts, prompt_kwargs: dict) -> list:
     """A question string (with `Prompt` fields in `prompt_kwargs`), one `Prompt` or a list of them
     -> a list of `Prompt`."""

@@ -18,8 +18,9 @@ import torch
 from hooked_av.families.qwen2_5_omni.layout import OmniTokenIds, audio_token_counts, av_block_runs
 from hooked_av.families.qwen2_5_omni.processor import OmniParts, video_max_pixels
 from hooked_av.inputs.chat import special_texts
-from hooked_av.inputs.media import SAMPLE_RATE, load_audio, load_image, load_video
-from hooked_av.inputs.prompt import DEFAULT, Prompt, as_prompts, check_offsets, check_prompt_text, has_audio, text_part_codes
+from hooked_av.inputs.media import SAMPLE_RATE
+from hooked_av.inputs.prompt import (DEFAULT, Prompt, as_prompts, check_offsets, check_prompt_text, gather_media, has_audio,
+                                     text_part_codes)
 
 OMNI_SYSTEM_PROMPT = (
     "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving "
@@ -121,19 +122,8 @@ def prepare_omni(
     specials = special_texts(parts.tokenizer, tok.values())
     for p in prompts:
         check_prompt_text(p, specials)
-    segments, images, videos, audios = [], [], [], []
-    for p in prompts:
-        segments.append(chat_segments(messages_for(p, av_mode), tok))
-        for it in p.all_items():  # media in order of appearance: image, video (+ its audio), audio
-            if it.image is not None:
-                images.append(load_image(it.image))
-            if it.video is not None:
-                v = load_video(it.video, fps=parts.fps, with_audio=av_mode, audio=it.audio if av_mode else None)
-                videos.append(v)
-                if av_mode:
-                    audios.append(v.audio)
-            if it.audio is not None and not (it.video is not None and av_mode):
-                audios.append(load_audio(it.audio))
+    segments = [chat_segments(messages_for(p, av_mode), tok) for p in prompts]
+    images, videos, audios = gather_media(prompts, parts.fps, av_mode)
     out: dict = {}
     if audios:
         feats = parts.feature_extractor(

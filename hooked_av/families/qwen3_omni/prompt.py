@@ -26,8 +26,7 @@ from hooked_av.families.qwen2_5_omni.processor import OmniParts
 from hooked_av.families.qwen2_5_omni.prompt import chat_segments, messages_for, resolve_audio_in_video, token_strings
 from hooked_av.families.qwen3_omni.layout import Qwen3OmniTokenIds, audio_token_counts, processor_av_order
 from hooked_av.inputs.chat import special_texts
-from hooked_av.inputs.media import load_audio, load_image, load_video
-from hooked_av.inputs.prompt import as_prompts, check_offsets, check_prompt_text, text_part_codes
+from hooked_av.inputs.prompt import as_prompts, check_offsets, check_prompt_text, gather_media, text_part_codes
 
 
 def prepare_qwen3_omni(parts: OmniParts, ids: Qwen3OmniTokenIds, n_window: int, prompts,
@@ -53,18 +52,7 @@ def prepare_qwen3_omni(parts: OmniParts, ids: Qwen3OmniTokenIds, n_window: int, 
     for p in prompts:
         check_prompt_text(p, specials)
     segments = [chat_segments(messages_for(p, av_mode, default_system=None), tok, default_system=None) for p in prompts]
-    images, videos, audios = [], [], []
-    for p in prompts:
-        for it in p.all_items():  # media in order of appearance: image, video (+ its audio), audio
-            if it.image is not None:
-                images.append(load_image(it.image))
-            if it.video is not None:
-                v = load_video(it.video, fps=parts.fps, with_audio=av_mode, audio=it.audio if av_mode else None)
-                videos.append(v)
-                if av_mode:
-                    audios.append(v.audio)
-            if it.audio is not None and not (it.video is not None and av_mode):
-                audios.append(load_audio(it.audio))
+    images, videos, audios = gather_media(prompts, parts.fps, av_mode)
     out: dict = {}
     if audios:
         fe = parts.feature_extractor
