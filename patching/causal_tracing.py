@@ -35,7 +35,6 @@ variants, the mirror sign, x100 as the hub reports). Without a preset: noise per
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 
 import pandas as pd
@@ -44,7 +43,7 @@ import torch
 from hooked_av.inputs import Selection
 from patching import checks
 from patching.activation_patching import cache_sample, check_same_layout
-from patching.corrupt import zero_modality
+from patching.corrupt import zero_media
 from patching.hooks import ablate, add_noise, patch_from_cache, site_name
 from patching.intervention import Intervention
 from patching.knockout import window_layers
@@ -270,14 +269,6 @@ def candidates(model, answers, n: int, what: str) -> list[list[int]]:
             ids = checks.nonempty(ids, what)
         out.append(sorted(set(checks.token_ids(model, ids, f"{what.removesuffix('s')} token id(s)"))))
     return out * n if len(out) == 1 else out
-
-
-def zero_media(model, inputs: dict, modality) -> dict:
-    """The hub's corruption: `modality` black or silent at the media level (`zero_modality`, given
-    the model's media constants where it takes them)."""
-    if "model" in inspect.signature(zero_modality).parameters:
-        return zero_modality(inputs, modality, model=model)
-    return zero_modality(inputs, modality)
 
 
 def _probe(model, sample, interventions, cand: list[int], steps: int = 1, eos: int | None = None,

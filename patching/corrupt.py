@@ -51,3 +51,10 @@ def zero_modality(inputs: dict, modality: str, model=None, constants: MediaConst
     for k in present:
         out[k] = black_patch_rows(inputs[k], c.image_mean, c.image_std)
     return out
+
+
+def zero_media(model, inputs: dict, modality: str) -> dict:
+    """The cross-modal-hub paper's corruption of `inputs` (`kaistmm/crossmodal-hub`, its audio-only and
+    video-only runs): `modality` black or silent at the media level with `model`'s own constants
+    (`zero_modality(inputs, modality, model=model)`)."""
+    return zero_modality(inputs, modality, model=model)

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from patching import checks
-from patching.causal_tracing import zero_media
+from patching.corrupt import zero_media
 
 LABELS = ("video", "audio", "neither")
 

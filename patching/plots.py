@@ -5,7 +5,7 @@
   lens, DLA), the run (pathway), the method (FastV), the discarded group. Nothing is averaged away
   but the samples.
 - Line plots show the mean over samples with a bootstrap 95 % interval of the mean as a band (the
-  percentile bootstrap of `patching.study.stats.bootstrap_ci`, seeded), and every sample as a faint
+  percentile bootstrap of `patching.stats.bootstrap_ci`, seeded), and every sample as a faint
   line of the same colour, so a bimodal cell (half the samples at 0, half at -100) reads as two
   bundles, not as one mean at -50. Accuracies from counts (knockout_accuracy) carry a Wilson 95 %
   interval.
@@ -29,7 +29,7 @@ from matplotlib.ticker import MaxNLocator
 from patching import checks
 from patching.knockout import DEFAULT_WINDOW
 from patching.results import CORRECT_ONLY, DEFAULT_VALUE, YLABEL
-from patching.study.stats import bootstrap_ci
+from patching.stats import bootstrap_ci
 
 SIGNED = {"normalised", "attribution", "indirect_effect", "ie_corrupt_pred", "rel_change", "rel_change_pred", "dla",
           "mds", "metric_change"}  # values with a meaningful 0 in the middle: diverging colours centred there

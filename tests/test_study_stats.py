@@ -10,7 +10,8 @@ import pytest
 
 from patching.study.manifest import Row
 from patching.study.runner import write_part
-from patching.study.stats import Study, bootstrap_ci
+from patching.stats import bootstrap_ci
+from patching.study.stats import Study
 
 
 def _study(tmp_path):

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from patching.stats import N_BOOT, SEED, bootstrap_ci
 from patching.study.runner import read_parts
 
 # experiment -> (value averaged, the columns naming a cell)
@@ -31,18 +32,6 @@ DEFAULTS = {
 }
 GROUPS = ("model", "dataset", "task", "kind")  # metadata a summary is split by, when the study has it
 SUBSETS = ("correct", "all")
-N_BOOT, SEED = 1000, 0
-
-
-def bootstrap_ci(values: np.ndarray, n_boot: int = N_BOOT, seed: int = SEED, level: float = 0.95) -> tuple[float, float]:
-    """Percentile interval of the mean: `n_boot` resamples of the values with replacement, drawn as
-    one `[n_boot, n]` array from `numpy.random.default_rng(seed)`. NaN for no values."""
-    v = np.asarray(values, dtype=float)
-    if len(v) == 0:
-        return float("nan"), float("nan")
-    means = v[np.random.default_rng(seed).integers(0, len(v), size=(n_boot, len(v)))].mean(1)
-    lo, hi = np.percentile(means, [50 * (1 - level), 50 * (1 + level)])
-    return float(lo), float(hi)
 
 
 class Study:
