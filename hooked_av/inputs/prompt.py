@@ -5,6 +5,7 @@ into its own chat text and token layout, recording which tokens hold which part 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -167,6 +168,34 @@ def gather_media(prompts: list[Prompt], fps: float, use_audio_in_video: bool) ->
             if it.audio is not None and not (it.video is not None and use_audio_in_video):
                 audios.append(load_audio(it.audio))
     return images, videos, audios
+
+
+def expand_placeholders(rows: list[list[tuple[str | None, str]]], tok: dict[str, str], grids: dict, counts: list[int],
+                        merge: int, av_body=None) -> list[list[tuple[str | None, str]]]:
+    """Replace each media placeholder of the chat text by its run of tokens, consuming media in order across
+    the batch, segment by segment (`rows`: one `(part, text)` list per prompt; `tok`: placeholder strings
+    by kind, `token_strings`). An image or video becomes `t * h * w / merge**2` tokens of its grid
+    (`grids["image_grid_thw"]`, `grids["video_grid_thw"]`), an audio `counts[i]` tokens. `av_body(video,
+    grid, n_audio) -> str`: the family's audio-in-video body replacing a video's placeholder together with
+    the next audio's tokens (None: videos stand without their audio)."""
+    state = {"image": 0, "video": 0, "audio": 0}
+    pattern = re.compile("|".join(re.escape(tok[k]) for k in ("image", "video", "audio")))
+    kind_of = {tok["image"]: "image", tok["video"]: "video", tok["audio"]: "audio"}
+
+    def one(m: re.Match) -> str:
+        kind = kind_of[m.group(0)]
+        i = state[kind]
+        state[kind] += 1
+        if kind == "audio":
+            return tok["audio"] * counts[i]
+        grid = grids[f"{kind}_grid_thw"][i].tolist()
+        if kind == "image" or av_body is None:
+            return tok[kind] * (grid[0] * grid[1] * grid[2] // merge**2)
+        a = state["audio"]
+        state["audio"] += 1  # the video's own audio, next in appearance order
+        return av_body(i, grid, counts[a])
+
+    return [[(part, pattern.sub(one, t)) for part, t in row] for row in rows]
 
 
 def as_prompts(prompts, prompt_kwargs: dict) -> list:

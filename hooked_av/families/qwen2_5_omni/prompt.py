@@ -11,16 +11,14 @@ audio-visual items in one prompt, and left-padded batches.
 
 from __future__ import annotations
 
-import re
-
 import torch
 
 from hooked_av.families.qwen2_5_omni.layout import OmniTokenIds, audio_token_counts, av_block_runs
 from hooked_av.families.qwen2_5_omni.processor import OmniParts, video_max_pixels
 from hooked_av.inputs.chat import special_texts
 from hooked_av.inputs.media import SAMPLE_RATE
-from hooked_av.inputs.prompt import (DEFAULT, Prompt, as_prompts, check_offsets, check_prompt_text, gather_media, has_audio,
-                                     text_part_codes)
+from hooked_av.inputs.prompt import (DEFAULT, Prompt, as_prompts, check_offsets, check_prompt_text, expand_placeholders,
+                                     gather_media, has_audio, text_part_codes)
 
 OMNI_SYSTEM_PROMPT = (
     "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving "
@@ -169,26 +167,13 @@ def _check_audio_tokens(audios: list, counts: list[int], hop: int) -> None:
 
 def _expand(rows: list[list[tuple[str | None, str]]], tok: dict, out: dict, spgs: list[float], parts: OmniParts,
             av_mode: bool) -> list[list[tuple[str | None, str]]]:
-    """Replace each placeholder by its run of tokens, consuming media in order across the batch;
-    each row is `chat_segments`' `(part, text)` list, expanded segment by segment."""
+    """`expand_placeholders` with Qwen2.5-Omni's audio-in-video body: 2 s chunks of video then audio
+    tokens (`layout.av_block_runs`) between the audio start and end tokens."""
     merge = parts.video_processor.merge_size
     counts = audio_token_counts(out["feature_attention_mask"]) if "feature_attention_mask" in out else []
-    state = {"image": 0, "video": 0, "audio": 0}
-    pattern = re.compile("|".join(re.escape(tok[k]) for k in ("image", "video", "audio")))
-    kind_of = {tok["image"]: "image", tok["video"]: "video", tok["audio"]: "audio"}
 
-    def one(m: re.Match) -> str:
-        kind = kind_of[m.group(0)]
-        i = state[kind]
-        state[kind] += 1
-        if kind == "audio":
-            return tok["audio"] * counts[state["audio"] - 1]
-        grid = out[f"{kind}_grid_thw"][i].tolist()
-        if kind == "image" or not av_mode:
-            return tok[kind] * (grid[0] * grid[1] * grid[2] // merge**2)
-        a = state["audio"]
-        state["audio"] += 1  # the video's own audio, next in appearance order
-        runs = av_block_runs(grid, spgs[i], counts[a], merge, parts.position_id_per_seconds, parts.seconds_per_chunk)
+    def av_body(video: int, grid, n_audio: int) -> str:
+        runs = av_block_runs(grid, spgs[video], n_audio, merge, parts.position_id_per_seconds, parts.seconds_per_chunk)
         return tok["audio_bos"] + "".join(tok[m_] * (e - b) for m_, _, b, e in runs) + tok["audio_eos"]
 
-    return [[(part, pattern.sub(one, t)) for part, t in row] for row in rows]
+    return expand_placeholders(rows, tok, out, counts, merge, av_body if av_mode else None)

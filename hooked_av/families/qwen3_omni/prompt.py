@@ -18,15 +18,14 @@ resolving `use_audio_in_video`) are Qwen2.5-Omni's prompt module's, reused as th
 
 from __future__ import annotations
 
-import re
-
 import torch
 
 from hooked_av.families.qwen2_5_omni.processor import OmniParts
 from hooked_av.families.qwen2_5_omni.prompt import chat_segments, messages_for, resolve_audio_in_video, token_strings
 from hooked_av.families.qwen3_omni.layout import Qwen3OmniTokenIds, audio_token_counts, processor_av_order
 from hooked_av.inputs.chat import special_texts
-from hooked_av.inputs.prompt import as_prompts, check_offsets, check_prompt_text, gather_media, text_part_codes
+from hooked_av.inputs.prompt import (as_prompts, check_offsets, check_prompt_text, expand_placeholders, gather_media,
+                                     text_part_codes)
 
 
 def prepare_qwen3_omni(parts: OmniParts, ids: Qwen3OmniTokenIds, n_window: int, prompts,
@@ -81,25 +80,12 @@ def prepare_qwen3_omni(parts: OmniParts, ids: Qwen3OmniTokenIds, n_window: int, 
 
 def _expand(rows: list[list[tuple[str | None, str]]], tok: dict, out: dict, spgs: list[float], counts: list[int],
             parts: OmniParts, av_mode: bool) -> list[list[tuple[str | None, str]]]:
-    """Replace each placeholder by its run of tokens, consuming media in order across the batch; each row
-    is `chat_segments`' `(part, text)` list, expanded segment by segment."""
+    """`expand_placeholders` with Qwen3-Omni's audio-in-video body: the clip's video and audio tokens merged
+    one by one by temporal id (`layout.processor_av_order`) between the audio start and end tokens."""
     merge = parts.video_processor.merge_size
-    state = {"image": 0, "video": 0, "audio": 0}
-    pattern = re.compile("|".join(re.escape(tok[k]) for k in ("image", "video", "audio")))
-    kind_of = {tok["image"]: "image", tok["video"]: "video", tok["audio"]: "audio"}
 
-    def one(m: re.Match) -> str:
-        kind = kind_of[m.group(0)]
-        i = state[kind]
-        state[kind] += 1
-        if kind == "audio":
-            return tok["audio"] * counts[i]
-        grid = out[f"{kind}_grid_thw"][i].tolist()
-        if kind == "image" or not av_mode:
-            return tok[kind] * (grid[0] * grid[1] * grid[2] // merge**2)
-        a = state["audio"]
-        state["audio"] += 1  # the video's own audio, next in appearance order
-        order = processor_av_order(grid, spgs[i], counts[a], merge, parts.position_id_per_seconds)
+    def av_body(video: int, grid, n_audio: int) -> str:
+        order = processor_av_order(grid, spgs[video], n_audio, merge, parts.position_id_per_seconds)
         return tok["audio_bos"] + "".join(tok[k] for k in order) + tok["audio_eos"]
 
-    return [[(part, pattern.sub(one, t)) for part, t in row] for row in rows]
+    return expand_placeholders(rows, tok, out, counts, merge, av_body if av_mode else None)
