@@ -90,7 +90,9 @@ def samples(model, inputs: dict, tm=None) -> list[Sample]:
 
 
 def rows_per_forward(seq_len: int, batch_size: int | None, max_batch_tokens: int) -> int:
-    """`batch_size` if given, else as many rows as fit `max_batch_tokens` (at least 1)."""
+    """`batch_size` if given, else as many rows of `seq_len` positions as fit `max_batch_tokens` (at least 1).
+    `run_rows` fills chunks in order of first edited position: exactly `batch_size` rows each where given;
+    else as many as fit, ending a chunk before a row whose own suffix is less than half the chunk's."""
     if batch_size is not None:
         return checks.count(batch_size, "batch_size")
     return max(1, checks.count(max_batch_tokens, "max_batch_tokens") // max(seq_len, 1))
@@ -125,12 +127,11 @@ def clean_keys_values(model, sample: Sample) -> list[tuple[Tensor, Tensor]]:
 def forward_suffix(model, sample: Sample, kv: list[tuple[Tensor, Tensor]], start: int, n: int) -> Tensor:
     """Last-position logits `[n, vocab]` of `n` copies of the sample under the active hooks, recomputing only
     positions `start..` against the clean keys and values of the prefix (masks `[n, 1, pos - start, pos]`)."""
-    kw = sample.lm_inputs(n)
+    suffix = dataclasses.replace(sample, embeds=sample.embeds[:, start:], position_ids=sample.position_ids[:, :, start:],
+                                 injections=sample.injections and [None if t is None else t[:, start:] for t in sample.injections])
     slots = [KVSlot.of(k[:, :start].expand(n, -1, -1, -1), v[:, :start].expand(n, -1, -1, -1)) for k, v in kv]
-    inj = kw["injections"] and [None if t is None else t[:, start:] for t in kw["injections"]]
     with run_from(start):
-        return model.run_language_model(kw["inputs_embeds"][:, start:], kw["position_ids"][:, :, start:],
-                                        kv_caches=slots, injections=inj, logits_at="last")[:, -1]
+        return model.run_language_model(**suffix.lm_inputs(n), kv_caches=slots, logits_at="last")[:, -1]
 
 
 def run_rows(
@@ -161,10 +162,13 @@ def run_rows(
     seq = sample.seq_len
     starts = [s if use else 0 for s in starts]
     order = sorted(range(len(interventions)), key=lambda i: starts[i])  # similar suffixes share a chunk
-    chunks, i = [], 0
+    # a row holds every position's keys and values (recomputed or the clean prefix's), so rows are
+    # budgeted by the whole length in both ways of running
+    most, chunks, i = rows_per_forward(seq, batch_size, max_batch_tokens), [], 0
     while i < len(order):
-        n_rec = seq - starts[order[i]]
-        per = rows_per_forward(n_rec, batch_size, max_batch_tokens)
+        n_rec, per = seq - starts[order[i]], most
+        if batch_size is None:  # a row joins only where the chunk's suffix is at most twice its own
+            per = next((j for j in range(1, most) if i + j < len(order) and n_rec > 2 * (seq - starts[order[i + j]])), most)
         chunks.append(order[i : i + per])
         i += per
     plans = []  # every chunk's hooks, checked before the first forward
