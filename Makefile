@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo venv clean
+.PHONY: test demo bench venv clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -23,6 +23,9 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/hooked-av demo
+
+bench: $(STAMP)  # every speed figure, measured in one run, written to docs/benchmarks.md
+	$(BIN)/python benchmarks/run_all.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
