@@ -12,6 +12,7 @@ so a hook on `vision_encoder.blocks.{i}` indexes patches by (frame, h, w) in eve
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -115,18 +116,29 @@ class WindowRows:
     patch: Tensor
     frame_width: int
 
-    @property
+    @cached_property
     def n_frames(self) -> int:
         return int(self.frame[-1]) + 1
 
-    @property
+    @cached_property
     def real(self) -> Tensor:
         """bool `[rows, w]`: the slots that hold a patch."""
         return self.patch >= 0
 
-    @property
+    # built once per call of the tower and reused by every window block (cached_property writes the
+    # instance's __dict__, which a frozen dataclass allows)
+    @cached_property
     def _gather(self) -> Tensor:  # long [rows, w]: each slot's position in the flattened [frames * width]
         return self.frame[:, None] * self.frame_width + self.patch.clamp(min=0)
+
+    @cached_property
+    def _source(self) -> Tensor:
+        """long `[frames * width]`: each frame position's slot in the flattened `[rows * w]`, or
+        `rows * w` (one past the end: a zero row) for frame padding."""
+        rows, w = self.patch.shape
+        source = torch.full((self.n_frames * self.frame_width,), rows * w, dtype=torch.long, device=self.patch.device)
+        source[self._gather[self.real]] = torch.arange(rows * w, device=self.patch.device).view(rows, w)[self.real]
+        return source
 
     def to(self, device) -> "WindowRows":
         return WindowRows(self.frame.to(device), self.window.to(device), self.patch.to(device), self.frame_width)
@@ -138,11 +150,8 @@ class WindowRows:
     def to_frames(self, y: Tensor) -> Tensor:
         """`[rows, w, ...]` -> `[frames, frame_width, ...]`: every patch back at its place; frame
         positions past a smaller frame's patches (frame padding) get zeros."""
-        rows, w = self.patch.shape
-        source = torch.full((self.n_frames * self.frame_width,), rows * w, dtype=torch.long, device=y.device)
-        source[self._gather[self.real]] = torch.arange(rows * w, device=y.device).view(rows, w)[self.real]
         flat = torch.cat([y.flatten(0, 1), y.new_zeros(1, *y.shape[2:])])
-        return flat[source].view(self.n_frames, self.frame_width, *y.shape[2:])
+        return flat[self._source].view(self.n_frames, self.frame_width, *y.shape[2:])
 
     def to_frame_pattern(self, pattern: Tensor) -> Tensor:
         """A window block's `[rows, heads, w, w]` pattern (or scores, mask) as the per-frame
