@@ -156,7 +156,6 @@ class WindowRows:
     def to_frame_pattern(self, pattern: Tensor) -> Tensor:
         """A window block's `[rows, heads, w, w]` pattern (or scores, mask) as the per-frame
         `[frames, heads, frame_width, frame_width]` it stands for: zero between windows."""
-        rows, w = self.patch.shape
         out = pattern.new_zeros(self.n_frames, pattern.shape[1], self.frame_width, self.frame_width)
         both = self.real[:, :, None] & self.real[:, None, :]  # [rows, w, w]
         r, i, j = both.nonzero(as_tuple=True)
@@ -185,10 +184,13 @@ class QwenVisionEncoder(nn.Module):
     the processor's order. Attention hooks of full-attention blocks (`fullatt_block_indexes`) are
     per frame: `[frames, patches, heads, d_head]`, patterns `[frames, heads, patches, patches]`.
     Attention hooks of window blocks are per window (`WindowAttention`): `[rows, w, heads, d_head]`,
-    patterns `[rows, heads, w, w]`, rows and slots as `window_rows(grid_thw)` describes them. When
-    items of different sizes share a call, frame rows are right-padded to the largest frame and
-    padded keys are masked (window rows likewise to the largest window); `hook_out`
-    `[n_patches / merge**2, out_dim]`.
+    patterns `[rows, heads, w, w]`, rows and slots as `window_rows(grid_thw)` describes them
+    (`WindowRows.to_frames` / `to_frame_pattern` map them back to frames). When items of different
+    sizes share a call, frame rows are right-padded to the largest frame and padded keys are masked
+    (a window block adds zero at those positions); window rows are padded to the largest window of
+    the call (partial windows at the bottom and right edges, other frame sizes) and padded keys are
+    masked, `hook_attn_mask` seeing the mask of "nothing masked" when no window is padded.
+    `hook_out` `[n_patches / merge**2, out_dim]`.
     """
 
     def __init__(
