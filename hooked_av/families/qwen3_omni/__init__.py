@@ -1,7 +1,7 @@
 """Qwen3-Omni (the Thinker of `Qwen/Qwen3-Omni-30B-A3B-*`, transformers `qwen3_omni_moe`): `model.py` (the
 hooked model), `weights.py` (checkpoint keys and config), `layout.py` (token arithmetic), `positions.py`
 (position ids, as HF's `get_rope_index`), `processor.py` (processor components, media constants),
-`token_map.py` (the TokenMap)."""
+`prompt.py` (media and a question -> the processor's inputs), `token_map.py` (the TokenMap)."""
 
 from hooked_av.families.qwen3_omni.model import HookedQwen3Omni
 

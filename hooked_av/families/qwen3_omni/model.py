@@ -58,7 +58,8 @@ class HookedQwen3Omni(MRoPELanguageModel, HookedAVModel):
     """Hook names: `hook_audio_embeds` / `hook_image_embeds` / `hook_video_embeds` (tower outputs
     `[n_tokens, d_model]`), `hook_embed` (merged embeddings `[batch, pos, d_model]`), `blocks.{l}.*`
     (with `attn.q_norm.*` / `attn.k_norm.*`, `mlp.hook_router_logits` / `hook_router_weights` /
-    `hook_router_choice` and `mlp.experts.{e}.hook_in` / `hook_out` on sparse layers, and
+    `hook_router_choice` and `mlp.experts.{e}.hook_in` / `hook_out` on sparse layers (built when first
+    named, `core/moe.py`), and
     `hook_injection`, DeepStack's addition after blocks 0..k-1), `ln_final.*`, `audio_encoder.*`,
     `vision_encoder.*` (see docs/architecture.md)."""
 
