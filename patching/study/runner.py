@@ -4,8 +4,8 @@ parquet as each sample finishes, resumable, and data-parallel under torchrun.
     run_study("toy", "data/toy/manifest.jsonl", ["knockout", "discarding"], "runs/study", window=1)
 
 Per sample: media decoded (`model.prepare` on the template's Prompt), the towers run once
-(`model.encode`), the answer scored (`scoring.Scorer`), then each experiment is called once with the
-encoded inputs and the sample's TokenMap, so every cell reuses the towers' output. Each experiment's
+(`model.encode`), the answer scored (`scoring.Scorer`), then each experiment (`experiments`) is called
+once with the encoded inputs and the sample's TokenMap, so every cell reuses the towers' output. Each experiment's
 rows (the library's own columns, unchanged: `correct` is the experiment's, e.g. discarding's accuracy
 per cell) gain the sample's `id`, its metadata columns and `sample_correct` (the sample answered
 correctly by the scoring rule, the subset the papers average over).
@@ -31,14 +31,14 @@ import pandas as pd
 import torch
 
 from patching import checks
+from patching.study.experiments import EXPERIMENT_FNS, Sample, check_options
 from patching.study.manifest import Manifest, Row, read_manifest
 from patching.study.scoring import Scorer
 from patching.study.templates import parse_template
 
-EXPERIMENTS = ("accuracy", "knockout", "discarding", "causal_tracing", "sinks", "logit_lens")
-# discarding's measured wall times differ from run to run; every other column is a function of the inputs
-TIMING_COLUMNS = ("seconds", "seconds_full", "time_saved")
-MEDIA = ("audio", "video", "image")
+EXPERIMENTS = ("accuracy", *EXPERIMENT_FNS)
+# measured wall times (discarding, FastV) differ from run to run; every other column is a function of the inputs
+TIMING_COLUMNS = ("seconds", "seconds_full", "time_saved", "gen_seconds", "gen_time_saved")
 
 
 def run_study(
@@ -50,7 +50,7 @@ def run_study(
     limit: int | None = None,
     template="default",
     scoring: str = "first_token",
-    window: int = 9,
+    window: int | None = None,
     options: dict | None = None,
     device=None,
     dtype="float32",
@@ -60,11 +60,15 @@ def run_study(
     ("toy", a hub id, a folder) or a loaded model; `manifest`: a path or a `Manifest`;
     `experiments`: names from `EXPERIMENTS` (accuracy is always written: every result needs each
     sample's correctness); `limit`: the first N samples; `template`: "default", "mc" or a custom
-    text; `scoring`: a `scoring.RULES` rule; `window`: the knockout window (layers, the papers' 9);
-    `options`: keyword arguments per experiment, e.g. `{"discarding": {"repeats": 1}}`."""
+    text; `scoring`: a `scoring.RULES` rule; `window`: the knockout window in layers (None: the
+    library's, 9 for centred and inverse windows as the papers', none for top-down / bottom-up);
+    `options`: keyword arguments per experiment, e.g. `{"discarding": {"repeats": 1}, "knockout":
+    {"window_style": "inverse"}}` (`patching.study.experiments` says which each takes; unknown ones
+    are refused before the model loads)."""
     experiments = _experiments(experiments)
-    options = _options(options, experiments)
-    checks.count(window, "window", unit=" layer")
+    if window is not None:
+        checks.count(window, "window", unit=" layer")
+    options = json.loads(json.dumps(check_options(options, experiments, window)))
     if limit is not None:
         checks.count(limit, "limit", unit=" sample")
     from hooked_av.core.checkpoint import as_device, as_dtype
@@ -129,81 +133,21 @@ def run_sample(model, row: Row, tpl, scorer: Scorer, experiments, window, option
         last = model(**enc)[0, -1]
     s = scorer.score(model, enc, last, row)
     front = {"id": row.id, **{c: row.meta.get(c) for c in meta_columns}, "sample_correct": s.correct}
+    x = Sample(model, inputs, enc, tm, s.answer_token, window)
     acc = pd.DataFrame([{**front, "prediction": s.prediction, "answer_text": row.answer_text, "answer_token": s.answer_token,
                          "p_answer": s.p_answer, "rule": scorer.rule}])
     for exp in experiments:
         if exp == "accuracy":
             continue
-        df = EXPERIMENT_FNS[exp](model, enc, inputs, tm, s.answer_token, window, dict(options.get(exp, {})))
+        df = EXPERIMENT_FNS[exp](x, dict(options.get(exp, {})))
         clash = [c for c in front if c in df.columns]
         if clash:
             raise ValueError(f"metadata column(s) {clash} have the names of {exp} result columns; rename them in the manifest")
-        df = df.drop(columns=["sample"])
+        df = df.drop(columns=["sample"], errors="ignore")
         for c in reversed(list(front)):
             df.insert(0, c, [front[c]] * len(df))
         yield exp, df.reset_index(drop=True)
     yield "accuracy", acc
-
-
-def _present(tm, groups) -> list[str]:
-    return [g for g in groups if bool(tm.select(g).mask.any())]
-
-
-def _knockout(model, enc, inputs, tm, answer, window, opts):
-    from patching.knockout import knockout
-
-    return knockout(model, enc, [answer], window=window, tm=tm, progress=False, **opts).df
-
-
-def _discarding(model, enc, inputs, tm, answer, window, opts):
-    from patching.discarding import discarding
-
-    opts.setdefault("group", "|".join(_present(tm, MEDIA)))
-    return discarding(model, enc, [answer], tm=tm, progress=False, **opts).df
-
-
-def _causal_tracing(model, enc, inputs, tm, answer, window, opts):
-    """One run per media modality present (its tokens corrupted), and the sample's unimodal
-    dominance (the hub paper's labelling: the AV prediction against runs with the frames or the
-    waveform zeroed) on every row."""
-    from patching.causal_tracing import causal_tracing
-
-    modalities = opts.pop("corrupt", None) or _present(tm, MEDIA)
-    frames = [causal_tracing(model, enc, [answer], corrupt=m, tm=tm, progress=False, **opts).df.assign(corrupted=m)
-              for m in checks.nonempty(modalities, "corrupt")]
-    return pd.concat(frames, ignore_index=True).assign(dominance=dominance(model, inputs, enc))
-
-
-def dominance(model, inputs, enc) -> str:
-    """"audio" when the audio+video prediction equals the audio-only one (frames black) and differs
-    from the video-only one (silence), "video" the reverse, "both" / "neither" otherwise; "" without
-    both modalities (docs/methods.md §2)."""
-    from patching.corrupt import zero_modality
-
-    if "input_features" not in inputs or "pixel_values_videos" not in inputs:
-        return ""
-    with torch.no_grad():
-        av = int(model(**enc)[0, -1].argmax())
-        audio_only = int(model(**zero_modality(inputs, "video", model=model))[0, -1].argmax())
-        video_only = int(model(**zero_modality(inputs, "audio", model=model))[0, -1].argmax())
-    a, v = av == audio_only, av == video_only
-    return "audio" if a and not v else "video" if v and not a else "both" if a else "neither"
-
-
-def _sinks(model, enc, inputs, tm, answer, window, opts):
-    from patching.sinks import find_sinks
-
-    return find_sinks(model, enc, tm=tm, **opts).df
-
-
-def _logit_lens(model, enc, inputs, tm, answer, window, opts):
-    from patching.logit_lens import logit_lens
-
-    return logit_lens(model, enc, [answer], tm=tm, **opts).df
-
-
-EXPERIMENT_FNS = {"knockout": _knockout, "discarding": _discarding, "causal_tracing": _causal_tracing,
-                  "sinks": _sinks, "logit_lens": _logit_lens}
 
 
 # ---- files ------------------------------------------------------------------------------------
@@ -284,19 +228,6 @@ def _experiments(experiments) -> list[str]:
     if unknown:
         raise ValueError(f"unknown experiment(s) {unknown}; choose from {list(EXPERIMENTS)}")
     return ["accuracy"] + [e for e in dict.fromkeys(names) if e != "accuracy"]
-
-
-def _options(options, experiments) -> dict:
-    options = dict(options or {})
-    stray = [k for k in options if k not in experiments]
-    if stray:
-        raise ValueError(f"options for {stray}, which this study does not run ({experiments}); drop them or add the experiment")
-    reserved = {"model", "inputs", "answers", "tm", "progress"}
-    for exp, kw in options.items():
-        bad = sorted(reserved & set(kw)) + (["window"] if exp == "knockout" and "window" in kw else [])
-        if bad:
-            raise ValueError(f"options[{exp!r}] sets {bad}, which the study sets itself (window: the study's window=)")
-    return json.loads(json.dumps(options))
 
 
 def _process_group(world: int, device) -> str | None:

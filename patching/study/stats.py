@@ -26,9 +26,14 @@ DEFAULTS = {
     "accuracy": ("sample_correct", []),
     "knockout": ("rel_change", ["edge", "layer"]),
     "discarding": ("correct", ["group", "from_layer"]),  # accuracy with the group discarded from that layer
-    "causal_tracing": ("indirect_effect", ["corrupted", "site", "tokens", "layer"]),
-    "logit_lens": ("prob", ["group", "layer"]),
+    "causal_tracing": ("indirect_effect", ["corrupted", "site", "tokens", "layer", "pos"]),
+    "logit_lens": ("prob", ["lens", "group", "layer"]),
     "sinks": ("mds", ["modality", "cross_modal"]),
+    "pathway": ("correct", ["run"]),  # accuracy with the pathway (or the random blocking) in place
+    "fastv": ("correct", ["method"]),
+    "var": ("correct", ["intervention"]),  # accuracy under VAR (correct_orig: without it)
+    "dla": ("dla", ["group", "layer", "head"]),
+    "dominance": ("share", ["label"]),  # the share of samples with each label (samples without both modalities left out)
 }
 GROUPS = ("model", "dataset", "task", "kind")  # metadata a summary is split by, when the study has it
 SUBSETS = ("correct", "all")
@@ -65,6 +70,22 @@ class Study:
             self._frames[experiment] = df.assign(model=self.model)
         return self._frames[experiment]
 
+    def knockout_accuracy(self, sample_mode: str = "correct", by: list[str] | None = None) -> pd.DataFrame:
+        """Map the Flow's accuracy under the knockout (`patching.knockout.knockout_accuracy`, percent of
+        the samples) per (edge, layer), computed over the samples of each `by` group (default the
+        model / dataset / task / kind columns present), with `n_samples`."""
+        from patching.knockout import knockout_accuracy
+        from patching.results import Result
+
+        df = self.frame("knockout")
+        by = self.group_columns(df) if by is None else list(by)
+        out = []
+        for key, part in df.groupby(by, sort=False) if by else [((), df)]:
+            key = key if isinstance(key, tuple) else (key,)
+            res = knockout_accuracy(Result("knockout", part.assign(sample=pd.factorize(part["id"])[0])), sample_mode)
+            out.append(res.df.assign(**dict(zip(by, key)), n_samples=res.settings["n_samples"]))
+        return pd.concat(out, ignore_index=True)[[*by, *out[0].columns.difference(by, sort=False)]]
+
     def group_columns(self, df: pd.DataFrame) -> list[str]:
         return [c for c in GROUPS if c in df.columns]
 
@@ -79,6 +100,8 @@ class Study:
         if experiment is None:
             return pd.concat([self.summary(e, None, None, subsets, n_boot, seed) for e in self.experiments], ignore_index=True)
         df = self.frame(experiment)
+        if experiment == "dominance":
+            df = _label_shares(df)
         default_value, cells = DEFAULTS[experiment]
         value = value or default_value
         if value not in df.columns:
@@ -96,3 +119,14 @@ class Study:
                 rows.append({**dict(zip(by, key)), "subset": subset, "n_samples": len(v),
                              "mean": float(v.mean()) if len(v) else float("nan"), "ci_low": lo, "ci_high": hi})
         return pd.DataFrame(rows).assign(experiment=experiment, value=value)
+
+
+def _label_shares(df: pd.DataFrame) -> pd.DataFrame:
+    """Dominance rows as one row per (sample, label) with `share` 1 for the sample's label and 0 for
+    the others, so the summary's mean is the share of samples with that label. Samples without a
+    label (no audio or no video) are left out."""
+    from patching.dominance import LABELS
+
+    labelled = df[df["label"].notna()]
+    return pd.concat([labelled.assign(share=(labelled["label"] == lab).astype(float), label=lab) for lab in LABELS],
+                     ignore_index=True)

@@ -1,0 +1,201 @@
+"""The study runner runs each method of issue 14 (knockout with window styles and heads, the
+effective pathway, FastV, VAR, DLA, both logit lenses, causal tracing with the hub and ROME presets
+and the hub's token sets, dominance, sinks): for each, the study's rows equal the library function
+called directly on the prepared sample, on toy samples; options are refused by name before a model
+loads, from Python and from the CLI."""
+
+import pandas as pd
+import pytest
+import torch
+
+from hooked_av import toy
+from hooked_av.toy.dataset import write_toy_dataset
+from patching.study.manifest import read_manifest
+from patching.study.runner import TIMING_COLUMNS, run_study
+from patching.study.templates import parse_template
+
+torch.set_num_threads(1)
+N = 2
+SINKS = {"ratio": 10.0, "tau": 2.0}  # the toy is 128 wide: the hub's tau 25 can never be exceeded (sqrt(128) = 11.3)
+OPTIONS = {
+    "knockout": {"window_style": "top_down", "heads": [1], "centres": [1, 3], "edges": ["audio->last", "video->last"]},
+    "pathway": {"keep": [["video", "last", [0, 1]], ["audio", "question", []]]},
+    "fastv": {"k": 1, "r": 0.5, "max_new_tokens": 2, "repeats": 1},
+    "var": {"sinks": SINKS, "layers": [0, 1, 2]},
+    "dla": {},
+    "logit_lens": {"lens": ["standard", "map_the_flow"]},
+    "causal_tracing": {"preset": "hub", "corrupt": "audio", "steps": 2, "centres": [0, 2],
+                       "tokens": ["video", "sink(video)", "random_sink_num(video)"], "sinks": SINKS},
+    "sinks": SINKS,
+    "dominance": {},
+}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return toy.load()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_toy_dataset(tmp_path_factory.mktemp("toy_methods"), n=4, seed=7)
+
+
+@pytest.fixture(scope="module")
+def study(model, data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("methods")
+    return run_study(model, data, list(OPTIONS), out, window=None, limit=N, options=OPTIONS, progress=False)
+
+
+@pytest.fixture(scope="module")
+def prepared(model, data, study):
+    rows = read_manifest(data).rows[:N]
+    answers = pd.read_parquet(study / "accuracy.parquet").answer_token.astype(int).tolist()
+    return [(r, model.prepare(parse_template("default").prompt(r)), a) for r, a in zip(rows, answers)]
+
+
+def same(study, exp, prepared, call, extra=None):
+    """The study's rows of `exp` equal `call(inputs, answer)` per sample (its `sample` column dropped)."""
+    got = pd.read_parquet(study / f"{exp}.parquet")
+    assert got.id.unique().tolist() == [r.id for r, _, _ in prepared]
+    for row, inputs, answer in prepared:
+        ref = call(inputs, answer).drop(columns=["sample", *TIMING_COLUMNS], errors="ignore").reset_index(drop=True)
+        mine = got[got.id == row.id].reset_index(drop=True)
+        assert len(ref) > 0, f"{exp}: the reference has no rows for {row.id}"
+        pd.testing.assert_frame_equal(mine[ref.columns], ref, check_exact=False, rtol=1e-5, atol=1e-6)
+        if extra:
+            extra(mine)
+    return got
+
+
+def test_knockout_with_a_window_style_and_heads(model, study, prepared):
+    from patching.knockout import knockout, knockout_accuracy
+    from patching.results import Result
+    from patching.study.stats import Study
+
+    opts = OPTIONS["knockout"]
+    got = same(study, "knockout", prepared, lambda x, a: knockout(model, x, [a], progress=False, **opts).df)
+    assert sorted(set(zip(got.layer, got.window_start, got.window_end))) == [(1, 1, 3), (3, 3, 3)]  # top-down: to the last layer
+    assert {"rel_change_pred", "correct_blocked"} <= set(got.columns)
+    direct = pd.concat([knockout(model, x, [a], progress=False, **opts).df.assign(sample=i) for i, (_, x, a) in enumerate(prepared)])
+    ref = knockout_accuracy(Result("knockout", direct)).df
+    acc = Study(study).knockout_accuracy(by=[])
+    pd.testing.assert_frame_equal(acc[ref.columns], ref)
+    assert (acc.n_samples == N).all()
+
+
+def test_pathway_fastv_and_dla(model, study, prepared):
+    from patching.dla import dla
+    from patching.fastv import fastv
+    from patching.pathway import pathway
+
+    got = same(study, "pathway", prepared, lambda x, a: pathway(model, x, [a], **OPTIONS["pathway"]).df)
+    assert set(got.run) == {"pathway", "random"}
+    got = same(study, "fastv", prepared, lambda x, a: fastv(model, x, [a], progress=False, **OPTIONS["fastv"]).df)
+    assert set(got.method) >= {"full", "fastv"}
+    same(study, "dla", prepared, lambda x, a: dla(model, x, [a]).df)
+
+
+def test_both_logit_lenses(model, study, prepared):
+    from patching.logit_lens import logit_lens
+
+    got = same(study, "logit_lens", prepared,
+               lambda x, a: pd.concat([logit_lens(model, x, [a], lens=k).df.assign(lens=k) for k in ("standard", "map_the_flow")],
+                                      ignore_index=True))
+    assert set(got.lens) == {"standard", "map_the_flow"}
+
+
+def test_sinks_and_dominance(model, study, prepared):
+    from patching.dominance import dominance
+    from patching.sinks import find_sinks
+
+    got = same(study, "sinks", prepared, lambda x, a: find_sinks(model, x, **SINKS).df)
+    assert len(got) > 0
+    got = same(study, "dominance", prepared, lambda x, a: dominance(model, x, answers=[a]).reset_index(drop=True))
+    assert set(got.label) <= {"video", "audio", "neither"} and (got.absent == "").all()
+
+
+def test_causal_tracing_hub_preset_with_the_hub_token_sets(model, study, prepared):
+    from patching.causal_tracing import causal_tracing
+    from patching.dominance import dominance
+    from patching.sinks import find_sinks
+    from patching.token_sets import hub_sets
+
+    opts = {k: v for k, v in OPTIONS["causal_tracing"].items() if k not in ("sinks", "tokens", "corrupt")}
+
+    def ref(x, a):
+        sets = hub_sets(find_sinks(model, x, **SINKS), "video")
+        tokens = ["video", sets["sink"], sets["random_sink_num"]]
+        tokens = [t for t in tokens if t == "video" or len(t.positions(model.token_map(x), 0))]
+        df = causal_tracing(model, x, [a], corrupt="audio", tokens=tokens, progress=False, **opts).df
+        return df.assign(corrupted="audio", dominance=dominance(model, x, answers=[a]).label.iloc[0])
+
+    got = same(study, "causal_tracing", prepared, ref)
+    assert {"video", "sink(video)"} <= set(got.tokens) and (got.window_end == model.cfg.n_layers - 1).all()  # from each layer to the last
+
+
+def test_causal_tracing_rome_preset_and_the_cli_options(model, data, tmp_path, prepared):
+    from patching.causal_tracing import causal_tracing
+    from patching.cli import main
+
+    opts = {"preset": "rome", "restore": ["resid_post"], "tokens": "each:question", "n_noise": 2, "centres": [1]}
+    opts_file = tmp_path / "options.json"
+    opts_file.write_text('{"causal_tracing": {"preset": "rome", "restore": ["resid_post"], "n_noise": 2}}')
+    args = ["study", "--model", "toy", "--manifest", str(data), "--experiment", "causal_tracing", "--limit", "1", "--no-report",
+            "--options", str(opts_file), "--option", "causal_tracing.tokens=each:question", "--option", "causal_tracing.centres=[1]",
+            "--option", "causal_tracing.corrupt=video", "--out", str(tmp_path / "rome")]
+    assert main(args) == 0
+    row, x, a = prepared[0]
+    ref = causal_tracing(model, x, [a], corrupt="video", progress=False, **opts).df.drop(columns=["sample"])
+    got = pd.read_parquet(tmp_path / "rome" / "causal_tracing.parquet")
+    pd.testing.assert_frame_equal(got[ref.columns], ref, check_exact=False, rtol=1e-5, atol=1e-6)
+    assert got.pos.nunique() == len(model.token_map(x).positions("question"))
+
+
+def test_var_as_accuracy_under_the_intervention(model, study, prepared):
+    from patching.metrics import AnswerProb
+    from patching.sinks import find_sinks
+    from patching.var import var
+
+    got = pd.read_parquet(study / "var.parquet")
+    for row, x, a in prepared:
+        tm = model.token_map(x)
+        sinks = torch.zeros(1, tm.seq_len, dtype=torch.bool)
+        sinks[0, find_sinks(model, x, **SINKS).df.pos.tolist()] = True
+        mine = got[got.id == row.id].iloc[0]
+        metric = AnswerProb([a])
+        with torch.no_grad():
+            base = model(**x)[:, -1]
+            applies = bool((sinks & tm.mask("audio|video|image")).any())
+            lg = model.run_with_hooks(**x, fwd_hooks=list(var(tm, sinks, [0, 1, 2])))[:, -1] if applies else base
+        assert mine.applied == applies and mine.n_sinks == int(sinks.sum())
+        assert mine.p_orig == pytest.approx(float(metric(base)[0]), abs=1e-5)
+        assert mine.p == pytest.approx(float(metric(lg)[0]), abs=1e-5)
+        assert (mine.pred, mine.correct) == (int(lg[0].argmax()), int(lg[0].argmax()) == a)
+    assert got.applied.any(), "no sample had a media sink: the test would not see VAR act"
+    assert (got.p != got.p_orig).any()
+
+
+def test_unknown_or_missing_options_are_refused_before_a_model_loads(data, tmp_path, monkeypatch, capsys):
+    import hooked_av
+    from patching.cli import main
+
+    monkeypatch.setattr(hooked_av, "load", lambda *a, **k: pytest.fail("a model was loaded"))
+    cases = [
+        (["knockout"], {"knockout": {"windw_style": "inverse"}}, r"knockout takes no option\(s\) \['windw_style'\]; its options: \["),
+        (["knockout"], {"knockout": {"window": 3}}, r"the study sets itself"),
+        (["pathway"], {}, r"pathway needs the option\(s\) \['keep'\]"),
+        (["var"], {"var": {"sinks": {"tua": 3}}}, r"var.sinks: find_sinks takes no option\(s\) \['tua'\]"),
+        (["sinks"], {"dla": {}}, r"options for \['dla'\], which this study does not run"),
+    ]
+    for exps, opts, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            run_study("toy", data, exps, tmp_path / "out", options=opts, progress=False)
+    with pytest.raises(ValueError, match=r"window 9 with window_style 'top_down'.*takes no window size"):
+        run_study("toy", data, ["knockout"], tmp_path / "out", window=9, options={"knockout": {"window_style": "top_down"}}, progress=False)
+    assert not (tmp_path / "out").exists()
+    base = ["study", "--model", "toy", "--manifest", str(data), "--out", str(tmp_path / "cli")]
+    assert main(base + ["--experiment", "sinks", "--option", "sinks.taux=3"]) == 2
+    assert main(base + ["--experiment", "sinks", "--option", "sinks=3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("error: sinks takes no option(s) ['taux']") and "EXPERIMENT.NAME=VALUE" in err[1]
