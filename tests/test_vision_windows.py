@@ -67,11 +67,10 @@ def test_tower_output_equals_hf_vision_tower(pair, name):
     assert err < 1e-5
 
 
-def test_window_rows_hold_each_frames_windows_in_raster_order():
+def test_window_rows_hold_each_frames_windows_in_raster_order(pair):
     """Rows frame-major, windows raster within a frame, each row the window's patches in processor
     order then padding (-1); checked against tiles computed here from patch coordinates."""
-    tower = HookedQwen2_5Omni.from_hf(tiny_hf_thinker(seed=3)).vision_encoder
-    rows = tower.window_rows(torch.tensor(CASES["image_and_video"]))
+    rows = pair[1].vision_encoder.window_rows(torch.tensor(CASES["image_and_video"]))
     frames = _frames("image_and_video")
     expected_frame, expected_window, expected_patches = [], [], []
     for f, (h, w) in enumerate(frames):
@@ -147,7 +146,7 @@ def test_every_tower_hook_fires_once_with_its_documented_shape(pair):
     frames, width = _frames("image_and_video"), 60
     rows = tower.window_rows(grids)
     n_rows, w = rows.patch.shape
-    d, heads, dh = 32, tower.blocks[0].attn.n_heads, tower.d_head
+    d, heads, dh = tower.patch_embed.proj.weight.shape[0], tower.blocks[0].attn.n_heads, tower.d_head
     names = [n for n in ours.hook_dict if n.startswith("vision_encoder.")]
     seen: dict[str, list[tuple[int, ...]]] = {}
 
@@ -180,7 +179,7 @@ def test_every_tower_hook_fires_once_with_its_documented_shape(pair):
                   "ln1.hook_normalized", "ln2.hook_normalized"):
             assert shape[p + n] == (len(frames), width, d), n
     assert shape["vision_encoder.hook_patch_embed"] == (len(frames), width, d)
-    assert shape["vision_encoder.hook_out"] == tuple(plain.shape) == (int(grids.prod(-1).sum()) // 4, 64)
+    assert shape["vision_encoder.hook_out"] == tuple(plain.shape) == (int(grids.prod(-1).sum()) // 4, tower.merger.mlp[2].out_features)
     assert (hooked - plain).abs().max() < 1e-6  # the exact path (patterns hooked) equals the fast one
     assert (n_rows, w) == (15, 16)
 
