@@ -241,3 +241,20 @@ def test_without_nnsight_the_packages_import_and_the_backends_say_what_to_instal
     assert fresh.NNsightHF is not NNsightHF  # a fresh import, not the cached module
     with pytest.raises(ImportError, match=r"pip install hooked-av\[nnsight\]"):
         fresh.NNsightHF(pair[0])
+
+
+def test_expert_hook_points_built_on_first_lookup_are_envoys_of_a_wrapped_qwen3_model():
+    """Qwen3-Omni builds its per-expert hook points lazily; a wrap made before any lookup must still show them,
+    and an expert's output saved in a trace equals run_with_cache's."""
+    from qwen3_omni_helpers import batch, text, tiny_hf
+
+    from hooked_av import HookedQwen3Omni
+
+    model = HookedQwen3Omni.from_hf(tiny_hf(seed=3))
+    av = wrap(model)
+    name = next(n for n in model.hook_dict if n.endswith("experts.0.hook_out"))
+    ids, mask = batch([text(9, seed=1)])
+    with torch.no_grad(), av.trace(input_ids=ids, attention_mask=mask):  # before anything looked the name up
+        saved = av.get(name).output.save()
+    _, cache = model.run_with_cache(input_ids=ids, attention_mask=mask, names_filter=[name])
+    assert torch.equal(saved, cache[name])

@@ -62,7 +62,12 @@ def hooked_points(model, hooked=None) -> list[str]:
 def wrap(model):
     """`model` (a `HookedAVModel`) as an `nnsight.NNsight` whose `trace(*inputs, hooked=None, **kwargs)`
     passes processor / `prepare` / `encode` outputs to `model.forward` unchanged. Attributes fall
-    through to the model (`av.token_map(inputs)`, `av.cfg`)."""
+    through to the model (`av.token_map(inputs)`, `av.cfg`). Hook points a model builds on first lookup
+    (Qwen3-Omni's per-expert `mlp.experts.{e}.hook_in/hook_out`) are built here, since nnsight sees the
+    module tree as it is when wrapped."""
+    hook_dict = getattr(model, "hook_dict", {})
+    for name in list(hook_dict):
+        hook_dict[name]
     return _envoy_class()(model)
 
 
