@@ -170,7 +170,8 @@ def test_towers_run_one_row_per_frame_and_per_chunk_with_window_structure(pair):
         _, cache = model.run_with_cache(**inputs, names_filter=lambda n: n.startswith("vision_encoder.blocks."))
     window, full = cache["vision_encoder.blocks.0.attn.hook_pattern"], cache["vision_encoder.blocks.1.attn.hook_pattern"]
     assert cache["vision_encoder.blocks.0.hook_resid_post"].shape == (2, 96, 32)
-    assert window.shape == full.shape == (2, 2, 96, 96)
+    assert window.shape == (12, 2, 16, 16) and full.shape == (2, 2, 96, 96)  # window blocks: a row per window
+    window = model.vision_encoder.window_rows(inputs["video_grid_thw"]).to_frame_pattern(window)
     hw, win = model.vision_encoder.frame_layout(8, 12)
     assert win.unique().numel() == 6
     across = win[:, None] != win[None, :]
