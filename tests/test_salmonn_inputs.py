@@ -48,14 +48,6 @@ def whisper(wave: np.ndarray) -> torch.Tensor:
     return fe(wave, sampling_rate=16000, return_tensors="pt")["input_features"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def media(tmp_path_factory):
     d = tmp_path_factory.mktemp("salmonn_media")

@@ -18,14 +18,6 @@ from patching.activation_patching import activation_patching
 from patching.logit_lens import logit_lens
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def omni():
     return HookedQwen2_5Omni.from_hf(tiny_hf_thinker(seed=1))

@@ -91,14 +91,6 @@ def row_media(row: H.Row) -> tuple[list, list]:
     return [], videos
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def ref():
     return H.Reference(seed=0)

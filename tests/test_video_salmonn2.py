@@ -39,15 +39,6 @@ GEOMETRIES = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # the matmuls are tiny: extra threads only spin against the other jobs of a shared 2-core machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def ref():
     return H.Reference(seed=0)

@@ -25,14 +25,6 @@ CASES = {  # name -> grids (t, h, w) in patches, one tower call
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def pair():
     hf = tiny_hf_thinker(seed=3)
