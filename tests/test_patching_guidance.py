@@ -19,7 +19,7 @@ def test_guided_logits_interpolate_log_probabilities():
 
 def test_guided_generation_on_the_toy_model():
     model = hooked_av.load("toy")
-    batch = toy.make_batch(6, seed=31, tokenizer=model.tokenizer, kinds=("auditory",))
+    batch = toy.make_batch(6, seed=31, tokenizer=model.tokenizer, n_clips=32, kinds=("auditory",))
 
     def no_audio(tm):
         return block_attention(tm, "audio", tm.select("all") - tm.select("audio"), range(model.cfg.n_layers))
@@ -33,3 +33,21 @@ def test_guided_generation_on_the_toy_model():
     assert (guided[:, 0] == batch.answers).float().mean() <= 0.6
     mixed = guided_generate(model, batch.inputs, no_audio, scale=torch.tensor([0.0, 1.0] * 3), max_new_tokens=1)
     assert torch.equal(mixed[0::2], plain[0::2, :1]) and torch.equal(mixed[1::2], guided[1::2])
+
+
+def test_guided_generation_keeps_deepstack_injections():
+    """Qwen3-Omni's DeepStack features are added on the prompt at every step: scale 0 equals the
+    model's own greedy decoding on a left-padded video + audio + image batch (dropping the injections
+    decodes [[48, 30, 48, ...], [74, 74, ...]] instead)."""
+    from qwen3_omni_helpers import model_inputs, tiny_hf
+
+    from hooked_av import HookedQwen3Omni
+    from patching.intervention import Intervention
+
+    torch.set_num_threads(1)
+    model = HookedQwen3Omni.from_hf(tiny_hf())
+    inputs, _ = model_inputs("left_padded")
+    with torch.no_grad():
+        reference = model.generate(**inputs, max_new_tokens=6)
+    assert reference.tolist() == [[48] * 6, [111, 111, 53, 7, 92, 7]]
+    assert torch.equal(guided_generate(model, inputs, lambda tm: Intervention(), scale=0.0, max_new_tokens=6), reference)
