@@ -4,8 +4,8 @@ uni_modal_sink / random_sink_num): all media of a modality, its sinks, its cross
 unimodal sinks, and a seeded random set of the same size from the same modality.
 
 A `TokenSet` is resolved per sample (`tokens(tm, sample)` -> `Selection` over that sample's
-positions), so one set serves every sample of a batch; `causal_tracing(tokens=[...])` and
-`guidance.sink_mass` take them beside TokenMap specs ("audio", "video[1]").
+positions), so one set serves every sample of a batch; `causal_tracing(tokens=[...])` takes them
+beside TokenMap specs ("audio", "video[1]").
 
     res = find_sinks(model, inputs)
     sets = hub_sets(res, "audio")          # {"all": ..., "sink": ..., "cross_modal_sink": ..., ...}

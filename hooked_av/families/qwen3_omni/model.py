@@ -169,7 +169,7 @@ class HookedQwen3Omni(MRoPELanguageModel, HookedAVModel):
         m = self.merge
         check_placeholders(input_ids, [
             ("audio", self.ids.audio, None if audio_lens is None else sum(audio_token_counts(audio_lens, self.n_window)),
-             "audio", "13 tokens a second"),
+             "audio", "the audio encoder's audio_token_count of each clip's mel frames"),
             ("image", self.ids.image, merged_tokens(image_grid_thw, m), "image", "image_grid_thw"),
             ("video", self.ids.video, merged_tokens(video_grid_thw, m), "video", "video_grid_thw"),
         ])
