@@ -94,6 +94,12 @@ class AdaptiveScale:
         self.layers: list[int] = []
         self._records: list[dict] = []
 
+    def __repr__(self) -> str:
+        sets = lambda specs: [str(getattr(s, "label", s)) for s in specs]  # noqa: E731
+        return (f"AdaptiveScale(cross={sets(self.cross)}, unimodal={sets(self.unimodal)}, base={self.base:g}, "
+                f"layers={self._layers or 'hub'}, cap={self.cap:g}, text_threshold={self.text_threshold:g}, "
+                f"decay_margin={self.decay_margin:g}, gate={self.gate:g}, momentum={self.momentum:g})")
+
     @classmethod
     def from_sinks(cls, result, **kwargs) -> "AdaptiveScale":
         """Sets from a `patching.sinks.find_sinks` result: cross = the cross-modal audio and video
