@@ -155,6 +155,8 @@ def hallucination(
     ids = list(range(n)) if ids is None else list(ids)
     if len(ids) != n:
         raise ValueError(f"{len(ids)} ids for {n} prompts: give one id per prompt")
+    if not callable(matcher):
+        raise ValueError(f"matcher must be an ObjectMatcher or a function caption -> [object], got {matcher!r}")
     if getattr(model, "tokenizer", None) is None:
         raise ValueError("the model has no tokenizer to decode captions with; load it with its tokenizer files")
     tm = model.token_map(inputs) if tm is None else tm

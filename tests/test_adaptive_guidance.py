@@ -7,6 +7,7 @@ explicitly. `guided_generate` runs a left-padded batch of the same prompts in on
 
 import math
 
+import pandas as pd
 import pytest
 import torch
 
@@ -14,6 +15,7 @@ import hooked_av
 from hooked_av import toy
 from patching.guidance import AdaptiveScale, guided_generate, hub_layers
 from patching.hooks import block_attention
+from patching.results import Result
 from patching.token_sets import TokenSet
 
 torch.set_num_threads(1)
@@ -128,6 +130,24 @@ def test_the_first_token_is_not_guided_where_a_constant_scale_guides_it(setup):
     adaptive = guided_generate(model, batch.inputs, no_audio(model), scale=AdaptiveScale(sets(CROSS), sets(UNI)),
                                max_new_tokens=1)
     assert not torch.equal(constant, plain) and torch.equal(adaptive, plain)
+
+
+def test_from_sinks_takes_the_cross_modal_and_unimodal_sinks_of_each_modality(setup):
+    """A find_sinks result (positions without padding) gives the same schedule as the sets named by hand."""
+    model, batch, _ = setup
+    tm = model.token_map(batch.inputs)
+    rows = []
+    for r in range(tm.batch):
+        real = ~tm.padding[r]
+        where = {g: (tm.mask(g)[r][real]).nonzero()[:, 0].tolist() for g in ("audio", "video")}
+        for (g, sl), cross in [(c, True) for c in CROSS] + [(u, False) for u in UNI]:
+            rows += [dict(sample=r, modality=g, pos=p, cross_modal=cross) for p in where[g][sl]]
+    res = Result("sinks", pd.DataFrame(rows))
+    by_hand, found = AdaptiveScale(sets(CROSS), sets(UNI), base=4.0), AdaptiveScale.from_sinks(res, base=4.0)
+    a = guided_generate(model, batch.inputs, no_audio(model), scale=by_hand, max_new_tokens=3)
+    b = guided_generate(model, batch.inputs, no_audio(model), scale=found, max_new_tokens=3)
+    assert torch.equal(a, b) and by_hand.records().equals(found.records())
+    assert (found.records().scale > 0).sum() == 2 * tm.batch
 
 
 def test_adaptive_scale_refuses_empty_sets_and_prompts_without_media(setup):

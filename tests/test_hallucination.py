@@ -104,6 +104,8 @@ def test_bad_input_is_refused_before_generation(setup):
         ObjectMatcher(["?"])
     with pytest.raises(ValueError, match=r"7 label lists for 8 prompts"):
         hallucination(model, batch.inputs, labels[:7], no_audio, 1.0, ObjectMatcher(OBJECTS))
+    with pytest.raises(ValueError, match=r"matcher must be an ObjectMatcher or a function"):
+        hallucination(model, batch.inputs, labels, no_audio, 1.0, OBJECTS)
     with pytest.raises(ValueError, match=r"labels 'red' is one string"):
         chair(["red"], ["red"], ObjectMatcher(OBJECTS))
 
