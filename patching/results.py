@@ -85,12 +85,13 @@ DEFAULT_BY = {
     "logit_lens": ["group", "layer"], "discarding": ["from_layer"],
     "activation_patching": ["site", "layer", "pos"], "attribution": ["site", "layer", "pos"],
     "sinks": ["modality", "cross_modal"], "pathway": ["run"], "fastv": ["method"], "dla": ["layer", "head", "group"],
-    "knockout_accuracy": ["edge", "layer"],
+    "knockout_accuracy": ["edge", "layer"], "hallucination": ["condition"],
 }
 DEFAULT_VALUE = {
     "knockout": "rel_change", "causal_tracing": "indirect_effect", "logit_lens": "prob", "discarding": "metric",
     "activation_patching": "normalised", "attribution": "attribution", "sinks": "mds",
     "pathway": "correct", "fastv": "correct", "dla": "dla", "knockout_accuracy": "accuracy",
+    "hallucination": "hallucinated_caption",
 }
 CORRECT_ONLY = ("knockout", "causal_tracing")  # kinds averaged over correctly answered samples by default
 YLABEL = {

@@ -10,6 +10,8 @@ FRAMES = {
     "pathway": (dict(run=["kept", "kept", "random"], correct=[True, False, False]), {"kept": 0.5, "random": 0.0}),
     "fastv": (dict(method=["full", "fastv", "fastv"], correct=[True, True, False]), {"full": 1.0, "fastv": 0.5}),
     "knockout_accuracy": (dict(edge=["a->b"] * 2, layer=[0, 0], accuracy=[50.0, 100.0]), {("a->b", 0): 75.0}),
+    "hallucination": (dict(condition=["plain", "plain", "guided"], hallucinated_caption=[1.0, 0.0, 0.0]),
+                      {"plain": 0.5, "guided": 0.0}),
     "dla": (dict(layer=[1, 1], head=[0, 0], group=["audio", "audio"], dla=[0.25, 0.75]), {(1, 0, "audio"): 0.5}),
 }
 
