@@ -28,6 +28,7 @@ def run_demo(out_dir: str | Path = "runs/demo", n_eval: int = 200, n_flow: int =
     from hooked_av.toy.dataset import write_toy_dataset
     from patching.study import Study, read_manifest, run_study
     from patching.study.figures import discarding_figure, knockout_figure
+    from patching.study.report import lowest_points
 
     t0 = time.perf_counter()
     out = Path(out_dir)
@@ -38,11 +39,11 @@ def run_demo(out_dir: str | Path = "runs/demo", n_eval: int = 200, n_flow: int =
           f"{len(manifest)} samples written to {out / 'data'} in {t_data:.1f} s")
 
     t1 = time.perf_counter()
-    run_study(model, manifest, ["accuracy"], out / "accuracy", progress=False)
+    run_study("toy", manifest, ["accuracy"], out / "accuracy", progress=False)  # by name: the report says "toy"
     acc = Study(out / "accuracy")
     t2 = time.perf_counter()
     n_flow_total = min(len(manifest), n_flow * len(toy.KINDS))
-    run_study(model, manifest, ["knockout", "discarding"], out / "flow", limit=n_flow_total, window=window,
+    run_study("toy", manifest, ["knockout", "discarding"], out / "flow", limit=n_flow_total, window=window,
               options={"discarding": {"repeats": 1}})
     flow = Study(out / "flow")
     t3 = time.perf_counter()
@@ -52,10 +53,14 @@ def run_demo(out_dir: str | Path = "runs/demo", n_eval: int = 200, n_flow: int =
     print(f"throughput: accuracy {throughput['accuracy']:.1f} samples/s; knockout + discarding {throughput['flow']:.1f} samples/s")
 
     ko = flow.frame("knockout")
-    strongest = flow.summary("knockout", by=["kind", "edge", "layer"])
-    strongest = strongest[strongest.subset == "correct"].groupby(["kind", "edge"]).agg(largest_drop=("mean", "min")).reset_index()
-    print("knockout: largest mean drop of p(answer) in %, over window centres (correct samples):\n"
-          + strongest.pivot(index="edge", columns="kind", values="largest_drop").round(1).to_string())
+    summary = flow.summary("knockout", by=["kind", "edge", "layer"])
+    lowest = lowest_points(summary[summary.subset == "correct"])
+    print("knockout: lowest point of each mean curve, relative change of p(answer) in % (correct samples):\n"
+          + lowest.pivot(index="edge", columns="kind", values="mean").round(1).to_string())
+    lowest_table = lowest.assign(cell=[_cell(*r) for r in zip(lowest["mean"], lowest.ci_low, lowest.ci_high, lowest.layer)])
+    lowest_table = lowest_table.pivot(index="edge", columns="kind", values="cell").fillna("(no such edge)").reset_index()
+    lowest_table.columns.name = None
+    n_correct = summary[summary.subset == "correct"].groupby("kind").n_samples.max()
 
     batch = toy.make_batch(max(4, n_flow), seed=seed + 5, tokenizer=model.tokenizer)
     mass = group_attention_mass(model, batch.inputs, model.token_map(batch.inputs))
@@ -70,11 +75,17 @@ def run_demo(out_dir: str | Path = "runs/demo", n_eval: int = 200, n_flow: int =
                 f"run time {time.perf_counter() - t0:.0f} s; throughput {throughput['accuracy']:.1f} samples/s (accuracy), "
                 f"{throughput['flow']:.1f} samples/s (knockout + discarding).")
     report.heading("Accuracy per question kind (bootstrap 95 % intervals)").figure(_accuracy_figure(acc_table)).table(acc_table)
-    report.heading("Attention knockout: relative change of p(answer) (%), correct samples, 95 % bands")
-    report.figure(knockout_figure(flow)).table(strongest)
+    report.heading("Attention knockout: relative change of p(answer) (%), correctly answered samples")
+    report.figure(knockout_figure(flow))
+    report.text("Table: the lowest point of each mean curve above: mean [bootstrap 95 % interval] over the correctly "
+                "answered samples, and the layer where it is lowest (n per kind: "
+                + ", ".join(f"{k} {n}" for k, n in n_correct.items()) + ").").table(lowest_table)
     report.heading("Discarding audio + video tokens from layer L on: accuracy and FLOPs saved").figure(discarding_figure(flow))
     report.heading("Token layout of one two_clip sample").pre(layout)
-    report.heading("Attention mass between token groups, per layer").figure(plot_attention_mass(mass))
+    report.heading("Attention mass between token groups, per layer")
+    report.text(f"Mean over heads, over the query positions of each group and over n={batch.inputs['input_ids'].shape[0]} toy samples of every "
+                "question kind pooled (drawn in memory, toy.make_batch); each row sums to 1 over the groups attended.")
+    report.figure(plot_attention_mass(mass))
     path = report.save(out / "report.html")
     ko.to_csv(out / "knockout.csv", index=False)
     flow.frame("discarding").to_csv(out / "discarding.csv", index=False)
@@ -82,10 +93,19 @@ def run_demo(out_dir: str | Path = "runs/demo", n_eval: int = 200, n_flow: int =
     return path
 
 
+def _cell(mean: float, lo: float, hi: float, layer) -> str:
+    """`mean [lo, hi] at layer L`, one decimal; a curve that never leaves 0 says so instead of naming
+    an arbitrary layer."""
+    r = lambda v: f"{round(v, 1) + 0.0:.1f}"  # noqa: E731  (+ 0.0: no "-0.0")
+    if max(abs(mean), abs(lo), abs(hi)) < 0.05:
+        return "0.0 (flat)"
+    return f"{r(mean)} [{r(lo)}, {r(hi)}] at layer {int(layer)}"
+
+
 def _accuracy_figure(table):
     fig, ax = plt.subplots(figsize=(5, 3))
     err = [(table["mean"] - table.ci_low).clip(lower=0), (table.ci_high - table["mean"]).clip(lower=0)]
-    ax.bar(table["kind"], table["mean"], yerr=err, capsize=3)
+    ax.bar([f"{k}\nn={n}" for k, n in zip(table["kind"], table.n_samples)], table["mean"], yerr=err, capsize=3)
     ax.set(ylim=(0, 1.05), ylabel="accuracy", title="accuracy from the files")
     return fig
 

@@ -199,3 +199,18 @@ def test_unknown_or_missing_options_are_refused_before_a_model_loads(data, tmp_p
     assert main(base + ["--experiment", "sinks", "--option", "sinks=3"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0].startswith("error: sinks takes no option(s) ['taux']") and "EXPERIMENT.NAME=VALUE" in err[1]
+
+
+def test_the_report_draws_every_method_and_says_what_each_table_holds(study):
+    from patching.study.report import write_report
+
+    html = write_report(study).read_text()
+    pngs = sorted(p.name for p in (study / "figures").glob("*.png"))
+    kinds = pd.read_parquet(study / "accuracy.parquet").kind.nunique()
+    expected = {"knockout.png", "knockout_accuracy.png", "pathway.png", "fastv.png", "logit_lens.png", "causal_tracing.png",
+                "sinks.png"} | ({f"dla_{i}.png" for i in range(kinds)} if kinds > 1 else {"dla.png"})
+    assert set(pngs) == expected
+    assert html.count("<img") == len(expected)
+    var = html[html.index("VAR (visual"):html.index("Direct logit attribution")]
+    assert "no figure" in var and "the figure" not in var and "none (plain run)" in var
+    assert "Table: the figure" in html[html.index("Effective pathway"):html.index("FastV beside")]

@@ -25,7 +25,8 @@ def _study(tmp_path):
         row = Row(index=i, id=f"s{i}", question="q", answer="a", answer_text="a")
         kind, correct = ("a", i != 1) if i < 4 else ("b", False)
         front = {"id": row.id, "kind": kind, "sample_correct": correct}
-        ko = pd.DataFrame([{**front, "edge": e, "layer": l, "rel_change": float(rng.normal())} for e in ("x->y", "z->y") for l in range(3)])
+        ko = pd.DataFrame([{**front, "edge": e, "layer": l, "rel_change": float(rng.normal()), "correct": correct,
+                            "correct_blocked": correct and l != 1} for e in ("x->y", "z->y") for l in range(3)])
         disc = pd.DataFrame([{**front, "group": "audio", "from_layer": l, "correct": bool(rng.integers(2)), "flops_saved": 0.5 - l / 10}
                              for l in range(3)])
         write_part(out, "knockout", row, ko)
@@ -69,10 +70,33 @@ def test_figures_and_report_from_a_study_folder(tmp_path):
     out, _ = _study(tmp_path)
     path = write_report(out)
     html = path.read_text()
-    assert path == out / "report.html" and html.count("<img src=\"data:image/png;base64,") == 2
+    assert path == out / "report.html" and html.count("<img src=\"data:image/png;base64,") == 3
     assert "http" not in html.replace("http-equiv", "")  # self-contained
-    assert {p.name for p in (out / "figures").glob("*.png")} == {"knockout.png", "discarding.png"}
+    assert {p.name for p in (out / "figures").glob("*.png")} == {"knockout.png", "knockout_accuracy.png", "discarding.png"}
     both = write_report([out, out], tmp_path / "compare" / "compare.html")
-    assert both.read_text().count("<img") == 2
+    assert both.read_text().count("<img") == 3
     with pytest.raises(ValueError, match="give the report's path"):
         write_report([out, out])
+
+
+def test_the_knockout_figure_draws_the_summary_means_bands_and_every_sample(tmp_path):
+    from patching.study.figures import knockout_figure
+
+    out, _ = _study(tmp_path)
+    fig = knockout_figure(out)
+    ax_a, ax_b = fig.axes  # one panel per kind
+    s = Study(out).summary("knockout", by=["kind", "edge", "layer"])
+    s = s[(s.subset == "correct") & (s.kind == "a")]
+    means = {line.get_label(): line for line in ax_a.get_lines() if line.get_label() in ("x->y", "z->y")}
+    assert set(means) == {"x->y", "z->y"}
+    bands = ax_a.collections
+    for (edge, line), band in zip(means.items(), bands):
+        ref = s[s.edge == edge].sort_values("layer")
+        np.testing.assert_allclose(line.get_ydata(), ref["mean"], atol=1e-12)  # the table's statistic
+        ys = band.get_paths()[0].vertices[:, 1]
+        assert ys.min() == pytest.approx(ref.ci_low.min()) and ys.max() == pytest.approx(ref.ci_high.max())
+    faint = [line for line in ax_a.get_lines() if line.get_label() == "_sample"]
+    assert len(faint) == 2 * 3  # every correct sample of kind a, per edge
+    assert "n=3" in ax_a.get_legend().get_title().get_text()
+    assert all(float(t).is_integer() for t in ax_a.get_xticks())
+    assert "no sample is answered correctly" in " ".join(t.get_text() for t in ax_b.texts)  # said, not averaged over all

@@ -1,13 +1,17 @@
-"""The papers' figures from study summaries (`stats.Study.summary`), each taking one study or several
-side by side (two models, two datasets) and returning a matplotlib Figure.
+"""The papers' figures from study folders, each taking one study or several side by side (two models,
+two datasets) and returning a matplotlib Figure. Every panel is drawn by the experiment's own
+`Result.plot` (`patching.plots`) on the study's rows: the mean over samples with its bootstrap 95 %
+band (`patching.stats.bootstrap_ci`, the interval `Study.summary` reports), every sample as a faint
+line, n= in the legend, integer layer ticks; one panel per study and value of `facet`.
 
-- `knockout_figure`: relative change of p(answer) against the window's centre layer, one line per
-  edge with its bootstrap 95 % band, over correctly answered samples; one panel per study and value
-  of `facet` (e.g. the toy's question kind).
-- `discarding_figure`: accuracy with the media discarded from layer L on (band: 95 % interval) and
-  the FLOPs saved, against L.
-- `indirect_effect_figure`: causal tracing's indirect effect per restored token set (bars at the
-  layer where the mean peaks, error bars: 95 % interval), per corrupted modality and site.
+- `knockout_figure`: relative change of p(answer) against layer, one line per edge, over the samples
+  answered correctly by the study's scoring rule (`sample_correct`, the summary's "correct" subset).
+- `discarding_figure`: accuracy with the media discarded from layer L on, all samples, and the FLOPs
+  saved (dashed, right axis), against L.
+- `indirect_effect_figure`: causal tracing's indirect effect against layer, one line per restored
+  token set, one panel per corrupted modality and restore site.
+- `experiment_figure`: any other experiment with a `Result.plot` (logit lens per lens, pathway, FastV,
+  sinks, knockout accuracy); DLA as one figure per panel on one colour scale (`dla_figures`).
 """
 
 from __future__ import annotations
@@ -16,10 +20,13 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: a study runs headless
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from patching.results import Result  # noqa: E402
+from patching.study.stats import Study  # noqa: E402
 
-from patching.study.stats import DEFAULTS, Study  # noqa: E402
+CORRECT_IS_SAMPLE = ("knockout", "causal_tracing")  # kinds whose `correct` is the sample's, not the cell's value
 
 
 def _studies(studies) -> list[Study]:
@@ -31,82 +38,171 @@ def _title(study: Study, many: bool) -> str:
     return f"{study.model} ({study.dir.name})" if many else study.model
 
 
-def _panels(studies, experiment, facet, value=None, subset="correct"):
-    """[(title, summary rows)] for every study x facet value (samples pooled over everything else)."""
+def as_result(study: Study, kind: str, df: pd.DataFrame) -> Result:
+    """The study's rows of one panel as a `Result` of `kind`: `sample` numbers the ids in manifest
+    order; for knockout and causal tracing `correct` is the study's `sample_correct` (its scoring
+    rule), so the figure averages the samples the summary's "correct" subset does."""
+    df = df.assign(sample=pd.factorize(df["id"])[0])
+    if kind in CORRECT_IS_SAMPLE:
+        df = df.assign(correct=df["sample_correct"])
+    opts = study.settings.get("options", {}).get(kind, {})
+    settings = {"window": study.settings.get("window"), "window_style": opts.get("window_style", "centre")} if kind == "knockout" else {}
+    return Result(kind, df, settings)
+
+
+def _panels(studies, experiment, facet, split=None):
+    """[(title, rows)] for every study x facet value (x `split` value: a column drawn as its own panel)."""
     out = []
     for st in studies:
-        columns = st.frame(experiment).columns
-        facet_here = facet if facet and facet in columns else None
-        by = ["model"] + ([facet_here] if facet_here else []) + [c for c in DEFAULTS[experiment][1] if c in columns]
-        s = st.summary(experiment, value=value, by=by)
-        s = s[s.subset == subset]
-        if facet_here:
-            out += [(f"{_title(st, len(studies) > 1)}: {v}", part) for v, part in s.groupby(facet, sort=True)]
-        else:
-            out.append((_title(st, len(studies) > 1), s))
+        df = st.frame(experiment)
+        keys = [c for c in (facet, split) if c and c in df.columns]
+        if not keys:
+            out.append((st, _title(st, len(studies) > 1), df))
+            continue
+        for key, part in df.groupby(keys, sort=True):
+            key = key if isinstance(key, tuple) else (key,)
+            out.append((st, f"{_title(st, len(studies) > 1)}: " + ", ".join(map(str, key)), part))
     return out
 
 
-def _axes(n: int, width: float = 4.2, height: float = 3.4):
-    fig, axes = plt.subplots(1, n, figsize=(width * n, height), squeeze=False, sharey=True)
-    return fig, axes[0]
+def _grid(n_rows: int, n_cols: int, width: float = 5.6, height: float = 4.8):
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(width * n_cols, height * n_rows), squeeze=False)
+    return fig, axes
+
+
+def _wrapped(n: int, max_cols: int = 2, **kw):
+    """`n` single-axes panels in rows of at most `max_cols` (a figure stays readable at page width);
+    returns (figure, the n axes as [[ax], ...]) with the spare axes hidden."""
+    cols = min(n, max_cols)
+    fig, axes = _grid(-(-n // cols), cols, **kw)
+    flat = list(axes.ravel())
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, [[a] for a in flat[:n]]
+
+
+def _empty(ax, title: str, why: str) -> None:
+    ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes, fontsize="small", wrap=True)
+    ax.set(title=title, xticks=[], yticks=[])
+    ax.title.set_fontsize("small")
+
+
+def _draw(fig, fig_axes, panels, kind, **plot_kw):
+    """Each panel's `Result.plot` on its row of axes. The plot's first title line (what is shown)
+    stays under the panel's name; the lines every panel shares (the statistic, what the band and the
+    thin lines are) go once into the figure's title. A panel whose subset is empty says so."""
+    shared = []
+    for axes, (st, title, df) in zip(fig_axes, panels):
+        res = as_result(st, kind, df)
+        try:
+            drawn = res.plot(ax=axes if len(axes) > 1 else axes[0], **plot_kw)
+        except ValueError as e:  # e.g. no correctly answered sample in this panel: say so in the panel
+            for ax in axes:
+                _empty(ax, title, "\n".join(str(e).split("; ")))
+            continue
+        for ax in np.atleast_1d(drawn):
+            first, *rest = ax.get_title().split("\n")
+            ax.set_title(f"{title}\n{first}", fontsize="small")
+            shared += [r for r in rest if r not in shared]
+    if shared:
+        if plot_kw.get("samples") is False:
+            shared = [r.replace("; thin lines: samples", "") for r in shared]
+        fig.suptitle("; ".join(shared), fontsize="medium", y=1.0, va="bottom")  # above the panels, never over a title
 
 
 def knockout_figure(studies, facet: str | None = "kind", subset: str = "correct"):
-    panels = _panels(_studies(studies), "knockout", facet, subset=subset)
-    fig, axes = _axes(len(panels))
-    for ax, (title, s) in zip(axes, panels):
-        for edge, part in s.groupby("edge", sort=False):
-            part = part.sort_values("layer")
-            line, = ax.plot(part.layer, part["mean"], marker="o", ms=3, label=edge)
-            ax.fill_between(part.layer, part.ci_low, part.ci_high, color=line.get_color(), alpha=0.15, lw=0)
-        n = int(s.n_samples.max()) if len(s) else 0
-        ax.axhline(0, color="grey", lw=0.5)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set(title=f"{title} (n={n})", xlabel="window centre layer")
-    axes[0].set_ylabel(f"relative change of p(answer) (%), {subset} samples")
-    axes[-1].legend(fontsize="small")
+    panels = _panels(_studies(studies), "knockout", facet)
+    fig, axes = _wrapped(len(panels))
+    _draw(fig, axes, panels, "knockout", correct_only=subset == "correct")
     fig.tight_layout()
     return fig
 
 
-def discarding_figure(studies, facet: str | None = None):
-    studies = _studies(studies)
-    acc = _panels(studies, "discarding", facet, subset="all")
-    flops = _panels(studies, "discarding", facet, value="flops_saved", subset="all")
-    fig, axes = _axes(len(acc))
-    for ax, (title, s), (_, f) in zip(axes, acc, flops):
-        for group, part in s.groupby("group", sort=False):
-            part = part.sort_values("from_layer")
-            line, = ax.plot(part.from_layer, part["mean"], marker="o", ms=3, label=f"accuracy ({group} discarded)")
-            ax.fill_between(part.from_layer, part.ci_low, part.ci_high, color=line.get_color(), alpha=0.15, lw=0)
+def discarding_figure(studies, facet: str | None = "kind"):
+    """Accuracy is 0 or 1 per sample: thin per-sample lines would only zigzag between the two, so the
+    figure shows the mean, its band and n."""
+    panels = _panels(_studies(studies), "discarding", facet)
+    fig, axes = _wrapped(len(panels))
+    _draw(fig, axes, panels, "discarding", value="correct", correct_only=False, samples=False)
+    for (ax,), (_, _, df) in zip(axes, panels):
         twin = ax.twinx()
-        for group, part in f.groupby("group", sort=False):
-            part = part.sort_values("from_layer")
-            twin.plot(part.from_layer, part["mean"], ls="--", color="grey", label="FLOPs saved")
-        twin.set(ylim=(0, 1), ylabel="FLOPs saved (fraction)")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set(title=f"{title} (n={int(s.n_samples.max()) if len(s) else 0})", xlabel="discarded from layer", ylim=(0, 1.05))
-    axes[0].set_ylabel("accuracy, all samples")
-    axes[-1].legend(fontsize="small", loc="lower right")
+        flops = df.groupby("from_layer")["flops_saved"].mean()  # analytic: the same for every sample of a layout
+        twin.plot(flops.index, flops.values, ls="--", color="grey", label="FLOPs saved")
+        twin.set(ylim=(0, 1.05), ylabel="FLOPs saved (fraction, dashed)")
+        ax.set(ylim=(-0.05, 1.05), ylabel="accuracy (all samples)")
     fig.tight_layout()
     return fig
 
 
-def indirect_effect_figure(studies, subset: str = "correct"):
+def indirect_effect_figure(studies, subset: str = "correct", facet: str | None = "kind"):
+    """One row per study x `facet` value x corrupted modality, one column per restore site."""
     studies = _studies(studies)
-    fig, axes = _axes(len(studies), width=5.0)
-    for ax, st in zip(axes, studies):
-        cells = [c for c in DEFAULTS["causal_tracing"][1] if c in st.frame("causal_tracing").columns]
-        s = st.summary("causal_tracing", by=["model"] + cells)
-        s = s[(s.subset == subset) & (s.n_samples > 0)]
-        keys = [c for c in cells if c != "layer"]
-        peak = s.loc[s.groupby(keys, sort=False)["mean"].idxmax()] if len(s) else s
-        labels = [" / ".join(str(r[k]) for k in keys) + f" (L{int(r.layer)})" for _, r in peak.iterrows()]
-        err = [(peak["mean"] - peak.ci_low).clip(lower=0), (peak.ci_high - peak["mean"]).clip(lower=0)]
-        ax.bar(range(len(peak)), peak["mean"], yerr=err, capsize=3, color="tab:blue")
-        ax.set_xticks(range(len(peak)), labels, rotation=30, ha="right", fontsize="small")
-        ax.axhline(0, color="grey", lw=0.5)
-        ax.set(title=_title(st, len(studies) > 1), ylabel=f"indirect effect (peak layer), {subset}")
+    panels = _panels(studies, "causal_tracing", facet, split="corrupted")
+    n_sites = max(df["site"].nunique() for _, _, df in panels)
+    if n_sites == 1:  # one site: panels side by side, two to a row
+        fig, rows = _wrapped(len(panels))
+        _draw(fig, rows, panels, "causal_tracing", correct_only=subset == "correct")
+        fig.tight_layout()
+        return fig
+    fig, axes = _grid(len(panels), n_sites)
+    rows = []
+    for row, (st, title, df) in zip(axes, panels):
+        k = df["site"].nunique()
+        for ax in row[k:]:
+            ax.set_visible(False)
+        rows.append(list(row[:k]))
+    _draw(fig, rows, panels, "causal_tracing", correct_only=subset == "correct")
+    fig.tight_layout()
+    return fig
+
+
+SPLIT = {"logit_lens": "lens"}  # a column drawn as panels of its own
+
+
+def experiment_figure(studies, experiment: str, facet: str | None = "kind"):
+    """`Result.plot` of `experiment` (knockout_accuracy: from the knockout rows) per study x facet."""
+    studies = _studies(studies)
+    if experiment == "knockout_accuracy":
+        return _knockout_accuracy_figure(studies, facet)
+    panels = _panels(studies, experiment, facet, split=SPLIT.get(experiment))
+    if experiment == "dla":
+        return dla_figures(panels)
+    fig, rows = _wrapped(len(panels))
+    _draw(fig, rows, panels, experiment, correct_only=False)
+    fig.tight_layout()
+    return fig
+
+
+def dla_figures(panels) -> list:
+    """DLA: one figure per panel (a row of layer x head heatmaps, one per source group, as
+    `Result.plot` lays it out), every heatmap of every figure on one symmetric colour scale, so a
+    colour means the same logit contribution in every panel."""
+    figs = []
+    for st, title, df in panels:
+        axes = as_result(st, "dla", df).plot(correct_only=False)
+        fig = np.atleast_1d(axes)[0].figure
+        fig.suptitle(f"{title}: mean direct logit attribution per layer and head (logit), all samples; "
+                     "one colour scale for every panel", fontsize="small", y=1.02)
+        figs.append(fig)
+    images = [im for fig in figs for ax in fig.axes for im in ax.get_images()]
+    m = max((max(abs(v) for v in im.get_clim()) for im in images), default=1.0)
+    for im in images:
+        im.set_clim(-m, m)
+    return figs
+
+
+def _knockout_accuracy_figure(studies, facet):
+    from patching.knockout import knockout_accuracy
+
+    panels = _panels(studies, "knockout", facet)
+    fig, axes = _wrapped(len(panels))
+    for (ax,), (st, title, df) in zip(axes, panels):
+        # the library's own `correct` (gold is the plain run's top token), Map the Flow's count
+        res = knockout_accuracy(Result("knockout", df.assign(sample=pd.factorize(df["id"])[0])))
+        res.plot(ax=ax)
+        ax.set_title(f"{title}\n{ax.get_title()}", fontsize="small")
+        handles, labels = ax.get_legend_handles_labels()  # below the axes: inside, it hid the curves
+        ax.legend(handles, labels, fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, frameon=False,
+                  title=ax.get_legend().get_title().get_text(), title_fontsize="small")
     fig.tight_layout()
     return fig
