@@ -107,7 +107,14 @@ def run_flow(model_name: str, video: str | None, question: str, answer: str, aud
                 f"token: {predicted!r}; p(answer) = {p_answer:.3f}; knockout window {window}; "
                 f"{time.perf_counter() - t0:.0f} s.")
     # one sample: its curve whether or not the model gives the answer (the warning above says so)
-    report.heading("Attention knockout").figure(res.plot(correct_only=False).figure).table(res.df)
+    ax = res.plot(correct_only=False, samples=False)
+    ax.set_title(f"{ax.get_title().splitlines()[0]}\none clip: its own values (n=1: no mean, no interval)", fontsize="small")
+    report.heading("Attention knockout").figure(ax.figure)
+    report.text("Table: the values the figure draws, for this one clip (no mean, no interval): per edge and window "
+                "centre, p(answer) plain and knocked out and their relative change (%), and the same for the model's own "
+                "top token (rel_change_pred).")
+    report.table(res.df[["edge", "layer", "window_start", "window_end", "p_orig", "p_blocked", "rel_change", "pred",
+                         "rel_change_pred", "correct_blocked"]])
     report.heading("Token layout").pre(tm.describe())
     report.heading("Attention mass between token groups").figure(plot_attention_mass(mass))
     path = report.save(out_dir / "report.html")
