@@ -18,11 +18,13 @@ import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from hooked_av.core.masks import neg_inf
+from hooked_av.inputs import Selection
 from patching import checks
 from patching.intervention import Intervention, Part, batch_rows, layer_list
 
@@ -111,6 +113,38 @@ def _token_mask(tm, spec, what: str) -> tuple[Tensor, str]:
     return sel.mask, sel.label
 
 
+class _Set(NamedTuple):
+    """A mask edit's token set: `mask` bool `[tm.batch, pos]` over the TokenMap's positions and
+    `generated` bool `[tm.batch]`: whether the positions after the map (tokens `model.generate` appends)
+    are in the set, per row."""
+
+    mask: Tensor
+    generated: Tensor
+    label: str
+
+
+GENERATED = ("as_last", "by_group")  # how a mask edit's dst treats generated queries (see `_edge_hooks`)
+
+
+def _token_set(tm, spec, what: str, queries: str | None = None) -> _Set:
+    """The set of a spec, with its generated positions: as keys (`queries` None) and as queries under
+    `generated="by_group"`, those of `tm.extend(1).select(spec)`, i.e. where the spec names the group
+    `generated` (`"generated"`, `"all"`); a `Selection` covers the map's positions only and selects no
+    generated one. As queries under `generated="as_last"`, a generated query is in the set exactly
+    where the row's final prompt position (`last`) is. A row with neither map positions nor generated
+    ones is refused (the edit would change nothing there)."""
+    sel = tm.select(spec)
+    if queries == "as_last":
+        gen = (sel.mask & tm.select("last").mask).any(-1)
+    elif isinstance(spec, Selection):
+        gen = torch.zeros(tm.batch, dtype=torch.bool)
+    else:
+        gen = tm.extend(1).select(spec).mask[:, -1]
+    if not bool((sel.mask.any(-1) | gen).all()):
+        _token_mask(tm, sel, what)  # raises, naming the row
+    return _Set(sel.mask, gen, sel.label)
+
+
 def _pos_mask(positions, batch: int, seq: int, device) -> Tensor:
     """positions (None = all; a Selection; bool `[b|1, pos]` or `[pos]`; int positions) -> bool `[b|1, pos]`."""
     if positions is None:
@@ -144,18 +178,27 @@ def _positions_label(positions, what: str) -> str:
     return f"mask[{int(t.sum())}]" if t.dtype == torch.bool else str(t.flatten().tolist())
 
 
-def _edge_hooks(tm, src, dst, layers, op, params, edit, what, heads=None):
+def _edge_hooks(tm, src, dst, layers, op, params, edit, what, heads=None, generated: str = "as_last"):
     """Shared by the mask edits: `edit(t, edge)` where edge is bool `[b, 1, q, k]`, t the layer's additive
     mask (`hook_attn_mask`). With `heads` the edit is on `hook_attn_scores` instead (a `[b, 1, q, k]` mask
     cannot tell heads apart), edge `[b, heads, q, k]` True in those query heads only; those layers run
-    on the exact path. The q queries are the last q of the k positions (a forward of the whole prompt,
-    or of a suffix after cached keys)."""
+    on the exact path. `src`, `dst`: specs, `Selection`s or `_Set`s. The q queries are the last q of
+    the k positions: a forward of the whole prompt (k = the map's positions), of a suffix after cached
+    keys (`patching.sweep`), or a step of `model.generate` (k = prompt + tokens generated so far, the
+    queries after the map). Positions after the map are generated tokens: as keys they are in `src`
+    where the spec names the group `generated` (as on `tm.extend(n)`); as queries they are in `dst`
+    as `generated` says (see `_token_set`). A run whose queries start inside the map but whose keys
+    outrun it, or that is shorter than the map, is refused: the map is not this run's."""
+    if generated not in GENERATED:
+        raise ValueError(f"{what}: generated must be one of {list(GENERATED)}, got {generated!r}")
     layers = layer_list(layers, what)
     heads = _heads(heads, what)
-    src_m, src_l = _token_mask(tm, src, f"{what} src")
-    dst_m, dst_l = _token_mask(tm, dst, f"{what} dst")
-    params = {"src": src_l, "dst": dst_l, **params, "layers": list(layers), **({} if heads is None else {"heads": heads})}
+    s_set = src if isinstance(src, _Set) else _token_set(tm, src, f"{what} src")
+    d_set = dst if isinstance(dst, _Set) else _token_set(tm, dst, f"{what} dst", queries=generated)
+    params = {"src": s_set.label, "dst": d_set.label, **params, "layers": list(layers),
+              **({} if heads is None else {"heads": heads})}
     site = "hook_attn_mask" if heads is None else "hook_attn_scores"
+    n = tm.seq_len
 
     def make(rows):
         cache: dict = {}  # the edge mask of this row set, built once per run shape
@@ -164,10 +207,13 @@ def _edge_hooks(tm, src, dst, layers, op, params, edit, what, heads=None):
             b, h, q, k = t.shape
             key = (b, h, q, k, t.device)
             if key not in cache:
-                if k != tm.seq_len:
-                    raise ValueError(f"{what}: the TokenMap has {tm.seq_len} positions, the attention sees {k} keys")
-                s = batch_rows(src_m.to(t.device), b, rows, what)
-                d = batch_rows(dst_m.to(t.device), b, rows, what)[:, k - q:]
+                if k < n or (k > n and k - q < n):
+                    raise ValueError(f"{what}: the TokenMap has {n} positions, the attention sees {k} keys "
+                                     f"({q} queries); build the intervention from the map of the inputs "
+                                     "that run (positions after the map count as generated only in a step of "
+                                     "model.generate, queries after the cached prompt)")
+                s = _spread(s_set, k - n, b, rows, t.device, what)
+                d = _spread(d_set, k - n, b, rows, t.device, what)[:, k - q:]
                 edge = d[:, None, :, None] & s[:, None, None, :]
                 if heads is not None:
                     edge = edge & _head_mask(heads, h, t.device, torch.bool, what).view(1, h, 1, 1)
@@ -176,51 +222,73 @@ def _edge_hooks(tm, src, dst, layers, op, params, edit, what, heads=None):
             return edit(t, cache[key])
 
         # the first query position any row edits: a sweep may reuse everything before it (patching.sweep)
-        fn.first_query = int(dst_m.any(0).nonzero()[0, 0])
+        first = d_set.mask.any(0).nonzero()
+        fn.first_query = int(first[0, 0]) if len(first) else n  # generated queries only
         return [(f"blocks.{l}.attn.{site}", fn) for l in layers]
 
     return Intervention([Part(op, params, make, layers, heads=tuple(heads or ()))])
 
 
+def _spread(tset: _Set, n_new: int, b: int, rows, device, what: str) -> Tensor:
+    """bool `[b, map positions + n_new]`: the set over the run's rows, its generated flag repeated over
+    the `n_new` positions after the map."""
+    m = torch.cat([tset.mask, tset.generated[:, None].expand(-1, n_new)], dim=1)
+    return batch_rows(m.to(device), b, rows, what)
+
+
+def _knock_out(t: Tensor, edge: Tensor) -> Tensor:
+    return t.masked_fill_(edge, neg_inf(t.dtype))
+
+
 def block_attention(tm, src, dst, layers, rows: Sequence[int] | None = None,
-                    heads: Sequence[int] | None = None) -> Intervention:
+                    heads: Sequence[int] | None = None, generated: str = "as_last") -> Intervention:
     """Knock out the edges src -> dst: `dst` queries may not attend to `src` keys in `layers`
     (additive `neg_inf` on `hook_attn_mask`). `heads`: in those query heads only (Map the Flow's
     head-level knockout): the edges' scores are set to `neg_inf` on `hook_attn_scores` (after the mask,
-    before the softmax), so those layers run on the exact path."""
+    before the softmax), so those layers run on the exact path.
 
-    def edit(t, edge):
-        return t.masked_fill_(edge, neg_inf(t.dtype))
-
-    iv = _edge_hooks(tm, src, dst, layers, "block_attention", {}, edit, "block_attention", heads)
+    Under `model.generate` (see `_edge_hooks`), keys after the prompt are the group `generated`, and
+    `generated` says which generated queries the edit holds for: `"as_last"` (default) treats each one
+    as the row's final prompt position, so an edit to `"last"` holds at every newest position (where
+    the answer keeps being read); `"by_group"` treats them as `tm.extend(n)` does: only a dst naming
+    `"generated"` (or `"all"`) selects them."""
+    iv = _edge_hooks(tm, src, dst, layers, "block_attention", {}, _knock_out, "block_attention", heads, generated)
     return iv if rows is None else iv.on_rows(rows)
 
 
-def scale_attention(tm, dst, src, factor: float, layers, rows: Sequence[int] | None = None) -> Intervention:
+def scale_attention(tm, dst, src, factor: float, layers, rows: Sequence[int] | None = None,
+                    generated: str = "as_last") -> Intervention:
     """Multiply the unnormalised attention of `dst` queries to `src` keys by `factor` (add `log(factor)`
-    to the additive mask before the softmax; factor 0 is a knockout)."""
+    to the additive mask before the softmax; factor 0 is a knockout). Under `model.generate`, generated
+    keys and queries as in `block_attention` (`generated`: `"as_last"` or `"by_group"`)."""
     checks.finite(factor, "scale_attention: factor", minimum=0)  # inf or NaN would act as a knockout
     delta = math.log(factor) if factor > 0 else None
 
     def edit(mask, edge):
         if delta is None:
-            return mask.masked_fill_(edge, neg_inf(mask.dtype))
+            return _knock_out(mask, edge)
         live = edge & (mask > neg_inf(mask.dtype) / 2)  # masked keys stay masked
         return mask.add_(live.to(mask.dtype) * delta)
 
-    iv = _edge_hooks(tm, src, dst, layers, "scale_attention", {"factor": factor}, edit, "scale_attention")
+    iv = _edge_hooks(tm, src, dst, layers, "scale_attention", {"factor": factor}, edit, "scale_attention",
+                     generated=generated)
     return iv if rows is None else iv.on_rows(rows)
 
 
 def discard(tm, group, from_layer: int, n_layers: int | None = None, rows: Sequence[int] | None = None) -> Intervention:
     """Mask-based discarding: from `from_layer` on, no other token attends to `group`'s keys, as if its
     keys and values were gone (what `discarding.physical_forward` removes). Without `n_layers` the hook
-    is a name filter matching every later layer's `hook_attn_mask`."""
-    rest = tm.select("all") - tm.select(group)
+    is a name filter matching every later layer's `hook_attn_mask`. Under `model.generate` a dropped
+    position stays dropped for every later query, generated ones included (generated keys are dropped
+    only where `group` names `"generated"`), as the same discarding built from `tm.extend(n)`."""
+    drop = _token_set(tm, group, "discard src")
+    rest_mask, rest_label = _token_mask(tm, tm.select("all") - tm.select(group), "discard dst")
+    rest = _Set(rest_mask, ~drop.generated, rest_label)  # generated tokens are in "all"
     if n_layers is not None:
-        make = block_attention(tm, group, rest, range(from_layer, n_layers)).parts[0].make
+        make = _edge_hooks(tm, drop, rest, range(from_layer, n_layers), "block_attention", {}, _knock_out,
+                           "discard").parts[0].make
     else:
-        inner = block_attention(tm, group, rest, [from_layer]).parts[0].make
+        inner = _edge_hooks(tm, drop, rest, [from_layer], "block_attention", {}, _knock_out, "discard").parts[0].make
 
         def make(rows):
             fn = inner(rows)[0][1]
@@ -231,7 +299,7 @@ def discard(tm, group, from_layer: int, n_layers: int | None = None, rows: Seque
 
             return [(later, fn)]
 
-    iv = Intervention([Part("discard", {"group": tm.select(group).label, "from_layer": from_layer}, make, (from_layer,))])
+    iv = Intervention([Part("discard", {"group": drop.label, "from_layer": from_layer}, make, (from_layer,))])
     return iv if rows is None else iv.on_rows(rows)
 
 
