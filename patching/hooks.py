@@ -284,11 +284,11 @@ def discard(tm, group, from_layer: int, n_layers: int | None = None, rows: Seque
     drop = _token_set(tm, group, "discard src")
     rest_mask, rest_label = _token_mask(tm, tm.select("all") - tm.select(group), "discard dst")
     rest = _Set(rest_mask, ~drop.generated, rest_label)  # generated tokens are in "all"
+    layers = [from_layer] if n_layers is None else range(from_layer, n_layers)
+    inner = _edge_hooks(tm, drop, rest, layers, "block_attention", {}, _knock_out, "discard").parts[0].make
     if n_layers is not None:
-        make = _edge_hooks(tm, drop, rest, range(from_layer, n_layers), "block_attention", {}, _knock_out,
-                           "discard").parts[0].make
+        make = inner
     else:
-        inner = _edge_hooks(tm, drop, rest, [from_layer], "block_attention", {}, _knock_out, "discard").parts[0].make
 
         def make(rows):
             fn = inner(rows)[0][1]
