@@ -154,12 +154,16 @@ def run_rows(
     knockout, head knockout, scaled attention, mask discarding, and patching, ablation and noise at
     positions of position-major sites), one clean forward keeps each layer's keys and values and each chunk
     recomputes only the positions from its rows' first edited position on (attention is causal: nothing
-    earlier changes). Anything else (a hook of another origin, an edit from position 0) runs whole
-    forwards, as does `incremental=False`. `stats`, if given, receives the positions
+    earlier changes). Rows edited from position 0 run whole in it where the sweep still runs fewer
+    positions than whole forwards would. Anything else (a hook of another origin, edits from position 0 that
+    leave nothing to save) runs whole forwards, as does `incremental=False`. `stats`, if given, receives the positions
     actually run (`positions`, summed over rows) and those of whole forwards (`positions_full`)."""
     starts = [first_query(iv) for iv in interventions] if incremental else [None] * len(interventions)
-    use = bool(interventions) and all(s is not None and s > 0 for s in starts)
     seq = sample.seq_len
+    # rows edited from position 0 run whole inside it: worth it while the clean forward plus the suffixes run
+    # fewer positions than whole forwards would
+    use = bool(interventions) and all(s is not None for s in starts) and (
+        all(s > 0 for s in starts) or seq + sum(seq - s for s in starts) < seq * len(starts))
     starts = [s if use else 0 for s in starts]
     order = sorted(range(len(interventions)), key=lambda i: starts[i])  # similar suffixes share a chunk
     # a row holds every position's keys and values (recomputed or the clean prefix's), so rows are

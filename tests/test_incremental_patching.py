@@ -73,6 +73,22 @@ def test_a_patch_at_position_p_recomputes_from_p(model):
     assert stats["positions"] == bad.seq_len + 2 * 7
 
 
+def test_a_patch_from_position_0_runs_whole_inside_the_sweep(model):
+    inputs = av_inputs()
+    clean, bad = (x[0] for x in corrupted_pair(model, inputs))
+    cache = cache_sample(model, clean, ["blocks.1.hook_resid_pre"])
+    n = bad.seq_len
+    ivs = [patch_from_cache(cache, "blocks.1.hook_resid_pre", [p]) for p in (0, n - 3, n - 2, n - 1)]
+    stats = {}
+    fast = run_rows(model, bad, ivs, progress=False, stats=stats)
+    torch.testing.assert_close(fast, run_rows(model, bad, ivs, progress=False, incremental=False), atol=TOL, rtol=0)
+    # the clean forward, position 0 whole, then chunks [n-3, n-2] (3 positions each) and [n-1]
+    assert stats["incremental"] and stats["positions"] == n + n + 2 * 3 + 1
+    # one late cell beside the position-0 one saves nothing: whole forwards
+    run_rows(model, bad, ivs[:2], progress=False, stats=stats)
+    assert not stats["incremental"] and stats["positions"] == 2 * n
+
+
 def test_ablation_and_noise_at_positions(model):
     inputs = av_inputs(6, 7)
     data = samples(model, inputs, token_map(model, inputs))
