@@ -1,9 +1,7 @@
 """HookedQwen3Omni against HF's `Qwen3OmniMoeThinkerForConditionalGeneration` built from a tiny random config
 (4 experts, top-2, 3 layers with layer 1 dense, DeepStack taps), saved with `save_pretrained` and loaded
 through our `from_pretrained`: fp32 logits, residuals and router choices, bf16 within HF's own bf16 gap,
-both checkpoint layouts, the registry, and the parameter count of the released 30B-A3B Thinker sizes.
-
-Media geometries run once the Qwen3-Omni towers exist in `hooked_av.encoders` (see the skip reasons)."""
+both checkpoint layouts, the registry, and the parameter count of the released 30B-A3B Thinker sizes."""
 
 from __future__ import annotations
 
@@ -97,9 +95,6 @@ MEDIA = [g for g in GEOMETRIES if not g.startswith("text")]
 def test_media_logits_and_routing_equal_hf(pair, name):
     """fp32 logits (1e-5) and router choices on every media geometry, DeepStack included."""
     hf, ours = pair
-    missing = {"audio", "vision"} - set(ours.towers)
-    if missing:
-        pytest.skip(f"hooked_av.encoders has no Qwen3-Omni {sorted(missing)} tower yet")
     inputs, av = model_inputs(name)
     got, handles = router_hooks(hf)
     with torch.no_grad():
@@ -119,8 +114,6 @@ def test_media_logits_and_routing_equal_hf(pair, name):
 
 def test_deepstack_injections_are_carried_by_encode(pair):
     hf, ours = pair
-    if "vision" not in ours.towers:
-        pytest.skip("hooked_av.encoders has no Qwen3-Omni vision tower yet")
     inputs, _ = model_inputs("left_padded")
     enc = ours.encode(**inputs)
     k = len(hf.config.vision_config.deepstack_visual_indexes)
@@ -230,7 +223,7 @@ def test_bf16_within_hfs_own_bf16_gap(saved):
 def test_meta_parameter_count_of_the_released_thinker_equals_hf():
     """The released 30B-A3B Thinker sizes (docs/models.md section 4: 48 layers, 32 q / 4 kv heads, head_dim
     128, 128 experts with 8 active, expert width 768, hidden 2048, vocabulary 152064), on the meta device:
-    the language model and unembedding (the towers count once their modules exist)."""
+    the towers, the language model and the unembedding."""
     from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import Qwen3OmniMoeThinkerConfig
     from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import Qwen3OmniMoeThinkerForConditionalGeneration
 
@@ -246,22 +239,11 @@ def test_meta_parameter_count_of_the_released_thinker_equals_hf():
         hf = Qwen3OmniMoeThinkerForConditionalGeneration(tc)
     ours = HookedQwen3Omni.from_config(tc, device="meta")
     count = lambda ps: sum(p.numel() for p in ps)  # noqa: E731
-    hf_parts = {"audio": hf.model.audio_tower, "vision": hf.model.visual}
-    expected = count(hf.parameters()) - sum(count(m.parameters()) for k, m in hf_parts.items() if k not in ours.towers)
+    expected = count(hf.parameters())
     assert count(ours.parameters()) == expected
     lm = count(hf.model.language_model.parameters()) + count(hf.lm_head.parameters())
     assert lm > 30e9 - 1e9  # the 30B of 30B-A3B is the decoder's
-    print(f"released Thinker sizes: {count(ours.parameters()):,} parameters (HF: {expected:,}), towers {ours.towers}")
-
-
-def test_media_without_a_tower_is_refused_before_any_work(pair):
-    _, ours = pair
-    if "audio" in ours.towers:
-        pytest.skip("the audio tower exists; the refusal no longer applies")
-    ids, mask = batch([[103] + [100] * 13 + [104]])  # 20 mel frames = one chunk = 13 tokens
-    with pytest.raises(NotImplementedError, match="audio tower"):
-        ours(input_ids=ids, attention_mask=mask, input_features=torch.zeros(1, 16, 20),
-             feature_attention_mask=torch.ones(1, 20, dtype=torch.long))
+    print(f"released Thinker sizes: {count(ours.parameters()):,} parameters (HF: {expected:,})")
 
 
 def test_expert_hook_points_are_built_when_asked_for(saved, monkeypatch):

@@ -6,10 +6,8 @@ decoder) with a hook point on every residual stream, attention pattern, router a
     enc = model.encode(**processor_outputs)                               # towers once (DeepStack in enc) ...
     logits = model(**enc)                                                 # ... and sweep from here
 
-Anchor: transformers 5.24 `qwen3_omni_moe` (`Qwen3OmniMoeThinkerForConditionalGeneration`). The towers come
-from `hooked_av.encoders` (`TOWERS` below); where a tower's module is not there, the model is built
-without it (`model.towers` says which exist), its checkpoint keys are skipped, and media of that kind are
-refused with an error before any work.
+Anchor: transformers 5.24 `qwen3_omni_moe` (`Qwen3OmniMoeThinkerForConditionalGeneration`). The towers are
+`hooked_av.encoders.qwen3_omni_audio` and `hooked_av.encoders.qwen3_vl_vision`, each with its key table.
 """
 
 from __future__ import annotations
@@ -36,22 +34,15 @@ MEDIA_ARGS = (
 
 
 def build_towers(tc) -> dict:
-    """`{"audio": (module, key_map) | None, "vision": (module, key_map) | None}`: the towers whose encoder
-    modules exist in `hooked_av.encoders` (Qwen3-Omni's audio encoder, the Qwen3-VL vision tower)."""
-    out = {"audio": None, "vision": None}
-    try:
-        from hooked_av.encoders import qwen3_omni_audio as audio
-    except ImportError:
-        pass
-    else:
-        out["audio"] = (audio.Qwen3OmniAudioEncoder(**audio.audio_settings(tc.audio_config)), audio.convert_audio_key)
-    try:
-        from hooked_av.encoders import qwen3_vl_vision as vision
-    except ImportError:
-        pass
-    else:
-        out["vision"] = (vision.Qwen3VisionEncoder(**vision.vision_settings(tc.vision_config)), vision.convert_vision_key)
-    return out
+    """`{"audio": (module, key_map), "vision": (module, key_map)}`: Qwen3-Omni's audio encoder and the
+    Qwen3-VL vision tower with their checkpoint key maps."""
+    from hooked_av.encoders import qwen3_omni_audio as audio
+    from hooked_av.encoders import qwen3_vl_vision as vision
+
+    return {
+        "audio": (audio.Qwen3OmniAudioEncoder(**audio.audio_settings(tc.audio_config)), audio.convert_audio_key),
+        "vision": (vision.Qwen3VisionEncoder(**vision.vision_settings(tc.vision_config)), vision.convert_vision_key),
+    }
 
 
 class HookedQwen3Omni(MRoPELanguageModel, HookedAVModel):
@@ -75,12 +66,8 @@ class HookedQwen3Omni(MRoPELanguageModel, HookedAVModel):
         self.tokenizer = None
         self.checkpoint_folder = None
         towers = build_towers(tc)
-        self.towers = tuple(k for k, v in towers.items() if v is not None)
-        self._key_maps = {k: (None if v is None else v[1]) for k, v in towers.items()}
-        if towers["audio"] is not None:
-            self.audio_encoder = towers["audio"][0]
-        if towers["vision"] is not None:
-            self.vision_encoder = towers["vision"][0]
+        self._key_maps = {k: v[1] for k, v in towers.items()}
+        self.audio_encoder, self.vision_encoder = towers["audio"][0], towers["vision"][0]
         with experts_without_hooks():  # 48 x 128 experts' hook points are built when asked for (core/moe.py)
             self.build_language_model(c)
         self.hook_audio_embeds = HookPoint()
@@ -90,7 +77,7 @@ class HookedQwen3Omni(MRoPELanguageModel, HookedAVModel):
         lazy_expert_hooks(self)
 
     def converter(self) -> Converter:
-        """The checkpoint key converter for this model (experts fused, towers it has)."""
+        """The checkpoint key converter for this model (experts fused, the towers' key tables)."""
         return Converter(self.cfg.recipe.moe.n_experts if self.cfg.recipe.moe else 0, self._key_maps)
 
     # ---- constructors -----------------------------------------------------------------------
@@ -149,13 +136,6 @@ class HookedQwen3Omni(MRoPELanguageModel, HookedAVModel):
         return model_media_constants(self, self.checkpoint_folder)
 
     # ---- inputs -----------------------------------------------------------------------------
-    def _need(self, tower: str, what: str) -> None:
-        if tower not in self.towers:
-            raise NotImplementedError(
-                f"{what} inputs need the Qwen3-Omni {tower} tower, which this build of hooked_av does not have yet "
-                f"(hooked_av.encoders); this model runs text (towers present: {list(self.towers) or 'none'})"
-            )
-
     def _audio_frames(self, input_features, feature_attention_mask, audio_feature_lengths):
         """(mel features `[n_mels, total_frames]`, frames per clip `[n_audio]`), as HF's `get_audio_features`."""
         if feature_attention_mask is None:
@@ -174,10 +154,6 @@ class HookedQwen3Omni(MRoPELanguageModel, HookedAVModel):
             ("video", self.ids.video, merged_tokens(video_grid_thw, m), "video", "video_grid_thw"),
         ])
         check_patch_rows(pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
-        if audio_lens is not None:
-            self._need("audio", "audio")
-        if pixel_values is not None or pixel_values_videos is not None:
-            self._need("vision", "image and video")
 
     def encode(
         self,

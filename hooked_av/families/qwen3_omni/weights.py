@@ -56,10 +56,9 @@ class Converter:
     unchanged so the loader reports it as unexpected.
 
     towers: `{"audio": key_map, "vision": key_map}`, each mapping a key inside its tower (without the
-    prefix) to our names inside the tower module (`encoders.*` own these tables); a tower whose
-    key map is None is not built, and its keys are skipped (`HookedQwen3Omni.towers` says which)."""
+    prefix) to our names inside the tower module (`encoders.*` own these tables)."""
 
-    def __init__(self, n_experts: int, towers: dict[str, KeyMap | None]):
+    def __init__(self, n_experts: int, towers: dict[str, KeyMap]):
         self.n_experts = n_experts
         self.towers = towers
         self.pending: dict[tuple[int, str], dict[int, Tensor]] = {}
@@ -73,10 +72,7 @@ class Converter:
         for kind, (prefixes, ours) in TOWER_PREFIXES.items():
             for prefix in prefixes:
                 if k.startswith(prefix):
-                    key_map = self.towers.get(kind)
-                    if key_map is None:
-                        return None
-                    mapped = key_map(k[len(prefix):], t)
+                    mapped = self.towers[kind](k[len(prefix):], t)
                     return [(key, t)] if mapped is None else [(ours + n, x) for n, x in mapped]
         for prefix in TEXT_PREFIXES:
             if k.startswith(prefix):
