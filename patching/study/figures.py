@@ -128,7 +128,7 @@ def discarding_figure(studies, facet: str | None = "kind"):
         twin = ax.twinx()
         flops = df.groupby("from_layer")["flops_saved"].mean()  # analytic: the same for every sample of a layout
         twin.plot(flops.index, flops.values, ls="--", color="grey", label="FLOPs saved")
-        twin.set(ylim=(0, 1.05), ylabel="FLOPs saved (fraction, dashed)")
+        twin.set(ylim=(-0.05, 1.05), ylabel="FLOPs saved (fraction, dashed)")  # the same scale as accuracy: 0 is 0 on both
         ax.set(ylim=(-0.05, 1.05), ylabel="accuracy (all samples)")
     fig.tight_layout()
     return fig
