@@ -95,7 +95,6 @@ def run_flow(model_name: str, video: str | None, question: str, answer: str, aud
             f"{predicted!r} (p = {float(probs[top]):.2g}); the knockout follows p({answer!r}), an answer the model does not give"
         )
         print(f"warning: {warning}", file=sys.stderr)
-    window = min(window, model.cfg.n_layers)
     res = knockout(model, inputs, [target], window=window, tm=tm, progress=True)
     mass = group_attention_mass(model, inputs, tm)
 

@@ -144,7 +144,8 @@ def _norm(values: np.ndarray, value: str):
 
 
 def _series_title(ctx, extra: str = "") -> str:
-    return f"{ctx['kind'].replace('_', ' ')}{extra}\nmean over {ctx['subset']}{ctx['note']}\n{BAND}"
+    band = BAND if ctx["samples"] else BAND.split(";")[0]  # no faint lines drawn, none claimed
+    return f"{ctx['kind'].replace('_', ' ')}{extra}\nmean over {ctx['subset']}{ctx['note']}\n{band}"
 
 
 # ---- lines against layer ----------------------------------------------------------------------

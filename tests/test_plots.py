@@ -196,3 +196,14 @@ def test_attention_mass_keeps_custom_groups_in_its_ticks():
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_xticklabels()] == groups
     assert [t.get_text() for t in ax.get_yticklabels()] == groups
+
+
+def test_a_plot_without_sample_lines_does_not_claim_them():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    df = pd.DataFrame(dict(sample=[0, 1, 0, 1], edge=["a->b"] * 4, layer=[0, 0, 1, 1], rel_change=[0.0, -100.0, -5.0, -5.0],
+                           correct=[True] * 4))
+    ax = Result("knockout", df).plot(samples=False)
+    assert "thin lines" not in ax.get_title() and "bootstrap 95% CI" in ax.get_title()
+    assert "thin lines: samples" in Result("knockout", df).plot().get_title()

@@ -91,7 +91,8 @@ def plot_attention_mass(df, layers: Sequence[int] | None = None, ncols: int = 4)
     layers = sorted(df.layer.unique()) if layers is None else list(layers)
     order = list(dict.fromkeys([*df.dst, *df.src]))  # the frame lists groups in the order they were asked for
     nrows = -(-len(layers) // ncols)
-    fig, axes = plt.subplots(nrows, min(ncols, len(layers)), figsize=(3.2 * min(ncols, len(layers)), 3.0 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, min(ncols, len(layers)), figsize=(3.2 * min(ncols, len(layers)), 3.0 * nrows), squeeze=False,
+                             layout="constrained")  # keeps the shared axis labels clear of the rotated ticks
     for ax in axes.flat:
         ax.axis("off")
     for i, (ax, layer) in enumerate(zip(axes.flat, layers)):
