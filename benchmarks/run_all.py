@@ -11,8 +11,8 @@ call each; min and median over `--rounds` (>= 5) of process CPU time and of wall
 table's baseline measured in the same rounds; the machine's load average before and after. Like is compared
 with like: rows from processor outputs (towers included) against HF's Thinker from the same outputs, rows from
 `encode()` outputs against the language model alone. The scaling table runs each (operation, size) in a fresh
-subprocess (one timed call after a warm-up on 128 tokens; peak memory = the rise of the process's peak RSS over
-what the loaded model and inputs already held).
+subprocess (one timed call after a warm-up on 128 tokens; peak memory = the rise of the process's peak RSS, reset
+through /proc/self/clear_refs after loading, over what the loaded model and inputs already held; Linux only).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -280,12 +279,18 @@ def scale_one(op: str, n: int, threads: int, layers: int) -> dict:
     with torch.no_grad():
         run(synthetic_sample(model, 128))  # warm-up
         s = synthetic_sample(model, n)
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        before = rss("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # the peak RSS starts again from the current RSS (Linux)
         c, w = time.process_time(), time.perf_counter()
         run(s)
         c, w = time.process_time() - c, time.perf_counter() - w
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
-    return {"op": op, "n": n, "wall": w, "cpu": c, "peak": peak}
+    return {"op": op, "n": n, "wall": w, "cpu": c, "peak": rss("VmHWM") - before}
+
+
+def rss(field: str) -> int:
+    """`VmRSS` (now) or `VmHWM` (the peak since the last reset) of this process, bytes."""
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
 
 
 def scaling_table(args) -> list[str]:
@@ -326,7 +331,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--tokens", type=int, default=450, help="about this many tokens in the main tables' clip")
+    ap.add_argument("--tokens", type=int, default=300, help="about this many tokens in the main tables' clip")
     ap.add_argument("--sizes", default="1024,2048,4096,8192,16384")
     ap.add_argument("--patterns-max", type=int, default=1024)
     ap.add_argument("--full-depth-max", type=int, default=4096, help="longest size run at the full 8 layers")
