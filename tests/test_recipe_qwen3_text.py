@@ -2,7 +2,7 @@
 HF's Qwen3-Omni Thinker text model (`Qwen3OmniMoeThinkerTextModel`) built from a tiny random config:
 logits, residuals, router choices and DeepStack injection in fp32, left padding included.
 
-`QWEN3_TEXT_KEYS` maps HF's text-model keys to ours (the family's checkpoint table adopts it).
+`QWEN3_TEXT_KEYS` is the Qwen3-Omni family's text key table (`families/qwen3_omni/weights.TEXT_KEYS`).
 """
 
 from __future__ import annotations
@@ -18,21 +18,13 @@ from hooked_av.core.config import BlockRecipe, HookedAVConfig
 from hooked_av.core.language_model import MRoPELanguageModel, scatter_injections
 from hooked_av.core.rope import mrope_cos_sin
 
+from hooked_av.families.qwen3_omni.weights import TEXT_KEYS
+
 torch.set_num_threads(1)
 TOL = 1e-5
 
-# HF text-model key (after `model.language_model.` / `thinker.model.`) -> ours; first match wins
-QWEN3_TEXT_KEYS = [
-    (r"embed_tokens\.weight", "embed.weight"),
-    (r"norm\.weight", "ln_final.weight"),
-    (r"layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|o_proj)\.(weight|bias)", r"blocks.\1.attn.\2.\3"),
-    (r"layers\.(\d+)\.self_attn\.(q_norm|k_norm)\.weight", r"blocks.\1.attn.\2.weight"),
-    (r"layers\.(\d+)\.input_layernorm\.weight", r"blocks.\1.ln1.weight"),
-    (r"layers\.(\d+)\.post_attention_layernorm\.weight", r"blocks.\1.ln2.weight"),
-    (r"layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight", r"blocks.\1.mlp.\2.weight"),
-    (r"layers\.(\d+)\.mlp\.gate\.weight", r"blocks.\1.mlp.gate.weight"),
-    (r"layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)", r"blocks.\1.mlp.experts.\2"),
-]
+# HF text-model key (after `model.language_model.` / `thinker.model.`) -> ours: the family's own table
+QWEN3_TEXT_KEYS = TEXT_KEYS
 
 
 def ours_key(key: str) -> str:
