@@ -266,6 +266,15 @@ class QwenVisionEncoder(nn.Module):
             frame_width=max(h * w_ for h, w_ in frames),
         )
 
+    @classmethod
+    def from_settings(cls, v: dict) -> "QwenVisionEncoder":
+        """From `vision_tower_settings(...)`, as a family keeps it in `cfg.towers["vision_encoder"]`."""
+        return cls(
+            v["d_model"], v["n_layers"], v["n_heads"], v["d_mlp"], v["out_dim"], v["patch_size"],
+            v["temporal_patch_size"], v["in_channels"], v["spatial_merge_size"], v["window_size"],
+            v["fullatt_block_indexes"], v["act_fn"], v["rope_theta"],
+        )
+
     def images_and_videos(self, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw):
         """`(image tokens, video tokens)` (each None when not given) from ONE call of the tower
         (`run_images_and_videos`)."""

@@ -51,11 +51,7 @@ class HookedQwen2_5Omni(MRoPELanguageModel, HookedAVModel):
             a["num_mel_bins"], a["d_model"], a["n_layers"], a["n_heads"], a["d_mlp"], a["output_dim"],
             a["n_window"], a["act_fn"],
         )
-        self.vision_encoder = QwenVisionEncoder(
-            v["d_model"], v["n_layers"], v["n_heads"], v["d_mlp"], v["out_dim"], v["patch_size"],
-            v["temporal_patch_size"], v["in_channels"], v["spatial_merge_size"], v["window_size"],
-            v["fullatt_block_indexes"], v["act_fn"], v["rope_theta"],
-        )
+        self.vision_encoder = QwenVisionEncoder.from_settings(v)
         self.build_language_model(c)
         self.hook_audio_embeds = HookPoint()
         self.hook_image_embeds = HookPoint()

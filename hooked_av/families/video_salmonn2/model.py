@@ -66,11 +66,7 @@ class HookedVideoSALMONN2(MRoPELanguageModel, HookedAVModel):
             q["d_model"], q["d_context"], q["n_layers"], q["n_heads"], q["d_mlp"], q["out_dim"], q["window"],
             q["stride"], q["n_query"], q["cross_attention_freq"], q["act_fn"], q["eps"],
         )
-        self.vision_encoder = QwenVisionEncoder(
-            v["d_model"], v["n_layers"], v["n_heads"], v["d_mlp"], v["out_dim"], v["patch_size"],
-            v["temporal_patch_size"], v["in_channels"], v["spatial_merge_size"], v["window_size"],
-            v["fullatt_block_indexes"], v["act_fn"], v["rope_theta"],
-        )
+        self.vision_encoder = QwenVisionEncoder.from_settings(v)
         self.build_language_model(c)
         self.hook_audio_embeds = HookPoint()
         self.hook_image_embeds = HookPoint()
