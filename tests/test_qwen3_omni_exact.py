@@ -88,6 +88,25 @@ def test_text_logits_residuals_and_routing_equal_hf(pair, padded):
         assert (cache[f"blocks.{l}.mlp.hook_router_logits"] - hf_logits.view(b, s, -1)).abs().max() <= TOL
 
 
+@pytest.mark.parametrize("name", ["left_padded", "audio_in_video"])
+def test_attention_patterns_equal_hfs_eager_attentions(pair, name):
+    """Where HF exposes them (eager attention, output_attentions): every layer's pattern on the real queries
+    and keys, media and a left-padded batch included (fp32, 1e-6)."""
+    hf, ours = pair
+    inputs, av = model_inputs(name)
+    with torch.no_grad():
+        ref = hf(**inputs, use_audio_in_video=av, output_attentions=True).attentions
+        _, cache = ours.run_with_cache(**inputs, use_audio_in_video=av, names_filter=lambda n: n.endswith("attn.hook_pattern"))
+    real = inputs["attention_mask"].bool()
+    assert len(ref) == ours.cfg.n_layers
+    for l, theirs in enumerate(ref):
+        mine = cache[f"blocks.{l}.attn.hook_pattern"]
+        for r in range(real.shape[0]):
+            keep = real[r]
+            diff = (mine[r][:, keep][:, :, keep] - theirs[r][:, keep][:, :, keep]).abs().max()
+            assert diff <= 1e-6, (l, r, diff)
+
+
 MEDIA = [g for g in GEOMETRIES if not g.startswith("text")]
 
 
