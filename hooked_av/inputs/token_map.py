@@ -430,3 +430,35 @@ class TokenMapBuilder:
     def build(self, position_mode: str | None = None) -> TokenMap:
         return TokenMap(self.group, self.item, self.frame, self.time, self.time_end, self.chunk, position_mode,
                         self.patch_row, self.patch_col)
+
+
+def fill_audio(out: TokenMapBuilder, row: int, where, item: int, index: int, audio_counts, seconds_per_token: float,
+               chunk=None) -> None:
+    """Label audio clip `index`'s placeholders at `where` (tokens of `seconds_per_token` each), after checking
+    that its features make exactly that many tokens."""
+    n = len(where)
+    if audio_counts is None or index >= len(audio_counts):
+        raise ValueError(f"row {row} has audio placeholders but no audio features are left for them")
+    if n != audio_counts[index]:
+        raise ValueError(f"row {row}: the audio of clip {item} has {n} placeholders but its features make {audio_counts[index]} tokens")
+    k = torch.arange(n, dtype=torch.float)
+    out.set(row, where, "audio", item=item, time=k * seconds_per_token, time_end=(k + 1) * seconds_per_token, chunk=chunk)
+
+
+def fill_grid(out: TokenMapBuilder, row: int, where, kind: str, item: int, index: int, grids: dict, merge: int):
+    """Check image/video `index`'s placeholders at `where` against its `grids[kind]` entry and store each
+    token's merged patch. An image is labelled here (returns None); for a video, returns the temporal grid
+    step of each token (`[n]`) for the family to time."""
+    n, grid = len(where), grids[kind]
+    if grid is None or index >= len(grid):
+        raise ValueError(f"row {row} has {kind} placeholders but no {kind}_grid_thw entry is left for them")
+    t, h, w = (int(x) for x in grid[index].tolist())
+    per_frame = (h // merge) * (w // merge)
+    if n != t * per_frame:
+        raise ValueError(f"row {row}: the {kind} of clip {item} has {n} placeholders but its grid {[t, h, w]} makes {t * per_frame}")
+    frame = torch.arange(t).repeat_interleave(per_frame)
+    out.set_patches(row, where, h // merge, w // merge)
+    if kind == "image":
+        out.set(row, where, "image", item=item, frame=frame)
+        return None
+    return frame

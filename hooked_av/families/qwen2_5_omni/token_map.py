@@ -12,7 +12,9 @@ from torch import Tensor
 
 from hooked_av.families.qwen2_5_omni.layout import AUDIO_SECONDS_PER_TOKEN, OmniTokenIds, av_block_runs, video_temporal_ids
 from hooked_av.inputs.chat import ChatTokens, text_groups
-from hooked_av.inputs.token_map import TokenMap, TokenMapBuilder, check_text_parts, clip_numbers, media_runs, with_text_parts
+from hooked_av.inputs.token_map import (
+    TokenMap, TokenMapBuilder, check_text_parts, clip_numbers, fill_audio, fill_grid, media_runs, with_text_parts,
+)
 
 
 def omni_token_map(
@@ -98,27 +100,12 @@ def _av_chunks(block, video_grid, vi, spg, audio_counts, ai, merge, per_second, 
 
 
 def _fill_item(out, row, where, kind, item, index, grids, spg, audio_counts, merge, per_second, chunk) -> None:
-    n = len(where)
     if kind == "audio":
-        if audio_counts is None or index >= len(audio_counts):
-            raise ValueError(f"row {row} has <|AUDIO|> placeholders but no audio features are left for them")
-        if n != audio_counts[index]:
-            raise ValueError(f"row {row}: the audio of clip {item} has {n} placeholders but its features make {audio_counts[index]} tokens")
-        k = torch.arange(n, dtype=torch.float)
-        out.set(row, where, "audio", item=item, time=k * AUDIO_SECONDS_PER_TOKEN,
-                time_end=(k + 1) * AUDIO_SECONDS_PER_TOKEN, chunk=chunk)
+        fill_audio(out, row, where, item, index, audio_counts, AUDIO_SECONDS_PER_TOKEN, chunk)
         return
-    grid = grids[kind]
-    if grid is None or index >= len(grid):
-        raise ValueError(f"row {row} has {kind} placeholders but no {kind}_grid_thw entry is left for them")
-    t, h, w = (int(x) for x in grid[index].tolist())
-    per_frame = (h // merge) * (w // merge)
-    if n != t * per_frame:
-        raise ValueError(f"row {row}: the {kind} of clip {item} has {n} placeholders but its grid {[t, h, w]} makes {t * per_frame}")
-    frame = torch.arange(t).repeat_interleave(per_frame)
-    out.set_patches(row, where, h // merge, w // merge)
-    if kind == "image":
-        out.set(row, where, "image", item=item, frame=frame)
+    frame = fill_grid(out, row, where, kind, item, index, grids, merge)
+    if frame is None:
         return
+    t = int(frame[-1]) + 1
     ids = video_temporal_ids(t + 1, spg[index], int(per_second)).float() / per_second  # one more for the end
     out.set(row, where, "video", item=item, frame=frame, time=ids[:-1][frame], time_end=ids[1:][frame], chunk=chunk)

@@ -15,7 +15,7 @@ from torch import Tensor
 from hooked_av.families.qwen3_omni.layout import (Qwen3OmniTokenIds, audio_seconds_per_token, audio_token_counts,
                                                   processor_av_order, token_ids)
 from hooked_av.inputs.chat import ChatTokens, chat_tokens, text_groups
-from hooked_av.inputs.token_map import (TokenMap, TokenMapBuilder, check_text_parts, clip_numbers, media_runs,
+from hooked_av.inputs.token_map import (TokenMap, TokenMapBuilder, check_text_parts, clip_numbers, fill_audio, fill_grid, media_runs,
                                         with_text_parts)
 
 
@@ -83,26 +83,11 @@ def qwen3_omni_token_map(
 
 
 def _fill(out, row, where, kind, item, index, grids, spg, audio_counts, merge, sec_per_audio_token) -> None:
-    n = len(where)
     if kind == "audio":
-        if audio_counts is None or index >= len(audio_counts):
-            raise ValueError(f"row {row} has audio placeholders but no audio features are left for them")
-        if n != audio_counts[index]:
-            raise ValueError(f"row {row}: the audio of clip {item} has {n} placeholders but its features make {audio_counts[index]} tokens")
-        k = torch.arange(n, dtype=torch.float)
-        out.set(row, where, "audio", item=item, time=k * sec_per_audio_token, time_end=(k + 1) * sec_per_audio_token)
+        fill_audio(out, row, where, item, index, audio_counts, sec_per_audio_token)
         return
-    grid = grids[kind]
-    if grid is None or index >= len(grid):
-        raise ValueError(f"row {row} has {kind} placeholders but no {kind}_grid_thw entry is left for them")
-    t, h, w = (int(x) for x in grid[index].tolist())
-    per_frame = (h // merge) * (w // merge)
-    if n != t * per_frame:
-        raise ValueError(f"row {row}: the {kind} of clip {item} has {n} placeholders but its grid {[t, h, w]} makes {t * per_frame}")
-    frame = torch.arange(t).repeat_interleave(per_frame)
-    out.set_patches(row, where, h // merge, w // merge)
-    if kind == "image":
-        out.set(row, where, "image", item=item, frame=frame)
+    frame = fill_grid(out, row, where, kind, item, index, grids, merge)
+    if frame is None:
         return
     if index >= len(spg):
         raise ValueError("video inputs need video_second_per_grid (the processor returns it)")
