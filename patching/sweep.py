@@ -6,18 +6,21 @@ left padding trimmed (padding is masked anyway, so trimming changes nothing but 
 intervention i on row i (`iv.on_rows(i)`), and runs chunks that fit `max_batch_tokens`, returning the
 last position's logits (or what `reduce` makes of them) per intervention; where the interventions name
 the first position they edit (attention edits, activation edits at positions) it recomputes only the
-positions from there on.
+positions from there on, in the blocks from the first hooked one on, against one clean forward's keys,
+values and residuals.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
+from transformer_lens.hook_points import HookPoint
 
 from hooked_av.core.attention import KVSlot
 from patching import checks
@@ -117,21 +120,76 @@ def first_query(iv: Intervention) -> int | None:
     return min(firsts) if firsts else None
 
 
+_BLOCK = re.compile(r"blocks\.(\d+)\.")
+
+
+def first_layer(iv: Intervention) -> int:
+    """The first block any hook of `iv` sits in (`blocks.{l}.`...); 0 where a hook is outside the blocks
+    (the embedding, a name filter). Nothing before that block's `hook_resid_pre` changes."""
+    layers = [int(m.group(1)) if isinstance(name, str) and (m := _BLOCK.match(name)) else 0 for name, _ in iv]
+    return min(layers, default=0)
+
+
+def ambient_hooks(model) -> bool:
+    """Whether a hook is already active on the language model (the caller's `model.hooks()`): a sweep then
+    runs whole forwards, since such a hook may index positions and cannot be told where a suffix starts."""
+    points = [model.hook_embed, *model.ln_final.modules(), *model.unembed.modules(), *model.blocks.modules()]
+    return any(isinstance(m, HookPoint) and m.has_hooks() for m in points)
+
+
+@dataclass
+class CleanRun:
+    """What a sweep's cells reuse from one clean forward of a sample: every layer's rotated keys and values
+    `kv[l]` `[1, pos, kv_heads, d]`, and the residual entering block l from position `resid_from[l]` on,
+    `resid[l]` `[1, pos - resid_from[l], d_model]`, for the layers where cells start."""
+
+    kv: list
+    resid: dict
+    resid_from: dict
+
+    def residual(self, sample: "Sample", layer: int, start: int) -> Tensor:
+        """The clean residual entering block `layer` at positions `start..` (the embeddings at layer 0)."""
+        if layer == 0:
+            return sample.embeds[:, start:]
+        return self.resid[layer][:, start - self.resid_from[layer]:]
+
+
+def clean_run(model, sample: Sample, resid_from: dict[int, int] | None = None) -> CleanRun:
+    """One clean forward of the sample keeping every layer's keys and values and, for each `layer: start`
+    of `resid_from` (layer > 0), the residual entering that block from position `start` on."""
+    slots = [KVSlot() for _ in model.blocks]
+    resid_from = {l: s for l, s in (resid_from or {}).items() if l > 0}
+    resid: dict[int, Tensor] = {}
+
+    def keeper(layer: int, start: int):
+        def keep(x, hook):
+            resid[layer] = x[:, start:].clone()
+
+        return keep
+
+    with model.hooks(fwd_hooks=[(f"blocks.{l}.hook_resid_pre", keeper(l, s)) for l, s in resid_from.items()]):
+        model.run_language_model(**sample.lm_inputs(1), kv_caches=slots, return_type=None)
+    return CleanRun([(s.k, s.v) for s in slots], resid, resid_from)
+
+
 def clean_keys_values(model, sample: Sample) -> list[tuple[Tensor, Tensor]]:
     """One clean forward of the sample keeping every layer's rotated keys and values `[1, pos, kv_heads, d]`."""
-    slots = [KVSlot() for _ in model.blocks]
-    model.run_language_model(**sample.lm_inputs(1), kv_caches=slots, return_type=None)
-    return [(s.k, s.v) for s in slots]
+    return clean_run(model, sample).kv
 
 
-def forward_suffix(model, sample: Sample, kv: list[tuple[Tensor, Tensor]], start: int, n: int) -> Tensor:
+def forward_suffix(model, sample: Sample, clean, start: int, n: int, layer: int = 0) -> Tensor:
     """Last-position logits `[n, vocab]` of `n` copies of the sample under the active hooks, recomputing only
-    positions `start..` against the clean keys and values of the prefix (masks `[n, 1, pos - start, pos]`)."""
-    suffix = dataclasses.replace(sample, embeds=sample.embeds[:, start:], position_ids=sample.position_ids[:, :, start:],
-                                 injections=sample.injections and [None if t is None else t[:, start:] for t in sample.injections])
-    slots = [KVSlot.of(k[:, :start].expand(n, -1, -1, -1), v[:, :start].expand(n, -1, -1, -1)) for k, v in kv]
+    positions `start..` of blocks `layer..` against the clean run's keys and values of the prefix and its
+    residual entering block `layer` (masks `[n, 1, pos - start, pos]`). `clean`: a `CleanRun` (or, for
+    `layer=0`, the list of keys and values)."""
+    kv = clean.kv if isinstance(clean, CleanRun) else clean
+    x = sample.embeds[:, start:] if layer == 0 else clean.residual(sample, layer, start)
+    slots = [KVSlot.of(k[:, :start].expand(n, -1, -1, -1), v[:, :start].expand(n, -1, -1, -1)) if i >= layer
+             else None for i, (k, v) in enumerate(kv)]
+    inj = sample.injections and [None if t is None else t[:, start:].expand(n, -1, -1) for t in sample.injections]
     with run_from(start):
-        return model.run_language_model(**suffix.lm_inputs(n), kv_caches=slots, logits_at="last")[:, -1]
+        return model.run_language_model(x.expand(n, -1, -1).contiguous(), sample.position_ids[:, :, start:].expand(-1, n, -1),
+                                        kv_caches=slots, injections=inj, start_layer=layer, logits_at="last")[:, -1]
 
 
 def run_rows(
@@ -152,48 +210,66 @@ def run_rows(
 
     Recompute only what changes: when every intervention names the first position it edits (`patching.hooks`'
     knockout, head knockout, scaled attention, mask discarding, and patching, ablation and noise at
-    positions of position-major sites), one clean forward keeps each layer's keys and values and each chunk
-    recomputes only the positions from its rows' first edited position on (attention is causal: nothing
-    earlier changes). Rows edited from position 0 run whole in it where the sweep still runs fewer
-    positions than whole forwards would. Anything else (a hook of another origin, edits from position 0 that
-    leave nothing to save) runs whole forwards, as does `incremental=False`. `stats`, if given, receives the positions
-    actually run (`positions`, summed over rows) and those of whole forwards (`positions_full`)."""
+    positions of position-major sites), one clean forward keeps each layer's keys and values and the
+    residual entering the blocks where rows start, and each chunk recomputes only the positions from its
+    rows' first edited position on, in the blocks from its rows' first edited block on (attention is
+    causal: nothing earlier changes; nothing changes before the first hooked block). Rows edited from
+    position 0 of block 0 run whole in it where the sweep still does less work than whole forwards would.
+    Anything else (a hook of another origin, a hook already active on the model, edits that leave nothing
+    to save) runs whole forwards, as does `incremental=False`. `stats`, if given, receives `positions` (the
+    positions run, summed over rows and the clean forward), `layer_positions` (positions x blocks run),
+    their whole-forward counterparts `positions_full` and `layer_positions_full`, and `incremental`."""
+    seq, n_layers = sample.seq_len, len(model.blocks)
     starts = [first_query(iv) for iv in interventions] if incremental else [None] * len(interventions)
-    seq = sample.seq_len
-    # rows edited from position 0 run whole inside it: worth it while the clean forward plus the suffixes run
-    # fewer positions than whole forwards would
-    use = bool(interventions) and all(s is not None for s in starts) and (
-        all(s > 0 for s in starts) or seq + sum(seq - s for s in starts) < seq * len(starts))
-    starts = [s if use else 0 for s in starts]
-    order = sorted(range(len(interventions)), key=lambda i: starts[i])  # similar suffixes share a chunk
+    layers = [first_layer(iv) for iv in interventions]
+    work = [None if st is None else (seq - st) * (n_layers - l) for st, l in zip(starts, layers)]
+    # worth it while the clean forward plus the cells' parts do less work than whole forwards would
+    use = (bool(interventions) and all(w is not None for w in work) and not ambient_hooks(model)
+           and seq * n_layers + sum(work) < seq * n_layers * len(interventions))
+    if not use:
+        starts, layers = [0] * len(interventions), [0] * len(interventions)
+    order = sorted(range(len(interventions)), key=lambda i: (starts[i], layers[i]))  # similar parts share a chunk
     # a row holds every position's keys and values (recomputed or the clean prefix's), so rows are
     # budgeted by the whole length in both ways of running
     most, chunks, i = rows_per_forward(seq, batch_size, max_batch_tokens), [], 0
     while i < len(order):
-        n_rec, per = seq - starts[order[i]], most
-        if batch_size is None:  # a row joins only where the chunk's suffix is at most twice its own
-            per = next((j for j in range(1, most) if i + j < len(order) and n_rec > 2 * (seq - starts[order[i + j]])), most)
-        chunks.append(order[i : i + per])
-        i += per
+        chunk, st, ly = [order[i]], starts[order[i]], layers[order[i]]
+        while len(chunk) < most and i + len(chunk) < len(order):
+            j = order[i + len(chunk)]
+            own = (seq - starts[j]) * (n_layers - layers[j])
+            # a row joins where the chunk's part is at most twice its own (exactly `batch_size` where given)
+            if batch_size is None and (seq - st) * (n_layers - min(ly, layers[j])) > 2 * own:
+                break
+            chunk.append(j)
+            ly = min(ly, layers[j])
+        chunks.append((chunk, st, ly))
+        i += len(chunk)
+    resid_from: dict[int, int] = {}
+    for _, st, ly in chunks:
+        resid_from[ly] = min(st, resid_from.get(ly, seq))
     plans = []  # every chunk's hooks, checked before the first forward
-    for chunk in chunks:
+    for chunk, st, ly in chunks:
         combined = sum((interventions[j].on_rows(r) for r, j in enumerate(chunk)), Intervention())
-        plans.append((chunk, list(combined.check(model, batch=len(chunk))), min(starts[j] for j in chunk)))
+        plans.append((chunk, list(combined.check(model, batch=len(chunk))), st, ly))
     outs: list = [None] * len(interventions)
-    done = 0
+    done = done_layers = 0
     bar = tqdm(total=len(interventions), desc=desc, disable=not progress, leave=False)
     with torch.no_grad():
-        kv = clean_keys_values(model, sample) if use else None
+        clean = clean_run(model, sample, resid_from) if use else None
         for n_plan in range(len(plans)):
-            (chunk, hooks, start), plans[n_plan] = plans[n_plan], None  # free each chunk's edge masks after use
+            (chunk, hooks, start, layer), plans[n_plan] = plans[n_plan], None  # free each chunk's edge masks after use
             with model.hooks(fwd_hooks=hooks):
-                logits = forward_suffix(model, sample, kv, start, len(chunk)) if use else forward_rows(model, sample, len(chunk))
+                logits = (forward_suffix(model, sample, clean, start, len(chunk), layer) if use
+                          else forward_rows(model, sample, len(chunk)))
             vals = reduce(logits) if reduce else logits
             for j, v in zip(chunk, vals):
                 outs[j] = v
             done += len(chunk) * (seq - start)
+            done_layers += len(chunk) * (seq - start) * (n_layers - layer)
             bar.update(len(chunk))
     bar.close()
     if stats is not None:
-        stats.update(positions=done + (seq if use else 0), positions_full=seq * len(interventions), incremental=use)
+        stats.update(positions=done + (seq if use else 0), positions_full=seq * len(interventions),
+                     layer_positions=done_layers + (seq * n_layers if use else 0),
+                     layer_positions_full=seq * n_layers * len(interventions), incremental=use)
     return torch.stack(outs) if outs else torch.empty(0)

@@ -84,8 +84,13 @@ def test_a_patch_from_position_0_runs_whole_inside_the_sweep(model):
     torch.testing.assert_close(fast, run_rows(model, bad, ivs, progress=False, incremental=False), atol=TOL, rtol=0)
     # the clean forward, position 0 whole, then chunks [n-3, n-2] (3 positions each) and [n-1]
     assert stats["incremental"] and stats["positions"] == n + n + 2 * 3 + 1
-    # one late cell beside the position-0 one saves nothing: whole forwards
-    run_rows(model, bad, ivs[:2], progress=False, stats=stats)
+    # ... in blocks 1.. only: the clean forward's n x L, then (n + 2 x 3 + 1) x (L - 1)
+    L = model.cfg.n_layers
+    assert stats["layer_positions"] == n * L + (n + 2 * 3 + 1) * (L - 1)
+    # one late cell beside one edited from position 0 of block 0 saves nothing: whole forwards
+    cache = cache_sample(model, clean, ["blocks.0.hook_resid_pre"])
+    ivs = [patch_from_cache(cache, "blocks.0.hook_resid_pre", [p]) for p in (0, n - 1)]
+    run_rows(model, bad, ivs, progress=False, stats=stats)
     assert not stats["incremental"] and stats["positions"] == 2 * n
 
 

@@ -15,6 +15,7 @@ from test_salmonn_inputs import salmonn_tokenizer, write_mp4
 
 from hooked_av import HookedVideoSALMONN2
 from patching.hooks import ablate, block_attention, scale_attention
+from patching.intervention import Intervention, Part
 from patching.knockout import default_edges, window_layers
 from patching.sweep import run_rows, samples
 
@@ -74,12 +75,12 @@ def test_qwen3_recipe_with_injections(qwen3_setup):  # noqa: F811
 
 
 def test_an_edit_from_the_first_position_falls_back_to_whole_forwards():
-    # activation edits name their first position now (patching.hooks.run_from); one at position 0 leaves no
-    # clean prefix to reuse, so the chunk runs whole
+    # activation edits name their first position now (patching.hooks.run_from); one at position 0 of block 0
+    # leaves no clean prefix or block to reuse, so the chunk runs whole
     _, model = tiny_pair()
     inputs = av_inputs(6)
     s = samples(model, inputs, token_map(model, inputs))[0]
-    ivs = [block_attention(s.tm, "audio", "last", [1]), ablate(["blocks.2.hook_resid_post"], positions=[0])]
+    ivs = [block_attention(s.tm, "audio", "last", [1]), ablate(["blocks.0.hook_resid_post"], positions=[0])]
     fast, full, stats = both_ways(model, s, ivs)
     assert not stats["incremental"] and stats["positions"] == stats["positions_full"] == 2 * s.seq_len
     assert torch.equal(fast, full)
@@ -90,11 +91,87 @@ def test_masks_of_the_recomputed_part_are_rows_by_suffix(dst):
     _, model = tiny_pair()
     inputs = av_inputs(6)
     s = samples(model, inputs, token_map(model, inputs))[0]
-    shapes = []
-    model.blocks[1].attn.hook_attn_mask.add_hook(lambda m, hook: shapes.append(tuple(m.shape)))
-    try:
-        run_rows(model, s, [block_attention(s.tm, "audio", dst, [1])] * 3, progress=False)
-    finally:
-        model.reset_hooks()
+    shapes: list = []
     n = s.seq_len - int(s.tm.mask(dst)[0].nonzero()[0, 0])
-    assert shapes[-1] == (3, 1, n, s.seq_len)
+    iv = block_attention(s.tm, "audio", dst, [1]) + observer("blocks.1.attn.hook_attn_mask", shapes, s.seq_len - n)
+    run_rows(model, s, [iv] * 8, progress=False)  # enough cells that the clean forward pays for itself
+    assert shapes[-1] == (8, 1, n, s.seq_len)
+
+
+def observer(name: str, seen: list, first: int) -> Intervention:
+    """An intervention that records the shape at `name` and says it edits from `first` on (so the sweep
+    may start there)."""
+    def fn(t, hook):
+        seen.append(tuple(t.shape))
+
+    fn.first_query = first
+    return Intervention([Part("observe", {"name": name}, make=lambda rows: [(name, fn)])])
+
+
+def test_cells_start_at_their_first_edited_block():
+    # a knockout in blocks [a, b] changes nothing before block a: a cell runs blocks a.. from the clean
+    # forward's residual entering block a, and equals the whole recomputation on every centred window
+    _, model = tiny_pair()
+    inputs = av_inputs(6, 7)
+    L = model.cfg.n_layers
+    for s in samples(model, inputs, token_map(model, inputs)):
+        ivs = cells(model, s, window=1)
+        fast, full, stats = both_ways(model, s, ivs, batch_size=1)
+        torch.testing.assert_close(fast, full, atol=TOL, rtol=0)
+        first = {"last": s.seq_len - 1, "question": int(s.tm.mask("question")[0].nonzero()[0, 0])}
+        parts = [(s.seq_len - first[dst]) * (L - c) for src, dst in default_edges(s.tm) for c in range(L)]
+        assert stats["incremental"] and stats["layer_positions"] == s.seq_len * L + sum(parts)
+        # blocks before the cell's first one do not run at all
+        seen: list = []
+        last = block_attention(s.tm, "audio", "last", [3])
+        run_rows(model, s, [last + observer("blocks.2.hook_resid_post", seen, s.seq_len - 1),
+                            last + observer("blocks.3.hook_resid_pre", seen, s.seq_len - 1)], progress=False, batch_size=1)
+        assert seen == [(1, 1, model.cfg.d_model)] * 2  # the first cell from block 2, the second from 3
+
+
+def test_an_in_place_edit_of_the_cached_residual_stays_in_its_cell():
+    _, model = tiny_pair()
+    inputs = av_inputs(6)
+    s = samples(model, inputs, token_map(model, inputs))[0]
+    name = "blocks.2.hook_resid_pre"
+
+    def double(t, hook):
+        t[:, -3:].mul_(2.0)  # in place, on the tensor the sweep feeds block 2 (the last 3 positions)
+
+    double.first_query = s.seq_len - 3
+    iv = Intervention([Part("double", {}, make=lambda rows: [(name, double)], layers=(2,))])
+    fast, full, stats = both_ways(model, s, [iv] * 3, batch_size=1)
+    assert stats["incremental"]
+    torch.testing.assert_close(fast, full, atol=TOL, rtol=0)
+    torch.testing.assert_close(fast[2], fast[0], atol=0, rtol=0)
+
+
+def test_a_hook_already_on_the_model_makes_the_sweep_run_whole_forwards():
+    # a caller's hook may index positions (here: the residual's position 4): a suffix run would move it
+    _, model = tiny_pair()
+    inputs = av_inputs(6)
+    s = samples(model, inputs, token_map(model, inputs))[0]
+
+    def bump(t, hook):
+        t = t.clone()
+        t[:, 4] += 3.0
+        return t
+
+    ivs = [block_attention(s.tm, "audio", "last", [2]), block_attention(s.tm, "video", "question", [1])]
+    with model.hooks(fwd_hooks=[("blocks.1.hook_resid_post", bump)]):
+        fast, full, stats = both_ways(model, s, ivs)
+    assert not stats["incremental"]
+    assert torch.equal(fast, full)
+
+
+def test_start_layer_is_checked():
+    _, model = tiny_pair()
+    inputs = av_inputs(6)
+    s = samples(model, inputs, token_map(model, inputs))[0]
+    L = model.cfg.n_layers
+    with pytest.raises(ValueError, match=rf"start_layer {L}: the model has {L} blocks"):
+        model.run_language_model(**s.lm_inputs(1), start_layer=L)
+    with pytest.raises(ValueError, match="discard cannot run from start_layer > 0"):
+        model.run_language_model(**s.lm_inputs(1), start_layer=1, discard=(s.tm.select("audio"), 2))
+    with pytest.raises(ValueError, match=r"kv_caches holds 2 slots; the model has"):
+        model.run_language_model(**s.lm_inputs(1), kv_caches=[None, None])

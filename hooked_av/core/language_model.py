@@ -97,6 +97,7 @@ class MRoPELanguageModel:
         injections: Mapping[int, Tensor] | Sequence[Tensor | None] | None = None,
         discard: tuple[object, int] | None = None,
         logits_at=None,
+        start_layer: int = 0,
     ) -> Tensor | None:
         """The one layer loop of the language model (every experiment runs through it).
 
@@ -109,36 +110,56 @@ class MRoPELanguageModel:
           `from_layer`; the rest keep their own position ids (rotary angles), padding and injections.
         logits_at: None or "all" (every position), "last", or positions (ints or a bool `[pos]` mask);
           HF's `logits_to_keep`. Only those positions are unembedded (or returned, for "resid").
+        start_layer: `inputs_embeds` is the residual stream entering block `start_layer` (its `hook_resid_pre`
+          fires on it); `hook_embed`, the blocks before it and their injections do not run (what a sweep
+          reusing a clean run's residuals needs: nothing before its first edited layer changes).
         Returns logits `[batch, n_read, vocab]`, the final residual after `ln_final` ("resid") or None.
         """
         b, q_len, _ = inputs_embeds.shape
-        past = kv_caches[0].length if kv_caches else 0
+        n = len(self.blocks)
+        if not 0 <= int(start_layer) < n:
+            raise ValueError(f"start_layer {start_layer}: the model has {n} blocks (0..{n - 1})")
+        start_layer = int(start_layer)
+        if start_layer and discard is not None:
+            raise ValueError("discard cannot run from start_layer > 0; run the whole stack")
+        if kv_caches is not None and len(kv_caches) != n:
+            raise ValueError(f"kv_caches holds {len(kv_caches)} slots; the model has {n} blocks (one slot per block)")
+        past = kv_caches[start_layer].length if kv_caches else 0
         inject = self._injections(injections, inputs_embeds)
         drop_at, keep = self._discard_plan(discard, b, q_len, inputs_embeds.device, past)
         read = read_positions(logits_at, q_len, inputs_embeds.device, keep)
         if return_type not in ("logits", "resid", None):
             raise ValueError(f"return_type must be 'logits', 'resid' or None, got {return_type!r}")
-        if self.hook_embed.has_hooks() or self.blocks[0].hook_resid_pre.has_hooks():
-            # these two hooks receive the caller's tensor (encode() outputs): an in-place edit must stay in this run
+        if (self.hook_embed.has_hooks() and not start_layer) or self.blocks[start_layer].hook_resid_pre.has_hooks():
+            # these two hooks receive the caller's tensor (encode() outputs, a sweep's cached residual): an
+            # in-place edit must stay in this run
             inputs_embeds = inputs_embeds.clone()
-        x = self.hook_embed(inputs_embeds)
+        x = inputs_embeds if start_layer else self.hook_embed(inputs_embeds)
         if position_ids.dim() == 2:
             position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
         state = None
-        for i, block in enumerate(self.blocks):
+        devices = getattr(self, "block_devices", None)  # set where a device map placed the blocks
+        for i in range(start_layer, n):
+            block = self.blocks[i]
+            if devices is not None and devices[i] != x.device:  # the stream follows the blocks across devices
+                x, position_ids = x.to(devices[i]), position_ids.to(devices[i])
+                attention_mask = None if attention_mask is None else attention_mask.to(devices[i])
+                state = None
             if i == drop_at:  # physical discarding: fewer positions from here on
-                x, position_ids = x[:, keep], position_ids[:, :, keep]
-                attention_mask = None if attention_mask is None else attention_mask[:, keep]
-                inject = [None if t is None else t[:, keep] for t in inject]
+                k = keep.to(x.device)
+                x, position_ids = x[:, k], position_ids[:, :, k]
+                attention_mask = None if attention_mask is None else attention_mask[:, k]
+                inject = [None if t is None else t[:, keep.to(t.device)] for t in inject]
                 state = None
             if state is None:
                 state = self.attention_inputs(x, position_ids, attention_mask, past)
-            x = block(x, injection=inject[i], kv_cache=kv_caches[i] if kv_caches else None, **state)
+            injection = None if inject[i] is None else inject[i].to(x.device)
+            x = block(x, injection=injection, kv_cache=kv_caches[i] if kv_caches else None, **state)
         x = self.ln_final(x)
         if return_type is None:
             return None
         if read is not None:
-            x = x[:, read]
+            x = x[:, read.to(x.device) if isinstance(read, Tensor) else read]
         return x if return_type == "resid" else self.unembed(x)
 
     def attention_rows(self, inputs: dict, queries="last", layers: Sequence[int] | None = None,
