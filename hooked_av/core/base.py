@@ -155,6 +155,12 @@ class HookedAVModel(TransformerLensCompat, HookedRootModule):
     # ---- device / dtype ---------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
+        """Where inputs go: the embedding's execution device for a model placed by a device map, else the
+        device of the weights."""
+        if getattr(self, "hf_device_map", None) is not None:
+            from hooked_av.core.placement import execution_device
+
+            return execution_device(self.embed) or execution_device(self.blocks[0])
         return next(self.parameters()).device
 
     @property

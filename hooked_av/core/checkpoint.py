@@ -228,18 +228,28 @@ def _assign(model: nn.Module, dotted: str, param: nn.Parameter) -> None:
     setattr(mod, leaf, param)
 
 
-def build_and_load(make: Callable[[], nn.Module], tensors, convert, source: str, dtype, device) -> nn.Module:
+def build_and_load(make: Callable[[], nn.Module], tensors, convert, source: str, dtype, device,
+                   device_map=None, max_memory=None, offload_folder=None) -> nn.Module:
     """Construct a model on the meta device with `make()`, fill it from checkpoint `tensors`, tie the
     unembedding to the embedding when the configuration says so (the checkpoint then may lack
-    it), move it to `device` and switch to eval mode. `dtype` and `device` are checked before the
-    first tensor is read (`tensors` may be a lazy `iter_tensors`)."""
+    it), move it to `device` (or place it by `device_map` through accelerate, see
+    `hooked_av.core.placement`) and switch to eval mode. `dtype`, `device` and the placement arguments
+    are checked before the first tensor is read (`tensors` may be a lazy `iter_tensors`)."""
     dtype, device = as_dtype(dtype), as_device(device)
+    if device_map is None and (max_memory is not None or offload_folder is not None):
+        raise ValueError("max_memory and offload_folder apply to a device_map; pass device_map='auto' (or a dict)")
+    if device_map is not None and device.type != "cpu":
+        raise ValueError(f"pass device={device} or device_map={device_map!r}, not both (a device map places every module)")
     with torch.device("meta"):
         model = make()
     tied = model.cfg.tie_word_embeddings
     load_converted(model, tensors, convert, source, dtype, optional=lambda n: tied and n == "unembed.weight")
     if tied:
         model.unembed.weight = model.embed.weight
+    if device_map is not None:
+        from hooked_av.core.placement import dispatch
+
+        return dispatch(model.eval(), device_map, max_memory, offload_folder, dtype).eval()
     return model.to(device).eval()
 
 

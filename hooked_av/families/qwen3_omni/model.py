@@ -89,7 +89,7 @@ class HookedQwen3Omni(MRoPELanguageModel, HookedAVModel):
         return model.to(dtype).eval()
 
     @classmethod
-    def _load(cls, config, tensors, source: str, dtype, device) -> "HookedQwen3Omni":
+    def _load(cls, config, tensors, source: str, dtype, device, **placement) -> "HookedQwen3Omni":
         holder = {}
 
         def make():
@@ -101,13 +101,17 @@ class HookedQwen3Omni(MRoPELanguageModel, HookedAVModel):
                 holder["c"] = holder["m"].converter()
             return holder["c"](key, t)
 
-        return checkpoint.build_and_load(make, tensors, convert, source, dtype, device)
+        return checkpoint.build_and_load(make, tensors, convert, source, dtype, device, **placement)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                        device=None) -> "HookedQwen3Omni":
+                        device=None, device_map=None, max_memory: dict | None = None,
+                        offload_folder: str | os.PathLike | None = None) -> "HookedQwen3Omni":
         """A hub id or a local HF checkpoint folder: the released layout (`thinker.*` inside the whole
-        Qwen3-Omni model, with the Talker's keys) or a saved Thinker (`model.*`), see `weights.py`."""
+        Qwen3-Omni model, with the Talker's keys) or a saved Thinker (`model.*`), see `weights.py`.
+        `device_map` ("auto", "balanced", "sequential" or a dict of module -> device), `max_memory` and
+        `offload_folder` place the model across devices through accelerate as HF does (see
+        `hooked_av.core.placement`); `device` puts it whole on one."""
         from transformers import AutoConfig
 
         folder = checkpoint.resolve(name_or_path)
@@ -116,7 +120,8 @@ class HookedQwen3Omni(MRoPELanguageModel, HookedAVModel):
         config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
         tokenizer = checkpoint.load_tokenizer(folder)  # before the weights: a bad tokenizer fails in a second
         tensors = checkpoint.iter_tensors(checkpoint.weight_files(folder))
-        model = cls._load(config, tensors, str(folder), dtype, device)
+        model = cls._load(config, tensors, str(folder), dtype, device, device_map=device_map, max_memory=max_memory,
+                          offload_folder=offload_folder)
         model.tokenizer = tokenizer
         model.checkpoint_folder = folder
         return model
@@ -187,7 +192,7 @@ class HookedQwen3Omni(MRoPELanguageModel, HookedAVModel):
         embeds = self.embed(input_ids)
         if audio is not None:
             a = self.hook_audio_embeds(self.audio_encoder(audio[0].to(self.dtype), audio[1]))
-            embeds = embeds.masked_scatter((input_ids == self.ids.audio)[..., None], a.to(embeds.dtype))
+            embeds = embeds.masked_scatter((input_ids == self.ids.audio)[..., None], a.to(embeds.device, embeds.dtype))
         injections = None
         if pixel_values is not None or pixel_values_videos is not None:
             embeds, injections = self._merge_visual(input_ids, embeds, pixel_values, image_grid_thw,
@@ -208,7 +213,7 @@ class HookedQwen3Omni(MRoPELanguageModel, HookedAVModel):
                 continue
             feats, deep = got
             where = input_ids == token
-            embeds = embeds.masked_scatter(where[..., None], hook(feats).to(embeds.dtype))
+            embeds = embeds.masked_scatter(where[..., None], hook(feats).to(embeds.device, embeds.dtype))
             dense = scatter_injections(where, deep, embeds)
             injections = dense if injections is None else [a + b for a, b in zip(injections, dense)]
         return embeds, injections

@@ -90,16 +90,21 @@ class HookedVideoSALMONN2(MRoPELanguageModel, HookedAVModel):
     @classmethod
     def from_pretrained(
         cls, name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32, device=None,
-        position_mode: str = "inference",
+        position_mode: str = "inference", device_map=None, max_memory: dict | None = None,
+        offload_folder: str | os.PathLike | None = None,
     ) -> "HookedVideoSALMONN2":
         """A hub id or a local checkpoint folder in the repository's layout (`visual.*`, `audio.*`,
-        `model.*`, `lm_head.*`) or the newer one (`model.language_model.*`, `model.visual.*`)."""
+        `model.*`, `lm_head.*`) or the newer one (`model.language_model.*`, `model.visual.*`).
+        `device_map` ("auto", "balanced", "sequential" or a dict of module -> device), `max_memory` and
+        `offload_folder` place the model across devices through accelerate as HF does (see
+        `hooked_av.core.placement`); `device` puts it whole on one."""
         folder = checkpoint.resolve(name_or_path)
         config = checkpoint.read_config(folder)  # a dict: AutoConfig would drop SALMONN's audio_config
         split_config(config)  # refuse a config that is not SALMONN's before touching any weight file
         tokenizer = checkpoint.load_tokenizer(folder)  # before the weights: a bad tokenizer fails in a second
         tensors = checkpoint.iter_tensors(checkpoint.weight_files(folder))
-        model = checkpoint.build_and_load(lambda: cls(config, position_mode), tensors, convert_key, str(folder), dtype, device)
+        model = checkpoint.build_and_load(lambda: cls(config, position_mode), tensors, convert_key, str(folder), dtype,
+                                          device, device_map, max_memory, offload_folder)
         model.tokenizer = tokenizer
         return model
 
@@ -163,17 +168,17 @@ class HookedVideoSALMONN2(MRoPELanguageModel, HookedAVModel):
         embeds = self.embed(input_ids)
         if features is not None:
             a = self.hook_audio_embeds(self.audio_qformer(self.audio_encoder(features.to(self.dtype))))
-            embeds = embeds.masked_scatter((input_ids == self.ids.audio)[..., None], a.to(embeds.dtype))
+            embeds = embeds.masked_scatter((input_ids == self.ids.audio)[..., None], a.to(embeds.device, embeds.dtype))
         im, vi = self.vision_encoder.images_and_videos(
             None if pixel_values is None else pixel_values.to(self.dtype), image_grid_thw,
             None if pixel_values_videos is None else pixel_values_videos.to(self.dtype), video_grid_thw,
         )
         if im is not None:
             im = self.hook_image_embeds(im)
-            embeds = embeds.masked_scatter((input_ids == self.ids.image)[..., None], im.to(embeds.dtype))
+            embeds = embeds.masked_scatter((input_ids == self.ids.image)[..., None], im.to(embeds.device, embeds.dtype))
         if vi is not None:
             vi = self.hook_video_embeds(vi)
-            embeds = embeds.masked_scatter((input_ids == self.ids.video)[..., None], vi.to(embeds.dtype))
+            embeds = embeds.masked_scatter((input_ids == self.ids.video)[..., None], vi.to(embeds.device, embeds.dtype))
         return {
             "inputs_embeds": embeds, "position_ids": position_ids, "attention_mask": attention_mask,
             "rope_deltas": deltas, "position_mode": mode,

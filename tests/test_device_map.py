@@ -1,0 +1,119 @@
+"""`from_pretrained(device_map=..., max_memory=..., offload_folder=...)` through accelerate, as HF: on this
+CPU machine an explicit map that offloads blocks to disk and an "auto" map under a `max_memory` that forces
+offloading give the same logits, caches, attention rows, knockout sweep and generation as the model loaded
+whole (exactly: the same arithmetic on the same device), for Qwen2.5-Omni, SALMONN and Qwen3-Omni; maps
+that cannot apply are refused before any weight is placed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omni_helpers import geometries, tiny_hf_thinker
+from test_patching_common import token_map
+
+from hooked_av import HookedQwen2_5Omni
+from patching.hooks import block_attention
+from patching.sweep import run_rows, samples
+
+torch.set_num_threads(1)
+INPUTS, _ = geometries()["audio_and_video_blocks"]
+PADDED, _ = geometries()["padded_batch"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("thinker")
+    tiny_hf_thinker(seed=2).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def whole(folder):
+    return HookedQwen2_5Omni.from_pretrained(folder)
+
+
+def explicit_map(model) -> dict:
+    n = model.cfg.n_layers
+    return {"audio_encoder": "cpu", "vision_encoder": "disk", "embed": "cpu", "ln_final": "disk", "unembed": "cpu",
+            **{f"blocks.{i}": "disk" if i % 2 else "cpu" for i in range(n)}}
+
+
+def same_everywhere(placed, whole):
+    with torch.no_grad():
+        for inputs in (INPUTS, PADDED):
+            assert torch.equal(placed(**inputs), whole(**inputs))
+        names = [f"blocks.{l}.hook_resid_post" for l in range(whole.cfg.n_layers)] + ["blocks.1.attn.hook_pattern"]
+        _, got = placed.run_with_cache(**PADDED, names_filter=names)
+        _, ref = whole.run_with_cache(**PADDED, names_filter=names)
+        for n in names:
+            assert torch.equal(got[n], ref[n]), n
+        assert torch.equal(placed.attention_rows(PADDED, queries=[-1]), whole.attention_rows(PADDED, queries=[-1]))
+        # a sweep that starts cells at later blocks (from cached residuals) and positions
+        out = []
+        for m in (placed, whole):
+            s = samples(m, INPUTS, tm=token_map(m, INPUTS))[0]
+            cells = [block_attention(s.tm, "audio", "last", [l]) for l in range(m.cfg.n_layers)]
+            stats = {}
+            out.append(run_rows(m, s, cells, progress=False, stats=stats))
+            assert stats["incremental"]
+        assert torch.equal(*out)
+        gen = [m.generate(**INPUTS, max_new_tokens=4) for m in (placed, whole)]
+        assert torch.equal(*gen)
+
+
+def test_an_explicit_map_with_disk_offload_changes_nothing(folder, whole, tmp_path):
+    placed = HookedQwen2_5Omni.from_pretrained(folder, device_map=explicit_map(whole), offload_folder=tmp_path / "off")
+    assert "disk" in placed.hf_device_map.values()
+    assert placed.blocks[1].attn.q_proj.weight.device.type == "meta"  # really offloaded
+    assert placed.device == torch.device("cpu") and len(placed.block_devices) == whole.cfg.n_layers
+    same_everywhere(placed, whole)
+
+
+def test_auto_under_max_memory_offloads_and_changes_nothing(folder, whole, tmp_path):
+    size = sum(p.numel() * p.element_size() for p in whole.parameters())
+    placed = HookedQwen2_5Omni.from_pretrained(folder, device_map="auto", max_memory={"cpu": size // 2},
+                                               offload_folder=tmp_path / "off")
+    where = set(placed.hf_device_map.values())
+    assert where == {"cpu", "disk"}, placed.hf_device_map
+    # blocks and towers are never split
+    assert all(k == "" or k.count(".") <= 1 for k in placed.hf_device_map), placed.hf_device_map
+    same_everywhere(placed, whole)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(device_map={"blocks.0.attn": "cpu", "": "cpu"}), r"keys \['blocks.0.attn'\] are not places"),
+    (dict(device_map={"blocks.0": "cpu"}), r"places no device for \d+ weight"),
+    (dict(device_map={"": "disk"}), "pass offload_folder="),
+    (dict(device_map={"": "meta"}), "is not a place for weights"),
+    (dict(device_map={"": "cpu"}, max_memory={"cpu": 10**9}), "max_memory applies to device_map='auto'"),
+    (dict(device_map="everywhere"), r"device_map='everywhere': use one of"),
+    (dict(max_memory={"cpu": 10**9}), "apply to a device_map"),
+    (dict(device_map="auto", device="meta"), "not both"),
+])
+def test_maps_that_cannot_apply_are_refused(folder, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        HookedQwen2_5Omni.from_pretrained(folder, **kwargs)
+
+
+def test_salmonn_and_qwen3_take_a_map(tmp_path):
+    import salmonn_helpers as H
+    from qwen3_omni_helpers import tiny_hf
+
+    from hooked_av import HookedQwen3Omni, HookedVideoSALMONN2
+
+    ref = H.Reference(seed=0)
+    ref.save(tmp_path / "salmonn")
+    plain = HookedVideoSALMONN2.from_pretrained(tmp_path / "salmonn")
+    n = plain.cfg.n_layers
+    placed = HookedVideoSALMONN2.from_pretrained(tmp_path / "salmonn", offload_folder=tmp_path / "off1",
+                                                 device_map={"": "cpu", **{f"blocks.{i}": "disk" for i in range(0, n, 2)}})
+    ids = torch.randint(0, 100, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(placed(input_ids=ids), plain(input_ids=ids))
+
+    tiny_hf(seed=1).save_pretrained(tmp_path / "q3")
+    plain = HookedQwen3Omni.from_pretrained(tmp_path / "q3")
+    placed = HookedQwen3Omni.from_pretrained(tmp_path / "q3", device_map={"": "cpu", "blocks.1": "disk"},
+                                             offload_folder=tmp_path / "off2")
+    with torch.no_grad():
+        assert torch.equal(placed(input_ids=ids), plain(input_ids=ids))
