@@ -150,7 +150,13 @@ class Attention(nn.Module):
     ) -> Float[Tensor, "batch pos d_model"]:
         """`mask` is additive `[batch, 1|heads, q, k]` or None. `causal=True` means `mask` is a plain
         causal mask (no padding, no edits), which the fast path may replace by the causal kernel."""
-        q, k, v = self.project_qkv(x)
+        return self.output(self.attend(*self.project_qkv(x), mask=mask, rotary=rotary, causal=causal, kv_cache=kv_cache))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, rotary: Rotary | None = None,
+               causal: bool = False, kv_cache: "KVSlot | None" = None) -> Tensor:
+        """From projected q `[batch, pos, heads, d_head]`, k and v `[batch, pos, kv_heads, d_head]` to
+        `hook_z` `[batch, pos, heads, d_head]`: norms, rotary, the cache, the mask, the pattern (every hook
+        between the projections and the output)."""
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
@@ -199,7 +205,11 @@ class Attention(nn.Module):
                 scale=self.scale,
                 enable_gqa=self.n_kv_heads != self.n_heads,
             )
-        z = self.hook_z(z.transpose(1, 2))  # [b, pos, heads, d_head]
+        return self.hook_z(z.transpose(1, 2))  # [b, pos, heads, d_head]
+
+    def output(self, z: Tensor) -> Tensor:
+        """`hook_z` `[batch, pos, heads, d_head]` -> the attention output `[batch, pos, d_model]`
+        (through `hook_result` per head when `use_attn_result` is on)."""
         o = self.out_proj_module
         if self.use_attn_result:
             w = o.weight.view(o.weight.shape[0], self.n_heads, self.d_head)  # [d_model, h, d]
@@ -221,7 +231,10 @@ class Attention(nn.Module):
         b, h, _, d = qh.shape
         n_q, n_k, r = qh.shape[2], kh.shape[2], rows.shape[1]
         q = qh.gather(2, rows[:, None, :, None].expand(b, h, r, d))
-        scores = torch.matmul(q, kh.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1).transpose(2, 3)) * self.scale
+        # query head j reads kv head j // groups: fold each kv head's query heads into the rows, so the keys
+        # are never repeated (`[batch, kv_heads, groups * r, keys]`, then unfolded)
+        kv = kh.shape[1]
+        scores = torch.matmul(q.reshape(b, kv, (h // kv) * r, d), kh.transpose(2, 3)).view(b, h, r, n_k) * self.scale
         if mask is not None:
             scores = scores + mask.gather(2, rows[:, None, :, None].expand(b, mask.shape[1], r, n_k))
         elif causal:  # queries are the last n_q of n_k positions

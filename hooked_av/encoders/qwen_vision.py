@@ -153,6 +153,17 @@ class WindowRows:
         flat = torch.cat([y.flatten(0, 1), y.new_zeros(1, *y.shape[2:])])
         return flat[self._source].view(self.n_frames, self.frame_width, *y.shape[2:])
 
+    @cached_property
+    def _frame_padding(self) -> Tensor | None:
+        """bool `[frames, frame_width, 1]`: the frame positions past a smaller frame's patches (None if none)."""
+        pad = (self._source == self.patch.numel()).view(self.n_frames, self.frame_width, 1)
+        return pad if bool(pad.any()) else None
+
+    def zero_frame_padding(self, x: Tensor) -> Tensor:
+        """`x` `[frames, frame_width, d]` with zeros at frame padding (what `to_frames` puts there)."""
+        pad = self._frame_padding
+        return x if pad is None else x.masked_fill(pad, 0)
+
     def to_frame_pattern(self, pattern: Tensor) -> Tensor:
         """A window block's `[rows, heads, w, w]` pattern (or scores, mask) as the per-frame
         `[frames, heads, frame_width, frame_width]` it stands for: zero between windows."""
@@ -171,8 +182,13 @@ class WindowAttention(Attention):
 
     def forward(self, x: Tensor, windows: WindowRows, mask: Tensor | None, rotary) -> Tensor:
         """`mask` (additive `[rows, 1, w, w]`, or None when no window is padded) and `rotary` act on
-        the window rows."""
-        return windows.to_frames(super().forward(windows.to_windows(x), mask=mask, rotary=rotary))
+        the window rows. The projections run on the frames, so partial windows' padding slots cost
+        nothing there (only in the attention itself)."""
+        q, k, v = (windows.to_windows(t) for t in self.project_qkv(x))
+        z = self.attend(q, k, v, mask=mask, rotary=rotary)
+        if self.use_attn_result:  # hook_result per window, as the other attention hooks
+            return windows.to_frames(self.output(z))
+        return windows.zero_frame_padding(self.output(windows.to_frames(z)))
 
 
 class QwenVisionEncoder(nn.Module):
