@@ -216,7 +216,7 @@ def main_tables(args) -> list[str]:
          "exact activation patching, resid_pre x every layer x each token group": lambda: activation_patching(
              ours, enc, bad, metric, sites=("resid_pre",), positions="groups", tm_clean=tm, tm_corrupted=tm, progress=False)}
     notes = {f"knockout sweep ({len(cells)} cells), recompute what changes":
-             f"{stats['positions'] / n:.1f} forwards' positions of {stats['positions_full'] / n:.0f}",
+             f"{stats['layer_positions'] / (n * L):.1f} forwards' work (positions x blocks) of {stats['positions_full'] / n:.0f}",
              f"physical discarding of audio+video from layer {L // 2}": f"FLOPs saved {flops:.0%}"}
     out += [f"### From `encode()` outputs (the language model alone), against one hooked_av forward reading the last "
             f"logits ({len(edges)} edges x {L} window centres, window 9)", "", HEAD]
@@ -311,10 +311,11 @@ def scaling_table(args) -> list[str]:
            "", "Seconds are CPU seconds of one call; memory is the rise of the peak RSS over the loaded model and "
            f"inputs (MiB). `sweep`: the six-edge x every-centre knockout sweep (a centre per layer, window 9), "
            "recompute what changes. `patterns`: run_with_cache of every LM pattern (only up to "
-           f"{args.patterns_max:,} tokens: it grows with tokens squared). Up to {args.full_depth_max:,} tokens the "
-           f"model has its {LAYERS} layers; above, to fit this run's time on this machine, the same width with "
-           f"{args.long_layers} layers (scaled down: ratios to the forward of the same model still read as they do "
-           "at full depth; absolute seconds do not).", "",
+           f"{args.patterns_max:,} tokens: it grows with tokens squared). "
+           + (f"Every size runs the model's {LAYERS} layers." if args.full_depth_max >= max(args.sizes) else
+              f"Up to {args.full_depth_max:,} tokens the model has its {LAYERS} layers; above, the same width with "
+              f"{args.long_layers} layers (scaled down: ratios to the forward of the same model still read as they do "
+              "at full depth; absolute seconds do not)."), "",
            "| tokens | HF sdpa s | forward s | forward / HF | attention_rows s | rows / forward (time) | rows / forward (peak memory) | sweep s | sweep / forward | patterns s | forward MiB | rows MiB | patterns MiB |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for n in args.sizes:
@@ -334,7 +335,7 @@ def main(argv=None) -> None:
     ap.add_argument("--tokens", type=int, default=300, help="about this many tokens in the main tables' clip")
     ap.add_argument("--sizes", default="1024,2048,4096,8192,16384")
     ap.add_argument("--patterns-max", type=int, default=1024)
-    ap.add_argument("--full-depth-max", type=int, default=4096, help="longest size run at the full 8 layers")
+    ap.add_argument("--full-depth-max", type=int, default=16384, help="longest size run at the full 8 layers")
     ap.add_argument("--long-layers", type=int, default=2, help="layers of the model above --full-depth-max")
     ap.add_argument("--scale-layers", type=int, default=LAYERS, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
