@@ -96,24 +96,49 @@ def test_maps_that_cannot_apply_are_refused(folder, kwargs, message):
 
 
 def test_salmonn_and_qwen3_take_a_map(tmp_path):
+    # towers offloaded too: SALMONN's Whisper reads its position table and Qwen3-VL's vision tower its
+    # position embedding without calling the module; an offloaded tower loads all its weights first
     import salmonn_helpers as H
-    from qwen3_omni_helpers import tiny_hf
+    from qwen3_omni_helpers import model_inputs, tiny_hf
 
     from hooked_av import HookedQwen3Omni, HookedVideoSALMONN2
 
-    ref = H.Reference(seed=0)
-    ref.save(tmp_path / "salmonn")
+    H.Reference(seed=0).save(tmp_path / "salmonn")
     plain = HookedVideoSALMONN2.from_pretrained(tmp_path / "salmonn")
     n = plain.cfg.n_layers
-    placed = HookedVideoSALMONN2.from_pretrained(tmp_path / "salmonn", offload_folder=tmp_path / "off1",
-                                                 device_map={"": "cpu", **{f"blocks.{i}": "disk" for i in range(0, n, 2)}})
-    ids = torch.randint(0, 100, (1, 12))
+    towers = [k for k, m in plain.named_children() if k not in ("blocks", "embed", "ln_final", "unembed")
+              and any(True for _ in m.parameters())]
+    placed = HookedVideoSALMONN2.from_pretrained(
+        tmp_path / "salmonn", offload_folder=tmp_path / "off1",
+        device_map={"": "cpu", **{t: "disk" for t in towers}, **{f"blocks.{i}": "disk" for i in range(0, n, 2)}})
+    assert {placed.hf_device_map[t] for t in towers} == {"disk"}
+    inputs, _ = H.batch(H.Row(1).text(4).video_with_audio(3, 4, 8, chunks=1, spg=0.5).text(3),
+                        H.Row(2).text(4).audio(chunks=2).text(3))
     with torch.no_grad():
-        assert torch.equal(placed(input_ids=ids), plain(input_ids=ids))
+        assert torch.equal(placed(**inputs), plain(**inputs))
 
     tiny_hf(seed=1).save_pretrained(tmp_path / "q3")
     plain = HookedQwen3Omni.from_pretrained(tmp_path / "q3")
-    placed = HookedQwen3Omni.from_pretrained(tmp_path / "q3", device_map={"": "cpu", "blocks.1": "disk"},
-                                             offload_folder=tmp_path / "off2")
+    placed = HookedQwen3Omni.from_pretrained(tmp_path / "q3", offload_folder=tmp_path / "off2", device_map={
+        "": "cpu", "blocks.1": "disk", "audio_encoder": "disk", "vision_encoder": "disk"})
+    for geometry in ("two_clips", "left_padded"):
+        inputs, av = model_inputs(geometry)
+        with torch.no_grad():
+            assert torch.equal(placed(**inputs, use_audio_in_video=av), plain(**inputs, use_audio_in_video=av))
+
+
+def test_tied_embeddings_stay_on_one_device(tmp_path):
+    from omni_helpers import tiny_thinker_config
+    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+    cfg = tiny_thinker_config()
+    cfg.tie_word_embeddings = True
+    torch.manual_seed(3)
+    Qwen2_5OmniThinkerForConditionalGeneration(cfg).eval().save_pretrained(tmp_path / "tied")
+    plain = HookedQwen2_5Omni.from_pretrained(tmp_path / "tied")
+    assert plain.unembed.weight is plain.embed.weight
+    placed = HookedQwen2_5Omni.from_pretrained(tmp_path / "tied", device_map={"": "cpu", "unembed": "disk"},
+                                               offload_folder=tmp_path / "off")
+    assert placed.hf_device_map["unembed"] == "cpu"  # the map says where the tied weight really is
     with torch.no_grad():
-        assert torch.equal(placed(input_ids=ids), plain(input_ids=ids))
+        assert torch.equal(placed(**INPUTS), plain(**INPUTS))

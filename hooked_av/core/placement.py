@@ -79,24 +79,27 @@ def whole_module_classes(model: nn.Module) -> list[str]:
 def explicit(model: nn.Module, device_map: dict) -> dict:
     """The same placement naming each weighted top-level module or block itself: "" (the rest) expanded,
     `blocks` expanded to `blocks.N`, modules without weights (hook points) left out (accelerate would look
-    for their offloaded weights)."""
-    def has_weights(m):
-        return any(True for _ in m.parameters())
-
+    for their offloaded weights), a module whose weights are all tied to an earlier one's (a tied
+    unembedding) placed with it, as accelerate does."""
     def covered(name):
         return any(name == k or name.startswith(k + ".") for k in device_map if k)
 
-    out = {}
+    out, placed = {}, {}
     units = [u for n, m in model.named_children()
              for u in ([(f"blocks.{i}", b) for i, b in enumerate(model.blocks)] if n == "blocks" else [(n, m)])]
     for name, mod in units:
-        if not has_weights(mod):
+        params = list(mod.parameters())
+        if not params:
+            continue
+        if all(id(p) in placed for p in params):  # tied weights (the unembedding) stay with their first module
+            out[name] = placed[id(params[0])]
             continue
         key = next((k for k in (name, "blocks") if k in device_map and (k == name or name.startswith(k + "."))), None)
         if key is not None:
             out[name] = device_map[key]
         elif "" in device_map and not covered(name):
             out[name] = device_map[""]
+        placed.update({id(p): out.get(name) for p in params})
     return out
 
 
