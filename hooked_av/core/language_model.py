@@ -141,7 +141,8 @@ class MRoPELanguageModel:
         devices = getattr(self, "block_devices", None)  # set where a device map placed the blocks
         for i in range(start_layer, n):
             block = self.blocks[i]
-            if devices is not None and devices[i] != x.device:  # the stream follows the blocks across devices
+            if devices is not None and (devices[i] != x.device or devices[i] != position_ids.device):
+                # the stream follows the blocks across devices (a sweep's cached residual may already be there)
                 x, position_ids = x.to(devices[i]), position_ids.to(devices[i])
                 attention_mask = None if attention_mask is None else attention_mask.to(devices[i])
                 state = None
@@ -193,7 +194,7 @@ class MRoPELanguageModel:
 
         with self.attention_readers({l: reader(l) for l in layers}), torch.no_grad():
             self(**inputs, return_type=None)
-        return torch.stack([out[l] for l in layers])
+        return torch.stack([out[l].to(out[layers[0]].device) for l in layers])  # layers may sit on several devices
 
     @contextmanager
     def attention_readers(self, readers: Mapping[int, Callable]):
