@@ -12,7 +12,8 @@ table's baseline measured in the same rounds; the machine's load average before 
 with like: rows from processor outputs (towers included) against HF's Thinker from the same outputs, rows from
 `encode()` outputs against the language model alone. The scaling table runs each (operation, size) in a fresh
 subprocess (one timed call after a warm-up on 128 tokens; peak memory = the rise of the process's peak RSS, reset
-through /proc/self/clear_refs after loading, over what the loaded model and inputs already held; Linux only).
+through /proc/self/clear_refs after loading, over what the loaded model and inputs already held, with glibc's mmap
+threshold fixed at 128 KiB so that it counts tensors, not heap fragmentation; Linux only).
 """
 
 from __future__ import annotations
@@ -301,7 +302,11 @@ def scaling_table(args) -> list[str]:
                 continue
             cmd = [sys.executable, __file__, "--scale-one", op, str(n), "--threads", str(args.threads),
                    "--scale-layers", str(LAYERS if n <= args.full_depth_max else args.long_layers)]
-            got = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+            # glibc's mmap threshold fixed at 128 KiB: every tensor above it is its own mapping, so the peak RSS
+            # counts what the tensors hold, not the heap fragmentation of its dynamic threshold (which put
+            # attention_rows' peak at 1.57x a forward's at 4k tokens with 1.01x of it in tensors)
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+            got = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
             if got.returncode:
                 raise SystemExit(f"scaling {op} at {n} tokens failed:\n{got.stderr[-3000:]}")
             res[op, n] = json.loads(got.stdout.strip().splitlines()[-1])
@@ -309,7 +314,7 @@ def scaling_table(args) -> list[str]:
     gib = 2**20
     out = ["### Scaling with length (language model from embeddings, a synthetic clip layout; each cell a fresh process)",
            "", "Seconds are CPU seconds of one call; memory is the rise of the peak RSS over the loaded model and "
-           f"inputs (MiB). `sweep`: the six-edge x every-centre knockout sweep (a centre per layer, window 9), "
+           "inputs (MiB; glibc's mmap threshold fixed at 128 KiB, so it counts tensors, not heap fragmentation). `sweep`: the six-edge x every-centre knockout sweep (a centre per layer, window 9), "
            "recompute what changes. `patterns`: run_with_cache of every LM pattern (only up to "
            f"{args.patterns_max:,} tokens: it grows with tokens squared). "
            + (f"Every size runs the model's {LAYERS} layers." if args.full_depth_max >= max(args.sizes) else
