@@ -89,7 +89,14 @@ def test_auto_under_max_memory_offloads_and_changes_nothing(folder, whole, tmp_p
     (dict(device_map="everywhere"), r"device_map='everywhere': use one of"),
     (dict(max_memory={"cpu": 10**9}), "apply to a device_map"),
     (dict(device_map="auto", device="meta"), "not both"),
-])
+    (dict(device_map={"": "cpu"}, offload_folder="unused"), "offloads nothing to 'disk'"),
+    (dict(device_map={"": -1}), "is not a place for weights"),
+    (dict(device_map={"": True}), "is not a place for weights"),
+    (dict(device_map={"": "nowhere"}), "is not a place for weights"),
+] + ([] if torch.cuda.is_available() else [
+    (dict(device_map={"": 0}), r"device_map\[''\] = 0: device .* CUDA is not available"),
+    (dict(device_map={"": "cpu", "blocks.1": "cuda:0"}), r"device_map\['blocks.1'\] = 'cuda:0': .*CUDA is not available"),
+]))
 def test_maps_that_cannot_apply_are_refused(folder, kwargs, message):
     with pytest.raises(ValueError, match=message):
         HookedQwen2_5Omni.from_pretrained(folder, **kwargs)

@@ -35,15 +35,22 @@ def _allowed_key(model: nn.Module, key: str) -> bool:
 
 
 def _check_device(value, key: str):
-    if isinstance(value, int) or value in ("cpu", "disk"):
+    """A device-map value that exists on this machine: a GPU index, a device name, "cpu" or "disk"."""
+    from hooked_av.core.checkpoint import as_device
+
+    if value in ("cpu", "disk"):
         return value
     try:
-        d = torch.device(value)
+        d = torch.device(f"cuda:{value}" if isinstance(value, int) and not isinstance(value, bool) else value)
     except (RuntimeError, TypeError):
         d = None
-    if d is None or d.type == "meta":
+    if d is None or d.type == "meta" or (isinstance(value, int) and value < 0):
         raise ValueError(f"device_map[{key!r}] = {value!r} is not a place for weights; use a GPU index (0, 1, ...), "
                          "'cuda:N', 'cpu' or 'disk'")
+    try:
+        as_device(d)
+    except ValueError as e:
+        raise ValueError(f"device_map[{key!r}] = {value!r}: {e}") from None
     return value
 
 
@@ -136,6 +143,7 @@ def dispatch(model: nn.Module, device_map, max_memory: dict | None = None, offlo
     `model.hf_device_map` (as HF) and `model.block_devices` (each block's execution device, read by the
     layer loop)."""
     acc = _accelerate()
+    inferred = isinstance(device_map, str)  # "auto" may or may not need the offload folder it was given
     if isinstance(device_map, str):
         if device_map not in AUTO_MAPS:
             raise ValueError(f"device_map={device_map!r}: use one of {list(AUTO_MAPS)} or a dict of module -> device")
@@ -144,11 +152,15 @@ def dispatch(model: nn.Module, device_map, max_memory: dict | None = None, offlo
         raise ValueError("max_memory applies to device_map='auto' / 'balanced' / 'sequential'; an explicit map places "
                          "every module itself: drop max_memory or pass device_map='auto'")
     device_map = check_device_map(model, device_map)
+    asked_disk = "disk" in device_map.values()
     device_map = explicit(model, device_map)
     if "disk" in device_map.values() and offload_folder is None:
         raise ValueError("the device map offloads weights to 'disk'; pass offload_folder= (a folder for the offloaded "
                          "weights) or give the devices more max_memory")
     if "disk" not in device_map.values():
+        if offload_folder is not None and not inferred and not asked_disk:
+            raise ValueError("offload_folder is given but the device map offloads nothing to 'disk'; drop it, or "
+                             "place some modules on 'disk'")
         offload_folder = None  # nothing goes there (accelerate would look for an index in it)
     else:
         os.makedirs(offload_folder, exist_ok=True)
