@@ -36,7 +36,7 @@ def dominance(model, inputs: dict, answers=None) -> pd.DataFrame:
     preds = {}
     with torch.no_grad():
         for name, x in runs.items():
-            preds[name] = model(**x)[:, -1].argmax(-1).cpu()
+            preds[name] = model(**x, logits_at="last")[:, -1].argmax(-1).cpu()
     av, a, v = preds["av"], preds["audio_only"], preds["video_only"]
     label = ["video" if av[i] == v[i] and av[i] != a[i] else "audio" if av[i] == a[i] and av[i] != v[i] else "neither"
              for i in range(n)]

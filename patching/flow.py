@@ -85,7 +85,7 @@ def run_flow(model_name: str, video: str | None, question: str, answer: str, aud
     inputs = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     tm = model.token_map(inputs)
     with torch.no_grad():
-        probs = model(**inputs)[0, -1].float().softmax(-1)
+        probs = model(**inputs, logits_at="last")[0, -1].float().softmax(-1)
     top, p_answer = int(probs.argmax()), float(probs[target])
     predicted = model.tokenizer.decode([top])
     warning = None

@@ -130,7 +130,7 @@ def run_sample(model, row: Row, tpl, scorer: Scorer, experiments, window, option
     tm = model.token_map(inputs)
     enc = encode(model, inputs)  # the towers, once for every experiment of this sample
     with torch.no_grad():
-        last = model(**enc)[0, -1]
+        last = model(**enc, logits_at="last")[0, -1]
     s = scorer.score(model, enc, last, row)
     front = {"id": row.id, **{c: row.meta.get(c) for c in meta_columns}, "sample_correct": s.correct}
     x = Sample(model, inputs, enc, tm, s.answer_token, window)

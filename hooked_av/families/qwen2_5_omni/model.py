@@ -202,14 +202,17 @@ class HookedQwen2_5Omni(MRoPELanguageModel, HookedAVModel):
         rope_deltas: Tensor | None = None,
         use_audio_in_video: bool | None = None,
         return_type: str | None = "logits",
+        logits_at=None,
         text_parts: Tensor | None = None,
         **media,
     ) -> Tensor:
         """Logits `[batch, pos, vocab]` from processor outputs, or from `encode`'s outputs.
-        `return_type`: "logits", "resid" (after `ln_final`) or None. `use_audio_in_video`,
-        `text_parts` (accepted, not read): see `encode`."""
+        `return_type`: "logits", "resid" (after `ln_final`) or None; `logits_at` ("last", positions or
+        None = all): only those positions are unembedded (HF's `logits_to_keep`), see `run_language_model`.
+        `use_audio_in_video`, `text_parts` (accepted, not read): see `encode`."""
         return self.route_forward(
-            input_ids, attention_mask, inputs_embeds, position_ids, return_type, media, MEDIA_ARGS, use_audio_in_video=use_audio_in_video
+            input_ids, attention_mask, inputs_embeds, position_ids, return_type, media, MEDIA_ARGS, logits_at=logits_at,
+            use_audio_in_video=use_audio_in_video,
         )
 
     # ---- inputs from media and the TokenMap (hooked_av/inputs) --------------------------------

@@ -267,15 +267,17 @@ class HookedVideoSALMONN2(MRoPELanguageModel, HookedAVModel):
         position_mode: str | None = None,
         use_audio_in_video: bool | None = None,
         return_type: str | None = "logits",
+        logits_at=None,
         text_parts: Tensor | None = None,
         **media,
     ) -> Tensor | None:
         """Logits `[batch, pos, vocab]` from input ids and media, or from `encode`'s outputs.
-        `return_type`: "logits", "resid" (after `ln_final`) or None. `use_audio_in_video`,
-        `text_parts` (accepted, not read): see `encode`."""
+        `return_type`: "logits", "resid" (after `ln_final`) or None; `logits_at` ("last", positions or
+        None = all): only those positions are unembedded (HF's `logits_to_keep`), see `run_language_model`.
+        `use_audio_in_video`, `text_parts` (accepted, not read): see `encode`."""
         return self.route_forward(
             input_ids, attention_mask, inputs_embeds, position_ids, return_type, media, MEDIA_ARGS,
-            position_mode=position_mode, use_audio_in_video=use_audio_in_video,
+            logits_at=logits_at, position_mode=position_mode, use_audio_in_video=use_audio_in_video,
         )
 
     @torch.no_grad()

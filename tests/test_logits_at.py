@@ -1,0 +1,51 @@
+"""`model(**inputs, logits_at=...)` on every family, from processor-style inputs (towers included) and from
+`encode`'s outputs: the positions named are the rows of the full logits (fp32, 1e-6), only those are
+unembedded (the unembedding sees `[batch, n_read, d_model]`), and a bad value is refused."""
+
+from __future__ import annotations
+
+import pytest
+import salmonn_helpers as H
+import torch
+from omni_helpers import geometries
+from qwen3_omni_helpers import model_inputs, tiny_thinker_config
+from test_patching_common import tiny_pair
+
+from hooked_av import HookedQwen3Omni, HookedVideoSALMONN2
+
+torch.set_num_threads(1)
+
+
+def families():
+    yield "qwen2_5_omni", tiny_pair()[1], geometries()["padded_batch"][0]
+    torch.manual_seed(0)
+    salmonn = HookedVideoSALMONN2.from_config(H.Reference(seed=0).salmonn_config())
+    inputs, _ = H.batch(H.Row(1).text(4).video_with_audio(3, 4, 8, chunks=1, spg=0.5).text(3),
+                        H.Row(2).text(4).audio(chunks=2).text(3))
+    yield "video_salmonn2", salmonn, inputs
+    torch.manual_seed(0)
+    inputs, _ = model_inputs("left_padded")
+    yield "qwen3_omni", HookedQwen3Omni.from_config(tiny_thinker_config()), inputs
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_omni", "video_salmonn2", "qwen3_omni"])
+def test_logits_at_reads_only_what_it_names(family):
+    _, model, inputs = next(f for f in families() if f[0] == family)
+    seen = []
+    with torch.no_grad():
+        full = model(**inputs)
+        handle = model.unembed.register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0].shape)))
+        try:
+            last = model(**inputs, logits_at="last")
+            some = model(**inputs, logits_at=[1, -2])
+            enc = model.encode(**inputs)
+            from_enc = model(**enc, logits_at="last")
+        finally:
+            handle.remove()
+    b, s, _ = full.shape
+    torch.testing.assert_close(last, full[:, -1:], atol=1e-6, rtol=0)
+    torch.testing.assert_close(some, full[:, [1, s - 2]], atol=1e-6, rtol=0)
+    torch.testing.assert_close(from_enc, full[:, -1:], atol=1e-6, rtol=0)
+    assert seen == [(b, 1, model.cfg.d_model), (b, 2, model.cfg.d_model), (b, 1, model.cfg.d_model)]
+    with pytest.raises(ValueError, match="logits_at must be"):
+        model(**inputs, logits_at="first")
