@@ -359,7 +359,9 @@ def _knockout_accuracy(df, ax, figsize, ctx):
     ax.set(xlabel="window centre layer", ylabel=_ylabel(ctx), ylim=(-2, 102),
            title=f"knockout accuracy ({mode} samples counted) over n={n}\nband: Wilson 95% interval")
     ax.title.set_fontsize("small")
-    ax.legend(fontsize="small", title=f"n={n} samples", title_fontsize="small")
+    # below the axes: accuracy curves fill the whole height, so a legend inside covers a curve
+    ax.legend(fontsize="small", title=f"n={n} samples", title_fontsize="small", loc="upper center",
+              bbox_to_anchor=(0.5, -0.18), ncol=3, frameon=False)
     return ax
 
 

@@ -165,6 +165,10 @@ def test_knockout_accuracy_lines_per_edge_with_wilson_bands():
     ax = Result("knockout_accuracy", df, dict(n_samples=10, sample_mode="correct")).plot()
     assert [line.get_label() for line in series(ax)] == ["audio->last", "video->last", "no knockout"]
     assert "n=10" in legend_text(ax)
+    # the legend sits below the axes, clear of the curves (they span the full height)
+    ax.figure.canvas.draw()
+    renderer = ax.figure.canvas.get_renderer()
+    assert ax.get_legend().get_window_extent(renderer).y1 < ax.get_window_extent(renderer).y0
     lo, hi = wilson(5, 10)
     band = [c for c in ax.collections if isinstance(c, PolyCollection)][0].get_paths()[0].vertices[:, 1]
     assert band.min() == pytest.approx(100 * lo) and band.max() == pytest.approx(100 * hi)
