@@ -188,7 +188,7 @@ class Attention(nn.Module):
             if mask is not None:
                 scores = scores + mask
             scores = self.hook_attn_scores(scores)
-            pattern = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+            pattern = F.softmax(scores, dim=-1, dtype=softmax_dtype(scores.dtype)).to(q.dtype)
             pattern = self.hook_pattern(pattern)
             if self.reader is not None:  # rows of the pattern as edited, the one that multiplies the values
                 self.reader(self, qh, kh, mask, causal, pattern)
@@ -223,7 +223,7 @@ class Attention(nn.Module):
                      pattern: Tensor | None = None) -> Tensor:
         """The attention pattern of query rows `rows` (long `[batch, r]`, indices into the queries) over every
         key, `[batch, heads, r, keys]`: the rows of `pattern` where the exact path made one, else computed
-        as the exact path computes the full pattern (scores in the model dtype, softmax in fp32) without any
+        as the exact path computes the full pattern (scores in the model dtype, softmax in `softmax_dtype`) without any
         `[queries, keys]` matrix: the mask's rows are gathered, or the causal rows built directly.
         qh `[b, heads, q, d]`, kh `[b, kv_heads, k, d]` (the arguments a `reader` receives)."""
         if pattern is not None:
@@ -240,7 +240,14 @@ class Attention(nn.Module):
         elif causal:  # queries are the last n_q of n_k positions
             allowed = torch.arange(n_k, device=qh.device)[None, None, :] <= (rows + n_k - n_q)[:, :, None]
             scores = scores + additive(allowed, scores.dtype)[:, None]
-        return F.softmax(scores, dim=-1, dtype=torch.float32).to(qh.dtype)
+        return F.softmax(scores, dim=-1, dtype=softmax_dtype(scores.dtype)).to(qh.dtype)
+
+
+def softmax_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The exact path's softmax dtype: fp32 for fp32 and below (HF's eager attention), the model's own for
+    fp64, where fp64's mask value (`finfo(float64).min`) would become -inf in fp32 and a padding row of
+    -inf a NaN that spreads through the padding's values to every row."""
+    return dtype if dtype == torch.float64 else torch.float32
 
 
 class KVSlot:
