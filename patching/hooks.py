@@ -178,11 +178,12 @@ def _positions_label(positions, what: str) -> str:
     return f"mask[{int(t.sum())}]" if t.dtype == torch.bool else str(t.flatten().tolist())
 
 
-def _edge_hooks(tm, src, dst, layers, op, params, edit, what, heads=None, generated: str = "as_last"):
+def _edge_hooks(tm, src, dst, layers, op, params, edit, what, heads=None, generated: str = "as_last",
+                on_scores: bool = False):
     """Shared by the mask edits: `edit(t, edge)` where edge is bool `[b, 1, q, k]`, t the layer's additive
-    mask (`hook_attn_mask`). With `heads` the edit is on `hook_attn_scores` instead (a `[b, 1, q, k]` mask
-    cannot tell heads apart), edge `[b, heads, q, k]` True in those query heads only; those layers run
-    on the exact path. `src`, `dst`: specs, `Selection`s or `_Set`s. The q queries are the last q of
+    mask (`hook_attn_mask`). With `heads` (or `on_scores`, for an edit that reads the scores) the edit is
+    on `hook_attn_scores` instead (a `[b, 1, q, k]` mask cannot tell heads apart), edge `[b, heads, q, k]`
+    True in those query heads only (`[b, 1, q, k]` without `heads`); those layers run on the exact path. `src`, `dst`: specs, `Selection`s or `_Set`s. The q queries are the last q of
     the k positions: a forward of the whole prompt (k = the map's positions), of a suffix after cached
     keys (`patching.sweep`), or a step of `model.generate` (k = prompt + tokens generated so far, the
     queries after the map). Positions after the map are generated tokens: as keys they are in `src`
@@ -197,7 +198,7 @@ def _edge_hooks(tm, src, dst, layers, op, params, edit, what, heads=None, genera
     d_set = dst if isinstance(dst, _Set) else _token_set(tm, dst, f"{what} dst", queries=generated)
     params = {"src": s_set.label, "dst": d_set.label, **params, "layers": list(layers),
               **({} if heads is None else {"heads": heads})}
-    site = "hook_attn_mask" if heads is None else "hook_attn_scores"
+    site = "hook_attn_mask" if heads is None and not on_scores else "hook_attn_scores"
     n = tm.seq_len
 
     def make(rows):
@@ -304,31 +305,19 @@ def discard(tm, group, from_layer: int, n_layers: int | None = None, rows: Seque
 
 
 def steer(tm, dst, src, alpha: float, layers, heads: Sequence[int] | None = None,
-          rows: Sequence[int] | None = None) -> Intervention:
+          rows: Sequence[int] | None = None, generated: str = "as_last") -> Intervention:
     """PAI-style attention-logit steering toward a token set (docs/methods.md, cross-modal hubs): on
     `hook_attn_scores`, `score[dst -> src] += alpha * |score[dst -> src]|` in `layers` (optionally only
-    `heads`). Acts before the softmax; runs those layers on the exact path."""
-    layers = layer_list(layers, "steer")
+    `heads`); masked keys stay masked. Acts before the softmax; runs those layers on the exact path.
+    Under `model.generate`, generated keys and queries as in `block_attention` (`generated`: `"as_last"`
+    or `"by_group"`); in a sweep it recomputes from its first `dst` query on, as the mask edits do."""
     checks.finite(alpha, "steer: alpha")
-    heads = _heads(heads, "steer")
-    src_m, src_l = _token_mask(tm, src, "steer src")
-    dst_m, dst_l = _token_mask(tm, dst, "steer dst")
-    params = {"dst": dst_l, "src": src_l, "alpha": alpha, "layers": list(layers), "heads": heads}
 
-    def make(rows):
-        def fn(scores: Tensor, hook) -> Tensor:
-            b, h, q, k = scores.shape
-            s = batch_rows(src_m.to(scores.device), b, rows, "steer")
-            d = batch_rows(dst_m.to(scores.device), b, rows, "steer")[:, k - q:]
-            edge = (d[:, None, :, None] & s[:, None, None, :]).expand(b, h, q, k).clone()
-            if heads is not None:
-                edge &= _head_mask(heads, h, scores.device, torch.bool, "steer").view(1, h, 1, 1)
-            edge &= scores > neg_inf(scores.dtype) / 2  # masked keys stay masked
-            return scores + alpha * scores.abs() * edge.to(scores.dtype)
+    def edit(scores: Tensor, edge: Tensor) -> Tensor:
+        live = edge & (scores > neg_inf(scores.dtype) / 2)
+        return scores + alpha * scores.abs() * live.to(scores.dtype)
 
-        return [(f"blocks.{l}.attn.hook_attn_scores", fn) for l in layers]
-
-    iv = Intervention([Part("steer", params, make, layers, heads=tuple(heads or ()))])
+    iv = _edge_hooks(tm, src, dst, layers, "steer", {"alpha": alpha}, edit, "steer", heads, generated, on_scores=True)
     return iv if rows is None else iv.on_rows(rows)
 
 

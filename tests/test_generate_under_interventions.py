@@ -6,7 +6,8 @@ differ by rounding alone, up to 9e-6 without any edit and 4e-5 with one, while f
 on the toy model and a left-padded batch of two. A
 `block_attention` to `"last"` holds for generated queries by default (`generated="as_last"`: the oracle
 names `"last|generated"`) and only where dst names `"generated"` under `generated="by_group"` (the oracle
-names `"last"`). Maps that do not fit the run are refused."""
+names `"last"`). `steer` (on the scores, some heads) holds the same way. Maps that do not fit the run are
+refused."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 
 import hooked_av
 from hooked_av.toy import make_batch
-from patching.hooks import block_attention, discard
+from patching.hooks import block_attention, discard, steer
 
 torch.set_num_threads(1)
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
@@ -72,6 +73,8 @@ CASES = {  # name: (the edit on the prompt's map, the same edit on tm.extend(j) 
                                     lambda tm: block_attention(tm, "question", "generated", [1, 2], generated="by_group")),
     "discard": (lambda tm: discard(tm, "audio", 1),
                 lambda tm: discard(tm, "audio", 1)),
+    "steer_as_last": (lambda tm: steer(tm, "last", "audio", 0.8, range(4), heads=[0, 2]),
+                      lambda tm: steer(tm, "last|generated", "audio", 0.8, range(4), heads=[0, 2])),
 }
 
 

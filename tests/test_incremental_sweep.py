@@ -14,7 +14,7 @@ from test_patching_common import av_inputs, tiny_pair, token_map
 from test_salmonn_inputs import salmonn_tokenizer, write_mp4
 
 from hooked_av import HookedVideoSALMONN2
-from patching.hooks import ablate, block_attention, scale_attention
+from patching.hooks import ablate, block_attention, scale_attention, steer
 from patching.intervention import Intervention, Part
 from patching.knockout import default_edges, window_layers
 from patching.sweep import run_rows, samples
@@ -50,8 +50,11 @@ def test_every_edge_and_window_on_a_left_padded_batch():
         starts = sorted(first[dst] for src, dst in default_edges(s.tm) for _ in range(model.cfg.n_layers))
         expected = s.seq_len + sum(len(starts[i:i + 5]) * (s.seq_len - starts[i]) for i in range(0, len(starts), 5))
         assert stats["positions"] == expected < stats["positions_full"] / 2
-        scaled = [scale_attention(s.tm, "last", "audio", 0.3, [1, 2]), scale_attention(s.tm, "question", "video", 2.0, [4])]
-        torch.testing.assert_close(*both_ways(model, s, scaled)[:2], atol=TOL, rtol=0)
+        scaled = [scale_attention(s.tm, "last", "audio", 0.3, [1, 2]), scale_attention(s.tm, "question", "video", 2.0, [4]),
+                  steer(s.tm, "question", "audio", 0.7, [2, 3]), steer(s.tm, "last", "video", -0.5, [4], heads=[1])]
+        fast, full, stats = both_ways(model, s, scaled)
+        torch.testing.assert_close(fast, full, atol=TOL, rtol=0)
+        assert stats["incremental"]
 
 
 def test_salmonn(tmp_path):
