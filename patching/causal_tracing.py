@@ -290,10 +290,10 @@ def _probe(model, sample, interventions, cand: list[int], steps: int = 1, eos: i
             combined = sum((iv.on_rows(j) for j, iv in enumerate(group)), Intervention())
             combined.check(model, batch=b)
             caches = [KVSlot() for _ in range(model.cfg.n_layers)]
-            embeds = sample.embeds.expand(b, -1, -1).contiguous()
+            run = sample.lm_inputs(b)  # the sample's injections (DeepStack) included
+            embeds = run["inputs_embeds"]
             with model.hooks(fwd_hooks=list(combined)):
-                logits = model.run_language_model(embeds, sample.position_ids.expand(-1, b, -1), None,
-                                                  kv_caches=caches, logits_at="last")[:, -1]
+                logits = model.run_language_model(**run, kv_caches=caches, logits_at="last")[:, -1]
             best = logits.float().softmax(-1)[:, cand]
             live = torch.ones(b, dtype=torch.bool, device=logits.device)
             nxt_pos = int(sample.position_ids.max()) + 1

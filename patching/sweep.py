@@ -221,6 +221,8 @@ def run_rows(
     their whole-forward counterparts `positions_full` and `layer_positions_full`, and `incremental`."""
     seq, n_layers = sample.seq_len, len(model.blocks)
     starts = [first_query(iv) for iv in interventions] if incremental else [None] * len(interventions)
+    # a cell that edits no prompt query (only generated ones) still reads the last position: run it from there
+    starts = [None if st is None else min(st, seq - 1) for st in starts]
     layers = [first_layer(iv) for iv in interventions]
     work = [None if st is None else (seq - st) * (n_layers - l) for st, l in zip(starts, layers)]
     # worth it while the clean forward plus the cells' parts do less work than whole forwards would

@@ -178,3 +178,28 @@ def test_start_layer_is_checked():
         model.run_language_model(**s.lm_inputs(1), start_layer=1, discard=(s.tm.select("audio"), 2))
     with pytest.raises(ValueError, match=r"kv_caches holds 2 slots; the model has"):
         model.run_language_model(**s.lm_inputs(1), kv_caches=[None, None])
+
+
+def test_a_cell_that_edits_only_generated_queries_reads_the_clean_last_position():
+    # its first prompt query is past the prompt: it used to run a suffix of 0 positions and crash
+    _, model = tiny_pair()
+    inputs = av_inputs(6)
+    s = samples(model, inputs, token_map(model, inputs))[0]
+    ivs = [block_attention(s.tm, "audio", "generated", [2], generated="by_group")] * 3
+    fast, full, stats = both_ways(model, s, ivs)
+    assert stats["incremental"]
+    torch.testing.assert_close(fast, full, atol=TOL, rtol=0)
+
+
+def test_multi_step_tracing_keeps_the_qwen3_injections(qwen3_setup):  # noqa: F811
+    # causal tracing's steps > 1 probe ran the prompt without DeepStack's injections (0.83 logits off)
+    from patching.causal_tracing import _probe
+    from patching.intervention import Intervention
+
+    model, kw, visual = qwen3_setup
+    s = samples(model, kw, qwen3_token_map(kw["attention_mask"], visual))[0]
+    cand = list(range(model.cfg.d_vocab))
+    one = _probe(model, s, [Intervention()], cand, steps=1)[0]
+    two = _probe(model, s, [Intervention()], cand, steps=2)[0]
+    assert float((two - one).min()) >= -1e-6  # the best over two steps includes step 1
+    assert float((two - one).max()) > 1e-3  # and the second step was read
