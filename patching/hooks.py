@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from hooked_av.core.masks import neg_inf
+from hooked_av.core.masks import neg_inf, positions_or_mask
 from hooked_av.inputs import Selection
 from patching import checks
 from patching.intervention import Intervention, Part, batch_rows, layer_list
@@ -70,7 +70,7 @@ def _first_position(positions, name: str) -> int | None:
         return None
     if positions is None:
         return 0
-    t = torch.as_tensor(getattr(positions, "mask", positions))
+    t = positions_or_mask(positions, 0, "positions")  # floats and 2-D ints refused before any run
     if t.dtype == torch.bool:
         t = t if t.dim() == 2 else t[None]
         return int(t.any(0).nonzero()[0, 0])
@@ -151,7 +151,7 @@ def _pos_mask(positions, batch: int, seq: int, device) -> Tensor:
         return torch.ones(1, seq, dtype=torch.bool, device=device)
     if hasattr(positions, "mask") and hasattr(positions, "label"):
         positions = positions.mask
-    t = torch.as_tensor(positions, device=device)
+    t = positions_or_mask(positions, seq, "positions").to(device)
     if t.dtype == torch.bool:
         t = t if t.dim() == 2 else t[None]
         if t.shape[-1] != seq:

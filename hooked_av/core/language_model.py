@@ -22,7 +22,7 @@ from transformer_lens.hook_points import HookPoint
 from hooked_av.core.attention import Attention, KVSlot
 from hooked_av.core.block import Block
 from hooked_av.core.config import HookedAVConfig
-from hooked_av.core.masks import additive, causal_allowed
+from hooked_av.core.masks import additive, causal_allowed, positions_or_mask
 from hooked_av.core.mlp import GatedMLP
 from hooked_av.core.moe import SparseMoE
 from hooked_av.core.norms import RMSNorm
@@ -215,7 +215,7 @@ class MRoPELanguageModel:
         if isinstance(queries, str):
             tm = self.token_map(inputs) if tm is None else tm
             queries = tm.select(queries)
-        t = torch.as_tensor(getattr(queries, "mask", queries))
+        t = positions_or_mask(queries, s, "queries")
         if t.dtype != torch.bool:
             t = t.flatten().long()
             if not len(t) or int(t.max()) >= s or int(t.min()) < -s:
@@ -363,7 +363,7 @@ def read_positions(logits_at, seq: int, device, keep: Tensor | None = None) -> T
         if keep is not None and not bool(keep[-1]):
             raise ValueError("logits_at='last': the last position is discarded; discard something else")
         return slice(-1, None)
-    t = torch.as_tensor(getattr(logits_at, "mask", logits_at), device=device)
+    t = positions_or_mask(logits_at, seq, "logits_at").to(device)
     if t.dtype == torch.bool:
         if t.shape != (seq,):
             raise ValueError(f"logits_at as a mask must be bool [{seq}], got {tuple(t.shape)}")
