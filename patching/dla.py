@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import pandas as pd
 import torch
 
+from hooked_av.core.placement import resident
 from hooked_av.inputs.token_map import GROUPS
 from patching import checks
 from patching.metrics import AnswerProb
@@ -80,7 +81,8 @@ def dla(model, inputs: dict, answers=None, groups: Sequence | None = None, layer
             for l in layers:
                 pat = seen[f"blocks.{l}.attn.hook_pattern"]  # [heads, key]
                 v = seen[f"blocks.{l}.attn.hook_v"].repeat_interleave(rep, dim=1)  # [key, heads, d_head]
-                w_o = model.blocks[l].attn.W_O.float()  # [heads, d_head, d_model]
+                with resident(model, model.blocks[l]):  # a block the device map offloaded
+                    w_o = model.blocks[l].attn.W_O.float().clone().to(direction.device)  # [heads, d_head, d_model]
                 # per head, the logit weight of each value vector: (W_O[h] @ direction) / scale
                 per_value = torch.einsum("khd,hd->kh", v, w_o @ direction) / scale  # [key, heads]
                 contrib = pat.T * per_value  # [key, heads]

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import pandas as pd
 import torch
 
+from hooked_av.core.placement import resident_weight
 from hooked_av.inputs.token_map import GROUPS
 from patching import checks
 from patching.activation_patching import cache_sample, site_names
@@ -88,7 +89,7 @@ def _projection(model, lens: str, n_layers: int):
     """`fn(h [n, d_model], layer) -> logits [n, vocab]` of the lens."""
     if lens == "standard":
         return lambda h, layer: model.unembed(model.ln_final(h))
-    embed = model.embed.weight  # [vocab, d_model]: the input embedding matrix, as the anchor projects
+    embed = resident_weight(model, model.embed)  # [vocab, d_model]: the input embedding matrix, as the anchor projects
 
     def project(h, layer):
         return (model.ln_final(h) if layer == n_layers - 1 else h) @ embed.T

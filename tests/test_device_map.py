@@ -149,3 +149,21 @@ def test_tied_embeddings_stay_on_one_device(tmp_path):
     assert placed.hf_device_map["unembed"] == "cpu"  # the map says where the tied weight really is
     with torch.no_grad():
         assert torch.equal(placed(**INPUTS), plain(**INPUTS))
+
+
+def test_analyses_that_read_weights_work_on_an_offloaded_model(folder, whole, tmp_path):
+    # the weight views, logit lens (map the flow's embedding projection) and DLA read weights without
+    # calling their module: offloaded, those sat on the meta device (DLA crashed, the lens gave other numbers)
+    from patching.dla import dla
+    from patching.logit_lens import logit_lens
+
+    placed = HookedQwen2_5Omni.from_pretrained(folder, device_map={"": "disk"}, offload_folder=tmp_path / "off")
+    assert placed.embed.weight.device.type == "meta"
+    assert torch.equal(placed.W_E, whole.W_E) and torch.equal(placed.W_U, whole.W_U)
+    assert torch.equal(placed.tokens_to_residual_directions([5, 7]), whole.tokens_to_residual_directions([5, 7]))
+    assert torch.equal(placed.accumulated_bias(2, mlp_input=True), whole.accumulated_bias(2, mlp_input=True))
+    for run in (lambda m: dla(m, INPUTS, 5, tm=token_map(m, INPUTS)).df,
+                lambda m: logit_lens(m, INPUTS, 5, tm=token_map(m, INPUTS), lens="map_the_flow").df):
+        got, ref = run(placed), run(whole)
+        assert got.equals(ref)
+    assert placed.embed.weight.device.type == "meta"  # loaded for the reads only

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -174,3 +176,42 @@ def dispatch(model: nn.Module, device_map, max_memory: dict | None = None, offlo
     if any(d is None for d in model.block_devices):
         raise RuntimeError("a block has no execution device after placement; this is a bug: report the device_map")
     return model
+
+
+def _offload_hook(module: nn.Module):
+    """The accelerate hook that offloads `module`'s weights (None when they stay resident)."""
+    hook = getattr(module, "_hf_hook", None)
+    return next((h for h in getattr(hook, "hooks", None) or [hook] if getattr(h, "offload", False)), None)
+
+
+@contextmanager
+def resident(model: nn.Module, *modules: nn.Module) -> Iterator[None]:
+    """Inside, the weights of `modules` (a block, a tower, `embed`, ... or any module within one) sit on their
+    execution device even where the device map offloaded them (to the CPU or disk); outside, accelerate keeps
+    them on the meta device between forwards. A model placed whole, or modules not offloaded: nothing to do.
+    For analyses that read weights without calling their module (the weight views, logit lens, DLA)."""
+    loaded = []
+    if getattr(model, "hf_device_map", None) is not None:
+        units = [u for n, m in model.named_children() for u in (list(model.blocks) if n == "blocks" else [m])]
+        for mod in modules:
+            for unit in units:
+                hook = _offload_hook(unit)
+                if hook is not None and all(u is not unit for _, u in loaded) and (
+                        unit is mod or any(m is mod for m in unit.modules()) or any(m is unit for m in mod.modules())):
+                    hook.pre_forward(unit)
+                    loaded.append((hook, unit))
+    try:
+        yield
+    finally:
+        for hook, unit in reversed(loaded):
+            hook.post_forward(unit, None)
+
+
+def resident_weight(model: nn.Module, module: nn.Module, name: str = "weight") -> torch.Tensor:
+    """`module.<name>`, a copy loaded from the offload store where the device map offloaded it (the tensor
+    itself otherwise)."""
+    t = getattr(module, name)
+    if t is None or t.device.type != "meta" or getattr(model, "hf_device_map", None) is None:
+        return t
+    with resident(model, module):
+        return getattr(module, name).detach().clone()

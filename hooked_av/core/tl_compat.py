@@ -17,6 +17,8 @@ import torch
 from torch import Tensor
 from transformer_lens import ActivationCache
 
+from hooked_av.core.placement import resident, resident_weight
+
 # hook names (and their "_grad" twins) of the language model, the only activations that are [batch, ...]
 BATCH_MAJOR_PREFIXES = ("hook_embed", "blocks.", "ln_final.")
 
@@ -57,19 +59,19 @@ class TransformerLensCompat:
     # ---- weights ----------------------------------------------------------------------------
     @property
     def W_E(self) -> Tensor:
-        """`[d_vocab, d_model]`."""
-        return self.embed.weight
+        """`[d_vocab, d_model]` (a copy where a device map offloaded it)."""
+        return resident_weight(self, self.embed)
 
     @property
     def W_U(self) -> Tensor:
-        """`[d_model, d_vocab]`."""
-        return self.unembed.weight.T
+        """`[d_model, d_vocab]` (a copy where a device map offloaded it)."""
+        return resident_weight(self, self.unembed).T
 
     @property
     def b_U(self) -> Tensor:
         """Zeros `[d_vocab]`: the unembedding has no bias."""
         w = self.unembed.weight
-        return w.new_zeros(w.shape[0])
+        return torch.zeros(w.shape[0], dtype=w.dtype, device=self.device)
 
     @property
     def W_pos(self):
@@ -82,13 +84,12 @@ class TransformerLensCompat:
     def accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True) -> Tensor:
         """Sum of the biases written into the residual stream before `layer` (attention output and
         MLP output biases), `[d_model]`; zeros for Qwen2, whose o_proj and down_proj have none."""
-        total = self.embed.weight.new_zeros(self.cfg.d_model)
-        for i in range(layer):
-            total = total + self.blocks[i].attn.b_O
-            if include_mlp_biases:
-                total = total + self.blocks[i].mlp.b_out
-        if mlp_input:
-            total = total + self.blocks[layer].attn.b_O
+        total = torch.zeros(self.cfg.d_model, dtype=self.dtype, device=self.device)
+        for i in range(layer + (1 if mlp_input else 0)):
+            with resident(self, self.blocks[i]):  # a block the device map offloaded
+                total = total + self.blocks[i].attn.b_O.to(total.device)
+                if include_mlp_biases and i < layer:
+                    total = total + self.blocks[i].mlp.b_out.to(total.device)
         return total
 
     def set_use_attn_result(self, use_attn_result: bool) -> None:
@@ -114,7 +115,7 @@ class TransformerLensCompat:
         tok = self._need_tokenizer()
         texts = [text] if isinstance(text, str) else list(text)
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        return enc["input_ids"].to(self.embed.weight.device)
+        return enc["input_ids"].to(self.device)
 
     def to_string(self, tokens) -> str | list[str]:
         tok = self._need_tokenizer()
@@ -144,5 +145,6 @@ class TransformerLensCompat:
             tokens = self.to_single_token(tokens)
         if isinstance(tokens, int):
             tokens = torch.tensor(tokens)
-        tokens = torch.as_tensor(tokens, device=self.unembed.weight.device)
-        return self.unembed.weight[tokens] * self.ln_final.weight
+        w = resident_weight(self, self.unembed)
+        tokens = torch.as_tensor(tokens, device=w.device)
+        return w[tokens] * resident_weight(self, self.ln_final).to(w.device)
