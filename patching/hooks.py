@@ -315,7 +315,8 @@ def steer(tm, dst, src, alpha: float, layers, heads: Sequence[int] | None = None
 
     def edit(scores: Tensor, edge: Tensor) -> Tensor:
         live = edge & (scores > neg_inf(scores.dtype) / 2)
-        return scores + alpha * scores.abs() * live.to(scores.dtype)
+        # where, not a product: alpha * |masked score| overflows to inf for |alpha| > 1, and inf * 0 is NaN
+        return scores + torch.where(live, alpha * scores.abs(), torch.zeros((), dtype=scores.dtype, device=scores.device))
 
     iv = _edge_hooks(tm, src, dst, layers, "steer", {"alpha": alpha}, edit, "steer", heads, generated, on_scores=True)
     return iv if rows is None else iv.on_rows(rows)

@@ -51,8 +51,11 @@ def test_every_edge_and_window_on_a_left_padded_batch():
         expected = s.seq_len + sum(len(starts[i:i + 5]) * (s.seq_len - starts[i]) for i in range(0, len(starts), 5))
         assert stats["positions"] == expected < stats["positions_full"] / 2
         scaled = [scale_attention(s.tm, "last", "audio", 0.3, [1, 2]), scale_attention(s.tm, "question", "video", 2.0, [4]),
-                  steer(s.tm, "question", "audio", 0.7, [2, 3]), steer(s.tm, "last", "video", -0.5, [4], heads=[1])]
+                  steer(s.tm, "question", "audio", 0.7, [2, 3]), steer(s.tm, "last", "video", -0.5, [4], heads=[1]),
+                  # |alpha| > 1 used to turn masked scores into NaN (alpha * |finfo.min| overflows, then * 0)
+                  steer(s.tm, "question", "audio", 2.0, [1, 2]), steer(s.tm, "last", "video", -1.5, [3])]
         fast, full, stats = both_ways(model, s, scaled)
+        assert torch.isfinite(full).all()
         torch.testing.assert_close(fast, full, atol=TOL, rtol=0)
         assert stats["incremental"]
 
