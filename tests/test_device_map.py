@@ -167,3 +167,14 @@ def test_analyses_that_read_weights_work_on_an_offloaded_model(folder, whole, tm
         got, ref = run(placed), run(whole)
         assert got.equals(ref)
     assert placed.embed.weight.device.type == "meta"  # loaded for the reads only
+
+
+def test_nnsight_wrap_refuses_an_offloaded_model(folder, tmp_path):
+    # nnsight's interleaving crashed inside accelerate's offload hook ("Cannot copy out of meta tensor")
+    from hooked_av.interop.nnsight import wrap
+
+    placed = HookedQwen2_5Omni.from_pretrained(folder, device_map={"": "cpu", "blocks.1": "disk"},
+                                               offload_folder=tmp_path / "off")
+    with pytest.raises(ValueError, match=r"offloads \['blocks.1'\] is not supported"):
+        wrap(placed)
+    wrap(HookedQwen2_5Omni.from_pretrained(folder, device_map={"": "cpu"}))  # on devices only: fine

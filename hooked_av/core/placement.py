@@ -184,6 +184,13 @@ def _offload_hook(module: nn.Module):
     return next((h for h in getattr(hook, "hooks", None) or [hook] if getattr(h, "offload", False)), None)
 
 
+def offloaded(model: nn.Module) -> list[str]:
+    """The names of the model's modules (blocks, towers, ...) whose weights a device map offloaded."""
+    if getattr(model, "hf_device_map", None) is None:
+        return []
+    return [n for n, m in model.named_modules() if _offload_hook(m) is not None]
+
+
 @contextmanager
 def resident(model: nn.Module, *modules: nn.Module) -> Iterator[None]:
     """Inside, the weights of `modules` (a block, a tower, `embed`, ... or any module within one) sit on their

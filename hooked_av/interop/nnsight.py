@@ -64,7 +64,15 @@ def wrap(model):
     passes processor / `prepare` / `encode` outputs to `model.forward` unchanged. Attributes fall
     through to the model (`av.token_map(inputs)`, `av.cfg`). Hook points a model builds on first lookup
     (Qwen3-Omni's per-expert `mlp.experts.{e}.hook_in/hook_out`) are built here, since nnsight sees the
-    module tree as it is when wrapped."""
+    module tree as it is when wrapped. A model whose device map offloads weights (to the CPU or disk) is
+    refused: nnsight's interleaving and accelerate's offload hooks do not run together (place it on
+    devices only)."""
+    from hooked_av.core.placement import offloaded
+
+    if offloaded(model):
+        raise ValueError(f"wrap() of a model whose device map offloads {offloaded(model)[:3]} is not supported: "
+                         "nnsight's interleaving and accelerate's offload hooks do not run together; load it with a "
+                         "device_map / max_memory that keeps every module on a device (or use run_with_hooks)")
     hook_dict = getattr(model, "hook_dict", {})
     for name in list(hook_dict):
         hook_dict[name]
