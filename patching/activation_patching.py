@@ -21,18 +21,23 @@ from patching import checks
 from patching.hooks import SITES, patch_from_cache, site_name
 from patching.metrics import AnswerProb, Metric
 from patching.results import Result
-from patching.sweep import Sample, forward_rows, run_rows, samples
+from patching.sweep import Sample, forward_rows, run_rows, sample_maps, samples
 
 
 def check_same_layout(a: Sample, b: Sample, what: str = "clean and corrupted") -> None:
     """Patching position p of one run into position p of another needs the same token layout."""
+    check_same_maps(a.tm, b.tm, a.index, what)
+
+
+def check_same_maps(a, b, index: int, what: str = "clean and corrupted") -> None:
+    """`check_same_layout` on two batch-1 TokenMaps (sample `index`), before any tower runs."""
     if a.seq_len != b.seq_len:
-        raise ValueError(f"{what} inputs differ in length ({a.seq_len} vs {b.seq_len} tokens, sample {a.index}); "
+        raise ValueError(f"{what} inputs differ in length ({a.seq_len} vs {b.seq_len} tokens, sample {index}); "
                          "patching needs the same layout: corrupt content (tokens, pixels, noise), not the layout")
-    if not torch.equal(a.tm.group, b.tm.group):
-        at = int((a.tm.group != b.tm.group).nonzero()[0, 1])
-        raise ValueError(f"{what} inputs have different token groups at position {at} (sample {a.index}: "
-                         f"{a.tm.names()[at]} vs {b.tm.names()[at]}); patching needs the same layout")
+    if not torch.equal(a.group, b.group):
+        at = int((a.group != b.group).nonzero()[0, 1])
+        raise ValueError(f"{what} inputs have different token groups at position {at} (sample {index}: "
+                         f"{a.names()[at]} vs {b.names()[at]}); patching needs the same layout")
 
 
 def position_units(tm, positions) -> list[tuple[str, int, object]]:
@@ -55,12 +60,13 @@ def position_units(tm, positions) -> list[tuple[str, int, object]]:
 
 
 def pair_samples(model, clean: dict, corrupted: dict, tm_clean=None, tm_corrupted=None):
-    a, b = samples(model, clean, tm_clean), samples(model, corrupted, tm_corrupted)
-    if len(a) != len(b):
-        raise ValueError(f"clean has {len(a)} samples, corrupted {len(b)}; pair them one to one")
-    for x, y in zip(a, b):
-        check_same_layout(x, y)
-    return a, b
+    """Clean and corrupted samples, their layouts checked one to one before any tower runs."""
+    ma, mb = sample_maps(model, clean, tm_clean), sample_maps(model, corrupted, tm_corrupted)
+    if len(ma) != len(mb):
+        raise ValueError(f"clean has {len(ma)} samples, corrupted {len(mb)}; pair them one to one")
+    for i, (x, y) in enumerate(zip(ma, mb)):
+        check_same_maps(x, y, i)
+    return samples(model, clean, tm_clean), samples(model, corrupted, tm_corrupted)
 
 
 def site_names(model, sites: Sequence[str], layers: Sequence[int]) -> list[str]:

@@ -49,7 +49,7 @@ from patching.intervention import Intervention
 from patching.knockout import window_layers
 from patching.metrics import AnswerProb
 from patching.results import Result
-from patching.sweep import forward_rows, rows_per_forward, run_rows, samples
+from patching.sweep import forward_rows, rows_per_forward, run_rows, sample_maps, samples
 from patching.token_sets import resolve
 
 RESTORE_SITES = {"resid": "resid_pre", "resid_post": "resid_post", "attn_in": "attn_in", "attn_out": "attn_out",
@@ -152,10 +152,12 @@ def causal_tracing(
         raise ValueError(f"inputs hold {n} samples, corrupted {checks.batch_of(corrupted)}; pair them one to one")
     if o["mode"] == "media":
         corrupted = zero_media(model, inputs, corrupt)
-    clean = samples(model, inputs, tm)
-    for s in clean:  # every token set of every sample selects something, before the first forward
+    for index, stm in enumerate(sample_maps(model, inputs, tm)):  # every token set selects something, before the towers
         for spec in sets + ([] if o["mode"] in ("inputs", "media") else [corrupt]):
-            s.tm.mask(resolve(spec, s.tm, s.index), nonempty=True)
+            stm.mask(resolve(spec, stm, index), nonempty=True)
+    if corrupted is not None:  # the corrupted run keeps the layout (same map), checked before the towers too
+        sample_maps(model, corrupted, tm)
+    clean = samples(model, inputs, tm)
     bad_ones = samples(model, corrupted, tm) if corrupted is not None else [None] * len(clean)  # same layout, same map
     std = o["noise_std"]
     if o["mode"] == "noise" and std == "dataset":  # ROME's collect_embedding_std: every corrupted element pooled

@@ -26,7 +26,7 @@ from patching import checks
 from patching.hooks import block_attention
 from patching.metrics import AnswerProb, relative_change
 from patching.results import Result
-from patching.sweep import forward_rows, run_rows, samples
+from patching.sweep import forward_rows, run_rows, sample_maps, samples
 
 DEFAULT_EDGES = (
     ("audio", "question"), ("video", "question"), ("audio", "last"),
@@ -136,24 +136,27 @@ def knockout(
         heads = checks.heads(model, checks.nonempty(heads, "heads", none_ok=True))
     if edges is not None:
         edges = [parse_edge(e) for e in checks.nonempty(edges, "edges", none_ok=True)]
+    if batch_size is not None:
+        checks.count(batch_size, "batch_size")
+    checks.count(max_batch_tokens, "max_batch_tokens")
     metric = answers if isinstance(answers, AnswerProb) else AnswerProb(answers)
     metric.check(model, checks.batch_of(inputs))
-    data = samples(model, inputs, tm)
     plans = []
-    for s in data:  # build (and so validate) every intervention before the first forward
-        sample_edges = default_edges(s.tm) if edges is None else edges
+    for index, stm in enumerate(sample_maps(model, inputs, tm)):  # every intervention built (so checked) before the towers
+        sample_edges = default_edges(stm) if edges is None else edges
         if not sample_edges:
-            raise ValueError(f"sample {s.index} has none of the default edges' token groups; pass edges= explicitly")
+            raise ValueError(f"sample {index} has none of the default edges' token groups; pass edges= explicitly")
         cells, ivs = [], []
         for src, dst in sample_edges:
             for c in centres:
                 layers = layer_sets[c]
                 try:
-                    ivs.append(block_attention(s.tm, src, dst, layers, heads=heads))
+                    ivs.append(block_attention(stm, src, dst, layers, heads=heads))
                 except ValueError as e:
-                    raise ValueError(f"knockout edge {src}->{dst} (sample {s.index}): {e}") from None
+                    raise ValueError(f"knockout edge {src}->{dst} (sample {index}): {e}") from None
                 cells.append((f"{src}->{dst}", src, dst, c, layers[0], layers[-1], len(layers)))
-        plans.append((s, cells, ivs))
+        plans.append((cells, ivs))
+    plans = [(s, *plan) for s, plan in zip(samples(model, inputs, tm), plans)]
 
     rows, t0 = [], time.perf_counter()
     for s, cells, ivs in plans:

@@ -71,12 +71,30 @@ def slice_token_map(tm, row: int, keep: Tensor | None = None):
     return dataclasses.replace(tm, **changes)
 
 
-def samples(model, inputs: dict, tm=None) -> list[Sample]:
-    """Encode once (towers run here, never again in the sweep) and split into trimmed samples.
-    `tm` defaults to `model.token_map(inputs)`."""
-    enc = encode(model, inputs)
+def _token_map_of(model, inputs: dict, tm=None):
+    """`tm` (default `model.token_map(inputs)`), checked against the inputs' `[batch, pos]` before any tower runs."""
     if tm is None:
         tm = model.token_map(inputs)
+    ref = inputs.get("inputs_embeds", inputs.get("input_ids"))
+    if ref is not None and (tm.batch != ref.shape[0] or tm.seq_len != ref.shape[1]):
+        raise ValueError(f"the TokenMap is [{tm.batch}, {tm.seq_len}] but the inputs are {list(ref.shape[:2])}; "
+                         "build it from the same inputs")
+    return tm
+
+
+def sample_maps(model, inputs: dict, tm=None) -> list:
+    """The batch-1 TokenMaps the `samples` of `inputs` will carry (left padding trimmed), without running the
+    towers: for checking a sweep's arguments against every sample before any forward."""
+    tm = _token_map_of(model, inputs, tm)
+    mask = inputs.get("attention_mask")
+    return [slice_token_map(tm, i, None if mask is None else mask[i].bool()) for i in range(tm.batch)]
+
+
+def samples(model, inputs: dict, tm=None) -> list[Sample]:
+    """Encode once (towers run here, never again in the sweep) and split into trimmed samples.
+    `tm` defaults to `model.token_map(inputs)`; a map of other inputs is refused before the towers run."""
+    tm = _token_map_of(model, inputs, tm)
+    enc = encode(model, inputs)
     embeds, pos, mask = enc["inputs_embeds"], enc["position_ids"], enc.get("attention_mask")
     if pos is None:
         raise ValueError("the encoded inputs carry no position_ids; pass model.encode's output")

@@ -1,0 +1,56 @@
+"""Experiment arguments that cannot apply are refused before any tower or block runs (counted with forward
+pre-hooks on the towers and the first block): a TokenMap of other inputs, a misspelt edge or token set, a
+corrupted batch of another layout, batch_size 0. Each used to be refused after the towers had run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_patching_common import av_inputs, interleaved_inputs, tiny_pair, token_map
+
+from patching.activation_patching import activation_patching
+from patching.causal_tracing import causal_tracing
+from patching.knockout import knockout
+from patching.metrics import AnswerProb
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = tiny_pair()[1]
+    inputs, other = av_inputs(6), interleaved_inputs()  # one prompt each, of two layouts
+    assert other["input_ids"].shape != inputs["input_ids"].shape
+    return model, inputs, token_map(model, inputs), other, token_map(model, other)
+
+
+CASES = {
+    "knockout, the map of other inputs": (lambda m, x, tm, o, otm: knockout(m, x, [5], tm=otm, progress=False),
+                                          "the TokenMap is"),
+    "knockout, a misspelt edge": (lambda m, x, tm, o, otm: knockout(m, x, [5], edges=["audoi->last"], tm=tm, progress=False),
+                                  "audoi"),
+    "knockout, batch_size 0": (lambda m, x, tm, o, otm: knockout(m, x, [5], tm=tm, batch_size=0, progress=False),
+                               "batch_size"),
+    "causal tracing, the map of other inputs": (lambda m, x, tm, o, otm: causal_tracing(m, x, [5], tm=otm, progress=False),
+                                                "the TokenMap is"),
+    "causal tracing, a misspelt corrupt set": (lambda m, x, tm, o, otm: causal_tracing(m, x, [5], corrupt="audoi", tm=tm,
+                                                                                        progress=False), "audoi"),
+    "activation patching, another layout": (lambda m, x, tm, o, otm: activation_patching(m, x, o, AnswerProb(5), progress=False),
+                                            "differ in length|different token groups"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_refused_before_anything_runs(setup, case):
+    model, inputs, tm, other, other_tm = setup
+    run, message = CASES[case]
+    ran = []
+    handles = [m.register_forward_pre_hook(lambda mod, args, name=name: ran.append(name))
+               for name, m in (("audio", model.audio_encoder), ("vision", model.vision_encoder), ("block 0", model.blocks[0]))]
+    try:
+        with pytest.raises(ValueError, match=message):
+            run(model, inputs, tm, other, other_tm)
+    finally:
+        for h in handles:
+            h.remove()
+    assert ran == []
