@@ -369,7 +369,9 @@ def main(argv=None) -> None:
             f"- machine: {cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}; torch {torch.__version__}",
             f"- torch threads: {torch.get_num_threads()}; rounds: {args.rounds} (min and median), contenders interleaved, order rotated",
             f"- load average (1, 5, 15 min) before: {', '.join(f'{v:.1f}' for v in load0)}; after: "
-            f"{', '.join(f'{v:.1f}' for v in load1)} (above the core count, other processes shared the cores: read the CPU columns)",
+            f"{', '.join(f'{v:.1f}' for v in load1)}"
+            + (" (above the core count: other processes shared the cores, read the CPU columns)"
+               if max(*load0, *load1) > (os.cpu_count() or 1) else " (at most the core count)"),
             ""]
     Path(args.out).write_text("\n".join(head + body) + "\n")
     print(f"wrote {args.out}")
