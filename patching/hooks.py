@@ -227,7 +227,7 @@ def _edge_hooks(tm, src, dst, layers, op, params, edit, what, heads=None, genera
         fn.first_query = int(first[0, 0]) if len(first) else n  # generated queries only
         return [(f"blocks.{l}.attn.{site}", fn) for l in layers]
 
-    return Intervention([Part(op, params, make, layers, heads=tuple(heads or ()))])
+    return Intervention([Part(op, params, make, layers, heads=tuple(heads or ()), seq_len=n)])
 
 
 def _spread(tset: _Set, n_new: int, b: int, rows, device, what: str) -> Tensor:
@@ -300,7 +300,8 @@ def discard(tm, group, from_layer: int, n_layers: int | None = None, rows: Seque
 
             return [(later, fn)]
 
-    iv = Intervention([Part("discard", {"group": drop.label, "from_layer": from_layer}, make, (from_layer,))])
+    iv = Intervention([Part("discard", {"group": drop.label, "from_layer": from_layer}, make, (from_layer,),
+                            seq_len=tm.seq_len)])
     return iv if rows is None else iv.on_rows(rows)
 
 

@@ -35,6 +35,7 @@ class Part:
     layers: tuple[int, ...] = ()
     rows: tuple[int, ...] | None = None
     heads: tuple[int, ...] = ()
+    seq_len: int | None = None  # the positions of the TokenMap it was built on, where it was built on one
 
     def describe(self) -> str:
         args = ", ".join(f"{k}={v}" for k, v in self.params.items())
@@ -92,10 +93,14 @@ class Intervention:
     __str__ = __repr__
 
     # ---- validation -------------------------------------------------------------------------
-    def check(self, model, batch: int | None = None) -> "Intervention":
+    def check(self, model, batch: int | None = None, seq_len: int | None = None) -> "Intervention":
         """Raise a clear error for a layer or head the model does not have, a hook name it does not
-        know, or a row outside a run of `batch` rows."""
+        know, a row outside a run of `batch` rows, or a part built on a TokenMap of other than `seq_len`
+        positions (the prompt it will run on)."""
         for p in self.parts:
+            if seq_len is not None and p.seq_len is not None and p.seq_len != seq_len:
+                raise ValueError(f"{p.describe()}: built on a TokenMap of {p.seq_len} positions, but the prompt it runs "
+                                 f"on has {seq_len}; build it from that prompt's map (a sweep's sample.tm)")
             checks.indices(p.layers, model.cfg.n_layers, f"{p.describe()}: layer(s)", "layers")
             checks.heads(model, p.heads, f"{p.describe()}: head(s)")
             if batch is not None and p.rows is not None:

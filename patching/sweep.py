@@ -270,7 +270,7 @@ def run_rows(
     plans = []  # every chunk's hooks, checked before the first forward
     for chunk, st, ly in chunks:
         combined = sum((interventions[j].on_rows(r) for r, j in enumerate(chunk)), Intervention())
-        plans.append((chunk, list(combined.check(model, batch=len(chunk))), st, ly))
+        plans.append((chunk, list(combined.check(model, batch=len(chunk), seq_len=seq)), st, ly))
     outs: list = [None] * len(interventions)
     done = done_layers = 0
     bar = tqdm(total=len(interventions), desc=desc, disable=not progress, leave=False)

@@ -54,3 +54,23 @@ def test_refused_before_anything_runs(setup, case):
         for h in handles:
             h.remove()
     assert ran == []
+
+
+def test_a_sweep_refuses_edits_built_on_another_prompts_map_before_its_clean_forward(setup):
+    from patching.hooks import block_attention, discard, steer
+    from patching.sweep import run_rows, samples
+
+    model, inputs, tm, other, other_tm = setup
+    s = samples(model, inputs, tm)[0]
+    wrong = samples(model, other, other_tm)[0].tm
+    ran = []
+    handle = model.blocks[0].register_forward_pre_hook(lambda mod, args: ran.append(1))
+    try:
+        for iv in (block_attention(wrong, "audio", "last", [1]), steer(wrong, "last", "audio", 0.5, [1]),
+                   discard(wrong, "audio", 1, model.cfg.n_layers)):
+            with pytest.raises(ValueError, match=rf"built on a TokenMap of {wrong.seq_len} positions, but the prompt it "
+                                                 rf"runs on has {s.seq_len}"):
+                run_rows(model, s, [block_attention(s.tm, "video", "last", [2]), iv], progress=False)
+    finally:
+        handle.remove()
+    assert ran == []
