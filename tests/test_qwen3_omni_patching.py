@@ -239,3 +239,20 @@ def test_routing_counts_equal_a_naive_loop_over_cached_choices(pair, batch_input
     assert page.stat().st_size > 5000 and "data:image/png;base64" in page.read_text()
     with pytest.raises(ValueError, match="name sparse layers"):
         routing_counts(ours, batch_inputs, layers=[1])
+
+
+def test_fastv_runs_on_visual_inputs_with_deepstack_injections(pair):
+    # DeepStack lists injections for its own layers only; FastV's layer loop indexed them per block (IndexError)
+    from patching.fastv import fastv
+
+    _, model = pair
+    inputs, _ = model_inputs("video")
+    with torch.no_grad():
+        probs = model(**inputs, logits_at="last")[:, -1].softmax(-1)
+    answer = int(probs[0].argmax())
+    df = fastv(model, inputs, [answer], k=1, r=0.5, media="video", max_new_tokens=1, repeats=1, progress=False).df
+    assert list(df["method"]) == ["full", "fastv", "discard video"]
+    assert abs(float(df.loc[df.method == "full", "prob"].iloc[0]) - float(probs[0, answer])) < 1e-5
+    kept_all = fastv(model, inputs, [answer], k=1, r=0.0, media="video", max_new_tokens=1, repeats=1, progress=False).df
+    fast = kept_all[kept_all.method == "fastv"].iloc[0]
+    assert fast["n_dropped"] == 0 and abs(float(fast["prob"]) - float(probs[0, answer])) < 1e-5
