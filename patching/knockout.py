@@ -187,7 +187,8 @@ def knockout(
 
 
 def knockout_accuracy(result: Result, sample_mode: str = "correct") -> Result:
-    """Accuracy under the knockout per (edge, layer), in percent of all samples, as Map the Flow's
+    """Accuracy under the knockout per (edge, layer), in percent of the samples that have the edge
+    (`n_samples`; all of them where every sample holds the edge's groups), as Map the Flow's
     `information_flow_analysis.py` counts it: with `sample_mode="correct"` (its default) only samples
     the plain run answers correctly are knocked out, so a sample counts when it is correct both
     plainly and under the knockout; `"all"` counts every sample correct under the knockout. The frame
@@ -202,6 +203,10 @@ def knockout_accuracy(result: Result, sample_mode: str = "correct") -> Result:
         raise ValueError(f"this knockout frame has no {sorted(missing)} column(s); rerun knockout to get them")
     n = df["sample"].nunique()
     hit = df["correct_blocked"] & df["correct"] if sample_mode == "correct" else df["correct_blocked"]
-    acc = df.assign(hit=hit).groupby(["edge", "layer"], sort=False)["hit"].sum().mul(100.0 / n).rename("accuracy").reset_index()
+    groups = df.assign(hit=hit).groupby(["edge", "layer"], sort=False)
+    # over the samples that have the edge (a sample without the edge's groups has no row for it)
+    acc = groups.agg(hits=("hit", "sum"), n_samples=("sample", "nunique")).reset_index()
+    acc["accuracy"] = 100.0 * acc.pop("hits") / acc["n_samples"]
+    acc = acc[["edge", "layer", "accuracy", "n_samples"]]
     acc["accuracy_base"] = 100.0 * df.groupby("sample")["correct"].first().mean()
     return Result("knockout_accuracy", acc, dict(sample_mode=sample_mode, n_samples=n, **result.settings))

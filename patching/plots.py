@@ -349,7 +349,8 @@ def _knockout_accuracy(df, ax, figsize, ctx):
     for edge in edges:
         part = df[df["edge"] == edge].sort_values("layer")
         acc = part[ctx["value"]].to_numpy(dtype=float)
-        band = np.array([wilson(a / 100 * n, n) for a in acc]) * 100
+        ns = part["n_samples"].to_numpy(dtype=float) if "n_samples" in part else np.full(len(acc), n)  # per edge
+        band = np.array([wilson(a / 100 * k, k) for a, k in zip(acc, ns)]) * 100
         ax.plot(part["layer"], acc, marker="o", ms=3, color=colour[edge], label=edge)
         ax.fill_between(part["layer"], band[:, 0], band[:, 1], color=colour[edge], alpha=0.1, lw=0)
     if "accuracy_base" in df.columns:

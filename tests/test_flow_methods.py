@@ -2,6 +2,7 @@
 implementation of the anchor's definition written here (from Map the Flow, FastV, VisAttnSink and
 TransformerLens), on planted examples where a plausible other definition gives different numbers."""
 
+import pandas as pd
 import pytest
 import torch
 from test_patching_common import N_LAYERS
@@ -354,3 +355,17 @@ def test_map_the_flow_logit_lens_projects_layer_inputs_with_the_input_embedding(
         logit_lens(model, inputs, top, tm=tm, lens="map_the_flow", site="resid_mid")
     with pytest.raises(ValueError, match="lens must be one of"):
         logit_lens(model, inputs, top, tm=tm, lens="tuned")
+
+
+def test_knockout_accuracy_counts_only_the_samples_that_have_the_edge():
+    # a sample without an edge's groups has no row for it: it used to count in the denominator (an image-only
+    # sample halved the accuracy of every audio edge)
+    from patching.results import Result
+
+    rows = [dict(sample=0, edge="audio->last", layer=0, correct=True, correct_blocked=True),
+            dict(sample=0, edge="question->last", layer=0, correct=True, correct_blocked=False),
+            dict(sample=1, edge="question->last", layer=0, correct=True, correct_blocked=True)]
+    acc = knockout_accuracy(Result("knockout", pd.DataFrame(rows), {})).df.set_index("edge")
+    assert acc.loc["audio->last", "accuracy"] == 100.0 and acc.loc["audio->last", "n_samples"] == 1
+    assert acc.loc["question->last", "accuracy"] == 50.0 and acc.loc["question->last", "n_samples"] == 2
+    assert (acc.accuracy_base == 100.0).all()
