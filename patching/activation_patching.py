@@ -18,7 +18,7 @@ import torch
 
 from hooked_av.inputs.token_map import GROUPS
 from patching import checks
-from patching.hooks import SITES, patch_from_cache, site_name
+from patching.hooks import SITES, _layer_of, patch_from_cache, site_name
 from patching.metrics import AnswerProb, Metric
 from patching.results import Result
 from patching.sweep import Sample, forward_rows, run_rows, sample_maps, samples
@@ -67,6 +67,12 @@ def pair_samples(model, clean: dict, corrupted: dict, tm_clean=None, tm_corrupte
     for i, (x, y) in enumerate(zip(ma, mb)):
         check_same_maps(x, y, i)
     return samples(model, clean, tm_clean), samples(model, corrupted, tm_corrupted)
+
+
+def own_layer(name: str) -> int:
+    """The block a full hook name sits in (`blocks.{l}.`...), -1 outside the blocks (the row's `layer`)."""
+    found = _layer_of(name)
+    return found[0] if found else -1
 
 
 def site_names(model, sites: Sequence[str], layers: Sequence[int]) -> list[str]:
@@ -118,14 +124,18 @@ def activation_patching(
     probability of the clean run's top token."""
     if direction not in ("clean->corrupted", "corrupted->clean"):
         raise ValueError(f"direction must be 'clean->corrupted' or 'corrupted->clean', got {direction!r}")
-    layers = checks.layers(model, layers)
     sites = checks.nonempty(sites, "sites")
+    hook_names = [s for s in sites if s not in SITES]
+    if hook_names and layers is not None:  # a hook name is one layer's: layers= would relabel the same patch
+        raise ValueError(f"layers= applies to site names ({', '.join(SITES)}); the hook name(s) {hook_names} name their "
+                         "own layer: drop layers= or pass site names")
+    layers = checks.layers(model, layers)
     if not isinstance(positions, str):
         positions = checks.nonempty(positions, "positions")
     heads = list(range(model.cfg.n_heads)) if heads is None else checks.heads(model, checks.nonempty(heads, "heads", none_ok=True))
     if metric is not None:
         metric.check(model, checks.batch_of(clean))
-    names = sorted(set(site_names(model, sites, layers)))
+    names = sorted(set(site_names(model, sites, layers)))  # a hook name once, whatever `layers`
     cl, co = pair_samples(model, clean, corrupted, tm_clean, tm_corrupted)
     rows = []
     for a, b in zip(cl, co):
@@ -138,7 +148,7 @@ def activation_patching(
         cache = cache_sample(model, source, names)
         cells, ivs = [], []
         for site in sites:
-            for layer in layers:
+            for layer in layers if site in SITES else [own_layer(site)]:
                 name = site_name(site, layer)
                 for label, pos, where in position_units(target.tm, positions):
                     for h in (heads if site == "head" else [None]):

@@ -139,3 +139,21 @@ def test_the_qwen3_recipe_keeps_its_injections(qwen3_setup):  # noqa: F811
         fast, full, stats = both_ways(model, s, ivs)
         torch.testing.assert_close(fast, full, atol=TOL, rtol=0)
         assert stats["incremental"]
+
+
+def test_a_full_hook_name_site_is_patched_once_at_its_own_layer(model):
+    # layers= used to repeat the same patch of the hook under every layer label
+    from patching.activation_patching import activation_patching
+    from patching.metrics import AnswerProb
+
+    inputs = av_inputs()
+    bad = {**inputs, "input_ids": inputs["input_ids"].clone()}
+    q = token_map(model, inputs).mask("question")[0].nonzero()[-2:, 0]
+    bad["input_ids"][0, q] = (bad["input_ids"][0, q] + 37) % 200
+    kw = dict(metric=AnswerProb(5), positions="groups", progress=False)
+    by_name = activation_patching(model, inputs, bad, sites=["blocks.2.hook_resid_pre"], **kw).df
+    by_site = activation_patching(model, inputs, bad, sites=["resid_pre"], layers=[2], **kw).df
+    assert set(by_name.layer) == {2} and len(by_name) == len(by_site)
+    assert (by_name.metric.to_numpy() == by_site.metric.to_numpy()).all()
+    with pytest.raises(ValueError, match="name their own layer"):
+        activation_patching(model, inputs, bad, sites=["blocks.2.hook_resid_pre"], layers=[0, 2], **kw)
