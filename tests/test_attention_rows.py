@@ -122,3 +122,16 @@ def test_run_with_cache_moves_activations_to_the_device_asked(omni):
     with torch.no_grad():
         _, cache = model.run_with_cache(**inputs, names_filter=names, device="cpu", return_type=None)
     assert {cache[n].device.type for n in names} == {"cpu"}
+
+
+def test_group_mass_checks_its_layers_and_map_before_the_forward(omni):
+    from hooked_av.viz import group_attention_mass
+
+    model, inputs, tm = omni
+    L = model.cfg.n_layers
+    for bad in ([L], [-1], []):
+        with pytest.raises(ValueError, match="name at least one of the model's"):
+            group_attention_mass(model, inputs, tm, layers=bad)
+    other = model.token_map({k: (v[:, :-1] if k in ("input_ids", "attention_mask") else v) for k, v in inputs.items()})
+    with pytest.raises(ValueError, match="build it from the same inputs"):
+        group_attention_mass(model, inputs, other)

@@ -173,11 +173,7 @@ class MRoPELanguageModel:
         many. Computed per layer from the rotated q and k with the final mask (after any `hook_attn_mask`
         edits), the rows alone (see `Attention.pattern_rows`); a layer whose scores or pattern are hooked
         runs exactly and gives the rows of its pattern as edited. Memory grows with rows x keys."""
-        n = len(self.blocks)
-        layers = list(range(n)) if layers is None else [int(l) for l in layers]
-        bad = [l for l in layers if not 0 <= l < n]
-        if not layers or bad:
-            raise ValueError(f"layers {bad or '[]'}: name at least one of the model's {n} layers (0..{n - 1})")
+        layers = layer_list(layers, len(self.blocks))
         h = self.cfg.n_heads
         heads_t = None if heads is None else torch.as_tensor(list(heads), dtype=torch.long)
         if heads_t is not None and (not len(heads_t) or int(heads_t.min()) < 0 or int(heads_t.max()) >= h):
@@ -337,6 +333,15 @@ class MRoPELanguageModel:
             logits = self.run_language_model(self.embed(nxt[:, None]), pos, attention_mask, kv_caches=caches,
                                              logits_at="last")
         return torch.stack(out, dim=1)
+
+
+def layer_list(layers: Sequence[int] | None, n: int) -> list[int]:
+    """Layers of a read-out: None = all `n`, else a non-empty list in 0..n-1 (a negative or too large one refused)."""
+    layers = list(range(n)) if layers is None else [int(l) for l in layers]
+    bad = [l for l in layers if not 0 <= l < n]
+    if not layers or bad:
+        raise ValueError(f"layers {bad or '[]'}: name at least one of the model's {n} layers (0..{n - 1})")
+    return layers
 
 
 def decode_args(max_new_tokens: int, eos_token_id: int | list[int] | None, d_vocab: int) -> set[int]:

@@ -30,14 +30,23 @@ def group_attention_mass(
     group `src` (a number in [0, 1]; a row sums to 1 over groups that cover every key).
 
     Returns a tidy DataFrame: layer, (head,) dst, src, mass, n_dst, n_src, averaged over batch rows
-    that have both groups. Groups absent from the input are skipped. Query rows are read `block_rows`
-    at a time (memory `batch x heads x block_rows x tokens` per layer); active hooks apply.
+    that have both groups. In a batch whose rows hold different groups, each (dst, src) cell is averaged
+    over its own rows, so a dst row of the frame need not sum to 1 (read one sample at a time, or
+    rows of one layout, for shares that add up). Groups absent from the input are skipped. Query rows
+    are read `block_rows` at a time (memory `batch x heads x block_rows x tokens` per layer); active
+    hooks apply.
     """
+    from hooked_av.core.language_model import layer_list
+
     if block_rows < 1:
         raise ValueError(f"block_rows must be >= 1, got {block_rows}")
     import pandas as pd
 
-    layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
+    layers = layer_list(layers, model.cfg.n_layers)
+    ref = inputs.get("inputs_embeds", inputs.get("input_ids"))
+    if ref is not None and (token_map.batch != ref.shape[0] or token_map.seq_len != ref.shape[1]):
+        raise ValueError(f"the TokenMap is [{token_map.batch}, {token_map.seq_len}] but the inputs are "
+                         f"{list(ref.shape[:2])}; build it from the same inputs (model.token_map(inputs))")
     present = [g for g in groups if bool(token_map.mask(g).any())]
     if not present:
         raise ValueError(f"none of the groups {list(groups)} occurs in this input")
