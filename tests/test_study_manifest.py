@@ -102,3 +102,12 @@ def test_templates_letter_the_options_and_add_the_instruction(media):
         parse_template("no field")
     with pytest.raises(ValueError, match=r"a field other than"):
         parse_template("{question} {answer}")
+
+
+def test_a_non_integer_number_as_id_is_refused_not_dropped(media):
+    # {"id": 1.5} used to give a manifest without that row and no error
+    rows = [{"id": 1.5, "audio": "tone.wav", "question": "What?", "answer": "dog"},
+            {"id": 2, "audio": "tone.wav", "question": "What?", "answer": "dog"}]
+    with pytest.raises(ManifestError, match=r"column 'id': must be text, got 1.5"):
+        read_manifest(_jsonl(media, rows))
+    assert [r.id for r in read_manifest(_jsonl(media, rows[1:])).rows] == ["2"]

@@ -151,7 +151,7 @@ def _read_csv(data: bytes, problems) -> list[tuple[int, dict]]:
 
 def _text(rec, key, n, rid, problems) -> str | None:
     v = rec.get(key)
-    if isinstance(v, (int, float)) and not isinstance(v, bool) and key == "id":
+    if isinstance(v, int) and not isinstance(v, bool) and key == "id":  # 7 and "7" name the same row; 1.5 is refused
         v = str(v)
     if not isinstance(v, str) or not v.strip():
         problems.append((n, rid, key, "missing or empty" if v in (None, "") else f"must be text, got {v!r}"))
