@@ -87,6 +87,10 @@ def test_other_settings_into_the_same_folder_are_refused(model, data, full_run):
         run_study(model, data, EXPERIMENTS, full_run, window=2, options=OPTIONS, progress=False)
     with pytest.raises(ValueError, match=r"experiments, options differ"):
         run_study(model, data, ["knockout"], full_run, window=1, progress=False)
+    # a smaller limit into a finished folder used to be a silent no-op (the folder kept every sample)
+    with pytest.raises(ValueError, match=r"already holds \d+ finished sample\(s\) beyond this run's first 1"):
+        run_study(model, data, EXPERIMENTS, full_run, window=1, options=OPTIONS, limit=1, progress=False)
+    run_study(model, data, EXPERIMENTS, full_run, window=1, options=OPTIONS, progress=False)  # the same run resumes
 
 
 def test_a_bad_manifest_is_refused_before_any_model_loads(data, tmp_path, monkeypatch):

@@ -87,6 +87,12 @@ def run_study(
                     window=window, options=options, versions=_versions())
     out = Path(out_dir)
     _claim(out, settings, dict(manifest_path=str(manifest.path.resolve()), limit=limit))
+    done = {p.name for p in (out / "parts" / "accuracy").glob("*.parquet")}
+    beyond = sorted(done - {part_name(r) for r in rows})
+    if beyond:  # the folder's results would hold them: a smaller --limit cannot take them out
+        raise ValueError(f"{out} already holds {len(beyond)} finished sample(s) beyond this run's first {len(rows)} "
+                         f"(e.g. {beyond[0].removesuffix('.parquet')}); a smaller limit cannot remove them: use another "
+                         "--out folder, or a limit of at least what the folder holds")
 
     if isinstance(model, (str, os.PathLike)):
         from hooked_av import load
@@ -96,7 +102,6 @@ def run_study(
     scorer.check(model.tokenizer, rows)
     group = _process_group(world, dev)
     mine = rows[rank::world]
-    done = {p.name for p in (out / "parts" / "accuracy").glob("*.parquet")}
     todo = [r for r in mine if part_name(r) not in done]
     from tqdm.auto import tqdm
 
