@@ -18,7 +18,7 @@ import torch
 
 from hooked_av.inputs.token_map import GROUPS
 from patching import checks
-from patching.hooks import SITES, _layer_of, patch_from_cache, site_name
+from patching.hooks import SITES, layer_of, patch_from_cache, site_name
 from patching.metrics import AnswerProb, Metric
 from patching.results import Result
 from patching.sweep import Sample, forward_rows, run_rows, sample_maps, samples
@@ -67,12 +67,6 @@ def pair_samples(model, clean: dict, corrupted: dict, tm_clean=None, tm_corrupte
     for i, (x, y) in enumerate(zip(ma, mb)):
         check_same_maps(x, y, i)
     return samples(model, clean, tm_clean), samples(model, corrupted, tm_corrupted)
-
-
-def own_layer(name: str) -> int:
-    """The block a full hook name sits in (`blocks.{l}.`...), -1 outside the blocks (the row's `layer`)."""
-    found = _layer_of(name)
-    return found[0] if found else -1
 
 
 def site_names(model, sites: Sequence[str], layers: Sequence[int]) -> list[str]:
@@ -148,7 +142,7 @@ def activation_patching(
         cache = cache_sample(model, source, names)
         cells, ivs = [], []
         for site in sites:
-            for layer in layers if site in SITES else [own_layer(site)]:
+            for layer in layers if site in SITES else [(layer_of(site) or (-1,))[0]]:  # a hook name: its own block
                 name = site_name(site, layer)
                 for label, pos, where in position_units(target.tm, positions):
                     for h in (heads if site == "head" else [None]):

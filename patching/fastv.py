@@ -63,7 +63,7 @@ def pruned_forward(model, embeds: Tensor, position_ids: Tensor, k: int,
         seen["attn"] = pattern[0, :, -1].float().mean(0)
 
     hooks = [(f"blocks.{k - 1}.attn.hook_pattern", grab)] if rank else []
-    inject = model._injections(injections, embeds)  # one entry per block (DeepStack lists only its own layers)
+    inject = model.injection_list(injections, embeds)  # one entry per block (DeepStack lists only its own layers)
     with model.hooks(fwd_hooks=hooks):
         x = model.hook_embed(embeds)
         state, keep = model.attention_inputs(x, position_ids, None), None

@@ -96,7 +96,8 @@ def site_name(site: str, layer: int | None = None) -> str:
     return site
 
 
-def _layer_of(name: str) -> tuple[int, ...]:
+def layer_of(name: str) -> tuple[int, ...]:
+    """`(l,)` for a hook name in block l (`blocks.{l}.`...), `()` for one outside the blocks."""
     parts = name.split(".")
     return (int(parts[1]),) if len(parts) > 2 and parts[0] == "blocks" and parts[1].isdigit() else ()
 
@@ -372,7 +373,7 @@ def patch_from_cache(cache, sites, positions=None, heads: Sequence[int] | None =
 
         return [(n, _starting(fn, positions, n)) for n in names]
 
-    layers = tuple(sorted({l for n in names for l in _layer_of(n)}))
+    layers = tuple(sorted({l for n in names for l in layer_of(n)}))
     iv = Intervention([Part("patch_from_cache", params, make, layers, heads=tuple(heads or ()))])
     return iv if rows is None else iv.on_rows(rows)
 
@@ -408,7 +409,7 @@ def ablate(sites, mode: str = "zero", positions=None, reference=None, heads: Seq
 
         return [(n, _starting(fn, positions, n)) for n in names]
 
-    layers = tuple(sorted({l for n in names for l in _layer_of(n)}))
+    layers = tuple(sorted({l for n in names for l in layer_of(n)}))
     iv = Intervention([Part("ablate", params, make, layers, heads=tuple(heads or ()))])
     return iv if rows is None else iv.on_rows(rows)
 
@@ -433,5 +434,5 @@ def add_noise(site: str, positions, std: float, seed: int = 0, rows: Sequence[in
 
         return [(site, _starting(fn, positions, site))]
 
-    iv = Intervention([Part("add_noise", params, make, _layer_of(site))])
+    iv = Intervention([Part("add_noise", params, make, layer_of(site))])
     return iv if rows is None else iv.on_rows(rows)

@@ -13,7 +13,6 @@ values and residuals.
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -24,7 +23,7 @@ from transformer_lens.hook_points import HookPoint
 
 from hooked_av.core.attention import KVSlot
 from patching import checks
-from patching.hooks import run_from
+from patching.hooks import layer_of, run_from
 from patching.intervention import Intervention
 
 
@@ -138,14 +137,10 @@ def first_query(iv: Intervention) -> int | None:
     return min(firsts) if firsts else None
 
 
-_BLOCK = re.compile(r"blocks\.(\d+)\.")
-
-
 def first_layer(iv: Intervention) -> int:
     """The first block any hook of `iv` sits in (`blocks.{l}.`...); 0 where a hook is outside the blocks
     (the embedding, a name filter). Nothing before that block's `hook_resid_pre` changes."""
-    layers = [int(m.group(1)) if isinstance(name, str) and (m := _BLOCK.match(name)) else 0 for name, _ in iv]
-    return min(layers, default=0)
+    return min(((layer_of(name) or (0,))[0] if isinstance(name, str) else 0 for name, _ in iv), default=0)
 
 
 def ambient_hooks(model) -> bool:
@@ -190,20 +185,13 @@ def clean_run(model, sample: Sample, resid_from: dict[int, int] | None = None) -
     return CleanRun([(s.k, s.v) for s in slots], resid, resid_from)
 
 
-def clean_keys_values(model, sample: Sample) -> list[tuple[Tensor, Tensor]]:
-    """One clean forward of the sample keeping every layer's rotated keys and values `[1, pos, kv_heads, d]`."""
-    return clean_run(model, sample).kv
-
-
-def forward_suffix(model, sample: Sample, clean, start: int, n: int, layer: int = 0) -> Tensor:
+def forward_suffix(model, sample: Sample, clean: CleanRun, start: int, n: int, layer: int = 0) -> Tensor:
     """Last-position logits `[n, vocab]` of `n` copies of the sample under the active hooks, recomputing only
     positions `start..` of blocks `layer..` against the clean run's keys and values of the prefix and its
-    residual entering block `layer` (masks `[n, 1, pos - start, pos]`). `clean`: a `CleanRun` (or, for
-    `layer=0`, the list of keys and values)."""
-    kv = clean.kv if isinstance(clean, CleanRun) else clean
-    x = sample.embeds[:, start:] if layer == 0 else clean.residual(sample, layer, start)
+    residual entering block `layer` (masks `[n, 1, pos - start, pos]`)."""
+    x = clean.residual(sample, layer, start)
     slots = [KVSlot.of(k[:, :start].expand(n, -1, -1, -1), v[:, :start].expand(n, -1, -1, -1)) if i >= layer
-             else None for i, (k, v) in enumerate(kv)]
+             else None for i, (k, v) in enumerate(clean.kv)]
     inj = sample.injections and [None if t is None else t[:, start:].expand(n, -1, -1) for t in sample.injections]
     with run_from(start):
         return model.run_language_model(x.expand(n, -1, -1).contiguous(), sample.position_ids[:, :, start:].expand(-1, n, -1),

@@ -125,7 +125,7 @@ class MRoPELanguageModel:
         if kv_caches is not None and len(kv_caches) != n:
             raise ValueError(f"kv_caches holds {len(kv_caches)} slots; the model has {n} blocks (one slot per block)")
         past = kv_caches[start_layer].length if kv_caches else 0
-        inject = self._injections(injections, inputs_embeds)
+        inject = self.injection_list(injections, inputs_embeds)
         drop_at, keep = self._discard_plan(discard, b, q_len, inputs_embeds.device, past)
         read = read_positions(logits_at, q_len, inputs_embeds.device, keep)
         if return_type not in ("logits", "resid", None):
@@ -245,7 +245,7 @@ class MRoPELanguageModel:
                                  interleaved=c.recipe.rope == "mrope_interleaved")
         return dict(mask=mask, rotary=functools.partial(apply_rotary, cos=cos, sin=sin), causal=plain and not past)
 
-    def _injections(self, injections, embeds: Tensor) -> list[Tensor | None]:
+    def injection_list(self, injections, embeds: Tensor) -> list[Tensor | None]:
         """Per layer: the injection `[batch, pos, d_model]` or None, checked before any work."""
         n = len(self.blocks)
         out: list[Tensor | None] = [None] * n

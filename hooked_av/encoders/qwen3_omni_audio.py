@@ -29,6 +29,7 @@ from hooked_av.core.masks import additive
 from hooked_av.core.mlp import MLP, activation
 from hooked_av.core.norms import LayerNorm
 from hooked_av.encoders.omni_audio import sinusoids
+from hooked_av.encoders.whisper import WHISPER_LAYER_KEYS
 
 
 def _conv_length(n):
@@ -56,10 +57,7 @@ AUDIO_KEYS = [
     (r"(conv2d1|conv2d2|conv2d3)\.(weight|bias)", r"\1.\2"),
     (r"conv_out\.weight", "conv_out.weight"),
     (r"(ln_post|proj1|proj2)\.(weight|bias)", r"\1.\2"),
-    (r"layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|out_proj)\.(weight|bias)", r"blocks.\1.attn.\2.\3"),
-    (r"layers\.(\d+)\.self_attn_layer_norm\.(weight|bias)", r"blocks.\1.ln1.\2"),
-    (r"layers\.(\d+)\.final_layer_norm\.(weight|bias)", r"blocks.\1.ln2.\2"),
-    (r"layers\.(\d+)\.(fc1|fc2)\.(weight|bias)", r"blocks.\1.mlp.\2.\3"),
+    *WHISPER_LAYER_KEYS,
 ]
 
 

@@ -18,6 +18,15 @@ from hooked_av.core.block import Block
 from hooked_av.core.mlp import MLP
 from hooked_av.core.norms import LayerNorm
 
+# HF's Whisper-style encoder layer keys (`layers.{i}.` ...) -> our block names; the Whisper encoder, the
+# Qwen2.5-Omni audio tower and the Qwen3-Omni audio tower share them (each table adds its own stem and head)
+WHISPER_LAYER_KEYS = [
+    (r"layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|out_proj)\.(weight|bias)", r"blocks.\1.attn.\2.\3"),
+    (r"layers\.(\d+)\.self_attn_layer_norm\.(weight|bias)", r"blocks.\1.ln1.\2"),
+    (r"layers\.(\d+)\.final_layer_norm\.(weight|bias)", r"blocks.\1.ln2.\2"),
+    (r"layers\.(\d+)\.(fc1|fc2)\.(weight|bias)", r"blocks.\1.mlp.\2.\3"),
+]
+
 
 def whisper_blocks(n_layers: int, d_model: int, n_heads: int, d_mlp: int, act: str = "gelu") -> nn.ModuleList:
     """Whisper's pre-LN encoder layers (the checkpoint names `q_proj`/`k_proj` (no bias)/`v_proj`/

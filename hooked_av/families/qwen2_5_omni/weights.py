@@ -14,6 +14,7 @@ from torch import Tensor
 
 from hooked_av.core.config import HookedAVConfig
 from hooked_av.encoders.qwen_vision import vision_tower_settings
+from hooked_av.encoders.whisper import WHISPER_LAYER_KEYS
 from hooked_av.core.checkpoint import apply_key_table
 
 # (checkpoint name after the layout prefix) -> our name; applied in order, first match wins
@@ -28,10 +29,7 @@ TEXT_KEYS = [
 AUDIO_KEYS = [
     (r"(conv1|conv2|ln_post|proj)\.(weight|bias)", r"\1.\2"),
     (r"audio_bos_eos_token\.weight", "audio_bos_eos_token.weight"),
-    (r"layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|out_proj)\.(weight|bias)", r"blocks.\1.attn.\2.\3"),
-    (r"layers\.(\d+)\.self_attn_layer_norm\.(weight|bias)", r"blocks.\1.ln1.\2"),
-    (r"layers\.(\d+)\.final_layer_norm\.(weight|bias)", r"blocks.\1.ln2.\2"),
-    (r"layers\.(\d+)\.(fc1|fc2)\.(weight|bias)", r"blocks.\1.mlp.\2.\3"),
+    *WHISPER_LAYER_KEYS,
 ]
 VISION_KEYS = [
     (r"patch_embed\.proj\.weight", "patch_embed.proj.weight"),

@@ -20,16 +20,14 @@ from torch import Tensor
 
 from hooked_av.core.config import HookedAVConfig
 from hooked_av.encoders.qwen_vision import vision_tower_settings
+from hooked_av.encoders.whisper import WHISPER_LAYER_KEYS
 from hooked_av.core.checkpoint import apply_key_table
 from hooked_av.families.qwen2_5_omni.weights import TEXT_KEYS, convert_vision_key
 
 WHISPER_KEYS = [
     (r"(conv1|conv2|layer_norm)\.(weight|bias)", r"\1.\2"),
     (r"embed_positions\.weight", "embed_positions.weight"),
-    (r"layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|out_proj)\.(weight|bias)", r"blocks.\1.attn.\2.\3"),
-    (r"layers\.(\d+)\.self_attn_layer_norm\.(weight|bias)", r"blocks.\1.ln1.\2"),
-    (r"layers\.(\d+)\.final_layer_norm\.(weight|bias)", r"blocks.\1.ln2.\2"),
-    (r"layers\.(\d+)\.(fc1|fc2)\.(weight|bias)", r"blocks.\1.mlp.\2.\3"),
+    *WHISPER_LAYER_KEYS,
 ]
 QFORMER_KEYS = [  # after `audio.`
     (r"q_tokens", "q_tokens"),
