@@ -13,7 +13,7 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e ".[dev,media,viz,nnsight]"
+	$(BIN)/pip install -q -e ".[dev,media,viz,nnsight,sae]"
 	touch $(STAMP)
 
 venv: $(STAMP)

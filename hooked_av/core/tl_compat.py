@@ -13,6 +13,9 @@ Differences from a TransformerLens `HookedTransformer`, by design:
 
 from __future__ import annotations
 
+import inspect
+from types import SimpleNamespace
+
 import torch
 from torch import Tensor
 from transformer_lens import ActivationCache
@@ -46,9 +49,28 @@ class AVActivationCache(ActivationCache):
         return {k: part.cache_dict.get(k, v) for k, v in self.cache_dict.items()}
 
     def remove_batch_dim(self, batch_size: int | None = None) -> "AVActivationCache":
-        part = self._batch_major_part().remove_batch_dim(batch_size)
+        part = self._batch_major_part()
+        # TransformerLens 4 takes the true batch size; 3.x infers it
+        takes_size = "batch_size" in inspect.signature(part.remove_batch_dim).parameters
+        part = part.remove_batch_dim(batch_size) if takes_size else part.remove_batch_dim()
         self.cache_dict, self.has_batch_dim = self._with(part), part.has_batch_dim
         return self
+
+    if not hasattr(ActivationCache, "logit_lens"):  # TransformerLens 3.x: 4.x's one-call lens, its readout only
+
+        def logit_lens(self, layers=None, positions=-1, return_type: str = "logits"):
+            """TransformerLens 4's `cache.logit_lens` where the installed 3.x lacks it: the accumulated
+            residual (`accumulated_resid(apply_ln=True)`, labels "0_pre" .. "final_post") at `positions`
+            through the unembedding; `.values` `[entries, batch, (pos,) vocab]` as `return_type`
+            ("logits", "probs", "log_probs"), `.labels`. The last entry is the model's logits."""
+            if return_type not in ("logits", "probs", "log_probs"):
+                raise ValueError(f"return_type must be 'logits', 'probs' or 'log_probs', got {return_type!r}")
+            stack, labels = self.accumulated_resid(apply_ln=True, pos_slice=positions, return_labels=True)
+            if layers is not None:
+                stack, labels = stack[list(layers)], [labels[i] for i in layers]
+            logits = stack @ self.model.W_U.to(stack.device) + self.model.b_U.to(stack.device)
+            values = {"logits": logits, "probs": logits.softmax(-1), "log_probs": logits.log_softmax(-1)}[return_type]
+            return SimpleNamespace(values=values, labels=labels)
 
     def apply_slice_to_batch_dim(self, batch_slice) -> "AVActivationCache":
         part = self._batch_major_part().apply_slice_to_batch_dim(batch_slice)
