@@ -35,9 +35,9 @@ n = a.tokens or (512 if a.tiny else 16384)
 from transformers import Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration  # noqa: E402
 
 from hooked_av import HookedQwen2_5Omni  # noqa: E402
-from patching.hooks import block_attention  # noqa: E402
-from patching.knockout import default_edges, window_layers  # noqa: E402
-from patching.sweep import forward_rows, run_rows  # noqa: E402
+from patching.engine.hooks import block_attention  # noqa: E402
+from patching.methods.knockout import default_edges, window_layers  # noqa: E402
+from patching.engine.sweep import forward_rows, run_rows  # noqa: E402
 
 cfg = Qwen2_5OmniThinkerConfig()  # HF's defaults are the 7B Thinker's
 if a.tiny:

@@ -84,7 +84,7 @@ def synthetic_sample(model, n: int):
     chunks of 200 and 50, a 20-token question, the last token), random embeddings and text positions:
     the language model's input without running towers at long lengths."""
     from hooked_av.inputs.token_map import TokenMapBuilder
-    from patching.sweep import Sample
+    from patching.engine.sweep import Sample
 
     g = torch.Generator().manual_seed(n)
     tb = TokenMapBuilder(1, n)
@@ -144,14 +144,14 @@ def main_tables(args) -> list[str]:
     from transformers import Qwen2_5OmniThinkerForConditionalGeneration
 
     from hooked_av import HookedQwen2_5Omni
-    from patching.activation_patching import activation_patching
-    from patching.attribution import attribution_patching
+    from patching.methods.activation_patching import activation_patching
+    from patching.methods.attribution import attribution_patching
     from patching.backends.nnsight_hf import NNsightHF
-    from patching.discarding import physical_forward
-    from patching.hooks import block_attention
-    from patching.knockout import default_edges, knockout, window_layers
-    from patching.metrics import AnswerProb
-    from patching.sweep import forward_rows, run_rows, samples
+    from patching.methods.discarding import physical_forward
+    from patching.engine.hooks import block_attention
+    from patching.methods.knockout import default_edges, knockout, window_layers
+    from patching.engine.metrics import AnswerProb
+    from patching.engine.sweep import forward_rows, run_rows, samples
 
     torch.manual_seed(0)
     cfg = config()
@@ -200,7 +200,7 @@ def main_tables(args) -> list[str]:
         h = hf.model(inputs_embeds=s.embeds, position_ids=s.position_ids).last_hidden_state
         return hf.lm_head(h[:, -1:])
 
-    from patching.discarding import forward_flops
+    from patching.methods.discarding import forward_flops
 
     d = int(s.tm.mask("audio|video").sum())
     flops = 1 - forward_flops(ours, n, n - d, L // 2) / forward_flops(ours, n)
@@ -252,9 +252,9 @@ def scale_one(op: str, n: int, threads: int, layers: int) -> dict:
     """One (operation, size) in this process: seconds (wall and CPU) and the peak RSS rise (bytes)."""
     torch.set_num_threads(threads)
     from hooked_av import HookedQwen2_5Omni
-    from patching.hooks import block_attention
-    from patching.knockout import default_edges, window_layers
-    from patching.sweep import forward_rows, run_rows
+    from patching.engine.hooks import block_attention
+    from patching.methods.knockout import default_edges, window_layers
+    from patching.engine.sweep import forward_rows, run_rows
 
     torch.manual_seed(0)
     cfg = config(layers)

@@ -3,25 +3,25 @@
 hook names, the TokenMap and public model methods only, so every hooked_av model family runs them.
 hooked_av never imports this package."""
 
-from patching.activation_patching import activation_patching
-from patching.attribution import attribution_patching
-from patching.causal_tracing import causal_tracing
-from patching.discarding import discarding, physical_forward
-from patching.hooks import ablate, add_noise, block_attention, discard, patch_from_cache, scale_attention, steer
-from patching.intervention import Intervention
-from patching.dla import dla
-from patching.dominance import dominance
-from patching.experts import ablate_experts
-from patching.fastv import fastv
-from patching.guidance import AdaptiveScale, guided_generate
-from patching.hallucination import hallucination
-from patching.knockout import default_edges, knockout, knockout_accuracy, styled_window, window_layers
-from patching.logit_lens import logit_lens
-from patching.metrics import AnswerLogProb, AnswerProb, LogitDiff, normalised, relative_change
-from patching.pathway import pathway
-from patching.results import Result
-from patching.sinks import find_sinks, sink_dimensions
-from patching.var import var
+from patching.methods.activation_patching import activation_patching
+from patching.methods.attribution import attribution_patching
+from patching.methods.causal_tracing import causal_tracing
+from patching.methods.discarding import discarding, physical_forward
+from patching.engine.hooks import ablate, add_noise, block_attention, discard, patch_from_cache, scale_attention, steer
+from patching.engine.intervention import Intervention
+from patching.methods.dla import dla
+from patching.methods.dominance import dominance
+from patching.methods.experts import ablate_experts
+from patching.methods.fastv import fastv
+from patching.methods.guidance import AdaptiveScale, guided_generate
+from patching.methods.hallucination import hallucination
+from patching.methods.knockout import default_edges, knockout, knockout_accuracy, styled_window, window_layers
+from patching.methods.logit_lens import logit_lens
+from patching.engine.metrics import AnswerLogProb, AnswerProb, LogitDiff, normalised, relative_change
+from patching.methods.pathway import pathway
+from patching.engine.results import Result
+from patching.methods.sinks import find_sinks, sink_dimensions
+from patching.methods.var import var
 
 __all__ = [
     "Intervention", "Result", "ablate", "activation_patching", "add_noise", "attribution_patching", "block_attention",

@@ -13,10 +13,10 @@ import torch
 
 import hooked_av
 from hooked_av import toy
-from patching.guidance import AdaptiveScale, guided_generate, hub_layers
-from patching.hooks import block_attention
-from patching.results import Result
-from patching.token_sets import TokenSet
+from patching.methods.guidance import AdaptiveScale, guided_generate, hub_layers
+from patching.engine.hooks import block_attention
+from patching.engine.results import Result
+from patching.engine.token_sets import TokenSet
 
 torch.set_num_threads(1)
 STEPS = 6

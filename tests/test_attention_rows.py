@@ -13,7 +13,7 @@ from test_salmonn_inputs import salmonn_tokenizer, write_mp4
 
 from hooked_av import HookedVideoSALMONN2
 from hooked_av.viz.attention_mass import group_attention_mass
-from patching.hooks import block_attention
+from patching.engine.hooks import block_attention
 
 torch.set_num_threads(1)
 TOL = 1e-6

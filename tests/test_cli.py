@@ -7,7 +7,7 @@ import torch
 from media_helpers import tiny_tokenizer, write_mp4
 from omni_helpers import tiny_hf_thinker
 
-from patching.cli import main
+from patching.apps.cli import main
 
 
 @pytest.fixture(scope="module")

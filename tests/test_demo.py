@@ -3,7 +3,7 @@ show the structure the toy was built with."""
 
 import pandas as pd
 
-from patching.cli import main
+from patching.apps.cli import main
 
 
 def test_demo_writes_a_report_whose_knockouts_show_the_audio_and_video_routes(tmp_path, capsys):

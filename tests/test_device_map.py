@@ -12,8 +12,8 @@ from omni_helpers import geometries, tiny_hf_thinker
 from test_patching_common import token_map
 
 from hooked_av import HookedQwen2_5Omni
-from patching.hooks import block_attention
-from patching.sweep import run_rows, samples
+from patching.engine.hooks import block_attention
+from patching.engine.sweep import run_rows, samples
 
 torch.set_num_threads(1)
 INPUTS, _ = geometries()["audio_and_video_blocks"]
@@ -154,8 +154,8 @@ def test_tied_embeddings_stay_on_one_device(tmp_path):
 def test_analyses_that_read_weights_work_on_an_offloaded_model(folder, whole, tmp_path):
     # the weight views, logit lens (map the flow's embedding projection) and DLA read weights without
     # calling their module: offloaded, those sat on the meta device (DLA crashed, the lens gave other numbers)
-    from patching.dla import dla
-    from patching.logit_lens import logit_lens
+    from patching.methods.dla import dla
+    from patching.methods.logit_lens import logit_lens
 
     placed = HookedQwen2_5Omni.from_pretrained(folder, device_map={"": "disk"}, offload_folder=tmp_path / "off")
     assert placed.embed.weight.device.type == "meta"

@@ -9,14 +9,14 @@ from test_patching_common import N_LAYERS
 from test_patching_experiments import setup  # noqa: F401  (the tiny model, two left-padded AV prompts, their top tokens)
 
 from hooked_av.inputs import Selection
-from patching.dla import dla
-from patching.fastv import fastv, pruned_forward
-from patching.hooks import block_attention, discard
-from patching.knockout import knockout, knockout_accuracy, styled_window
-from patching.logit_lens import logit_lens
-from patching.pathway import pathway
-from patching.sweep import forward_rows, samples
-from patching.var import var
+from patching.methods.dla import dla
+from patching.methods.fastv import fastv, pruned_forward
+from patching.engine.hooks import block_attention, discard
+from patching.methods.knockout import knockout, knockout_accuracy, styled_window
+from patching.methods.logit_lens import logit_lens
+from patching.methods.pathway import pathway
+from patching.engine.sweep import forward_rows, samples
+from patching.methods.var import var
 
 torch.set_num_threads(1)
 
@@ -159,7 +159,7 @@ def test_pathway_counts_and_blocks_as_map_the_flow_and_its_random_baseline_has_t
 
 
 def test_random_pairs_lie_in_the_causal_triangle_after_the_first_video_token(setup):
-    from patching.pathway import random_pairs
+    from patching.methods.pathway import random_pairs
 
     model, inputs, tm, _ = setup
     s = samples(model, inputs, tm)[0]
@@ -196,7 +196,7 @@ def test_fastv_keeps_the_anchors_tokens_and_equals_mask_based_dropping_from_laye
     for s in samples(model, inputs, tm):
         ref_keep, keep_by_layer_k = _anchor_fastv_keep(model, s, k, r)
         assert not torch.equal(ref_keep, keep_by_layer_k)  # planted: ranking at layer k instead of k-1 differs
-        from patching.fastv import fastv_keep
+        from patching.methods.fastv import fastv_keep
 
         with torch.no_grad():
             logits, keep = pruned_forward(model, s.embeds, s.position_ids, k,
@@ -360,7 +360,7 @@ def test_map_the_flow_logit_lens_projects_layer_inputs_with_the_input_embedding(
 def test_knockout_accuracy_counts_only_the_samples_that_have_the_edge():
     # a sample without an edge's groups has no row for it: it used to count in the denominator (an image-only
     # sample halved the accuracy of every audio edge)
-    from patching.results import Result
+    from patching.engine.results import Result
 
     rows = [dict(sample=0, edge="audio->last", layer=0, correct=True, correct_blocked=True),
             dict(sample=0, edge="question->last", layer=0, correct=True, correct_blocked=False),

@@ -16,7 +16,7 @@ import torch
 
 import hooked_av
 from hooked_av.toy import make_batch
-from patching.hooks import block_attention, discard, steer
+from patching.engine.hooks import block_attention, discard, steer
 
 torch.set_num_threads(1)
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4}

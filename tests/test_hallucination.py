@@ -12,8 +12,8 @@ import torch
 import hooked_av
 from hooked_av import toy
 from hooked_av.toy import vocab
-from patching.hallucination import ObjectMatcher, captions, chair, hallucination, hallucination_study, rates
-from patching.hooks import block_attention
+from patching.methods.hallucination import ObjectMatcher, captions, chair, hallucination, hallucination_study, rates
+from patching.engine.hooks import block_attention
 
 torch.set_num_threads(1)
 OBJECTS = vocab.COLOURS + vocab.INSTRUMENTS
@@ -54,7 +54,7 @@ def test_chair_rates_with_and_without_guidance_equal_a_naive_count(setup):
                         eos_token_id=eos)
     with torch.no_grad():
         plain = model.generate(**batch.inputs, max_new_tokens=STEPS)
-    from patching.guidance import guided_generate
+    from patching.methods.guidance import guided_generate
 
     guided = guided_generate(model, batch.inputs, no_audio, 1.0, STEPS)
     got = res.settings["rates"]
@@ -121,8 +121,8 @@ def test_the_loop_over_a_manifest_takes_labels_from_a_column(setup, tmp_path):
     res = hallucination_study(model, path, lambda m, inputs: (no_audio, 1.0), ObjectMatcher(OBJECTS),
                               max_new_tokens=STEPS)
     assert list(res.df.id) == [r["id"] for r in rows for _ in (0, 1)] and list(res.df["sample"]) == [0, 0, 1, 1, 2, 2]
-    from patching.study.manifest import read_manifest
-    from patching.study.templates import parse_template
+    from patching.datasets.manifest import read_manifest
+    from patching.datasets.templates import parse_template
 
     row = read_manifest(path).rows[1]
     one = hallucination(model, model.prepare(parse_template("default").prompt(row)), [["blue"]], no_audio, 1.0,

@@ -10,8 +10,8 @@ import pytest
 import torch
 from test_patching_common import av_inputs, tiny_pair, token_map
 
-from patching.hooks import block_attention
-from patching.sweep import run_rows, samples
+from patching.engine.hooks import block_attention
+from patching.engine.sweep import run_rows, samples
 
 torch.set_num_threads(1)
 TOL = 1e-5

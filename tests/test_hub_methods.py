@@ -14,8 +14,8 @@ import pytest
 import torch
 from test_patching_common import N_LAYERS, av_inputs, tiny_pair, token_map
 
-from patching import token_sets
-from patching.sinks import find_sinks
+from patching.engine import token_sets
+from patching.methods.sinks import find_sinks
 
 DIM, TAU = 7, 5.0  # tiny models: |h / rms(h)| <= sqrt(64) = 8, so the hub's 25 cannot be reached
 # planted sink layers per position (the prompt: template 0-1, question 2-4, video 6-21, audio 26-32, last 37)
@@ -64,7 +64,7 @@ def hub_reference(model, inputs, tm, hooks, k_divide=2):
         for l in range(N_LAYERS):
             attn = cache[f"blocks.{l}.attn.hook_pattern"][0]  # [H, Q, K]
             v_idx, a_idx = [i for i in video_idx if i > sink], [i for i in audio_idx if i > sink]
-            # float64 (the hub's float32 leaves ties to rounding, see patching.sinks._mean_attention_from)
+            # float64 (the hub's float32 leaves ties to rounding, see patching.methods.sinks._mean_attention_from)
             v = attn[:, v_idx, sink].double().mean() if v_idx else torch.tensor(0.0, dtype=torch.float64)
             a = attn[:, a_idx, sink].double().mean() if a_idx else torch.tensor(0.0, dtype=torch.float64)
             scores.append(((v - a) / (v + a + 1e-9)).item())
@@ -157,8 +157,8 @@ def test_hub_preset_of_causal_tracing_equals_the_hubs_loop(toy_model):
     each layer to the last (the hub's video-corrupted case restores the other modality's sinks; the
     definitions are the same for any set)."""
     from hooked_av import toy
-    from patching.causal_tracing import causal_tracing
-    from patching.corrupt import zero_modality
+    from patching.methods.causal_tracing import causal_tracing
+    from patching.engine.corrupt import zero_modality
 
     model = toy_model
     inputs = toy.make_batch(1, seed=3, tokenizer=model.tokenizer, kinds=("visual",)).inputs  # black frames flip it
@@ -202,7 +202,7 @@ def test_hub_preset_of_causal_tracing_equals_the_hubs_loop(toy_model):
 
 
 def test_answers_as_words_take_both_space_variants_of_the_first_sub_token(planted):
-    from patching.causal_tracing import candidates
+    from patching.methods.causal_tracing import candidates
 
     model = planted[0]
 
@@ -222,8 +222,8 @@ def test_answers_as_words_take_both_space_variants_of_the_first_sub_token(plante
 # ---- unimodal dominance ----------------------------------------------------------------------------------
 def test_dominance_labels_as_the_hub_selects_its_cases(toy_model):
     from hooked_av import toy
-    from patching.corrupt import zero_modality
-    from patching.dominance import dominance
+    from patching.engine.corrupt import zero_modality
+    from patching.methods.dominance import dominance
 
     model = toy_model
     batch = toy.make_batch(8, seed=0, tokenizer=model.tokenizer, kinds=("visual", "auditory"))

@@ -14,9 +14,9 @@ from test_layer_loop import setup as qwen3_setup  # noqa: F401  (fixture)
 from test_layer_loop import token_map as qwen3_token_map
 from test_patching_common import av_inputs, tiny_pair, token_map
 
-from patching.activation_patching import cache_sample, pair_samples, position_units
-from patching.hooks import ablate, add_noise, patch_from_cache, site_name
-from patching.sweep import run_rows, samples
+from patching.methods.activation_patching import cache_sample, pair_samples, position_units
+from patching.engine.hooks import ablate, add_noise, patch_from_cache, site_name
+from patching.engine.sweep import run_rows, samples
 
 torch.set_num_threads(1)
 TOL = 1e-5
@@ -143,8 +143,8 @@ def test_the_qwen3_recipe_keeps_its_injections(qwen3_setup):  # noqa: F811
 
 def test_a_full_hook_name_site_is_patched_once_at_its_own_layer(model):
     # layers= used to repeat the same patch of the hook under every layer label
-    from patching.activation_patching import activation_patching
-    from patching.metrics import AnswerProb
+    from patching.methods.activation_patching import activation_patching
+    from patching.engine.metrics import AnswerProb
 
     inputs = av_inputs()
     bad = {**inputs, "input_ids": inputs["input_ids"].clone()}

@@ -14,10 +14,10 @@ from test_patching_common import av_inputs, tiny_pair, token_map
 from test_salmonn_inputs import salmonn_tokenizer, write_mp4
 
 from hooked_av import HookedVideoSALMONN2
-from patching.hooks import ablate, block_attention, scale_attention, steer
-from patching.intervention import Intervention, Part
-from patching.knockout import default_edges, window_layers
-from patching.sweep import run_rows, samples
+from patching.engine.hooks import ablate, block_attention, scale_attention, steer
+from patching.engine.intervention import Intervention, Part
+from patching.methods.knockout import default_edges, window_layers
+from patching.engine.sweep import run_rows, samples
 
 torch.set_num_threads(1)
 TOL = 1e-5
@@ -81,7 +81,7 @@ def test_qwen3_recipe_with_injections(qwen3_setup):  # noqa: F811
 
 
 def test_an_edit_from_the_first_position_falls_back_to_whole_forwards():
-    # activation edits name their first position now (patching.hooks.run_from); one at position 0 of block 0
+    # activation edits name their first position now (patching.engine.hooks.run_from); one at position 0 of block 0
     # leaves no clean prefix or block to reuse, so the chunk runs whole
     _, model = tiny_pair()
     inputs = av_inputs(6)
@@ -196,8 +196,8 @@ def test_a_cell_that_edits_only_generated_queries_reads_the_clean_last_position(
 
 def test_multi_step_tracing_keeps_the_qwen3_injections(qwen3_setup):  # noqa: F811
     # causal tracing's steps > 1 probe ran the prompt without DeepStack's injections (0.83 logits off)
-    from patching.causal_tracing import _probe
-    from patching.intervention import Intervention
+    from patching.methods.causal_tracing import _probe
+    from patching.engine.intervention import Intervention
 
     model, kw, visual = qwen3_setup
     s = samples(model, kw, qwen3_token_map(kw["attention_mask"], visual))[0]

@@ -10,9 +10,9 @@ import torch
 from hooked_av.core.language_model import scatter_injections
 from hooked_av.core.masks import neg_inf
 from hooked_av.inputs.token_map import TokenMapBuilder
-from patching.discarding import physical_forward
-from patching.hooks import discard
-from patching.sweep import forward_rows, samples
+from patching.methods.discarding import physical_forward
+from patching.engine.hooks import discard
+from patching.engine.sweep import forward_rows, samples
 from test_recipe_qwen3_text import mm_positions, pair
 
 torch.set_num_threads(1)

@@ -53,7 +53,7 @@ def test_logits_at_reads_only_what_it_names(family):
 
 def test_position_arguments_that_would_be_misread_are_refused():
     # an int 0/1 mask was read as the indices 0 and 1, floats were truncated, 2-D ints flattened for every row
-    from patching.hooks import ablate
+    from patching.engine.hooks import ablate
 
     _, model, inputs = next(families())
     s = inputs["input_ids"].shape[1]

@@ -9,7 +9,7 @@ import torch
 from test_patching_common import CHAT, N_LAYERS, av_inputs, tiny_pair, token_map
 
 from hooked_av.core.masks import neg_inf
-from patching.hooks import ablate, block_attention, patch_from_cache
+from patching.engine.hooks import ablate, block_attention, patch_from_cache
 
 torch.set_num_threads(1)
 nnsight = pytest.importorskip("nnsight", reason="nnsight is an optional extra: pip install hooked-av[nnsight]")

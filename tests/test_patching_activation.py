@@ -5,9 +5,9 @@ import pytest
 import torch
 from test_patching_common import N_LAYERS, av_inputs, tiny_pair, token_map
 
-from patching.activation_patching import activation_patching
-from patching.attribution import attribution_patching
-from patching.metrics import LogitDiff
+from patching.methods.activation_patching import activation_patching
+from patching.methods.attribution import attribution_patching
+from patching.engine.metrics import LogitDiff
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ from omni_helpers import tiny_thinker_config
 
 from hooked_av import HookedQwen2_5Omni
 from hooked_av.families.qwen2_5_omni.processor import assemble_omni_parts
-from patching.causal_tracing import causal_tracing
-from patching.corrupt import zero_modality
+from patching.methods.causal_tracing import causal_tracing
+from patching.engine.corrupt import zero_modality
 
 
 @pytest.fixture(scope="module")

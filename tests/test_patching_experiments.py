@@ -7,14 +7,14 @@ import pytest
 import torch
 from test_patching_common import N_LAYERS, av_inputs, interleaved_inputs, tiny_pair, token_map
 
-from patching.causal_tracing import causal_tracing
-from patching.discarding import discarding, forward_flops, physical_forward
-from patching.hooks import block_attention, discard
-from patching.knockout import default_edges, knockout, window_layers
-from patching.logit_lens import logit_lens
-from patching.metrics import AnswerProb
-from patching.results import Result
-from patching.sweep import forward_rows, samples
+from patching.methods.causal_tracing import causal_tracing
+from patching.methods.discarding import discarding, forward_flops, physical_forward
+from patching.engine.hooks import block_attention, discard
+from patching.methods.knockout import default_edges, knockout, window_layers
+from patching.methods.logit_lens import logit_lens
+from patching.engine.metrics import AnswerProb
+from patching.engine.results import Result
+from patching.engine.sweep import forward_rows, samples
 
 
 @pytest.fixture(scope="module")

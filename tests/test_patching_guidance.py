@@ -5,8 +5,8 @@ import torch
 
 import hooked_av
 from hooked_av import toy
-from patching.guidance import guided_generate, guided_logits
-from patching.hooks import block_attention
+from patching.methods.guidance import guided_generate, guided_logits
+from patching.engine.hooks import block_attention
 
 
 def test_guided_logits_interpolate_log_probabilities():
@@ -42,7 +42,7 @@ def test_guided_generation_keeps_deepstack_injections():
     from qwen3_omni_helpers import model_inputs, tiny_hf
 
     from hooked_av import HookedQwen3Omni
-    from patching.intervention import Intervention
+    from patching.engine.intervention import Intervention
 
     torch.set_num_threads(1)
     model = HookedQwen3Omni.from_hf(tiny_hf())

@@ -7,7 +7,7 @@ import torch
 from test_patching_common import N_LAYERS, av_inputs, tiny_pair, token_map
 
 from hooked_av.core.masks import neg_inf
-from patching.hooks import ablate, add_noise, block_attention, discard, patch_from_cache, scale_attention, steer
+from patching.engine.hooks import ablate, add_noise, block_attention, discard, patch_from_cache, scale_attention, steer
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,10 @@ from test_salmonn_inputs import salmonn_tokenizer, write_mp4
 
 from hooked_av import HookedVideoSALMONN2
 from hooked_av.core.masks import neg_inf
-from patching.discarding import physical_forward
-from patching.hooks import discard
-from patching.knockout import knockout, window_layers
-from patching.sweep import samples
+from patching.methods.discarding import physical_forward
+from patching.engine.hooks import discard
+from patching.methods.knockout import knockout, window_layers
+from patching.engine.sweep import samples
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from omni_helpers import IM_END, IM_START, USER, geometries, tiny_hf_thinker
 
 from hooked_av import HookedQwen2_5Omni
 from hooked_av.inputs.chat import ChatTokens
-from patching.sinks import find_sinks, sink_dimensions
+from patching.methods.sinks import find_sinks, sink_dimensions
 
 CHAT = ChatTokens(IM_START, IM_END, None, {"user": (USER,)})
 DIM = 7

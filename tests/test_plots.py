@@ -1,4 +1,4 @@
-"""Result.plot says what the data say (patching/plots.py): the dimension of interest keeps its own series
+"""Result.plot says what the data say (patching/figures/plots.py): the dimension of interest keeps its own series
 or panel, the spread over samples and their count are shown, layer ticks are integers, signed heatmaps
 are centred on 0, positions carry the TokenMap's labels, the statistic is named. Structure, not pixels,
 on small hand-made frames whose right figure is known."""
@@ -16,8 +16,8 @@ from matplotlib.collections import PolyCollection  # noqa: E402
 from hooked_av.inputs import TokenMap  # noqa: E402
 from hooked_av.inputs.token_map import GROUPS  # noqa: E402
 from hooked_av.viz import plot_attention_mass  # noqa: E402
-from patching.plots import position_labels, wilson  # noqa: E402
-from patching.results import Result  # noqa: E402
+from patching.figures.plots import position_labels, wilson  # noqa: E402
+from patching.engine.results import Result  # noqa: E402
 
 LAYERS = range(4)
 

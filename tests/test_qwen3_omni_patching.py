@@ -12,8 +12,8 @@ from qwen3_omni_helpers import model_inputs, tiny_hf
 
 from hooked_av import HookedQwen3Omni
 from hooked_av.core.masks import neg_inf
-from patching.experts import ablate_experts
-from patching.hooks import block_attention, discard
+from patching.methods.experts import ablate_experts
+from patching.engine.hooks import block_attention, discard
 
 torch.set_num_threads(1)
 TOL = 1e-5
@@ -73,7 +73,7 @@ def test_knockout_equals_hf_with_a_hand_built_4d_mask(pair, batch_inputs):
 
 
 def test_knockout_sweep_runs_with_probabilities_and_changes(pair, batch_inputs):
-    from patching.knockout import knockout
+    from patching.methods.knockout import knockout
 
     _, ours = pair
     with torch.no_grad():
@@ -88,8 +88,8 @@ def test_knockout_sweep_runs_with_probabilities_and_changes(pair, batch_inputs):
 
 # ---- discarding: physical removal = the mask that hides the same tokens -----------------------------------
 def test_physical_discarding_equals_mask_discarding_with_injections_carried(pair, batch_inputs):
-    from patching.discarding import physical_forward
-    from patching.sweep import samples
+    from patching.methods.discarding import physical_forward
+    from patching.engine.sweep import samples
 
     _, ours = pair
     for sample in samples(ours, batch_inputs):
@@ -107,12 +107,12 @@ def test_physical_discarding_equals_mask_discarding_with_injections_carried(pair
 
 # ---- activation patching, causal tracing, logit lens, sinks ----------------------------------------------
 def test_clean_into_clean_patching_leaves_the_metric_unchanged(pair, batch_inputs):
-    from patching.activation_patching import activation_patching
+    from patching.methods.activation_patching import activation_patching
 
     _, ours = pair
     with torch.no_grad():
         answers = ours(**batch_inputs)[:, -1].argmax(-1)
-    from patching.metrics import LogitDiff
+    from patching.engine.metrics import LogitDiff
 
     metric = LogitDiff(answers.tolist(), ((answers + 1) % ours.cfg.d_vocab).tolist())
     res = activation_patching(ours, batch_inputs, batch_inputs, metric, sites=("resid_pre", "mlp_out"),
@@ -123,9 +123,9 @@ def test_clean_into_clean_patching_leaves_the_metric_unchanged(pair, batch_input
 
 
 def test_causal_tracing_logit_lens_and_sinks_run_with_consistent_numbers(pair, batch_inputs):
-    from patching.causal_tracing import causal_tracing
-    from patching.logit_lens import logit_lens
-    from patching.sinks import find_sinks
+    from patching.methods.causal_tracing import causal_tracing
+    from patching.methods.logit_lens import logit_lens
+    from patching.methods.sinks import find_sinks
 
     _, ours = pair
     inputs, _ = model_inputs("video")
@@ -243,7 +243,7 @@ def test_routing_counts_equal_a_naive_loop_over_cached_choices(pair, batch_input
 
 def test_fastv_runs_on_visual_inputs_with_deepstack_injections(pair):
     # DeepStack lists injections for its own layers only; FastV's layer loop indexed them per block (IndexError)
-    from patching.fastv import fastv
+    from patching.methods.fastv import fastv
 
     _, model = pair
     inputs, _ = model_inputs("video")

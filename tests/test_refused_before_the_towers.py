@@ -8,10 +8,10 @@ import pytest
 import torch
 from test_patching_common import av_inputs, interleaved_inputs, tiny_pair, token_map
 
-from patching.activation_patching import activation_patching
-from patching.causal_tracing import causal_tracing
-from patching.knockout import knockout
-from patching.metrics import AnswerProb
+from patching.methods.activation_patching import activation_patching
+from patching.methods.causal_tracing import causal_tracing
+from patching.methods.knockout import knockout
+from patching.engine.metrics import AnswerProb
 
 torch.set_num_threads(1)
 
@@ -57,8 +57,8 @@ def test_refused_before_anything_runs(setup, case):
 
 
 def test_a_sweep_refuses_edits_built_on_another_prompts_map_before_its_clean_forward(setup):
-    from patching.hooks import block_attention, discard, steer
-    from patching.sweep import run_rows, samples
+    from patching.engine.hooks import block_attention, discard, steer
+    from patching.engine.sweep import run_rows, samples
 
     model, inputs, tm, other, other_tm = setup
     s = samples(model, inputs, tm)[0]

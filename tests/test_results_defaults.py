@@ -4,7 +4,7 @@ is summarised without by=/value= (a kind without defaults would group by a 'laye
 import pandas as pd
 import pytest
 
-from patching.results import Result
+from patching.engine.results import Result
 
 FRAMES = {
     "pathway": (dict(run=["kept", "kept", "random"], correct=[True, False, False]), {"kept": 0.5, "random": 0.0}),

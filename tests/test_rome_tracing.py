@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hooked_av import toy
-from patching.causal_tracing import causal_tracing, heatmap
+from patching.methods.causal_tracing import causal_tracing, heatmap
 
 N_NOISE, SEED = 2, 0
 TOKENS = "each:question|last"  # ROME's token_range, kept short: every position of the heatmap costs a sweep

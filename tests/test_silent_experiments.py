@@ -10,19 +10,19 @@ import pytest
 import torch
 from test_patching_common import N_LAYERS, av_inputs, tiny_pair, token_map
 
-from patching.attribution import attribution_patching
-from patching.causal_tracing import causal_tracing
-from patching.discarding import discarding
-from patching.guidance import guided_generate, guided_logits
-from patching.hooks import ablate, add_noise, patch_from_cache, scale_attention, steer
-from patching.intervention import Intervention
-from patching.knockout import knockout, window_layers
-from patching.metrics import AnswerProb, LogitDiff
-from patching.results import Result
-from patching.sinks import find_sinks, sink_dimensions
-from patching.sweep import rows_per_forward
+from patching.methods.attribution import attribution_patching
+from patching.methods.causal_tracing import causal_tracing
+from patching.methods.discarding import discarding
+from patching.methods.guidance import guided_generate, guided_logits
+from patching.engine.hooks import ablate, add_noise, patch_from_cache, scale_attention, steer
+from patching.engine.intervention import Intervention
+from patching.methods.knockout import knockout, window_layers
+from patching.engine.metrics import AnswerProb, LogitDiff
+from patching.engine.results import Result
+from patching.methods.sinks import find_sinks, sink_dimensions
+from patching.engine.sweep import rows_per_forward
 
-discarding_module = importlib.import_module("patching.discarding")  # `patching.discarding` is also the function
+discarding_module = importlib.import_module("patching.methods.discarding")  # `patching.methods.discarding` is also the function
 
 
 @pytest.fixture(scope="module")
@@ -281,7 +281,7 @@ def test_guidance_refuses_a_callable_scale_that_returns_nan(setup):
     (dict(metric=AnswerProb([1, 2, 3])), "3 answer token ids for 1 sample"),
 ])
 def test_activation_patching_refuses_lists_that_patch_nothing_before_any_forward(no_forward, kwargs, message):
-    from patching.activation_patching import activation_patching
+    from patching.methods.activation_patching import activation_patching
 
     model, one, tm, _ = no_forward
     with pytest.raises(ValueError, match=message):
@@ -294,7 +294,7 @@ def test_activation_patching_refuses_lists_that_patch_nothing_before_any_forward
     (dict(groups=[]), "groups is empty"),
 ])
 def test_logit_lens_refuses_answers_and_groups_that_do_not_fit_before_any_forward(no_forward, kwargs, message):
-    from patching.logit_lens import logit_lens
+    from patching.methods.logit_lens import logit_lens
 
     model, one, tm, _ = no_forward
     with pytest.raises(ValueError, match=message):

@@ -14,8 +14,8 @@ import salmonn_helpers as H
 from hooked_av import HookedQwen2_5Omni, HookedVideoSALMONN2
 from hooked_av.core.base import HookShapeError
 from hooked_av.core.masks import neg_inf
-from patching.activation_patching import activation_patching
-from patching.logit_lens import logit_lens
+from patching.methods.activation_patching import activation_patching
+from patching.methods.logit_lens import logit_lens
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from hooked_av import HookedQwen2_5Omni, HookedVideoSALMONN2, toy
 from hooked_av.inputs.prompt import Item, Prompt
 from hooked_av.toy.clips import SAMPLE_RATE, bank_from_media, render_clips
-from patching.cli import main
+from patching.apps.cli import main
 
 INPUTS, _ = geometries()["audio_and_video_blocks"]
 
@@ -293,12 +293,12 @@ def test_flow_checks_media_before_loading_the_model(tmp_path, capsys):
 
 
 def test_a_bug_inside_flow_keeps_its_traceback(monkeypatch):
-    import patching.flow
+    import patching.apps.flow
 
     def broken(*a, **k):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(patching.flow, "run_flow", broken)
+    monkeypatch.setattr(patching.apps.flow, "run_flow", broken)
     with pytest.raises(RuntimeError, match="a bug"):
         main(["flow", "--model", "toy", "--question", "q", "--answer", "a"])
 

@@ -112,7 +112,7 @@ def test_media_constants_come_from_the_family_processor_and_drive_zero_modality(
     from transformers import Qwen2VLImageProcessor
 
     from hooked_av.families.qwen2_5_omni.processor import assemble_omni_parts
-    from patching.corrupt import zero_modality
+    from patching.engine.corrupt import zero_modality
 
     whisper_silence = (math.log10(1e-10) + 4) / 4  # log10 of the clamp floor, then Whisper's (x + 4) / 4
     stock = Qwen2VLImageProcessor()

@@ -7,8 +7,8 @@ import pytest
 import torch
 from media_helpers import write_mp4, write_wav
 
-from patching.study.manifest import ManifestError, read_manifest
-from patching.study.templates import MC_INSTRUCTION, parse_template
+from patching.datasets.manifest import ManifestError, read_manifest
+from patching.datasets.templates import MC_INSTRUCTION, parse_template
 
 torch.set_num_threads(1)
 
@@ -60,7 +60,7 @@ def test_every_problem_is_listed_at_once_with_row_id_and_column(media):
 
 
 def test_a_shared_clip_is_opened_once_and_paths_are_relative_to_the_manifest(media, monkeypatch):
-    import patching.study.manifest as m
+    import patching.datasets.manifest as m
 
     opened = []
     real = m._media_problem

@@ -10,9 +10,9 @@ import torch
 
 from hooked_av import toy
 from hooked_av.toy.dataset import write_toy_dataset
-from patching.study.manifest import read_manifest
-from patching.study.runner import TIMING_COLUMNS, run_study
-from patching.study.templates import parse_template
+from patching.datasets.manifest import read_manifest
+from patching.apps.study.runner import TIMING_COLUMNS, run_study
+from patching.datasets.templates import parse_template
 
 torch.set_num_threads(1)
 N = 2
@@ -69,9 +69,9 @@ def same(study, exp, prepared, call, extra=None):
 
 
 def test_knockout_with_a_window_style_and_heads(model, study, prepared):
-    from patching.knockout import knockout, knockout_accuracy
-    from patching.results import Result
-    from patching.study.stats import Study
+    from patching.methods.knockout import knockout, knockout_accuracy
+    from patching.engine.results import Result
+    from patching.apps.study.stats import Study
 
     opts = OPTIONS["knockout"]
     got = same(study, "knockout", prepared, lambda x, a: knockout(model, x, [a], progress=False, **opts).df)
@@ -85,9 +85,9 @@ def test_knockout_with_a_window_style_and_heads(model, study, prepared):
 
 
 def test_pathway_fastv_and_dla(model, study, prepared):
-    from patching.dla import dla
-    from patching.fastv import fastv
-    from patching.pathway import pathway
+    from patching.methods.dla import dla
+    from patching.methods.fastv import fastv
+    from patching.methods.pathway import pathway
 
     got = same(study, "pathway", prepared, lambda x, a: pathway(model, x, [a], **OPTIONS["pathway"]).df)
     assert set(got.run) == {"pathway", "random"}
@@ -97,7 +97,7 @@ def test_pathway_fastv_and_dla(model, study, prepared):
 
 
 def test_both_logit_lenses(model, study, prepared):
-    from patching.logit_lens import logit_lens
+    from patching.methods.logit_lens import logit_lens
 
     got = same(study, "logit_lens", prepared,
                lambda x, a: pd.concat([logit_lens(model, x, [a], lens=k).df.assign(lens=k) for k in ("standard", "map_the_flow")],
@@ -106,8 +106,8 @@ def test_both_logit_lenses(model, study, prepared):
 
 
 def test_sinks_and_dominance(model, study, prepared):
-    from patching.dominance import dominance
-    from patching.sinks import find_sinks
+    from patching.methods.dominance import dominance
+    from patching.methods.sinks import find_sinks
 
     got = same(study, "sinks", prepared, lambda x, a: find_sinks(model, x, **SINKS).df)
     assert len(got) > 0
@@ -116,10 +116,10 @@ def test_sinks_and_dominance(model, study, prepared):
 
 
 def test_causal_tracing_hub_preset_with_the_hub_token_sets(model, study, prepared):
-    from patching.causal_tracing import causal_tracing
-    from patching.dominance import dominance
-    from patching.sinks import find_sinks
-    from patching.token_sets import hub_sets
+    from patching.methods.causal_tracing import causal_tracing
+    from patching.methods.dominance import dominance
+    from patching.methods.sinks import find_sinks
+    from patching.engine.token_sets import hub_sets
 
     opts = {k: v for k, v in OPTIONS["causal_tracing"].items() if k not in ("sinks", "tokens", "corrupt")}
 
@@ -135,8 +135,8 @@ def test_causal_tracing_hub_preset_with_the_hub_token_sets(model, study, prepare
 
 
 def test_causal_tracing_rome_preset_and_the_cli_options(model, data, tmp_path, prepared):
-    from patching.causal_tracing import causal_tracing
-    from patching.cli import main
+    from patching.methods.causal_tracing import causal_tracing
+    from patching.apps.cli import main
 
     opts = {"preset": "rome", "restore": ["resid_post"], "tokens": "each:question", "n_noise": 2, "centres": [1]}
     opts_file = tmp_path / "options.json"
@@ -153,9 +153,9 @@ def test_causal_tracing_rome_preset_and_the_cli_options(model, data, tmp_path, p
 
 
 def test_var_as_accuracy_under_the_intervention(model, study, prepared):
-    from patching.metrics import AnswerProb
-    from patching.sinks import find_sinks
-    from patching.var import var
+    from patching.engine.metrics import AnswerProb
+    from patching.methods.sinks import find_sinks
+    from patching.methods.var import var
 
     got = pd.read_parquet(study / "var.parquet")
     for row, x, a in prepared:
@@ -178,7 +178,7 @@ def test_var_as_accuracy_under_the_intervention(model, study, prepared):
 
 def test_unknown_or_missing_options_are_refused_before_a_model_loads(data, tmp_path, monkeypatch, capsys):
     import hooked_av
-    from patching.cli import main
+    from patching.apps.cli import main
 
     monkeypatch.setattr(hooked_av, "load", lambda *a, **k: pytest.fail("a model was loaded"))
     cases = [
@@ -202,7 +202,7 @@ def test_unknown_or_missing_options_are_refused_before_a_model_loads(data, tmp_p
 
 
 def test_the_report_draws_every_method_and_says_what_each_table_holds(study):
-    from patching.study.report import write_report
+    from patching.apps.study.report import write_report
 
     html = write_report(study).read_text()
     pngs = sorted(p.name for p in (study / "figures").glob("*.png"))

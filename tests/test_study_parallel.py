@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 from hooked_av import toy
 from hooked_av.toy.dataset import write_toy_dataset
-from patching.study.runner import TIMING_COLUMNS, run_study
+from patching.apps.study.runner import TIMING_COLUMNS, run_study
 
 torch.set_num_threads(1)
 EXPERIMENTS = ["knockout"]

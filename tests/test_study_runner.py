@@ -8,9 +8,9 @@ import torch
 
 from hooked_av import toy
 from hooked_av.toy.dataset import write_toy_dataset
-from patching.study import runner
-from patching.study.manifest import ManifestError, read_manifest
-from patching.study.runner import TIMING_COLUMNS, run_study
+from patching.apps.study import runner
+from patching.datasets.manifest import ManifestError, read_manifest
+from patching.apps.study.runner import TIMING_COLUMNS, run_study
 
 torch.set_num_threads(1)
 EXPERIMENTS = ["knockout", "discarding"]
@@ -116,7 +116,7 @@ def test_toy_accuracy_from_files_is_at_least_095_per_kind(model, tmp_path):
 
 
 def test_the_cli_writes_toy_data_runs_a_study_and_reports_a_bad_manifest_in_one_line(tmp_path, capsys):
-    from patching.cli import main
+    from patching.apps.cli import main
 
     assert main(["toy-data", str(tmp_path / "d"), "--n", "3", "--seed", "4"]) == 0
     manifest = tmp_path / "d" / "manifest.jsonl"
@@ -133,9 +133,9 @@ def test_the_cli_writes_toy_data_runs_a_study_and_reports_a_bad_manifest_in_one_
 
 
 def test_study_rows_equal_the_library_called_on_the_prepared_sample(model, data, tmp_path):
-    from patching.discarding import discarding
-    from patching.knockout import knockout
-    from patching.study.templates import parse_template
+    from patching.methods.discarding import discarding
+    from patching.methods.knockout import knockout
+    from patching.datasets.templates import parse_template
 
     out = run_study(model, data, EXPERIMENTS, tmp_path, window=9, limit=1, options=OPTIONS, progress=False)
     row = read_manifest(data).rows[0]

@@ -7,8 +7,8 @@ import torch
 from media_helpers import tiny_tokenizer
 
 from hooked_av import toy
-from patching.study.manifest import Row
-from patching.study.scoring import Scorer, _norm
+from patching.datasets.manifest import Row
+from patching.datasets.scoring import Scorer, _norm
 
 torch.set_num_threads(1)
 

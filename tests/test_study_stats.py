@@ -8,10 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from patching.study.manifest import Row
-from patching.study.runner import write_part
-from patching.stats import bootstrap_ci
-from patching.study.stats import Study
+from patching.datasets.manifest import Row
+from patching.apps.study.runner import write_part
+from patching.engine.stats import bootstrap_ci
+from patching.apps.study.stats import Study
 
 
 def _study(tmp_path):
@@ -65,7 +65,7 @@ def test_bootstrap_edges():
 
 
 def test_figures_and_report_from_a_study_folder(tmp_path):
-    from patching.study.report import write_report
+    from patching.apps.study.report import write_report
 
     out, _ = _study(tmp_path)
     path = write_report(out)
@@ -80,7 +80,7 @@ def test_figures_and_report_from_a_study_folder(tmp_path):
 
 
 def test_the_knockout_figure_draws_the_summary_means_bands_and_every_sample(tmp_path):
-    from patching.study.figures import knockout_figure
+    from patching.apps.study.figures import knockout_figure
 
     out, _ = _study(tmp_path)
     fig = knockout_figure(out)

@@ -39,7 +39,7 @@ from hooked_av.inputs.token_map import (
     MEDIA, TokenMap, TokenMapBuilder, check_text_parts, clip_numbers, media_runs, with_text_parts,
 )
 from hooked_av.interop.nnsight import require_nnsight
-from patching.intervention import Intervention
+from patching.engine.intervention import Intervention
 
 ATTENTION = ("eager", "sdpa")
 # execution order of the sites inside one decoder layer; the trace requests them in this order
@@ -114,7 +114,7 @@ class NNsightHF:
     """A stock HF causal (multimodal) LM wrapped in nnsight, run with our hook names.
 
     `cfg` has `n_layers`, `n_heads`, `d_model`, `d_vocab` of the text decoder, so `Intervention.check`
-    and `patching.checks` work on it as on our models."""
+    and `patching.engine.checks` work on it as on our models."""
 
     def __init__(self, hf_model):
         nnsight = require_nnsight()

@@ -1,0 +1,128 @@
+"""Metrics on last-position logits, and the normalisations the experiments report.
+
+A metric is called as `metric(logits, samples)`: `logits` `[rows, vocab]` (the final prompt position),
+`samples` `[rows]` (or one int) the sample index of each row (a sweep repeats one sample over many rows);
+it returns `[rows]` floats. Answers are token ids, one for every sample (or one for all). Without
+`samples`, row i is sample i when there are as many rows as answers; any other shape must say which
+sample each row is (scoring every row against the first answer was a silent wrong result).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from patching.engine import checks
+
+
+def _ids(tokens) -> Tensor:
+    t = torch.as_tensor(tokens).flatten()
+    if t.numel() == 0:
+        raise ValueError("a metric needs at least one answer token id")
+    if t.is_floating_point() or t.is_complex():  # a cast would truncate 2.5 to token 2
+        raise ValueError(f"answer token ids must be integers, got {t.tolist()}")
+    return t.long()
+
+
+class Metric:
+    name = "metric"
+
+    def __call__(self, logits: Tensor, samples: Tensor | Sequence[int] | int | None = None) -> Tensor:
+        raise NotImplementedError
+
+    @staticmethod
+    def _pick(ids: Tensor, samples, rows: int, device) -> Tensor:
+        if samples is None:
+            if len(ids) == 1:
+                return ids.to(device).expand(rows)
+            if len(ids) != rows:
+                raise ValueError(
+                    f"the metric holds {len(ids)} answers but the logits have {rows} rows; pass samples= (the sample "
+                    "index of each row, or one int for every row)"
+                )
+            return ids.to(device)
+        s = torch.as_tensor(samples, dtype=torch.long, device=device).flatten()
+        s = s.expand(rows) if s.numel() == 1 else s
+        if len(ids) == 1:
+            return ids.to(device).expand(rows)
+        if int(s.max()) >= len(ids):
+            raise IndexError(f"sample {int(s.max())} has no answer: the metric holds {len(ids)} answers")
+        return ids.to(device)[s]
+
+    def check(self, model, n_samples: int) -> "Metric":
+        """Raise, before any forward, unless every id list holds one id per sample (or one for all)
+        and every id is in the model's vocabulary."""
+        for field, ids in self._id_lists().items():
+            what = f"{field.removesuffix('_ids')} token"  # "answer token", "correct token", "wrong token"
+            if len(ids) not in (1, n_samples):
+                raise ValueError(f"{len(ids)} {what} ids for {n_samples} sample{'s' * (n_samples != 1)}: "
+                                 "pass one id per sample (or one for all)")
+            checks.token_ids(model, ids.tolist(), f"{what} id(s)")
+        return self
+
+    def _id_lists(self) -> dict[str, Tensor]:
+        return {k: v for k, v in vars(self).items() if isinstance(v, Tensor)}
+
+    def settings(self) -> dict:
+        return {"metric": self.name, **{k: v.tolist() if isinstance(v, Tensor) else v for k, v in vars(self).items()}}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v}' for k, v in self.settings().items() if k != 'metric')})"
+
+
+class AnswerProb(Metric):
+    """Softmax probability of the answer token (e.g. the first token of the correct answer)."""
+
+    name = "prob"
+
+    def __init__(self, answer):
+        self.answer = _ids(answer)
+
+    def __call__(self, logits, samples=None):
+        a = self._pick(self.answer, samples, logits.shape[0], logits.device)
+        return logits.float().softmax(-1).gather(-1, a[:, None])[:, 0]
+
+    def correct(self, logits, samples=None) -> Tensor:
+        """bool `[rows]`: the answer token is the argmax."""
+        return logits.argmax(-1) == self._pick(self.answer, samples, logits.shape[0], logits.device)
+
+
+class AnswerLogProb(AnswerProb):
+    name = "logprob"
+
+    def __call__(self, logits, samples=None):
+        a = self._pick(self.answer, samples, logits.shape[0], logits.device)
+        return logits.float().log_softmax(-1).gather(-1, a[:, None])[:, 0]
+
+
+class LogitDiff(Metric):
+    """`logit[correct] - logit[wrong]` (the clean answer against the corrupted one)."""
+
+    name = "logit_diff"
+
+    def __init__(self, correct, wrong):
+        self.correct_ids, self.wrong_ids = _ids(correct), _ids(wrong)
+
+    def __call__(self, logits, samples=None):
+        n, d = logits.shape[0], logits.device
+        c, w = self._pick(self.correct_ids, samples, n, d), self._pick(self.wrong_ids, samples, n, d)
+        lf = logits.float()
+        return lf.gather(-1, c[:, None])[:, 0] - lf.gather(-1, w[:, None])[:, 0]
+
+
+def normalised(patched: Tensor, clean, corrupt, eps: float = 1e-12) -> Tensor:
+    """`(m_patched - m_corrupt) / (m_clean - m_corrupt)`: 0 = as corrupted, 1 = as clean. Raises when
+    clean and corrupted give the same metric (the corruption did nothing to normalise against)."""
+    clean, corrupt = torch.as_tensor(clean, dtype=torch.float), torch.as_tensor(corrupt, dtype=torch.float)
+    gap = clean - corrupt
+    if bool((gap.abs() < eps).any()):
+        raise ValueError(f"clean and corrupted metrics are equal ({float(clean.flatten()[0]):.6g}); the corruption does not change the metric, so nothing can be normalised")
+    return (patched.float() - corrupt) / gap
+
+
+def relative_change(new: Tensor, orig) -> Tensor:
+    """`(new - orig) / orig * 100`, percent."""
+    orig = torch.as_tensor(orig, dtype=torch.float)
+    return (new.float() - orig) / orig * 100

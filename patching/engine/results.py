@@ -1,0 +1,102 @@
+"""`Result`: what an experiment returns. Data first (`.df`, a tidy DataFrame), pictures second
+(`.plot()`), settings (interventions, metric, window, ...) saved beside the data (`.save(path)`)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+
+@dataclass
+class Result:
+    """`kind` names the experiment (and the plot); `settings` is JSON-able."""
+
+    kind: str
+    df: pd.DataFrame
+    settings: dict = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return f"Result({self.kind}, {len(self.df)} rows, columns {list(self.df.columns)})"
+
+    # ---- summaries --------------------------------------------------------------------------
+    def rows(self, correct_only: bool | None = None) -> pd.DataFrame:
+        """The frame, restricted to the correctly answered samples when `correct_only` (default: for
+        knockout and causal tracing, the papers' convention; discarding keeps every sample, its
+        `correct` is the accuracy). With `correct_only` and no correct sample it raises rather than
+        return the wrong answers: pass `correct_only=False` to ask for those."""
+        if correct_only is None:
+            correct_only = self.kind in CORRECT_ONLY
+        df = self.df
+        if not correct_only:
+            return df
+        if "correct" not in df.columns:
+            raise ValueError(f"correct_only=True but this {self.kind} frame has no 'correct' column; pass correct_only=False")
+        if not bool(df["correct"].any()):
+            raise ValueError(
+                f"no sample is answered correctly in this {self.kind} result, so a mean over correct samples "
+                "is undefined; check the answers, or pass correct_only=False to average every sample"
+            )
+        return df[df["correct"]]
+
+    def mean(self, by: list[str] | None = None, value: str | None = None, correct_only: bool | None = None) -> pd.DataFrame:
+        """Mean of `value` grouped by `by` (defaults per kind) over `rows(correct_only)`."""
+        by = by or DEFAULT_BY.get(self.kind, ["layer"])
+        value = value or DEFAULT_VALUE.get(self.kind, "value")
+        return self.rows(correct_only).groupby(by, sort=False)[value].mean().reset_index()
+
+    # ---- pictures ---------------------------------------------------------------------------
+    def plot(self, ax=None, correct_only: bool | None = None, **kwargs):
+        """The experiment's figure (`patching.figures.plots.plot`): every dimension of interest (edge, token
+        set, group, site, item, method, head) its own series or panel, the spread over samples and
+        their count shown, the statistic named in the title. Returns the Axes, or an array of Axes
+        when the figure has several panels."""
+        from patching.figures.plots import plot
+
+        return plot(self, ax=ax, correct_only=correct_only, **kwargs)
+
+    # ---- files ------------------------------------------------------------------------------
+    def save(self, path) -> Path:
+        """`.parquet` or `.csv` for the frame (by suffix; parquet by default) and `<stem>.json` for
+        kind + settings. Returns the data path."""
+        path = Path(path)
+        if path.suffix not in (".parquet", ".csv"):
+            path = path.with_suffix(".parquet")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".csv":
+            self.df.to_csv(path, index=False)
+        else:
+            self.df.to_parquet(path, index=False)
+        path.with_suffix(".json").write_text(json.dumps({"kind": self.kind, "settings": self.settings}, indent=2, default=str))
+        return path
+
+    @classmethod
+    def load(cls, path) -> "Result":
+        path = Path(path)
+        df = pd.read_csv(path) if path.suffix == ".csv" else pd.read_parquet(path)
+        meta = json.loads(path.with_suffix(".json").read_text())
+        return cls(meta["kind"], df, meta["settings"])
+
+
+DEFAULT_BY = {
+    "knockout": ["edge", "layer"], "causal_tracing": ["site", "tokens", "layer"],
+    "logit_lens": ["group", "layer"], "discarding": ["from_layer"],
+    "activation_patching": ["site", "layer", "pos"], "attribution": ["site", "layer", "pos"],
+    "sinks": ["modality", "cross_modal"], "pathway": ["run"], "fastv": ["method"], "dla": ["layer", "head", "group"],
+    "knockout_accuracy": ["edge", "layer"], "hallucination": ["condition"],
+}
+DEFAULT_VALUE = {
+    "knockout": "rel_change", "causal_tracing": "indirect_effect", "logit_lens": "prob", "discarding": "metric",
+    "activation_patching": "normalised", "attribution": "attribution", "sinks": "mds",
+    "pathway": "correct", "fastv": "correct", "dla": "dla", "knockout_accuracy": "accuracy",
+    "hallucination": "hallucinated_caption",
+}
+CORRECT_ONLY = ("knockout", "causal_tracing")  # kinds averaged over correctly answered samples by default
+YLABEL = {
+    "knockout": "relative change of p(answer) (%)", "causal_tracing": "indirect effect",
+    "logit_lens": "p(answer)", "discarding": "p(answer)", "activation_patching": "normalised metric",
+    "attribution": "attribution", "dla": "direct logit attribution (logit)", "knockout_accuracy": "accuracy (%)",
+    "pathway": "accuracy", "fastv": "accuracy", "sinks": "MDS (video - audio) / (video + audio)",
+}

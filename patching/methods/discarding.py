@@ -1,0 +1,123 @@
+"""Token discarding from layer L on, done physically: blocks 0..L-1 run on the full sequence, then the
+group's positions are cut out of the hidden states and blocks L.. run on the shorter sequence with the
+remaining tokens' own position ids (so their rotary angles are unchanged). Equivalent, for the kept
+tokens, to mask-based discarding (`hooks.discard`); unlike it, it saves compute, which this module
+counts (FLOPs, analytic) and measures (wall time).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import pandas as pd
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from patching.engine import checks
+from patching.engine.metrics import AnswerProb
+from patching.engine.results import Result
+from patching.engine.sweep import Sample, samples
+
+
+def _dropped(tm, group) -> Tensor:
+    """bool `[batch, pos]`: the group's positions in every row (never the last position)."""
+    drop = tm.mask(group, nonempty=True)
+    if bool(drop[:, -1].any()):
+        raise ValueError(f"{group!r} includes the last position, whose logits are the answer; discard something else")
+    return drop
+
+
+def physical_forward(model, sample: Sample, group, from_layer: int) -> Tensor:
+    """Last-position logits `[1, vocab]` with `group` (TokenMap spec) removed from layer `from_layer`
+    on, through the model's own layer loop (`run_language_model(discard=...)`, injections included).
+    The last position may not be in the group."""
+    L = model.cfg.n_layers
+    if not 0 <= from_layer <= L:
+        raise ValueError(f"from_layer {from_layer} out of range; the model has {L} layers (0..{L}, {L} = discard nothing)")
+    drop = _dropped(sample.tm, group)[0].to(sample.embeds.device)
+    return model.run_language_model(**sample.lm_inputs(1), discard=(drop, from_layer), logits_at="last")[:, -1]
+
+
+def forward_flops(model, n_tokens: int, n_kept: int | None = None, from_layer: int | None = None) -> float:
+    """Multiply-adds x 2 of a causal forward of `n_tokens` through the language model (projections,
+    attention scores and values, MLP; the last position's unembedding), with only `n_kept` tokens
+    from `from_layer` on when given. Norms and rotary are ignored (O(n d))."""
+    c = model.cfg
+    dq, dkv = c.n_heads * c.d_head, c.n_key_value_heads * c.d_head
+    mlp = (3 if getattr(c, "gated_mlp", True) else 2) * c.d_model * c.d_mlp
+
+    def layer(n: int) -> float:
+        dense = n * (c.d_model * (dq + 2 * dkv) + dq * c.d_model + mlp)
+        attn = 2 * dq * n * (n + 1) / 2  # QK^T and PV over the causal triangle
+        return 2 * (dense + attn)
+
+    L = c.n_layers
+    cut = L if from_layer is None else from_layer
+    kept = n_tokens if n_kept is None else n_kept
+    return cut * layer(n_tokens) + (L - cut) * layer(kept) + 2 * c.d_model * c.d_vocab
+
+
+def median_times(fns: dict, repeats: int) -> tuple[dict, dict]:
+    """Outputs and median wall times (s) of the `fns`: one untimed warm-up call each, then `repeats`
+    rounds calling each once in turn, so a drift in clock or cache affects every one alike."""
+
+    def timed(fn):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return out, time.perf_counter() - t
+
+    outs = {k: fn() for k, fn in fns.items()}
+    times: dict = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            times[k].append(timed(fn)[1])
+    return outs, {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+
+
+def discarding(
+    model,
+    inputs: dict,
+    answers,
+    group="audio|video",
+    from_layers: Sequence[int] | None = None,
+    tm=None,
+    repeats: int = 3,
+    progress: bool = True,
+) -> Result:
+    """For every sample and every L in `from_layers` (default 0..n_layers): the answer's probability
+    and correctness with `group` physically discarded from L on, FLOPs (full vs discarded) and median
+    wall time over `repeats` forwards (seconds). The full forward is `physical_forward` from
+    L = n_layers (nothing discarded): the same code, warmed up and timed in turn with the others, so
+    its row has `time_saved` 0."""
+    L = model.cfg.n_layers
+    from_layers = list(range(L + 1)) if from_layers is None else checks.indices(
+        checks.nonempty(from_layers, "from_layers", none_ok=True), L + 1, "from_layer(s)", "layers", valid=f"valid: 0..{L} ({L} = discard nothing)")
+    checks.count(repeats, "repeats")
+    metric = answers if isinstance(answers, AnswerProb) else AnswerProb(answers)
+    metric.check(model, checks.batch_of(inputs))
+    tm = model.token_map(inputs) if tm is None else tm
+    n_drop = _dropped(tm, group).sum(-1).tolist()  # every sample, before any forward
+    data = samples(model, inputs, tm)
+    layers = [L] + [x for x in dict.fromkeys(from_layers) if x != L]  # the full forward first
+    rows = []
+    for s, dropped in zip(tqdm(data, desc="discarding", disable=not progress, leave=False), n_drop):
+        n = s.seq_len
+        with torch.no_grad():
+            fns = {x: (lambda x=x: physical_forward(model, s, group, x)) for x in layers}
+            logits, seconds = median_times(fns, repeats)
+        p_full, f_full = float(metric(logits[L], s.index)[0]), forward_flops(model, n)
+        for layer in from_layers:
+            f = forward_flops(model, n, n - dropped, layer)
+            rows.append(dict(sample=s.index, from_layer=layer, group=str(group), n_tokens=n, n_discarded=dropped,
+                             metric=float(metric(logits[layer], s.index)[0]), metric_full=p_full,
+                             correct=bool(metric.correct(logits[layer], s.index)[0]), flops=f, flops_full=f_full,
+                             flops_saved=1 - f / f_full, seconds=seconds[layer], seconds_full=seconds[L],
+                             time_saved=1 - seconds[layer] / seconds[L]))
+    return Result("discarding", pd.DataFrame(rows), dict(group=str(group), from_layers=from_layers, repeats=repeats,
+                                                          metric=metric.settings()))

@@ -1,0 +1,184 @@
+"""FastV (Chen et al., "An Image is Worth 1/2 Tokens After Layer 2", ECCV 2024, `pkunlp-icler/FastV`,
+`src/FastV/llava-hf/.../modeling_llama.py`): at layer K, rank the media tokens by the attention the
+last token paid them at layer K-1 (averaged over heads), keep the top `round(n_media * (1 - R))`,
+and drop the rest physically from the hidden states; the kept tokens keep their position ids and
+layers K.. run causally on the shorter sequence. Beside it, for comparison, the full forward and
+discarding a whole modality from the same layer (`patching.methods.discarding`'s physical removal).
+
+Defaults follow the anchor: `k=2`, `r=0.5` (their A-OKVQA table, K = 2, R = 50 %; their llava-hf
+demo uses K = 3, R = 75 %), `round` for the kept count, ties broken by `topk`. Under generation
+the anchor's demo runs without a KV cache (`use_cache=False`), so every step re-ranks with the
+newest token as the last one; so does `fastv` here (greedy, exactly `max_new_tokens` steps, no eos,
+the demo's `min_new_tokens = max_new_tokens`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import pandas as pd
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from patching.engine import checks
+from patching.methods.discarding import forward_flops, median_times
+from patching.engine.metrics import AnswerProb
+from patching.engine.results import Result
+from patching.engine.sweep import samples
+
+DEFAULT_K = 2
+DEFAULT_R = 0.5
+
+
+def n_kept(n_media: int, r: float) -> int:
+    """Media tokens FastV keeps: `round(n_media * (1 - r))` (the anchor's llava-hf `topk` size)."""
+    return round(n_media * (1 - r))
+
+
+def fastv_keep(attn_last: Tensor, media: Tensor, r: float) -> Tensor:
+    """bool `[pos]`: every non-media position, and the `n_kept` media positions with the largest
+    `attn_last` (`[pos]`, the last query's head-averaged attention at layer K-1)."""
+    idx = media.nonzero()[:, 0]
+    top = idx[attn_last[idx].topk(n_kept(len(idx), r)).indices]
+    keep = ~media.clone()
+    keep[top] = True
+    return keep
+
+
+def pruned_forward(model, embeds: Tensor, position_ids: Tensor, k: int,
+                   choose: Callable[[Tensor | None], Tensor], rank: bool,
+                   injections: Sequence[Tensor | None] | None = None) -> tuple[Tensor, Tensor]:
+    """Last-position logits `[1, vocab]` and the kept positions (bool `[pos]`) of one prompt (batch 1,
+    no padding): blocks 0..k-1 on the full sequence, blocks k.. on the positions `choose(attn)` keeps,
+    with their own position ids. With `rank`, `attn` is the last query's head-averaged attention at
+    layer k-1 (`[pos]`), read on that layer's `hook_pattern` in this same forward; else None.
+    (`run_language_model(discard=)` takes its positions before the first block, so FastV, whose
+    positions come from layer k-1, runs the blocks itself through `model.attention_inputs`.)
+    `injections`: the sample's per-layer residual additions (`Sample.lm_inputs`; DeepStack), cut as the
+    positions are."""
+    seen: dict = {}
+
+    def grab(pattern, hook):
+        seen["attn"] = pattern[0, :, -1].float().mean(0)
+
+    hooks = [(f"blocks.{k - 1}.attn.hook_pattern", grab)] if rank else []
+    inject = model.injection_list(injections, embeds)  # one entry per block (DeepStack lists only its own layers)
+    with model.hooks(fwd_hooks=hooks):
+        x = model.hook_embed(embeds)
+        state, keep = model.attention_inputs(x, position_ids, None), None
+        for i, block in enumerate(model.blocks):
+            if i == k:
+                keep = choose(seen.get("attn")).to(x.device)
+                x, position_ids = x[:, keep], position_ids[:, :, keep]
+                inject = [None if t is None else t[:, keep] for t in inject]
+                state = model.attention_inputs(x, position_ids, None)
+            x = block(x, injection=inject[i], **state)
+    if keep is None:  # k == n_layers: nothing dropped
+        keep = choose(seen.get("attn")).to(x.device)
+    return model.unembed(model.ln_final(x[:, -1])), keep
+
+
+def greedy(model, embeds: Tensor, position_ids: Tensor, step: Callable, n_new: int,
+           injections: Sequence[Tensor | None] | None = None) -> list[int]:
+    """`n_new` greedy tokens without a KV cache: each step runs `step(embeds, position_ids, injections)`
+    (-> last logits) on the prompt plus the tokens so far, a new token at the next position on all three
+    rows (nothing injected at generated tokens)."""
+    out = []
+    for _ in range(n_new):
+        tok = int(step(embeds, position_ids, injections)[0].argmax())
+        out.append(tok)
+        nxt = position_ids.amax(-1, keepdim=True) + 1  # [3, 1, 1]
+        embeds = torch.cat([embeds, model.embed(torch.tensor([[tok]], device=embeds.device)).to(embeds.dtype)], 1)
+        position_ids = torch.cat([position_ids, nxt], -1)
+        injections = injections and [None if t is None else torch.cat([t, t.new_zeros(1, 1, t.shape[-1])], 1)
+                                     for t in injections]
+    return out
+
+
+def fastv(
+    model,
+    inputs: dict,
+    answers,
+    k: int = DEFAULT_K,
+    r: float = DEFAULT_R,
+    media="audio|video",
+    discard: Sequence | None = None,
+    max_new_tokens: int = 8,
+    repeats: int = 3,
+    tm=None,
+    progress: bool = True,
+) -> Result:
+    """FastV beside the full forward and whole-modality discarding from layer `k`.
+
+    `media`: the tokens FastV ranks (TokenMap spec); `discard`: the groups discarded whole, one row
+    each (default: every `|`-part of `media` the sample has). `max_new_tokens` greedy tokens are
+    generated per method and timed (0: prefill only). One row per (sample, method) with method
+    "full", "fastv" or "discard <group>": `n_tokens`, `n_media`, `n_dropped`, `prob` and `correct`
+    (the answer at the prompt's last position), `pred`, `flops` / `flops_saved` (prefill, analytic,
+    `discarding.forward_flops`), `seconds` / `time_saved` (prefill, median of `repeats` after a
+    warm-up), `generated` (token ids), `gen_flops` / `gen_flops_saved` (every step recomputed, no
+    KV cache), `gen_seconds` / `gen_time_saved`."""
+    L = model.cfg.n_layers
+    checks.indices([k], L, "k (the layer FastV prunes at)", "layers", valid=f"k must be in 1..{L - 1}: layer k-1's attention ranks the tokens")
+    if k < 1:
+        raise ValueError("k must be >= 1: FastV ranks with the attention of layer k-1 (the anchor asserts K > 0)")
+    checks.finite(r, "r (the share of media tokens dropped)", minimum=0)
+    if r > 1:
+        raise ValueError(f"r is the share of media tokens dropped, in [0, 1]; got {r}")
+    checks.count(max_new_tokens, "max_new_tokens", minimum=0)
+    checks.count(repeats, "repeats")
+    metric = answers if isinstance(answers, AnswerProb) else AnswerProb(answers)
+    metric.check(model, checks.batch_of(inputs))
+    data = samples(model, inputs, tm)
+    plans = []
+    for s in data:  # every group checked before the first forward
+        m = s.tm.mask(media, nonempty=True)[0]
+        if bool(m[-1]):
+            raise ValueError(f"{media!r} includes the last position, whose logits are the answer; rank something else")
+        groups = [g for g in str(media).split("|") if bool(s.tm.mask(g).any())] if discard is None else checks.nonempty(discard, "discard", none_ok=True)
+        drops = {g: s.tm.mask(g, nonempty=True)[0] for g in groups}
+        for g, d in drops.items():
+            if bool(d[-1]):
+                raise ValueError(f"discard group {g!r} includes the last position, whose logits are the answer")
+        plans.append((s, m, drops))
+
+    rows = []
+    for s, m, drops in tqdm(plans, desc="fastv", disable=not progress, leave=False):
+        n = s.seq_len
+
+        def method(choose, rank, kk=k):
+            def step(embeds, pos, injections):
+                extra = embeds.shape[1] - n  # generated tokens are never media
+                return pruned_forward(model, embeds, pos, kk, lambda a: choose(a, extra), rank, injections)
+            return step
+
+        pad = lambda mask, extra: torch.cat([mask, mask.new_zeros(extra)])  # noqa: E731
+        steps = {"full": method(lambda a, e: torch.ones(n + e, dtype=torch.bool), False, L),
+                 "fastv": method(lambda a, e: fastv_keep(a, pad(m, e).to(a.device), r), True)}
+        for g, d in drops.items():
+            steps[f"discard {g}"] = method(lambda a, e, d=d: ~pad(d, e), False)
+        with torch.no_grad():
+            kw = s.lm_inputs(1)  # with the sample's injections (DeepStack)
+            args = (kw["inputs_embeds"], kw["position_ids"], kw["injections"])
+            prefill = {name: (lambda st=st: st(*args)) for name, st in steps.items()}
+            outs, seconds = median_times(prefill, repeats)
+            gen, gen_seconds = ({}, {}) if max_new_tokens == 0 else median_times(
+                {name: (lambda st=st: greedy(model, args[0], args[1], st, max_new_tokens, args[2])) for name, st in steps.items()},
+                repeats)
+        f_full = forward_flops(model, n)
+        g_full = sum(forward_flops(model, n + t) for t in range(max_new_tokens))
+        for name, (logits, keep) in outs.items():
+            dropped = n - int(keep.sum())
+            f = forward_flops(model, n, n - dropped, k)
+            gf = sum(forward_flops(model, n + t, n + t - dropped, k) for t in range(max_new_tokens))
+            rows.append(dict(sample=s.index, method=name, k=k, r=r, n_tokens=n, n_media=int(m.sum()), n_dropped=dropped,
+                             prob=float(metric(logits, s.index)[0]), correct=bool(metric.correct(logits, s.index)[0]),
+                             pred=int(logits[0].argmax()), flops=f, flops_saved=1 - f / f_full, seconds=seconds[name],
+                             time_saved=1 - seconds[name] / seconds["full"], generated=" ".join(map(str, gen.get(name, []))),
+                             gen_flops=gf, gen_flops_saved=(1 - gf / g_full) if max_new_tokens else 0.0,
+                             gen_seconds=gen_seconds.get(name, 0.0),
+                             gen_time_saved=(1 - gen_seconds[name] / gen_seconds["full"]) if max_new_tokens else 0.0))
+    settings = dict(k=k, r=r, media=str(media), discard=None if discard is None else [str(g) for g in discard],
+                    max_new_tokens=max_new_tokens, repeats=repeats, metric=metric.settings())
+    return Result("fastv", pd.DataFrame(rows), settings)

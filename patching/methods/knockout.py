@@ -1,0 +1,212 @@
+"""Sliding-window attention knockout (Geva et al. 2023; Zhang et al. 2025; "From Senses to Decisions";
+Kim et al., "Map the Flow").
+
+For every edge src -> dst and every layer l, dst queries may not attend to src keys in the layers of
+l's window (`styled_window`: centred, or Map the Flow's inverse, top-down and bottom-up). Per row: the
+relative change of the probability of the gold answer's first token, `(p_blocked - p_orig) / p_orig *
+100` (`rel_change`), the same for the model's own top token of the plain run (`rel_change_pred`, Zhang
+et al.'s metric), the top token under the knockout and whether it is the gold one (`correct_blocked`,
+Map the Flow's accuracy: `knockout_accuracy`). `heads=` knocks the edge out in those query heads only.
+
+    res = knockout(model, inputs, answers=first_token_ids)
+    res.plot()   # relative change against layer, one line per edge
+    knockout_accuracy(res).df   # accuracy (%) per edge and layer
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from itertools import combinations
+
+import pandas as pd
+import torch
+
+from patching.engine import checks
+from patching.engine.hooks import block_attention
+from patching.engine.metrics import AnswerProb, relative_change
+from patching.engine.results import Result
+from patching.engine.sweep import forward_rows, run_rows, sample_maps, samples
+
+DEFAULT_EDGES = (
+    ("audio", "question"), ("video", "question"), ("audio", "last"),
+    ("video", "last"), ("question", "last"), ("last", "last"),
+)
+
+
+WINDOW_STYLES = ("centre", "inverse", "top_down", "bottom_up")
+DEFAULT_WINDOW = 9  # Zhang et al. and Map the Flow (information_flow_analysis.py, --window 9)
+
+
+def window_layers(centre: int, k: int, n_layers: int) -> range:
+    """The k-layer window centred on `centre`, clipped to the model (docs/methods.md; Map the Flow's
+    "center": `range(max(0, l - k//2), min(L, l - (-k//2)))`)."""
+    checks.count(k, "window", unit=" layer")  # a 0-layer window edits nothing
+    return range(max(0, centre - k // 2), min(n_layers, centre - (-k // 2)))
+
+
+def styled_window(layer: int, k: int | None, n_layers: int, style: str = "centre") -> list[int]:
+    """The layers knocked out for `layer`, as Map the Flow's `information_flow_analysis.py` builds them
+    (`--window_style`): `centre` (its "center"): `window_layers(layer, k)`; `inverse`: every layer
+    outside that window; `top_down`: `layer`..L-1; `bottom_up`: 0..`layer`. `k` (None: 9, their
+    default) sizes the first two; the last two take no size (pass None). An empty list (an inverse
+    window that covers the model) is refused: it would knock out nothing."""
+    style = "centre" if style == "center" else style
+    if style not in WINDOW_STYLES:
+        raise ValueError(f"window style must be one of {list(WINDOW_STYLES)}, got {style!r}")
+    if style in ("top_down", "bottom_up"):
+        if k is not None:
+            raise ValueError(f"a {style} window runs {'from the layer to the last' if style == 'top_down' else 'from layer 0 to the layer'}"
+                             f" and takes no window size; pass window=None (got {k})")
+        return list(range(layer, n_layers)) if style == "top_down" else list(range(0, layer + 1))
+    window = list(window_layers(layer, DEFAULT_WINDOW if k is None else k, n_layers))
+    if style == "centre":
+        return window
+    out = [x for x in range(n_layers) if x not in window]
+    if not out:
+        raise ValueError(f"the inverse of the {k}-layer window around layer {layer} is empty in a {n_layers}-layer "
+                         "model, so nothing would be knocked out; use a smaller window")
+    return out
+
+
+def _present(tm, spec) -> bool:
+    return bool(tm.select(spec).mask.any(-1).all())
+
+
+def default_edges(tm) -> list[tuple[str, str]]:
+    """The six edges whose groups every row has; with several clips in every row ("From Senses to
+    Decisions"' interleaved items, issue 14), per clip `item[i] -> question` and `item[i] -> last`
+    (where the row has a question), then `item[i] -> item[j]` for i < j (attention is causal: an
+    earlier clip never reads a later one). A clip (`item[i]`) is all its media tokens; the text
+    naming the clips is the group `label`, not the question."""
+    edges = [(s, d) for s, d in DEFAULT_EDGES if _present(tm, s) and _present(tm, d)]
+    n_items = 0
+    while _present(tm, f"item[{n_items}]"):
+        n_items += 1
+    if n_items > 1:
+        items = [f"item[{i}]" for i in range(n_items)]
+        edges += [(it, dst) for it in items for dst in ("question", "last") if _present(tm, dst)]
+        edges += [(items[i], items[j]) for i, j in combinations(range(n_items), 2)]
+    return edges
+
+
+def parse_edge(edge) -> tuple[str, str]:
+    """`("audio", "last")` or `"audio->last"` -> (src, dst)."""
+    if isinstance(edge, str):
+        if "->" not in edge:
+            raise ValueError(f"an edge is 'src->dst' or (src, dst), got {edge!r}")
+        src, dst = (s.strip() for s in edge.split("->", 1))
+        return src, dst
+    src, dst = edge
+    return src, dst
+
+
+def knockout(
+    model,
+    inputs: dict,
+    answers,
+    edges: Sequence | None = None,
+    window: int | None = None,
+    centres: Sequence[int] | None = None,
+    window_style: str = "centre",
+    heads: Sequence[int] | None = None,
+    tm=None,
+    batch_size: int | None = None,
+    max_batch_tokens: int = 16384,
+    progress: bool = True,
+) -> Result:
+    """`answers`: the gold answer's first token id per sample, one for all, or an `AnswerProb`. `edges`:
+    list of (src, dst) or "src->dst" (default `default_edges` of each sample). `centres`: the layers l
+    the windows are built around (default every layer). `window` (default 9 for `centre` and `inverse`,
+    Map the Flow's and Zhang et al.'s; None for `top_down` / `bottom_up`, which take no size) and
+    `window_style` as in `styled_window`. `heads`: knock out in these query heads only (default all).
+
+    One row per (sample, edge, centre): `p_orig`, `p_blocked`, `rel_change` (gold token, percent);
+    `pred` (the plain run's top token), `p_pred_orig`, `p_pred_blocked`, `rel_change_pred` (Zhang et
+    al.'s metric: their answer is the model's own first generated token); `pred_blocked` (top token
+    under the knockout), `correct` (gold is the plain run's top token), `correct_blocked` (gold is the
+    top token under the knockout)."""
+    L = model.cfg.n_layers
+    style = "centre" if window_style == "center" else window_style
+    if style not in WINDOW_STYLES:
+        raise ValueError(f"window_style must be one of {list(WINDOW_STYLES)}, got {window_style!r}")
+    centres = checks.layers(model, centres, "centres", "window centre(s)")
+    layer_sets = {c: styled_window(c, window, L, style) for c in centres}  # refuses what cannot apply
+    if heads is not None:
+        heads = checks.heads(model, checks.nonempty(heads, "heads", none_ok=True))
+    if edges is not None:
+        edges = [parse_edge(e) for e in checks.nonempty(edges, "edges", none_ok=True)]
+    if batch_size is not None:
+        checks.count(batch_size, "batch_size")
+    checks.count(max_batch_tokens, "max_batch_tokens")
+    metric = answers if isinstance(answers, AnswerProb) else AnswerProb(answers)
+    metric.check(model, checks.batch_of(inputs))
+    plans = []
+    for index, stm in enumerate(sample_maps(model, inputs, tm)):  # every intervention built (so checked) before the towers
+        sample_edges = default_edges(stm) if edges is None else edges
+        if not sample_edges:
+            raise ValueError(f"sample {index} has none of the default edges' token groups; pass edges= explicitly")
+        cells, ivs = [], []
+        for src, dst in sample_edges:
+            for c in centres:
+                layers = layer_sets[c]
+                try:
+                    ivs.append(block_attention(stm, src, dst, layers, heads=heads))
+                except ValueError as e:
+                    raise ValueError(f"knockout edge {src}->{dst} (sample {index}): {e}") from None
+                cells.append((f"{src}->{dst}", src, dst, c, layers[0], layers[-1], len(layers)))
+        plans.append((cells, ivs))
+    plans = [(s, *plan) for s, plan in zip(samples(model, inputs, tm), plans)]
+
+    rows, t0 = [], time.perf_counter()
+    for s, cells, ivs in plans:
+        with torch.no_grad():
+            base = forward_rows(model, s, 1)
+        p_orig = float(metric(base, s.index)[0])
+        correct = bool(metric.correct(base, s.index)[0])
+        pred = int(base[0].argmax())
+        own = AnswerProb(pred)
+        p_pred_orig = float(own(base)[0])
+
+        def reduce(lg, i=s.index, own=own):  # [rows, 4]: p(gold), p(pred), top token, gold is top
+            return torch.stack([metric(lg, i), own(lg), lg.argmax(-1).double(), metric.correct(lg, i).double()], -1)
+
+        out = run_rows(model, s, ivs, reduce=reduce, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
+                       progress=progress, desc=f"knockout sample {s.index}")
+        rel, rel_pred = relative_change(out[:, 0], p_orig), relative_change(out[:, 1], p_pred_orig)
+        for (edge, src, dst, c, lo, hi, n), o, rc, rcp in zip(cells, out.tolist(), rel.tolist(), rel_pred.tolist()):
+            rows.append(dict(sample=s.index, edge=edge, src=src, dst=dst, layer=c, window_start=lo, window_end=hi,
+                             n_window_layers=n, p_orig=p_orig, p_blocked=o[0], rel_change=rc, pred=pred,
+                             p_pred_orig=p_pred_orig, p_pred_blocked=o[1], rel_change_pred=rcp,
+                             pred_blocked=int(o[2]), correct=correct, correct_blocked=bool(o[3])))
+    settings = dict(window=window, window_style=style, heads=heads, centres=centres,
+                    edges=None if edges is None else [list(e) for e in edges],
+                    metric=metric.settings(), n_layers=L, seconds=time.perf_counter() - t0,
+                    interventions_sample0=[iv.to_dict() for iv in plans[0][2]] if plans else [])
+    return Result("knockout", pd.DataFrame(rows), settings)
+
+
+def knockout_accuracy(result: Result, sample_mode: str = "correct") -> Result:
+    """Accuracy under the knockout per (edge, layer), in percent of the samples that have the edge
+    (`n_samples`; all of them where every sample holds the edge's groups), as Map the Flow's
+    `information_flow_analysis.py` counts it: with `sample_mode="correct"` (its default) only samples
+    the plain run answers correctly are knocked out, so a sample counts when it is correct both
+    plainly and under the knockout; `"all"` counts every sample correct under the knockout. The frame
+    also holds `accuracy_base`, the plain run's accuracy (percent)."""
+    if result.kind != "knockout":
+        raise ValueError(f"knockout_accuracy takes a knockout Result, got a {result.kind!r} one")
+    if sample_mode not in ("correct", "all"):
+        raise ValueError(f"sample_mode must be 'correct' or 'all', got {sample_mode!r}")
+    df = result.df
+    missing = {"correct", "correct_blocked", "sample"} - set(df.columns)
+    if missing:
+        raise ValueError(f"this knockout frame has no {sorted(missing)} column(s); rerun knockout to get them")
+    n = df["sample"].nunique()
+    hit = df["correct_blocked"] & df["correct"] if sample_mode == "correct" else df["correct_blocked"]
+    groups = df.assign(hit=hit).groupby(["edge", "layer"], sort=False)
+    # over the samples that have the edge (a sample without the edge's groups has no row for it)
+    acc = groups.agg(hits=("hit", "sum"), n_samples=("sample", "nunique")).reset_index()
+    acc["accuracy"] = 100.0 * acc.pop("hits") / acc["n_samples"]
+    acc = acc[["edge", "layer", "accuracy", "n_samples"]]
+    acc["accuracy_base"] = 100.0 * df.groupby("sample")["correct"].first().mean()
+    return Result("knockout_accuracy", acc, dict(sample_mode=sample_mode, n_samples=n, **result.settings))

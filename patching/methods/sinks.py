@@ -1,0 +1,221 @@
+"""Attention sinks among media tokens and which of them are cross-modal ("Probing Cross-modal
+Information Hubs", Jung et al., `kaistmm/crossmodal-hub` `logic/sink.py` and
+`causal_tracing_modality_sink.py`; visual sinks: Kang et al.; massive activations: Sun et al. 2024).
+
+1. `sink_dimensions`: the model's massive-activation dimensions, found, not hard-coded (the hub
+   hard-codes 458 and 2570 for the 7B Thinker): the dimensions whose largest |hidden state|
+   (residual stream entering each layer) is at least `ratio` x the median |hidden state|.
+2. `find_sinks`: a position is flagged at a layer when `max_d |h / rms(h)|[d] > tau` over the sink
+   dimensions (the RMS-normalised residual entering the layer, without the norm's weight). The hub's
+   rule (`select="prompt"`, default): rank every flagged position of the prompt by the number of
+   layers that flag it (ties in first-flagged order, as `Counter.most_common`), keep the first
+   `K = int(prompt_len / k_divide)`, then intersect with each modality. The per-modality rule
+   (`select="modality"`) keeps the `n_modality_tokens // k_divide` most flagged of each modality.
+3. Modality dominance score per sink and layer: `v` = mean attention to it from later video tokens,
+   `a` = from later audio tokens (head-averaged), `MDS = (v - a) / (v + a + 1e-9)`, averaged over
+   layers. The hub counts a mean over no later tokens as 0 (`empty="zero"`, so MDS = +-1);
+   `empty="nan"` makes the whole score NaN instead. Cross-modal sinks: the hub sorts each modality's
+   sinks by MDS (stable, in rank order) and takes the upper ceil(n/2) for audio sinks (attended by
+   video), the lower ceil(n/2) for video sinks (`split="rank"`); `split="median"` takes those strictly
+   above (audio) / below (video) the median.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import pandas as pd
+import torch
+
+from patching.engine import checks
+from patching.engine.results import Result
+from patching.engine.sweep import samples
+
+MDS_EPS = 1e-9  # the hub's denominator guard, `(v - a) / (v + a + 1e-9)`
+CROSS_MODAL_FROM = {"audio": "video", "video": "audio"}  # an audio sink is cross-modal when video reads it
+
+
+def _resid_inputs(model, sample, layers) -> dict[int, torch.Tensor]:
+    names = [f"blocks.{l}.hook_resid_pre" for l in layers]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(
+            inputs_embeds=sample.embeds, position_ids=sample.position_ids, names_filter=names, return_type=None
+        )
+    return {l: cache[f"blocks.{l}.hook_resid_pre"][0].float() for l in layers}  # [pos, d]
+
+
+def sink_dimensions(model, inputs: dict, ratio: float = 100.0, layers: Sequence[int] | None = None, tm=None) -> list[int]:
+    """Dimensions of massive activations over the samples of `inputs` (sorted by magnitude)."""
+    layers = checks.layers(model, layers)
+    checks.finite(ratio, "ratio", minimum=0)
+    peak = torch.zeros(model.cfg.d_model)
+    medians = []
+    for s in samples(model, inputs, tm):
+        for h in _resid_inputs(model, s, layers).values():
+            peak = torch.maximum(peak, h.abs().amax(0).cpu())
+            medians.append(h.abs().median().cpu())
+    median = torch.stack(medians).median()
+    dims = (peak >= ratio * median).nonzero()[:, 0]
+    return dims[peak[dims].argsort(descending=True)].tolist()
+
+
+def flags(resid: dict[int, torch.Tensor], dims: Sequence[int], tau: float, eps: float) -> torch.Tensor:
+    """bool `[layers, pos]`: `max_d |h / rms(h)|[d] > tau` over `dims`, for each `[pos, d_model]`
+    residual of `resid` (RMSNorm without its weight)."""
+    out = []
+    for h in resid.values():
+        normed = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        out.append((normed[:, list(dims)].abs().amax(-1) > tau).cpu())
+    return torch.stack(out)
+
+
+def rank_flagged(flagged: torch.Tensor) -> list[int]:
+    """Flagged positions ordered as the hub's `Counter(...).most_common()` orders them: by the number
+    of layers that flag them (descending), ties by first appearance (earliest flagging layer, then
+    position). `flagged`: bool `[layers, pos]`."""
+    counts = flagged.sum(0)
+    first = torch.where(flagged.any(0), flagged.float().argmax(0), flagged.shape[0])
+    pos = counts.nonzero()[:, 0].tolist()
+    return sorted(pos, key=lambda p: (-int(counts[p]), int(first[p]), p))
+
+
+def find_sinks(
+    model,
+    inputs: dict,
+    dims: Sequence[int] | None = None,
+    tau: float = 25.0,
+    k_divide: int = 2,
+    modalities: Sequence[str] = ("audio", "video"),
+    layers: Sequence[int] | None = None,
+    ratio: float = 100.0,
+    select: str = "prompt",
+    empty: str = "zero",
+    split: str = "rank",
+    tm=None,
+) -> Result:
+    """Sinks per sample and modality, with their MDS and whether they are cross-modal; one row per
+    sink: `sample`, `modality`, `pos` (position in the sample without its padding), `rank` (0 = most
+    often flagged), `layers_flagged`, `mds`, `cross_modal`.
+
+    `dims`: sink dimensions (default `sink_dimensions(model, inputs, ratio)`). `tau`: threshold on
+    the RMS-normalised residual (hub 25; Kang et al. 20); it must be below sqrt(d_model), the largest
+    value one dimension can reach. `select`: "prompt" (hub, `K = int(prompt_len / k_divide)` over the
+    whole prompt, then the media) or "modality" (`n_modality // k_divide` per modality). `empty`:
+    "zero" (hub: a mean over no later tokens is 0) or "nan". `split`: "rank" (hub: ceil(n/2) by rank)
+    or "median" (strictly above / below the median). `layers`: where sinks are flagged and MDS is
+    averaged (default all, as the hub's 28 of 28)."""
+    checks.count(k_divide, "k_divide")
+    checks.finite(tau, "tau")
+    for name, value, valid in (("select", select, ("prompt", "modality")), ("empty", empty, ("zero", "nan")),
+                               ("split", split, ("rank", "median"))):
+        if value not in valid:
+            raise ValueError(f"{name} must be one of {list(valid)}, got {value!r}")
+    modalities = checks.nonempty(modalities, "modalities")
+    if split == "rank":
+        odd = [m for m in modalities if m not in CROSS_MODAL_FROM]
+        if odd:
+            raise ValueError(f"modalities {odd} have no cross-modal direction (the hub's MDS splits audio and video "
+                             f"sinks); use modalities from {list(CROSS_MODAL_FROM)}")
+    layers = checks.layers(model, layers)
+    if dims is not None:  # negative dims would silently count from the end
+        dims = checks.indices(checks.nonempty(dims, "dims", none_ok=True), model.cfg.d_model, "dims", "dimensions")
+    limit = math.sqrt(model.cfg.d_model)
+    if tau >= limit:
+        raise ValueError(
+            f"tau={tau:g} can never be exceeded: |h / rms(h)| is at most sqrt(d_model) = {limit:.2f} for this "
+            f"model (the hub's 25 is for d_model 3584); pass a smaller tau="
+        )
+    dims = sink_dimensions(model, inputs, ratio, layers, tm) if dims is None else dims
+    if not dims:
+        raise ValueError(
+            f"no dimension reaches {ratio}x the median |activation|: this model shows no massive activations "
+            "here; pass dims= explicitly or a lower ratio="
+        )
+    rows = []
+    for s in samples(model, inputs, tm):
+        flagged = flags(_resid_inputs(model, s, layers), dims, tau, model.cfg.eps)  # [layers, pos]
+        count = flagged.sum(0)
+        masks = {m: s.tm.mask(m)[0].cpu() for m in {*modalities, "video", "audio"}}
+        kept = _keep(flagged, masks, modalities, select, k_divide)
+        if not any(kept.values()):
+            continue
+        patterns = _patterns(model, s, layers)
+        for m in modalities:
+            for rank, p in enumerate(kept[m]):
+                v, a = _mean_attention_from(patterns, p, masks["video"], masks["audio"], empty)
+                mds = ((v - a) / (v + a + MDS_EPS)).nanmean().item() if len(v) else float("nan")
+                rows.append(dict(sample=s.index, modality=m, pos=p, rank=rank, layers_flagged=int(count[p]), mds=mds))
+    df = pd.DataFrame(rows, columns=["sample", "modality", "pos", "rank", "layers_flagged", "mds"])
+    df["cross_modal"] = False
+    for (_, m), part in df.groupby(["sample", "modality"]):
+        df.loc[part.index, "cross_modal"] = cross_modal(part.mds.tolist(), m, split)
+    settings = dict(dims=dims, tau=tau, k_divide=k_divide, modalities=list(modalities), layers=layers, ratio=ratio,
+                    select=select, empty=empty, split=split)
+    return Result("sinks", df, settings)
+
+
+def _keep(flagged, masks, modalities, select, k_divide) -> dict[str, list[int]]:
+    """Kept sink positions per modality, in rank order."""
+    ranked = rank_flagged(flagged)
+    if select == "prompt":
+        top = ranked[: int(flagged.shape[1] / k_divide)]
+        return {m: [p for p in top if masks[m][p]] for m in modalities}
+    count = flagged.sum(0)
+    out = {}
+    for m in modalities:  # the earlier rule: most flagged first, ties by position
+        k = max(1, int(masks[m].sum()) // k_divide)
+        out[m] = sorted((p for p in ranked if masks[m][p]), key=lambda p: (-int(count[p]), p))[:k]
+    return out
+
+
+def cross_modal(mds: Sequence[float], modality: str, split: str = "rank") -> list[bool]:
+    """Which of one modality's sinks (MDS in rank order) are cross-modal. "rank" (the hub's
+    `build_layerlist`): a stable sort by MDS, ascending for audio and descending for video, and the
+    last ceil(n/2); NaN scores sort as the hub's `sorted` leaves them (not at all: refused).
+    "median": MDS strictly above (audio) / below (video) the median."""
+    t = torch.tensor(mds, dtype=torch.float64)
+    n = len(mds)
+    if split == "median":
+        med = t.nanmedian() if n else t
+        return (t > med if modality == "audio" else t < med).tolist()
+    if bool(t.isnan().any()):
+        raise ValueError(f"{int(t.isnan().sum())} {modality} sink(s) have a NaN MDS, which has no rank; use "
+                         "empty='zero' (the hub's) or split='median'")
+    order = sorted(range(n), key=lambda i: mds[i] if modality == "audio" else -mds[i])
+    out = [False] * n
+    for i in order[n // 2:]:
+        out[i] = True
+    return out
+
+
+def _patterns(model, sample, layers) -> list[torch.Tensor]:
+    """Head-averaged patterns `[q, k]` per layer (reduced in the hook: no `[heads, q, k]` kept)."""
+    out = {}
+
+    def keep(pattern, hook):
+        out[hook.layer()] = pattern[0].float().mean(0).cpu()
+
+    with torch.no_grad():
+        model.run_with_hooks(
+            inputs_embeds=sample.embeds, position_ids=sample.position_ids, return_type=None,
+            fwd_hooks=[(f"blocks.{l}.attn.hook_pattern", keep) for l in layers],
+        )
+    return [out[l] for l in layers]
+
+
+def _mean_attention_from(patterns, p: int, video: torch.Tensor, audio: torch.Tensor, empty: str = "zero"):
+    """Per layer `[layers]`: mean attention to position `p` from later video tokens (`v`) and later
+    audio tokens (`a`), float64: the hub's float32 `(0 - a) / (0 + a + 1e-9)` rounds to -1 or one ulp
+    above it by chance, which then decides its rank split; in float64 the 1e-9 orders such sinks by `a`.
+    A mean over no later tokens is 0 (`empty="zero"`, the hub's) or makes both empty (`"nan"`: no
+    score)."""
+    later = torch.arange(patterns[0].shape[0]) > p
+    v_rows, a_rows = video & later, audio & later
+    if empty == "nan" and (not v_rows.any() or not a_rows.any()):
+        return torch.empty(0), torch.empty(0)
+
+    def mean(rows):
+        return torch.stack([pat[rows, p].mean() if rows.any() else pat.new_zeros(()) for pat in patterns]).double()
+
+    return mean(v_rows), mean(a_rows)
