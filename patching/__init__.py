@@ -1,32 +1,62 @@
-"""The patching library: composable interventions (`hooks`) and the information-flow experiments
-(knockout, activation patching, causal tracing, attribution patching, discarding, logit lens), built on
-hook names, the TokenMap and public model methods only, so every hooked_av model family runs them.
-hooked_av never imports this package."""
+"""The patching library: composable interventions and the information-flow experiments of the field,
+built on hook names, the TokenMap and public model methods only, so every hooked_av model family runs
+them. hooked_av never imports this package.
 
+Layers (each a folder; lower ones never import higher ones, docs/architecture.md):
+`engine/` (interventions, hooks, the sweep, metrics, results, checks, statistics, the experiment
+registry), `datasets/` (manifests, templates, scoring), `methods/` (one experiment per file, each with
+its registry record), `figures/` (how results are drawn), `apps/` (the CLI, the demo, flow, studies).
+
+    from patching import block_attention, knockout, run_rows, samples
+    res = knockout(model, inputs, answers=[answer_id])
+    res.plot()
+"""
+
+from patching import methods as _methods  # registers every experiment record  # noqa: F401
+from patching import figures as _figures  # registers how Result.plot draws  # noqa: F401
+from patching.datasets.manifest import ManifestError, read_manifest
+from patching.engine.experiment import Experiment, Plot, Report, StudySample, register
+from patching.engine.hooks import ablate, add_noise, block_attention, discard, patch_from_cache, scale_attention, steer
+from patching.engine.intervention import Intervention
+from patching.engine.metrics import AnswerLogProb, AnswerProb, LogitDiff, Metric, normalised, relative_change
+from patching.engine.results import Result
+from patching.engine.sweep import Sample, run_rows, samples
 from patching.methods.activation_patching import activation_patching
 from patching.methods.attribution import attribution_patching
 from patching.methods.causal_tracing import causal_tracing
 from patching.methods.discarding import discarding, physical_forward
-from patching.engine.hooks import ablate, add_noise, block_attention, discard, patch_from_cache, scale_attention, steer
-from patching.engine.intervention import Intervention
 from patching.methods.dla import dla
 from patching.methods.dominance import dominance
 from patching.methods.experts import ablate_experts
 from patching.methods.fastv import fastv
 from patching.methods.guidance import AdaptiveScale, guided_generate
 from patching.methods.hallucination import hallucination
-from patching.methods.knockout import default_edges, knockout, knockout_accuracy, styled_window, window_layers
+from patching.methods.knockout import default_edges, knockout, knockout_accuracy
 from patching.methods.logit_lens import logit_lens
-from patching.engine.metrics import AnswerLogProb, AnswerProb, LogitDiff, normalised, relative_change
 from patching.methods.pathway import pathway
-from patching.engine.results import Result
 from patching.methods.sinks import find_sinks, sink_dimensions
 from patching.methods.var import var
 
 __all__ = [
-    "Intervention", "Result", "ablate", "activation_patching", "add_noise", "attribution_patching", "block_attention",
-    "causal_tracing", "default_edges", "discard", "discarding", "knockout", "logit_lens", "patch_from_cache",
-    "physical_forward", "scale_attention", "steer", "window_layers", "AnswerProb", "AnswerLogProb", "LogitDiff",
-    "normalised", "relative_change", "AdaptiveScale", "ablate_experts", "dla", "dominance", "fastv", "find_sinks",
-    "guided_generate", "hallucination", "knockout_accuracy", "pathway", "sink_dimensions", "styled_window", "var",
+    # experiments (one file each in patching/methods)
+    "activation_patching", "attribution_patching", "causal_tracing", "default_edges", "discarding", "dla", "dominance",
+    "fastv", "find_sinks", "guided_generate", "hallucination", "knockout", "knockout_accuracy", "logit_lens", "pathway",
+    "physical_forward", "sink_dimensions",
+    # interventions (composable: `a + b`, printable, saved with results)
+    "AdaptiveScale", "Intervention", "ablate", "ablate_experts", "add_noise", "block_attention", "discard",
+    "patch_from_cache", "scale_attention", "steer", "var",
+    # the engine, for writing an experiment
+    "AnswerLogProb", "AnswerProb", "Experiment", "LogitDiff", "Metric", "Plot", "Report", "Sample", "StudySample",
+    "normalised", "register", "relative_change", "run_rows", "samples",
+    # results and studies
+    "ManifestError", "Result", "Study", "read_manifest", "run_study", "write_report",
 ]
+
+
+def __getattr__(name):  # the study app loads matplotlib's file backend: only when asked for
+    if name in ("run_study", "Study", "write_report"):
+        from patching.apps.study import Study, run_study
+        from patching.apps.study.report import write_report
+
+        return {"run_study": run_study, "Study": Study, "write_report": write_report}[name]
+    raise AttributeError(f"module 'patching' has no attribute {name!r}")

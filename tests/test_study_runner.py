@@ -55,8 +55,13 @@ def test_one_row_per_sample_and_cell_with_id_metadata_and_correctness(model, dat
 
 
 def test_resume_after_a_crash_equals_an_uninterrupted_run(model, data, full_run, tmp_path, monkeypatch):
+    import dataclasses
+
+    from patching.engine import experiment
+
     calls = {"n": 0}
-    real = runner.EXPERIMENT_FNS["discarding"]
+    record = experiment.get("discarding")
+    real = record.run
 
     def crash_on_fourth(*a, **k):
         calls["n"] += 1
@@ -64,12 +69,12 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(model, data, full_run,
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setitem(runner.EXPERIMENT_FNS, "discarding", crash_on_fourth)
+    monkeypatch.setitem(experiment._REGISTRY, "discarding", dataclasses.replace(record, run=crash_on_fourth))
     with pytest.raises(KeyboardInterrupt):
         run_study(model, data, EXPERIMENTS, tmp_path, window=1, options=OPTIONS, progress=False)
     assert len(list((tmp_path / "parts" / "accuracy").glob("*.parquet"))) == 3  # the sample in flight is lost
     assert len(list((tmp_path / "parts" / "knockout").glob("*.parquet"))) == 4  # ... though its knockout part was written
-    monkeypatch.setitem(runner.EXPERIMENT_FNS, "discarding", real)
+    monkeypatch.setitem(experiment._REGISTRY, "discarding", record)
     seen = []
     monkeypatch.setattr(runner, "run_sample", lambda m, row, *a: seen.append(row.id) or real_run_sample(m, row, *a))
     run_study(model, data, EXPERIMENTS, tmp_path, window=1, options=OPTIONS, progress=False)

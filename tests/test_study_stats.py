@@ -80,10 +80,10 @@ def test_figures_and_report_from_a_study_folder(tmp_path):
 
 
 def test_the_knockout_figure_draws_the_summary_means_bands_and_every_sample(tmp_path):
-    from patching.apps.study.figures import knockout_figure
+    from patching.apps.study.figures import figure
 
     out, _ = _study(tmp_path)
-    fig = knockout_figure(out)
+    fig = figure(out, "knockout")
     ax_a, ax_b = fig.axes  # one panel per kind
     s = Study(out).summary("knockout", by=["kind", "edge", "layer"])
     s = s[(s.subset == "correct") & (s.kind == "a")]

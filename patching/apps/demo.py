@@ -27,7 +27,7 @@ def run_demo(out_dir: str | Path = "runs/demo", n_eval: int = 200, n_flow: int =
     from hooked_av import load, toy
     from hooked_av.toy.dataset import write_toy_dataset
     from patching.apps.study import Study, read_manifest, run_study
-    from patching.apps.study.figures import discarding_figure, knockout_figure
+    from patching.apps.study.figures import figure
     from patching.apps.study.report import lowest_points
 
     t0 = time.perf_counter()
@@ -76,11 +76,11 @@ def run_demo(out_dir: str | Path = "runs/demo", n_eval: int = 200, n_flow: int =
                 f"{throughput['flow']:.1f} samples/s (knockout + discarding).")
     report.heading("Accuracy per question kind (bootstrap 95 % intervals)").figure(_accuracy_figure(acc_table)).table(acc_table)
     report.heading("Attention knockout: relative change of p(answer) (%), correctly answered samples")
-    report.figure(knockout_figure(flow))
+    report.figure(figure(flow, "knockout"))
     report.text("Table: the lowest point of each mean curve above: mean [bootstrap 95 % interval] over the correctly "
                 "answered samples, and the layer where it is lowest (n per kind: "
                 + ", ".join(f"{k} {n}" for k, n in n_correct.items()) + ").").table(lowest_table)
-    report.heading("Discarding audio + video tokens from layer L on: accuracy and FLOPs saved").figure(discarding_figure(flow))
+    report.heading("Discarding audio + video tokens from layer L on: accuracy and FLOPs saved").figure(figure(flow, "discarding"))
     report.heading("Token layout of one two_clip sample").pre(layout)
     report.heading("Attention mass between token groups, per layer")
     report.text(f"Mean over heads, over the query positions of each group and over n={batch.inputs['input_ids'].shape[0]} toy samples of every "

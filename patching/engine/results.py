@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from patching.engine import experiment
+
 
 @dataclass
 class Result:
@@ -28,7 +30,7 @@ class Result:
         `correct` is the accuracy). With `correct_only` and no correct sample it raises rather than
         return the wrong answers: pass `correct_only=False` to ask for those."""
         if correct_only is None:
-            correct_only = self.kind in CORRECT_ONLY
+            correct_only = experiment.known(self.kind) and experiment.get(self.kind).correct_only
         df = self.df
         if not correct_only:
             return df
@@ -42,20 +44,20 @@ class Result:
         return df[df["correct"]]
 
     def mean(self, by: list[str] | None = None, value: str | None = None, correct_only: bool | None = None) -> pd.DataFrame:
-        """Mean of `value` grouped by `by` (defaults per kind) over `rows(correct_only)`."""
-        by = by or DEFAULT_BY.get(self.kind, ["layer"])
-        value = value or DEFAULT_VALUE.get(self.kind, "value")
+        """Mean of `value` grouped by `by` (defaults: the kind's record, `patching.engine.experiment`)
+        over `rows(correct_only)`."""
+        record = experiment.get(self.kind) if experiment.known(self.kind) else experiment.Experiment(self.kind)
+        by = by or list(record.by)
+        value = value or record.value
         return self.rows(correct_only).groupby(by, sort=False)[value].mean().reset_index()
 
     # ---- pictures ---------------------------------------------------------------------------
     def plot(self, ax=None, correct_only: bool | None = None, **kwargs):
-        """The experiment's figure (`patching.figures.plots.plot`): every dimension of interest (edge, token
-        set, group, site, item, method, head) its own series or panel, the spread over samples and
-        their count shown, the statistic named in the title. Returns the Axes, or an array of Axes
-        when the figure has several panels."""
-        from patching.figures.plots import plot
-
-        return plot(self, ax=ax, correct_only=correct_only, **kwargs)
+        """The experiment's figure, drawn as its record says (`patching.figures.plots.plot`, registered
+        by `patching.figures`): every dimension of interest (edge, token set, group, site, item, method,
+        head) its own series or panel, the spread over samples and their count shown, the statistic
+        named in the title. Returns the Axes, or an array of Axes when the figure has several panels."""
+        return experiment.draw(self, ax=ax, correct_only=correct_only, **kwargs)
 
     # ---- files ------------------------------------------------------------------------------
     def save(self, path) -> Path:
@@ -79,24 +81,3 @@ class Result:
         meta = json.loads(path.with_suffix(".json").read_text())
         return cls(meta["kind"], df, meta["settings"])
 
-
-DEFAULT_BY = {
-    "knockout": ["edge", "layer"], "causal_tracing": ["site", "tokens", "layer"],
-    "logit_lens": ["group", "layer"], "discarding": ["from_layer"],
-    "activation_patching": ["site", "layer", "pos"], "attribution": ["site", "layer", "pos"],
-    "sinks": ["modality", "cross_modal"], "pathway": ["run"], "fastv": ["method"], "dla": ["layer", "head", "group"],
-    "knockout_accuracy": ["edge", "layer"], "hallucination": ["condition"],
-}
-DEFAULT_VALUE = {
-    "knockout": "rel_change", "causal_tracing": "indirect_effect", "logit_lens": "prob", "discarding": "metric",
-    "activation_patching": "normalised", "attribution": "attribution", "sinks": "mds",
-    "pathway": "correct", "fastv": "correct", "dla": "dla", "knockout_accuracy": "accuracy",
-    "hallucination": "hallucinated_caption",
-}
-CORRECT_ONLY = ("knockout", "causal_tracing")  # kinds averaged over correctly answered samples by default
-YLABEL = {
-    "knockout": "relative change of p(answer) (%)", "causal_tracing": "indirect effect",
-    "logit_lens": "p(answer)", "discarding": "p(answer)", "activation_patching": "normalised metric",
-    "attribution": "attribution", "dla": "direct logit attribution (logit)", "knockout_accuracy": "accuracy (%)",
-    "pathway": "accuracy", "fastv": "accuracy", "sinks": "MDS (video - audio) / (video + audio)",
-}

@@ -26,10 +26,9 @@ import pandas as pd
 from matplotlib.colors import CenteredNorm, Normalize
 from matplotlib.ticker import MaxNLocator
 
-from patching.engine import checks
-from patching.methods.knockout import DEFAULT_WINDOW
-from patching.engine.results import CORRECT_ONLY, DEFAULT_VALUE, YLABEL
+from patching.engine import checks, experiment
 from patching.engine.stats import bootstrap_ci
+from patching.methods.knockout import DEFAULT_WINDOW
 
 SIGNED = {"normalised", "attribution", "indirect_effect", "ie_corrupt_pred", "rel_change", "rel_change_pred", "dla",
           "mds", "metric_change"}  # values with a meaningful 0 in the middle: diverging colours centred there
@@ -49,11 +48,12 @@ def plot(result, ax=None, correct_only: bool | None = None, value: str | None = 
     ratio divides by almost nothing: a sample the corruption does not change has no effect to
     restore), and the title says how many.
     Returns the Axes, or an array of Axes when the figure has several panels (`ax` may then be a
-    sequence of that many Axes)."""
+    sequence of that many Axes). How each kind is drawn is its record's `plot` (`patching.engine.experiment`)."""
     kind = result.kind
-    if kind not in _PLOTS:
-        raise ValueError(f"no figure for a {kind!r} result; kinds with one: {sorted(_PLOTS)}")
-    value = value or DEFAULT_VALUE.get(kind, "value")
+    record = experiment.get(kind) if experiment.known(kind) else None
+    if record is None or record.plot is None:
+        raise ValueError(f"no figure for a {kind!r} result; kinds with one: {sorted(experiment.names(plotted=True))}")
+    value = value or record.value
     if value not in result.df.columns:
         raise ValueError(f"this {kind} frame has no column {value!r}; choose from {list(result.df.columns)}")
     df = result.rows(correct_only)
@@ -61,7 +61,7 @@ def plot(result, ax=None, correct_only: bool | None = None, value: str | None = 
         if sample not in set(df["sample"]):
             raise ValueError(f"no rows for sample {sample}; samples here: {sorted(set(df['sample']))}")
         df = df[df["sample"] == sample]
-    subset = "correct samples" if (kind in CORRECT_ONLY if correct_only is None else correct_only) else "all samples"
+    subset = "correct samples" if (record.correct_only if correct_only is None else correct_only) else "all samples"
     note = ""
     if value == "normalised" and {"m_clean", "m_corrupt"} <= set(df.columns):
         share = 0.05 if min_gap is None else checks.finite(min_gap, "min_gap", minimum=0)
@@ -72,8 +72,9 @@ def plot(result, ax=None, correct_only: bool | None = None, value: str | None = 
             df = df[~df["sample"].isin(small)]
     elif min_gap is not None:
         raise ValueError("min_gap applies to activation patching's 'normalised' value only")
-    ctx = dict(kind=kind, value=value, subset=subset, note=note, tm=tm, sample=sample, samples=samples, settings=result.settings)
-    return _PLOTS[kind](df, ax, figsize, ctx)
+    ctx = dict(kind=kind, value=value, subset=subset, note=note, tm=tm, sample=sample, samples=samples, settings=result.settings,
+               record=record)
+    return STYLES[record.plot.style](df, ax, figsize, ctx)
 
 
 # ---- statistics -------------------------------------------------------------------------------
@@ -193,7 +194,8 @@ def _line_panels(df, ax, figsize, ctx, x: str, series: str, panel: str | None, x
 
 
 def _ylabel(ctx) -> str:
-    return YLABEL.get(ctx["kind"], ctx["value"]) if ctx["value"] == DEFAULT_VALUE.get(ctx["kind"]) else ctx["value"]
+    record = ctx["record"]
+    return record.label or record.value if ctx["value"] == record.value else ctx["value"]
 
 
 def _bars(ax, df, series: str, ctx) -> dict:
@@ -216,21 +218,16 @@ def _bars(ax, df, series: str, ctx) -> dict:
     return ns
 
 
-def _knockout(df, ax, figsize, ctx):
-    st, what = ctx["settings"], ""
-    if st.get("window_style"):  # which layers a point knocks out: the x axis is the window's anchor layer
+def _lines_style(df, ax, figsize, ctx):
+    """The mean of the value against the record's `x`, one line per `series` (one panel per `panel`);
+    a knockout's title says which layers a point knocks out."""
+    spec, what = ctx["record"].plot, ""
+    st = ctx["settings"]
+    if spec.window and st.get("window_style"):  # the x axis is the window's anchor layer
         k = st.get("window")
         size = "" if st["window_style"] in ("top_down", "bottom_up") else f"{DEFAULT_WINDOW if k is None else k}-layer "
         what = f", {size}{st['window_style'].replace('_', '-')} window at each layer"
-    return _line_panels(df, ax, figsize, ctx, "layer", "edge", None, "layer", what)
-
-
-def _logit_lens(df, ax, figsize, ctx):
-    return _line_panels(df, ax, figsize, ctx, "layer", "group", None, "layer")
-
-
-def _discarding(df, ax, figsize, ctx):
-    return _line_panels(df, ax, figsize, ctx, "from_layer", "group", None, "discarded from layer (n_layers = nothing)")
+    return _line_panels(df, ax, figsize, ctx, spec.x, spec.series, spec.panel, spec.xlabel or spec.x, what)
 
 
 def _traced(df, ax, figsize, ctx):
@@ -240,7 +237,8 @@ def _traced(df, ax, figsize, ctx):
         return _position_heatmaps(df, ax, figsize, ctx)
     if "head" in df.columns and (df["head"] >= 0).any():
         return _head_heatmaps(df, ax, figsize, ctx)
-    return _line_panels(df, ax, figsize, ctx, "layer", "tokens", "site", "layer")
+    spec = ctx["record"].plot
+    return _line_panels(df, ax, figsize, ctx, spec.x, spec.series, spec.panel, spec.xlabel or spec.x)
 
 
 # ---- heatmaps ---------------------------------------------------------------------------------
@@ -331,8 +329,8 @@ def _head_heatmaps(df, ax, figsize, ctx, panel: str = "tokens"):
     return _out(axes)
 
 
-def _dla(df, ax, figsize, ctx):
-    return _head_heatmaps(df, ax, figsize, ctx, panel="group")
+def _heads_style(df, ax, figsize, ctx):
+    return _head_heatmaps(df, ax, figsize, ctx, panel=ctx["record"].plot.panel)
 
 
 # ---- the other kinds --------------------------------------------------------------------------
@@ -418,8 +416,7 @@ def _sinks(df, ax, figsize, ctx):
     return ax
 
 
-_PLOTS = {
-    "knockout": _knockout, "logit_lens": _logit_lens, "discarding": _discarding, "causal_tracing": _traced,
-    "activation_patching": _traced, "attribution": _traced, "dla": _dla, "knockout_accuracy": _knockout_accuracy,
-    "pathway": _pathway, "fastv": _fastv, "sinks": _sinks,
+STYLES = {  # a record's `Plot.style` -> how it is drawn
+    "lines": _lines_style, "traced": _traced, "heads": _heads_style, "accuracy": _knockout_accuracy,
+    "bars": _pathway, "points": _fastv, "scatter": _sinks,
 }

@@ -22,6 +22,7 @@ from patching.engine.hooks import SITES, layer_of, patch_from_cache, site_name
 from patching.engine.metrics import AnswerProb, Metric
 from patching.engine.results import Result
 from patching.engine.sweep import Sample, forward_rows, run_rows, sample_maps, samples
+from patching.engine.experiment import Experiment, Plot, Report, StudySample
 
 
 def check_same_layout(a: Sample, b: Sample, what: str = "clean and corrupted") -> None:
@@ -158,3 +159,10 @@ def activation_patching(
     settings = dict(sites=list(sites), layers=layers, positions=positions if isinstance(positions, str) else list(map(str, positions)),
                     direction=direction, metric=None if metric is None else metric.settings())
     return Result("activation_patching", pd.DataFrame(rows), settings)
+
+
+# ---- the record ---------------------------------------------------------------------------------
+EXPERIMENT = Experiment(
+    "activation_patching", activation_patching, by=("site", "layer", "pos"), value="normalised", label="normalised metric",
+    plot=Plot("traced", x="layer", series="tokens", panel="site", xlabel="layer"),
+)

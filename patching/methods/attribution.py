@@ -17,6 +17,7 @@ from patching.engine.hooks import site_name
 from patching.engine.metrics import AnswerProb, Metric
 from patching.engine.results import Result
 from patching.engine.sweep import forward_rows
+from patching.engine.experiment import Experiment, Plot, Report, StudySample
 
 
 def attribution_patching(
@@ -79,3 +80,10 @@ def attribution_patching(
     settings = dict(sites=list(sites), layers=layers, positions=positions if isinstance(positions, str) else list(map(str, positions)),
                     metric=None if metric is None else metric.settings(), gradient="corrupted run")
     return Result("attribution", pd.DataFrame(rows), settings)
+
+
+# ---- the record ---------------------------------------------------------------------------------
+EXPERIMENT = Experiment(
+    "attribution", attribution_patching, by=("site", "layer", "pos"), value="attribution", label="attribution",
+    plot=Plot("traced", x="layer", series="tokens", panel="site", xlabel="layer"),
+)

@@ -35,6 +35,7 @@ variants, the mirror sign, x100 as the hub reports). Without a preset: noise per
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import pandas as pd
@@ -51,6 +52,7 @@ from patching.engine.metrics import AnswerProb
 from patching.engine.results import Result
 from patching.engine.sweep import forward_rows, rows_per_forward, run_rows, sample_maps, samples
 from patching.engine.token_sets import resolve
+from patching.engine.experiment import Experiment, Plot, Report, StudySample
 
 RESTORE_SITES = {"resid": "resid_pre", "resid_post": "resid_post", "attn_in": "attn_in", "attn_out": "attn_out",
                  "mlp_out": "mlp_out"}
@@ -324,3 +326,70 @@ def heatmap(result: Result, site: str, sample: int = 0, value: str = "p_restored
     if part.empty:
         raise ValueError(f"no rows for site {site!r} and sample {sample}; sites: {sorted(df['site'].unique())}")
     return part.pivot_table(index="pos", columns="layer", values=value)
+
+
+# ---- the record ---------------------------------------------------------------------------------
+MEDIA = ("audio", "video", "image")
+TOKEN_SET = re.compile(r"^(all|sink|cross_modal_sink|unimodal_sink|random_sink_num)\((audio|video)\)$")
+
+
+def _present(tm, groups) -> list[str]:
+    return [g for g in groups if bool(tm.select(g).mask.any())]
+
+
+def _run(x: StudySample, opts: dict) -> pd.DataFrame:
+    """A study's causal tracing of one sample, once per corrupted modality (`corrupt`: one or a list,
+    default every media modality of the sample). `tokens` takes TokenMap specs and the hub's token sets
+    by name, `all(m)`, `sink(m)`, `cross_modal_sink(m)`, `unimodal_sink(m)`, `random_sink_num(m)`
+    (`patching.engine.token_sets.hub_sets`, from `find_sinks(**sinks)` with the `sinks` option; the
+    random set's seed is the tracing's `seed`). A token set that is empty in a sample gives that sample
+    no rows for it. Every row carries the sample's `dominance` label (`patching.methods.dominance`)."""
+    from patching.methods.dominance import label_of
+
+    corrupt = opts.pop("corrupt", None) or _present(x.tm, MEDIA)
+    corrupt = [corrupt] if isinstance(corrupt, str) else checks.nonempty(corrupt, "corrupt")
+    sink_opts = opts.pop("sinks", None) or {}
+    tokens = opts.pop("tokens", None)
+    media_mode = (opts.get("mode") or PRESETS[opts.get("preset")]["mode"]) == "media"
+    given = x.inputs if media_mode else x.enc  # black frames / silence need the media, not the towers' output
+    frames = []
+    for m in corrupt:
+        kw = dict(opts)
+        if isinstance(tokens, str) and tokens.split(":")[0] == "each":  # ROME's every position on its own
+            kw["tokens"] = tokens
+        elif tokens is not None:
+            sets = _token_sets(x, tokens if isinstance(tokens, list) else [tokens], sink_opts, opts.get("seed", 0))
+            if not sets:
+                continue
+            kw["tokens"] = sets
+        frames.append(causal_tracing(x.model, given, [x.answer], corrupt=m, tm=x.tm, progress=False, **kw).df.assign(corrupted=m))
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    return df.assign(dominance=label_of(x)["label"].iloc[0])
+
+
+def _token_sets(x: StudySample, specs: list, sink_opts: dict, seed: int) -> list:
+    """TokenMap specs as given; the hub's named sets (`sink(audio)`, ...) from `find_sinks`; sets
+    that are empty in this sample left out."""
+    from patching.engine.token_sets import hub_sets
+    from patching.methods.sinks import find_sinks
+
+    named = {}
+    if any(isinstance(s, str) and TOKEN_SET.match(s) for s in specs):
+        found = find_sinks(x.model, x.enc, tm=x.tm, **sink_opts)
+        for m in ("audio", "video"):
+            named.update({f"{k}({m})": v for k, v in hub_sets(found, m, seed).items()})
+    out = []
+    for s in specs:
+        spec = named[s] if isinstance(s, str) and s in named else s
+        if bool(resolve(spec, x.tm, 0).mask.any()):
+            out.append(spec)
+    return out
+
+
+EXPERIMENT = Experiment(
+    "causal_tracing", causal_tracing, by=("site", "tokens", "layer"), value="indirect_effect", label="indirect effect",
+    correct_only=True, plot=Plot("traced", x="layer", series="tokens", panel="site", xlabel="layer"), run=_run,
+    cells=("corrupted", "site", "tokens", "layer", "pos"), extra_options=frozenset({"sinks"}),
+    not_options=frozenset({"corrupted", "corrupt_answers"}),
+    report=Report("Causal tracing: indirect effect per restored token set", split=("corrupted",), by_site=True),
+)

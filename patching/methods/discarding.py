@@ -19,6 +19,7 @@ from patching.engine import checks
 from patching.engine.metrics import AnswerProb
 from patching.engine.results import Result
 from patching.engine.sweep import Sample, samples
+from patching.engine.experiment import Experiment, Plot, Report, StudySample
 
 
 def _dropped(tm, group) -> Tensor:
@@ -121,3 +122,19 @@ def discarding(
                              time_saved=1 - seconds[layer] / seconds[L]))
     return Result("discarding", pd.DataFrame(rows), dict(group=str(group), from_layers=from_layers, repeats=repeats,
                                                           metric=metric.settings()))
+
+
+# ---- the record ---------------------------------------------------------------------------------
+def _run(x: StudySample, opts: dict) -> pd.DataFrame:
+    """A study's discarding of one sample; `group` defaults to the sample's media."""
+    opts.setdefault("group", "|".join(g for g in ("audio", "video", "image") if bool(x.tm.select(g).mask.any())))
+    return discarding(x.model, x.enc, [x.answer], tm=x.tm, progress=False, **opts).df
+
+
+EXPERIMENT = Experiment(
+    "discarding", discarding, by=("from_layer",), value="metric", label="p(answer)",
+    plot=Plot("lines", x="from_layer", series="group", xlabel="discarded from layer (n_layers = nothing)"),
+    run=_run, cells=("group", "from_layer"), study_value="correct",  # a study reports the accuracy with the group discarded
+    report=Report("Discarding the media from layer L on: accuracy and FLOPs saved", samples=False,
+                  twin=("flops_saved", "FLOPs saved (fraction, dashed)"), ylabel="accuracy (all samples)", ylim=(-0.05, 1.05)),
+)

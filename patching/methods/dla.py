@@ -23,6 +23,7 @@ from patching.engine import checks
 from patching.engine.metrics import AnswerProb
 from patching.engine.results import Result
 from patching.engine.sweep import forward_rows, samples
+from patching.engine.experiment import Experiment, Plot, Report, StudySample
 
 
 def _groups(tm, groups) -> list[tuple[str, torch.Tensor]]:
@@ -90,3 +91,15 @@ def dla(model, inputs: dict, answers=None, groups: Sequence | None = None, layer
                     vals = contrib[m.to(contrib.device)].sum(0).tolist()
                     rows += [dict(sample=s.index, layer=l, head=h, group=label, answer=tok, dla=x) for h, x in enumerate(vals)]
     return Result("dla", pd.DataFrame(rows), dict(layers=layers, groups=None if groups is None else [str(g) for g in groups]))
+
+
+# ---- the record ---------------------------------------------------------------------------------
+def _run(x: StudySample, opts: dict) -> pd.DataFrame:
+    return dla(x.model, x.enc, [x.answer], tm=x.tm, **opts).df
+
+
+EXPERIMENT = Experiment(
+    "dla", dla, by=("layer", "head", "group"), value="dla", label="direct logit attribution (logit)",
+    plot=Plot("heads", panel="group"), run=_run, cells=("group", "layer", "head"),
+    report=Report("Direct logit attribution per head, split by the token group read"),
+)

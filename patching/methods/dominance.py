@@ -18,6 +18,7 @@ import torch
 
 from patching.engine import checks
 from patching.engine.corrupt import zero_media
+from patching.engine.experiment import Experiment, Report, StudySample
 
 LABELS = ("video", "audio", "neither")
 
@@ -45,3 +46,30 @@ def dominance(model, inputs: dict, answers=None) -> pd.DataFrame:
     if answers is not None:
         df["correct_av"] = (av == answers.expand(n)).tolist()
     return df
+
+
+# ---- the record ---------------------------------------------------------------------------------
+def label_of(x: StudySample) -> pd.DataFrame:
+    """`dominance` of a study's sample (one row), or a row with `label` None and `absent` naming what
+    it lacks when the sample has no audio or no video."""
+    absent = [m for m in ("audio", "video") if not bool(x.tm.select(m).mask.any())]
+    if absent:
+        return pd.DataFrame([dict(sample=0, pred_av=None, pred_audio_only=None, pred_video_only=None, label=None,
+                                  correct_av=None, absent="|".join(absent))])
+    return dominance(x.model, x.inputs, answers=[x.answer]).reset_index(drop=True).assign(absent="")
+
+
+def label_shares(df: pd.DataFrame) -> pd.DataFrame:
+    """Dominance rows as one row per (sample, label) with `share` 1 for the sample's label and 0 for
+    the others, so a mean is the share of samples with that label. Samples without a label (no
+    audio or no video) are left out."""
+    labelled = df[df["label"].notna()]
+    return pd.concat([labelled.assign(share=(labelled["label"] == lab).astype(float), label=lab) for lab in LABELS],
+                     ignore_index=True)
+
+
+EXPERIMENT = Experiment(
+    "dominance", dominance, by=("label",), value="share", label="share of samples", outcome="binary",
+    run=lambda x, opts: label_of(x), cells=("label",), summary_rows=label_shares,
+    report=Report("Unimodal dominance: share of samples per label", table="shares"),
+)

@@ -26,6 +26,7 @@ from patching.methods.discarding import forward_flops, median_times
 from patching.engine.metrics import AnswerProb
 from patching.engine.results import Result
 from patching.engine.sweep import samples
+from patching.engine.experiment import Experiment, Plot, Report, StudySample
 
 DEFAULT_K = 2
 DEFAULT_R = 0.5
@@ -182,3 +183,15 @@ def fastv(
     settings = dict(k=k, r=r, media=str(media), discard=None if discard is None else [str(g) for g in discard],
                     max_new_tokens=max_new_tokens, repeats=repeats, metric=metric.settings())
     return Result("fastv", pd.DataFrame(rows), settings)
+
+
+# ---- the record ---------------------------------------------------------------------------------
+def _run(x: StudySample, opts: dict) -> pd.DataFrame:
+    return fastv(x.model, x.enc, [x.answer], tm=x.tm, progress=False, **opts).df
+
+
+EXPERIMENT = Experiment(
+    "fastv", fastv, by=("method",), value="correct", label="accuracy", outcome="binary",
+    plot=Plot("points", series="method", xlabel="prefill FLOPs saved (fraction)"), run=_run, cells=("method",),
+    report=Report("FastV beside discarding a whole modality: accuracy against prefill FLOPs saved"),
+)

@@ -30,6 +30,7 @@ import torch
 from patching.engine import checks
 from patching.methods.guidance import guided_generate
 from patching.engine.results import Result
+from patching.engine.experiment import Experiment, Plot, Report, StudySample
 
 WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 CONDITIONS = ("plain", "guided")
@@ -208,3 +209,8 @@ def hallucination_study(
     df = pd.concat(frames, ignore_index=True)
     settings = {**res.settings, "rates": rates(df), "manifest": manifest.sha256, "column": column}
     return Result("hallucination", df, settings)
+
+
+# ---- the record ---------------------------------------------------------------------------------
+EXPERIMENT = Experiment("hallucination", hallucination, by=("condition",), value="hallucinated_caption",
+                        label="share of hallucinated captions")

@@ -27,6 +27,7 @@ from patching.engine.hooks import block_attention
 from patching.engine.metrics import AnswerProb, relative_change
 from patching.engine.results import Result
 from patching.engine.sweep import forward_rows, run_rows, sample_maps, samples
+from patching.engine.experiment import Experiment, Plot, Report, StudySample
 
 DEFAULT_EDGES = (
     ("audio", "question"), ("video", "question"), ("audio", "last"),
@@ -210,3 +211,31 @@ def knockout_accuracy(result: Result, sample_mode: str = "correct") -> Result:
     acc = acc[["edge", "layer", "accuracy", "n_samples"]]
     acc["accuracy_base"] = 100.0 * df.groupby("sample")["correct"].first().mean()
     return Result("knockout_accuracy", acc, dict(sample_mode=sample_mode, n_samples=n, **result.settings))
+
+
+# ---- the record ---------------------------------------------------------------------------------
+def _run(x: StudySample, opts: dict) -> pd.DataFrame:
+    """A study's knockout of one sample; the window is the study's `window=` (None: the style's default)."""
+    return knockout(x.model, x.enc, [x.answer], window=x.window, tm=x.tm, progress=False, **opts).df
+
+
+def _check(opts: dict, window) -> None:
+    """The style and the window's size agree (the model's depth is checked once it loads)."""
+    style = opts.get("window_style", "centre")
+    try:
+        styled_window(0, window, 10**6, style)
+    except ValueError as e:
+        raise ValueError(f"knockout window {window} with window_style {style!r}: {e}") from None
+
+
+EXPERIMENT = Experiment(
+    "knockout", knockout, by=("edge", "layer"), value="rel_change", label="relative change of p(answer) (%)",
+    correct_only=True, plot=Plot("lines", x="layer", series="edge", xlabel="layer", window=True), run=_run,
+    cells=("edge", "layer"), not_options=frozenset({"window"}), check=_check,
+    report=Report("Attention knockout: relative change of p(answer) (%)", derived=("knockout_accuracy",), table="lowest"),
+)
+ACCURACY = Experiment(
+    "knockout_accuracy", knockout_accuracy, by=("edge", "layer"), value="accuracy", label="accuracy (%)",
+    plot=Plot("accuracy", x="layer", series="edge", xlabel="window centre layer"),
+    report=Report("Accuracy under the knockout (Map the Flow's count: correct plainly and under the knockout)"),
+)

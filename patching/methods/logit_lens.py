@@ -22,6 +22,7 @@ from patching.methods.activation_patching import cache_sample, site_names
 from patching.engine.metrics import AnswerProb
 from patching.engine.results import Result
 from patching.engine.sweep import samples
+from patching.engine.experiment import Experiment, Plot, Report, StudySample
 
 
 def logit_lens(
@@ -95,3 +96,19 @@ def _projection(model, lens: str, n_layers: int):
         return (model.ln_final(h) if layer == n_layers - 1 else h) @ embed.T
 
     return project
+
+
+# ---- the record ---------------------------------------------------------------------------------
+def _run(x: StudySample, opts: dict) -> pd.DataFrame:
+    """A study's logit lens of one sample; `lens` may be a list, one run each, told apart by a `lens` column."""
+    lenses = opts.pop("lens", "standard")
+    lenses = [lenses] if isinstance(lenses, str) else checks.nonempty(lenses, "lens")
+    return pd.concat([logit_lens(x.model, x.enc, [x.answer], tm=x.tm, lens=lens, **opts).df.assign(lens=lens)
+                      for lens in lenses], ignore_index=True)
+
+
+EXPERIMENT = Experiment(
+    "logit_lens", logit_lens, by=("group", "layer"), value="prob", label="p(answer)",
+    plot=Plot("lines", x="layer", series="group", xlabel="layer"), run=_run, cells=("lens", "group", "layer"),
+    report=Report("Logit lens: p(answer) per token group and layer", split=("lens",)),
+)

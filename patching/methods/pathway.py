@@ -35,6 +35,7 @@ from patching.methods.knockout import parse_edge
 from patching.engine.metrics import AnswerProb, relative_change
 from patching.engine.results import Result
 from patching.engine.sweep import forward_rows, samples
+from patching.engine.experiment import Experiment, Plot, Report, StudySample
 
 
 def _keep_triples(model, keep) -> list[tuple[object, object, list[int]]]:
@@ -181,3 +182,16 @@ def pathway(
     settings = dict(keep=[[str(a), str(b), list(c)] for a, b, c in triples], random_baseline=random_baseline,
                     random_ratio=random_ratio, random_from=str(random_from), seed=seed, n_layers=L, metric=metric.settings())
     return Result("pathway", pd.DataFrame(rows), settings)
+
+
+# ---- the record ---------------------------------------------------------------------------------
+def _run(x: StudySample, opts: dict) -> pd.DataFrame:
+    return pathway(x.model, x.enc, [x.answer], tm=x.tm, **opts).df
+
+
+EXPERIMENT = Experiment(
+    "pathway", pathway, by=("run",), value="correct", label="accuracy", outcome="binary",
+    plot=Plot("bars", series="run"), run=_run, cells=("run",), required=("keep",),
+    example={"keep": '[["video", "question", [1, 2]]]'},
+    report=Report("Effective pathway: accuracy with the pathway and with random blocking of as many edges"),
+)

@@ -31,6 +31,7 @@ import torch
 from patching.engine import checks
 from patching.engine.results import Result
 from patching.engine.sweep import samples
+from patching.engine.experiment import Experiment, Plot, Report, StudySample
 
 MDS_EPS = 1e-9  # the hub's denominator guard, `(v - a) / (v + a + 1e-9)`
 CROSS_MODAL_FROM = {"audio": "video", "video": "audio"}  # an audio sink is cross-modal when video reads it
@@ -219,3 +220,15 @@ def _mean_attention_from(patterns, p: int, video: torch.Tensor, audio: torch.Ten
         return torch.stack([pat[rows, p].mean() if rows.any() else pat.new_zeros(()) for pat in patterns]).double()
 
     return mean(v_rows), mean(a_rows)
+
+
+# ---- the record ---------------------------------------------------------------------------------
+def _run(x: StudySample, opts: dict) -> pd.DataFrame:
+    return find_sinks(x.model, x.enc, tm=x.tm, **opts).df
+
+
+EXPERIMENT = Experiment(
+    "sinks", find_sinks, by=("modality", "cross_modal"), value="mds", label="MDS (video - audio) / (video + audio)",
+    plot=Plot("scatter", x="pos", xlabel="position"), run=_run, cells=("modality", "cross_modal"),
+    report=Report("Attention sinks: modality dominance score"),
+)

@@ -28,6 +28,8 @@ from torch import Tensor
 
 from patching.engine import checks
 from patching.engine.intervention import Intervention, Part, batch_rows, layer_list
+import pandas as pd
+from patching.engine.experiment import Experiment, Report, StudySample
 
 DEFAULT_P = 0.6
 DEFAULT_RHO = 0.5
@@ -115,3 +117,45 @@ def var(tm, sinks, layers, media="audio|video|image", p: float = DEFAULT_P, rho:
 
     iv = Intervention([Part("var", params, make, layers)])
     return iv if rows is None else iv.on_rows(rows)
+
+
+# ---- the record ---------------------------------------------------------------------------------
+def _run(x: StudySample, opts: dict) -> pd.DataFrame:
+    """p(answer) and the top token with VAR's redistribution at the sinks `find_sinks` finds, at every
+    layer of `layers` (default `var_layers`), one forward with the edit. A sample with no sink among
+    its media has nothing to redistribute: VAR is the identity there, and its row says `applied=False`."""
+    from patching.engine.metrics import AnswerProb, relative_change
+    from patching.engine.sweep import forward_rows, samples
+    from patching.methods.sinks import find_sinks
+
+    model = x.model
+    sink_opts = opts.pop("sinks", None) or {}
+    layers = opts.pop("layers", None) or var_layers(model.cfg.n_layers)
+    media = opts.get("media", "audio|video|image")
+    found = find_sinks(model, x.enc, tm=x.tm, **sink_opts).df
+    sinks = torch.zeros(1, x.tm.seq_len, dtype=torch.bool)
+    sinks[0, found.pos.astype(int).tolist()] = True
+    n_media_sinks = int((sinks & x.tm.mask(media)).sum())
+    (s,) = samples(model, x.enc, x.tm)
+    metric = AnswerProb([x.answer])
+    with torch.no_grad():
+        base = forward_rows(model, s, 1)
+        if n_media_sinks:
+            iv = var(x.tm, sinks, layers, **opts).check(model, 1)
+            with model.hooks(fwd_hooks=list(iv)):
+                lg = forward_rows(model, s, 1)
+        else:  # no media sink: no head qualifies, the edit changes nothing
+            lg = base
+    p_orig, p = metric(base), metric(lg)
+    return pd.DataFrame([dict(sample=0, intervention="var", layers=" ".join(map(str, layers)), n_sinks=int(sinks.sum()),
+                              n_media_sinks=n_media_sinks, applied=bool(n_media_sinks), p_orig=float(p_orig[0]), p=float(p[0]),
+                              rel_change=float(relative_change(p, p_orig)[0]), pred_orig=int(base[0].argmax()),
+                              pred=int(lg[0].argmax()), correct_orig=bool(metric.correct(base)[0]),
+                              correct=bool(metric.correct(lg)[0]))])
+
+
+EXPERIMENT = Experiment(
+    "var", var, by=("intervention",), value="correct", label="accuracy", outcome="binary", run=_run,
+    cells=("intervention",), extra_options=frozenset({"sinks", "layers"}), not_options=frozenset({"sinks", "rows"}),
+    report=Report("VAR (visual attention redistribution): accuracy with and without it", baseline="correct_orig"),
+)

@@ -1,17 +1,17 @@
-"""The papers' figures from study folders, each taking one study or several side by side (two models,
-two datasets) and returning a matplotlib Figure. Every panel is drawn by the experiment's own
-`Result.plot` (`patching.figures.plots`) on the study's rows: the mean over samples with its bootstrap 95 %
-band (`patching.engine.stats.bootstrap_ci`, the interval `Study.summary` reports), every sample as a faint
-line, n= in the legend, integer layer ticks; one panel per study and value of `facet`.
+"""The papers' figures from study folders: `figure(studies, experiment)` takes one study or several side
+by side (two models, two datasets) and returns a matplotlib Figure (DLA: one per panel). Every panel is
+drawn by the experiment's own `Result.plot` (`patching.figures.plots`) on the study's rows: the mean over
+samples with its bootstrap 95 % band (`patching.engine.stats.bootstrap_ci`, the interval `Study.summary`
+reports), every sample as a faint line, n= in the legend, integer layer ticks; one panel per study and
+value of `facet`. How a kind is laid out is its registry record's `Report`: columns drawn as panels of
+their own (`split`, e.g. causal tracing's corrupted modality), one column per restore site
+(`by_site`), a second axis (`twin`, discarding's FLOPs saved), the study's value and axis where they
+differ from `Result.plot`'s (discarding's accuracy), and kinds derived from the rows (`derived`:
+knockout accuracy from the knockout rows). Averaged over the record's subset (the correctly answered
+samples for knockout and causal tracing, the summary's "correct" subset) unless `subset` says otherwise.
 
-- `knockout_figure`: relative change of p(answer) against layer, one line per edge, over the samples
-  answered correctly by the study's scoring rule (`sample_correct`, the summary's "correct" subset).
-- `discarding_figure`: accuracy with the media discarded from layer L on, all samples, and the FLOPs
-  saved (dashed, right axis), against L.
-- `indirect_effect_figure`: causal tracing's indirect effect against layer, one line per restored
-  token set, one panel per corrupted modality and restore site.
-- `experiment_figure`: any other experiment with a `Result.plot` (logit lens per lens, pathway, FastV,
-  sinks, knockout accuracy); DLA as one figure per panel on one colour scale (`dla_figures`).
+    fig = figure("runs/toy", "knockout")
+    fig = figure(["runs/omni3b", "runs/omni7b"], "discarding")
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from patching.engine.results import Result  # noqa: E402
 from patching.apps.study.stats import Study  # noqa: E402
-
-CORRECT_IS_SAMPLE = ("knockout", "causal_tracing")  # kinds whose `correct` is the sample's, not the cell's value
+from patching.engine import experiment as registry  # noqa: E402
+from patching.engine.experiment import Report  # noqa: E402
+from patching.engine.results import Result  # noqa: E402
 
 
 def _studies(studies) -> list[Study]:
@@ -40,10 +40,11 @@ def _title(study: Study, many: bool) -> str:
 
 def as_result(study: Study, kind: str, df: pd.DataFrame) -> Result:
     """The study's rows of one panel as a `Result` of `kind`: `sample` numbers the ids in manifest
-    order; for knockout and causal tracing `correct` is the study's `sample_correct` (its scoring
-    rule), so the figure averages the samples the summary's "correct" subset does."""
+    order; for kinds averaged over correct samples (knockout, causal tracing) `correct` is the study's
+    `sample_correct` (its scoring rule), so the figure averages the samples the summary's "correct"
+    subset does."""
     df = df.assign(sample=pd.factorize(df["id"])[0])
-    if kind in CORRECT_IS_SAMPLE:
+    if registry.get(kind).correct_only:
         df = df.assign(correct=df["sample_correct"])
     opts = study.settings.get("options", {}).get(kind, {})
     settings = {"window": study.settings.get("window"), "window_style": opts.get("window_style", "centre")} if kind == "knockout" else {}
@@ -110,78 +111,68 @@ def _draw(fig, fig_axes, panels, kind, **plot_kw):
         fig.suptitle("; ".join(shared), fontsize="medium", y=1.0, va="bottom")  # above the panels, never over a title
 
 
-def knockout_figure(studies, facet: str | None = "kind", subset: str = "correct"):
-    panels = _panels(_studies(studies), "knockout", facet)
-    fig, axes = _wrapped(len(panels))
-    _draw(fig, axes, panels, "knockout", correct_only=subset == "correct")
-    fig.tight_layout()
-    return fig
-
-
-def discarding_figure(studies, facet: str | None = "kind"):
-    """Accuracy is 0 or 1 per sample: thin per-sample lines would only zigzag between the two, so the
-    figure shows the mean, its band and n."""
-    panels = _panels(_studies(studies), "discarding", facet)
-    fig, axes = _wrapped(len(panels))
-    _draw(fig, axes, panels, "discarding", value="correct", correct_only=False, samples=False)
-    for (ax,), (_, _, df) in zip(axes, panels):
-        twin = ax.twinx()
-        flops = df.groupby("from_layer")["flops_saved"].mean()  # analytic: the same for every sample of a layout
-        twin.plot(flops.index, flops.values, ls="--", color="grey", label="FLOPs saved")
-        twin.set(ylim=(-0.05, 1.05), ylabel="FLOPs saved (fraction, dashed)")  # the same scale as accuracy: 0 is 0 on both
-        ax.set(ylim=(-0.05, 1.05), ylabel="accuracy (all samples)")
-    fig.tight_layout()
-    return fig
-
-
-def indirect_effect_figure(studies, subset: str = "correct", facet: str | None = "kind"):
-    """One row per study x `facet` value x corrupted modality, one column per restore site."""
+def figure(studies, experiment: str, facet: str | None = "kind", subset: str | None = None):
+    """The figure of `experiment` over one study or several, laid out as its record's `Report` says
+    (see the module); `subset` ("correct" / "all", default the record's) chooses the samples averaged."""
     studies = _studies(studies)
-    panels = _panels(studies, "causal_tracing", facet, split="corrupted")
-    n_sites = max(df["site"].nunique() for _, _, df in panels)
-    if n_sites == 1:  # one site: panels side by side, two to a row
+    record = registry.get(experiment)
+    rep = record.report or Report(experiment)
+    source = _source(experiment)
+    if source is not None:
+        return _derived_figure(studies, record, source, facet)
+    correct_only = (subset or record.subset) == "correct"
+    panels = _panels(studies, experiment, facet, split=rep.split[0] if rep.split else None)
+    if record.plot is not None and record.plot.style == "heads":
+        return _heatmap_figures(panels, experiment)
+    n_sites = max(df["site"].nunique() for _, _, df in panels) if rep.by_site else 1
+    if n_sites == 1:  # panels side by side, two to a row
         fig, rows = _wrapped(len(panels))
-        _draw(fig, rows, panels, "causal_tracing", correct_only=subset == "correct")
-        fig.tight_layout()
-        return fig
-    fig, axes = _grid(len(panels), n_sites)
-    rows = []
-    for row, (st, title, df) in zip(axes, panels):
-        k = df["site"].nunique()
-        for ax in row[k:]:
-            ax.set_visible(False)
-        rows.append(list(row[:k]))
-    _draw(fig, rows, panels, "causal_tracing", correct_only=subset == "correct")
+    else:  # one row per panel, one column per restore site
+        fig, axes = _grid(len(panels), n_sites)
+        rows = []
+        for row, (_, _, df) in zip(axes, panels):
+            k = df["site"].nunique()
+            for ax in row[k:]:
+                ax.set_visible(False)
+            rows.append(list(row[:k]))
+    value = record.summary_value if record.summary_value != record.value else None
+    _draw(fig, rows, panels, experiment, correct_only=correct_only, samples=rep.samples,
+          **({} if value is None else {"value": value}))
+    for axes_row, (_, _, df) in zip(rows, panels):
+        for ax in axes_row:
+            if rep.twin is not None:
+                column, label = rep.twin
+                twin = ax.twinx()
+                curve = df.groupby(record.plot.x)[column].mean()  # analytic: the same for every sample of a layout
+                twin.plot(curve.index, curve.values, ls="--", color="grey", label=label)
+                twin.set(ylim=rep.ylim, ylabel=label)  # the value's scale: 0 is 0 on both
+            if rep.ylim is not None:
+                ax.set_ylim(*rep.ylim)
+            if rep.ylabel is not None:
+                ax.set_ylabel(rep.ylabel)
     fig.tight_layout()
     return fig
 
 
-SPLIT = {"logit_lens": "lens"}  # a column drawn as panels of its own
+def _source(kind: str) -> str | None:
+    """The experiment whose rows `kind` is derived from (its record's `Report.derived`), if any."""
+    for name in registry.names():
+        rep = registry.get(name).report
+        if rep is not None and kind in rep.derived:
+            return name
+    return None
 
 
-def experiment_figure(studies, experiment: str, facet: str | None = "kind"):
-    """`Result.plot` of `experiment` (knockout_accuracy: from the knockout rows) per study x facet."""
-    studies = _studies(studies)
-    if experiment == "knockout_accuracy":
-        return _knockout_accuracy_figure(studies, facet)
-    panels = _panels(studies, experiment, facet, split=SPLIT.get(experiment))
-    if experiment == "dla":
-        return dla_figures(panels)
-    fig, rows = _wrapped(len(panels))
-    _draw(fig, rows, panels, experiment, correct_only=False)
-    fig.tight_layout()
-    return fig
-
-
-def dla_figures(panels) -> list:
-    """DLA: one figure per panel (a row of layer x head heatmaps, one per source group, as
+def _heatmap_figures(panels, kind: str) -> list:
+    """Layer x head heatmaps (DLA): one figure per panel (a row of heatmaps, one per source group, as
     `Result.plot` lays it out), every heatmap of every figure on one symmetric colour scale, so a
     colour means the same logit contribution in every panel."""
+    record = registry.get(kind)
     figs = []
     for st, title, df in panels:
-        axes = as_result(st, "dla", df).plot(correct_only=False)
+        axes = as_result(st, kind, df).plot(correct_only=False)
         fig = np.atleast_1d(axes)[0].figure
-        fig.suptitle(f"{title}: mean direct logit attribution per layer and head (logit), all samples; "
+        fig.suptitle(f"{title}: mean {record.label or record.value} per layer and head, all samples; "
                      "one colour scale for every panel", fontsize="small", y=1.02)
         figs.append(fig)
     images = [im for fig in figs for ax in fig.axes for im in ax.get_images()]
@@ -191,14 +182,13 @@ def dla_figures(panels) -> list:
     return figs
 
 
-def _knockout_accuracy_figure(studies, facet):
-    from patching.methods.knockout import knockout_accuracy
-
-    panels = _panels(studies, "knockout", facet)
+def _derived_figure(studies, record, source: str, facet):
+    """A kind computed from another's rows (knockout accuracy from the knockout rows: the library's own
+    `correct`, gold being the plain run's top token, Map the Flow's count), per study x facet."""
+    panels = _panels(studies, source, facet)
     fig, axes = _wrapped(len(panels))
     for (ax,), (st, title, df) in zip(axes, panels):
-        # the library's own `correct` (gold is the plain run's top token), Map the Flow's count
-        res = knockout_accuracy(Result("knockout", df.assign(sample=pd.factorize(df["id"])[0])))
+        res = record.fn(Result(source, df.assign(sample=pd.factorize(df["id"])[0])))
         res.plot(ax=ax)
         ax.set_title(f"{title}\n{ax.get_title()}", fontsize="small")
         handles, labels = ax.get_legend_handles_labels()  # below the axes: inside, it hid the curves

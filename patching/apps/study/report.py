@@ -17,24 +17,9 @@ import pandas as pd
 
 from hooked_av.viz import Report
 from patching.apps.study import figures
-from patching.apps.study.stats import DEFAULTS, Study
+from patching.apps.study.stats import Study
+from patching.engine import experiment as registry
 
-FIGURES = {"knockout": figures.knockout_figure, "discarding": figures.discarding_figure,
-           "causal_tracing": figures.indirect_effect_figure}
-PLOTTED = ("logit_lens", "dla", "pathway", "fastv", "sinks")  # drawn by `figures.experiment_figure`
-HEADINGS = {
-    "knockout": "Attention knockout: relative change of p(answer) (%)",
-    "discarding": "Discarding the media from layer L on: accuracy and FLOPs saved",
-    "causal_tracing": "Causal tracing: indirect effect per restored token set",
-    "logit_lens": "Logit lens: p(answer) per token group and layer",
-    "sinks": "Attention sinks: modality dominance score",
-    "pathway": "Effective pathway: accuracy with the pathway and with random blocking of as many edges",
-    "fastv": "FastV beside discarding a whole modality: accuracy against prefill FLOPs saved",
-    "var": "VAR (visual attention redistribution): accuracy with and without it",
-    "dla": "Direct logit attribution per head, split by the token group read",
-    "dominance": "Unimodal dominance: share of samples per label",
-}
-SUBSET = {"knockout": "correct", "causal_tracing": "correct"}  # the figures' subset; "all" elsewhere
 MAX_ROWS = 40  # a longer table (DLA: layers x heads x groups) shows its largest |mean| cells and says so
 
 
@@ -53,11 +38,12 @@ def write_report(studies, path=None) -> Path:
     report.text(f"{' | '.join(f'{s.dir}: {s.n_done} samples' for s in items)}; written {time.strftime('%Y-%m-%d %H:%M')}. "
                 "Figures: mean over samples (thick), bootstrap 95 % interval of the mean (band), every sample (thin); "
                 "n = samples. Tables: the same means, intervals and n.")
-    report.heading("Accuracy").table(_table(items, "accuracy")[0])
+    report.heading(_heading("accuracy")).table(_table(items, "accuracy")[0])
     common = [e for e in items[0].experiments if all(e in s.experiments for s in items) and e != "accuracy"]
     for exp in common:
-        report.heading(HEADINGS.get(exp, exp))
-        fig = FIGURES[exp](items) if exp in FIGURES else figures.experiment_figure(items, exp) if exp in PLOTTED else None
+        record = registry.get(exp)
+        report.heading(_heading(exp))
+        fig = figures.figure(items, exp) if record.plot is not None else None
         figs = [] if fig is None else fig if isinstance(fig, list) else [fig]
         for i, f in enumerate(figs):
             f.savefig(png_dir / (f"{exp}.png" if len(figs) == 1 else f"{exp}_{i}.png"), dpi=110, bbox_inches="tight")
@@ -66,29 +52,38 @@ def write_report(studies, path=None) -> Path:
         if not figs:
             caption = caption.replace("the figure's values", "no figure").replace("in the figure", "")
         report.text(caption).table(table)
-        if exp == "knockout":
-            report.heading("Accuracy under the knockout (Map the Flow's count: correct plainly and under the knockout)")
-            fig = figures.experiment_figure(items, "knockout_accuracy")
-            fig.savefig(png_dir / "knockout_accuracy.png", dpi=110, bbox_inches="tight")
+        for kind in record.report.derived if record.report else ():  # kinds computed from these rows
+            report.heading(_heading(kind))
+            fig = figures.figure(items, kind)
+            fig.savefig(png_dir / f"{kind}.png", dpi=110, bbox_inches="tight")
             report.figure(fig)
     report.heading("Settings").pre("\n\n".join(f"{s.dir}\n{_settings_text(s)}" for s in items))
     return report.save(path)
 
 
+def _heading(kind: str) -> str:
+    record = registry.get(kind)
+    return record.report.heading if record.report else kind
+
+
 def _table(items, exp) -> tuple[pd.DataFrame, str]:
     """(table, caption): the summary rows of the figure's subset."""
-    subset = SUBSET.get(exp, "all")
+    record = registry.get(exp)
+    rep = record.report
+    subset = record.subset
     t = pd.concat([s.summary(exp) for s in items], ignore_index=True).drop(columns=["experiment"])
-    if exp == "var":  # beside the accuracy under VAR, the plain run's over the same samples
-        plain = pd.concat([s.summary(exp, value="correct_orig") for s in items], ignore_index=True).drop(columns=["experiment"])
-        t = pd.concat([t, plain.assign(intervention="none (plain run)")], ignore_index=True).sort_values(
+    if rep is not None and rep.baseline:  # beside the value under the intervention, the plain run's over the same samples
+        plain = pd.concat([s.summary(exp, value=rep.baseline) for s in items], ignore_index=True).drop(columns=["experiment"])
+        cell = record.cells[0]
+        t = pd.concat([t, plain.assign(**{cell: "none (plain run)"})], ignore_index=True).sort_values(
             [c for c in ("model", "kind", "task", "dataset") if c in t.columns], kind="stable")
     t = t[t.subset == subset]
-    value = DEFAULTS[exp][0]
+    value = record.summary_value
     what = f"mean {value} over {subset} samples, bootstrap 95 % interval (ci_low, ci_high), n_samples"
-    if exp == "knockout":  # the curve is the figure; the table gives where each mean curve is lowest
+    table = rep.table if rep else "cells"
+    if table == "lowest":  # the curve is the figure; the table gives where each mean curve is lowest
         return lowest_points(t), f"Table: each edge's lowest point of the mean curve in the figure (the layer where it is lowest; {what})."
-    if exp == "dominance":
+    if table == "shares":
         return t, "Table: share of the samples with audio and video that carry each label, bootstrap 95 % interval, n_samples."
     if len(t) > MAX_ROWS:
         n = len(t)

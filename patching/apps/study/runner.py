@@ -4,7 +4,8 @@ parquet as each sample finishes, resumable, and data-parallel under torchrun.
     run_study("toy", "data/toy/manifest.jsonl", ["knockout", "discarding"], "runs/study", window=1)
 
 Per sample: media decoded (`model.prepare` on the template's Prompt), the towers run once
-(`model.encode`), the answer scored (`scoring.Scorer`), then each experiment (`experiments`) is called
+(`model.encode`), the answer scored (`scoring.Scorer`), then each experiment (its registry record's `run`,
+`patching.engine.experiment`) is called
 once with the encoded inputs and the sample's TokenMap, so every cell reuses the towers' output. Each experiment's
 rows (the library's own columns, unchanged: `correct` is the experiment's, e.g. discarding's accuracy
 per cell) gain the sample's `id`, its metadata columns and `sample_correct` (the sample answered
@@ -31,12 +32,12 @@ import pandas as pd
 import torch
 
 from patching.engine import checks
-from patching.apps.study.experiments import EXPERIMENT_FNS, Sample, check_options
+from patching.engine.experiment import StudySample, check_options, get, names
 from patching.datasets.manifest import Manifest, Row, read_manifest
 from patching.datasets.scoring import Scorer
 from patching.datasets.templates import parse_template
 
-EXPERIMENTS = ("accuracy", *EXPERIMENT_FNS)
+EXPERIMENTS = tuple(names(study=True))  # accuracy and every registered experiment with a study adaptor
 # measured wall times (discarding, FastV) differ from run to run; every other column is a function of the inputs
 TIMING_COLUMNS = ("seconds", "seconds_full", "time_saved", "gen_seconds", "gen_time_saved")
 
@@ -63,7 +64,7 @@ def run_study(
     text; `scoring`: a `scoring.RULES` rule; `window`: the knockout window in layers (None: the
     library's, 9 for centred and inverse windows as the papers', none for top-down / bottom-up);
     `options`: keyword arguments per experiment, e.g. `{"discarding": {"repeats": 1}, "knockout":
-    {"window_style": "inverse"}}` (`patching.apps.study.experiments` says which each takes; unknown ones
+    {"window_style": "inverse"}}` (each record's `option_names()` says which it takes; unknown ones
     are refused before the model loads)."""
     experiments = _experiments(experiments)
     if window is not None:
@@ -138,13 +139,13 @@ def run_sample(model, row: Row, tpl, scorer: Scorer, experiments, window, option
         last = model(**enc, logits_at="last")[0, -1]
     s = scorer.score(model, enc, last, row)
     front = {"id": row.id, **{c: row.meta.get(c) for c in meta_columns}, "sample_correct": s.correct}
-    x = Sample(model, inputs, enc, tm, s.answer_token, window)
+    x = StudySample(model, inputs, enc, tm, s.answer_token, window)
     acc = pd.DataFrame([{**front, "prediction": s.prediction, "answer_text": row.answer_text, "answer_token": s.answer_token,
                          "p_answer": s.p_answer, "rule": scorer.rule}])
     for exp in experiments:
         if exp == "accuracy":
             continue
-        df = EXPERIMENT_FNS[exp](x, dict(options.get(exp, {})))
+        df = get(exp).run(x, dict(options.get(exp, {})))
         clash = [c for c in front if c in df.columns]
         if clash:
             raise ValueError(f"metadata column(s) {clash} have the names of {exp} result columns; rename them in the manifest")

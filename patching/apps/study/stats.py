@@ -18,23 +18,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from patching.engine.stats import N_BOOT, SEED, bootstrap_ci
 from patching.apps.study.runner import read_parts
+from patching.engine import experiment as registry
+from patching.engine.stats import N_BOOT, SEED, bootstrap_ci
 
-# experiment -> (value averaged, the columns naming a cell)
-DEFAULTS = {
-    "accuracy": ("sample_correct", []),
-    "knockout": ("rel_change", ["edge", "layer"]),
-    "discarding": ("correct", ["group", "from_layer"]),  # accuracy with the group discarded from that layer
-    "causal_tracing": ("indirect_effect", ["corrupted", "site", "tokens", "layer", "pos"]),
-    "logit_lens": ("prob", ["lens", "group", "layer"]),
-    "sinks": ("mds", ["modality", "cross_modal"]),
-    "pathway": ("correct", ["run"]),  # accuracy with the pathway (or the random blocking) in place
-    "fastv": ("correct", ["method"]),
-    "var": ("correct", ["intervention"]),  # accuracy under VAR (correct_orig: without it)
-    "dla": ("dla", ["group", "layer", "head"]),
-    "dominance": ("share", ["label"]),  # the share of samples with each label (samples without both modalities left out)
-}
 GROUPS = ("model", "dataset", "task", "kind")  # metadata a summary is split by, when the study has it
 SUBSETS = ("correct", "all")
 
@@ -74,8 +61,8 @@ class Study:
         """Map the Flow's accuracy under the knockout (`patching.methods.knockout.knockout_accuracy`, percent of
         the samples) per (edge, layer), computed over the samples of each `by` group (default the
         model / dataset / task / kind columns present), with `n_samples`."""
-        from patching.methods.knockout import knockout_accuracy
         from patching.engine.results import Result
+        from patching.methods.knockout import knockout_accuracy
 
         df = self.frame("knockout")
         by = self.group_columns(df) if by is None else list(by)
@@ -93,17 +80,18 @@ class Study:
                 subsets=SUBSETS, n_boot: int = N_BOOT, seed: int = SEED) -> pd.DataFrame:
         """Per cell (`by`, default the model / dataset / task / kind columns present and the
         experiment's cell columns) and subset ("correct": samples answered correctly; "all"): the
-        number of samples, the mean of `value` (default per experiment, `DEFAULTS`) and its bootstrap
+        number of samples, the mean of `value` (default: the record's `summary_value`) and its bootstrap
         95 % interval. A sample with several rows in a cell (sinks) counts once, by its mean.
         Without `experiment`: every experiment of the study, stacked, with `experiment` and `value`
         columns."""
         if experiment is None:
             return pd.concat([self.summary(e, None, None, subsets, n_boot, seed) for e in self.experiments], ignore_index=True)
         df = self.frame(experiment)
-        if experiment == "dominance":
-            df = _label_shares(df)
-        default_value, cells = DEFAULTS[experiment]
-        value = value or default_value
+        record = registry.get(experiment)
+        if record.summary_rows is not None:
+            df = record.summary_rows(df)
+        cells = list(record.cells)
+        value = value or record.summary_value
         if value not in df.columns:
             raise ValueError(f"{experiment} rows have no column {value!r}; choose from {list(df.columns)}")
         by = list(by) if by is not None else self.group_columns(df) + [c for c in cells if c in df.columns]
@@ -120,13 +108,3 @@ class Study:
                              "mean": float(v.mean()) if len(v) else float("nan"), "ci_low": lo, "ci_high": hi})
         return pd.DataFrame(rows).assign(experiment=experiment, value=value)
 
-
-def _label_shares(df: pd.DataFrame) -> pd.DataFrame:
-    """Dominance rows as one row per (sample, label) with `share` 1 for the sample's label and 0 for
-    the others, so the summary's mean is the share of samples with that label. Samples without a
-    label (no audio or no video) are left out."""
-    from patching.methods.dominance import LABELS
-
-    labelled = df[df["label"].notna()]
-    return pd.concat([labelled.assign(share=(labelled["label"] == lab).astype(float), label=lab) for lab in LABELS],
-                     ignore_index=True)

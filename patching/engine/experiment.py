@@ -1,0 +1,230 @@
+"""One record per experiment kind, registered once.
+
+An `Experiment` says everything the rest of the toolkit needs to know about a kind of result: the
+library function that makes it (its keyword arguments are the study's options), how its rows are
+grouped and which column is averaged, the label of that value, whether the papers average it over the
+correctly answered samples, how `Result.plot` draws it (`Plot`), how a study runs it on one sample
+(`run`) and what the report calls it (`Report`). `patching.methods` registers every record in one
+list; `Result`, the figures, the study runner, its statistics, its report and the CLI read them from
+here, so a new experiment is one new file (its function and its record) plus one line in that list.
+
+    from patching.engine.experiment import get, names
+    get("knockout").value          # "rel_change"
+    names(study=True)              # the experiments a study can run
+
+Nothing here imports a method, a picture or an app: records are registered into it from above, and
+the figures register how they draw (`register_drawer`).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+SUBSETS = ("correct", "all")
+OUTCOMES = ("continuous", "binary")
+# what a study passes an experiment's function itself: never an option
+RESERVED = frozenset({"model", "inputs", "answers", "tm", "progress", "result"})
+
+
+@dataclass(frozen=True)
+class Plot:
+    """How `Result.plot` draws a kind (read by `patching.figures`). `style`: "lines" (the mean of the
+    value against `x`, one line per `series`, one panel per `panel` value), "traced" (per-position
+    or per-head heatmaps where the rows have them, else lines by token set per restore site),
+    "heads" (layer x head heatmaps, one per `panel` value), "accuracy" (accuracy per `series` against
+    `x` with Wilson bands), "bars" (one bar per `series`), "points" (the value against the FLOPs
+    saved, one point per `series`) or "scatter" (one point per row against `x`). `xlabel` names the
+    x axis; `window` adds the knockout window to the title."""
+
+    style: str
+    x: str | None = None
+    series: str | None = None
+    panel: str | None = None
+    xlabel: str | None = None
+    window: bool = False
+
+
+@dataclass(frozen=True)
+class Report:
+    """How a study's report shows a kind: its `heading`; `split`, columns drawn as panels of their
+    own (besides the study's facet); `by_site`, one column of panels per restore site; `twin`, a
+    second axis `(column, label)`; `samples`, whether faint per-sample lines are drawn; `derived`,
+    kinds computed from these rows and drawn after them; `table`, "cells" (the summary's rows),
+    "lowest" (each edge's lowest point of the mean curve) or "shares" (the share of samples per
+    label); `baseline`, a column whose summary is tabled beside the value as the plain run's."""
+
+    heading: str
+    split: tuple[str, ...] = ()
+    by_site: bool = False
+    twin: tuple[str, str] | None = None
+    samples: bool = True
+    derived: tuple[str, ...] = ()
+    table: str = "cells"
+    baseline: str | None = None
+    ylabel: str | None = None
+    ylim: tuple[float, float] | None = None
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One kind of result. `name`: the `Result.kind` and the study's experiment name. `fn`: the library
+    function (None for kinds a study computes itself); its keyword arguments with defaults are the
+    study's options, less `not_options`, plus `extra_options`, with `required` ones always asked for.
+    `by` / `value`: `Result.mean`'s default grouping and value; `label`: the axis label of `value`;
+    `correct_only`: averaged over the correctly answered samples by default (the papers' convention
+    for knockout and causal tracing); `outcome`: "binary" when `value` is 0/1 per sample (an
+    accuracy), else "continuous". `run(sample, options)`: the study's adaptor, rows for one
+    `StudySample`; `cells` / `study_value`: the columns that name a cell of the study's summary and the
+    value it averages (default `value`); `summary_rows(rows)`: the rows that summary averages where they
+    are not the rows as written (dominance: one 0/1 share per label); `check(options, window)`: refuses
+    settings before a model loads; `plot`, `report`: see `Plot`, `Report`."""
+
+    name: str
+    fn: Callable | None = None
+    by: tuple[str, ...] = ("layer",)
+    value: str = "value"
+    label: str | None = None
+    correct_only: bool = False
+    outcome: str = "continuous"
+    plot: Plot | None = None
+    run: Callable | None = None
+    cells: tuple[str, ...] = ()
+    study_value: str | None = None
+    report: Report | None = None
+    extra_options: frozenset = field(default_factory=frozenset)
+    not_options: frozenset = field(default_factory=frozenset)
+    required: tuple[str, ...] = ()
+    example: dict = field(default_factory=dict)  # a valid option set, quoted when a required option is missing
+    check: Callable | None = None  # check(options, window): refuse settings before a model loads
+    summary_rows: Callable | None = None  # rows -> the rows a study's summary averages (default: as written)
+
+    def __post_init__(self):
+        if self.outcome not in OUTCOMES:
+            raise ValueError(f"{self.name}: outcome must be one of {OUTCOMES}, got {self.outcome!r}")
+
+    @property
+    def summary_value(self) -> str:
+        return self.study_value or self.value
+
+    @property
+    def subset(self) -> str:
+        """The samples its figures and tables average over by default: "correct" or "all"."""
+        return "correct" if self.correct_only else "all"
+
+    def option_names(self) -> list[str]:
+        """The options a study may give it: its function's keyword arguments with a default (and the
+        required ones), less what the study passes itself and `not_options`, plus `extra_options`."""
+        if self.fn is None:
+            return sorted(self.extra_options)
+        params = inspect.signature(self.fn).parameters
+        lib = {n for n, p in params.items() if p.default is not inspect.Parameter.empty or n in self.required}
+        return sorted((lib - RESERVED - self.not_options) | self.extra_options)
+
+
+@dataclass
+class StudySample:
+    """What a study hands an experiment's `run` for one sample: `inputs` (processor-style, on the
+    device), `enc` (`model.encode`'s output: the towers ran once), `tm` (its TokenMap), `answer` (the
+    scored answer token id), `window` (the study's knockout window)."""
+
+    model: object
+    inputs: dict
+    enc: dict
+    tm: object
+    answer: int
+    window: int | None
+
+
+_REGISTRY: dict[str, Experiment] = {}
+_DRAWERS: list[Callable] = []
+
+
+def register(*records: Experiment) -> tuple[Experiment, ...]:
+    """Register records (`patching.methods` does, once, in one list). A name registered twice is refused."""
+    for r in records:
+        if not isinstance(r, Experiment):
+            raise TypeError(f"register takes Experiment records, got {type(r).__name__}")
+        if r.name in _REGISTRY and _REGISTRY[r.name] is not r:
+            raise ValueError(f"an experiment named {r.name!r} is already registered")
+        _REGISTRY[r.name] = r
+    return records
+
+
+def get(name: str) -> Experiment:
+    """The record of `name`; an unknown name is a ValueError listing the known ones."""
+    if name not in _REGISTRY:
+        raise ValueError(f"no experiment kind {name!r}; known kinds: {sorted(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def known(name: str) -> bool:
+    return name in _REGISTRY
+
+
+def names(study: bool = False, plotted: bool = False) -> list[str]:
+    """Registered kinds in registration order: those a study can run (`study`: accuracy and every kind
+    with a `run`), or those with a figure (`plotted`)."""
+    out = list(_REGISTRY)
+    if study:
+        out = [n for n in out if n == "accuracy" or _REGISTRY[n].run is not None]
+    if plotted:
+        out = [n for n in out if _REGISTRY[n].plot is not None]
+    return out
+
+
+def register_drawer(fn: Callable) -> Callable:
+    """How results are drawn, registered by `patching.figures` (this layer imports no picture)."""
+    _DRAWERS[:] = [fn]
+    return fn
+
+
+def draw(result, **kwargs):
+    """`Result.plot`: the registered drawer's figure of `result`."""
+    if not _DRAWERS:  # `import patching` registers it; only a broken install lacks it
+        raise RuntimeError("no figure drawer is registered: import patching (patching.figures registers it)")
+    return _DRAWERS[0](result, **kwargs)
+
+
+def check_options(options: dict | None, experiments: list[str], window: int | None = None) -> dict:
+    """Refuse, before a model loads, options for experiments not run, names an experiment does not
+    take, nested `sinks` options `find_sinks` does not take, missing required ones, and what a record's
+    own `check` refuses (the knockout window for its style)."""
+    options = dict(options or {})
+    stray = [k for k in options if k not in experiments]
+    if stray:
+        raise ValueError(f"options for {stray}, which this study does not run ({experiments}); drop them or add the experiment")
+    for exp, kw in options.items():
+        if not isinstance(kw, dict):
+            raise ValueError(f"options[{exp!r}] must be a mapping of option names to values, got {kw!r}")
+        if exp == "accuracy":
+            if kw:
+                raise ValueError("accuracy takes no options (the scoring rule is the study's scoring=)")
+            continue
+        record = get(exp)
+        allowed = record.option_names()
+        bad = sorted(set(kw) - set(allowed))
+        if bad:
+            owned = sorted(set(bad) & (RESERVED | record.not_options))
+            why = f" ({owned} the study sets itself; the knockout window is the study's window=)" if owned else ""
+            raise ValueError(f"{exp} takes no option(s) {bad}{why}; its options: {allowed}")
+        nested = kw.get("sinks")
+        if "sinks" in record.extra_options and nested is not None:
+            if not isinstance(nested, dict):
+                raise ValueError(f"{exp}.sinks holds find_sinks options as a mapping (e.g. {{\"tau\": 3}}), got {nested!r}")
+            sink_options = get("sinks").option_names()
+            bad = sorted(set(nested) - set(sink_options))
+            if bad:
+                raise ValueError(f"{exp}.sinks: find_sinks takes no option(s) {bad}; its options: {sink_options}")
+    for exp in experiments:
+        if exp == "accuracy":
+            continue
+        record = get(exp)
+        missing = [k for k in record.required if k not in options.get(exp, {})]
+        if missing:
+            example = ", ".join(f"{exp}.{k}={v}" for k, v in record.example.items())
+            raise ValueError(f"{exp} needs the option(s) {missing}" + (f", e.g. {example}" if example else ""))
+        if record.check is not None:
+            record.check(options.get(exp, {}), window)
+    return options
