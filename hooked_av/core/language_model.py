@@ -27,6 +27,7 @@ from hooked_av.core.mlp import GatedMLP
 from hooked_av.core.moe import SparseMoE
 from hooked_av.core.norms import RMSNorm
 from hooked_av.core.rope import apply_rotary, mrope_cos_sin
+from hooked_av.core.validate import layer_list
 
 
 class MRoPELanguageModel:
@@ -173,7 +174,7 @@ class MRoPELanguageModel:
         many. Computed per layer from the rotated q and k with the final mask (after any `hook_attn_mask`
         edits), the rows alone (see `Attention.pattern_rows`); a layer whose scores or pattern are hooked
         runs exactly and gives the rows of its pattern as edited. Memory grows with rows x keys."""
-        layers = layer_list(layers, len(self.blocks))
+        layers = layer_list(layers, len(self.blocks), "layers")
         h = self.cfg.n_heads
         heads_t = None if heads is None else torch.as_tensor(list(heads), dtype=torch.long)
         if heads_t is not None and (not len(heads_t) or int(heads_t.min()) < 0 or int(heads_t.max()) >= h):
@@ -191,6 +192,31 @@ class MRoPELanguageModel:
         with self.attention_readers({l: reader(l) for l in layers}), torch.no_grad():
             self(**inputs, return_type=None)
         return torch.stack([out[l].to(out[layers[0]].device) for l in layers])  # layers may sit on several devices
+
+    def empty_kv_caches(self) -> list[KVSlot]:
+        """One empty key/value slot per block, for `run_language_model(kv_caches=...)`, which fills slot l
+        with block l's rotated keys and values (`slot.k`, `slot.v`: `[batch, pos, kv_heads, d_head]`;
+        `slot.length`); a later run with the same slots continues after those positions.
+
+            caches = model.empty_kv_caches()
+            model.run_language_model(**lm_inputs, kv_caches=caches, return_type=None)
+            k3, v3 = caches[3].k, caches[3].v
+        """
+        return [KVSlot() for _ in self.blocks]
+
+    def prefix_kv_caches(self, kv: Sequence[tuple[Tensor, Tensor]], end: int, n: int = 1,
+                         from_layer: int = 0) -> list[KVSlot | None]:
+        """Slots holding positions `0..end-1` of cached keys and values `kv` (per block `(k, v)` of a batch-1
+        run, e.g. an earlier `empty_kv_caches()` filled), repeated `n` times along the batch, for blocks
+        `from_layer..` (None before them: a run with `start_layer=from_layer` reads none there). A run of the
+        positions after `end` continues from them, as a sweep's cells do.
+
+            slots = model.prefix_kv_caches([(s.k, s.v) for s in caches], end=40, n=8, from_layer=2)
+        """
+        if len(kv) != len(self.blocks):
+            raise ValueError(f"kv holds {len(kv)} layers; the model has {len(self.blocks)} blocks")
+        return [KVSlot.of(k[:, :end].expand(n, -1, -1, -1), v[:, :end].expand(n, -1, -1, -1)) if i >= from_layer else None
+                for i, (k, v) in enumerate(kv)]
 
     @contextmanager
     def attention_readers(self, readers: Mapping[int, Callable]):
@@ -333,15 +359,6 @@ class MRoPELanguageModel:
             logits = self.run_language_model(self.embed(nxt[:, None]), pos, attention_mask, kv_caches=caches,
                                              logits_at="last")
         return torch.stack(out, dim=1)
-
-
-def layer_list(layers: Sequence[int] | None, n: int) -> list[int]:
-    """Layers of a read-out: None = all `n`, else a non-empty list in 0..n-1 (a negative or too large one refused)."""
-    layers = list(range(n)) if layers is None else [int(l) for l in layers]
-    bad = [l for l in layers if not 0 <= l < n]
-    if not layers or bad:
-        raise ValueError(f"layers {bad or '[]'}: name at least one of the model's {n} layers (0..{n - 1})")
-    return layers
 
 
 def decode_args(max_new_tokens: int, eos_token_id: int | list[int] | None, d_vocab: int) -> set[int]:

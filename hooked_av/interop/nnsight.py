@@ -26,10 +26,12 @@ from __future__ import annotations
 import functools
 import re
 
+from hooked_av.core.hook_names import conditional
+
 INSTALL = "pip install hooked-av[nnsight]"
 ALWAYS_HOOKED = ("hook_embed", "blocks.0.hook_resid_pre")
 # points computed only when hooked: the exact attention path, the RMS denominator, the per-head result
-CONDITIONAL = re.compile(r"(hook_pattern|hook_attn_scores|hook_scale|hook_result|hook_attn_mask)$")
+
 
 
 def require_nnsight():
@@ -101,7 +103,7 @@ def _envoy_class():
             except OutOfOrderError as e:
                 m = re.search(r"'model\.(\S+?)\.(output|input|inputs)\.i\d+'", str(e))
                 name = m.group(1) if m else None
-                if name is None or not CONDITIONAL.search(name) or name not in self._module.hook_dict:
+                if name is None or not conditional(name) or name not in self._module.hook_dict:
                     raise
                 raise OutOfOrderError(
                     f"{name!r} did not run in this trace: it is computed only when hooked (patterns and scores "

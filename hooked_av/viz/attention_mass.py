@@ -36,13 +36,13 @@ def group_attention_mass(
     are read `block_rows` at a time (memory `batch x heads x block_rows x tokens` per layer); active
     hooks apply.
     """
-    from hooked_av.core.language_model import layer_list
+    from hooked_av.core.validate import layer_list
 
     if block_rows < 1:
         raise ValueError(f"block_rows must be >= 1, got {block_rows}")
     import pandas as pd
 
-    layers = layer_list(layers, model.cfg.n_layers)
+    layers = layer_list(layers, model.cfg.n_layers, "layers")
     ref = inputs.get("inputs_embeds", inputs.get("input_ids"))
     if ref is not None and (token_map.batch != ref.shape[0] or token_map.seq_len != ref.shape[1]):
         raise ValueError(f"the TokenMap is [{token_map.batch}, {token_map.seq_len}] but the inputs are "

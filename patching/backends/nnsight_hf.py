@@ -33,7 +33,7 @@ import re
 import torch
 from torch import Tensor
 
-from hooked_av.core.masks import additive, open_mask
+from hooked_av.utils import additive, hf_stages, open_mask
 from hooked_av.inputs.chat import ChatTokens, text_groups
 from hooked_av.inputs.token_map import (
     MEDIA, TokenMap, TokenMapBuilder, check_text_parts, clip_numbers, media_runs, with_text_parts,
@@ -43,8 +43,7 @@ from patching.engine.intervention import Intervention
 
 ATTENTION = ("eager", "sdpa")
 # execution order of the sites inside one decoder layer; the trace requests them in this order
-STAGES = {"hook_resid_pre": 0, "ln1.hook_normalized": 1, "attn.hook_attn_mask": 2, "hook_attn_out": 3,
-          "hook_mlp_out": 4, "hook_resid_post": 5}
+STAGES = hf_stages()
 _NAME = re.compile(r"^blocks\.(\d+)\.(.+)$")
 _MEDIA_ID = re.compile(rf"^({'|'.join(MEDIA)})_token_(?:id|index)$")
 _MEDIA_EDGE = re.compile(r"^(?:(?:audio|image|video|vision)_(?:start|end|bos|eos)|boi|eoi|boa|eoa)_token_(?:id|index)$")

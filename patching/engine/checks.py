@@ -8,6 +8,8 @@ import operator
 
 import torch
 
+from hooked_av.utils import layer_list
+
 
 def count(value, what: str, minimum: int = 1, unit: str = "") -> int:
     """An integer count (repeats, noise draws, a window of layers) that must be >= `minimum`."""
@@ -61,11 +63,9 @@ def indices(values, n: int, what: str, unit: str, valid: str | None = None) -> l
 
 
 def layers(model, values, name: str = "layers", each: str = "layer(s)") -> list[int]:
-    """Layers of the language model: None = all, else a non-empty list in [0, n_layers)."""
-    n = model.cfg.n_layers
-    if values is None:
-        return list(range(n))
-    return indices(nonempty(values, name, none_ok=True), n, each, "layers")
+    """Layers of the language model: None = all, else a non-empty list in [0, n_layers)
+    (`hooked_av.utils.layer_list`, the one layer check)."""
+    return layer_list(values, model.cfg.n_layers, each if values is None or len(list(values)) else name)
 
 
 def heads(model, values, what: str = "head(s)") -> list[int]:

@@ -23,23 +23,11 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from hooked_av.core.masks import neg_inf, positions_or_mask
+from hooked_av.utils import SITES, layer_of, neg_inf, position_major, positions_or_mask
 from hooked_av.inputs import Selection
 from patching.engine import checks
 from patching.engine.intervention import Intervention, Part, batch_rows, layer_list
 
-SITES = {  # short site names -> hook name templates
-    "resid_pre": "blocks.{l}.hook_resid_pre", "resid_mid": "blocks.{l}.hook_resid_mid",
-    "resid_post": "blocks.{l}.hook_resid_post", "attn_out": "blocks.{l}.hook_attn_out",
-    "mlp_out": "blocks.{l}.hook_mlp_out", "attn_in": "blocks.{l}.ln1.hook_normalized",
-    "z": "blocks.{l}.attn.hook_z", "head": "blocks.{l}.attn.hook_z",
-}
-
-
-# hook points whose dim 1 is the prompt's positions in the language model: the activation edits below can
-# run on a suffix of the prompt (a sweep recomputing only what changes) at these, and only these
-_POSITION_MAJOR = re.compile(r"hook_embed|blocks\.\d+\.(hook_\w+|ln[12]\.hook_\w+|attn\.[qk]_norm\.hook_\w+"
-                             r"|attn\.hook_(q|k|v|rot_q|rot_k|z|result)|mlp\.hook_(pre|pre_linear|post))")
 _OFFSET: ContextVar[int] = ContextVar("patching_hooks_run_from", default=0)
 
 
@@ -59,14 +47,14 @@ def _window(positions, act: Tensor, rows, what: str) -> tuple[int, Tensor]:
     """`(start, where)`: the prompt position of the activations' first index (see `run_from`) and bool
     `[batch, act positions]`, the edited positions of the run's rows from `start` on."""
     start = _OFFSET.get()
-    full = _pos_mask(positions, act.shape[0], act.shape[1] + start, act.device)
+    full = position_mask(positions, act.shape[0], act.shape[1] + start, act.device)
     return start, batch_rows(full, act.shape[0], rows, what)[:, start:]
 
 
 def _first_position(positions, name: str) -> int | None:
     """The first prompt position an activation edit at `name` touches, or None where a sweep may not
     start later than position 0: a site that is not position-major, or positions counted from the end."""
-    if not (isinstance(name, str) and _POSITION_MAJOR.fullmatch(name)):
+    if not (isinstance(name, str) and position_major(name)):
         return None
     if positions is None:
         return 0
@@ -94,12 +82,6 @@ def site_name(site: str, layer: int | None = None) -> str:
             raise ValueError(f"site {site!r} needs a layer")
         return SITES[site].format(l=layer)
     return site
-
-
-def layer_of(name: str) -> tuple[int, ...]:
-    """`(l,)` for a hook name in block l (`blocks.{l}.`...), `()` for one outside the blocks."""
-    parts = name.split(".")
-    return (int(parts[1]),) if len(parts) > 2 and parts[0] == "blocks" and parts[1].isdigit() else ()
 
 
 def _token_mask(tm, spec, what: str) -> tuple[Tensor, str]:
@@ -146,7 +128,7 @@ def _token_set(tm, spec, what: str, queries: str | None = None) -> _Set:
     return _Set(sel.mask, gen, sel.label)
 
 
-def _pos_mask(positions, batch: int, seq: int, device) -> Tensor:
+def position_mask(positions, batch: int, seq: int, device) -> Tensor:
     """positions (None = all; a Selection; bool `[b|1, pos]` or `[pos]`; int positions) -> bool `[b|1, pos]`."""
     if positions is None:
         return torch.ones(1, seq, dtype=torch.bool, device=device)
@@ -166,7 +148,7 @@ def _pos_mask(positions, batch: int, seq: int, device) -> Tensor:
     return out
 
 
-def _positions_label(positions, what: str) -> str:
+def positions_label(positions, what: str) -> str:
     """The label saved with the intervention; positions that select nothing are refused (a no-op edit)."""
     if positions is None:
         return "all"
@@ -359,7 +341,7 @@ def patch_from_cache(cache, sites, positions=None, heads: Sequence[int] | None =
     if missing:
         raise KeyError(f"patch_from_cache: the cache has no {missing}; cache those hooks in the source run")
     heads = _heads(heads, "patch_from_cache")
-    params = {"sites": names, "positions": _positions_label(positions, "patch_from_cache"), "heads": heads}
+    params = {"sites": names, "positions": positions_label(positions, "patch_from_cache"), "heads": heads}
 
     def make(rows):
         def fn(act: Tensor, hook) -> Tensor:
@@ -389,7 +371,7 @@ def ablate(sites, mode: str = "zero", positions=None, reference=None, heads: Seq
     if mode != "zero" and reference is None:
         raise ValueError(f"ablate(mode={mode!r}) needs reference= (a cache of reference runs)")
     heads = _heads(heads, "ablate")
-    params = {"sites": names, "mode": mode, "positions": _positions_label(positions, "ablate"), "heads": heads}
+    params = {"sites": names, "mode": mode, "positions": positions_label(positions, "ablate"), "heads": heads}
     pick = int(torch.randint(0, 1 << 30, (1,), generator=torch.Generator().manual_seed(seed)))
 
     def value(name: str, act: Tensor, start: int) -> Tensor:
@@ -419,7 +401,7 @@ def add_noise(site: str, positions, std: float, seed: int = 0, rows: Sequence[in
     `hook_embed`). The noise is drawn once from `seed` (`[pos, d]`, CPU generator) so the same seed
     gives the same noise in any batch layout."""
     checks.finite(std, "add_noise: std", minimum=0)
-    params = {"site": site, "positions": _positions_label(positions, "add_noise"), "std": float(std), "seed": seed}
+    params = {"site": site, "positions": positions_label(positions, "add_noise"), "std": float(std), "seed": seed}
     drawn: dict = {}
 
     def make(rows):

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from hooked_av.utils import layer_list as checked_layers
 from patching.engine import checks
 
 HookFn = Callable[[Tensor, object], "Tensor | None"]
@@ -101,7 +102,7 @@ class Intervention:
             if seq_len is not None and p.seq_len is not None and p.seq_len != seq_len:
                 raise ValueError(f"{p.describe()}: built on a TokenMap of {p.seq_len} positions, but the prompt it runs "
                                  f"on has {seq_len}; build it from that prompt's map (a sweep's sample.tm)")
-            checks.indices(p.layers, model.cfg.n_layers, f"{p.describe()}: layer(s)", "layers")
+            checked_layers(p.layers, model.cfg.n_layers, f"{p.describe()}: layer(s)") if p.layers else None
             checks.heads(model, p.heads, f"{p.describe()}: head(s)")
             if batch is not None and p.rows is not None:
                 bad_rows = [r for r in p.rows if not 0 <= r < batch]
@@ -116,15 +117,9 @@ NOTHING = Intervention()
 
 
 def layer_list(layers, what: str) -> tuple[int, ...]:
-    """An int, a range or a list of layers -> tuple (negative layers are refused: say which)."""
-    if isinstance(layers, int):
-        layers = [layers]
-    out = tuple(int(x) for x in layers)
-    if not out:
-        raise ValueError(f"{what}: an empty list of layers does nothing; name at least one layer")
-    if any(x < 0 for x in out):
-        raise ValueError(f"{what}: negative layer(s) {[x for x in out if x < 0]}; layers count from 0")
-    return out
+    """An int, a range or a list of layers -> tuple, checked by `hooked_av.utils.layer_list` (the depth is
+    checked against the model by `Intervention.check`)."""
+    return tuple(checked_layers(layers, None, f"{what}: layer(s)"))
 
 
 def batch_rows(held: Tensor, batch: int, rows: Sequence[int] | None, what: str) -> Tensor:

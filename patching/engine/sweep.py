@@ -21,9 +21,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens.hook_points import HookPoint
 
-from hooked_av.core.attention import KVSlot
 from patching.engine import checks
-from patching.engine.hooks import layer_of, run_from
+from hooked_av.utils import layer_of
+from patching.engine.hooks import run_from
 from patching.engine.intervention import Intervention
 
 
@@ -170,7 +170,7 @@ class CleanRun:
 def clean_run(model, sample: Sample, resid_from: dict[int, int] | None = None) -> CleanRun:
     """One clean forward of the sample keeping every layer's keys and values and, for each `layer: start`
     of `resid_from` (layer > 0), the residual entering that block from position `start` on."""
-    slots = [KVSlot() for _ in model.blocks]
+    slots = model.empty_kv_caches()
     resid_from = {l: s for l, s in (resid_from or {}).items() if l > 0}
     resid: dict[int, Tensor] = {}
 
@@ -190,8 +190,7 @@ def forward_suffix(model, sample: Sample, clean: CleanRun, start: int, n: int, l
     positions `start..` of blocks `layer..` against the clean run's keys and values of the prefix and its
     residual entering block `layer` (masks `[n, 1, pos - start, pos]`)."""
     x = clean.residual(sample, layer, start)
-    slots = [KVSlot.of(k[:, :start].expand(n, -1, -1, -1), v[:, :start].expand(n, -1, -1, -1)) if i >= layer
-             else None for i, (k, v) in enumerate(clean.kv)]
+    slots = model.prefix_kv_caches(clean.kv, start, n, from_layer=layer)
     inj = sample.injections and [None if t is None else t[:, start:].expand(n, -1, -1) for t in sample.injections]
     with run_from(start):
         return model.run_language_model(x.expand(n, -1, -1).contiguous(), sample.position_ids[:, :, start:].expand(-1, n, -1),

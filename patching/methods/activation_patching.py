@@ -18,7 +18,8 @@ import torch
 
 from hooked_av.inputs.token_map import GROUPS
 from patching.engine import checks
-from patching.engine.hooks import SITES, layer_of, patch_from_cache, site_name
+from hooked_av.utils import SITES, layer_of
+from patching.engine.hooks import patch_from_cache, site_name
 from patching.engine.metrics import AnswerProb, Metric
 from patching.engine.results import Result
 from patching.engine.sweep import Sample, forward_rows, run_rows, sample_maps, samples

@@ -283,8 +283,6 @@ def _probe(model, sample, interventions, cand: list[int], steps: int = 1, eos: i
     if steps == 1:
         return run_rows(model, sample, interventions, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
                         progress=progress, desc=desc, reduce=lambda lg: lg.float().softmax(-1)[:, cand].cpu())
-    from hooked_av.core.attention import KVSlot
-
     per = rows_per_forward(sample.seq_len, batch_size, max_batch_tokens)
     out = []
     with torch.no_grad():
@@ -293,7 +291,7 @@ def _probe(model, sample, interventions, cand: list[int], steps: int = 1, eos: i
             b = len(group)
             combined = sum((iv.on_rows(j) for j, iv in enumerate(group)), Intervention())
             combined.check(model, batch=b)
-            caches = [KVSlot() for _ in range(model.cfg.n_layers)]
+            caches = model.empty_kv_caches()
             run = sample.lm_inputs(b)  # the sample's injections (DeepStack) included
             embeds = run["inputs_embeds"]
             with model.hooks(fwd_hooks=list(combined)):

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import pandas as pd
 import torch
 
-from hooked_av.core.placement import resident
+from hooked_av.utils import resident
 from hooked_av.inputs.token_map import GROUPS
 from patching.engine import checks
 from patching.engine.metrics import AnswerProb

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from patching.engine import checks
-from patching.engine.hooks import _pos_mask, _positions_label
+from patching.engine.hooks import position_mask, positions_label
 from patching.engine.intervention import Intervention, Part, batch_rows, layer_list
 
 
@@ -36,7 +36,7 @@ def ablate_experts(layers, experts, positions=None, rows: Sequence[int] | None =
     layers = layer_list(layers, "ablate_experts")
     experts = checks.indices(checks.nonempty(experts, "ablate_experts: experts"), 1 << 30, "ablate_experts: experts",
                              "experts", valid="experts count from 0")
-    params = {"layers": list(layers), "experts": list(experts), "positions": _positions_label(positions, "ablate_experts")}
+    params = {"layers": list(layers), "experts": list(experts), "positions": positions_label(positions, "ablate_experts")}
 
     def make(rows_):
         pairs = []
@@ -47,7 +47,7 @@ def ablate_experts(layers, experts, positions=None, rows: Sequence[int] | None =
             seen: dict[str, Tensor] = {}
 
             def record(choice: Tensor, hook, seen=seen) -> None:  # [batch, pos, k], before any expert runs
-                where = batch_rows(_pos_mask(positions, choice.shape[0], choice.shape[1], choice.device),
+                where = batch_rows(position_mask(positions, choice.shape[0], choice.shape[1], choice.device),
                                    choice.shape[0], rows_, "ablate_experts")
                 seen["choice"], seen["where"] = choice.flatten(0, 1), where.flatten()
 

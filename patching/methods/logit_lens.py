@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import pandas as pd
 import torch
 
-from hooked_av.core.placement import resident_weight
+from hooked_av.utils import resident_weight
 from hooked_av.inputs.token_map import GROUPS
 from patching.engine import checks
 from patching.methods.activation_patching import cache_sample, site_names

@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from hooked_av.core.masks import neg_inf
+from hooked_av.utils import neg_inf
 from patching.engine import checks
 from patching.engine.intervention import Intervention, Part, batch_rows
 from patching.methods.knockout import parse_edge

@@ -72,7 +72,7 @@ def run_study(
     options = json.loads(json.dumps(check_options(options, experiments, window)))
     if limit is not None:
         checks.count(limit, "limit", unit=" sample")
-    from hooked_av.core.checkpoint import as_device, as_dtype
+    from hooked_av.utils import as_device, as_dtype
 
     dtype_ = as_dtype(dtype)
     manifest = manifest if isinstance(manifest, Manifest) else read_manifest(manifest)

@@ -1,0 +1,149 @@
+"""The one table of the language model's hook names: every reader derives from it.
+
+Each `HookName` is a template (`{l}` the block) with what others need to know about it: its
+TransformerLens activation name (`act`, what `get_act_name` takes), the patching library's short site
+name (`site`, what `activation_patching(sites=...)` takes), whether its dim 1 is the prompt's positions
+(`position_major`: a sweep may run a suffix of the prompt through it), whether it is computed only when
+hooked (`conditional`), and where an unmodified HF decoder layer exposes it (`hf_stage`, the order in
+which the nnsight HF backend reaches it inside a layer; None where HF exposes no module output).
+
+    from hooked_av.core.hook_names import template, position_major
+    template("resid_pre").format(l=3)             # "blocks.3.hook_resid_pre"
+    position_major("blocks.3.attn.hook_z")        # True
+
+The towers' names (`audio_encoder.*`, `vision_encoder.*`, ...) belong to their encoders and are not here.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class HookName:
+    template: str
+    act: str | None = None
+    site: str | None = None
+    position_major: bool = True
+    conditional: bool = False
+    hf_stage: int | None = None
+    note: str = ""
+
+
+NAMES: tuple[HookName, ...] = (
+    HookName("hook_embed", act="embed", hf_stage=-1, note="merged embeddings [batch, pos, d_model]"),
+    HookName("blocks.{l}.hook_resid_pre", act="resid_pre", site="resid_pre", hf_stage=0),
+    HookName("blocks.{l}.ln1.hook_scale", act="scale", conditional=True),
+    HookName("blocks.{l}.ln1.hook_normalized", act="normalized", site="attn_in", hf_stage=1,
+             note="what attention reads (the anchors' input_layernorm output): the site 'attn_in'"),
+    HookName("blocks.{l}.attn.hook_q", act="q"),
+    HookName("blocks.{l}.attn.hook_k", act="k"),
+    HookName("blocks.{l}.attn.hook_v", act="v"),
+    HookName("blocks.{l}.attn.q_norm.hook_scale", conditional=True, note="Qwen3's QK-norm"),
+    HookName("blocks.{l}.attn.q_norm.hook_normalized", note="Qwen3's QK-norm"),
+    HookName("blocks.{l}.attn.k_norm.hook_scale", conditional=True, note="Qwen3's QK-norm"),
+    HookName("blocks.{l}.attn.k_norm.hook_normalized", note="Qwen3's QK-norm"),
+    HookName("blocks.{l}.attn.hook_rot_q", act="rot_q"),
+    HookName("blocks.{l}.attn.hook_rot_k", act="rot_k"),
+    HookName("blocks.{l}.attn.hook_attn_mask", act="attn_mask", position_major=False, conditional=True, hf_stage=2,
+             note="additive mask [batch, 1|heads, q, k]"),
+    HookName("blocks.{l}.attn.hook_attn_scores", act="attn_scores", position_major=False, conditional=True),
+    HookName("blocks.{l}.attn.hook_pattern", act="pattern", position_major=False, conditional=True),
+    HookName("blocks.{l}.attn.hook_z", act="z", site="z"),
+    HookName("blocks.{l}.attn.hook_result", act="result", conditional=True),
+    HookName("blocks.{l}.hook_attn_out", act="attn_out", site="attn_out", hf_stage=3),
+    HookName("blocks.{l}.hook_resid_mid", act="resid_mid", site="resid_mid"),
+    HookName("blocks.{l}.ln2.hook_scale", conditional=True),
+    HookName("blocks.{l}.ln2.hook_normalized"),
+    HookName("blocks.{l}.mlp.hook_pre", act="pre"),
+    HookName("blocks.{l}.mlp.hook_pre_linear", act="pre_linear"),
+    HookName("blocks.{l}.mlp.hook_post", act="post"),
+    HookName("blocks.{l}.hook_mlp_out", act="mlp_out", site="mlp_out", hf_stage=4),
+    HookName("blocks.{l}.hook_injection", note="DeepStack's addition after the MLP (Qwen3-Omni)"),
+    HookName("blocks.{l}.hook_resid_post", act="resid_post", site="resid_post", hf_stage=5),
+    HookName("ln_final.hook_scale", conditional=True),
+    HookName("ln_final.hook_normalized"),
+)
+
+# short names that name the same hook as another (TransformerLens's aliases, the patching library's "head")
+ACT_ALIASES = {"attn": "pattern", "attn_logits": "attn_scores", "key": "k", "query": "q", "value": "v",
+               "mlp_pre": "pre", "mlp_post": "post", "mlp_pre_linear": "pre_linear"}
+SITE_ALIASES = {"head": "z"}
+
+SITES = {h.site: h.template for h in NAMES if h.site} | {a: t for a, s in SITE_ALIASES.items()
+                                                         for h in NAMES if h.site == s for t in [h.template]}
+
+
+def _pattern(templates) -> re.Pattern:
+    return re.compile("|".join(re.escape(t).replace(re.escape("{l}"), r"\d+") for t in templates))
+
+
+_POSITION_MAJOR = _pattern([h.template for h in NAMES if h.position_major])
+# the towers' blocks use the same leaf names for the same conditional points
+_CONDITIONAL_LEAVES = frozenset(h.template.rsplit(".", 1)[-1] for h in NAMES if h.conditional)
+
+
+def position_major(name: str) -> bool:
+    """Whether the hook `name` holds `[batch, pos, ...]` over the language model's prompt positions."""
+    return bool(_POSITION_MAJOR.fullmatch(name))
+
+
+def conditional(name: str) -> bool:
+    """Whether the hook `name` runs only when something is hooked there (the exact attention path, RMS
+    denominators, per-head results, masks materialised on demand), in the language model or a tower."""
+    return name.rsplit(".", 1)[-1] in _CONDITIONAL_LEAVES
+
+
+def template(site: str) -> str:
+    """The template of a short site name (`SITES`, e.g. "resid_pre", "attn_in", "head")."""
+    if site not in SITES:
+        raise KeyError(f"{site!r} is not a site name; site names: {sorted(SITES)}")
+    return SITES[site]
+
+
+def layer_of(name: str) -> tuple[int, ...]:
+    """`(l,)` for a hook name in block l (`blocks.{l}.`...), `()` for one outside the blocks."""
+    parts = name.split(".")
+    return (int(parts[1]),) if len(parts) > 2 and parts[0] == "blocks" and parts[1].isdigit() else ()
+
+
+def hf_stages() -> dict[str, int]:
+    """`{"hook_resid_pre": 0, "ln1.hook_normalized": 1, ...}`: the in-layer names an unmodified HF
+    decoder layer exposes, in the order a forward reaches them."""
+    return {h.template.removeprefix("blocks.{l}."): h.hf_stage for h in NAMES
+            if h.hf_stage is not None and h.hf_stage >= 0}
+
+
+def get_act_name(name: str, layer: int | None = None, layer_type: str | None = None) -> str:
+    """The full hook name of a TransformerLens activation name, as `transformer_lens.utils.get_act_name`
+    gives it (3.x; gone from 4.x's top level): `get_act_name("resid_pre", 3)` -> "blocks.3.hook_resid_pre",
+    `get_act_name("normalized", 2, "ln2")`, `get_act_name("pattern", 0)`, aliases ("attn", "key", ...),
+    a full name passes through; and the towers' outputs: "audio_embeds", "image_embeds", "video_embeds".
+
+        get_act_name("z", 5)          # "blocks.5.attn.hook_z"
+    """
+    if "." in name or name.startswith("hook_"):
+        return name
+    name = ACT_ALIASES.get(name, name)
+    if name in ("audio_embeds", "image_embeds", "video_embeds"):
+        return f"hook_{name}"
+    if name in ("scale", "normalized"):
+        where = layer_type or ("ln_final" if layer is None else "ln1")
+        if where in ("ln_final", "final"):
+            return f"ln_final.hook_{name}"
+        if where not in ("ln1", "ln2"):
+            raise ValueError(f"layer_type {layer_type!r}: a norm is 'ln1', 'ln2' or 'ln_final'")
+        if layer is None:
+            raise ValueError(f"get_act_name({name!r}, layer_type={where!r}) needs a layer")
+        return f"blocks.{layer}.{where}.hook_{name}"
+    found = [h for h in NAMES if h.act == name]
+    if not found:
+        known = sorted({h.act for h in NAMES if h.act} | set(ACT_ALIASES) | {"audio_embeds", "image_embeds", "video_embeds"})
+        raise ValueError(f"{name!r} is not an activation name; known: {known}")
+    t = found[0].template
+    if "{l}" in t:
+        if layer is None:
+            raise ValueError(f"get_act_name({name!r}) needs a layer: {t}")
+        return t.format(l=layer)
+    return t
