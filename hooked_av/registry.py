@@ -46,3 +46,14 @@ def load(name_or_path: str | os.PathLike, dtype: torch.dtype | str = torch.float
         return toy.load(dtype=dtype, device=device)
     fam = family(checkpoint.read_config(folder(name_or_path)), name_or_path)
     return fam.MODEL.from_pretrained(name_or_path, dtype=dtype, device=device, **kwargs)
+
+
+def inspect(name_or_path: str | os.PathLike):
+    """`(family, tokenizer)` of a hub id, a local folder or "toy", read from config.json and the
+    tokenizer files without loading any weight: an unsupported checkpoint is refused here, before a
+    caller spends a load on it; the tokenizer is None where the folder holds none.
+
+        family, tokenizer = inspect("toy")
+    """
+    where = folder(name_or_path)
+    return family(checkpoint.read_config(where), name_or_path), checkpoint.load_tokenizer(where)

@@ -154,3 +154,96 @@ def test_omni_token_map_reads_audio_feature_lengths_as_mel_frames():
     inputs["audio_feature_lengths"] = lengths
     tm = model.token_map(inputs, chat=ChatTokens(300, 301, None, {"user": (302,)}))
     assert tm.count("audio").tolist() == [audio_tokens(45)] and lengths.tolist() == [45]
+
+
+# ---- the patching layers (docs/architecture.md) --------------------------------------------------
+PATCHING = ROOT.parent / "patching"
+LAYER_OF = {"engine": 0, "datasets": 0, "backends": 1, "methods": 1, "figures": 2, "apps": 3}
+MAY_IMPORT = {  # folder -> the patching folders its modules may import (besides its own)
+    "engine": set(), "datasets": set(), "backends": {"engine"}, "methods": {"engine", "datasets"},
+    "figures": {"engine", "methods"}, "apps": {"engine", "datasets", "methods", "figures", "backends"},
+}
+INTERNALS = ("hooked_av.core", "hooked_av.families", "hooked_av.encoders")  # the model's insides
+APPS_ONLY = ("hooked_av.registry", "hooked_av.toy")  # what the apps load models and data with
+
+
+def _module_graph(root: Path, package: str) -> dict[str, set[str]]:
+    """module -> the modules it imports (top level or inside functions), `from a import b` resolved to the
+    module a.b where b is a module; package faces (`__init__.py`) are modules like any other."""
+    files = {".".join(f.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__"): f
+             for f in root.rglob("*.py")}
+    out = {}
+    for mod, f in files.items():
+        names = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                for a in node.names:
+                    names.add(f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in files else node.module)
+        out[mod] = {n for n in names if n.split(".")[0] == package}
+    return out
+
+
+def test_patching_layers_point_down():
+    graph = _module_graph(PATCHING, "patching")
+    bad = {}
+    for mod, deps in graph.items():
+        parts = mod.split(".")
+        if len(parts) < 3 or parts[1] not in LAYER_OF:
+            continue
+        allowed = MAY_IMPORT[parts[1]] | {parts[1]}
+        wrong = sorted(d for d in deps if len(d.split(".")) > 1 and d.split(".")[1] not in allowed)
+        if wrong:
+            bad[mod] = wrong
+    assert bad == {}
+    assert set(p.name for p in PATCHING.iterdir() if p.is_dir() and p.name != "__pycache__") == set(LAYER_OF)
+
+
+def test_data_never_imports_pictures_and_methods_never_import_apps():
+    pictures = ("matplotlib", "patching.figures", "hooked_av.viz", "circuitsvis", "plotly")
+    imports = _imports(PATCHING)
+    bad = {f: sorted(n for n in names if n.startswith(pictures))
+           for f, names in imports.items() if f.split("/")[1] in ("engine", "datasets", "methods", "backends")}
+    assert {f: n for f, n in bad.items() if n} == {}
+    bad = {f: sorted(n for n in names if n.startswith("patching.apps"))
+           for f, names in imports.items() if f.split("/")[1] != "apps" and f != "patching/__init__.py"}
+    assert {f: n for f, n in bad.items() if n} == {}
+
+
+def test_patching_reaches_models_through_their_public_api_only():
+    """hooked_av's top level, `hooked_av.utils`, `inputs`, `viz` and `interop` (and for the apps the registry
+    and the toy): never the model's internals (`core`, `families`, `encoders`); what methods need of them
+    is a model method or `hooked_av.utils`."""
+    bad = {}
+    for f, names in _imports(PATCHING).items():
+        forbidden = INTERNALS + (() if f.split("/")[1] == "apps" else APPS_ONLY)
+        wrong = sorted(n for n in names if n.startswith(forbidden))
+        if wrong:
+            bad[f] = wrong
+    assert bad == {}
+
+
+@pytest.mark.parametrize("package", ["hooked_av", "patching"])
+def test_no_import_circles(package):
+    root = ROOT if package == "hooked_av" else PATCHING
+    graph = _module_graph(root, package)
+    faces = {m for m in graph if (root.parent / Path(*m.split("."))).is_dir()}  # a face imports what it exports
+    graph = {m: {d for d in deps if d in graph and d not in faces} for m, deps in graph.items() if m not in faces}
+    seen, stack, cycles = set(), [], []
+
+    def visit(m):
+        if m in stack:
+            cycles.append(stack[stack.index(m):] + [m])
+            return
+        if m in seen:
+            return
+        seen.add(m)
+        stack.append(m)
+        for d in sorted(graph[m]):
+            visit(d)
+        stack.pop()
+
+    for m in sorted(graph):
+        visit(m)
+    assert cycles == []

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from hooked_av import registry
-from hooked_av.core import checkpoint
+from hooked_av.utils import as_device, as_dtype
 from hooked_av.viz import Report, group_attention_mass, plot_attention_mass
 from patching.methods.knockout import knockout
 
@@ -70,12 +70,11 @@ def run_flow(model_name: str, video: str | None, question: str, answer: str, aud
         raise ValueError("the answer is empty")
     if window < 1:
         raise ValueError(f"the knockout window must be at least 1 layer; got {window}")
-    checkpoint.as_dtype(dtype)
-    checkpoint.as_device(device)
+    as_dtype(dtype)
+    as_device(device)
     check_media(video, audio)
     folder = registry.folder(model_name)
-    registry.family(checkpoint.read_config(folder), model_name)  # an unsupported checkpoint is refused before loading
-    tokenizer = checkpoint.load_tokenizer(folder)
+    _, tokenizer = registry.inspect(model_name)  # an unsupported checkpoint is refused before loading
     if tokenizer is None:
         raise ValueError(f"{folder} has no tokenizer files (tokenizer.json, tokenizer_config.json); copy them from the original checkpoint")
     target = answer_id(tokenizer, question, answer)
