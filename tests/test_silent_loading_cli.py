@@ -1,5 +1,5 @@
-"""Issue 10, loading / flow CLI / toy prepare: every case that returned a wrong result or a raw
-error is now the right result or an error that says what was wrong and what to do, raised before
+"""Loading, the flow CLI and the toy's prepare: every case that could return a wrong result or a raw
+error gives the right result or an error that says what was wrong and what to do, raised before
 the expensive work (reading weights, loading a model)."""
 
 import json

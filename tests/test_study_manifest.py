@@ -1,4 +1,4 @@
-"""Study manifests (issue 11): every row and every media file is checked up front, and all problems
+"""Study manifests: every row and every media file is checked up front, and all problems
 come in one error with row, id and column; answers are normalised against the options."""
 
 import json

@@ -1,4 +1,4 @@
-"""The study runner runs each method of issue 14 (knockout with window styles and heads, the
+"""The study runner runs each method of the anchors (knockout with window styles and heads, the
 effective pathway, FastV, VAR, DLA, both logit lenses, causal tracing with the hub and ROME presets
 and the hub's token sets, dominance, sinks): for each, the study's rows equal the library function
 called directly on the prepared sample, on toy samples; options are refused by name before a model

@@ -1,4 +1,4 @@
-"""Data-parallel studies (issue 11): two CPU ranks (gloo, one thread each) shard the samples, each
+"""Data-parallel studies: two CPU ranks (gloo, one thread each) shard the samples, each
 streams its own parts, and the merged results equal a single-process run's exactly."""
 
 import json

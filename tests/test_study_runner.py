@@ -1,4 +1,4 @@
-"""The study runner (issue 11): results stream per sample, an interrupted run resumed ends with the
+"""The study runner: results stream per sample, an interrupted run resumed ends with the
 same rows as an uninterrupted one, other settings into the same folder are refused, a bad manifest
 is refused before a model loads, and the toy's accuracy from its files is its accuracy in memory."""
 

@@ -1,4 +1,4 @@
-"""Study answer scoring (issue 11): the first token with and without a leading space, the option
+"""Study answer scoring: the first token with and without a leading space, the option
 letter, greedy generation cut at a stop token or newline; answers the tokenizer cannot spell are
 refused before any sample runs."""
 

@@ -1,4 +1,4 @@
-"""Study statistics (issue 11): means, counts and seeded bootstrap intervals per cell against a naive
+"""Study statistics: means, counts and seeded bootstrap intervals per cell against a naive
 computation; a cell with no correct sample is NaN with n 0 in the "correct" subset, never the
 average of all; figures and the HTML report are written from a study folder."""
 

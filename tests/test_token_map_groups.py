@@ -1,4 +1,4 @@
-"""TokenMap items are clips (issue 14, issue 11): on hand-built prompts of both families, `item` is the
+"""TokenMap items are clips: on hand-built prompts of both families, `item` is the
 clip index within the row (not a per-modality counter), `audio[1]` is the second clip's audio when the
 first clip has none, and `item[i]` is every media token of clip i. The expected arrays are written from
 how each prompt was assembled, not read back from the ids."""

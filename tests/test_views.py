@@ -1,4 +1,4 @@
-"""Attention views (issue 13): token labels of both families, the offline circuitsvis page and its size
+"""Attention views: token labels of both families, the offline circuitsvis page and its size
 budget, the long-input views' numbers and sizes on a 4,000-token / 28-head case, and a real headless
 Chromium drawing them."""
 

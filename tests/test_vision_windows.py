@@ -204,7 +204,7 @@ def test_mask_hook_on_an_unpadded_window_block_fires_and_acts(pair, block):
     seen, (attn_change, out_change) = _edit_mask(block, ours, pixels, grids)
     assert seen == [((4, 1, 16, 16), 0)]
     print(f"block {block}: relative change of its attention output {attn_change:.3f}, of the tower output {out_change:.4f}")
-    assert attn_change > 1e-2 and out_change > 5e-4  # the thresholds of test_silent_hooks' tower cases
+    assert attn_change > 1e-2 and out_change > 5e-4  # the thresholds of test_hook_points' tower cases
 
 
 def test_mask_hook_on_a_padded_window_block_sees_the_padding_and_its_edit_acts(pair):

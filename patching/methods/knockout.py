@@ -76,7 +76,7 @@ def _present(tm, spec) -> bool:
 
 def default_edges(tm) -> list[tuple[str, str]]:
     """The six edges whose groups every row has; with several clips in every row ("From Senses to
-    Decisions"' interleaved items, issue 14), per clip `item[i] -> question` and `item[i] -> last`
+    Decisions"' interleaved items), per clip `item[i] -> question` and `item[i] -> last`
     (where the row has a question), then `item[i] -> item[j]` for i < j (attention is causal: an
     earlier clip never reads a later one). A clip (`item[i]`) is all its media tokens; the text
     naming the clips is the group `label`, not the question."""

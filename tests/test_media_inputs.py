@@ -1,7 +1,7 @@
-"""Media -> model inputs that used to return a wrong result silently (issue 10): the video timing of
+"""Media -> model inputs on the cases that are easy to get silently wrong: the video timing of
 clips sampled below 2 fps, the per-frame pixel cap of long videos, audio too short for one token,
 non-finite waveforms, bad sample rates, frames a few pixels high, and prompt text holding special
-tokens. Each case is now the reference's number or a clear error."""
+tokens. Each case gives the reference's number or a clear error."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 10, Qwen2.5-Omni input checks: the layout of each video block in input_ids decides
+"""Qwen2.5-Omni input checks: the layout of each video block in input_ids decides
 use_audio_in_video (a given flag that disagrees is an error before any tower runs); token_map works
 without a tokenizer; generate refuses arguments that cannot be decoded."""
 

@@ -1,4 +1,4 @@
-"""Issue 10, experiments that returned numbers they should refuse: every bad count, empty list, answer
+"""Experiments refuse what they cannot run: every bad count, empty list, answer
 list of the wrong length, id outside the vocabulary, head or dimension out of range and NaN/inf number
 is a clear error raised before any forward; discarding times its full forward through the same path."""
 
