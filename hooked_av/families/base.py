@@ -56,13 +56,18 @@ class MediaInputs:
 class HookedAVFamily(MRoPELanguageModel, HookedAVModel):
     """An audio-visual LLM: towers whose outputs replace placeholder tokens, and the M-RoPE decoder.
 
-    A family defines `build` (config -> `hf_config`, `cfg`, `ids`, towers), `key_converter`,
-    `position_ids`, `prepare`, `token_map` and `media_constants`; it overrides, where it differs from the
-    Qwen Omni processors' conventions the defaults follow: `read_checkpoint_config` (with
-    `config_expects`), `read_media` (with `audio_frames`; its keywords are `media_args`),
-    `audio_placeholders`, `check_inputs`, `get_placeholder_mask`, `get_audio_features`,
-    `get_visual_features`, `placeholder_names` and `encode_options`. `__init__`'s keywords after `config`
-    are the family's options (`from_config` / `from_pretrained` pass them on).
+    A family defines (the template has no default):
+      build(config)                    `hf_config`, `cfg`, `ids` and the towers
+      key_converter()                  checkpoint key -> this model's parameter names
+      audio_placeholders(audio)        (audio tokens the audio makes, where that count comes from)
+      position_ids(input_ids, attention_mask, **positions)   `[3, batch, pos]`, rope deltas `[batch, 1]`
+      prepare, token_map, media_constants
+    and overrides where it differs (the defaults follow the Qwen Omni processors):
+      read_checkpoint_config(folder)   config.json -> the config `build` takes (AutoConfig; `config_expects`)
+      read_media(use_audio_in_video, **media) -> MediaInputs (audio by `audio_frames`); its keywords
+                                       are `media_args`
+      check_inputs, get_placeholder_mask, get_audio_features, get_visual_features
+      placeholder_names, encode_options; `__init__`'s keywords after `config` are the family's options
 
         model = hooked_av.load("toy")                      # a HookedQwen2_5Omni, a HookedAVFamily
         batch = hooked_av.toy.make_batch(2, seed=0, tokenizer=model.tokenizer)
