@@ -1,5 +1,6 @@
 """`hooked_av.load(name_or_path)`: any supported model from a hub id, a local checkpoint folder or
-"toy", its family picked from config.json (`hooked_av.families.FAMILIES`, each with `matches`)."""
+"toy", its family picked from config.json (`hooked_av.families.FAMILIES`, each with `matches`, read at each
+call: a family registered after import is found)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import torch
 
 from hooked_av.core import checkpoint
-from hooked_av.families import FAMILIES
+from hooked_av import families
 
 TOY = "toy"
 
@@ -25,9 +26,9 @@ def folder(name_or_path: str | os.PathLike) -> Path:
 
 def family(config: dict, name_or_path: str | os.PathLike = "this checkpoint"):
     """The family package whose `matches(config)` holds; none is a ValueError listing the known ones."""
-    found = [f for f in FAMILIES if f.matches(config)]
+    found = [f for f in families.FAMILIES if f.matches(config)]
     if not found:
-        how = "; ".join(f"{f.NAME}: {f.RECOGNISED_BY}" for f in FAMILIES)
+        how = "; ".join(f"{f.NAME}: {f.RECOGNISED_BY}" for f in families.FAMILIES)
         raise ValueError(
             f"{name_or_path}: model_type {config.get('model_type')!r} is not a supported family ({how}); pass a "
             "checkpoint of one of them"

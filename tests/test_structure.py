@@ -1,6 +1,7 @@
-"""The structure of the package (docs/architecture.md): the registry picks the family from config.json,
-the dependency rules hold, the token arithmetic has one home per family and agrees with the towers,
-and media constants come from the family's processor."""
+"""The structure of the package (docs/architecture.md): the registry picks each registered family from
+config.json and every family is the template's subclass, the dependency rules hold and no modules import
+each other, the token arithmetic has one home per family and agrees with the towers, and media constants
+come from the family's processor."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import pytest
 import torch
 
 import hooked_av
-from hooked_av import HookedQwen2_5Omni, HookedVideoSALMONN2
+from hooked_av import HookedAVFamily, HookedQwen2_5Omni, HookedVideoSALMONN2
+from hooked_av.core import checkpoint
+from hooked_av.families import FAMILIES
 from hooked_av.families.qwen2_5_omni.layout import audio_token_counts, av_chunk_runs
 
 torch.set_num_threads(1)
@@ -21,15 +24,47 @@ ROOT = Path(hooked_av.__file__).resolve().parent
 
 
 # ---- registry -----------------------------------------------------------------------------------
-def test_load_picks_each_family_from_its_config(tmp_path):
+def tiny_checkpoint(family, folder: Path) -> None:
+    """Write a tiny random checkpoint of `family` (a registered family package) into `folder`."""
     import salmonn_helpers as S
     from omni_helpers import tiny_hf_thinker
+    from qwen3_omni_helpers import tiny_hf
 
-    tiny_hf_thinker().save_pretrained(tmp_path / "omni")
-    S.Reference(seed=0).save(tmp_path / "salmonn")
-    assert type(hooked_av.load(tmp_path / "omni")) is HookedQwen2_5Omni
-    salmonn = hooked_av.load(tmp_path / "salmonn", position_mode="training")
+    writers = {
+        "Qwen2.5-Omni": lambda: tiny_hf_thinker().save_pretrained(folder),
+        "video-SALMONN 2+": lambda: S.Reference(seed=0).save(folder),
+        "Qwen3-Omni": lambda: tiny_hf().save_pretrained(folder),
+    }
+    if family.NAME not in writers:
+        pytest.fail(f"no tiny checkpoint for the registered family {family.NAME!r}: add its writer to tiny_checkpoint")
+    writers[family.NAME]()
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.NAME)
+def test_load_picks_each_registered_family_from_its_config_and_no_other_claims_it(family, tmp_path):
+    tiny_checkpoint(family, tmp_path)
+    assert [f for f in FAMILIES if f.matches(checkpoint.read_config(tmp_path))] == [family]
+    model = hooked_av.load(tmp_path)
+    assert type(model) is family.MODEL and model.checkpoint_folder == tmp_path
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.NAME)
+def test_every_registered_family_is_the_template_s_subclass_defining_its_open_points(family):
+    assert isinstance(family.NAME, str) and isinstance(family.RECOGNISED_BY, str) and callable(family.matches)
+    assert issubclass(family.MODEL, HookedAVFamily)
+    for point in ("build", "key_converter", "audio_placeholders", "position_ids", "prepare", "token_map",
+                  "media_constants"):
+        assert getattr(family.MODEL, point) is not getattr(HookedAVFamily, point), point
+
+
+def test_load_passes_family_options_to_from_pretrained(tmp_path):
+    import salmonn_helpers as S
+
+    S.Reference(seed=0).save(tmp_path)
+    salmonn = hooked_av.load(tmp_path, position_mode="training")
     assert type(salmonn) is HookedVideoSALMONN2 and salmonn.position_mode == "training"
+    with pytest.raises(TypeError, match=r"HookedVideoSALMONN2 takes no option\(s\) \['position_modes'\]; its options: \['position_mode'\]"):
+        hooked_av.load(tmp_path, position_modes="training")
 
 
 def test_load_refuses_an_unknown_family_naming_the_known_ones_before_any_weight(tmp_path):
@@ -72,6 +107,42 @@ def test_dependency_rules(folder, forbidden):
     bad = {f: sorted(n for n in names if n.split(".")[0] in forbidden or n.startswith(forbidden))
            for f, names in _imports(ROOT / folder).items()}
     assert {f: n for f, n in bad.items() if n} == {}
+
+
+def test_the_template_knows_no_family():
+    names = _imports(ROOT / "families")[str(Path("hooked_av", "families", "base.py"))]
+    assert sorted(n for n in names if n.startswith(tuple(f.__name__ for f in FAMILIES))) == []
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """hooked_av module -> the hooked_av modules it imports (top level or inside functions)."""
+    files = {".".join(f.relative_to(ROOT.parent).with_suffix("").parts).removesuffix(".__init__"): f
+             for f in ROOT.rglob("*.py")}
+    graph = {}
+    for name, f in files.items():
+        deps = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:  # `from pkg import module` imports the module
+                subs = {f"{node.module}.{a.name}" for a in node.names}
+                deps |= (subs & files.keys()) | ({node.module} if subs - files.keys() else set())
+        graph[name] = (deps & files.keys()) - {name}
+    return graph
+
+
+def test_no_modules_import_each_other():
+    graph = _module_graph()
+
+    def reached(start: str) -> set[str]:
+        seen, todo = set(), [start]
+        while todo:
+            new = graph[todo.pop()] - seen
+            seen |= new
+            todo += new
+        return seen
+
+    assert sorted(m for m in graph if m in reached(m)) == []
 
 
 def test_the_old_module_paths_are_gone():

@@ -16,6 +16,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from hooked_av.core.devices import as_device
+
 AUTO_MAPS = ("auto", "balanced", "sequential")
 
 
@@ -38,8 +40,6 @@ def _allowed_key(model: nn.Module, key: str) -> bool:
 
 def _check_device(value, key: str):
     """A device-map value that exists on this machine: a GPU index, a device name, "cpu" or "disk"."""
-    from hooked_av.core.checkpoint import as_device
-
     if value in ("cpu", "disk"):
         return value
     try:

@@ -1,5 +1,7 @@
 """`HookedVideoSALMONN2`: video-SALMONN 2+ (a Qwen2.5-VL with a Whisper encoder and a window-level
 Q-Former for audio) with a hook point on every residual stream, attention pattern and intermediate.
+What is SALMONN's alone is here (Whisper + Q-Former audio, the repository's input names, its two
+position modes); loading, `encode`'s merge, `forward` and `generate` are the template's (`families/base.py`).
 
     model = HookedVideoSALMONN2.from_pretrained("path/to/video-SALMONN-2_plus_7B", dtype=torch.bfloat16, device="cuda")
     logits = model(input_ids, attention_mask, input_features=mel, pixel_values_videos=pv, video_grid_thw=grid)
@@ -14,30 +16,25 @@ trained with (see `positions.py`).
 
 from __future__ import annotations
 
-import os
-
-import torch
 from torch import Tensor
-from transformer_lens.hook_points import HookPoint
 
-from hooked_av.core.base import HookedAVModel
-from hooked_av.core.language_model import MRoPELanguageModel, decode_args
+from hooked_av.core import checkpoint
 from hooked_av.encoders.qformer import WindowQFormer
 from hooked_av.encoders.qwen_vision import QwenVisionEncoder
 from hooked_av.encoders.whisper import WhisperEncoder
-from hooked_av.core import checkpoint
-from hooked_av.core.placeholders import check_patch_rows, check_placeholders, merged_tokens
+from hooked_av.families.base import HookedAVFamily, MediaInputs
 from hooked_av.families.video_salmonn2.layout import POSITION_IDS_PER_SECOND, token_ids
 from hooked_av.families.video_salmonn2.positions import POSITION_MODES, salmonn_position_ids
 from hooked_av.families.video_salmonn2.weights import convert_key, lm_config, split_config
 
-MEDIA_ARGS = (
-    "input_features", "audio_feature", "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
-    "video_second_per_grid", "second_per_grid_ts",
-)
+
+def check_position_mode(mode: str) -> str:
+    if mode not in POSITION_MODES:
+        raise ValueError(f"position_mode {mode!r} is unknown; use one of {POSITION_MODES}")
+    return mode
 
 
-class HookedVideoSALMONN2(MRoPELanguageModel, HookedAVModel):
+class HookedVideoSALMONN2(HookedAVFamily):
     """Hook names: `hook_audio_embeds` / `hook_image_embeds` / `hook_video_embeds` (tower outputs,
     `[n_tokens, d_model]`), `hook_embed` (merged embeddings, `[batch, pos, d_model]`), `blocks.{l}.*`,
     `ln_final.*`, `audio_encoder.*` (Whisper, one batch row per 30 s chunk), `audio_qformer.*`
@@ -45,19 +42,23 @@ class HookedVideoSALMONN2(MRoPELanguageModel, HookedAVModel):
 
     `position_mode`: "inference" (default, the official inference behaviour) or "training"
     (time-aligned audio); `model.position_mode` is the default a call uses, `encode` returns the one used.
+    Checkpoints: the repository's layout (`visual.*`, `audio.*`, `model.*`, `lm_head.*`) or the newer one
+    (`model.language_model.*`, `model.visual.*`).
     """
 
+    encode_options = ("position_mode",)
+    placeholder_names = {"audio": "<|audio_pad|>", "image": "<|image_pad|>", "video": "<|video_pad|>"}
+
     def __init__(self, config, position_mode: str = "inference"):
-        super().__init__()
-        if position_mode not in POSITION_MODES:
-            raise ValueError(f"position_mode {position_mode!r} is unknown; use one of {POSITION_MODES}")
+        check_position_mode(position_mode)
+        super().__init__(config)
         self.position_mode = position_mode
+
+    def build(self, config) -> None:
         vl, audio, qformer, ids = split_config(config)
         self.hf_config = config
         self.cfg = c = lm_config(vl, audio, qformer)
         self.ids = token_ids(ids)
-        self.tokenizer = None
-
         a, q, v = c.towers["audio_encoder"], c.towers["audio_qformer"], c.towers["vision_encoder"]
         self.audio_encoder = WhisperEncoder(
             a["num_mel_bins"], a["d_model"], a["n_layers"], a["n_heads"], a["d_mlp"], a["max_source_positions"], a["act_fn"]
@@ -67,46 +68,21 @@ class HookedVideoSALMONN2(MRoPELanguageModel, HookedAVModel):
             q["stride"], q["n_query"], q["cross_attention_freq"], q["act_fn"], q["eps"],
         )
         self.vision_encoder = QwenVisionEncoder.from_settings(v)
-        self.build_language_model(c)
-        self.hook_audio_embeds = HookPoint()
-        self.hook_image_embeds = HookPoint()
-        self.hook_video_embeds = HookPoint()
-        self.setup()
+
+    @classmethod
+    def read_checkpoint_config(cls, folder):
+        config = checkpoint.read_config(folder)  # a dict: AutoConfig would drop SALMONN's audio_config
+        split_config(config)  # refuse a config that is not SALMONN's before touching any weight file
+        return config
+
+    def key_converter(self):
+        return convert_key
 
     @property
     def audio_tokens_per_chunk(self) -> int:
         """LLM tokens one 30 s mel chunk makes (60 for the released models: 2 per second)."""
         q = self.audio_qformer
         return q.windows_per_chunk(self.audio_encoder.max_source_positions) * q.q_tokens.shape[1]
-
-    # ---- constructors -----------------------------------------------------------------------
-    @classmethod
-    def from_config(cls, config, dtype: torch.dtype = torch.float32, device=None, position_mode: str = "inference"):
-        """Random weights, for tests and shape studies (`device="meta"` allocates nothing)."""
-        with torch.device(device or "cpu"):
-            model = cls(config, position_mode)
-        return model.to(dtype).eval()
-
-    @classmethod
-    def from_pretrained(
-        cls, name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32, device=None,
-        position_mode: str = "inference", device_map=None, max_memory: dict | None = None,
-        offload_folder: str | os.PathLike | None = None,
-    ) -> "HookedVideoSALMONN2":
-        """A hub id or a local checkpoint folder in the repository's layout (`visual.*`, `audio.*`,
-        `model.*`, `lm_head.*`) or the newer one (`model.language_model.*`, `model.visual.*`).
-        `device_map` ("auto", "balanced", "sequential" or a dict of module -> device), `max_memory` and
-        `offload_folder` place the model across devices through accelerate as HF does (see
-        `hooked_av.core.placement`); `device` puts it whole on one."""
-        folder = checkpoint.resolve(name_or_path)
-        config = checkpoint.read_config(folder)  # a dict: AutoConfig would drop SALMONN's audio_config
-        split_config(config)  # refuse a config that is not SALMONN's before touching any weight file
-        tokenizer = checkpoint.load_tokenizer(folder)  # before the weights: a bad tokenizer fails in a second
-        tensors = checkpoint.iter_tensors(checkpoint.weight_files(folder))
-        model = checkpoint.build_and_load(lambda: cls(config, position_mode), tensors, convert_key, str(folder), dtype,
-                                          device, device_map, max_memory, offload_folder)
-        model.tokenizer = tokenizer
-        return model
 
     @property
     def media_constants(self):
@@ -117,72 +93,36 @@ class HookedVideoSALMONN2(MRoPELanguageModel, HookedAVModel):
         return model_media_constants(self)
 
     # ---- inputs -----------------------------------------------------------------------------
-    def _check_inputs(self, input_ids, features, image_grid_thw, video_grid_thw, pixel_values, pixel_values_videos):
-        """Every mismatch between the prompt and the media, before any tower runs."""
-        if features is not None:
-            self.audio_encoder.check_input(features)
-        n_chunks = 0 if features is None else features.shape[0]
-        m = self.vision_encoder.merge
-        check_placeholders(input_ids, [
-            ("<|audio_pad|>", self.ids.audio, None if features is None else n_chunks * self.audio_tokens_per_chunk,
-             "audio", f"{n_chunks} chunk(s) of 30 s x {self.audio_tokens_per_chunk}"),
-            ("<|image_pad|>", self.ids.image, merged_tokens(image_grid_thw, m), "image", "image_grid_thw"),
-            ("<|video_pad|>", self.ids.video, merged_tokens(video_grid_thw, m), "video", "video_grid_thw"),
-        ])
-        check_patch_rows(pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
-
-    def encode(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor | None = None,
-        input_features: Tensor | None = None,
-        pixel_values: Tensor | None = None,
-        image_grid_thw: Tensor | None = None,
-        pixel_values_videos: Tensor | None = None,
-        video_grid_thw: Tensor | None = None,
-        video_second_per_grid: Tensor | list[float] | None = None,
-        position_mode: str | None = None,
-        audio_feature: Tensor | None = None,
-        second_per_grid_ts: Tensor | list[float] | None = None,
-        use_audio_in_video: bool | None = None,
-        text_parts: Tensor | None = None,
-    ) -> dict:
-        """Run the towers and merge: returns `inputs_embeds` `[batch, pos, d_model]`, `position_ids`
-        `[3, batch, pos]`, `attention_mask`, `rope_deltas` `[batch, 1]` and `position_mode` (the mode
-        used); `model(**enc)` continues. `audio_feature` / `second_per_grid_ts` are the repository's
-        names for `input_features` / `video_second_per_grid`; the latter counts in "training" mode only (the
-        official inference drops it: 1.0 s per grid step). `use_audio_in_video` is accepted for parity
-        with `HookedQwen2_5Omni`: the token layout says where audio goes, and a given flag that
-        disagrees with it is an error. `text_parts` (`prepare`'s record of the user's text, for
-        `token_map`) is accepted and not read, so `model.encode(**inputs)` takes prepare's output as it is."""
+    def read_media(self, use_audio_in_video: bool | None = None, input_features=None, audio_feature=None,
+                   pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
+                   video_second_per_grid=None, second_per_grid_ts=None, position_mode: str | None = None) -> MediaInputs:
+        """Whisper mel chunks `[n_chunks, n_mels, 3000]` as `audio`. `audio_feature` / `second_per_grid_ts`
+        are the repository's names for `input_features` / `video_second_per_grid`; the latter counts in
+        "training" mode only (the official inference drops it: 1.0 s per grid step). `position_mode`
+        (default `model.position_mode`) is returned with `encode`'s result."""
         features = input_features if input_features is not None else audio_feature
         spg = video_second_per_grid if video_second_per_grid is not None else second_per_grid_ts
-        mode = position_mode or self.position_mode
-        if mode not in POSITION_MODES:
-            raise ValueError(f"position_mode {mode!r} is unknown; use one of {POSITION_MODES}")
-        self._check_inputs(input_ids, features, image_grid_thw, video_grid_thw, pixel_values, pixel_values_videos)
+        mode = check_position_mode(position_mode or self.position_mode)
+        return MediaInputs(features, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, positions=dict(
+            image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw, video_second_per_grid=spg, position_mode=mode),
+            returned={"position_mode": mode})
+
+    def check_inputs(self, input_ids, attention_mask, media, use_audio_in_video) -> None:
+        """The template's checks after Whisper's own input check; then a given `use_audio_in_video` must
+        describe the layout (SALMONN's layout leaves no choice)."""
+        if media.audio is not None:
+            self.audio_encoder.check_input(media.audio)
+        super().check_inputs(input_ids, attention_mask, media, use_audio_in_video)
         if use_audio_in_video is not None:
             self._check_audio_in_video(input_ids, attention_mask, use_audio_in_video)
-        position_ids, deltas = self.position_ids(input_ids, attention_mask, image_grid_thw, video_grid_thw, spg, mode)
 
-        embeds = self.embed(input_ids)
-        if features is not None:
-            a = self.hook_audio_embeds(self.audio_qformer(self.audio_encoder(features.to(self.dtype))))
-            embeds = embeds.masked_scatter((input_ids == self.ids.audio)[..., None], a.to(embeds.device, embeds.dtype))
-        im, vi = self.vision_encoder.images_and_videos(
-            None if pixel_values is None else pixel_values.to(self.dtype), image_grid_thw,
-            None if pixel_values_videos is None else pixel_values_videos.to(self.dtype), video_grid_thw,
-        )
-        if im is not None:
-            im = self.hook_image_embeds(im)
-            embeds = embeds.masked_scatter((input_ids == self.ids.image)[..., None], im.to(embeds.device, embeds.dtype))
-        if vi is not None:
-            vi = self.hook_video_embeds(vi)
-            embeds = embeds.masked_scatter((input_ids == self.ids.video)[..., None], vi.to(embeds.device, embeds.dtype))
-        return {
-            "inputs_embeds": embeds, "position_ids": position_ids, "attention_mask": attention_mask,
-            "rope_deltas": deltas, "position_mode": mode,
-        }
+    def audio_placeholders(self, audio):
+        n = audio.shape[0]
+        return n * self.audio_tokens_per_chunk, f"{n} chunk(s) of 30 s x {self.audio_tokens_per_chunk}"
+
+    def get_audio_features(self, audio) -> Tensor:
+        """Q-Former tokens `[n_chunks * tokens_per_chunk, d_model]` of Whisper mel chunks `[n_chunks, n_mels, 3000]`."""
+        return self.audio_qformer(self.audio_encoder(audio.to(self.dtype)))
 
     def _check_audio_in_video(self, input_ids: Tensor, attention_mask: Tensor | None, flag: bool) -> None:
         """A given `use_audio_in_video` must describe every video block: audio interleaved in it (True)
@@ -214,6 +154,7 @@ class HookedVideoSALMONN2(MRoPELanguageModel, HookedAVModel):
             video_grid_thw, video_second_per_grid, self.vision_encoder.merge, POSITION_IDS_PER_SECOND,
         )
 
+    # ---- inputs from media and the TokenMap ---------------------------------------------------
     def prepare(self, prompts, *, position_mode: str | None = None, use_audio_in_video: bool | None = None,
                 parts=None, tokenizer=None, fps: float | None = None, min_frames: int | None = None,
                 max_frames: int | None = None, max_pixels: int | None = None, **prompt_kwargs) -> dict:
@@ -223,9 +164,7 @@ class HookedVideoSALMONN2(MRoPELanguageModel, HookedAVModel):
         10 fps, 16..768 frames, 61250 pixels per frame). `model(**inputs)` runs them."""
         from hooked_av.families.video_salmonn2.prompt import prepare_salmonn, salmonn_parts_for_model, with_settings
 
-        mode = position_mode or self.position_mode
-        if mode not in POSITION_MODES:
-            raise ValueError(f"position_mode {mode!r} is unknown; use one of {POSITION_MODES}")
+        mode = check_position_mode(position_mode or self.position_mode)
         if tokenizer is not None and parts is None:
             parts = salmonn_parts_for_model(self, tokenizer)
         parts = parts or getattr(self, "processor_parts", None) or salmonn_parts_for_model(self)
@@ -254,43 +193,3 @@ class HookedVideoSALMONN2(MRoPELanguageModel, HookedAVModel):
             inputs.get("video_grid_thw"), spg, self.vision_encoder.merge, inputs.get("position_mode") or self.position_mode,
             inputs.get("text_parts"),
         )
-
-    # ---- forward ----------------------------------------------------------------------------
-    def forward(
-        self,
-        input_ids: Tensor | None = None,
-        attention_mask: Tensor | None = None,
-        *,
-        inputs_embeds: Tensor | None = None,
-        position_ids: Tensor | None = None,
-        rope_deltas: Tensor | None = None,
-        position_mode: str | None = None,
-        use_audio_in_video: bool | None = None,
-        return_type: str | None = "logits",
-        logits_at=None,
-        text_parts: Tensor | None = None,
-        **media,
-    ) -> Tensor | None:
-        """Logits `[batch, pos, vocab]` from input ids and media, or from `encode`'s outputs.
-        `return_type`: "logits", "resid" (after `ln_final`) or None; `logits_at` ("last", positions or
-        None = all): only those positions are unembedded (HF's `logits_to_keep`), see `run_language_model`.
-        `use_audio_in_video`, `text_parts` (accepted, not read): see `encode`."""
-        return self.route_forward(
-            input_ids, attention_mask, inputs_embeds, position_ids, return_type, media, MEDIA_ARGS,
-            logits_at=logits_at, position_mode=position_mode, use_audio_in_video=use_audio_in_video,
-        )
-
-    @torch.no_grad()
-    def generate(
-        self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None, *,
-        max_new_tokens: int = 16, eos_token_id: int | list[int] | None = None, inputs_embeds: Tensor | None = None,
-        position_ids: Tensor | None = None, rope_deltas: Tensor | None = None, position_mode: str | None = None,
-        use_audio_in_video: bool | None = None, **media,
-    ) -> Tensor:
-        """Greedy decoding with a KV cache, under whatever hooks are active. Returns the new tokens
-        `[batch, n_new]` (finished rows are padded with their eos)."""
-        decode_args(max_new_tokens, eos_token_id, self.cfg.d_vocab)  # before the towers run
-        if inputs_embeds is None:
-            enc = self.encode(input_ids, attention_mask, position_mode=position_mode, use_audio_in_video=use_audio_in_video, **media)
-            inputs_embeds, position_ids, rope_deltas = enc["inputs_embeds"], enc["position_ids"], enc["rope_deltas"]
-        return self.greedy_decode(inputs_embeds, position_ids, attention_mask, rope_deltas, max_new_tokens, eos_token_id)
