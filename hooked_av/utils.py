@@ -16,7 +16,7 @@ model's internals only through these and the model's own methods (tests/test_str
     mask.masked_fill_(edge, neg_inf(mask.dtype))
 """
 
-from hooked_av.core.checkpoint import as_device, as_dtype
+from hooked_av.core.devices import as_device, as_dtype
 from hooked_av.core.hook_names import SITES, conditional, get_act_name, hf_stages, layer_of, position_major
 from hooked_av.core.masks import additive, neg_inf, open_mask, positions_or_mask
 from hooked_av.core.placement import resident, resident_weight
