@@ -16,13 +16,13 @@ from pathlib import Path
 
 def register(sub) -> None:
     """Add `study` and `toy-data` to the subparsers of `hooked-av` (each sets `func`)."""
-    from patching.apps.study.runner import EXPERIMENTS
+    from patching.engine.experiment import names
     from patching.datasets.scoring import RULES
 
     st = sub.add_parser("study", help="run experiments over a dataset manifest (resumable, torchrun-parallel) and write a report")
     st.add_argument("--model", required=True, help='hub id, local checkpoint folder, or "toy"')
     st.add_argument("--manifest", required=True, help="JSONL or CSV manifest (see patching.datasets.manifest)")
-    st.add_argument("--experiment", action="append", choices=EXPERIMENTS, default=None,
+    st.add_argument("--experiment", action="append", choices=names(study=True), default=None,
                     help="an experiment to run; repeat for several (accuracy is always written)")
     st.add_argument("--out", required=True, help="output folder (running again resumes it)")
     st.add_argument("--limit", type=int, default=None, help="only the first N samples")

@@ -37,7 +37,6 @@ from patching.datasets.manifest import Manifest, Row, read_manifest
 from patching.datasets.scoring import Scorer
 from patching.datasets.templates import parse_template
 
-EXPERIMENTS = tuple(names(study=True))  # accuracy and every registered experiment with a study adaptor
 # measured wall times (discarding, FastV) differ from run to run; every other column is a function of the inputs
 TIMING_COLUMNS = ("seconds", "seconds_full", "time_saved", "gen_seconds", "gen_time_saved")
 
@@ -59,7 +58,7 @@ def run_study(
 ) -> Path:
     """Run (or resume) a study into `out_dir` and return it. `model`: a name for `hooked_av.load`
     ("toy", a hub id, a folder) or a loaded model; `manifest`: a path or a `Manifest`;
-    `experiments`: names from `EXPERIMENTS` (accuracy is always written: every result needs each
+    `experiments`: names of registered experiments a study can run (`patching.engine.experiment.names(study=True)`; accuracy is always written: every result needs each
     sample's correctness); `limit`: the first N samples; `template`: "default", "mc" or a custom
     text; `scoring`: a `scoring.RULES` rule; `window`: the knockout window in layers (None: the
     library's, 9 for centred and inverse windows as the papers', none for top-down / bottom-up);
@@ -229,11 +228,12 @@ def _versions() -> dict:
 
 
 def _experiments(experiments) -> list[str]:
-    names = checks.nonempty(experiments, "experiments")
-    unknown = [e for e in names if e not in EXPERIMENTS]
+    given = checks.nonempty(experiments, "experiments")
+    known = names(study=True)
+    unknown = [e for e in given if e not in known]
     if unknown:
-        raise ValueError(f"unknown experiment(s) {unknown}; choose from {list(EXPERIMENTS)}")
-    return ["accuracy"] + [e for e in dict.fromkeys(names) if e != "accuracy"]
+        raise ValueError(f"unknown experiment(s) {unknown}; choose from {known}")
+    return ["accuracy"] + [e for e in dict.fromkeys(given) if e != "accuracy"]
 
 
 def _process_group(world: int, device) -> str | None:
