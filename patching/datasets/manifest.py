@@ -37,7 +37,13 @@ RESERVED = ("sample_correct", "correct", "prediction", "answer_text", "answer_to
 
 class ManifestError(ValueError):
     """Every problem of a manifest at once: `problems` is a list of (row, id, column, message), row
-    1-based in data order (0 for the file itself)."""
+    1-based in data order (0 for the file itself).
+
+        try:
+            read_manifest(tmp / "missing.jsonl")
+        except ManifestError as e:
+            print(e.problems)  # [(row, id, column, message), ...]
+    """
 
     def __init__(self, path, problems: list[tuple[int, str | None, str | None, str]]):
         self.path, self.problems = str(path), problems
@@ -84,7 +90,11 @@ class Manifest:
 
 def read_manifest(path, check_files: bool = True) -> Manifest:
     """Read and validate `path` (.jsonl / .csv). Raises `ManifestError` listing every problem;
-    `check_files=False` skips opening the media (their existence is still checked)."""
+    `check_files=False` skips opening the media (their existence is still checked).
+
+        m = read_manifest(manifest)  # every row and media file checked
+        [(r.id, r.question, r.answer) for r in m.rows]
+    """
     path = Path(path)
     if not path.is_file():
         raise ManifestError(path, [(0, None, None, "the manifest file does not exist")])

@@ -36,7 +36,12 @@ class Plot:
     "heads" (layer x head heatmaps, one per `panel` value), "accuracy" (accuracy per `series` against
     `x` with Wilson bands), "bars" (one bar per `series`), "points" (the value against the FLOPs
     saved, one point per `series`) or "scatter" (one point per row against `x`). `xlabel` names the
-    x axis; `window` adds the knockout window to the title."""
+    x axis; `window` adds the knockout window to the title.
+
+        register(Experiment("lens_by_rank", logit_lens, by=("group", "layer"), value="rank",
+                            plot=Plot("lines", x="layer", series="group", xlabel="layer")))
+        Result("lens_by_rank", logit_lens(model, inputs, [answer]).df).plot()
+    """
 
     style: str
     x: str | None = None
@@ -53,7 +58,11 @@ class Report:
     second axis `(column, label)`; `samples`, whether faint per-sample lines are drawn; `derived`,
     kinds computed from these rows and drawn after them; `table`, "cells" (the summary's rows),
     "lowest" (each edge's lowest point of the mean curve) or "shares" (the share of samples per
-    label); `baseline`, a column whose summary is tabled beside the value as the plain run's."""
+    label); `baseline`, a column whose summary is tabled beside the value as the plain run's.
+
+        report = Report("Logit lens: rank of the answer per token group", split=("lens",))
+        record = Experiment("lens_by_rank", logit_lens, by=("group", "layer"), value="rank", report=report)
+    """
 
     heading: str
     split: tuple[str, ...] = ()
@@ -79,7 +88,11 @@ class Experiment:
     `StudySample`; `cells` / `study_value`: the columns that name a cell of the study's summary and the
     value it averages (default `value`); `summary_rows(rows)`: the rows that summary averages where they
     are not the rows as written (dominance: one 0/1 share per label); `check(options, window)`: refuses
-    settings before a model loads; `plot`, `report`: see `Plot`, `Report`."""
+    settings before a model loads; `plot`, `report`: see `Plot`, `Report`.
+
+        record = Experiment("lens_by_rank", logit_lens, by=("group", "layer"), value="rank", label="rank of the answer")
+        record.option_names()  # the options a study may give it: ['groups', 'lens', 'site']
+    """
 
     name: str
     fn: Callable | None = None
@@ -127,7 +140,12 @@ class Experiment:
 class StudySample:
     """What a study hands an experiment's `run` for one sample: `inputs` (processor-style, on the
     device), `enc` (`model.encode`'s output: the towers ran once), `tm` (its TokenMap), `answer` (the
-    scored answer token id), `window` (the study's knockout window)."""
+    scored answer token id), `window` (the study's knockout window).
+
+        from patching.engine.experiment import get
+        x = StudySample(model, inputs, model.encode(**inputs), tm, answer, window=1)
+        get("knockout").run(x, {"centres": [1]})  # the knockout rows a study writes for this sample
+    """
 
     model: object
     inputs: dict
@@ -142,7 +160,12 @@ _DRAWERS: list[Callable] = []
 
 
 def register(*records: Experiment) -> tuple[Experiment, ...]:
-    """Register records (`patching.methods` does, once, in one list). A name registered twice is refused."""
+    """Register records (`patching.methods` does, once, in one list). A name registered twice is refused.
+
+        lens_by_rank = Experiment("lens_by_rank", logit_lens, by=("group", "layer"), value="rank", label="rank of the answer")
+        register(lens_by_rank)
+        Result("lens_by_rank", logit_lens(model, inputs, [answer]).df).mean()  # by group and layer, as registered
+    """
     for r in records:
         if not isinstance(r, Experiment):
             raise TypeError(f"register takes Experiment records, got {type(r).__name__}")

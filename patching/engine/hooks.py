@@ -235,7 +235,12 @@ def block_attention(tm, src, dst, layers, rows: Sequence[int] | None = None,
     `generated` says which generated queries the edit holds for: `"as_last"` (default) treats each one
     as the row's final prompt position, so an edit to `"last"` holds at every newest position (where
     the answer keeps being read); `"by_group"` treats them as `tm.extend(n)` does: only a dst naming
-    `"generated"` (or `"all"`) selects them."""
+    `"generated"` (or `"all"`) selects them.
+
+        iv = block_attention(tm, "audio", "last", layers=range(1, 3))  # the last position may not read the audio there
+        logits = model.run_with_hooks(**inputs, fwd_hooks=iv.check(model))
+        logits[0, -1].softmax(-1)[answer]
+    """
     iv = _edge_hooks(tm, src, dst, layers, "block_attention", {}, _knock_out, "block_attention", heads, generated)
     return iv if rows is None else iv.on_rows(rows)
 
@@ -244,7 +249,11 @@ def scale_attention(tm, dst, src, factor: float, layers, rows: Sequence[int] | N
                     generated: str = "as_last") -> Intervention:
     """Multiply the unnormalised attention of `dst` queries to `src` keys by `factor` (add `log(factor)`
     to the additive mask before the softmax; factor 0 is a knockout). Under `model.generate`, generated
-    keys and queries as in `block_attention` (`generated`: `"as_last"` or `"by_group"`)."""
+    keys and queries as in `block_attention` (`generated`: `"as_last"` or `"by_group"`).
+
+        iv = scale_attention(tm, "last", "audio", 0.5, layers=[2, 3])  # halve last -> audio before the softmax
+        logits = model.run_with_hooks(**inputs, fwd_hooks=iv.check(model))
+    """
     checks.finite(factor, "scale_attention: factor", minimum=0)  # inf or NaN would act as a knockout
     delta = math.log(factor) if factor > 0 else None
 
@@ -264,7 +273,11 @@ def discard(tm, group, from_layer: int, n_layers: int | None = None, rows: Seque
     keys and values were gone (what `discarding.physical_forward` removes). Without `n_layers` the hook
     is a name filter matching every later layer's `hook_attn_mask`. Under `model.generate` a dropped
     position stays dropped for every later query, generated ones included (generated keys are dropped
-    only where `group` names `"generated"`), as the same discarding built from `tm.extend(n)`."""
+    only where `group` names `"generated"`), as the same discarding built from `tm.extend(n)`.
+
+        iv = discard(tm, "audio", from_layer=2)  # as if the audio's keys and values were gone from layer 2 on
+        logits = model.run_with_hooks(**inputs, fwd_hooks=iv.check(model))
+    """
     drop = _token_set(tm, group, "discard src")
     rest_mask, rest_label = _token_mask(tm, tm.select("all") - tm.select(group), "discard dst")
     rest = _Set(rest_mask, ~drop.generated, rest_label)  # generated tokens are in "all"
@@ -294,7 +307,11 @@ def steer(tm, dst, src, alpha: float, layers, heads: Sequence[int] | None = None
     `hook_attn_scores`, `score[dst -> src] += alpha * |score[dst -> src]|` in `layers` (optionally only
     `heads`); masked keys stay masked. Acts before the softmax; runs those layers on the exact path.
     Under `model.generate`, generated keys and queries as in `block_attention` (`generated`: `"as_last"`
-    or `"by_group"`); in a sweep it recomputes from its first `dst` query on, as the mask edits do."""
+    or `"by_group"`); in a sweep it recomputes from its first `dst` query on, as the mask edits do.
+
+        iv = steer(tm, "last", "audio", alpha=0.5, layers=[3], heads=[0, 1])
+        logits = model.run_with_hooks(**inputs, fwd_hooks=iv.check(model))
+    """
     checks.finite(alpha, "steer: alpha")
 
     def edit(scores: Tensor, edge: Tensor) -> Tensor:
@@ -335,7 +352,12 @@ def patch_from_cache(cache, sites, positions=None, heads: Sequence[int] | None =
                      rows: Sequence[int] | None = None) -> Intervention:
     """Write `cache[site]` (an ActivationCache or dict, batch 1 or the run's batch) into the run at
     `positions` (None: all; a Selection, bool mask or int positions) of every site (hook names);
-    `heads` restricts a `hook_z` site to those heads."""
+    `heads` restricts a `hook_z` site to those heads.
+
+        iv = patch_from_cache(cache, ["blocks.2.hook_resid_pre"], positions=tm.select("audio"))  # cache: the clean run's
+        logits = model.run_with_hooks(**corrupted, fwd_hooks=iv.check(model))
+        logits[0, -1].softmax(-1)[answer]
+    """
     names = _sites(sites, "patch_from_cache")
     missing = [n for n in names if n not in cache]
     if missing:
@@ -364,7 +386,12 @@ def ablate(sites, mode: str = "zero", positions=None, reference=None, heads: Seq
            seed: int = 0, rows: Sequence[int] | None = None) -> Intervention:
     """Replace activations at `positions`: `zero`; `mean` (the mean of `reference[site]` over its batch
     rows and positions, one vector per site); `resample` (row `seed`-chosen of `reference[site]`, same
-    positions). `reference` is an ActivationCache or dict of the reference runs."""
+    positions). `reference` is an ActivationCache or dict of the reference runs.
+
+        iv = ablate(["blocks.1.hook_resid_pre"], "zero", positions=tm.select("audio"))
+        iv += ablate(["blocks.2.attn.hook_z"], "mean", reference=cache, heads=[0, 1])  # heads 0, 1 at their mean over `cache`
+        logits = model.run_with_hooks(**inputs, fwd_hooks=iv.check(model))
+    """
     if mode not in ("zero", "mean", "resample"):
         raise ValueError(f"ablate: mode must be 'zero', 'mean' or 'resample', got {mode!r}")
     names = _sites(sites, "ablate")
@@ -399,7 +426,11 @@ def ablate(sites, mode: str = "zero", positions=None, reference=None, heads: Seq
 def add_noise(site: str, positions, std: float, seed: int = 0, rows: Sequence[int] | None = None) -> Intervention:
     """Add Gaussian noise of `std` (activation units) at `positions` of `site` (ROME's corruption on
     `hook_embed`). The noise is drawn once from `seed` (`[pos, d]`, CPU generator) so the same seed
-    gives the same noise in any batch layout."""
+    gives the same noise in any batch layout.
+
+        iv = add_noise("hook_embed", tm.select("audio"), std=0.5, seed=0)  # ROME's corruption
+        logits = model.run_with_hooks(**inputs, fwd_hooks=iv.check(model))
+    """
     checks.finite(std, "add_noise: std", minimum=0)
     params = {"site": site, "positions": positions_label(positions, "add_noise"), "std": float(std), "seed": seed}
     drawn: dict = {}

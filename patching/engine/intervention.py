@@ -45,7 +45,12 @@ class Part:
 
 
 class Intervention:
-    """An ordered sum of `Part`s. Iterating yields `(hook_name, fn)` pairs."""
+    """An ordered sum of `Part`s. Iterating yields `(hook_name, fn)` pairs.
+
+        iv = block_attention(tm, "audio", "last", [1, 2]) + scale_attention(tm, "last", "video", 2.0, [3])
+        print(iv)  # Intervention(block_attention(src=audio, dst=last, layers=[1, 2]) + scale_attention(...))
+        logits = model.run_with_hooks(**inputs, fwd_hooks=iv.check(model))
+    """
 
     def __init__(self, parts: Sequence[Part] = ()):
         self.parts: tuple[Part, ...] = tuple(parts)

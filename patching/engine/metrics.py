@@ -27,6 +27,17 @@ def _ids(tokens) -> Tensor:
 
 
 class Metric:
+    """A score of the last prompt position: `metric(logits, samples)` takes `logits` `[rows, vocab]` and
+    `samples` (the sample index of each row, or one int) and returns `[rows]` floats (see the module).
+    A subclass sets `name` and `__call__`; the answer ids it holds as tensors are checked by `check`
+    and saved by `settings`.
+
+        class TopLogit(Metric):  # any metric: [rows, vocab] last-position logits -> [rows]
+            def __call__(self, logits, samples=None):
+                return logits.float().amax(-1)
+        activation_patching(model, clean, corrupted, TopLogit(), layers=[1], progress=False).df
+    """
+
     name = "metric"
 
     def __call__(self, logits: Tensor, samples: Tensor | Sequence[int] | int | None = None) -> Tensor:
@@ -73,7 +84,12 @@ class Metric:
 
 
 class AnswerProb(Metric):
-    """Softmax probability of the answer token (e.g. the first token of the correct answer)."""
+    """Softmax probability of the answer token (e.g. the first token of the correct answer).
+
+        metric = AnswerProb([answer])
+        logits = model(**inputs)[:, -1]
+        metric(logits), metric.correct(logits)  # p(answer) and whether it is the top token, per row
+    """
 
     name = "prob"
 
@@ -90,6 +106,13 @@ class AnswerProb(Metric):
 
 
 class AnswerLogProb(AnswerProb):
+    """Log-softmax probability of the answer token (natural log, `<= 0`): `AnswerProb` on a scale that
+    keeps small probabilities apart.
+
+        metric = AnswerLogProb([answer])
+        metric(model(**inputs)[:, -1])  # [rows] log p(answer)
+    """
+
     name = "logprob"
 
     def __call__(self, logits, samples=None):
@@ -98,7 +121,11 @@ class AnswerLogProb(AnswerProb):
 
 
 class LogitDiff(Metric):
-    """`logit[correct] - logit[wrong]` (the clean answer against the corrupted one)."""
+    """`logit[correct] - logit[wrong]` (the clean answer against the corrupted one).
+
+        metric = LogitDiff(correct=[answer], wrong=model.tokenizer.convert_tokens_to_ids(["la"]))
+        metric(model(**inputs)[:, -1])
+    """
 
     name = "logit_diff"
 
@@ -114,7 +141,10 @@ class LogitDiff(Metric):
 
 def normalised(patched: Tensor, clean, corrupt, eps: float = 1e-12) -> Tensor:
     """`(m_patched - m_corrupt) / (m_clean - m_corrupt)`: 0 = as corrupted, 1 = as clean. Raises when
-    clean and corrupted give the same metric (the corruption did nothing to normalise against)."""
+    clean and corrupted give the same metric (the corruption did nothing to normalise against).
+
+        normalised(torch.tensor([0.1, 0.5, 0.9]), clean=0.9, corrupt=0.1)  # tensor([0.0, 0.5, 1.0])
+    """
     clean, corrupt = torch.as_tensor(clean, dtype=torch.float), torch.as_tensor(corrupt, dtype=torch.float)
     gap = clean - corrupt
     if bool((gap.abs() < eps).any()):
@@ -123,6 +153,9 @@ def normalised(patched: Tensor, clean, corrupt, eps: float = 1e-12) -> Tensor:
 
 
 def relative_change(new: Tensor, orig) -> Tensor:
-    """`(new - orig) / orig * 100`, percent."""
+    """`(new - orig) / orig * 100`, percent.
+
+        relative_change(torch.tensor([0.45, 0.9]), 0.9)  # tensor([-50., 0.]), percent
+    """
     orig = torch.as_tensor(orig, dtype=torch.float)
     return (new.float() - orig) / orig * 100

@@ -14,7 +14,12 @@ from patching.engine import experiment
 
 @dataclass
 class Result:
-    """`kind` names the experiment (and the plot); `settings` is JSON-able."""
+    """`kind` names the experiment (and the plot); `settings` is JSON-able.
+
+        res = logit_lens(model, inputs, [answer])
+        res.mean()  # p(answer) by group and layer, the record's default
+        Result.load(res.save(tmp / "lens.parquet")).df
+    """
 
     kind: str
     df: pd.DataFrame

@@ -32,7 +32,12 @@ class Sample:
     """One prompt ready for sweeps: what the family's `encode` gives the language model, trimmed to the
     real positions: `embeds` `[1, pos, d_model]`, `position_ids` `[3, 1, pos]`, `injections` (per layer
     `[1, pos, d_model]` or None; DeepStack's features), `tm` a batch-1 TokenMap of the same positions,
-    `index` its row in the caller's batch."""
+    `index` its row in the caller's batch.
+
+        sample: Sample = samples(model, inputs)[0]  # the towers ran once: embeds [1, pos, d_model]
+        logits = model.run_language_model(**sample.lm_inputs(2), logits_at="last")  # two copies along the batch
+        sample.tm.describe()
+    """
 
     embeds: Tensor
     position_ids: Tensor
@@ -91,7 +96,11 @@ def sample_maps(model, inputs: dict, tm=None) -> list:
 
 def samples(model, inputs: dict, tm=None) -> list[Sample]:
     """Encode once (towers run here, never again in the sweep) and split into trimmed samples.
-    `tm` defaults to `model.token_map(inputs)`; a map of other inputs is refused before the towers run."""
+    `tm` defaults to `model.token_map(inputs)`; a map of other inputs is refused before the towers run.
+
+        sample = samples(model, inputs)[0]  # the towers run here, once
+        run_rows(model, sample, [discard(sample.tm, "audio", 2)], progress=False).shape  # [1, vocab]
+    """
     tm = _token_map_of(model, inputs, tm)
     enc = encode(model, inputs)
     embeds, pos, mask = enc["inputs_embeds"], enc["position_ids"], enc.get("attention_mask")
@@ -223,7 +232,12 @@ def run_rows(
     Anything else (a hook of another origin, a hook already active on the model, edits that leave nothing
     to save) runs whole forwards, as does `incremental=False`. `stats`, if given, receives `positions` (the
     positions run, summed over rows and the clean forward), `layer_positions` (positions x blocks run),
-    their whole-forward counterparts `positions_full` and `layer_positions_full`, and `incremental`."""
+    their whole-forward counterparts `positions_full` and `layer_positions_full`, and `incremental`.
+
+        sample = samples(model, inputs)[0]
+        ivs = [block_attention(sample.tm, "audio", "last", [layer]) for layer in range(model.cfg.n_layers)]
+        run_rows(model, sample, ivs, reduce=AnswerProb([answer]), progress=False)  # [n_layers]: p(answer) per knocked-out layer
+    """
     seq, n_layers = sample.seq_len, len(model.blocks)
     starts = [first_query(iv) for iv in interventions] if incremental else [None] * len(interventions)
     # a cell that edits no prompt query (only generated ones) still reads the last position: run it from there

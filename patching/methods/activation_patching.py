@@ -117,7 +117,11 @@ def activation_patching(
 ) -> Result:
     """One row per (sample, site, layer, position unit[, head]) with `metric`, `m_clean`, `m_corrupt`
     and `normalised` (NaN where clean and corrupted give the same metric). `metric` defaults to the
-    probability of the clean run's top token."""
+    probability of the clean run's top token.
+
+        res = activation_patching(model, clean, corrupted, AnswerProb([answer]), layers=[0, 2], progress=False)
+        res.df[["layer", "tokens", "normalised"]]
+    """
     if direction not in ("clean->corrupted", "corrupted->clean"):
         raise ValueError(f"direction must be 'clean->corrupted' or 'corrupted->clean', got {direction!r}")
     sites = checks.nonempty(sites, "sites")

@@ -32,7 +32,11 @@ def attribution_patching(
     tm_corrupted=None,
 ) -> Result:
     """One row per (sample, site, layer, position unit[, head for site "head"]) with `attribution`,
-    the estimated `m_patched - m_corrupt` (metric units), summed over the unit's positions."""
+    the estimated `m_patched - m_corrupt` (metric units), summed over the unit's positions.
+
+        res = attribution_patching(model, clean, corrupted, AnswerLogProb([answer]), sites=["resid_pre"], positions="groups")
+        res.df.sort_values("attribution").tail(3)  # log p: p's gradient vanishes where the corruption drives p to ~0
+    """
     layers = checks.layers(model, layers)
     sites = checks.nonempty(sites, "sites")
     if not isinstance(positions, str):

@@ -111,7 +111,11 @@ def causal_tracing(
     (default `[corrupt]`), or `"each"` for every position on its own (ROME's heatmap; see
     `heatmap`), `"each:<spec>"` for each position of a spec (ROME's `token_range`). `window`: layers per restoration, one number or `{site: number}`; `centres`: the
     layers the windows start from (top_down) or centre on. `steps`: decoding steps the metric takes
-    the max over (1 = the last prompt position); `eos_token_id` ends a row's steps."""
+    the max over (1 = the last prompt position); `eos_token_id` ends a row's steps.
+
+        res = causal_tracing(model, inputs, [answer], corrupt="audio", n_noise=2, centres=[0, 2], progress=False)
+        res.mean()  # indirect effect per restore site, token set and layer
+    """
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {list(PRESETS)}, got {preset!r}")
     given = dict(mode=mode, restore=restore, window=window, window_style=window_style, steps=steps, mirror=mirror,

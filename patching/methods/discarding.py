@@ -33,7 +33,12 @@ def _dropped(tm, group) -> Tensor:
 def physical_forward(model, sample: Sample, group, from_layer: int) -> Tensor:
     """Last-position logits `[1, vocab]` with `group` (TokenMap spec) removed from layer `from_layer`
     on, through the model's own layer loop (`run_language_model(discard=...)`, injections included).
-    The last position may not be in the group."""
+    The last position may not be in the group.
+
+        sample = samples(model, inputs)[0]
+        logits = physical_forward(model, sample, "audio", from_layer=2)  # [1, vocab]
+        logits.softmax(-1)[0, answer]
+    """
     L = model.cfg.n_layers
     if not 0 <= from_layer <= L:
         raise ValueError(f"from_layer {from_layer} out of range; the model has {L} layers (0..{L}, {L} = discard nothing)")
@@ -95,7 +100,11 @@ def discarding(
     and correctness with `group` physically discarded from L on, FLOPs (full vs discarded) and median
     wall time over `repeats` forwards (seconds). The full forward is `physical_forward` from
     L = n_layers (nothing discarded): the same code, warmed up and timed in turn with the others, so
-    its row has `time_saved` 0."""
+    its row has `time_saved` 0.
+
+        res = discarding(model, inputs, [answer], group="audio", from_layers=[1, 3], repeats=1, progress=False)
+        res.df[["from_layer", "metric", "correct", "flops_saved"]]
+    """
     L = model.cfg.n_layers
     from_layers = list(range(L + 1)) if from_layers is None else checks.indices(
         checks.nonempty(from_layers, "from_layers", none_ok=True), L + 1, "from_layer(s)", "layers", valid=f"valid: 0..{L} ({L} = discard nothing)")

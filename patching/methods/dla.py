@@ -52,7 +52,11 @@ def dla(model, inputs: dict, answers=None, groups: Sequence | None = None, layer
     """One row per (sample, layer, head, group): `dla`, the answer logit's direct contribution through
     that head's attention to that group at the last position (logit units). `answers`: the token per
     sample (default each sample's top token); `groups`: disjoint TokenMap specs (default every group
-    present); `layers` default all."""
+    present); `layers` default all.
+
+        res = dla(model, inputs, [answer], layers=[3])
+        res.df.groupby("group").dla.sum()  # layer 3's heads' direct effect on the answer logit, by the group they read
+    """
     layers = checks.layers(model, layers)
     if answers is not None:
         (answers if isinstance(answers, AnswerProb) else AnswerProb(answers)).check(model, checks.batch_of(inputs))

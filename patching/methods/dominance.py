@@ -26,7 +26,11 @@ LABELS = ("video", "audio", "neither")
 def dominance(model, inputs: dict, answers=None) -> pd.DataFrame:
     """One row per sample: `pred_av`, `pred_audio_only` (frames black), `pred_video_only` (waveform
     silent), `label` ("video", "audio" or "neither", see the module) and, with `answers` (one token id
-    per sample or one for all), `correct_av`. Three forwards of the batch; no sample is dropped."""
+    per sample or one for all), `correct_av`. Three forwards of the batch; no sample is dropped.
+
+        labels = dominance(model, inputs, answers=[answer])
+        labels[["pred_av", "pred_audio_only", "pred_video_only", "label"]]
+    """
     n = checks.batch_of(inputs)
     if answers is not None:
         answers = torch.as_tensor(answers).flatten()

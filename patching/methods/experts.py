@@ -32,7 +32,11 @@ def ablate_experts(layers, experts, positions=None, rows: Sequence[int] | None =
 
     The rows of `experts.{e}.hook_out` are the tokens routed to e in flattened batch x pos order
     (`hooked_av.core.moe`); with positions or rows, a hook on `mlp.hook_router_choice` of the same
-    block records which tokens those are."""
+    block records which tokens those are.
+
+        iv = ablate_experts(layers=[10, 11], experts=[3, 17], positions=tm.select("audio"))  # a mixture-of-experts model
+        logits = model.run_with_hooks(**inputs, fwd_hooks=iv.check(model))
+    """
     layers = layer_list(layers, "ablate_experts")
     experts = checks.indices(checks.nonempty(experts, "ablate_experts: experts"), 1 << 30, "ablate_experts: experts",
                              "experts", valid="experts count from 0")

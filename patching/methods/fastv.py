@@ -119,7 +119,11 @@ def fastv(
     (the answer at the prompt's last position), `pred`, `flops` / `flops_saved` (prefill, analytic,
     `discarding.forward_flops`), `seconds` / `time_saved` (prefill, median of `repeats` after a
     warm-up), `generated` (token ids), `gen_flops` / `gen_flops_saved` (every step recomputed, no
-    KV cache), `gen_seconds` / `gen_time_saved`."""
+    KV cache), `gen_seconds` / `gen_time_saved`.
+
+        res = fastv(model, inputs, [answer], k=2, r=0.5, max_new_tokens=1, repeats=1, progress=False)
+        res.df[["method", "n_dropped", "prob", "flops_saved"]]
+    """
     L = model.cfg.n_layers
     checks.indices([k], L, "k (the layer FastV prunes at)", "layers", valid=f"k must be in 1..{L - 1}: layer k-1's attention ranks the tokens")
     if k < 1:

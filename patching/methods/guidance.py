@@ -74,7 +74,12 @@ class AdaptiveScale:
     (`adaptive_threshold`), `momentum` 0.5; `layers` its `range(18, 26)` of 28 scaled to the model's
     depth (`hub_layers`); `base` 0.5 is `--guidance_strength`'s default in its driver
     (`infer_adpative_guidance.py`, removed from the repository in commit 0535a88; the class itself
-    has no default), which ran sinks with `--k_divide 3`."""
+    has no default), which ran sinks with `--k_divide 3`.
+
+        scale = AdaptiveScale.from_sinks(find_sinks(model, inputs, ratio=5, tau=2.5))
+        tokens = guided_generate(model, inputs, lambda tm: steer(tm, "last", "audio", 0.5, [3]), scale, max_new_tokens=2)
+        scale.records()  # text mass, weight and scale of every step
+    """
 
     def __init__(self, cross: Sequence, unimodal: Sequence, base: float = 0.5, layers: Sequence[int] | None = None,
                  cap: float = 0.6, text_threshold: float = 0.4, decay_margin: float = 0.2, gate: float = 0.6,
@@ -203,7 +208,12 @@ def guided_generate(
     `AdaptiveScale` (fed the plain run's last-row attention at every step). A step whose scale is 0
     in every row is decoded from the plain run alone (the guided forward would not change it).
     Injections of `encode` (DeepStack's visual features) are added on the prompt's positions at
-    every step, none on the generated ones."""
+    every step, none on the generated ones.
+
+        toward_audio = lambda tm: steer(tm, "last", "audio", alpha=0.5, layers=[3])
+        tokens = guided_generate(model, inputs, toward_audio, scale=1.0, max_new_tokens=2)
+        model.tokenizer.decode(tokens[0])
+    """
     checks.count(max_new_tokens, "max_new_tokens")
     adaptive = isinstance(scale, AdaptiveScale)
     if not adaptive and not callable(scale):  # a callable's value is checked at each step

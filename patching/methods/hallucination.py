@@ -148,7 +148,13 @@ def hallucination(
     `guided_generate(make_hooks, scale)`), and count object hallucinations against `objects` (one
     list of labels per prompt). Rows: `sample`, `id`, `condition`, then `chair`'s columns;
     `settings["rates"]`: CHAIR_s and CHAIR_i per condition. `eos_token_id` ends a caption (the
-    chat's end-of-turn token); without it every caption is `max_new_tokens` long."""
+    chat's end-of-turn token); without it every caption is `max_new_tokens` long.
+
+        from patching.methods.hallucination import ObjectMatcher
+        guide = lambda tm: steer(tm, "last", "audio", alpha=0.5, layers=[3])
+        res = hallucination(model, inputs, [["do"]], guide, 1.0, ObjectMatcher(["do", "re", "sol", "la"]), max_new_tokens=2)
+        res.settings["rates"]  # {"plain": {"chair_s": ..., "chair_i": ...}, "guided": {...}}
+    """
     n = checks.batch_of(inputs)
     objects = list(objects)
     if len(objects) != n:

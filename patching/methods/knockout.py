@@ -79,7 +79,10 @@ def default_edges(tm) -> list[tuple[str, str]]:
     Decisions"' interleaved items), per clip `item[i] -> question` and `item[i] -> last`
     (where the row has a question), then `item[i] -> item[j]` for i < j (attention is causal: an
     earlier clip never reads a later one). A clip (`item[i]`) is all its media tokens; the text
-    naming the clips is the group `label`, not the question."""
+    naming the clips is the group `label`, not the question.
+
+        default_edges(tm)  # [("audio", "question"), ("video", "question"), ("audio", "last"), ...]
+    """
     edges = [(s, d) for s, d in DEFAULT_EDGES if _present(tm, s) and _present(tm, d)]
     n_items = 0
     while _present(tm, f"item[{n_items}]"):
@@ -126,7 +129,11 @@ def knockout(
     `pred` (the plain run's top token), `p_pred_orig`, `p_pred_blocked`, `rel_change_pred` (Zhang et
     al.'s metric: their answer is the model's own first generated token); `pred_blocked` (top token
     under the knockout), `correct` (gold is the plain run's top token), `correct_blocked` (gold is the
-    top token under the knockout)."""
+    top token under the knockout).
+
+        res = knockout(model, inputs, answers=[answer], window=1, centres=[1, 2], progress=False)
+        res.df[["edge", "layer", "rel_change"]]
+    """
     L = model.cfg.n_layers
     style = "centre" if window_style == "center" else window_style
     if style not in WINDOW_STYLES:
@@ -193,7 +200,11 @@ def knockout_accuracy(result: Result, sample_mode: str = "correct") -> Result:
     `information_flow_analysis.py` counts it: with `sample_mode="correct"` (its default) only samples
     the plain run answers correctly are knocked out, so a sample counts when it is correct both
     plainly and under the knockout; `"all"` counts every sample correct under the knockout. The frame
-    also holds `accuracy_base`, the plain run's accuracy (percent)."""
+    also holds `accuracy_base`, the plain run's accuracy (percent).
+
+        res = knockout(model, inputs, answers=[answer], window=1, centres=[1], progress=False)
+        knockout_accuracy(res).df  # accuracy (%) per edge and layer
+    """
     if result.kind != "knockout":
         raise ValueError(f"knockout_accuracy takes a knockout Result, got a {result.kind!r} one")
     if sample_mode not in ("correct", "all"):

@@ -38,7 +38,11 @@ def logit_lens(
     the lens), `rank` (mean rank of the answer, 0 = top), `top_token` (argmax of the mean
     log-probabilities). `answers` default: the final top token of each sample. `lens`: "standard"
     (`unembed(ln_final(h))` at `site`, default "resid_post") or "map_the_flow" (input embedding
-    matrix, no final norm, at the anchor's own sites; a `site` is refused there)."""
+    matrix, no final norm, at the anchor's own sites; a `site` is refused there).
+
+        res = logit_lens(model, inputs, [answer], groups=["audio", "question", "last"])
+        res.df.pivot(index="layer", columns="group", values="prob")
+    """
     L = model.cfg.n_layers
     if lens not in LENSES:
         raise ValueError(f"lens must be one of {list(LENSES)}, got {lens!r}")

@@ -134,7 +134,12 @@ def pathway(
     One row per (sample, run) with run "pathway" or "random": `edges_total` (causal pairs over all
     layers), `edges_kept`, `kept_share`, `masked_share`, `p_orig`, `p` (answer probability),
     `rel_change` (percent), `pred` (top token), `correct_orig`, `correct` (the answer is the top
-    token, the anchor's accuracy)."""
+    token, the anchor's accuracy).
+
+        keep = [("audio", "question", [0, 1]), ("audio", "last", [1, 2]), ("question", "last", [2, 3])]
+        res = pathway(model, inputs, [answer], keep=keep)
+        res.df[["run", "kept_share", "p", "correct"]]
+    """
     L = model.cfg.n_layers
     triples = _keep_triples(model, keep)
     if random_ratio is not None:

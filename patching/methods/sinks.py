@@ -47,7 +47,10 @@ def _resid_inputs(model, sample, layers) -> dict[int, torch.Tensor]:
 
 
 def sink_dimensions(model, inputs: dict, ratio: float = 100.0, layers: Sequence[int] | None = None, tm=None) -> list[int]:
-    """Dimensions of massive activations over the samples of `inputs` (sorted by magnitude)."""
+    """Dimensions of massive activations over the samples of `inputs` (sorted by magnitude).
+
+        sink_dimensions(model, inputs, ratio=10)  # the toy shows none at the default ratio of 100
+    """
     layers = checks.layers(model, layers)
     checks.finite(ratio, "ratio", minimum=0)
     peak = torch.zeros(model.cfg.d_model)
@@ -105,7 +108,11 @@ def find_sinks(
     whole prompt, then the media) or "modality" (`n_modality // k_divide` per modality). `empty`:
     "zero" (hub: a mean over no later tokens is 0) or "nan". `split`: "rank" (hub: ceil(n/2) by rank)
     or "median" (strictly above / below the median). `layers`: where sinks are flagged and MDS is
-    averaged (default all, as the hub's 28 of 28)."""
+    averaged (default all, as the hub's 28 of 28).
+
+        res = find_sinks(model, inputs, ratio=8, tau=2.5)  # tau below sqrt(d_model): the toy is 128 wide
+        res.df[["modality", "pos", "layers_flagged", "mds", "cross_modal"]]
+    """
     checks.count(k_divide, "k_divide")
     checks.finite(tau, "tau")
     for name, value, valid in (("select", select, ("prompt", "modality")), ("empty", empty, ("zero", "nan")),

@@ -77,7 +77,12 @@ def var(tm, sinks, layers, media="audio|video|image", p: float = DEFAULT_P, rho:
     """The VAR edit in `layers` (see the module; `var_layers(n_layers)` gives the anchor's). `sinks`: a
     TokenMap spec, Selection or bool mask of sink positions for every layer, or a mapping layer -> one
     of those (per-layer sinks, as the anchor flags them per layer; `layers` must then be its keys).
-    `media`: the tokens whose sinks define media-centric heads and which receive the mass."""
+    `media`: the tokens whose sinks define media-centric heads and which receive the mass.
+
+        sinks = find_sinks(model, inputs, ratio=8, tau=2.5).df.pos.tolist()
+        iv = var(tm, sinks=torch.isin(torch.arange(tm.seq_len), torch.tensor(sinks)), layers=[2])
+        logits = model.run_with_hooks(**inputs, fwd_hooks=iv.check(model))
+    """
     checks.finite(p, "var: p", minimum=0)
     checks.finite(rho, "var: rho", minimum=0)
     checks.finite(summ, "var: summ", minimum=0)

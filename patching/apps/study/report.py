@@ -25,7 +25,11 @@ MAX_ROWS = 40  # a longer table (DLA: layers x heads x groups) shows its largest
 
 def write_report(studies, path=None) -> Path:
     """One study folder (or `Study`), or several compared (then `path` is required). Returns the
-    HTML path."""
+    HTML path.
+
+        out = run_study(model, manifest, ["logit_lens"], tmp / "study", progress=False)
+        write_report(out)  # out / "report.html", figures in out / "figures"
+    """
     many = isinstance(studies, (list, tuple))
     items = [s if isinstance(s, Study) else Study(s) for s in (studies if many else [studies])]
     if many and path is None:

@@ -64,7 +64,12 @@ def run_study(
     library's, 9 for centred and inverse windows as the papers', none for top-down / bottom-up);
     `options`: keyword arguments per experiment, e.g. `{"discarding": {"repeats": 1}, "knockout":
     {"window_style": "inverse"}}` (each record's `option_names()` says which it takes; unknown ones
-    are refused before the model loads)."""
+    are refused before the model loads).
+
+        out = run_study(model, manifest, ["knockout"], tmp / "study", window=1, options={"knockout": {"centres": [1]}},
+                        progress=False)
+        Study(out).frame("knockout")[["id", "edge", "layer", "rel_change", "sample_correct"]]
+    """
     experiments = _experiments(experiments)
     if window is not None:
         checks.count(window, "window", unit=" layer")

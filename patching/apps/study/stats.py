@@ -27,7 +27,11 @@ SUBSETS = ("correct", "all")
 
 
 class Study:
-    """A study folder written by `run_study` (complete or not: the parts written so far are read)."""
+    """A study folder written by `run_study` (complete or not: the parts written so far are read).
+
+        out = run_study(model, manifest, ["logit_lens"], tmp / "study", progress=False)
+        Study(out).summary("logit_lens")  # mean, bootstrap 95 % interval and n per cell and subset
+    """
 
     def __init__(self, out_dir):
         self.dir = Path(out_dir)
