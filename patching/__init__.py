@@ -12,13 +12,28 @@ its registry record), `figures/` (how results are drawn), `apps/` (the CLI, the 
     res.plot()
 """
 
-from patching import methods as _methods  # registers every experiment record  # noqa: F401
 from patching import figures as _figures  # registers how Result.plot draws  # noqa: F401
+from patching import methods as _methods  # registers every experiment record  # noqa: F401
 from patching.datasets.manifest import ManifestError, read_manifest
 from patching.engine.experiment import Experiment, Plot, Report, StudySample, register
-from patching.engine.hooks import ablate, add_noise, block_attention, discard, patch_from_cache, scale_attention, steer
+from patching.engine.hooks import (
+    ablate,
+    add_noise,
+    block_attention,
+    discard,
+    patch_from_cache,
+    scale_attention,
+    steer,
+)
 from patching.engine.intervention import Intervention
-from patching.engine.metrics import AnswerLogProb, AnswerProb, LogitDiff, Metric, normalised, relative_change
+from patching.engine.metrics import (
+    AnswerLogProb,
+    AnswerProb,
+    LogitDiff,
+    Metric,
+    normalised,
+    relative_change,
+)
 from patching.engine.results import Result
 from patching.engine.sweep import Sample, run_rows, samples
 from patching.methods.activation_patching import activation_patching

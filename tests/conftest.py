@@ -11,3 +11,28 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def toy_model():
+    """The shipped toy model, loaded once for the whole session: a test that changes it (hooks, a
+    tokenizer, a dtype) puts it back before it ends."""
+    from hooked_av import toy
+
+    return toy.load()
+
+
+@pytest.fixture(scope="session")
+def tiny_omni():
+    """A random-weight tiny Qwen2.5-Omni Thinker with the test tokenizer and processor parts (16 mel bins),
+    built once; tests that need their own weights or settings build their own."""
+    from media_helpers import tiny_tokenizer
+    from omni_helpers import tiny_thinker_config
+
+    from hooked_av import HookedQwen2_5Omni
+    from hooked_av.families.qwen2_5_omni.processor import assemble_omni_parts
+
+    model = HookedQwen2_5Omni.from_config(tiny_thinker_config())
+    model.tokenizer = tiny_tokenizer()
+    model.processor_parts = assemble_omni_parts(model.tokenizer, num_mel_bins=16, chunk_length=30)
+    return model

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 import standin_experiment
-from hooked_av import toy
 from hooked_av.toy.dataset import write_toy_dataset
 from patching import Result, Study, run_study, write_report
 from patching.engine import experiment
@@ -26,8 +25,8 @@ def registered(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def model():
-    return toy.load()
+def model(toy_model):
+    return toy_model
 
 
 def test_a_new_experiment_is_one_file_and_one_registration(registered, model, tmp_path):

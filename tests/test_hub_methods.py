@@ -6,7 +6,6 @@ tracing (`trace_with_patch_memory_optimized`, `utils/logit.py::max_prob_for_word
 dominance labels and the hallucination loop. Each reference below is written from the anchor's code
 and run on a planted example where the earlier definitions here give other numbers."""
 
-import math
 import random
 from collections import Counter
 
@@ -143,13 +142,6 @@ def _greedy_probs(model, enc, hooks, steps):
             embeds = torch.cat([embeds, model.embed(tok.view(1, 1))], 1)
             pos = torch.cat([pos, (pos.max() + 1).view(1, 1, 1).expand(3, 1, 1)], 2)
     return torch.stack(out)
-
-
-@pytest.fixture(scope="module")
-def toy_model():
-    from hooked_av import toy
-
-    return toy.load()
 
 
 def test_hub_preset_of_causal_tracing_equals_the_hubs_loop(toy_model):

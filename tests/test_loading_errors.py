@@ -179,11 +179,6 @@ N_CLIPS = 8
 
 
 @pytest.fixture(scope="module")
-def toy_model():
-    return toy.load()
-
-
-@pytest.fixture(scope="module")
 def toy_clips(tmp_path_factory):
     """Toy clips rendered to real files: `bank` holds the in-memory tensors of what the files hold
     (frames rounded to uint8, as any video file stores them), `float_bank` the unrounded clips."""

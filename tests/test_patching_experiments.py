@@ -12,7 +12,6 @@ from patching.methods.discarding import discarding, forward_flops, physical_forw
 from patching.engine.hooks import block_attention, discard
 from patching.methods.knockout import default_edges, knockout, window_layers
 from patching.methods.logit_lens import logit_lens
-from patching.engine.metrics import AnswerProb
 from patching.engine.results import Result
 from patching.engine.sweep import forward_rows, samples
 

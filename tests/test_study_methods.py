@@ -8,7 +8,6 @@ import pandas as pd
 import pytest
 import torch
 
-from hooked_av import toy
 from hooked_av.toy.dataset import write_toy_dataset
 from patching.datasets.manifest import read_manifest
 from patching.apps.study.runner import TIMING_COLUMNS, run_study
@@ -32,8 +31,8 @@ OPTIONS = {
 
 
 @pytest.fixture(scope="module")
-def model():
-    return toy.load()
+def model(toy_model):
+    return toy_model
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,8 @@ OPTIONS = {"discarding": {"repeats": 1}}
 
 
 @pytest.fixture(scope="module")
-def model():
-    return toy.load()
+def model(toy_model):
+    return toy_model
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ selections, errors, describe and extend; the video-SALMONN 2+ builder on hand-bu
 
 from __future__ import annotations
 
-import math
 from types import SimpleNamespace
 
 import pytest

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from omni_helpers import AUDIO, IM_END, IM_START, USER, VIDEO, Builder, audio_tokens, batch, tiny_thinker_config
+from omni_helpers import IM_END, IM_START, USER, Builder, audio_tokens, batch, tiny_thinker_config
 
 from hooked_av import HookedQwen2_5Omni
 from hooked_av.families.video_salmonn2.layout import salmonn_block_ids

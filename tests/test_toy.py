@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-import hooked_av
 from hooked_av import toy
 from hooked_av.toy import vocab
 from hooked_av.toy.clips import log_mel, patchify
@@ -18,8 +17,8 @@ N_PER_KIND = 48
 
 
 @pytest.fixture(scope="module")
-def model():
-    return hooked_av.load("toy")
+def model(toy_model):
+    return toy_model
 
 
 @pytest.fixture(scope="module")

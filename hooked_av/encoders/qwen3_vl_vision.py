@@ -17,7 +17,6 @@ import math
 import re
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 
 from hooked_av.inputs.token_map import GROUPS, MEDIA
 

@@ -33,12 +33,18 @@ import re
 import torch
 from torch import Tensor
 
-from hooked_av.utils import additive, hf_stages, open_mask
 from hooked_av.inputs.chat import ChatTokens, text_groups
 from hooked_av.inputs.token_map import (
-    MEDIA, TokenMap, TokenMapBuilder, check_text_parts, clip_numbers, media_runs, with_text_parts,
+    MEDIA,
+    TokenMap,
+    TokenMapBuilder,
+    check_text_parts,
+    clip_numbers,
+    media_runs,
+    with_text_parts,
 )
 from hooked_av.interop.nnsight import require_nnsight
+from hooked_av.utils import additive, hf_stages, open_mask
 from patching.engine.intervention import Intervention
 
 ATTENTION = ("eager", "sdpa")

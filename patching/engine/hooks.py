@@ -14,7 +14,6 @@ selects nothing in some row is an error raised here, before anything runs.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -23,8 +22,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from hooked_av.utils import SITES, layer_of, neg_inf, position_major, positions_or_mask
 from hooked_av.inputs import Selection
+from hooked_av.utils import SITES, layer_of, neg_inf, position_major, positions_or_mask
 from patching.engine import checks
 from patching.engine.intervention import Intervention, Part, batch_rows, layer_list
 

@@ -21,8 +21,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens.hook_points import HookPoint
 
-from patching.engine import checks
 from hooked_av.utils import layer_of
+from patching.engine import checks
 from patching.engine.hooks import run_from
 from patching.engine.intervention import Intervention
 

@@ -7,8 +7,20 @@ one line here.
 
 from patching.engine.experiment import register
 from patching.methods import (
-    accuracy, activation_patching, attribution, causal_tracing, discarding, dla, dominance, fastv, hallucination,
-    knockout, logit_lens, pathway, sinks, var,
+    accuracy,
+    activation_patching,
+    attribution,
+    causal_tracing,
+    discarding,
+    dla,
+    dominance,
+    fastv,
+    hallucination,
+    knockout,
+    logit_lens,
+    pathway,
+    sinks,
+    var,
 )
 
 RECORDS = register(

@@ -17,13 +17,13 @@ import pandas as pd
 import torch
 
 from hooked_av.inputs.token_map import GROUPS
-from patching.engine import checks
 from hooked_av.utils import SITES, layer_of
+from patching.engine import checks
+from patching.engine.experiment import Experiment, Plot
 from patching.engine.hooks import patch_from_cache, site_name
 from patching.engine.metrics import AnswerProb, Metric
 from patching.engine.results import Result
 from patching.engine.sweep import Sample, forward_rows, run_rows, sample_maps, samples
-from patching.engine.experiment import Experiment, Plot, Report, StudySample
 
 
 def check_same_layout(a: Sample, b: Sample, what: str = "clean and corrupted") -> None:

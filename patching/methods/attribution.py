@@ -12,12 +12,16 @@ import pandas as pd
 import torch
 
 from patching.engine import checks
-from patching.methods.activation_patching import cache_sample, pair_samples, position_units
+from patching.engine.experiment import Experiment, Plot
 from patching.engine.hooks import site_name
 from patching.engine.metrics import AnswerProb, Metric
 from patching.engine.results import Result
 from patching.engine.sweep import forward_rows
-from patching.engine.experiment import Experiment, Plot, Report, StudySample
+from patching.methods.activation_patching import (
+    cache_sample,
+    pair_samples,
+    position_units,
+)
 
 
 def attribution_patching(

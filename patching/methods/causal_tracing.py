@@ -43,16 +43,21 @@ import torch
 
 from hooked_av.inputs import Selection
 from patching.engine import checks
-from patching.methods.activation_patching import cache_sample, check_same_layout
 from patching.engine.corrupt import zero_media
+from patching.engine.experiment import Experiment, Plot, Report, StudySample
 from patching.engine.hooks import ablate, add_noise, patch_from_cache, site_name
 from patching.engine.intervention import Intervention
-from patching.methods.knockout import window_layers
-from patching.engine.metrics import AnswerProb
 from patching.engine.results import Result
-from patching.engine.sweep import forward_rows, rows_per_forward, run_rows, sample_maps, samples
+from patching.engine.sweep import (
+    forward_rows,
+    rows_per_forward,
+    run_rows,
+    sample_maps,
+    samples,
+)
 from patching.engine.token_sets import resolve
-from patching.engine.experiment import Experiment, Plot, Report, StudySample
+from patching.methods.activation_patching import cache_sample, check_same_layout
+from patching.methods.knockout import window_layers
 
 RESTORE_SITES = {"resid": "resid_pre", "resid_post": "resid_post", "attn_in": "attn_in", "attn_out": "attn_out",
                  "mlp_out": "mlp_out"}

@@ -16,10 +16,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from patching.engine import checks
+from patching.engine.experiment import Experiment, Plot, Report, StudySample
 from patching.engine.metrics import AnswerProb
 from patching.engine.results import Result
 from patching.engine.sweep import Sample, samples
-from patching.engine.experiment import Experiment, Plot, Report, StudySample
 
 
 def _dropped(tm, group) -> Tensor:

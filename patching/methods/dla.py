@@ -17,13 +17,13 @@ from collections.abc import Sequence
 import pandas as pd
 import torch
 
-from hooked_av.utils import resident
 from hooked_av.inputs.token_map import GROUPS
+from hooked_av.utils import resident
 from patching.engine import checks
+from patching.engine.experiment import Experiment, Plot, Report, StudySample
 from patching.engine.metrics import AnswerProb
 from patching.engine.results import Result
 from patching.engine.sweep import forward_rows, samples
-from patching.engine.experiment import Experiment, Plot, Report, StudySample
 
 
 def _groups(tm, groups) -> list[tuple[str, torch.Tensor]]:

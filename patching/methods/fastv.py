@@ -22,11 +22,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from patching.engine import checks
-from patching.methods.discarding import forward_flops, median_times
+from patching.engine.experiment import Experiment, Plot, Report, StudySample
 from patching.engine.metrics import AnswerProb
 from patching.engine.results import Result
 from patching.engine.sweep import samples
-from patching.engine.experiment import Experiment, Plot, Report, StudySample
+from patching.methods.discarding import forward_flops, median_times
 
 DEFAULT_K = 2
 DEFAULT_R = 0.5

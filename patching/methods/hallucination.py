@@ -28,9 +28,9 @@ import pandas as pd
 import torch
 
 from patching.engine import checks
-from patching.methods.guidance import guided_generate
+from patching.engine.experiment import Experiment
 from patching.engine.results import Result
-from patching.engine.experiment import Experiment, Plot, Report, StudySample
+from patching.methods.guidance import guided_generate
 
 WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 CONDITIONS = ("plain", "guided")

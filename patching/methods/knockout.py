@@ -23,11 +23,11 @@ import pandas as pd
 import torch
 
 from patching.engine import checks
+from patching.engine.experiment import Experiment, Plot, Report, StudySample
 from patching.engine.hooks import block_attention
 from patching.engine.metrics import AnswerProb, relative_change
 from patching.engine.results import Result
 from patching.engine.sweep import forward_rows, run_rows, sample_maps, samples
-from patching.engine.experiment import Experiment, Plot, Report, StudySample
 
 DEFAULT_EDGES = (
     ("audio", "question"), ("video", "question"), ("audio", "last"),

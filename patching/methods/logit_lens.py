@@ -15,14 +15,14 @@ from collections.abc import Sequence
 import pandas as pd
 import torch
 
-from hooked_av.utils import resident_weight
 from hooked_av.inputs.token_map import GROUPS
+from hooked_av.utils import resident_weight
 from patching.engine import checks
-from patching.methods.activation_patching import cache_sample, site_names
+from patching.engine.experiment import Experiment, Plot, Report, StudySample
 from patching.engine.metrics import AnswerProb
 from patching.engine.results import Result
 from patching.engine.sweep import samples
-from patching.engine.experiment import Experiment, Plot, Report, StudySample
+from patching.methods.activation_patching import cache_sample, site_names
 
 
 def logit_lens(

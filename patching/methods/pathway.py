@@ -30,12 +30,12 @@ from torch import Tensor
 
 from hooked_av.utils import neg_inf
 from patching.engine import checks
+from patching.engine.experiment import Experiment, Plot, Report, StudySample
 from patching.engine.intervention import Intervention, Part, batch_rows
-from patching.methods.knockout import parse_edge
 from patching.engine.metrics import AnswerProb, relative_change
 from patching.engine.results import Result
 from patching.engine.sweep import forward_rows, samples
-from patching.engine.experiment import Experiment, Plot, Report, StudySample
+from patching.methods.knockout import parse_edge
 
 
 def _keep_triples(model, keep) -> list[tuple[object, object, list[int]]]:

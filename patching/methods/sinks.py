@@ -29,9 +29,9 @@ import pandas as pd
 import torch
 
 from patching.engine import checks
+from patching.engine.experiment import Experiment, Plot, Report, StudySample
 from patching.engine.results import Result
 from patching.engine.sweep import samples
-from patching.engine.experiment import Experiment, Plot, Report, StudySample
 
 MDS_EPS = 1e-9  # the hub's denominator guard, `(v - a) / (v + a + 1e-9)`
 CROSS_MODAL_FROM = {"audio": "video", "video": "audio"}  # an audio sink is cross-modal when video reads it

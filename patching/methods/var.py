@@ -23,13 +23,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import pandas as pd
 import torch
 from torch import Tensor
 
 from patching.engine import checks
-from patching.engine.intervention import Intervention, Part, batch_rows, layer_list
-import pandas as pd
 from patching.engine.experiment import Experiment, Report, StudySample
+from patching.engine.intervention import Intervention, Part, batch_rows, layer_list
 
 DEFAULT_P = 0.6
 DEFAULT_RHO = 0.5

@@ -16,8 +16,8 @@ from pathlib import Path
 
 def register(sub) -> None:
     """Add `study` and `toy-data` to the subparsers of `hooked-av` (each sets `func`)."""
-    from patching.engine.experiment import names
     from patching.datasets.scoring import RULES
+    from patching.engine.experiment import names
 
     st = sub.add_parser("study", help="run experiments over a dataset manifest (resumable, torchrun-parallel) and write a report")
     st.add_argument("--model", required=True, help='hub id, local checkpoint folder, or "toy"')

@@ -31,11 +31,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from patching.engine import checks
-from patching.engine.experiment import StudySample, check_options, get, names
 from patching.datasets.manifest import Manifest, Row, read_manifest
 from patching.datasets.scoring import Scorer
 from patching.datasets.templates import parse_template
+from patching.engine import checks
+from patching.engine.experiment import StudySample, check_options, get, names
 
 # measured wall times (discarding, FastV) differ from run to run; every other column is a function of the inputs
 TIMING_COLUMNS = ("seconds", "seconds_full", "time_saved", "gen_seconds", "gen_time_saved")
