@@ -5,30 +5,13 @@ unembedded (the unembedding sees `[batch, n_read, d_model]`), and a bad value is
 from __future__ import annotations
 
 import pytest
-import salmonn_helpers as H
 import torch
-from omni_helpers import geometries
-from qwen3_omni_helpers import model_inputs, tiny_thinker_config
-from test_patching_common import tiny_pair
-
-from hooked_av import HookedQwen3Omni, HookedVideoSALMONN2
+from family_cases import NAMES, families
 
 torch.set_num_threads(1)
 
 
-def families():
-    yield "qwen2_5_omni", tiny_pair()[1], geometries()["padded_batch"][0]
-    torch.manual_seed(0)
-    salmonn = HookedVideoSALMONN2.from_config(H.Reference(seed=0).salmonn_config())
-    inputs, _ = H.batch(H.Row(1).text(4).video_with_audio(3, 4, 8, chunks=1, spg=0.5).text(3),
-                        H.Row(2).text(4).audio(chunks=2).text(3))
-    yield "video_salmonn2", salmonn, inputs
-    torch.manual_seed(0)
-    inputs, _ = model_inputs("left_padded")
-    yield "qwen3_omni", HookedQwen3Omni.from_config(tiny_thinker_config()), inputs
-
-
-@pytest.mark.parametrize("family", ["qwen2_5_omni", "video_salmonn2", "qwen3_omni"])
+@pytest.mark.parametrize("family", NAMES)
 def test_logits_at_reads_only_what_it_names(family):
     _, model, inputs = next(f for f in families() if f[0] == family)
     seen = []

@@ -67,13 +67,15 @@ class MRoPELanguageModel:
         return pos.masked_fill(attention_mask == 0, 1).unsqueeze(0).expand(3, -1, -1)
 
     def route_forward(self, input_ids, attention_mask, inputs_embeds, position_ids, return_type,
-                      media: dict, media_args: tuple[str, ...], logits_at=None, injections=None, **encode_kwargs):
+                      media: dict, media_args: tuple[str, ...], logits_at=None, injections=None,
+                      stop_at_layer: int | None = None, **encode_kwargs):
         """The body of a family's `forward`: encode `input_ids` + `media` (with `encode_kwargs`) or
         take already merged `inputs_embeds` (with the `injections` `encode` returned, if any), then run
         the language model, reading logits at `logits_at` (see `run_language_model`)."""
         unknown = set(media) - set(media_args)
         if unknown:
             raise TypeError(f"unexpected argument(s) {sorted(unknown)}; accepted media inputs: {list(media_args)}")
+        self._stop_layer(stop_at_layer, 0, return_type, logits_at, None)  # refused before the towers run
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass input_ids (with media inputs) or inputs_embeds and position_ids from model.encode")
@@ -86,7 +88,7 @@ class MRoPELanguageModel:
         elif position_ids is None:
             position_ids = self.text_positions(inputs_embeds, attention_mask)
         return self.run_language_model(inputs_embeds, position_ids, attention_mask, return_type=return_type,
-                                       injections=injections, logits_at=logits_at)
+                                       injections=injections, logits_at=logits_at, stop_at_layer=stop_at_layer)
 
     def run_language_model(
         self,
@@ -99,6 +101,7 @@ class MRoPELanguageModel:
         discard: tuple[object, int] | None = None,
         logits_at=None,
         start_layer: int = 0,
+        stop_at_layer: int | None = None,
     ) -> Tensor | None:
         """The one layer loop of the language model (every experiment runs through it).
 
@@ -114,6 +117,10 @@ class MRoPELanguageModel:
         start_layer: `inputs_embeds` is the residual stream entering block `start_layer` (its `hook_resid_pre`
           fires on it); `hook_embed`, the blocks before it and their injections do not run (what a sweep
           reusing a clean run's residuals needs: nothing before its first edited layer changes).
+        stop_at_layer: as TransformerLens's: run blocks before it only (0: the embeddings alone; negative
+          counts from the end, -1 = all but the last block) and return the residual stream entering that
+          block, `[batch, pos, d_model]`, unnormalised; no later block, `ln_final` or unembedding runs (what
+          harvesting one layer's activations needs). `return_type` and `logits_at` do not apply and are refused.
         Returns logits `[batch, n_read, vocab]`, the final residual after `ln_final` ("resid") or None.
         """
         b, q_len, _ = inputs_embeds.shape
@@ -121,6 +128,7 @@ class MRoPELanguageModel:
         if not 0 <= int(start_layer) < n:
             raise ValueError(f"start_layer {start_layer}: the model has {n} blocks (0..{n - 1})")
         start_layer = int(start_layer)
+        stop = self._stop_layer(stop_at_layer, start_layer, return_type, logits_at, kv_caches)
         if start_layer and discard is not None:
             raise ValueError("discard cannot run from start_layer > 0; run the whole stack")
         if kv_caches is not None and len(kv_caches) != n:
@@ -140,7 +148,7 @@ class MRoPELanguageModel:
             position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
         state = None
         devices = getattr(self, "block_devices", None)  # set where a device map placed the blocks
-        for i in range(start_layer, n):
+        for i in range(start_layer, n if stop is None else stop):
             block = self.blocks[i]
             if devices is not None and (devices[i] != x.device or devices[i] != position_ids.device):
                 # the stream follows the blocks across devices (a sweep's cached residual may already be there)
@@ -157,12 +165,34 @@ class MRoPELanguageModel:
                 state = self.attention_inputs(x, position_ids, attention_mask, past)
             injection = None if inject[i] is None else inject[i].to(x.device)
             x = block(x, injection=injection, kv_cache=kv_caches[i] if kv_caches else None, **state)
+        if stop is not None:
+            return x
         x = self.ln_final(x)
         if return_type is None:
             return None
         if read is not None:
             x = x[:, read.to(x.device) if isinstance(read, Tensor) else read]
         return x if return_type == "resid" else self.unembed(x)
+
+    def _stop_layer(self, stop_at_layer, start_layer: int, return_type, logits_at, kv_caches) -> int | None:
+        """`stop_at_layer` as a block index in start_layer..n (None: run every block), after refusing what
+        cannot apply with it."""
+        if stop_at_layer is None:
+            return None
+        n = len(self.blocks)
+        if isinstance(stop_at_layer, bool) or not isinstance(stop_at_layer, int):
+            raise ValueError(f"stop_at_layer must be an integer layer, got {stop_at_layer!r}")
+        stop = stop_at_layer + n if stop_at_layer < 0 else stop_at_layer
+        if not 0 <= stop <= n:
+            raise ValueError(f"stop_at_layer {stop_at_layer}: the model has {n} blocks; use 0..{n} (or -{n}..-1)")
+        if stop < start_layer:
+            raise ValueError(f"stop_at_layer {stop_at_layer} comes before start_layer {start_layer}: nothing would run")
+        if return_type != "logits" or logits_at is not None:
+            raise ValueError("stop_at_layer returns the residual stream entering that block (as TransformerLens's); "
+                             "return_type and logits_at do not apply: leave them at their defaults")
+        if kv_caches is not None:
+            raise ValueError("stop_at_layer with kv_caches would leave the later blocks' caches empty; run without a cache")
+        return stop
 
     def attention_rows(self, inputs: dict, queries="last", layers: Sequence[int] | None = None,
                        heads: Sequence[int] | None = None, tm=None) -> Tensor:

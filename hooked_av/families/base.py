@@ -290,18 +290,20 @@ class HookedAVFamily(MRoPELanguageModel, HookedAVModel):
                 inputs_embeds: Tensor | None = None, position_ids: Tensor | None = None,
                 rope_deltas: Tensor | None = None, injections=None, use_audio_in_video: bool | None = None,
                 return_type: str | None = "logits", logits_at=None, text_parts: Tensor | None = None,
-                **media) -> Tensor | None:
+                stop_at_layer: int | None = None, **media) -> Tensor | None:
         """Logits `[batch, pos, vocab]` from input ids and media, or from `encode`'s outputs (with their
         `injections`). `return_type`: "logits", "resid" (after `ln_final`) or None; `logits_at` ("last",
         positions or None = all): only those positions are unembedded (HF's `logits_to_keep`), see
-        `run_language_model`. `use_audio_in_video`, `text_parts` (accepted, not read), `media`: see `encode`.
+        `run_language_model`. `stop_at_layer` (as TransformerLens's): run the blocks before it only and
+        return the residual stream entering it, `[batch, pos, d_model]`. `use_audio_in_video`, `text_parts`
+        (accepted, not read), `media`: see `encode`.
 
             logits = model(**batch.inputs, logits_at="last")   # [batch, 1, vocab]
         """
         options = {k: media.pop(k) for k in self.encode_options if k in media}
         return self.route_forward(input_ids, attention_mask, inputs_embeds, position_ids, return_type, media,
                                   self.media_args, logits_at=logits_at, injections=injections,
-                                  use_audio_in_video=use_audio_in_video, **options)
+                                  use_audio_in_video=use_audio_in_video, stop_at_layer=stop_at_layer, **options)
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None, *,
