@@ -1,5 +1,5 @@
 """`hooked_av.load(name_or_path)`: any supported model from a hub id, a local checkpoint folder or
-"toy", its family picked from config.json (`hooked_av.families.FAMILIES`, each with `matches`, read at each
+a shipped toy ("toy", "toy-flow"), its family picked from config.json (`hooked_av.families.FAMILIES`, each with `matches`, read at each
 call: a family registered after import is found)."""
 
 from __future__ import annotations
@@ -12,15 +12,23 @@ import torch
 from hooked_av.core import checkpoint
 from hooked_av import families
 
-TOY = "toy"
+TOY = "toy"  # the default toy; every shipped toy's name is a key of hooked_av.toy.TOYS
+
+
+def _toy(name_or_path) -> str | None:
+    """The shipped toy's name when `name_or_path` names one, else None."""
+    from hooked_av.toy import TOYS
+
+    return str(name_or_path) if str(name_or_path) in TOYS else None
 
 
 def folder(name_or_path: str | os.PathLike) -> Path:
-    """The checkpoint folder: the embedded toy's for "toy", else a local folder or a downloaded hub id."""
-    if str(name_or_path) == TOY:
+    """The checkpoint folder: a shipped toy's for its name ("toy", "toy-flow"), else a local folder or a
+    downloaded hub id."""
+    if _toy(name_or_path):
         from hooked_av import toy
 
-        return toy.weights_dir()
+        return toy.weights_dir(_toy(name_or_path))
     return checkpoint.resolve(name_or_path)
 
 
@@ -37,20 +45,21 @@ def family(config: dict, name_or_path: str | os.PathLike = "this checkpoint"):
 
 
 def load(name_or_path: str | os.PathLike, dtype: torch.dtype | str = torch.float32, device=None, **kwargs):
-    """The hooked model of a hub id, a local folder or "toy" (`hooked_av.toy.load`), by its config's
-    family; `kwargs` go to the family's `from_pretrained` (e.g. SALMONN's `position_mode`)."""
-    if str(name_or_path) == TOY:
+    """The hooked model of a hub id, a local folder or a shipped toy ("toy", "toy-flow":
+    `hooked_av.toy.load`), by its config's family; `kwargs` go to the family's `from_pretrained`
+    (e.g. SALMONN's `position_mode`)."""
+    if _toy(name_or_path):
         from hooked_av import toy
 
         if kwargs:
             raise ValueError(f"the toy model takes no {sorted(kwargs)}; it is loaded as trained")
-        return toy.load(dtype=dtype, device=device)
+        return toy.load(_toy(name_or_path), dtype=dtype, device=device)
     fam = family(checkpoint.read_config(folder(name_or_path)), name_or_path)
     return fam.MODEL.from_pretrained(name_or_path, dtype=dtype, device=device, **kwargs)
 
 
 def inspect(name_or_path: str | os.PathLike):
-    """`(family, tokenizer)` of a hub id, a local folder or "toy", read from config.json and the
+    """`(family, tokenizer)` of a hub id, a local folder or a shipped toy, read from config.json and the
     tokenizer files without loading any weight: an unsupported checkpoint is refused here, before a
     caller spends a load on it; the tokenizer is None where the folder holds none.
 

@@ -23,6 +23,14 @@ def toy_model():
 
 
 @pytest.fixture(scope="session")
+def toy_flow_model():
+    """The shipped 8-layer toy-flow model (docs/toy.md), loaded once, kept unchanged as toy_model is."""
+    from hooked_av import toy
+
+    return toy.load("toy-flow")
+
+
+@pytest.fixture(scope="session")
 def tiny_omni():
     """A random-weight tiny Qwen2.5-Omni Thinker with the test tokenizer and processor parts (16 mel bins),
     built once; tests that need their own weights or settings build their own."""

@@ -12,6 +12,7 @@ from hooked_av import toy
 from hooked_av.toy import vocab
 from hooked_av.toy.clips import log_mel, patchify
 
+FIXTURES = {"toy": "toy_model", "toy-flow": "toy_flow_model"}  # conftest's session fixtures
 HELD_OUT_SEED = 4242  # the training run used clip seeds 0 and 1 and question seeds below 2**31 from seed 0
 N_PER_KIND = 48
 
@@ -62,18 +63,45 @@ def clean(model, held_out):
     return _accuracy(model, held_out)
 
 
-def test_shipped_files_load_in_hf_and_ours_with_equal_logits(model):
+@pytest.mark.parametrize("name, layers", [("toy", 4), ("toy-flow", 8)])
+def test_shipped_files_load_in_hf_and_ours_with_equal_logits(name, layers, request):
     from transformers import Qwen2_5OmniThinkerForConditionalGeneration
 
-    hf = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(str(toy.weights_dir())).eval()
+    model = request.getfixturevalue(FIXTURES[name])
+    assert model.cfg.n_layers == layers
+    hf = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(str(toy.weights_dir(name))).eval()
     batch = toy.make_batch(8, seed=7, tokenizer=model.tokenizer, n_clips=40)  # mixed kinds: padded rows
     with torch.no_grad():
         ours = model(**batch.inputs)
         ref = hf(**batch.inputs, use_audio_in_video=False).logits
     real = batch.inputs["attention_mask"].bool()
     assert (ours[real] - ref[real]).abs().max() < 1e-4
-    size_mb = sum(f.stat().st_size for f in toy.weights_dir().glob("*.safetensors")) / 2**20
-    assert size_mb < 20
+    files = list(toy.weights_dir(name).glob("*.safetensors"))
+    assert len(files) == 1 and files[0].stat().st_size / 2**20 < 20
+    from safetensors import safe_open
+
+    with safe_open(files[0], "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
+
+
+def test_each_toy_loads_by_name_through_one_loader(toy_model, toy_flow_model):
+    import hooked_av
+    from hooked_av.registry import inspect
+
+    assert toy.TOYS == {"toy": "weights", "toy-flow": "weights_flow"}
+    for name, model in (("toy", toy_model), ("toy-flow", toy_flow_model)):
+        family, tokenizer = inspect(name)
+        assert family.NAME == "Qwen2.5-Omni" and tokenizer.get_vocab() == model.tokenizer.get_vocab()
+        assert model.prepare.__func__ is toy.prepare  # the toy's own format, for both
+    loaded = hooked_av.load("toy-flow")
+    assert loaded.cfg.n_layers == 8 and loaded.cfg.d_model == toy_model.cfg.d_model == 128
+    assert toy.weights_dir() == toy.weights_dir("toy") != toy.weights_dir("toy-flow")
+    with pytest.raises(ValueError, match=r"no shipped toy named 'toy-deep'; the toys are \['toy', 'toy-flow'\]"):
+        toy.weights_dir("toy-deep")
+    with pytest.raises(TypeError, match="first argument is the toy's name"):
+        toy.load(torch.float64)
+    with pytest.raises(ValueError, match="the toy model takes no"):
+        hooked_av.load("toy-flow", position_mode="x")
 
 
 def test_held_out_accuracy_of_every_question_kind_is_at_least_95_percent(clean):

@@ -27,31 +27,42 @@ from hooked_av.toy.tokenizer import build_tokenizer, token_ids
 from hooked_av.toy.vocab import KINDS
 
 __all__ = [
-    "Batch", "ClipBank", "KINDS", "Sample", "build_tokenizer", "collate", "draw_samples", "load", "make_batch",
+    "Batch", "ClipBank", "KINDS", "Sample", "TOYS", "build_tokenizer", "collate", "draw_samples", "load", "make_batch",
     "make_clips", "prompt_text", "token_ids", "weights_dir",
 ]
 
+# the shipped toys, name -> weights folder: the same task and data, two trained models (docs/toy.md).
+# "toy": 4 layers, the media read straight at the answer position; "toy-flow": 8 layers, trained so
+# the question's words gather from the media and the last position reads the question
+# (`train.RECIPES` holds how each was trained)
+TOYS = {"toy": "weights", "toy-flow": "weights_flow"}
 
-def weights_dir() -> Path:
-    """The package-data folder with the trained model: config.json, model.safetensors, tokenizer
-    files and train_report.json."""
-    return Path(__file__).resolve().parent / "weights"
+
+def weights_dir(name: str = "toy") -> Path:
+    """The package-data folder of the shipped toy `name` (`TOYS`): config.json, model.safetensors,
+    tokenizer files and train_report.json."""
+    if name not in TOYS:
+        raise ValueError(f"no shipped toy named {name!r}; the toys are {list(TOYS)}")
+    return Path(__file__).resolve().parent / TOYS[name]
 
 
-def load(dtype: torch.dtype = torch.float32, device=None):
-    """The shipped toy model as a `HookedQwen2_5Omni` (eval mode), its tokenizer at `model.tokenizer`
-    and `model.prepare` building the toy's training format from media (`toy.prepare.prepare`)."""
+def load(name: str = "toy", dtype: torch.dtype = torch.float32, device=None):
+    """The shipped toy `name` (`TOYS`: "toy" or "toy-flow") as a `HookedQwen2_5Omni` (eval mode), its
+    tokenizer at `model.tokenizer` and `model.prepare` building the toy's training format from media
+    (`toy.prepare.prepare`)."""
     from hooked_av.families.qwen2_5_omni import HookedQwen2_5Omni
 
-    folder = weights_dir()
+    if not isinstance(name, str):  # toy.load(torch.float64) meant dtype=
+        raise TypeError(f"toy.load's first argument is the toy's name ({list(TOYS)}), got {name!r}; pass dtype= by keyword")
+    folder = weights_dir(name)
     if not (folder / "config.json").exists():
         raise FileNotFoundError(
             f"no trained toy model in {folder}; the package data is missing (reinstall hooked-av) "
-            "or train one with `python -m hooked_av.toy.train`"
+            f"or train one with `python -m hooked_av.toy.train --toy {name}`"
         )
     model = HookedQwen2_5Omni.from_pretrained(folder, dtype=dtype, device=device)
     if model.tokenizer is None:
-        raise FileNotFoundError(f"{folder} has no tokenizer files; retrain with `python -m hooked_av.toy.train`")
+        raise FileNotFoundError(f"{folder} has no tokenizer files; retrain with `python -m hooked_av.toy.train --toy {name}`")
     model.prepare = MethodType(prepare, model)  # the toy's own format, not Omni's prompt (toy/prepare.py)
     return model
 

@@ -31,15 +31,15 @@ from hooked_av.toy.tokenizer import VOCAB_SIZE, build_tokenizer, token_ids
 TRAIN_CLIP_SEED, TEST_CLIP_SEED = 0, 1  # held-out clips come from a different seed than training clips
 
 
-def toy_config():
-    """The Thinker config: text 128 wide, 4 layers, 4/2 heads of 32 (mrope 4/6/6); towers 64 wide,
-    2 layers each; the toy tokenizer's special ids."""
+def toy_config(n_layers: int = 4):
+    """The Thinker config: text 128 wide, `n_layers` layers (4: the toy; 8: toy-flow), 4/2 heads of 32
+    (mrope 4/6/6); towers 64 wide, 2 layers each; the toy tokenizer's special ids."""
     from transformers import Qwen2_5OmniThinkerConfig
 
     ids = token_ids()
     cfg = Qwen2_5OmniThinkerConfig(
         text_config=dict(
-            vocab_size=VOCAB_SIZE, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+            vocab_size=VOCAB_SIZE, hidden_size=128, intermediate_size=256, num_hidden_layers=n_layers,
             num_attention_heads=4, num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-6,
             max_position_embeddings=2048, tie_word_embeddings=False,
             rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [4, 6, 6]},
@@ -62,16 +62,28 @@ def toy_config():
     return cfg
 
 
-def last_layer_media_mask(input_ids, attention_mask, drop_rows, media_ids) -> torch.Tensor:
+def last_layer_media_mask(input_ids, attention_mask, drop_rows, media_ids, readers=None) -> torch.Tensor:
     """Additive float mask `[batch, 1, pos, pos]`: causal and padding, plus, in `drop_rows`, text
-    queries blocked from media keys. Padding queries keep their own key, so no row is empty."""
+    queries blocked from media keys, except the positions of `readers` (bool `[batch, pos]`; None:
+    none). Padding queries keep their own key, so no row is empty."""
     b, s = input_ids.shape
     allowed = torch.ones(s, s, dtype=torch.bool).tril()[None].expand(b, s, s) & attention_mask.bool()[:, None, :]
     media = torch.isin(input_ids, media_ids)
-    blocked = drop_rows[:, None, None] & ~media[:, :, None] & media[:, None, :]
+    queries = ~media if readers is None else ~media & ~readers
+    blocked = drop_rows[:, None, None] & queries[:, :, None] & media[:, None, :]
     allowed = (allowed & ~blocked) | torch.eye(s, dtype=torch.bool)[None]
     mask = torch.zeros(b, 1, s, s)
     return mask.masked_fill_(~allowed[:, None], torch.finfo(torch.float32).min)
+
+
+def question_positions(input_ids) -> torch.Tensor:
+    """bool `[batch, pos]`: the question's words, between the last media block's `<|audio_eos|>` and
+    the prompt's last `<|im_end|>` (so a two-clip prompt's "clip one" / "clip two" are not in it)."""
+    ids = token_ids()
+    pos = torch.arange(input_ids.shape[1])
+    after = torch.where(input_ids == ids["audio_eos"], pos, -1).max(1).values
+    before = torch.where(input_ids == ids["im_end"], pos, -1).max(1).values
+    return (pos > after[:, None]) & (pos < before[:, None])
 
 
 @torch.no_grad()
@@ -98,7 +110,15 @@ TWO_CLIP_BATCHES = 0.4  # the share of two-clip batches: they learn slowest
 
 def train(steps: int, out: Path, seed: int = 0, batch_size: int = 32, lr: float = 2e-3, warmup: int = 100,
           n_clips: int = 4000, drop_p: float = 0.5, plant_from: float = 0.3, eval_every: int = 250, threads: int = 2,
-          resume: Path | None = None) -> dict:
+          resume: Path | None = None, n_layers: int = 4, plant: str = "last_layer", audio_from: str | None = None) -> dict:
+    """Train (or continue) a toy for `steps` steps and save it to `out`; returns the train report.
+    `plant` (`PLANTS`): "last_layer", the toy's (the last layer's text queries may not read the
+    media), or "relay", toy-flow's (at every layer, no text query but the question's words may read
+    the media); either acts in a share `drop_p` of the rows of every batch, after the first
+    `plant_from` of the steps. `audio_from`: a shipped toy (`hooked_av.toy.TOYS`) whose trained audio
+    tower a fresh model starts from (everything else starts random; see `_copy_audio_tower`)."""
+    if plant not in PLANTS:
+        raise ValueError(f"plant must be one of {list(PLANTS)}, got {plant!r}")
     from transformers import Qwen2_5OmniThinkerForConditionalGeneration
 
     torch.set_num_threads(threads)
@@ -110,10 +130,12 @@ def train(steps: int, out: Path, seed: int = 0, batch_size: int = 32, lr: float 
     probe = draw_samples(test_bank, 400, seed=100 + seed)
     print(f"data ready in {time.time() - t0:.0f} s", flush=True)
 
-    cfg = toy_config()
+    cfg = toy_config(n_layers)
     cfg._attn_implementation = "sdpa"
     if resume is None:
         model = Qwen2_5OmniThinkerForConditionalGeneration(cfg).train()
+        if audio_from is not None:
+            _copy_audio_tower(model, audio_from)
     else:  # continue from a saved run (its minutes are not counted in this report)
         model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(str(resume), attn_implementation="sdpa").train()
     n_params = sum(p.numel() for p in model.parameters())
@@ -124,9 +146,10 @@ def train(steps: int, out: Path, seed: int = 0, batch_size: int = 32, lr: float 
     )
     ids = token_ids()
     media_ids = torch.tensor([ids["audio"], ids["video"]])
-    plant: dict = {}
-    last_layer = model.model.language_model.layers[-1]
-    last_layer.register_forward_pre_hook(_plant_hook(plant), with_kwargs=True)
+    planted: dict = {}
+    layers = model.model.language_model.layers
+    for layer in layers if plant == "relay" else layers[-1:]:
+        layer.register_forward_pre_hook(_plant_hook(planted), with_kwargs=True)
     rng = np.random.default_rng(seed)
     curve, train_start = [], time.time()
     for step in range(1, steps + 1):
@@ -134,7 +157,9 @@ def train(steps: int, out: Path, seed: int = 0, batch_size: int = 32, lr: float 
         batch = collate(train_bank, draw_samples(train_bank, batch_size, seed=int(rng.integers(2**31)), kinds=kinds), tokenizer)
         # planting starts once the features exist: early on it only slows learning them
         drop = torch.from_numpy(rng.random(batch_size) < (drop_p if step > plant_from * steps else 0.0))
-        plant["mask"] = last_layer_media_mask(batch.inputs["input_ids"], batch.inputs["attention_mask"], drop, media_ids)
+        ids_ = batch.inputs["input_ids"]
+        readers = question_positions(ids_) if plant == "relay" else None
+        planted["mask"] = last_layer_media_mask(ids_, batch.inputs["attention_mask"], drop, media_ids, readers)
         logits = model(**batch.inputs, use_audio_in_video=False).logits[:, -1]
         loss = F.cross_entropy(logits.float(), batch.answers)
         opt.zero_grad(set_to_none=True)
@@ -143,22 +168,22 @@ def train(steps: int, out: Path, seed: int = 0, batch_size: int = 32, lr: float 
         opt.step()
         sched.step()
         if step % eval_every == 0 or step == steps:
-            plant["mask"] = None  # evaluate the model as it is shipped: plain causal attention
+            planted["mask"] = None  # evaluate the model as it is shipped: plain causal attention
             acc = accuracy_by_kind(model, test_bank, probe, tokenizer)
             minutes = (time.time() - train_start) / 60
             curve.append({"step": step, "minutes": round(minutes, 2), "loss": round(loss.item(), 4), **acc})
             print(json.dumps(curve[-1]), flush=True)
 
     final_samples = draw_samples(test_bank, 2000, seed=200 + seed)
-    plant["mask"] = None
+    planted["mask"] = None
     final = accuracy_by_kind(model, test_bank, final_samples, tokenizer)
     per_question = accuracy_by_kind(model, test_bank, final_samples, tokenizer, by="question")
     report = {
         "seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup,
         "minutes": round((time.time() - train_start) / 60, 2), "threads": threads, "parameters": n_params,
-        "train_clips": n_clips, "resumed_from": None if resume is None else str(resume), "held_out_samples": len(final_samples), "held_out_accuracy": final,
+        "train_clips": n_clips, "audio_from": audio_from, "resumed_from": None if resume is None else str(resume), "held_out_samples": len(final_samples), "held_out_accuracy": final,
         "held_out_accuracy_by_question": per_question,
-        "last_layer_media_drop_p": drop_p, "plant_from_fraction": plant_from, "two_clip_batch_share": TWO_CLIP_BATCHES, "curve": curve,
+        "n_layers": n_layers, "plant": plant, "plant_drop_p": drop_p, "plant_from_fraction": plant_from, "two_clip_batch_share": TWO_CLIP_BATCHES, "curve": curve,
     }
     out.mkdir(parents=True, exist_ok=True)
     model.eval().save_pretrained(out)
@@ -168,8 +193,30 @@ def train(steps: int, out: Path, seed: int = 0, batch_size: int = 32, lr: float 
     return report
 
 
+AUDIO_TOWER = "model.audio_tower."  # the state-dict prefix of the Thinker's audio tower
+
+
+def _copy_audio_tower(model, toy: str) -> None:
+    """Overwrite `model`'s audio tower with the shipped toy `toy`'s trained one (same configuration:
+    `toy_config` varies the decoder's depth only). The instrument questions took the toy 5,000 steps,
+    most of them the audio tower learning its features; starting from them saves that. The vision
+    tower is not copied: its features (norm ~200 against ~0.3 for the text embeddings) stayed unread
+    by a fresh 8-layer decoder, visual questions at chance for 1,500 steps, while a vision tower
+    trained along with the decoder learns colour in a few hundred."""
+    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+    from hooked_av.toy import weights_dir
+
+    source = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(str(weights_dir(toy))).state_dict()
+    mine = model.state_dict()
+    tower = {k: v for k, v in source.items() if k.startswith(AUDIO_TOWER)}
+    if not tower or any(k not in mine or mine[k].shape != v.shape for k, v in tower.items()):
+        raise ValueError(f"the toy {toy!r}'s audio tower does not fit this model's; train it from scratch (audio_from=None)")
+    model.load_state_dict(tower, strict=False)
+
+
 def _plant_hook(plant: dict):
-    """Forward pre-hook for the last decoder layer: swaps in `plant["mask"]` unless it is None."""
+    """Forward pre-hook for a planted decoder layer: swaps in `plant["mask"]` unless it is None."""
 
     def hook(module, args, kwargs):
         if plant.get("mask") is None:
@@ -179,35 +226,51 @@ def _plant_hook(plant: dict):
     return hook
 
 
-DEFAULT_SCHEDULE = "2200:2e-3,1500:1e-3,1500:5e-4"  # the shipped weights' stages
+DEFAULT_SCHEDULE = "2200:2e-3,1500:1e-3,1500:5e-4"  # the shipped toy's stages
+PLANTS = ("last_layer", "relay")
+# what each shipped toy was trained with (`--toy NAME`; its weights are `hooked_av.toy.weights_dir(NAME)`)
+RECIPES = {
+    "toy": dict(n_layers=4, plant="last_layer", schedule=DEFAULT_SCHEDULE, drop_p=0.5, plant_from=0.3),
+    "toy-flow": dict(n_layers=8, plant="relay", schedule="2000:2e-3", drop_p=0.75, plant_from=0.2, audio_from="toy"),
+}
 
 
 def main(argv=None) -> None:
+    from hooked_av.toy import TOYS, weights_dir
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--schedule", default=DEFAULT_SCHEDULE,
-                   help="comma-separated STEPS:LR stages, each continuing the previous one (fresh warm-up and cosine)")
+    p.add_argument("--toy", default="toy", choices=list(TOYS),
+                   help="which shipped toy's recipe (depth, plant, schedule) to train; its weights folder is the default --out")
+    p.add_argument("--schedule", default=None,
+                   help="comma-separated STEPS:LR stages, each continuing the previous one (fresh warm-up and cosine); "
+                        f"default: the toy's ({DEFAULT_SCHEDULE!r} for toy)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "weights")
+    p.add_argument("--out", type=Path, default=None)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--resume", type=Path, default=None, help="start the first stage from a saved model")
     a = p.parse_args(argv)
+    recipe = dict(RECIPES[a.toy])
+    schedule = a.schedule or recipe.pop("schedule")
+    recipe.pop("schedule", None)
+    out_dir = a.out or weights_dir(a.toy)
     try:
-        stages = [(int(steps), float(lr)) for steps, lr in (part.split(":") for part in a.schedule.split(","))]
+        stages = [(int(steps), float(lr)) for steps, lr in (part.split(":") for part in schedule.split(","))]
     except ValueError:
-        raise SystemExit(f"--schedule must look like {DEFAULT_SCHEDULE!r}, got {a.schedule!r}") from None
+        raise SystemExit(f"--schedule must look like {DEFAULT_SCHEDULE!r}, got {schedule!r}") from None
     reports, previous = [], a.resume
     with tempfile.TemporaryDirectory() as tmp:
         for i, (steps, lr) in enumerate(stages):
-            out = a.out if i == len(stages) - 1 else Path(tmp) / f"stage{i}"
-            reports.append(train(steps, out, seed=a.seed, lr=lr, threads=a.threads, resume=previous))
+            out = out_dir if i == len(stages) - 1 else Path(tmp) / f"stage{i}"
+            reports.append(train(steps, out, seed=a.seed, lr=lr, threads=a.threads, resume=previous, **recipe))
             previous = out
     report = {
-        "schedule": a.schedule, "seed": a.seed, "threads": a.threads,
+        "toy": a.toy, "schedule": schedule, "seed": a.seed, "threads": a.threads,
         "steps": sum(r["steps"] for r in reports), "minutes": round(sum(r["minutes"] for r in reports), 2),
         "held_out_samples": reports[-1]["held_out_samples"], "held_out_accuracy": reports[-1]["held_out_accuracy"],
+        "held_out_accuracy_by_question": reports[-1]["held_out_accuracy_by_question"],
         "stages": reports,
     }
-    (a.out / "train_report.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out_dir / "train_report.json").write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps({"held_out_accuracy": report["held_out_accuracy"], "minutes": report["minutes"]}), flush=True)
 
 

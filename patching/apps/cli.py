@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     demo.add_argument("--samples", type=int, default=200, help="held-out samples for accuracy")
     demo.add_argument("--flow-samples", type=int, default=16, help="samples per question kind for the knockout sweep")
-    demo.add_argument("--window", type=int, default=1, help="knockout window in layers (the toy has 4 layers)")
+    demo.add_argument("--window", type=int, default=1, help="knockout window in layers (default 1: the demo's toy-flow has 8 layers)")
     demo.add_argument("--seed", type=int, default=2024)
 
     flow = sub.add_parser("flow", help="attention-knockout flow analysis of one clip on any supported model")

@@ -6,6 +6,11 @@ visual, and the two-clip samples' cross-item edges) and physical discarding of t
 layer over the first `n_flow` samples per kind's worth -> one self-contained report,
 `runs/demo/report.html`, with the studies' figures and the attention mass between token groups of
 one batch. The same commands run on a real model and dataset: `hooked-av study --model ... --manifest ...`.
+
+The model is the 8-layer "toy-flow" (docs/toy.md): the 4-layer "toy" reads each modality straight
+at the answer position (its knockout shows question -> last at layer 0 and media -> last at layer 2,
+media -> question nowhere), so it has no sequential pathway to show; toy-flow's question words gather
+from the media in the early layers and the last position reads them later.
 """
 
 from __future__ import annotations
@@ -21,9 +26,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 from hooked_av.viz import Report, group_attention_mass, plot_attention_mass  # noqa: E402
 
 
-def run_demo(out_dir: str | Path = "runs/demo", n_eval: int = 200, n_flow: int = 16, window: int = 1, seed: int = 2024) -> Path:
+MODEL = "toy-flow"  # the shipped toy deep enough to have a flow (hooked_av.toy.TOYS)
+WINDOW = 1  # knockout window in layers, passed explicitly: toy-flow has 8 layers
+
+
+def run_demo(out_dir: str | Path = "runs/demo", n_eval: int = 200, n_flow: int = 16, window: int = WINDOW,
+             seed: int = 2024) -> Path:
     """`n_eval` samples for accuracy; knockout and discarding on the first `n_flow` x (number of
-    question kinds) of them; the toy has 4 layers, hence the 1-layer knockout window."""
+    question kinds) of them, on the 8-layer toy-flow with a `window`-layer knockout window."""
     from hooked_av import load, toy
     from hooked_av.toy.dataset import write_toy_dataset
     from patching.apps.study import Study, read_manifest, run_study
@@ -34,16 +44,16 @@ def run_demo(out_dir: str | Path = "runs/demo", n_eval: int = 200, n_flow: int =
     out = Path(out_dir)
     manifest = read_manifest(write_toy_dataset(out / "data", n=n_eval, seed=seed))
     t_data = time.perf_counter() - t0
-    model = load("toy")
+    model = load(MODEL)
     print(f"toy model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {model.cfg.n_layers} layers; "
           f"{len(manifest)} samples written to {out / 'data'} in {t_data:.1f} s")
 
     t1 = time.perf_counter()
-    run_study("toy", manifest, ["accuracy"], out / "accuracy", progress=False)  # by name: the report says "toy"
+    run_study(MODEL, manifest, ["accuracy"], out / "accuracy", progress=False)  # by name: the report says "toy-flow"
     acc = Study(out / "accuracy")
     t2 = time.perf_counter()
     n_flow_total = min(len(manifest), n_flow * len(toy.KINDS))
-    run_study("toy", manifest, ["knockout", "discarding"], out / "flow", limit=n_flow_total, window=window,
+    run_study(MODEL, manifest, ["knockout", "discarding"], out / "flow", limit=n_flow_total, window=window,
               options={"discarding": {"repeats": 1}})
     flow = Study(out / "flow")
     t3 = time.perf_counter()
