@@ -14,6 +14,8 @@ from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.HookedRootModule import HookedRootModule
 
+from hooked_av.core.hook_names import sae_site
+from hooked_av.core.sae import SAESplicing
 from hooked_av.core.tl_compat import AVActivationCache, TransformerLensCompat
 
 
@@ -21,16 +23,22 @@ class HookShapeError(ValueError):
     """A hook function returned something other than a tensor of the shape, dtype and device it received."""
 
 
-class HookedAVModel(TransformerLensCompat, HookedRootModule):
+class HookedAVModel(SAESplicing, TransformerLensCompat, HookedRootModule):
     """Base class: hook names (and `names_filter`s) checked before any work, hook functions checked
     for the shape, dtype and device they return, an `ActivationCache` that knows which activations
-    are batch-major returned by `run_with_cache`. Subclasses build their modules, then call `self.setup()`."""
+    are batch-major returned by `run_with_cache`, SAEs spliced as SAELens splices them (`add_sae`,
+    `hooked_av.core.sae`). Subclasses build their modules, then call `self.setup()`."""
 
     def blocks_count(self) -> int:
         return len(getattr(self, "blocks", []))
 
     # ---- hook names -------------------------------------------------------------------------
     def _unknown_hook_message(self, name: str) -> str:
+        site = sae_site(name)
+        if site is not None and site not in self.acts_to_saes:
+            spliced = sorted(self.acts_to_saes) or "no hook"
+            return (f"hook {name!r} does not exist: no SAE is spliced at {site!r} (SAEs are spliced at {spliced}); "
+                    "splice one there first (model.add_sae(sae) or `with model.saes(sae):`)")
         m = re.match(r"^(?:(\w+)\.)?blocks\.(\d+)\.", name)
         if m:
             prefix = m.group(1)

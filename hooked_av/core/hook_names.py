@@ -12,6 +12,10 @@ which the nnsight HF backend reaches it inside a layer; None where HF exposes no
     position_major("blocks.3.attn.hook_z")        # True
 
 The towers' names (`audio_encoder.*`, `vision_encoder.*`, ...) belong to their encoders and are not here.
+
+An SAE spliced at a hook `h` (`model.add_sae`, `hooked_av.core.sae`) adds the points `h.{SAE_POINTS}`, named
+as SAELens's `HookedSAETransformer` names them; they hold `[..., d_in | d_sae]` over the same leading axes
+as `h`, so they are position-major where `h` is.
 """
 
 from __future__ import annotations
@@ -66,6 +70,11 @@ NAMES: tuple[HookName, ...] = (
     HookName("ln_final.hook_normalized"),
 )
 
+# the points of an SAE spliced at a hook (SAELens's names): "{hook}.hook_sae_acts_post", ...
+SAE_POINTS = ("hook_sae_input", "hook_sae_acts_pre", "hook_sae_acts_post", "hook_sae_recons", "hook_sae_error",
+              "hook_sae_output")
+_SAE_POINT = re.compile(r"\.(?:" + "|".join(SAE_POINTS) + r")$")
+
 # short names that name the same hook as another (TransformerLens's aliases, the patching library's "head")
 ACT_ALIASES = {"attn": "pattern", "attn_logits": "attn_scores", "key": "k", "query": "q", "value": "v",
                "mlp_pre": "pre", "mlp_post": "post", "mlp_pre_linear": "pre_linear"}
@@ -85,8 +94,16 @@ _CONDITIONAL_LEAVES = frozenset(h.template.rsplit(".", 1)[-1] for h in NAMES if 
 
 
 def position_major(name: str) -> bool:
-    """Whether the hook `name` holds `[batch, pos, ...]` over the language model's prompt positions."""
-    return bool(_POSITION_MAJOR.fullmatch(name))
+    """Whether the hook `name` holds `[batch, pos, ...]` over the language model's prompt positions (an SAE
+    point `{hook}.hook_sae_*` where its `hook` does)."""
+    return bool(_POSITION_MAJOR.fullmatch(_SAE_POINT.sub("", name)))
+
+
+def sae_site(name: str) -> str | None:
+    """The hook an SAE point sits on (`"blocks.1.hook_resid_post.hook_sae_acts_post"` -> `"blocks.1.hook_resid_post"`),
+    None for a name that is not an SAE point."""
+    m = _SAE_POINT.search(name)
+    return name[:m.start()] if m else None
 
 
 def conditional(name: str) -> bool:
