@@ -37,3 +37,37 @@ def random_sae(architecture: str = "standard", d_in: int = 128, d_sae: int = 64,
             else:
                 p.mul_(1 + 0.1 * torch.randn(p.shape, generator=g))
     return sae.eval()
+
+
+def toy_store(model, folder, hook: str = "blocks.1.hook_resid_post", n: int = 24, seed: int = 0, shard_tokens: int = 400,
+              batch: int = 8):
+    """An activation store of `n` toy samples (`toy.make_batch`), `hook`'s activations of every real token with the
+    TokenMap's metadata, written by `StoreWriter` (what the harvest writes, until it lands). Ids "s{seed}-{i}"."""
+    import numpy as np
+    import pandas as pd
+
+    from hooked_av.toy import make_batch
+    from patching.datasets.activations import StoreWriter
+
+    writer = StoreWriter(folder, {hook: model.cfg.d_model}, shard_tokens=shard_tokens,
+                         settings={"model": "toy", "hooks": [hook], "seed": seed})
+    done = 0
+    while done < n:
+        b = make_batch(min(batch, n - done), seed=seed + done, tokenizer=model.tokenizer)
+        tm = model.token_map(b.inputs)
+        with torch.no_grad():
+            _, cache = model.run_with_cache(**b.inputs, names_filter=hook)
+        df = tm.to_df()
+        for r in range(tm.batch):
+            keep = (b.inputs["attention_mask"][r] > 0).numpy()
+            rows = df[df["row"] == r][keep].reset_index(drop=True)
+            media = rows["group"].isin(["audio", "video", "image"])
+            meta = pd.DataFrame({"id": f"s{seed}-{done + r}", "row": done + r, "pos": rows["pos"], "group": rows["group"],
+                                 "item": rows["item"], "modality": rows["group"].where(media, None),
+                                 "t_start": rows["time"], "t_end": rows["time_end"], "frame": rows["frame"],
+                                 "patch_row": rows.get("patch_row", -1), "patch_col": rows.get("patch_col", -1),
+                                 "chunk": rows["chunk"]})
+            writer.add({hook: cache[hook][r][torch.from_numpy(np.asarray(keep))]}, meta)
+        done += tm.batch
+    writer.close()
+    return folder

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from patching.apps.sae_train import register as register_sae
 from patching.apps.study.cli import register as register_study
 
 
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     flow.add_argument("--device", default=None, help='e.g. "cuda" (default: CPU)')
     flow.add_argument("--out", default="runs/flow")
     register_study(sub)  # study, toy-data: each sets args.func
+    register_sae(sub)  # sae train
 
     args = ap.parse_args(argv)
     try:

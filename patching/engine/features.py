@@ -26,12 +26,24 @@ import torch
 from torch import Tensor
 
 from hooked_av.utils import layer_of, position_major
+from hooked_av.inputs import Selection
 from patching.engine import checks
 from patching.engine.hooks import _OFFSET, _starting, positions_label
 from patching.engine.intervention import Intervention, Part, batch_rows
 
 FEATURES = "hook_sae_acts_post"
 UNHOOKED = ("matching_pursuit",)  # SAELens architectures whose encode fires no point
+
+
+def token_group(tm, name) -> Selection:
+    """The positions of a token group: "text" (every position that is neither media nor padding: system,
+    template, question, ... and the last), or any TokenMap spec ("audio", "video", "media", "video[1]", ...).
+
+        token_group(tm, "text").mask.sum()       # the prompt's text tokens
+    """
+    if name == "text":
+        return Selection((tm.select("all") - tm.select("media")).mask, "text")
+    return tm.select(name)
 
 
 def _features(features, what: str) -> list[int]:
@@ -161,7 +173,8 @@ def steer_features(hook: str, features, value, positions=None, generated: bool |
 def patch_features(cache, hook: str, features, positions=None, rows: Sequence[int] | None = None) -> Intervention:
     """Write `features` of the SAE spliced at `hook` from `cache` (an ActivationCache or dict holding
     `{hook}.hook_sae_acts_post` of a source run, batch 1 or the run's batch, the same prompt layout) at
-    `positions`: the source's feature values at the same positions.
+    `positions` (None: every prompt position; generated tokens have no source and are left alone): the
+    source's feature values at the same positions.
 
         with model.saes(sae, use_error_term=True):
             _, src = model.run_with_cache(**inputs)
@@ -172,6 +185,8 @@ def patch_features(cache, hook: str, features, positions=None, rows: Sequence[in
         raise KeyError(f"patch_features: the cache has no {point!r}; run the source with the SAE spliced and cache it "
                        "(model.run_with_cache with the SAE spliced at that hook)")
     source = cache[point]
+    if positions is None:  # the source's positions: a generated token has none to patch from
+        positions = Selection(torch.ones(1, source.shape[1], dtype=torch.bool), "all")
 
     def edit(cols: Tensor, idx: Tensor, start: int) -> Tensor:
         src = source.to(cols.device, cols.dtype)
