@@ -25,6 +25,7 @@ from patching.engine.hooks import (
     scale_attention,
     steer,
 )
+from patching.engine.features import ablate_features, patch_features, scale_features, steer_features
 from patching.engine.intervention import Intervention
 from patching.engine.metrics import (
     AnswerLogProb,
@@ -49,6 +50,8 @@ from patching.methods.hallucination import hallucination
 from patching.methods.knockout import default_edges, knockout, knockout_accuracy
 from patching.methods.logit_lens import logit_lens
 from patching.methods.pathway import pathway
+from patching.methods.sae_eval import loss_recovered, reconstruction_stats, summarise_loss_recovered
+from patching.methods.sae_features import sae_features
 from patching.methods.sinks import find_sinks, sink_dimensions
 from patching.methods.var import var
 
@@ -60,6 +63,9 @@ __all__ = [
     # interventions (composable: `a + b`, printable, saved with results)
     "AdaptiveScale", "Intervention", "ablate", "ablate_experts", "add_noise", "block_attention", "discard",
     "patch_from_cache", "scale_attention", "steer", "var",
+    # sparse autoencoders: feature edits and experiments on an SAELens SAE spliced by model.add_sae (docs/features.md)
+    "ablate_features", "loss_recovered", "patch_features", "reconstruction_stats", "sae_features", "scale_features",
+    "steer_features", "summarise_loss_recovered",
     # the engine, for writing an experiment
     "AnswerLogProb", "AnswerProb", "Experiment", "LogitDiff", "Metric", "Plot", "Report", "Sample", "StudySample",
     "normalised", "register", "relative_change", "run_rows", "samples",

@@ -20,7 +20,9 @@ may assume these names (anything else it imports itself):
 - `sample`: `samples(model, inputs)[0]`;
 - `manifest`: the `manifest.jsonl` of a 2-sample toy dataset on disk
   (`hooked_av.toy.dataset.write_toy_dataset(dir, n=2)`);
-- `tmp`: an empty folder of the example's own (pytest's `tmp_path`).
+- `tmp`: an empty folder of the example's own (pytest's `tmp_path`);
+- `sae`: a random SAELens TopK SAE (64 features, k 4) reading `blocks.1.hook_resid_post`, not spliced: an
+  example that splices it (`with model.saes(sae, ...)`) leaves the model without SAEs.
 
 An example that registers an experiment kind leaves the registry as it found it; figures are closed.
 Examples that cannot run on the toy are compiled only and listed in `COMPILE_ONLY` with the reason,
@@ -88,6 +90,9 @@ def namespace(tmp_path_factory):
     # the examples' comments read these as the toy's behaviour: the answer is known, silence loses it
     assert int(p_clean.argmax()) == answer and p_clean[answer] > 0.99 and p_corrupt[answer] < 0.01
     ns = {name: getattr(patching, name) for name in patching.__all__}
+    from sae_helpers import random_sae
+
+    ns.update(sae=random_sae("topk", d_in=model.cfg.d_model, d_sae=64, hook="blocks.1.hook_resid_post", k=4))
     ns.update(torch=torch, hooked_av=hooked_av, model=model, inputs=inputs, clean=inputs, answer=answer,
               tm=model.token_map(inputs), corrupted=corrupted, cache=cache, sample=patching.samples(model, inputs)[0],
               manifest=write_toy_dataset(tmp_path_factory.mktemp("toy_data"), n=2))
@@ -128,6 +133,7 @@ def test_docstring_example_runs_on_the_toy(name, namespace, tmp_path):
         registry._REGISTRY.clear()
         registry._REGISTRY.update(records)
         plt.close("all")
+    assert ns["model"].acts_to_saes == {}, f"{name}: the example left SAEs spliced"
 
 
 def test_compile_only_examples_are_public_names_and_few():

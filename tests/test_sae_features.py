@@ -193,3 +193,64 @@ def test_feature_edits_compose_print_and_are_refused_where_they_cannot_apply(toy
     mp = random_sae("matching_pursuit", hook=HOOK, d_sae=96)
     with model.saes(mp, use_error_term=True), pytest.raises(ValueError, match="cannot be edited there"):
         ablate_features(HOOK, [1]).check(model)
+
+
+def test_sae_features_lists_each_group_s_top_features_and_their_ablation_effect_as_naive_forwards(toy_model):
+    from patching.methods.sae_features import sae_features
+
+    model = toy_model
+    b = make_batch(2, seed=4, tokenizer=model.tokenizer)
+    sae = random_sae("topk", hook=HOOK, d_sae=96, k=8, seed=4)
+    res = sae_features(model, b.inputs, b.answers, sae, groups=["audio", "video", "text"], top=3, progress=False)
+    tm = model.token_map(b.inputs)
+    masks = {"audio": tm.mask("audio"), "video": tm.mask("video"), "text": tm.mask("all") & ~tm.mask("media")}
+    with torch.no_grad():
+        x = model.run_with_cache(**b.inputs, names_filter=HOOK)[1][HOOK]
+        feats = sae.encode(x)
+    for i in range(2):
+        with torch.no_grad():
+            base = model.run_with_hooks(**b.inputs, fwd_hooks=[(HOOK, oracle_hook(sae, lambda c, q: masks["audio"] & False,
+                                                                                  lambda f, bb, p: f))])
+        p_clean = float(base[i, -1].softmax(-1)[b.answers[i]])
+        for g, mask in masks.items():
+            total = sum(feats[i, p] for p in range(mask.shape[1]) if mask[i, p])  # naive: position by position
+            order = sorted(range(96), key=lambda f: -float(total[f]))[:3]
+            rows = res.df[(res.df["sample"] == i) & (res.df["group"] == g)].sort_values("rank")
+            assert rows["feature"].tolist() == order and rows["rank"].tolist() == [1, 2, 3]
+            assert rows["act_sum"].tolist() == pytest.approx([float(total[f]) for f in order], rel=1e-5)
+            assert (rows["n_tokens"] == int(mask[i].sum())).all()
+            for f, p_got, clean_got in zip(order, rows["metric"], rows["metric_clean"]):
+                def zero_f(v, bb, p, f=f):
+                    v[f] = 0
+                    return v
+
+                with torch.no_grad():
+                    want = model.run_with_hooks(**b.inputs, fwd_hooks=[(HOOK, oracle_hook(sae, lambda c, q: mask, zero_f))])
+                assert p_got == pytest.approx(float(want[i, -1].softmax(-1)[b.answers[i]]), abs=1e-5)
+                assert clean_got == pytest.approx(p_clean, abs=1e-5)
+    assert set(res.df.columns) >= {"rel_change", "correct", "correct_ablated", "frac_active", "act_max"}
+    assert res.mean().columns.tolist() == ["group", "rank", "rel_change"]
+
+
+def test_a_study_runs_sae_features_with_the_sae_as_an_option(toy_model, tmp_path, capsys):
+    from hooked_av.toy.dataset import write_toy_dataset
+    from patching.apps.cli import main
+    from patching.apps.study import Study
+    from patching.apps.study.cli import parse_options
+    from patching.engine.experiment import check_options
+
+    sae = random_sae("topk", hook=HOOK, d_sae=96, k=8, seed=5)
+    sae.save_model(tmp_path / "sae")
+    manifest = write_toy_dataset(tmp_path / "data", n=2, seed=2)
+    options = parse_options([f"sae_features.sae={tmp_path / 'sae'}", "sae_features.top=2"])
+    assert options == {"sae_features": {"sae": str(tmp_path / "sae"), "top": 2}}
+    with pytest.raises(ValueError, match=r"sae_features needs the option\(s\) \['sae'\], e.g. sae_features.sae=runs/sae"):
+        check_options({}, ["sae_features"])
+    with pytest.raises(ValueError, match="not an SAE folder"):
+        check_options({"sae_features": {"sae": str(tmp_path)}}, ["sae_features"])
+    out = tmp_path / "study"
+    assert main(["study", "--model", "toy", "--manifest", str(manifest), "--experiment", "sae_features", "--out", str(out),
+                 "--option", f"sae_features.sae={tmp_path / 'sae'}", "--option", "sae_features.top=2", "--no-report"]) == 0
+    df = Study(out).frame("sae_features")
+    assert len(df) and set(df["group"]) <= {"audio", "video"} and df["rank"].max() <= 2
+    assert {"id", "feature", "rel_change", "sample_correct"} <= set(df.columns)
