@@ -223,6 +223,8 @@ def main_tables(args) -> list[str]:
             f"logits ({len(edges)} edges x {L} window centres, window 9)", "", HEAD]
     out += [*ratio_rows(measure(b, args.rounds), "hooked_av language model forward, last logits", notes), ""]
 
+    out += sae_table(ours, s, args.rounds)
+
     be = NNsightHF(hf)
     sub = [block_attention(tm, src, dst, window_layers(c, 9, L)) for src, dst in edges for c in (L // 2,)]
 
@@ -243,6 +245,48 @@ def main_tables(args) -> list[str]:
             "processor outputs), against hooked_av one forward per cell", "", HEAD]
     out += [*ratio_rows(measure(c, args.rounds), "hooked_av run_with_hooks, one forward per cell"), ""]
     return out
+
+
+def sae_table(model, s, rounds: int, width_factor: int = 8, k: int = 64) -> list[str]:
+    """A TopK SAE of `width_factor` x d_model features (SAELens's `TopKSAE`, random weights) spliced at the middle
+    block's `hook_resid_post` with its error term, against the plain language-model forward (last logits);
+    each spliced contender splices and takes the SAE out inside its call (`model.saes`), which is counted."""
+    from sae_lens import TopKSAE, TopKSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    from patching.engine.features import ablate_features
+    from patching.engine.sweep import forward_rows
+
+    L, d = model.cfg.n_layers, model.cfg.d_model
+    hook = f"blocks.{L // 2}.hook_resid_post"
+    torch.manual_seed(0)
+    sae = TopKSAE(TopKSAEConfig(d_in=d, d_sae=width_factor * d, k=k, metadata=SAEMetadata(hook_name=hook))).eval()
+    point = f"{hook}.hook_sae_acts_post"
+    ablation = list(ablate_features(hook, [0], positions=s.tm.select("audio")))
+
+    def spliced(fn):
+        def run():
+            with model.saes(sae, use_error_term=True):
+                return fn()
+        return run
+
+    t = {"language model forward, last logits": lambda: forward_rows(model, s, 1),
+         "SAE spliced (error term kept), nothing hooked": spliced(lambda: forward_rows(model, s, 1)),
+         "SAE spliced, features cached (run_with_cache)": spliced(lambda: model.run_with_cache(
+             **s.lm_inputs(1), names_filter=point, logits_at="last")),
+         "SAE spliced, one feature ablated on the audio (ablate_features)": spliced(lambda: model.run_with_hooks(
+             **s.lm_inputs(1), fwd_hooks=ablation, logits_at="last"))}
+    with torch.no_grad():
+        _, cache = model.run_with_cache(**s.lm_inputs(1), names_filter=hook)
+    c0 = time.process_time()
+    for _ in range(20):
+        with model.saes(sae, use_error_term=True):
+            pass
+    splice_ms = (time.process_time() - c0) / 20 * 1e3
+    return [f"### An SAE spliced into the language model (`model.add_sae`; target: a spliced forward at most 1.2x a plain "
+            f"one): SAELens TopK, {width_factor * d:,} features (k={k}) at `{hook}`; splicing and taking it out "
+            f"(counted in each spliced row) costs {splice_ms:.1f} ms CPU", "", HEAD,
+            *ratio_rows(measure(t, rounds), "language model forward, last logits"), ""]
 
 
 OPS = ("hf_sdpa", "forward", "attention_rows", "sweep", "patterns")

@@ -24,16 +24,19 @@ TOL = 1e-5
 HOOK = "blocks.1.hook_resid_post"
 
 
-def _saelens(sae, x, edit=None, use_error_term=True):
+def _saelens(sae, x, edit=None, use_error_term=True, at="hook_sae_acts_post"):
     """SAELens's spliced module on activations `x` (what HookedSAETransformer.add_sae puts at a hook), with
-    `edit` on its features: its output and its features."""
+    `edit` at its point `at`: its output and its features."""
     wrapper = _SAEWrapper(sae, use_error_term=use_error_term)
     seen = {}
-    wrapper.hook_sae_acts_post.add_hook(lambda t, hook: seen.setdefault("f", edit(t) if edit else t))
+    if edit is not None:
+        getattr(wrapper, at).add_hook(lambda t, hook: edit(t))
+    wrapper.hook_sae_acts_post.add_hook(lambda t, hook: seen.setdefault("f", t.clone()))
     try:
         out = wrapper(x)
     finally:
-        wrapper.hook_sae_acts_post.remove_hooks("fwd", including_permanent=True)
+        for p in SAE_POINTS:
+            getattr(wrapper, p).remove_hooks("fwd", including_permanent=True)
     return out, seen["f"]
 
 
@@ -93,19 +96,28 @@ def test_an_edited_feature_is_what_saelens_computes_and_reaches_the_logits(toy_m
         t[..., top] = 0
         return t
 
-    for use_error_term in (True, False):
+    def zero_top_in_place(t, hook=None):
+        t[..., top] = 0  # edits the features where they are, returns nothing
+
+    def half_pre(t, hook=None):
+        return t * 0.5
+
+    cases = [(True, zero_top, "hook_sae_acts_post"), (False, zero_top, "hook_sae_acts_post"),
+             (True, zero_top_in_place, "hook_sae_acts_post"), (True, half_pre, "hook_sae_acts_pre")]
+    for use_error_term, edit, at in cases:
         with torch.no_grad(), model.saes(sae, use_error_term=use_error_term):
-            edited, cache = model.run_with_cache(**inputs, names_filter=lambda n: n.startswith(HOOK))
-            # the same edit through the hook API, and a forward where our naive oracle writes SAELens's output
-            hooked = model.run_with_hooks(**inputs, fwd_hooks=[(f"{HOOK}.hook_sae_acts_post", zero_top)])
-        out, features = _saelens(sae, x, zero_top, use_error_term)
-        assert features[..., top].abs().sum() == 0
-        with torch.no_grad():
+            plain_features = model.run_with_cache(**inputs, names_filter=f"{HOOK}.hook_sae_acts_post")[1]
+            # the edit through the hook API, with and without every point cached
+            hooked = model.run_with_hooks(**inputs, fwd_hooks=[(f"{HOOK}.{at}", edit)])
+            with model.hooks(fwd_hooks=[(f"{HOOK}.{at}", edit)]):
+                _, cache = model.run_with_cache(**inputs, names_filter=lambda n: n.startswith(HOOK))
+        out, features = _saelens(sae, x, zero_top if edit is zero_top_in_place else edit, use_error_term, at)
+        assert torch.equal(cache[f"{HOOK}.hook_sae_output"], out) and torch.equal(cache[f"{HOOK}.hook_sae_acts_post"], features)
+        with torch.no_grad():  # a forward where a naive hook on the plain model writes SAELens's output
             oracle = model.run_with_hooks(**inputs, fwd_hooks=[(HOOK, lambda t, hook: out)])
-        # run_with_cache ran unedited: its features are SAELens's unedited ones
-        assert torch.equal(cache[f"{HOOK}.hook_sae_acts_post"], sae.encode(x))
         torch.testing.assert_close(hooked, oracle, atol=TOL, rtol=0)
-        assert (hooked - edited).abs().max() > 1e-3  # the edit moved the logits
+        assert torch.equal(plain_features[f"{HOOK}.hook_sae_acts_post"], sae.encode(x))  # unedited when not hooked
+        assert (hooked - model(**inputs)).abs().max() > 1e-3  # the edit moved the logits
 
 
 def test_without_the_error_term_the_reconstruction_replaces_the_activation(toy_model):

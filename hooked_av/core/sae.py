@@ -103,19 +103,36 @@ class SAESplice(HookPoint):
         if x.shape[-1] != sae.cfg.d_in and sae.cfg.reshape_activations != "hook_z":
             raise ValueError(f"the SAE at {self.name!r} reads d_in={sae.cfg.d_in} but the activation is {tuple(x.shape)}; "
                              "splice it at a hook of that width")
-        features = sae.encode(x)
-        out = sae.decode(features)
-        if self.use_error_term:
-            with torch.no_grad():
-                if any(getattr(self, n).has_hooks(dir="fwd") for n in _ENCODER_POINTS):
-                    # the error is the unedited reconstruction's, so an edited feature is not undone by it
-                    with _points_off(sae):
-                        clean = sae.decode(sae.encode(x))
-                else:
-                    clean = out  # nothing hooked: the same computation, done once
-                error = self.hook_sae_error(x - clean)
-            out = out + error
-        return self.hook_sae_output(out).to(x.dtype)
+        if not self.use_error_term:
+            return self.hook_sae_output(sae.decode(sae.encode(x))).to(x.dtype)
+        # the error is the unedited reconstruction's (SAELens's), so an edited feature is not undone by it; it is
+        # recomputed only as far as hooks may have changed something: from the input where the input or the
+        # pre-activations are hooked or a hook edited the features in place, from the features as they entered
+        # their point where a hook replaced them or the reconstruction is hooked, not at all where every hook left
+        # them as they were (caching)
+        seen: dict = {}
+        early = self.hook_sae_input.has_hooks(dir="fwd") or self.hook_sae_acts_pre.has_hooks(dir="fwd")
+        point = self.hook_sae_acts_post
+        handles = [] if early or not point.has_hooks(dir="fwd") else [
+            point.register_forward_pre_hook(lambda m, args: seen.update(inp=args[0], version=args[0]._version)),
+            point.register_forward_hook(lambda m, args, result: seen.update(out=result))]
+        try:
+            out = sae.decode(sae.encode(x))
+        finally:
+            for h in handles:
+                h.remove()
+        recons = self.hook_sae_recons.has_hooks(dir="fwd")
+        with torch.no_grad():
+            if early or ("inp" in seen and seen["inp"]._version != seen["version"]) or ("inp" not in seen and recons):
+                with _points_off(sae):
+                    clean = sae.decode(sae.encode(x))
+            elif "inp" in seen and (seen["out"] is not seen["inp"] or recons):
+                with _points_off(sae):
+                    clean = sae.decode(seen["inp"])
+            else:
+                clean = out  # the same computation: nothing changed what it computes
+            error = self.hook_sae_error(x - clean)
+        return self.hook_sae_output(out + error).to(x.dtype)
 
     def __repr__(self) -> str:
         return (f"SAESplice({self.name!r}, {self.sae.cfg.architecture()} d_in={self.sae.cfg.d_in} "
