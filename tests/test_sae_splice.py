@@ -227,6 +227,8 @@ def test_what_cannot_be_spliced_is_refused_before_anything_changes(toy_model):
         (dict(sae=torch.nn.Linear(2, 2)), TypeError, "takes an SAELens SAE"),
         (dict(sae="/no/such/sae"), FileNotFoundError, "no such SAE folder"),
     ]
+    cases.append((dict(sae=random_sae("standard", hook=HOOK).to("meta")), ValueError,
+                  "the SAE is on meta but 'blocks.1.hook_resid_post' runs on cpu; move it there"))
     per_head = random_sae("standard", hook=HOOK)
     per_head.cfg.metadata.hook_head_index = 1
     cases.append((dict(sae=per_head), ValueError, "per-head SAEs are not supported"))
