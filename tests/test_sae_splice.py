@@ -274,14 +274,13 @@ def test_splicing_keeps_qwen3_omni_s_lazily_built_expert_hooks():
         assert isinstance(model.hook_dict["blocks.0.hook_resid_post"], SAESplice)
 
 
-def test_without_saelens_models_load_and_add_sae_says_how_to_install_it():
+def test_without_saelens_every_package_imports_and_add_sae_says_how_to_install_it():
     import subprocess
     import sys
 
     code = ("import sys; sys.modules['sae_lens'] = None\n"  # an import of sae_lens now raises ImportError
-            "import hooked_av, patching\n"
-            "m = hooked_av.load('toy')\n"
-            "try:\n    m.add_sae('x')\nexcept ImportError as e:\n    print(e)\n")
+            "import hooked_av, patching\n"  # every package imports without it
+            "try:\n    hooked_av.HookedAVModel.add_sae(None, 'x')\nexcept ImportError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "SAEs need SAELens, which is not installed: pip install 'hooked-av[sae]'" in out.stdout
