@@ -282,3 +282,20 @@ def test_the_cli_harvests_the_toy_and_reports_a_bad_group_in_one_line(data, tmp_
     assert main(args[:-4] + ["--groups", "audio,vidoe", "--out", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: unknown token group 'vidoe'")
+
+
+def test_memory_is_bounded_by_a_shard_and_a_resume_reads_no_token_table(toy_model, data, whole, tmp_path, monkeypatch):
+    from patching.datasets import activations
+
+    held, real_add = [], activations.StoreWriter.add
+
+    def add(self, acts, meta, sample=None):
+        real_add(self, acts, meta, sample)
+        held.append(self._n)  # tokens buffered in memory once the sample is in
+
+    monkeypatch.setattr(activations.StoreWriter, "add", add)
+    monkeypatch.setattr(activations.ActivationStore, "metadata", lambda self: pytest.fail("read every token's metadata"))
+    harvest(toy_model, data, HOOKS, tmp_path / "s", groups="media,question", shard_tokens=40, progress=False)
+    assert len(held) == 6 and max(held) < 40  # a shard is written as soon as it is full: never more than one in memory
+    harvest(toy_model, data, HOOKS, tmp_path / "s", groups="media,question", shard_tokens=40, progress=False)  # resumes
+    assert len(held) == 6
