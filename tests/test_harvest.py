@@ -111,6 +111,9 @@ def test_harvest_refuses_hooks_and_groups_it_cannot_apply_and_leaks_no_hook():
     def boom(t, hook):
         raise RuntimeError("boom")
 
+    qwen3, batch = family("qwen3_omni")  # DeepStack adds to blocks 0 and 1 only: block 2's hook_injection never runs
+    with pytest.raises(ValueError, match=r"\['blocks.2.hook_injection'\] ran \[0\] times in this forward, not once"):
+        harvest_inputs(qwen3, batch, ["blocks.2.hook_injection"], "media")
     model.blocks[0].hook_resid_post.add_hook(boom)  # a user's hook that raises mid-forward
     with pytest.raises(RuntimeError, match="boom"):
         harvest_inputs(model, inputs, ["blocks.1.hook_resid_post"], "media")

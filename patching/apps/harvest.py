@@ -207,8 +207,9 @@ def harvest_inputs(model, inputs: dict, hooks, groups=("media",), tm=None) -> li
             model(**enc, stop_at_layer=max(layers) + 1 if layers else 0)
     silent = [h for h, got in grabbed.items() if len(got) != 1]
     if silent:
-        raise RuntimeError(f"hook(s) {silent} did not run exactly once in the forward (ran {[len(grabbed[h]) for h in silent]} "
-                           "times); harvest hooks every forward reaches once")
+        raise ValueError(f"hook(s) {silent} ran {[len(grabbed[h]) for h in silent]} times in this forward, not once (e.g. "
+                         "a block's hook_injection where the model adds no DeepStack feature); harvest hooks that every "
+                         "forward reaches once, such as blocks.{l}.hook_resid_post")
     counts = mask.sum(-1).tolist()
     split = {h: got[0].split(counts) for h, got in grabbed.items()}
     out = []
