@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/run_all.py [--rounds 5] [--threads 1] [--sizes 1024,2048,4096,8192,16384]
                                             [--out docs/benchmarks.md] [--quick]
+    .venv/bin/python benchmarks/run_all.py --harvest-only [--harvest-clips 2]   # the harvest table alone, printed
 
 Model: random weights of the real Qwen2.5-Omni Thinker architecture at docs/peers.md's benchmark size (text
 512 wide, 8 layers, 8 query / 2 key-value heads, Qwen2.5's 152,064-token vocabulary; towers 256 wide, 4
@@ -10,7 +11,8 @@ explicitly; in each table the contenders run interleaved, the order rotated ever
 call each; min and median over `--rounds` (>= 5) of process CPU time and of wall time, each divided by the
 table's baseline measured in the same rounds; the machine's load average before and after. Like is compared
 with like: rows from processor outputs (towers included) against HF's Thinker from the same outputs, rows from
-`encode()` outputs against the language model alone. The scaling table runs each (operation, size) in a fresh
+`encode()` outputs against the language model alone, the harvest (issue 22: towers, blocks up to the hooked one,
+shards written) against plain forwards of the same clips from processor outputs, as a throughput ratio. The scaling table runs each (operation, size) in a fresh
 subprocess (one timed call after a warm-up on 128 tokens; peak memory = the rise of the process's peak RSS, reset
 through /proc/self/clear_refs after loading, over what the loaded model and inputs already held, with glibc's mmap
 threshold fixed at 128 KiB so that it counts tensors, not heap fragmentation; Linux only).
@@ -289,6 +291,67 @@ def sae_table(model, s, rounds: int, width_factor: int = 8, k: int = 64) -> list
             *ratio_rows(measure(t, rounds), "language model forward, last logits"), ""]
 
 
+def harvest_table(args) -> list[str]:
+    """Harvest throughput (`patching.apps.harvest`: towers once, blocks up to the hooked one, the media tokens'
+    activations and metadata written as store shards) against plain forwards (last logits) of the same clips."""
+    import shutil
+    import tempfile
+
+    from hooked_av import HookedQwen2_5Omni
+    from patching.apps.harvest import harvest_inputs
+    from patching.datasets.activations import StoreWriter
+
+    torch.manual_seed(0)
+    cfg = config()
+    model = HookedQwen2_5Omni.from_config(cfg).eval()
+    clips = [clip_inputs(args.tokens, cfg) for _ in range(args.harvest_clips)]
+    n_media = sum(int(model.token_map(x).mask("media").sum()) for x in clips)
+    folders: list[str] = []
+
+    def plain():
+        for x in clips:
+            model(**x, logits_at="last")
+
+    def harvest_at(hook):
+        def run():
+            folders.append(tempfile.mkdtemp(prefix="bench-harvest-"))
+            writer = None
+            for i, x in enumerate(clips):
+                (acts, meta), = harvest_inputs(model, x, [hook], "media")
+                meta.insert(0, "row", i)
+                meta.insert(0, "id", f"clip{i}")
+                writer = writer or StoreWriter(folders[-1], {hook: acts[hook].shape[1]}, shard_tokens=4096)
+                writer.add(acts, meta, {"id": f"clip{i}", "row": i, "n_tokens": len(meta)})
+            writer.close()
+        return run
+
+    last, mid = f"blocks.{LAYERS - 1}.hook_resid_post", f"blocks.{LAYERS // 2 - 1}.hook_resid_post"
+    runs = {"plain forward, last logits (every block, towers)": plain,
+            f"harvest {last} (every block runs; no final norm, no unembedding)": harvest_at(last),
+            f"harvest {mid} (half the blocks run)": harvest_at(mid)}
+    times = measure(runs, args.rounds)
+    disk = sum(f.stat().st_size for f in Path(folders[-1]).rglob("*") if f.is_file())
+    for f in folders:
+        shutil.rmtree(f, ignore_errors=True)
+    base = "plain forward, last logits (every block, towers)"
+    bc, bw = times[base]
+    out = [f"### Harvest throughput ({len(clips)} clips of {clips[0]['input_ids'].shape[1]:,} tokens, {n_media:,} media "
+           f"tokens in all; float32 store, {cfg.text_config.hidden_size} wide), against plain forwards of the same clips", "",
+           "Throughput ratio = the plain forwards' time / the harvest's (>= 1: the harvest is as fast as forwards; the "
+           "target is >= 0.90x). Both from processor outputs (towers included, media decoding not); the harvest writes "
+           "its shards to a temporary folder inside the timed call.", "",
+           "| | media tokens / s (median wall) | throughput / forward, CPU min | CPU median | wall min | wall median |",
+           "|---|---|---|---|---|---|"]
+    for k, (c, w) in times.items():
+        out.append(f"| {k} | {n_media / statistics.median(w):,.0f} | {min(bc) / min(c):.2f}x | "
+                   f"{statistics.median(bc) / statistics.median(c):.2f}x | {min(bw) / min(w):.2f}x | "
+                   f"{statistics.median(bw) / statistics.median(w):.2f}x |")
+    out += ["", f"Disk: {disk / n_media * 1e6 / 2**30:,.2f} GiB per million media tokens at one hook "
+            f"({cfg.text_config.hidden_size} x 4 bytes of activations, {(disk / n_media) - cfg.text_config.hidden_size * 4:,.0f} "
+            "bytes of metadata and files per token).", ""]
+    return out
+
+
 OPS = ("hf_sdpa", "forward", "attention_rows", "sweep", "patterns")
 
 
@@ -387,6 +450,8 @@ def main(argv=None) -> None:
     ap.add_argument("--full-depth-max", type=int, default=16384, help="longest size run at the full 8 layers")
     ap.add_argument("--long-layers", type=int, default=2, help="layers of the model above --full-depth-max")
     ap.add_argument("--scale-layers", type=int, default=LAYERS, help=argparse.SUPPRESS)
+    ap.add_argument("--harvest-clips", type=int, default=8, help="clips in the harvest table")
+    ap.add_argument("--harvest-only", action="store_true", help="print the harvest table only (writes no file)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     ap.add_argument("--scale-one", nargs=2, metavar=("OP", "TOKENS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -397,8 +462,12 @@ def main(argv=None) -> None:
         raise SystemExit(f"--rounds must be >= 5 for a min and a median worth reading, got {args.rounds}")
     args.sizes = [int(v) for v in args.sizes.split(",")]
     torch.set_num_threads(args.threads)
+    if args.harvest_only:
+        print("\n".join(harvest_table(args)))
+        return
     t0, load0 = time.time(), os.getloadavg()
     body = main_tables(args)
+    body += harvest_table(args)
     print("\n".join(body), flush=True)
     body += scaling_table(args)
     load1 = os.getloadavg()

@@ -71,10 +71,16 @@ __all__ = [
     "normalised", "register", "relative_change", "run_rows", "samples",
     # results and studies
     "ManifestError", "Result", "Study", "read_manifest", "run_study", "write_report",
+    # features: activations harvested over a dataset
+    "harvest",
 ]
 
 
 def __getattr__(name):  # the study app loads matplotlib's file backend: only when asked for
+    if name == "harvest":
+        from patching.apps.harvest import harvest
+
+        return harvest
     if name in ("run_study", "Study", "write_report"):
         from patching.apps.study import Study, run_study
         from patching.apps.study.report import write_report

@@ -63,7 +63,7 @@ def toy_store(model, folder, hook: str = "blocks.1.hook_resid_post", n: int = 24
             rows = df[df["row"] == r][keep].reset_index(drop=True)
             media = rows["group"].isin(["audio", "video", "image"])
             meta = pd.DataFrame({"id": f"s{seed}-{done + r}", "row": done + r, "pos": rows["pos"], "group": rows["group"],
-                                 "item": rows["item"], "modality": rows["group"].where(media, None),
+                                 "item": rows["item"], "modality": rows["group"].where(media, "text"),
                                  "t_start": rows["time"], "t_end": rows["time_end"], "frame": rows["frame"],
                                  "patch_row": rows.get("patch_row", -1), "patch_col": rows.get("patch_col", -1),
                                  "chunk": rows["chunk"]})

@@ -5,7 +5,6 @@ continues after the complete shards."""
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pandas as pd

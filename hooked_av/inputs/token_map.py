@@ -27,7 +27,8 @@ _CODE = {g: i for i, g in enumerate(GROUPS)}
 # is the group TEXT_PARTS[i]; 0 leaves the chat structure's group (`hooked_av.inputs.chat.text_groups`)
 TEXT_PARTS = (None, "question", "options", "instruction", "label", "template")
 _ALIASES = {"media": MEDIA, "all": tuple(g for g in GROUPS if g != "padding"),
-            "user": ("question", "options", "instruction", "label")}
+            "user": ("question", "options", "instruction", "label"),
+            "text": tuple(g for g in GROUPS if g not in MEDIA and g != "padding")}
 _SPEC = re.compile(r"^\s*([a-z_]+)\s*(?:\[\s*(\d+)\s*\])?\s*$")
 ITEM = "item"  # `item[i]`: every media token of clip i
 # the order in which a clip (`hooked_av.inputs.prompt.Item`) shows its media: image, video, audio
@@ -76,7 +77,8 @@ class TokenMap:
       `model.prepare` (which record it as `inputs["text_parts"]`), `question` is the question only,
       `options` the lettered options, `instruction` the instruction after them, `label` the text
       naming each clip (`Item.label`), and text the template adds between items is `template`; on
-      inputs without that record all user text is `question`. `"user"` selects all four.
+      inputs without that record all user text is `question`. `"user"` selects all four;
+      `"text"` every group but the media and padding (`group_names`).
     - `item`: the clip (media item) of a media token within its row, counted by clip, not per
       modality: in a row whose first clip is video only and whose second is video with audio,
       `audio[1]` is the second clip's audio and `audio[0]` is empty; `item[i]` is every media token
@@ -177,10 +179,7 @@ class TokenMap:
             if item is None:
                 raise ValueError(f"{spec!r} needs a clip index: 'item[0]' is every media token of the row's first clip")
             name = "media"
-        names = _ALIASES.get(name, (name,))
-        unknown = [n for n in names if n not in _CODE]
-        if unknown:
-            raise ValueError(f"unknown token group {name!r}; groups: {list(GROUPS)} (aliases: {list(_ALIASES)})")
+        names = group_names(name)
         mask = torch.zeros_like(self.group, dtype=torch.bool)
         for n in names:
             mask |= self.group == _CODE[n]
@@ -341,6 +340,19 @@ class TokenMap:
         )
         mode = "" if self.position_mode is None else f", position_mode={self.position_mode}"
         return f"TokenMap(batch={self.batch}, pos={self.seq_len}{mode}; {counts})"
+
+
+def group_names(name: str) -> tuple[str, ...]:
+    """The groups a group name or alias stands for (`"media"` -> audio, video, image; `"text"` -> every
+    group but the media and padding); an unknown name is refused, naming the groups and aliases.
+
+        group_names("text")   # ('system', 'template', 'question', 'last', 'generated', 'options', ...)
+    """
+    names = _ALIASES.get(name, (name,))
+    unknown = [n for n in names if n not in _CODE]
+    if unknown:
+        raise ValueError(f"unknown token group {name!r}; groups: {list(GROUPS)} (aliases: {list(_ALIASES)})")
+    return names
 
 
 def clip_numbers(runs: list[tuple[int, int, list[str]]]) -> list[int]:

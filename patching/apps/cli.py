@@ -1,6 +1,7 @@
 """The `hooked-av` command: `demo` (the main job, on the embedded toy model), `flow` (the same
-knockout analysis on any supported model and clip), `study` (experiments over a dataset manifest)
-and `toy-data` (the toy task as files and a manifest). A user mistake prints one `error: ...` line
+knockout analysis on any supported model and clip), `study` (experiments over a dataset manifest),
+`harvest` (activations over a dataset manifest, for SAEs), `sae train` (an SAE on a harvested store) and
+`toy-data` (the toy task as files and a manifest). A user mistake prints one `error: ...` line
 and exits with status 2; anything else (a bug) keeps its traceback."""
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from patching.apps.harvest import register as register_harvest
 from patching.apps.sae_train import register as register_sae
 from patching.apps.study.cli import register as register_study
 
@@ -35,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     flow.add_argument("--out", default="runs/flow")
     register_study(sub)  # study, toy-data: each sets args.func
     register_sae(sub)  # sae train
+    register_harvest(sub)
 
     args = ap.parse_args(argv)
     try:

@@ -7,13 +7,16 @@ activations (one `[n_tokens, d]` tensor per hook name) and a parquet table of th
     DIR/shards/r{rank}-{k:05d}.parquet       one row per token: `id` (the sample), `row` (its manifest index),
                                              `pos`, `group`, `item`, `modality`, `t_start`, `t_end` (seconds),
                                              `frame`, `patch_row`, `patch_col`, `chunk`, and any other column the
-                                             harvester adds (e.g. `expert`)
+                                             harvester adds (e.g. `expert_l{l}`)
+    DIR/samples/r{rank}-{k:05d}.parquet      one row per sample of that shard, when the writer was given one
+                                             (`add(..., sample=)`: the harvest's media paths, question, ...);
+                                             written before the shard's token parquet
 
 A sample's tokens are never split across shards: a shard closes when the next sample would take it past
 `shard_tokens` (a sample larger than that gets a shard of its own), so a shard whose parquet exists is
 whole, and the samples in complete shards are done (`done_ids`): a resumed harvest skips them and a crash
-loses at most the shards in flight. The parquet is written after the safetensors and is the shard's done
-mark; both are written to a temporary name and renamed. Each rank of a data-parallel harvest writes its
+loses at most the shards in flight. The token parquet is written after the safetensors (and the sample
+table) and is the shard's done mark; each is written to a temporary name and renamed. Each rank of a data-parallel harvest writes its
 own shards (`r{rank}-...`); the store is the union.
 
     writer = StoreWriter("runs/acts", {"blocks.2.hook_resid_post": 128}, shard_tokens=65536)
@@ -40,6 +43,33 @@ VERSION = 1
 META_COLUMNS = ("id", "row", "pos", "group", "item", "modality", "t_start", "t_end", "frame", "patch_row",
                 "patch_col", "chunk")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_claim(folder, info: dict, whole: bool = False) -> None:
+    """Refuse a `folder` that cannot take a store with `info` (store.json's fields, or some of them): a
+    file, an unreadable store.json, or a store whose value of a key of `info` differs (`whole`: of any key,
+    one only store.json has included). A folder without store.json passes (a writer claims it)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} is a file; give a folder for the store")
+    path = folder / "store.json"
+    if not path.exists():
+        return
+    try:
+        old = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); delete the folder or harvest into another") from None
+    info = json.loads(json.dumps(info, default=str))
+    diff = sorted(k for k in set(info) | (set(old) if whole else set()) if old.get(k) != info.get(k))
+    if "settings" in diff and isinstance(old.get("settings"), dict) and isinstance(info.get("settings"), dict):
+        a, b = old["settings"], info["settings"]  # name the settings that differ, not the whole record
+        old = old | {f"settings.{k}": a.get(k) for k in set(a) | set(b)}
+        info = info | {f"settings.{k}": b.get(k) for k in set(a) | set(b)}
+        diff = sorted(set(diff) - {"settings"} | {f"settings.{k}" for k in set(a) | set(b) if a.get(k) != b.get(k)})
+    if diff:
+        raise ValueError(f"{folder} holds a store harvested with other settings ({', '.join(diff)} differ: "
+                         f"{ {k: old.get(k) for k in diff} } there, { {k: info.get(k) for k in diff} } now); "
+                         "use another folder, or the same settings to resume")
 
 
 def _atomic(path: Path, write) -> None:
@@ -71,28 +101,21 @@ class StoreWriter:
         self._next = 1 + max((int(p.stem.split("-")[1]) for p in mine), default=-1)
         self._acts: dict[str, list[Tensor]] = {h: [] for h in self.hooks}
         self._meta: list[pd.DataFrame] = []
+        self._samples: list[dict] = []
         self._n = 0
 
     def _claim(self, info: dict) -> None:
         path = self.folder / "store.json"
+        check_claim(self.folder, info, whole=True)
         if path.exists():
-            try:
-                old = json.loads(path.read_text())
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} is not valid JSON ({e}); delete the folder or harvest into another") from None
-            if old != info:
-                diff = sorted(k for k in set(old) | set(info) if old.get(k) != info.get(k))
-                raise ValueError(f"{self.folder} holds a store harvested with other settings ({', '.join(diff)} differ); "
-                                 "use another folder, or the same settings to resume")
             return
-        if self.folder.exists() and not self.folder.is_dir():
-            raise ValueError(f"{self.folder} is a file; give a folder for the store")
         self.folder.mkdir(parents=True, exist_ok=True)
         _atomic(path, lambda p: p.write_text(json.dumps(info, indent=2)))
 
-    def add(self, acts: dict[str, Tensor], meta: pd.DataFrame) -> None:
+    def add(self, acts: dict[str, Tensor], meta: pd.DataFrame, sample: dict | None = None) -> None:
         """One sample's tokens: `acts[hook]` `[n, width]` for every hook of the store, `meta` n rows with at
-        least the `META_COLUMNS`."""
+        least the `META_COLUMNS`; `sample`: the sample's row of the store's sample table (`id`, and anything
+        JSON-able: media paths, question, ...), kept even when the sample has no token."""
         n = len(meta)
         missing = [c for c in META_COLUMNS if c not in meta.columns]
         if missing:
@@ -102,11 +125,15 @@ class StoreWriter:
         for h, t in acts.items():
             if tuple(t.shape) != (n, self.hooks[h]):
                 raise ValueError(f"{h}: activations {tuple(t.shape)} for {n} tokens of width {self.hooks[h]}")
-        if self._n and self._n + n > self.shard_tokens:
+        if sample is not None and "id" not in sample:
+            raise ValueError(f"a sample's row needs its 'id'; got columns {sorted(sample)}")
+        if self._meta and self._n + n > self.shard_tokens:
             self.flush()
         for h, t in acts.items():
             self._acts[h].append(t.detach().to("cpu", DTYPES[self.dtype]))
         self._meta.append(meta.reset_index(drop=True))
+        if sample is not None:
+            self._samples.append(dict(sample))
         self._n += n
         if self._n >= self.shard_tokens:
             self.flush()
@@ -120,10 +147,14 @@ class StoreWriter:
         stem = self.folder / "shards" / f"r{self.rank}-{self._next:05d}"
         tensors = {h: torch.cat(ts).contiguous() for h, ts in self._acts.items()}
         _atomic(stem.with_suffix(".safetensors"), lambda p: save_file(tensors, str(p)))
+        if self._samples:
+            (self.folder / "samples").mkdir(exist_ok=True)
+            table = pd.DataFrame(self._samples)
+            _atomic(self.folder / "samples" / f"{stem.name}.parquet", lambda p: table.to_parquet(p, index=False))
         meta = pd.concat(self._meta, ignore_index=True)
         _atomic(stem.with_suffix(".parquet"), lambda p: meta.to_parquet(p, index=False))  # the shard's done mark
         self._acts = {h: [] for h in self.hooks}
-        self._meta, self._n = [], 0
+        self._meta, self._samples, self._n = [], [], 0
         self._next += 1
         return stem.with_suffix(".parquet")
 
@@ -170,9 +201,22 @@ class ActivationStore:
     def n_tokens(self) -> int:
         return len(self.metadata())
 
+    def samples(self, columns: Sequence[str] | None = None) -> pd.DataFrame:
+        """The sample table of the complete shards (one row per sample written with `add(..., sample=)`:
+        a harvest's `id`, `row`, `n_tokens`, media paths, question, ...), `columns` only when given."""
+        parts = [pd.read_parquet(p, columns=None if columns is None else list(columns))
+                 for s in self.shards for p in [self.folder / "samples" / f"{s.name}.parquet"] if p.is_file()]
+        if not parts:
+            return pd.DataFrame(columns=list(columns or ["id"]))
+        out = pd.concat(parts, ignore_index=True)
+        for c in out.columns[out.dtypes == object]:  # a column all None in one shard reads back as NaN after concat
+            out[c] = out[c].astype(object).where(out[c].notna(), None)
+        return out
+
     def done_ids(self) -> set[str]:
-        """The samples whose tokens are in complete shards."""
-        return set(self.metadata()["id"].astype(str))
+        """The samples whose tokens are in complete shards (and those of the sample table: a sample with no
+        token in the harvested groups is done too)."""
+        return set(self.metadata()["id"].astype(str)) | set(self.samples(["id"])["id"].astype(str))
 
     def shard(self, k: int, hook: str) -> Tensor:
         """`[n_tokens of shard k, d]` activations of `hook`."""
