@@ -232,25 +232,20 @@ def test_sae_features_lists_each_group_s_top_features_and_their_ablation_effect_
     assert res.mean().columns.tolist() == ["group", "rank", "rel_change"]
 
 
-def test_a_study_runs_sae_features_with_the_sae_as_an_option(toy_model, tmp_path, capsys):
-    from hooked_av.toy.dataset import write_toy_dataset
-    from patching.apps.cli import main
-    from patching.apps.study import Study
+def test_a_study_takes_the_sae_as_an_option_and_refuses_a_missing_or_wrong_one(tmp_path):
+    """The study that runs it from the command line is in tests/test_sae_train.py (harvest, train, study)."""
     from patching.apps.study.cli import parse_options
-    from patching.engine.experiment import check_options
+    from patching.engine.experiment import check_options, get
 
     sae = random_sae("topk", hook=HOOK, d_sae=96, k=8, seed=5)
     sae.save_model(tmp_path / "sae")
-    manifest = write_toy_dataset(tmp_path / "data", n=2, seed=2)
     options = parse_options([f"sae_features.sae={tmp_path / 'sae'}", "sae_features.top=2"])
     assert options == {"sae_features": {"sae": str(tmp_path / "sae"), "top": 2}}
+    assert check_options(options, ["sae_features"]) == options
+    assert get("sae_features").option_names() == ["groups", "hook", "sae", "top"]
     with pytest.raises(ValueError, match=r"sae_features needs the option\(s\) \['sae'\], e.g. sae_features.sae=runs/sae"):
         check_options({}, ["sae_features"])
     with pytest.raises(ValueError, match="not an SAE folder"):
         check_options({"sae_features": {"sae": str(tmp_path)}}, ["sae_features"])
-    out = tmp_path / "study"
-    assert main(["study", "--model", "toy", "--manifest", str(manifest), "--experiment", "sae_features", "--out", str(out),
-                 "--option", f"sae_features.sae={tmp_path / 'sae'}", "--option", "sae_features.top=2", "--no-report"]) == 0
-    df = Study(out).frame("sae_features")
-    assert len(df) and set(df["group"]) <= {"audio", "video"} and df["rank"].max() <= 2
-    assert {"id", "feature", "rel_change", "sample_correct"} <= set(df.columns)
+    with pytest.raises(ValueError, match="sae_features.top must be >= 1"):
+        check_options({"sae_features": {"sae": str(tmp_path / "sae"), "top": 0}}, ["sae_features"])
