@@ -16,6 +16,12 @@ from patching import figures as _figures  # registers how Result.plot draws  # n
 from patching import methods as _methods  # registers every experiment record  # noqa: F401
 from patching.datasets.manifest import ManifestError, read_manifest
 from patching.engine.experiment import Experiment, Plot, Report, StudySample, register
+from patching.engine.features import (
+    ablate_features,
+    patch_features,
+    scale_features,
+    steer_features,
+)
 from patching.engine.hooks import (
     ablate,
     add_noise,
@@ -25,7 +31,6 @@ from patching.engine.hooks import (
     scale_attention,
     steer,
 )
-from patching.engine.features import ablate_features, patch_features, scale_features, steer_features
 from patching.engine.intervention import Intervention
 from patching.engine.metrics import (
     AnswerLogProb,
@@ -50,7 +55,11 @@ from patching.methods.hallucination import hallucination
 from patching.methods.knockout import default_edges, knockout, knockout_accuracy
 from patching.methods.logit_lens import logit_lens
 from patching.methods.pathway import pathway
-from patching.methods.sae_eval import loss_recovered, reconstruction_stats, summarise_loss_recovered
+from patching.methods.sae_eval import (
+    loss_recovered,
+    reconstruction_stats,
+    summarise_loss_recovered,
+)
 from patching.methods.sae_features import sae_features
 from patching.methods.sinks import find_sinks, sink_dimensions
 from patching.methods.var import var

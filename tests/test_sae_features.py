@@ -14,7 +14,12 @@ from sae_helpers import random_sae
 
 from hooked_av.toy import make_batch
 from patching.engine.corrupt import zero_modality
-from patching.engine.features import ablate_features, patch_features, scale_features, steer_features
+from patching.engine.features import (
+    ablate_features,
+    patch_features,
+    scale_features,
+    steer_features,
+)
 from patching.engine.hooks import ablate, block_attention
 from patching.engine.sweep import run_rows, samples
 

@@ -14,9 +14,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from safetensors.torch import load_file
 from sae_helpers import random_sae, toy_store
 from sae_lens import SAE
+from safetensors.torch import load_file
 
 from hooked_av.sae import load_sae
 from hooked_av.toy import make_batch
@@ -24,7 +24,12 @@ from patching.apps.cli import main
 from patching.apps.sae_train import split_samples, train_sae, training_batches
 from patching.datasets.activations import ActivationStore
 from patching.engine.stats import N_BOOT, SEED
-from patching.methods.sae_eval import loss_recovered, reconstruction_stats, summarise_loss_recovered, token_groups
+from patching.methods.sae_eval import (
+    loss_recovered,
+    reconstruction_stats,
+    summarise_loss_recovered,
+    token_groups,
+)
 
 torch.set_num_threads(1)
 HOOK = "blocks.1.hook_resid_post"

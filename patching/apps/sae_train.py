@@ -37,7 +37,12 @@ import torch
 
 from patching.datasets.activations import ActivationStore
 from patching.engine import checks
-from patching.methods.sae_eval import MEDIA, store_stats, summarise_loss_recovered, token_groups
+from patching.methods.sae_eval import (
+    MEDIA,
+    store_stats,
+    summarise_loss_recovered,
+    token_groups,
+)
 
 ARCHITECTURES = ("topk", "jumprelu", "standard")
 GROUP_ALIASES = {"media": MEDIA, "all": (*MEDIA, "text")}
@@ -97,8 +102,14 @@ def training_batches(store: ActivationStore, hook: str, groups: Sequence[str], i
 
 
 def _config(architecture: str, d_in: int, width: int, device: str, metadata, k, l1, l0):
-    from sae_lens import (JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig, StandardTrainingSAE,
-                          StandardTrainingSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig)
+    from sae_lens import (
+        JumpReLUTrainingSAE,
+        JumpReLUTrainingSAEConfig,
+        StandardTrainingSAE,
+        StandardTrainingSAEConfig,
+        TopKTrainingSAE,
+        TopKTrainingSAEConfig,
+    )
 
     common = dict(d_in=d_in, d_sae=width, device=device, metadata=metadata)
     if architecture == "topk":

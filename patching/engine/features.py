@@ -25,8 +25,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from hooked_av.utils import layer_of, position_major
 from hooked_av.inputs import Selection
+from hooked_av.utils import layer_of, position_major
 from patching.engine import checks
 from patching.engine.hooks import _OFFSET, _starting, positions_label
 from patching.engine.intervention import Intervention, Part, batch_rows

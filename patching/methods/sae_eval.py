@@ -133,7 +133,8 @@ def store_stats(sae, store, hook: str, ids: Sequence[str] | None = None, groups:
 
 
 # ---- loss recovered ------------------------------------------------------------------------------
-def _hook_of(sae, hook):
+def hook_of(sae, hook: str | None) -> str:
+    """`hook`, else the hook the SAE's metadata names; neither is refused."""
     hook = hook or sae.cfg.metadata.hook_name
     if not hook:
         raise ValueError("the SAE's metadata names no hook; pass hook=")
@@ -171,7 +172,7 @@ def loss_recovered(model, sae, inputs: dict, answers, groups: Sequence[str] = ("
         res.df[["group", "ce_clean", "ce_sae", "ce_zero"]]
     """
     sae = sae_of(model, sae)
-    hook = _hook_of(sae, hook)
+    hook = hook_of(sae, hook)
     groups = checks.nonempty(groups, "groups")
     metric = AnswerLogProb(answers)
     metric.check(model, checks.batch_of(inputs))

@@ -26,8 +26,8 @@ from patching.engine.experiment import Experiment, Plot, Report, StudySample
 from patching.engine.features import ablate_features, token_group
 from patching.engine.metrics import AnswerProb, relative_change
 from patching.engine.results import Result
-from patching.engine.sweep import forward_rows, run_rows, sample_maps, samples
-from patching.methods.sae_eval import _hook_of, sae_of
+from patching.engine.sweep import run_rows, sample_maps, samples
+from patching.methods.sae_eval import hook_of, sae_of
 
 
 def sae_features(model, inputs: dict, answers, sae, groups: Sequence[str] = ("audio", "video"), top: int = 5,
@@ -41,7 +41,7 @@ def sae_features(model, inputs: dict, answers, sae, groups: Sequence[str] = ("au
         res.df[["group", "rank", "feature", "act_sum", "rel_change"]]
     """
     sae = sae_of(model, sae)
-    hook = _hook_of(sae, hook)
+    hook = hook_of(sae, hook)
     groups = checks.nonempty(groups, "groups")
     top = checks.count(top, "top", unit=" feature")
     metric = answers if isinstance(answers, AnswerProb) else AnswerProb(answers)
