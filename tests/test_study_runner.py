@@ -51,7 +51,8 @@ def test_one_row_per_sample_and_cell_with_id_metadata_and_correctness(model, dat
         assert set(part.sample_correct) == {bool(got["accuracy"].set_index("id").sample_correct[r.id])}
     disc = got["discarding"]
     assert len(disc) == len(man.rows) * (model.cfg.n_layers + 1) and set(disc.group) == {"audio|video"}
-    assert list(ko.columns[:5]) == ["id", "kind", "question_name", "dataset", "sample_correct"]
+    assert list(ko.columns[:9]) == ["id", "kind", "question_name", "dataset", "colour", "brightness", "note", "instrument",
+                                    "sample_correct"]
 
 
 def test_resume_after_a_crash_equals_an_uninterrupted_run(model, data, full_run, tmp_path, monkeypatch):
