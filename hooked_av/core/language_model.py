@@ -200,8 +200,8 @@ class MRoPELanguageModel:
         forward of `inputs` (what `model(**inputs)` takes) under whatever hooks are active.
 
         queries: a TokenMap spec ("last", "question", ...; `tm` defaults to `model.token_map(inputs)`), a
-        Selection, a bool mask `[pos]` or `[batch, pos]`, or int positions; every batch row must select as
-        many. Computed per layer from the rotated q and k with the final mask (after any `hook_attn_mask`
+        Selection, a bool mask `[pos]` or `[batch, pos]` (rows in position order; every batch row must select
+        as many), or int positions (rows in the order and with the repeats given, as `logits_at`). Computed per layer from the rotated q and k with the final mask (after any `hook_attn_mask`
         edits), the rows alone (see `Attention.pattern_rows`); a layer whose scores or pattern are hooked
         runs exactly and gives the rows of its pattern as edited. Memory grows with rows x keys."""
         layers = layer_list(layers, len(self.blocks), "layers")
@@ -261,7 +261,8 @@ class MRoPELanguageModel:
                 blk.attn.reader = None
 
     def query_rows(self, inputs: dict, queries, tm=None) -> Tensor:
-        """long `[batch, r]`: the positions `queries` names in each row (see `attention_rows`)."""
+        """long `[batch, r]`: the positions `queries` names in each row (see `attention_rows`): int positions in
+        the order and with the repeats given (negative ones from the end), a mask's positions in order."""
         ref = inputs.get("inputs_embeds", inputs.get("input_ids"))
         b, s = ref.shape[:2]
         if isinstance(queries, str):
@@ -272,9 +273,7 @@ class MRoPELanguageModel:
             t = t.flatten().long()
             if not len(t) or int(t.max()) >= s or int(t.min()) < -s:
                 raise ValueError(f"queries {t.tolist()}: name at least one position in 0..{s - 1}")
-            m = torch.zeros(s, dtype=torch.bool)
-            m[t % s] = True
-            t = m
+            return (t % s)[None].expand(b, -1)  # in the order and with the repeats given, as logits_at
         t = t if t.dim() == 2 else t[None].expand(b, -1)
         if t.shape[-1] != s or t.shape[0] not in (1, b):
             raise ValueError(f"queries as a mask must be [pos] or [batch, pos] = [{b}, {s}], got {tuple(t.shape)}")
