@@ -41,7 +41,8 @@ ITEM_KEYS = MEDIA + ("label",)
 CORE = ("id", "question", "answer", "answer_is", "options", "items") + MEDIA
 ANSWER_READINGS = ("letter", "index", "text")
 # columns the study writes itself: metadata under these names would be overwritten in the results
-RESERVED = ("sample_correct", "correct", "prediction", "answer_text", "answer_token", "p_answer", "rule", "sample")
+RESERVED = ("sample_correct", "correct", "prediction", "answer_text", "answer_token", "p_answer", "rule", "sample",
+            "model")  # `Study.frame` adds the model's name
 
 
 class ManifestError(ValueError):
