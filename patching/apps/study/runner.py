@@ -118,20 +118,22 @@ def run_study(
     mine = rows[rank::world]
     missing = _missing_parts(out, mine, experiments)  # row index -> experiments whose part is absent or unreadable
     todo = [r for r in mine if r.index in missing]
-    from tqdm.auto import tqdm
+    from patching.apps.study.progress import Progress
 
-    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="sample", desc="study",
-               disable=not progress or rank != 0, dynamic_ncols=True)
+    # rank 0's bar counts every rank's samples
+    bar = Progress(out, rank, world, len(rows) if group else len(mine), len(mine) - len(todo), progress, group, dev)
     t0 = time.perf_counter()
-    for row in todo:
-        redo = [e for e in experiments if e in missing[row.index]]
-        for exp, df in run_sample(model, row, tpl, scorer, redo, window, options, manifest.meta_columns, dev):
-            write_part(out, exp, row, df)  # an experiment without rows for this sample writes an empty part
-        bar.update()
-    bar.close()
-    _log_rank(out, rank, world, [r.id for r in todo], time.perf_counter() - t0)
-    if group:
-        torch.distributed.barrier()
+    try:
+        for row in todo:
+            redo = [e for e in experiments if e in missing[row.index]]
+            for exp, df in run_sample(model, row, tpl, scorer, redo, window, options, manifest.meta_columns, dev):
+                write_part(out, exp, row, df)  # an experiment without rows for this sample writes an empty part
+            bar.advance()
+        _log_rank(out, rank, world, [r.id for r in todo], time.perf_counter() - t0)
+        if group:
+            torch.distributed.barrier()
+    finally:
+        bar.close()
     if rank == 0:
         merge(out, experiments)
     if group:
