@@ -243,14 +243,15 @@ class HookedAVFamily(MRoPELanguageModel, HookedAVModel):
         return tuple(None if t is None else (t, None) for t in (image, video))
 
     def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None, *, use_audio_in_video: bool | None = None,
-               text_parts: Tensor | None = None, **media) -> dict:
+               text_parts: Tensor | None = None, media_items: Tensor | None = None, **media) -> dict:
         """Run the towers and merge: returns `inputs_embeds` `[batch, pos, d_model]`, `position_ids`
         `[3, batch, pos]`, `attention_mask`, `rope_deltas` `[batch, 1]`, `injections` where the blocks take
         them (DeepStack: one `[batch, pos, d_model]` per tapped layer, zero off the visual positions; None
         without images or videos) and the family's `MediaInputs.returned`; `model(**enc)` continues.
         `media`: `model.media_args` (and `encode_options`). `use_audio_in_video`: the layout of each video
         block in `input_ids` decides; a flag that disagrees is a ValueError raised before any tower runs.
-        `text_parts` (`prepare`'s record of the user's text, for `token_map`) is accepted and not read.
+        `text_parts` and `media_items` (`prepare`'s records of the user's text and of the prompt's item of each
+        media token, for `token_map`) are accepted and not read.
 
             enc = model.encode(**model.prepare("Which instrument plays?", video="clip.mp4"))
         """
@@ -290,13 +291,13 @@ class HookedAVFamily(MRoPELanguageModel, HookedAVModel):
                 inputs_embeds: Tensor | None = None, position_ids: Tensor | None = None,
                 rope_deltas: Tensor | None = None, injections=None, use_audio_in_video: bool | None = None,
                 return_type: str | None = "logits", logits_at=None, text_parts: Tensor | None = None,
-                stop_at_layer: int | None = None, **media) -> Tensor | None:
+                stop_at_layer: int | None = None, media_items: Tensor | None = None, **media) -> Tensor | None:
         """Logits `[batch, pos, vocab]` from input ids and media, or from `encode`'s outputs (with their
         `injections`). `return_type`: "logits", "resid" (after `ln_final`) or None; `logits_at` ("last",
         positions or None = all): only those positions are unembedded (HF's `logits_to_keep`), see
         `run_language_model`. `stop_at_layer` (as TransformerLens's): run the blocks before it only and
-        return the residual stream entering it, `[batch, pos, d_model]`. `use_audio_in_video`, `text_parts`
-        (accepted, not read), `media`: see `encode`.
+        return the residual stream entering it, `[batch, pos, d_model]`. `use_audio_in_video`, `text_parts` and
+        `media_items` (accepted, not read), `media`: see `encode`.
 
             logits = model(**batch.inputs, logits_at="last")   # [batch, 1, vocab]
         """
@@ -310,7 +311,7 @@ class HookedAVFamily(MRoPELanguageModel, HookedAVModel):
                  max_new_tokens: int = 16, eos_token_id: int | list[int] | None = None,
                  use_audio_in_video: bool | None = None, inputs_embeds: Tensor | None = None,
                  position_ids: Tensor | None = None, rope_deltas: Tensor | None = None, injections=None,
-                 text_parts: Tensor | None = None, **media) -> Tensor:
+                 text_parts: Tensor | None = None, media_items: Tensor | None = None, **media) -> Tensor:
         """Greedy decoding with a KV cache, under whatever hooks are active; decoding step n sits at id
         `n_real_tokens + rope_deltas` on every row (HF's); injections (DeepStack) are added on the prefill
         (from `encode`, or passed with `inputs_embeds`). Returns the new tokens `[batch, n_new]` (finished
