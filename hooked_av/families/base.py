@@ -53,6 +53,19 @@ class MediaInputs:
     returned: dict = field(default_factory=dict)
 
 
+def check_finite_media(media: dict) -> None:
+    """Refuse NaN or inf in any floating-point media input (features, pixels, seconds per grid, under any name
+    the family reads, aliases included), before any tower runs: the towers would spread it to every logit."""
+    for key, value in media.items():
+        if isinstance(value, Tensor) and value.is_floating_point():
+            bad = ~torch.isfinite(value)
+            if bool(bad.any()):
+                first = [int(i) for i in bad.nonzero()[0].tolist()]
+                raise ValueError(f"{key} holds {int(bad.sum())} non-finite value(s) (NaN or inf), the first at index "
+                                 f"{first}; they would make every logit NaN: fix the media (model.prepare refuses such "
+                                 "media) or drop the item")
+
+
 class HookedAVFamily(MRoPELanguageModel, HookedAVModel):
     """An audio-visual LLM: towers whose outputs replace placeholder tokens, and the M-RoPE decoder.
 
@@ -259,6 +272,7 @@ class HookedAVFamily(MRoPELanguageModel, HookedAVModel):
         if unknown:
             raise TypeError(f"unexpected argument(s) {sorted(unknown)}; accepted media inputs: {list(self.media_args)}"
                             + (f", options: {list(self.encode_options)}" if self.encode_options else ""))
+        check_finite_media(media)
         m = self.read_media(use_audio_in_video=use_audio_in_video, **media)
         self.check_inputs(input_ids, attention_mask, m, use_audio_in_video)
         position_ids, deltas = self.position_ids(input_ids, attention_mask, **m.positions)  # checks the ids' layout
