@@ -109,3 +109,30 @@ def _poison(t, value):
     t = t.clone()
     t.view(-1)[t.numel() // 2] = value
     return t
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_omni", "video_salmonn2", "qwen3_omni"])
+def test_a_cache_device_that_holds_no_data_or_does_not_exist_is_refused(name):
+    # run_with_cache(device="meta") returned a cache of empty meta tensors; device="cuda" without a GPU failed
+    # in the driver
+    from family_cases import family
+
+    model, inputs = family(name)
+    ran = []
+    handle = model.blocks[0].register_forward_pre_hook(lambda m, a: ran.append(1))
+    try:
+        with pytest.raises(ValueError, match=r"run_with_cache\(device='meta'\) would keep a cache of tensors without values"):
+            model.run_with_cache(**inputs, device="meta")
+        with pytest.raises(ValueError, match=r"device 'nowhere' is not a device"):
+            model.run_with_cache(**inputs, device="nowhere")
+        if not torch.cuda.is_available():
+            with pytest.raises(ValueError, match=r"device 'cuda' was asked for but CUDA is not available on this machine"):
+                model.run_with_cache(**inputs, device="cuda")
+    finally:
+        handle.remove()
+    assert not ran
+    _, cache = model.run_with_cache(**inputs, device="cpu", names_filter=["blocks.0.hook_resid_post"])
+    assert cache["blocks.0.hook_resid_post"].device.type == "cpu" and torch.isfinite(cache["blocks.0.hook_resid_post"]).all()
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"device 'cuda' was asked for but CUDA is not available"):
+            type(model).from_config(model.hf_config, device="cuda")

@@ -26,6 +26,7 @@ from transformer_lens.hook_points import HookPoint
 
 from hooked_av.core import checkpoint
 from hooked_av.core.base import HookedAVModel
+from hooked_av.core.devices import as_device
 from hooked_av.core.language_model import MRoPELanguageModel, decode_args, scatter_injections
 from hooked_av.core.placeholders import check_patch_rows, check_placeholders, merged_tokens
 
@@ -116,7 +117,7 @@ class HookedAVFamily(MRoPELanguageModel, HookedAVModel):
             model = HookedQwen2_5Omni.from_config(hooked_av.load("toy").hf_config, device="meta")
         """
         cls.check_options(options)
-        with torch.device(device or "cpu"):
+        with torch.device(as_device(device)):  # a device this machine lacks: our message, not the driver's
             model = cls(config, **options)
         return model.to(dtype).eval()
 
