@@ -12,8 +12,9 @@ in `__init__` and supplies its own `encode` (towers, merge, position ids). The m
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from torch import Tensor, nn
@@ -385,9 +386,38 @@ class MRoPELanguageModel:
                     break
             pos = (attention_mask.sum(-1, keepdim=True) + rope_deltas).unsqueeze(0).expand(3, -1, -1)
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(b, 1)], dim=1)
-            logits = self.run_language_model(self.embed(nxt[:, None]), pos, attention_mask, kv_caches=caches,
-                                             logits_at="last")
+            with decoding(s):  # hooks may ask (decoding_from): this run holds a generated token, no prompt position
+                logits = self.run_language_model(self.embed(nxt[:, None]), pos, attention_mask, kv_caches=caches,
+                                                 logits_at="last")
         return torch.stack(out, dim=1)
+
+
+_DECODING: ContextVar[int | None] = ContextVar("hooked_av_decoding", default=None)
+
+
+@contextmanager
+def decoding(prompt_length: int) -> Iterator[None]:
+    """Inside, the layer loop's runs are `greedy_decode`'s decoding steps after a prompt of `prompt_length`
+    positions (see `decoding_from`)."""
+    token = _DECODING.set(int(prompt_length))
+    try:
+        yield
+    finally:
+        _DECODING.reset(token)
+
+
+def decoding_from() -> int | None:
+    """While `generate` runs a decoding step (a generated token's forward, after the prompt's cached keys and
+    values): the prompt's length in positions (padding included), the first generated position; None for
+    any other run (a forward, the prefill, a sweep's cells). For hooks that act on prompt positions:
+
+        from hooked_av.utils import decoding_from
+        def zero_prompt_position_20(act, hook):
+            if decoding_from() is None:  # the prompt's run (prefill); decoding steps hold generated tokens only
+                act[:, 20] = 0
+            return act
+    """
+    return _DECODING.get()
 
 
 def decode_args(max_new_tokens: int, eos_token_id: int | list[int] | None, d_vocab: int) -> set[int]:
