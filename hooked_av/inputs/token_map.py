@@ -140,12 +140,18 @@ class TokenMap:
         chunk: int | None = None,
     ) -> Selection:
         """Positions of a group spec: a name (`"audio"`, `"question"`, `"media"`, `"all"`), a name
-        with an item (`"video[1]"`: clip 1's video), `"item[i]"` (all media of clip i), a union string (`"audio|video"`), a list of those, or a
-        `Selection`. Filters: `item`; `time=(a, b)` keeps media tokens whose span `[time, time_end)`
+        with an item (`"video[1]"`: clip 1's video), `"item[i]"` (all media of clip i), a union string (`"audio|video"`), a list of those, a
+        `Selection` or a bool mask `[pos]` / `[batch, pos]` of this map's positions. Filters: `item`; `time=(a, b)` keeps media tokens whose span `[time, time_end)`
         overlaps `[a, b)` seconds; `frame` (one index or an inclusive range); `chunk`. Padding is
         never selected unless asked for by name."""
         if isinstance(spec, Selection):
-            sel = spec
+            sel = Selection(self._fit_mask(spec.mask, f"Selection {spec.label!r}"), spec.label)
+        elif isinstance(spec, Tensor):
+            if spec.dtype != torch.bool:
+                raise ValueError(f"a {spec.dtype} tensor is not a token set; pass a bool mask [pos] or [batch, pos] "
+                                 "(e.g. tm.mask('audio')), a group name or a Selection")
+            mask = self._fit_mask(spec, "a bool mask")
+            sel = Selection(mask, f"mask[{int(mask.sum())} positions]")
         elif isinstance(spec, (list, tuple)):
             if not spec:
                 raise ValueError("an empty list selects nothing; name at least one group")
@@ -153,8 +159,11 @@ class TokenMap:
             sel = parts[0]
             for p in parts[1:]:
                 sel = sel | p
-        else:
+        elif isinstance(spec, str):
             sel = self._parse(spec)
+        else:
+            raise TypeError(f"a token set is a group name ('audio', 'video[1]', 'audio|video'), a list of them, a "
+                            f"Selection or a bool mask [pos] / [batch, pos]; got {type(spec).__name__} {spec!r}")
         mask, label = sel.mask, sel.label
         if item is not None:
             mask, label = mask & (self.item == item), f"{label} item={item}"
@@ -167,6 +176,16 @@ class TokenMap:
         if chunk is not None:
             mask, label = mask & (self.chunk == chunk), f"{label} chunk={chunk}"
         return Selection(mask, label)
+
+    def _fit_mask(self, mask: Tensor, what: str) -> Tensor:
+        """`mask` (`[pos]`, `[1, pos]` or `[batch, pos]`) as `[batch, pos]` on the CPU, or a clear error."""
+        mask = mask.cpu()
+        if mask.dim() == 1:
+            mask = mask[None]
+        if mask.dim() != 2 or mask.shape[1] != self.seq_len or mask.shape[0] not in (1, self.batch):
+            raise ValueError(f"{what} of shape {tuple(mask.shape)} does not fit this TokenMap of [{self.batch}, "
+                             f"{self.seq_len}] positions; build it from the same inputs ([pos] or [batch, pos])")
+        return mask.expand(self.batch, -1)
 
     def _parse(self, spec: str) -> Selection:
         if "|" in spec:

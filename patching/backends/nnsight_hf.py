@@ -174,14 +174,22 @@ class NNsightHF:
     # ---- one traced forward -----------------------------------------------------------------
     def run(self, inputs: dict, intervention: Intervention | None = None, read=(), logits: str = "last",
             **forward_kwargs) -> tuple[Tensor, dict[str, Tensor]]:
-        """Run the HF model on processor outputs `inputs` under `intervention` (its pairs applied in
-        execution order; parts on the same site in the order given) and return `(logits, cache)`:
+        """Run the HF model on processor outputs `inputs` under `intervention` (an `Intervention` or `(hook_name,
+        fn)` pairs, applied in execution order; parts on the same site in the order given) and return `(logits, cache)`:
         logits `[batch, vocab]` at the last position (`logits="last"`) or `[batch, pos, vocab]`
         ("all"); `cache[name]` the value at each site in `read` after the intervention's edits there."""
         if logits not in ("last", "all"):
             raise ValueError(f"logits must be 'last' or 'all', got {logits!r}")
-        if intervention is not None:  # layers, heads, rows and names, before anything runs
+        if isinstance(intervention, Intervention):  # layers, heads, rows and names, before anything runs
             intervention.check(self, batch=int(inputs["input_ids"].shape[0]))
+        elif intervention is not None:  # (name, fn) pairs, as model.run_with_hooks takes them
+            pairs = list(intervention) if isinstance(intervention, (list, tuple)) else None
+            if pairs is None or not all(isinstance(p, tuple) and len(p) == 2 and (isinstance(p[0], str) or callable(p[0]))
+                                        and callable(p[1]) for p in pairs):
+                raise TypeError(f"intervention must be an Intervention or a list of (hook_name, fn) pairs; got "
+                                f"{type(intervention).__name__} {intervention!r:.80}")
+            for name, _ in pairs:
+                self.check_hook_name(name)
         pairs = list(intervention or ())
         read = [read] if isinstance(read, str) else list(read)
         sites: dict[str, list] = {}

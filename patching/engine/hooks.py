@@ -115,14 +115,14 @@ GENERATED = ("as_last", "by_group")  # how a mask edit's dst treats generated qu
 def _token_set(tm, spec, what: str, queries: str | None = None) -> _Set:
     """The set of a spec, with its generated positions: as keys (`queries` None) and as queries under
     `generated="by_group"`, those of `tm.extend(1).select(spec)`, i.e. where the spec names the group
-    `generated` (`"generated"`, `"all"`); a `Selection` covers the map's positions only and selects no
+    `generated` (`"generated"`, `"all"`); a `Selection` or bool mask covers the map's positions only and selects no
     generated one. As queries under `generated="as_last"`, a generated query is in the set exactly
     where the row's final prompt position (`last`) is. A row with neither map positions nor generated
     ones is refused (the edit would change nothing there)."""
     sel = tm.select(spec)
     if queries == "as_last":
         gen = (sel.mask & tm.select("last").mask).any(-1)
-    elif isinstance(spec, Selection):
+    elif isinstance(spec, (Selection, Tensor)):  # a mask covers the map's positions only
         gen = torch.zeros(tm.batch, dtype=torch.bool)
     else:
         gen = tm.extend(1).select(spec).mask[:, -1]
