@@ -229,3 +229,13 @@ def test_answer_is_is_checked(media):
     assert "'position' is not a reading of the answer; use one of ['letter', 'index', 'text']" in msg
     got, msg = _problems(_jsonl(media, [{**base, "answer_is": "letter"}], "ai.jsonl"))
     assert "answer_is='letter' applies to rows with options" in msg
+
+
+def test_a_jsonl_key_given_twice_is_refused(media):
+    # json keeps the last of a repeated key, as the CSV header did: the first question was lost
+    p = media / "twice.jsonl"
+    p.write_text('{"id": "a", "video": "av.mp4", "question": "What?", "answer": "dog", "question": "Which?"}\n'
+                 '{"id": "b", "video": "av.mp4", "question": "Q", "answer": "dog", "items": [{"video": "av.mp4", "video": "x"}]}\n')
+    got, msg = _problems(p)
+    assert [(r, i, c) for r, i, c, _ in got] == [(1, "a", "question"), (2, "b", "video")]
+    assert "the key 'question' is given twice in this object; one value would be lost" in msg

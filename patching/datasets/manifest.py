@@ -20,7 +20,8 @@ One sample per line (JSONL: one object; CSV: a header row, lists as JSON text):
   study writes itself (`RESERVED`; the study also refuses the result columns of the experiments it runs).
 - `id`: unique; not only spaces; two ids may not differ only by surrounding spaces.
 - CSV: UTF-8 (a byte-order mark is read), a header of distinct, non-empty names without surrounding
-  spaces, and every row with as many fields as the header (quote a value that holds a comma).
+  spaces, and every row with as many fields as the header (quote a value that holds a comma). JSONL:
+  UTF-8, one object per line, no key given twice in an object.
 
 `read_manifest` checks every row and every media file (the file exists; a video's first frame
 decodes; an audio column's file has an audio stream; an image opens) and raises one `ManifestError`
@@ -190,19 +191,31 @@ def _check_nested(col: str, values: list, problems) -> None:
                                           "type: write its lists (objects) with elements of one type"))
 
 
+def _no_duplicate_keys(pairs: list, twice: list) -> dict:
+    keys = [k for k, _ in pairs]
+    twice += [k for i, k in enumerate(keys) if k in keys[:i]]
+    return dict(pairs)
+
+
 def _read_jsonl(text: str, problems) -> list[tuple[int, dict]]:
     out, n = [], 0
     for line in text.splitlines():
         if not line.strip():
             continue
         n += 1
+        twice: list = []
         try:
-            rec = json.loads(line)
+            rec = json.loads(line, object_pairs_hook=lambda pairs: _no_duplicate_keys(pairs, twice))
         except json.JSONDecodeError as e:
             problems.append((n, None, None, f"not valid JSON ({e.msg} at column {e.colno})"))
             continue
         if not isinstance(rec, dict):
             problems.append((n, None, None, f"a line must be a JSON object, got {type(rec).__name__}"))
+            continue
+        if twice:  # json keeps the last of a key given twice: one of the values would be lost
+            rid = rec.get("id") if isinstance(rec.get("id"), str) else None
+            problems += [(n, rid, k, f"the key {k!r} is given twice in this object; one value would be lost: "
+                                     "keep one") for k in dict.fromkeys(twice)]
             continue
         out.append((n, rec))
     return out
