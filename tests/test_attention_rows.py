@@ -128,15 +128,19 @@ def test_group_mass_equals_the_reduction_of_full_patterns(omni, block_rows):
 
 
 def test_run_with_cache_moves_activations_to_the_device_asked(omni):
-    # on this CPU machine "meta" stands for another device: each activation is moved as it is made (the
-    # forward itself still runs on the model's device and its logits are unchanged, up to the exact path)
+    # each activation is moved as it is made (the forward itself runs on the model's device and its logits are
+    # unchanged, up to the exact path); "meta", which stood for another device here, is refused now: its cache
+    # held no values (test_refused_before_the_towers.py)
     model, inputs, _ = omni
     names = ["blocks.0.hook_resid_post", "audio_encoder.hook_out", "blocks.1.attn.hook_pattern"]
     with torch.no_grad():
         ref = model(**inputs)
-        out, cache = model.run_with_cache(**inputs, names_filter=names, device="meta")
-    assert {cache[n].device.type for n in names} == {"meta"}
+        out, cache = model.run_with_cache(**inputs, names_filter=names, device="cpu")
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)  # a read pattern takes the exact path
+    if torch.cuda.is_available():
+        with torch.no_grad():
+            _, cache = model.run_with_cache(**inputs, names_filter=names, device="cuda")
+        assert {cache[n].device.type for n in names} == {"cuda"}
     with torch.no_grad():
         _, cache = model.run_with_cache(**inputs, names_filter=names, device="cpu", return_type=None)
     assert {cache[n].device.type for n in names} == {"cpu"}

@@ -140,8 +140,9 @@ class TokenMap:
         chunk: int | None = None,
     ) -> Selection:
         """Positions of a group spec: a name (`"audio"`, `"question"`, `"media"`, `"all"`), a name
-        with an item (`"video[1]"`: clip 1's video), `"item[i]"` (all media of clip i), a union string (`"audio|video"`), a list of those, a
-        `Selection` or a bool mask `[pos]` / `[batch, pos]` of this map's positions. Filters: `item`; `time=(a, b)` keeps media tokens whose span `[time, time_end)`
+        with an item (`"video[1]"`: clip 1's video), `"item[i]"` (all media of clip i), a union string
+        (`"audio|video"`), a list of those, a `Selection` or a bool mask `[pos]` / `[batch, pos]` of this
+        map's positions. Filters: `item`; `time=(a, b)` keeps media tokens whose span `[time, time_end)`
         overlaps `[a, b)` seconds; `frame` (one index or an inclusive range); `chunk`. Padding is
         never selected unless asked for by name."""
         if isinstance(spec, Selection):

@@ -16,9 +16,9 @@ Files in `out_dir`: `settings.json` (what decides the results, and the versions)
 flight; a sample is done when every experiment's part is there and readable, an empty experiment's too);
 after the run, `<experiment>.parquet`, the parts merged in manifest order. Running again skips done
 samples and recomputes a missing, empty or truncated part (naming it); a run with other settings into
-the same folder is refused, as is a `settings.json` that cannot be read. Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK in
-the environment) rank r takes rows r, r + W, ...; the ranks meet at a barrier (gloo on CPU, nccl on
-CUDA) before rank 0 merges.
+the same folder is refused, as is a `settings.json` that cannot be read. Under torchrun (RANK,
+WORLD_SIZE, LOCAL_RANK in the environment) rank r takes rows r, r + W, ...; the ranks meet at a barrier
+(gloo on CPU, nccl on CUDA) before rank 0 merges; rank 0's progress bar counts every rank's samples.
 """
 
 from __future__ import annotations
