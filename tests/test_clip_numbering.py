@@ -37,8 +37,11 @@ def _image(seed: int) -> np.ndarray:
 
 def expected_items(inputs, row: int, items: list[Item], media_ids: dict) -> list[int]:
     """The item of each media placeholder of `row`, from the prompt: the blocks come item by item, each in the
-    order image, video, audio, so the k-th block of placeholders belongs to the item that lays it out."""
-    owners = [k for k, it in enumerate(items) for m in ("image", "video", "audio") if getattr(it, m) is not None]
+    order image, video, audio (a video's audio inside its block when the inputs interleave them), so the k-th
+    block of placeholders belongs to the item that lays it out."""
+    av = bool(inputs.get("use_audio_in_video"))
+    owners = [k for k, it in enumerate(items) for m in ("image", "video", "audio") if getattr(it, m) is not None
+              and not (m == "audio" and av and it.video is not None)]
     ids = inputs["input_ids"][row].tolist()
     out, block, prev = [], -1, False
     for t in ids:
@@ -55,6 +58,7 @@ PROMPTS = {
     "labelled": [Item(image=_image(0), label="first: "), Item(audio=WAVE, label="second: ")],
     "video_then_audio": [Item(video=moving_frames(4, 56, 56, seed=1)), Item(audio=WAVE)],
     "image_then_image_and_audio": [Item(image=_image(0)), Item(image=_image(1), audio=WAVE)],
+    "image_then_video_with_its_audio": [Item(image=_image(0)), Item(video=moving_frames(4, 56, 56, seed=1), audio=WAVE)],
 }
 
 
@@ -62,7 +66,7 @@ PROMPTS = {
 @pytest.mark.parametrize("case", list(PROMPTS))
 def test_items_follow_the_prompts_clips(family, case, request):
     model = request.getfixturevalue(family)
-    if family == "salmonn" and case == "video_then_audio":
+    if family == "salmonn" and "video" in case:
         pytest.skip("SALMONN's video sampling needs more frames than this clip; the image cases cover its layout")
     items = PROMPTS[case]
     inputs = model.prepare([Prompt("what sounds ?", items=items), Prompt("what is shown ?", image=_image(5))])
@@ -73,8 +77,9 @@ def test_items_follow_the_prompts_clips(family, case, request):
         assert tm.item[row].tolist() == want, (case, row)
     n_audio = int((inputs["input_ids"][0] == model.ids.audio).sum())
     assert tm.count("audio[1]").tolist() == [n_audio, 0] and tm.count("audio[0]").tolist() == [0, 0]
-    assert tm.count("item[1]").tolist()[0] == n_audio + (0 if case != "image_then_image_and_audio"
-                                                         else int((inputs["input_ids"][0] == model.ids.image).sum()) // 2)
+    extra = {"image_then_image_and_audio": int((inputs["input_ids"][0] == model.ids.image).sum()) // 2,
+             "image_then_video_with_its_audio": int((inputs["input_ids"][0] == model.ids.video).sum())}.get(case, 0)
+    assert tm.count("item[1]").tolist()[0] == n_audio + extra
     assert int(tm.count("item[0]")[0]) > 0  # two clips, so an item[0] -> item[1] edge exists
     # the record survives the map's growth under generation
     assert torch.equal(tm.extend(3).item[:, :-3], tm.item)
