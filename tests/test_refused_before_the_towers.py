@@ -136,3 +136,13 @@ def test_a_cache_device_that_holds_no_data_or_does_not_exist_is_refused(name):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match=r"device 'cuda' was asked for but CUDA is not available"):
             type(model).from_config(model.hf_config, device="cuda")
+
+
+def test_non_finite_seconds_per_grid_given_as_a_list_are_refused():
+    from family_cases import family
+
+    model, inputs = family("video_salmonn2")
+    spg = [float("nan")] * len(inputs["video_grid_thw"])
+    bad = {**{k: v for k, v in inputs.items() if k != "video_second_per_grid"}, "second_per_grid_ts": spg}
+    with pytest.raises(ValueError, match=r"^second_per_grid_ts holds \d+ non-finite value"):
+        model.encode(**bad)

@@ -239,3 +239,15 @@ def test_a_jsonl_key_given_twice_is_refused(media):
     got, msg = _problems(p)
     assert [(r, i, c) for r, i, c, _ in got] == [(1, "a", "question"), (2, "b", "video")]
     assert "the key 'question' is given twice in this object; one value would be lost" in msg
+
+
+def test_options_that_repeat_a_text_are_refused_and_text_is_read_without_case(media):
+    base = {"id": "r", "video": "av.mp4", "question": "Q"}
+    got, msg = _problems(_jsonl(media, [{**base, "options": ["dog", "cat", " Dog"], "answer": "dog"}], "dup.jsonl"))
+    assert [(r, c) for r, _, c, _ in got] == [(1, "options")]
+    assert "options A ('dog') and C (' Dog') are the same text (ignoring case and spaces)" in msg
+    r = read_manifest(_jsonl(media, [{**base, "options": ["Dog", "cat", "piano"], "answer": "dog"}], "case.jsonl")).rows[0]
+    assert (r.answer_index, r.answer_text) == (0, "Dog")
+    # "A" reads as letter A ('b') and, without case, as the text of option B ('a'): refused
+    got, msg = _problems(_jsonl(media, [{**base, "options": ["b", "a"], "answer": "A"}], "case2.jsonl"))
+    assert "reads as letter option A ('b'), as text option B ('a')" in msg

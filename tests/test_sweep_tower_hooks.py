@@ -81,3 +81,11 @@ def test_a_tower_hook_already_on_the_model_is_refused_unless_the_sample_was_enco
             run_rows(model, plain[0], [Intervention()], progress=False)
     finally:
         handle.remove()
+
+
+def test_hook_pairs_are_refused_by_name_not_at_on_rows(case):
+    # a list of (name, fn) pairs failed inside run_rows with "'list' object has no attribute 'on_rows'"
+    _, model, inputs = case
+    s = samples(model, inputs)[0]
+    with pytest.raises(TypeError, match=r"takes Intervention objects \(they know their rows\); got \[\(1, 'list'\)\]"):
+        run_rows(model, s, [Intervention(), [("blocks.0.hook_resid_post", zero)]], progress=False)

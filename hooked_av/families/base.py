@@ -58,6 +58,11 @@ def check_finite_media(media: dict) -> None:
     """Refuse NaN or inf in any floating-point media input (features, pixels, seconds per grid, under any name
     the family reads, aliases included), before any tower runs: the towers would spread it to every logit."""
     for key, value in media.items():
+        if isinstance(value, (list, tuple)) or type(value).__module__ == "numpy":  # e.g. seconds per grid as a list
+            try:
+                value = torch.as_tensor(value)
+            except (TypeError, ValueError, RuntimeError):
+                continue
         if isinstance(value, Tensor) and value.is_floating_point():
             bad = ~torch.isfinite(value)
             if bool(bad.any()):

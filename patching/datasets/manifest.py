@@ -11,10 +11,11 @@ One sample per line (JSONL: one object; CSV: a header row, lists as JSON text):
 - `id` (unique), `question`, `answer`; media as `video` / `audio` / `image` (one item) or `items` (a list
   of `{video, audio, image, label}`, interleaved in that order); paths relative to the manifest's folder.
 - `options` (optional, at least two): then `answer` is an option's letter (`"B"`), its 0-based index
-  (`1`, or `"1"` in a CSV) or its text. Where those readings name different options (options `["2", "3",
-  "1"]` and answer `"1"`: the text is option 2, the index option 1; options `["B", "A"]` and answer `"A"`)
-  the row is refused unless its `answer_is` column says which reading is meant: `"letter"`, `"index"` or
-  `"text"` (only with options).
+  (`1`, or `"1"` in a CSV) or its text (ignoring case and surrounding spaces; options must be distinct so
+  read). Where those readings name different options (options `["2", "3", "1"]` and answer `"1"`: the
+  text is option 2, the index option 1; options `["B", "A"]` and answer `"A"`) the row is refused unless
+  its `answer_is` column says which reading is meant: `"letter"`, `"index"` or `"text"` (only with
+  options).
 - Every other column (task, dataset, split, ...) is metadata, carried through to every result row: one
   type per column (text, number, true/false, list or object; missing or null anywhere), no name that a
   study writes itself (`RESERVED`; the study also refuses the result columns of the experiments it runs).
@@ -290,6 +291,15 @@ def _row(n, rec, folder: Path, problems, checked, check_files) -> Row | None:
                                 or not all(isinstance(o, str) and o.strip() for o in options)):
         problems.append((n, rid, "options", f"must be a list of at least two non-empty texts, got {options!r}"))
         options = None
+    if options is not None:
+        folded = [o.strip().casefold() for o in options]
+        same = [(i, j) for j in range(len(folded)) for i in range(j) if folded[i] == folded[j]]
+        if same:
+            i, j = same[0]
+            problems.append((n, rid, "options", f"options {chr(65 + i)} ({options[i]!r}) and {chr(65 + j)} ({options[j]!r}) "
+                                                "are the same text (ignoring case and spaces): an answer naming it could "
+                                                "mean either; make the options distinct"))
+            options = None
     answer, index = _answer(rec.get("answer"), options, n, rid, problems, rec.get("answer_is"))
     media = {k: _media(rec.get(k), k, n, rid, folder, problems, checked, check_files) for k in MEDIA if rec.get(k) is not None}
     items = _items(rec.get("items"), n, rid, folder, problems, checked, check_files)
@@ -317,8 +327,9 @@ def _readings(a, options) -> dict[str, int]:
     if (isinstance(a, int) and not isinstance(a, bool) or isinstance(a, str) and a.strip().isdigit()) and 0 <= int(a) < len(options):
         out["index"] = int(a)
     text = a.strip() if isinstance(a, str) else str(a) if isinstance(a, int) and not isinstance(a, bool) else None
-    if text in options:
-        out["text"] = options.index(text)
+    texts = [i for i, o in enumerate(options) if text is not None and o.strip().casefold() == text.casefold()]
+    if texts:  # options are distinct ignoring case and spaces (checked), so one at most
+        out["text"] = texts[0]
     return out
 
 

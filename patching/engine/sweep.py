@@ -299,6 +299,11 @@ def run_rows(
         ivs = [block_attention(sample.tm, "audio", "last", [layer]) for layer in range(model.cfg.n_layers)]
         run_rows(model, sample, ivs, reduce=AnswerProb([answer]), progress=False)  # [n_layers]: p(answer) per knocked-out layer
     """
+    bad = [(i, type(iv).__name__) for i, iv in enumerate(interventions) if not isinstance(iv, Intervention)]
+    if bad:
+        raise TypeError(f"run_rows puts intervention i on batch row i, which takes Intervention objects (they know their "
+                        f"rows); got {bad[:3]} (index, type): build them with patching.engine.hooks (block_attention, "
+                        "ablate, patch_from_cache, ...), or run (name, fn) pairs whole with model.run_with_hooks")
     check_language_model_hooks(model, interventions, sample)
     seq, n_layers = sample.seq_len, len(model.blocks)
     starts = [first_query(iv) for iv in interventions] if incremental else [None] * len(interventions)
