@@ -280,3 +280,19 @@ def test_discarding_columns_are_named_by_its_record(data, full_run):
     meta = set(read_manifest(data).meta_columns) | {"id", "sample_correct"}
     for exp in EXPERIMENTS:
         assert set(pd.read_parquet(full_run / f"{exp}.parquet").columns) - meta <= set(get(exp).columns)
+
+
+def test_a_study_under_a_tower_hook_runs_its_sweeps_on_the_edited_towers(model, data, full_run, tmp_path):
+    # the study encodes each sample once (under the hook) and its experiments sweep that encoding: allowed,
+    # and the edit shows in every experiment's rows
+    import torch as _torch
+
+    def zero(t, hook):
+        return _torch.zeros_like(t)
+
+    with model.hooks(fwd_hooks=[("hook_video_embeds", zero)]):
+        out = run_study(model, data, EXPERIMENTS, tmp_path, window=1, options=OPTIONS, limit=2, progress=False)
+    edited, plain = frames(out), frames(full_run)
+    assert (edited["accuracy"].p_answer - plain["accuracy"].p_answer[:2]).abs().max() > 1e-3
+    ko, ko_plain = edited["knockout"], plain["knockout"][plain["knockout"].id.isin(edited["knockout"].id)]
+    assert len(ko) == len(ko_plain) and (ko.p_orig.to_numpy() - ko_plain.p_orig.to_numpy()).__abs__().max() > 1e-3

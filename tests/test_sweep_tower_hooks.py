@@ -12,7 +12,7 @@ from family_cases import NAMES, family
 
 from patching.engine.hooks import ablate, block_attention
 from patching.engine.intervention import Intervention
-from patching.engine.sweep import run_rows, samples
+from patching.engine.sweep import encode, run_rows, samples
 
 LANGUAGE_MODEL = ("hook_embed", "blocks", "ln_final", "unembed")  # what run_language_model runs
 
@@ -67,9 +67,16 @@ def test_a_tower_hook_already_on_the_model_is_refused_unless_the_sample_was_enco
             run_rows(model, plain[0], [Intervention()], progress=False)
         encoded = samples(model, inputs)
         inside = [run_rows(model, s, [Intervention()], progress=False)[0] for s in encoded]
-        # already encoded inputs would not run the towers again
-        with pytest.raises(ValueError, match=r"inputs are already encoded"):
+        # inputs encoded without the hook would not run the towers again; encoded under it (patching's encode
+        # remembers), they carry its edit, as a study's experiments get them
+        with pytest.raises(ValueError, match=r"the inputs were encoded without them"):
             samples(model, model.encode(**inputs), tm=model.token_map(inputs))
+        enc = encode(model, inputs)
+        again = samples(model, enc, tm=model.token_map(inputs))
+        assert all(torch.equal(a.embeds, b.embeds) for a, b in zip(again, encoded))
+    with pytest.raises(ValueError, match=r"the inputs were encoded without them"):
+        with model.hooks(fwd_hooks=[("hook_video_embeds", zero)]):  # another hook than the one encoded under
+            samples(model, enc, tm=model.token_map(inputs))
     outside = [run_rows(model, s, [Intervention()], progress=False)[0] for s in encoded]
     for s, a, b in zip(encoded, inside, outside):
         torch.testing.assert_close(a, whole[s.index], atol=1e-4, rtol=1e-4)

@@ -13,6 +13,7 @@ values and residuals.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -58,12 +59,22 @@ class Sample:
                     position_ids=self.position_ids.expand(-1, n, -1), injections=inj)
 
 
+_ENCODED_UNDER: dict[int, frozenset] = {}  # id(inputs_embeds) -> the encode_hooks active when `encode` made it
+
+
 def encode(model, inputs: dict) -> dict:
-    """`model.encode(**inputs)` unless `inputs` already holds `inputs_embeds` (then returned as is)."""
+    """`model.encode(**inputs)` unless `inputs` already holds `inputs_embeds` (then returned as is). The hooks
+    active on what `encode` runs (`encode_hooks`) are remembered with the embeddings, so `samples` of the
+    result knows which tower edits they hold."""
     if "inputs_embeds" in inputs:
         return inputs
+    under = encode_hooks(model)
     with torch.no_grad():
-        return model.encode(**inputs)
+        enc = model.encode(**inputs)
+    key = id(enc["inputs_embeds"])
+    _ENCODED_UNDER[key] = under
+    weakref.finalize(enc["inputs_embeds"], _ENCODED_UNDER.pop, key, None)
+    return enc
 
 
 def _language_model_parts(model) -> tuple:
@@ -155,11 +166,15 @@ def samples(model, inputs: dict, tm=None) -> list[Sample]:
         run_rows(model, sample, [discard(sample.tm, "audio", 2)], progress=False).shape  # [1, vocab]
     """
     tm = _token_map_of(model, inputs, tm)
-    under = encode_hooks(model)
-    if under and "inputs_embeds" in inputs:
-        raise ValueError(f"hook(s) are active on {sorted({n for n, _ in under})[:3]}, which `encode` runs, but the inputs "
-                         "are already encoded (`inputs_embeds`), so they would do nothing: pass the raw inputs "
-                         "(input_ids and media) to `samples` under those hooks")
+    active = encode_hooks(model)
+    if "inputs_embeds" in inputs:  # encoded before: under the hooks `encode` remembered (none known otherwise)
+        under = _ENCODED_UNDER.get(id(inputs["inputs_embeds"]), frozenset())
+        if active - under:
+            raise ValueError(f"hook(s) are active on {sorted({n for n, _ in active - under})[:3]}, which `encode` runs, "
+                             "but the inputs were encoded without them (`inputs_embeds`), so they would do nothing: "
+                             "pass the raw inputs (input_ids and media) to `samples` under those hooks")
+    else:
+        under = active
     enc = encode(model, inputs)
     embeds, pos, mask = enc["inputs_embeds"], enc["position_ids"], enc.get("attention_mask")
     if pos is None:
