@@ -213,3 +213,15 @@ def test_the_report_draws_every_method_and_says_what_each_table_holds(study):
     var = html[html.index("VAR (visual"):html.index("Direct logit attribution")]
     assert "no figure" in var and "the figure" not in var and "none (plain run)" in var
     assert "Table: the figure" in html[html.index("Effective pathway"):html.index("FastV beside")]
+
+
+def test_every_column_a_study_writes_is_named_by_its_record(study, data):
+    # a study refuses metadata named like a result column before the model loads, from the records' columns:
+    # those must name every column the rows hold
+    from patching.engine.experiment import get, names
+
+    meta = set(read_manifest(data).meta_columns) | {"id", "sample_correct"}
+    for exp in ["accuracy", *OPTIONS]:
+        cols = set(pd.read_parquet(study / f"{exp}.parquet").columns) - meta
+        assert cols <= set(get(exp).columns), (exp, cols - set(get(exp).columns))
+    assert all(get(e).columns for e in names(study=True)), [e for e in names(study=True) if not get(e).columns]

@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
 
     demo = sub.add_parser("demo", help="information flow in the embedded toy model, as an HTML report")
     demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    demo.add_argument("--samples", type=int, default=200, help="held-out samples for accuracy")
+    demo.add_argument("--samples", type=int, default=200, help="held-out samples for accuracy and discarding")
     demo.add_argument("--flow-samples", type=int, default=16, help="samples per question kind for the knockout sweep")
     demo.add_argument("--window", type=int, default=1, help="knockout window in layers (the toy has 4 layers)")
     demo.add_argument("--seed", type=int, default=2024)

@@ -88,7 +88,8 @@ class Experiment:
     `StudySample`; `cells` / `study_value`: the columns that name a cell of the study's summary and the
     value it averages (default `value`); `summary_rows(rows)`: the rows that summary averages where they
     are not the rows as written (dominance: one 0/1 share per label); `check(options, window)`: refuses
-    settings before a model loads; `plot`, `report`: see `Plot`, `Report`.
+    settings before a model loads; `columns`: every column its study rows may hold (a study refuses
+    metadata of those names before a model loads); `plot`, `report`: see `Plot`, `Report`.
 
         record = Experiment("lens_by_rank", logit_lens, by=("group", "layer"), value="rank", label="rank of the answer")
         record.option_names()  # the options a study may give it: ['groups', 'lens', 'site']
@@ -112,6 +113,9 @@ class Experiment:
     example: dict = field(default_factory=dict)  # a valid option set, quoted when a required option is missing
     check: Callable | None = None  # check(options, window): refuse settings before a model loads
     summary_rows: Callable | None = None  # rows -> the rows a study's summary averages (default: as written)
+    # every column its study rows may hold, under any options (and its summary_rows'), besides what the runner
+    # adds (id, metadata, sample_correct): a manifest's metadata of these names is refused before a model loads
+    columns: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.outcome not in OUTCOMES:

@@ -146,4 +146,6 @@ EXPERIMENT = Experiment(
     run=_run, cells=("group", "from_layer"), study_value="correct",  # a study reports the accuracy with the group discarded
     report=Report("Discarding the media from layer L on: accuracy and FLOPs saved", samples=False,
                   twin=("flops_saved", "FLOPs saved (fraction, dashed)"), ylabel="accuracy (all samples)", ylim=(-0.05, 1.05)),
+    columns=("from_layer", "group", "n_tokens", "n_discarded", "metric", "metric_full", "correct", "flops",
+             "flops_full", "flops_saved", "seconds", "seconds_full", "time_saved"),
 )

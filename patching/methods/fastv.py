@@ -198,4 +198,7 @@ EXPERIMENT = Experiment(
     "fastv", fastv, by=("method",), value="correct", label="accuracy", outcome="binary",
     plot=Plot("points", series="method", xlabel="prefill FLOPs saved (fraction)"), run=_run, cells=("method",),
     report=Report("FastV beside discarding a whole modality: accuracy against prefill FLOPs saved"),
+    columns=("method", "k", "r", "n_tokens", "n_media", "n_dropped", "prob", "correct", "pred", "flops",
+             "flops_saved", "seconds", "time_saved", "generated", "gen_flops", "gen_flops_saved", "gen_seconds",
+             "gen_time_saved"),
 )

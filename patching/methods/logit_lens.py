@@ -115,4 +115,5 @@ EXPERIMENT = Experiment(
     "logit_lens", logit_lens, by=("group", "layer"), value="prob", label="p(answer)",
     plot=Plot("lines", x="layer", series="group", xlabel="layer"), run=_run, cells=("lens", "group", "layer"),
     report=Report("Logit lens: p(answer) per token group and layer", split=("lens",)),
+    columns=("layer", "group", "n_tokens", "answer", "prob", "rank", "top_token", "lens"),
 )

@@ -199,4 +199,6 @@ EXPERIMENT = Experiment(
     plot=Plot("bars", series="run"), run=_run, cells=("run",), required=("keep",),
     example={"keep": '[["video", "question", [1, 2]]]'},
     report=Report("Effective pathway: accuracy with the pathway and with random blocking of as many edges"),
+    columns=("run", "edges_total", "edges_kept", "kept_share", "masked_share", "p_orig", "p", "rel_change",
+             "pred", "correct_orig", "correct"),
 )

@@ -238,4 +238,5 @@ EXPERIMENT = Experiment(
     "sinks", find_sinks, by=("modality", "cross_modal"), value="mds", label="MDS (video - audio) / (video + audio)",
     plot=Plot("scatter", x="pos", xlabel="position"), run=_run, cells=("modality", "cross_modal"),
     report=Report("Attention sinks: modality dominance score"),
+    columns=("modality", "pos", "rank", "layers_flagged", "mds", "cross_modal"),
 )

@@ -163,4 +163,6 @@ EXPERIMENT = Experiment(
     "var", var, by=("intervention",), value="correct", label="accuracy", outcome="binary", run=_run,
     cells=("intervention",), extra_options=frozenset({"sinks", "layers"}), not_options=frozenset({"sinks", "rows"}),
     report=Report("VAR (visual attention redistribution): accuracy with and without it", baseline="correct_orig"),
+    columns=("intervention", "layers", "n_sinks", "n_media_sinks", "applied", "p_orig", "p", "rel_change",
+             "pred_orig", "pred", "correct_orig", "correct"),
 )

@@ -13,11 +13,12 @@ correctly by the scoring rule, the subset the papers average over).
 
 Files in `out_dir`: `settings.json` (what decides the results, and the versions); `parts/<experiment>/
 <row>-<id hash>.parquet`, one per sample, written atomically (a crash loses at most the sample in
-flight; the accuracy part is written last and marks the sample done); after the run,
-`<experiment>.parquet`, the parts merged in manifest order. Running again skips done samples; a run
-with other settings into the same folder is refused. Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK in
-the environment) rank r takes rows r, r + W, ...; the ranks meet at a barrier (gloo on CPU, nccl on
-CUDA) before rank 0 merges.
+flight; a sample is done when every experiment's part is there and readable, an empty experiment's too);
+after the run, `<experiment>.parquet`, the parts merged in manifest order. Running again skips done
+samples and recomputes a missing, empty or truncated part (naming it); a run with other settings into
+the same folder is refused, as is a `settings.json` that cannot be read. Under torchrun (RANK,
+WORLD_SIZE, LOCAL_RANK in the environment) rank r takes rows r, r + W, ...; the ranks meet at a barrier
+(gloo on CPU, nccl on CUDA) before rank 0 merges; rank 0's progress bar counts every rank's samples.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ def run_study(
         Study(out).frame("knockout")[["id", "edge", "layer", "rel_change", "sample_correct"]]
     """
     experiments = _experiments(experiments)
+    out = _out_folder(out_dir)
     if window is not None:
         checks.count(window, "window", unit=" layer")
     options = json.loads(json.dumps(check_options(options, experiments, window)))
@@ -84,13 +86,21 @@ def run_study(
     scorer = Scorer(scoring)
     rows = manifest.rows[:limit]
     tpl.check(rows)
+    _check_result_columns(manifest, rows, experiments)
+    if isinstance(model, (str, os.PathLike)):  # the tokenizer from the checkpoint's files, no weight loaded yet
+        from hooked_av.registry import inspect
+
+        tokenizer = inspect(model)[1]
+    else:
+        tokenizer = model.tokenizer
+    _check_vocabulary(tokenizer, rows, tpl, manifest)
+    scorer.check(tokenizer, rows)
     rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
     dev = as_device(f"cuda:{local}" if device == "cuda" and world > 1 else device)
     name = model if isinstance(model, (str, os.PathLike)) else type(model).__name__
     settings = dict(model=str(name), dtype=str(dtype_ or "checkpoint").removeprefix("torch."), device_type=dev.type,
                     manifest=manifest.sha256, experiments=experiments, template=tpl.settings(), scoring=scorer.settings(),
                     window=window, options=options, versions=_versions())
-    out = Path(out_dir)
     _claim(out, settings, dict(manifest_path=str(manifest.path.resolve()), limit=limit))
     done = {p.name for p in (out / "parts" / "accuracy").glob("*.parquet")}
     beyond = sorted(done - {part_name(r) for r in rows})
@@ -104,24 +114,26 @@ def run_study(
 
         model = load(model, dtype=dtype_ or torch.float32, device=dev)
     model.eval()
-    scorer.check(model.tokenizer, rows)
     group = _process_group(world, dev)
     mine = rows[rank::world]
-    todo = [r for r in mine if part_name(r) not in done]
-    from tqdm.auto import tqdm
+    missing = _missing_parts(out, mine, experiments)  # row index -> experiments whose part is absent or unreadable
+    todo = [r for r in mine if r.index in missing]
+    from patching.apps.study.progress import Progress
 
-    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="sample", desc="study",
-               disable=not progress or rank != 0, dynamic_ncols=True)
+    # rank 0's bar counts every rank's samples
+    bar = Progress(out, rank, world, len(rows) if group else len(mine), len(mine) - len(todo), progress, group, dev)
     t0 = time.perf_counter()
-    for row in todo:
-        for exp, df in run_sample(model, row, tpl, scorer, experiments, window, options, manifest.meta_columns, dev):
-            if len(df) or exp == "accuracy":  # accuracy comes last: its part marks the sample done
-                write_part(out, exp, row, df)
-        bar.update()
-    bar.close()
-    _log_rank(out, rank, world, [r.id for r in todo], time.perf_counter() - t0)
-    if group:
-        torch.distributed.barrier()
+    try:
+        for row in todo:
+            redo = [e for e in experiments if e in missing[row.index]]
+            for exp, df in run_sample(model, row, tpl, scorer, redo, window, options, manifest.meta_columns, dev):
+                write_part(out, exp, row, df)  # an experiment without rows for this sample writes an empty part
+            bar.advance()
+        _log_rank(out, rank, world, [r.id for r in todo], time.perf_counter() - t0)
+        if group:
+            torch.distributed.barrier()
+    finally:
+        bar.close()
     if rank == 0:
         merge(out, experiments)
     if group:
@@ -176,12 +188,37 @@ def write_part(out: Path, exp: str, row: Row, df: pd.DataFrame) -> Path:
     return path
 
 
+def part_problem(path: Path) -> str | None:
+    """Why the part at `path` cannot be read (missing, empty, truncated), or None."""
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        return "missing"
+    if path.stat().st_size == 0:
+        return "empty (0 bytes)"
+    try:
+        pq.read_metadata(path)
+    except Exception as e:  # pyarrow's errors for a truncated or foreign file
+        return f"unreadable ({type(e).__name__}: {e})"
+    return None
+
+
 def read_parts(out: Path, exp: str) -> pd.DataFrame | None:
-    """The parts of `exp` merged in manifest order (None when there are none)."""
+    """The parts of `exp` merged in manifest order (None when none holds a row); a part that cannot be
+    read is named, with what to do."""
     files = sorted((Path(out) / "parts" / exp).glob("*.parquet"))
-    if not files:
+    frames = []
+    for f in files:
+        try:
+            df = pd.read_parquet(f)
+        except Exception as e:
+            raise ValueError(f"cannot read the result part {f} ({type(e).__name__}: {e}); run the same study again to "
+                             "recompute it (a part that cannot be read is done again)") from None
+        if len(df):
+            frames.append(df)
+    if not frames:
         return None
-    return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    return pd.concat(frames, ignore_index=True)
 
 
 def merge(out: Path, experiments) -> None:
@@ -194,11 +231,88 @@ def merge(out: Path, experiments) -> None:
         os.replace(tmp, out / f"{exp}.parquet")
 
 
+def _missing_parts(out: Path, rows, experiments) -> dict[int, list[str]]:
+    """Per row index, the experiments whose part is missing, empty or unreadable (a sample is done when none
+    is); an unreadable part is named in a warning and recomputed."""
+    import warnings
+
+    have = {e: {p.name for p in (out / "parts" / e).glob("*.parquet")} for e in experiments}
+    missing: dict[int, list[str]] = {}
+    for r in rows:
+        name = part_name(r)
+        for e in experiments:
+            why = part_problem(out / "parts" / e / name) if name in have[e] else "missing"
+            if why is not None:
+                if why != "missing":
+                    warnings.warn(f"result part {out / 'parts' / e / name} (sample {r.id!r}) is {why}; recomputing it",
+                                  stacklevel=3)
+                missing.setdefault(r.index, []).append(e)
+    return missing
+
+
+def _out_folder(out_dir) -> Path:
+    """`out_dir` as a Path, refused (before any work) where it, or the nearest existing folder above it, is a file."""
+    out = Path(out_dir)
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                what = "is a file" if p == out else f"lies under {p}, which is a file"
+                raise ValueError(f"the output folder {str(out)!r} {what}; name a folder (created if missing)")
+            break
+    return out
+
+
+def _check_result_columns(manifest: Manifest, rows, experiments) -> None:
+    """Refuse, before a model loads, metadata columns named like a result column of an experiment this study
+    runs (its record's `columns`): the rows would hold one of the two."""
+    from patching.datasets.manifest import ManifestError
+
+    meta = [c for c in manifest.meta_columns if any(c in r.meta for r in rows)]
+    problems = []
+    for c in meta:
+        owners = [e for e in experiments if c in get(e).columns]
+        if owners:
+            problems.append((0, None, c, f"{c!r} is a result column of {owners}; rename this metadata column"))
+    if problems:
+        raise ManifestError(manifest.path, problems)
+
+
+def _check_vocabulary(tokenizer, rows, tpl, manifest: Manifest) -> None:
+    """Refuse, before a model loads, rows whose prompt text (question, options, instruction, item labels)
+    holds words the tokenizer does not know (its unknown token), e.g. a word outside the toy's vocabulary."""
+    from patching.datasets.manifest import ManifestError
+
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if tokenizer is None or unk is None:
+        return
+    problems = []
+    for r in rows:
+        p = tpl.prompt(r)
+        texts = [("question", p.text())] + [(f"items[{j}].label", it.label) for j, it in enumerate(p.all_items()) if it.label]
+        for col, text in texts:
+            if unk not in tokenizer.encode(text, add_special_tokens=False):
+                continue
+            words = [w for w in text.split() if unk in tokenizer.encode(w, add_special_tokens=False)] or [text]
+            if words:
+                problems.append((r.index + 1, r.id, col, f"word(s) {words[:5]} are not in the model's vocabulary (the "
+                                                         "tokenizer reads them as its unknown token); rephrase them"))
+    if problems:
+        raise ManifestError(manifest.path, problems)
+
+
 def _claim(out: Path, settings: dict, info: dict) -> None:
-    """Write `settings.json`, or refuse when the folder holds a run with other settings."""
+    """Write `settings.json`, or refuse when the folder holds a run with other settings or a settings file that
+    cannot be read."""
     path = out / "settings.json"
     if path.exists():
-        old = json.loads(path.read_text())
+        try:
+            old = json.loads(path.read_text())
+            if not isinstance(old, dict):
+                raise ValueError(f"a JSON object is expected, got {type(old).__name__}")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} cannot be read ({e}); it records what the results in {out} were computed with, so "
+                             f"the run cannot resume without it: restore it, or use another --out folder (or delete {out}) "
+                             "to start over") from None
         theirs = {k: v for k, v in old.items() if k != "run"}
         if theirs != json.loads(json.dumps(settings)):
             diff = sorted(k for k in set(theirs) | set(settings) if theirs.get(k) != json.loads(json.dumps(settings.get(k))))
