@@ -1,0 +1,151 @@
+"""The anchors' remaining variants, each against a reference written from the anchor's code on a planted
+case where it and the earlier definition here give other answers: the hub's (`kaistmm/crossmodal-hub`)
+sink selections `min_layers` and per layer (`logic/sink.py::get_global_llm_sink_token`,
+`get_layer_llm_sink_token`), its `sink_looks_back` MDS direction (`analyze_sink_modality_causal_fast`),
+the `object` / `object_random_sink_num` token sets and draws with replacement
+(`causal_tracing_modality_sink.py::build_layerlist`), the hub preset's decoding to eos and its mirror's
+corrupted prediction (`logic/causal_trace.py`, `preprocess/step1/output2input_*.py`, `utils/logit.py`),
+the PAI-style `masking_token` edit (`model/modeling_qwen2_5_omni_low.py`), FastV's attention-mask path
+and random baseline (`pkunlp-icler/FastV`, `modeling_llama.py`) and CHAIR's word rules
+(`LisaAnne/Hallucination` `utils/chair.py`)."""
+
+import random
+from collections import Counter
+
+import pytest
+import torch
+from test_hub_methods import DIM, PLANT, TAU, planted  # noqa: F401  (the planted sinks fixture)
+from test_patching_common import N_LAYERS
+
+from patching.engine import token_sets
+from patching.methods.sinks import find_sinks
+
+
+def _flagged_per_layer(model, inputs, hooks):
+    """run_logic per layer (hidden_states[l] = the input of layer l), with the cache for the patterns."""
+    with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+        _, cache = model.run_with_cache(**inputs)
+    per_layer = []
+    for l in range(N_LAYERS):
+        hs = cache[f"blocks.{l}.hook_resid_pre"].float()
+        normed = (hs * torch.rsqrt(hs.pow(2).mean(-1, keepdim=True) + 1e-6)).abs()
+        per_layer.append(torch.unique(torch.nonzero(normed[:, :, [DIM]].max(-1)[0] > TAU)[:, 1]).tolist())
+    return per_layer, cache
+
+
+def _anchor_mds(cache, layer, sink, video_idx, audio_idx, direction):
+    """analyze_sink_modality_causal_fast for one sink at one layer (float64, see test_hub_methods)."""
+    attn = cache[f"blocks.{layer}.attn.hook_pattern"][0].double()  # [H, Q, K]
+    if direction == "future_looks_sink":
+        v_idx, a_idx = [i for i in video_idx if i > sink], [i for i in audio_idx if i > sink]
+        v = attn[:, v_idx, sink].mean() if v_idx else torch.tensor(0.0, dtype=torch.float64)
+        a = attn[:, a_idx, sink].mean() if a_idx else torch.tensor(0.0, dtype=torch.float64)
+    else:  # sink_looks_back
+        v_idx, a_idx = [i for i in video_idx if i <= sink], [i for i in audio_idx if i <= sink]
+        v = attn[:, sink, v_idx].mean() if v_idx else torch.tensor(0.0, dtype=torch.float64)
+        a = attn[:, sink, a_idx].mean() if a_idx else torch.tensor(0.0, dtype=torch.float64)
+    return float((v - a) / (v + a + 1e-9))
+
+
+# ---- sinks ---------------------------------------------------------------------------------------------
+def test_min_layers_keeps_every_media_position_flagged_often_enough_as_get_global_llm_sink_token(planted):
+    model, inputs, tm, hooks = planted
+    per_layer, _ = _flagged_per_layer(model, inputs, hooks)
+    video_idx, audio_idx = tm.positions("video").tolist(), tm.positions("audio").tolist()
+    freq = Counter(i for idx in per_layer for i in idx)
+    ranked = sorted([(i, c) for i, c in freq.items() if c >= 4], key=lambda x: x[1], reverse=True)
+    ref = {"video": [i for i, _ in ranked if i in video_idx], "audio": [i for i, _ in ranked if i in audio_idx]}
+    with model.hooks(fwd_hooks=hooks):
+        res = find_sinks(model, inputs, dims=[DIM], tau=TAU, tm=tm, select="min_layers", min_layers=4)
+        prompt = find_sinks(model, inputs, dims=[DIM], tau=TAU, tm=tm).df
+    df = res.df
+    for m in ("video", "audio"):
+        assert df[df.modality == m].sort_values("rank").pos.tolist() == ref[m]
+    # count 6 (first flagged at layer 0) before 5 before 4, ties in position order: 7 video and 4 audio
+    # sinks, where the K = int(38 / 2) cut keeps 11 and 6
+    assert ref["video"] == [6, 11, 16, 7, 12, 8, 13] and ref["audio"] == [26, 29, 27, 30]
+    assert (prompt.modality == "video").sum() == 11 and (prompt.modality == "audio").sum() == 6
+    assert res.settings["min_layers"] == 4
+    with model.hooks(fwd_hooks=hooks):  # the hub's 8 of 28 scaled to 6 layers: 2, recorded
+        scaled = find_sinks(model, inputs, dims=[DIM], tau=TAU, tm=tm, select="min_layers")
+    assert scaled.settings["min_layers"] == 2 and set(scaled.df.pos) == {p for p, c in freq.items() if c >= 2 and p != 0}
+    with pytest.raises(ValueError, match=r"min_layers=7 can never be reached: sinks are flagged at 6 layers"):
+        find_sinks(model, inputs, dims=[DIM], tau=TAU, tm=tm, select="min_layers", min_layers=7)
+    with pytest.raises(ValueError, match=r"min_layers=4 applies to select='min_layers' only"):
+        find_sinks(model, inputs, dims=[DIM], tau=TAU, tm=tm, min_layers=4)
+
+
+def test_per_layer_sinks_are_get_layer_llm_sink_tokens_with_that_layers_mds(planted):
+    model, inputs, tm, hooks = planted
+    per_layer, cache = _flagged_per_layer(model, inputs, hooks)
+    video_idx, audio_idx = tm.positions("video").tolist(), tm.positions("audio").tolist()
+    with model.hooks(fwd_hooks=hooks):
+        res = find_sinks(model, inputs, dims=[DIM], tau=TAU, tm=tm, select="layer", layer_limit=4)
+    df = res.df
+    assert sorted(df.layer.unique()) == [0, 1, 2, 3]  # range(layer_limit)
+    for l in range(4):
+        for m, idx in (("video", video_idx), ("audio", audio_idx)):
+            part = df[(df.layer == l) & (df.modality == m)].sort_values("rank")
+            assert part.pos.tolist() == [i for i in per_layer[l] if i in idx]
+            for p, score in zip(part.pos, part.mds):
+                assert abs(score - _anchor_mds(cache, l, p, video_idx, audio_idx, "future_looks_sink")) < 1e-6
+    # video 17 is flagged at layer 4 only, beyond the limit; audio 31 at layer 2 only, a sink of that layer alone
+    assert 17 not in df.pos.tolist() and 31 in df[df.layer == 2].pos.tolist()
+    assert res.settings["layer_limit"] == 4
+    with model.hooks(fwd_hooks=hooks):  # the hub's 23 of 28 scaled to 6 layers: 5
+        assert find_sinks(model, inputs, dims=[DIM], tau=TAU, tm=tm, select="layer").settings["layer_limit"] == 5
+    with pytest.raises(ValueError, match=r"per-layer sinks"):
+        token_sets.sinks(res, "audio")
+
+
+def test_sink_looks_back_reads_the_sinks_own_row(planted):
+    model, inputs, tm, hooks = planted
+    _, cache = _flagged_per_layer(model, inputs, hooks)
+    video_idx, audio_idx = tm.positions("video").tolist(), tm.positions("audio").tolist()
+    with model.hooks(fwd_hooks=hooks):
+        back = find_sinks(model, inputs, dims=[DIM], tau=TAU, tm=tm, direction="sink_looks_back").df
+        future = find_sinks(model, inputs, dims=[DIM], tau=TAU, tm=tm).df
+    for p, score in zip(back.pos, back.mds):
+        ref = sum(_anchor_mds(cache, l, p, video_idx, audio_idx, "sink_looks_back") for l in range(N_LAYERS)) / N_LAYERS
+        assert abs(score - ref) < 1e-6
+    # video sinks see no audio before them (audio follows the video): +1 looking back; later audio reads them
+    assert ((back[back.modality == "video"].mds - 1).abs() < 1e-6).all()
+    assert (future[future.modality == "video"].mds < 0.99).all()
+    with pytest.raises(ValueError, match=r"direction must be one of \['future_looks_sink', 'sink_looks_back'\]"):
+        find_sinks(model, inputs, dims=[DIM], tau=TAU, tm=tm, direction="back")
+
+
+# ---- token sets ------------------------------------------------------------------------------------------
+def test_object_sets_and_draws_with_replacement_as_build_layerlist(planted):
+    model, inputs, tm, hooks = planted
+    with model.hooks(fwd_hooks=hooks):
+        res = find_sinks(model, inputs, dims=[DIM], tau=TAU, tm=tm)
+    pool = [27, 29, 32]  # the object's audio tokens: fewer than the 6 audio sinks
+    sets = token_sets.hub_sets(res, "audio", seed=3, objects=token_sets.objects({0: pool}))
+    assert list(sets)[-2:] == ["object", "object_random_sink_num"]
+    pos = {k: sorted(s(tm, 0).mask[0].nonzero()[:, 0].tolist()) for k, s in sets.items()}
+    assert pos["object"] == pool
+    random.seed(3)  # build_layerlist: k_mean = 6 sinks > 3 object tokens -> random.choices(object_token_list, k=k_mean)
+    assert pos["object_random_sink_num"] == sorted(set(random.choices(pool, k=6)))
+    assert sets["object_random_sink_num"].seed == 3
+    # random_sink_num from a pool smaller than the request: the earlier rule refused, the hub draws with replacement
+    big = token_sets.random_like(token_sets.TokenSet("big", lambda tm, s: range(8)), "audio", seed=5)
+    random.seed(5)
+    assert sorted(big(tm, 0).mask[0].nonzero()[:, 0].tolist()) == sorted(set(random.choices(list(range(26, 33)), k=8)))
+    random.seed(3)  # a pool at least as large: random.sample, as before
+    assert pos["random_sink_num"] == sorted(random.sample(list(range(26, 33)), 6))
+    with pytest.raises(ValueError, match=r"2 positions asked from an empty pool 'object'"):
+        token_sets.random_like(token_sets.TokenSet("two", lambda tm, s: [1, 2]), token_sets.objects({}))(tm, 0)
+
+
+def test_audio_blocks_are_the_runs_of_consecutive_audio_positions():
+    from test_patching_common import interleaved_inputs, tiny_pair, token_map
+
+    _, model = tiny_pair()
+    tm = token_map(model, interleaved_inputs())
+    audio = tm.positions("audio").tolist()
+    runs = token_sets.continuous_runs(audio)
+    assert len(runs) == 2 and [p for a, b in runs for p in range(a, b + 1)] == audio  # get_continuous_ranges
+    assert token_sets.audio_blocks([1])(tm, 0).mask[0].nonzero()[:, 0].tolist() == list(range(runs[1][0], runs[1][1] + 1))
+    with pytest.raises(ValueError, match=r"block\(s\) \[2\] do not exist in sample 0, which has 2 runs"):
+        token_sets.audio_blocks([0, 2])(tm, 0)
