@@ -149,3 +149,93 @@ def test_audio_blocks_are_the_runs_of_consecutive_audio_positions():
     assert token_sets.audio_blocks([1])(tm, 0).mask[0].nonzero()[:, 0].tolist() == list(range(runs[1][0], runs[1][1] + 1))
     with pytest.raises(ValueError, match=r"block\(s\) \[2\] do not exist in sample 0, which has 2 runs"):
         token_sets.audio_blocks([0, 2])(tm, 0)
+
+
+# ---- causal tracing: decoding to eos and the corrupted run's generated word ----------------------------
+class _SpacedWords:
+    """The toy's tokenizer where a word after a space is another token (as a BPE's "Ġdark"): " dark"
+    encodes to `spaced[dark]`; everything else as the toy's."""
+
+    def __init__(self, tok, spaced):
+        self.tok, self.spaced = tok, spaced
+        self.eos_token_id = tok.eos_token_id
+
+    def encode(self, text, add_special_tokens=False):
+        ids = self.tok.encode(text.strip(), add_special_tokens=False)
+        return [self.spaced.get(ids[0], ids[0])] + ids[1:] if text.startswith(" ") and ids else ids
+
+    def decode(self, ids, **kw):
+        return self.tok.decode(ids, **kw)
+
+
+def test_hub_preset_decodes_to_eos_and_scores_the_corrupted_runs_generated_word(toy_model, monkeypatch):
+    from test_hub_methods import _greedy_probs
+
+    from hooked_av import toy
+    from patching.engine.corrupt import zero_modality
+    from patching.methods import causal_tracing as tracing
+    from patching.methods.causal_tracing import causal_tracing
+
+    cap = 6  # the hub's 1024 new tokens, shortened: each run decodes to its own eos or to the cap
+    monkeypatch.setattr(tracing, "MAX_NEW_TOKENS", cap)
+
+    model = toy_model
+    inputs = toy.make_batch(1, seed=3, tokenizer=model.tokenizer, kinds=("visual",)).inputs
+    tm, n_layers = model.token_map(inputs), model.cfg.n_layers
+    bad = model.encode(**zero_modality(inputs, "video"))
+    video = tm.positions("video")
+    names = [f"blocks.{l}.ln1.hook_normalized" for l in range(n_layers)]
+    with torch.no_grad():
+        top2 = model(**inputs)[0, -1].topk(2).indices.tolist()
+        _, clean = model.run_with_cache(**inputs, names_filter=names)
+        corrupt_tokens = model.generate(**zero_modality(inputs, "video"), max_new_tokens=4)[0].tolist()
+    # the toy never emits <|im_end|>: let the corrupted run's second new token stand for the end token
+    eos = corrupt_tokens[1]
+    assert eos not in corrupt_tokens[:1]
+    corrupt_p = _greedy_probs(model, bad, lambda n: [], cap)
+    second = int(corrupt_p[0].topk(2).indices[1])  # " word" is this token here: the corrupted run's runner-up
+    original = model.tokenizer
+    model.tokenizer = _SpacedWords(original, {corrupt_tokens[0]: second})
+    try:
+        res = causal_tracing(model, inputs, answers=[top2], corrupt="video", tokens=["video"], preset="hub",
+                             eos_token_id=eos, tm=tm, progress=False)
+        top = causal_tracing(model, inputs, answers=[top2], corrupt="video", tokens=["video"], preset="hub",
+                             eos_token_id=eos, corrupt_pred="top", steps=8, tm=tm, progress=False).df
+    finally:
+        model.tokenizer = original
+    assert res.settings["steps"] == "eos" and res.settings["corrupt_pred"] == "generated"
+
+    def restore(layers):
+        def hooks(n):
+            def fn(x, hook):
+                x = x.clone()
+                x[:, video] = clean[hook.name][:, video]
+                return x
+            return [(f"blocks.{l}.ln1.hook_normalized", fn) for l in layers]
+        return hooks
+
+    word = [corrupt_tokens[0], second]  # max_prob_for_word(text_output): first sub-token with and without a space
+
+    def to_eos(p):  # generate's logits: the steps up to and including the one that emits eos
+        greedy = p.argmax(-1).tolist()
+        return p[: greedy.index(eos) + 1 if eos in greedy else cap]
+
+    corrupt_eos = to_eos(corrupt_p)
+    assert len(corrupt_eos) == 2
+    corrupt_8 = _greedy_probs(model, bad, lambda n: [], 8)
+    for (_, row), (_, old) in zip(res.df.iterrows(), top.iterrows()):
+        restored_p = _greedy_probs(model, bad, restore(range(row.layer, n_layers)), 8)
+        restored_eos = to_eos(restored_p[:cap])
+        ie = float(restored_eos[:, top2].max() - corrupt_eos[:, top2].max()) * 100
+        mirror = float(corrupt_eos[:, word].max() - restored_eos[:, word].max()) * 100
+        assert abs(row.indirect_effect - ie) < 1e-3 and abs(row.ie_corrupt_pred - mirror) < 1e-3
+        # the earlier definitions: 8 fixed steps, the corrupted run's top token alone
+        old_mirror = float(corrupt_8[:, [corrupt_tokens[0]]].max() - restored_p[:, [corrupt_tokens[0]]].max()) * 100
+        assert abs(old.ie_corrupt_pred - old_mirror) < 1e-3
+    assert (res.df.ie_corrupt_pred - top.ie_corrupt_pred).abs().max() > 1.0
+    print("mirror, generated word to eos:", res.df.ie_corrupt_pred.round(2).tolist(),
+          "top token, 8 steps:", top.ie_corrupt_pred.round(2).tolist())
+    with pytest.raises(ValueError, match=r"corrupt_pred chooses the corrupted run's own prediction"):
+        causal_tracing(model, inputs, corrupt="video", preset="hub", corrupt_pred="top", corrupt_answers=[3], tm=tm)
+    with pytest.raises(ValueError, match=r"steps must be a number of decoding steps or 'eos'"):
+        causal_tracing(model, inputs, corrupt="video", steps="end", tm=tm)
