@@ -21,6 +21,7 @@ from patching.engine.hooks import (
     add_noise,
     block_attention,
     discard,
+    pai_steer,
     patch_from_cache,
     scale_attention,
     steer,
@@ -59,7 +60,7 @@ __all__ = [
     "physical_forward", "sink_dimensions",
     # interventions (composable: `a + b`, printable, saved with results)
     "AdaptiveScale", "Intervention", "ablate", "ablate_experts", "add_noise", "block_attention", "discard",
-    "patch_from_cache", "scale_attention", "steer", "var",
+    "pai_steer", "patch_from_cache", "scale_attention", "steer", "var",
     # the engine, for writing an experiment
     "AnswerLogProb", "AnswerProb", "Experiment", "LogitDiff", "Metric", "Plot", "Report", "Sample", "StudySample",
     "normalised", "register", "relative_change", "run_rows", "samples",

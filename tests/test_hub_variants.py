@@ -239,3 +239,92 @@ def test_hub_preset_decodes_to_eos_and_scores_the_corrupted_runs_generated_word(
         causal_tracing(model, inputs, corrupt="video", preset="hub", corrupt_pred="top", corrupt_answers=[3], tm=tm)
     with pytest.raises(ValueError, match=r"steps must be a number of decoding steps or 'eos'"):
         causal_tracing(model, inputs, corrupt="video", steps="end", tm=tm)
+
+
+# ---- the PAI-style masking_token edit --------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def deep():
+    """An 8-layer tiny Thinker: the hub's edit acts at `layer_idx > 5`."""
+    from omni_helpers import tiny_hf_thinker
+    from test_patching_common import av_inputs, token_map
+
+    from hooked_av import HookedQwen2_5Omni
+
+    model = HookedQwen2_5Omni.from_hf(tiny_hf_thinker(seed=1, num_hidden_layers=8))
+    inputs = av_inputs(6)
+    return model, inputs, token_map(model, inputs)
+
+
+def _anchor_pai(input_ids, masking_token, alpha=0.2):
+    """modeling_qwen2_5_omni_low.py's commented block with use_pai on: after the mask is added, at
+    layer_idx > 5, scores[:, :, text_start_idx:, masking_token] += |.| * alpha on the prompt, row -1 on a
+    decoding step; text_start_idx = max(audio_idx.max(), video_idx.max()) + 1 from the input ids."""
+    from omni_helpers import AUDIO, VIDEO
+
+    ids = input_ids[0]
+    text_start = max(int((ids == AUDIO).nonzero().max()), int((ids == VIDEO).nonzero().max())) + 1
+
+    def fn(scores, hook):
+        if hook.layer() <= 5:
+            return scores
+        scores = scores.clone()
+        rows = slice(-1, None) if scores.shape[2] == 1 else slice(text_start, None)
+        scores[:, :, rows, masking_token] = scores[:, :, rows, masking_token].abs() * alpha + scores[:, :, rows, masking_token]
+        return scores
+
+    return [(f"blocks.{l}.attn.hook_attn_scores", fn) for l in range(8)], text_start
+
+
+def test_pai_steer_is_the_hubs_masking_token_edit_on_prompt_and_generation(deep):
+    from hooked_av.inputs import Selection
+    from patching.engine.hooks import pai_steer, steer
+
+    model, inputs, tm = deep
+    masking = tm.positions("video")[[0, 3, 5]].tolist() + tm.positions("audio")[[1]].tolist()
+    sel = torch.zeros(1, tm.seq_len, dtype=torch.bool)
+    sel[0, masking] = True
+    alpha = 20.0  # the hub's 0.2 moves this random model's logits by ~5e-5 only; the rule is the same
+    ref_hooks, text_start = _anchor_pai(inputs["input_ids"], masking, alpha)
+    iv = pai_steer(tm, Selection(sel, "sinks"), layers=range(6, 8), alpha=alpha)
+    with torch.no_grad():
+        ref = model.run_with_hooks(**inputs, fwd_hooks=ref_hooks)
+        ours = model.run_with_hooks(**inputs, fwd_hooks=iv.check(model))
+        plain = model(**inputs)
+        last_only = model.run_with_hooks(**inputs, fwd_hooks=steer(tm, "last", Selection(sel, "sinks"), alpha, range(6, 8)))
+        with model.hooks(fwd_hooks=ref_hooks):
+            ref_gen = model.generate(**inputs, max_new_tokens=4)
+        with model.hooks(fwd_hooks=iv):
+            gen = model.generate(**inputs, max_new_tokens=4)
+    print("PAI effect", float((ours - plain).abs().max()), "ours - anchor", float((ours - ref).abs().max()))
+    assert (ours - ref).abs().max() < 1e-5 and torch.equal(gen, ref_gen)
+    # every query after the media is steered, not the last one alone: the question's positions change too
+    assert (ours - plain)[0, text_start:-1].abs().max() > 1e-3
+    assert (last_only - plain)[0, text_start:-1].abs().max() < 1e-6 and (ours - last_only)[0, -1].abs().max() > 1e-4
+    assert "pai_steer(src=sinks, dst=after media, alpha=20.0" in str(iv)
+    assert "alpha=0.2" in str(pai_steer(tm, "video", [6]))  # the hub's default
+    first = iv.pairs()[0][1].first_query
+    assert first == text_start
+
+
+def test_pai_steer_composes_and_sweeps_from_its_first_query(deep):
+    from patching.engine.hooks import block_attention, pai_steer
+    from patching.engine.intervention import Intervention
+    from patching.engine.sweep import run_rows, samples
+
+    model, inputs, tm = deep
+    s = samples(model, inputs, tm)[0]
+    ivs = [pai_steer(s.tm, "video", [6, 7], alpha=20.0), pai_steer(s.tm, "audio", [7], alpha=20.0)
+           + block_attention(s.tm, "audio", "last", [5]), pai_steer(s.tm, "audio|video", [6], alpha=20.0)]
+    stats: dict = {}
+    fast = run_rows(model, s, ivs, progress=False, stats=stats)
+    whole = run_rows(model, s, ivs, progress=False, incremental=False)
+    plain = run_rows(model, s, [Intervention()], progress=False)
+    assert (fast - whole).abs().max() < 1e-5 and (fast - plain).abs().amax(-1).min() > 1e-4
+    # the clean run's keys and values up to the first query after the media are reused, from block 5 on
+    assert stats["incremental"] and stats["layer_positions"] < stats["layer_positions_full"] / 2
+    print("sweep", stats)
+    with pytest.raises(ValueError, match=r"hold no media token"):
+        from test_patching_common import token_map
+        from omni_helpers import Builder, batch
+
+        pai_steer(token_map(model, batch(Builder(3).text(4).end())), "all", [6])
