@@ -328,3 +328,110 @@ def test_pai_steer_composes_and_sweeps_from_its_first_query(deep):
         from omni_helpers import Builder, batch
 
         pai_steer(token_map(model, batch(Builder(3).text(4).end())), "all", [6])
+
+
+# ---- FastV: the attention-mask path and the random baseline ----------------------------------------------
+def _anchor_fastv_mask(model, s, k, r, n_new):
+    """modeling_llama.py's `use_fast_v` without `fast_v_inplace`, decoding with a KV cache: each forward
+    ranks the image (here media) tokens by its newest query's head-mean attention at layer K-1
+    (`topk(ATTENTION_RANK)`) and masks the rest as keys from layer K on. The cache is emulated by
+    whole-sequence forwards in which each query row keeps the set chosen when it was the newest (the
+    keys and values the cache holds were computed under that set)."""
+    media = s.tm.positions("audio|video")
+    rank = round(len(media) * (1 - r))
+    n, sets, logits = s.seq_len, {}, []
+    embeds, pos = s.embeds, s.position_ids
+
+    def grab(pattern, hook):
+        newest = pattern[0, :, -1].float().mean(0)
+        keep = torch.ones(pattern.shape[-1], dtype=torch.bool)
+        keep[media] = False
+        keep[media[newest[media].topk(rank).indices]] = True
+        q = pattern.shape[-1] - 1
+        for row in ([q] if q >= n else range(n)):  # the prefill's rows all take the last prompt row's set
+            sets[row] = keep
+
+    def mask(t, hook):
+        t = t.clone()
+        for row in range(t.shape[2]):
+            t[:, :, row, :][:, :, ~torch.cat([sets[row], sets[row].new_ones(t.shape[-1] - len(sets[row]))])] = torch.finfo(t.dtype).min
+        return t
+
+    hooks = [(f"blocks.{k - 1}.attn.hook_pattern", grab)] + [(f"blocks.{l}.attn.hook_attn_mask", mask) for l in range(k, N_LAYERS)]
+    with torch.no_grad():
+        for _ in range(n_new):
+            lg = model.run_with_hooks(inputs_embeds=embeds, position_ids=pos, fwd_hooks=hooks)[0, -1]
+            logits.append(lg)
+            embeds = torch.cat([embeds, model.embed(lg.argmax().view(1, 1))], 1)
+            pos = torch.cat([pos, (pos.max() + 1).view(1, 1, 1).expand(3, 1, 1)], 2)
+    return torch.stack(logits), sets[n - 1]
+
+
+def test_fastv_mask_path_decodes_with_a_cache_that_re_ranks_at_every_step():
+    from test_patching_common import av_inputs, tiny_pair, token_map
+
+    from patching.methods.fastv import fastv, fastv_keep, masked_generate, pruned_forward
+    from patching.engine.sweep import samples
+
+    _, model = tiny_pair()
+    inputs = av_inputs(6)
+    tm = token_map(model, inputs)
+    s = samples(model, inputs, tm)[0]
+    k, r, n_new = 2, 0.5, 5
+    media = s.tm.mask("audio|video")[0]
+    ref_logits, ref_keep = _anchor_fastv_mask(model, s, k, r, n_new)
+    logits, keep, tokens = masked_generate(model, s, k, r, media, n_new)
+    assert torch.equal(keep, ref_keep) and tokens == ref_logits.argmax(-1).tolist()
+    assert (logits - ref_logits).abs().max() < 1e-5
+    # the physical path (the anchor's fast_v_inplace, no cache: every position re-ranked at every step)
+    embeds, pos, physical = s.embeds, s.position_ids, []
+    with torch.no_grad():
+        for t in range(n_new):
+            lg, _ = pruned_forward(model, embeds, pos, k, lambda a: fastv_keep(a, torch.cat([media, media.new_zeros(t)]), r), True)
+            physical.append(lg[0])
+            embeds = torch.cat([embeds, model.embed(torch.tensor([[tokens[t]]]))], 1)  # the same tokens, to compare logits
+            pos = torch.cat([pos, (pos.max() + 1).view(1, 1, 1).expand(3, 1, 1)], 2)
+    physical = torch.stack(physical)
+    assert (physical[0] - logits[0]).abs().max() < 1e-5  # one prefill, two paths
+    gap = (physical[1:] - logits[1:]).abs().max()
+    print("mask path vs physical, decoding steps:", float(gap))
+    assert gap > 1e-4
+    res = fastv(model, inputs, [int(ref_logits[0].argmax())], k=k, r=r, max_new_tokens=n_new, repeats=1, masked=True,
+                tm=tm, progress=False).df.set_index("method")
+    assert res.loc["fastv (mask)", "generated"] == " ".join(map(str, tokens))
+    assert res.loc["fastv (mask)", "n_dropped"] == res.loc["fastv", "n_dropped"] and res.loc["fastv (mask)", "flops_saved"] == 0
+    assert abs(res.loc["fastv (mask)", "prob"] - res.loc["fastv", "prob"]) < 1e-5
+
+
+def test_fastv_random_baseline_keeps_as_many_tokens_shuffled_as_the_anchor():
+    from test_patching_common import av_inputs, tiny_pair, token_map
+
+    from hooked_av.inputs import Selection
+    from patching.engine.hooks import discard
+    from patching.engine.sweep import forward_rows, samples
+    from patching.methods.fastv import fastv
+
+    _, model = tiny_pair()
+    inputs = av_inputs(6, 8)
+    tm = token_map(model, inputs)
+    with torch.no_grad():
+        answers = model(**inputs)[:, -1].argmax(-1).tolist()
+    res = fastv(model, inputs, answers, k=2, r=0.75, max_new_tokens=0, repeats=1, random_drop=True, seed=4, tm=tm,
+                progress=False)
+    assert res.settings["seed"] == 4
+    for s in samples(model, inputs, tm):
+        media = s.tm.positions("audio|video").tolist()
+        rank = round(len(media) * 0.25)
+        flags = [1] * rank + [0] * (len(media) - rank)  # the anchor's rand_image_attention_mask
+        random.seed(4 + s.index)
+        random.shuffle(flags)
+        dropped = torch.zeros(1, s.seq_len, dtype=torch.bool)
+        dropped[0, [p for p, f in zip(media, flags) if not f]] = True
+        with torch.no_grad(), model.hooks(fwd_hooks=discard(s.tm, Selection(dropped, "random"), 2, N_LAYERS)):
+            ref = forward_rows(model, s, 1)[0].softmax(-1)[answers[s.index]]
+        row = res.df[(res.df["sample"] == s.index)].set_index("method")
+        assert row.loc["random", "n_dropped"] == row.loc["fastv", "n_dropped"] == len(media) - rank
+        print("random vs anchor", abs(row.loc["random", "prob"] - float(ref)), "random vs fastv",
+              abs(row.loc["random", "prob"] - row.loc["fastv", "prob"]))
+        assert abs(row.loc["random", "prob"] - float(ref)) < 1e-7  # p ~ 5e-3
+        assert abs(row.loc["random", "prob"] - row.loc["fastv", "prob"]) > 1e-5  # another set than FastV's ranked one
