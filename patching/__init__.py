@@ -14,6 +14,7 @@ its registry record), `figures/` (how results are drawn), `apps/` (the CLI, the 
 
 from patching import figures as _figures  # registers how Result.plot draws  # noqa: F401
 from patching import methods as _methods  # registers every experiment record  # noqa: F401
+from patching.datasets.coco_objects import CocoObjects
 from patching.datasets.manifest import ManifestError, read_manifest
 from patching.engine.experiment import Experiment, Plot, Report, StudySample, register
 from patching.engine.hooks import (
@@ -65,7 +66,7 @@ __all__ = [
     "AnswerLogProb", "AnswerProb", "Experiment", "LogitDiff", "Metric", "Plot", "Report", "Sample", "StudySample",
     "normalised", "register", "relative_change", "run_rows", "samples",
     # results and studies
-    "ManifestError", "Result", "Study", "read_manifest", "run_study", "write_report",
+    "CocoObjects", "ManifestError", "Result", "Study", "read_manifest", "run_study", "write_report",
 ]
 
 

@@ -435,3 +435,49 @@ def test_fastv_random_baseline_keeps_as_many_tokens_shuffled_as_the_anchor():
               abs(row.loc["random", "prob"] - row.loc["fastv", "prob"]))
         assert abs(row.loc["random", "prob"] - float(ref)) < 1e-7  # p ~ 5e-3
         assert abs(row.loc["random", "prob"] - row.loc["fastv", "prob"]) > 1e-5  # another set than FastV's ranked one
+
+
+# ---- CHAIR's reading of captions --------------------------------------------------------------------------
+CAPTIONS = [  # planted where utils/chair.py's rules decide: (caption, the objects its caption_to_words gives)
+    ("Two puppies sleep on the couches beside a hot dog.", ["dog", "couch", "hot dog"]),  # plural, synonym, two words
+    ("A baby elephant near a toilet seat, and a man's knives.", ["elephant", "toilet", "person", "knife"]),
+    ("The women ride buses past a bus and wine glasses.", ["person", "bus", "wine glass"]),  # "bus" -> "bu"
+    ("A cheesecake, an iPhone and two motor bikes on a dining table.", ["dining table"]),  # the table's quirks
+    ("People with skis and a passenger train; the seat is empty.", ["person", "skis", "train", "chair"]),
+    ("Cookies, mice and doggies.", ["mouse"]),  # -ie words keep their s; mouse via [m|l]ice
+]
+
+
+def test_chair_reads_captions_as_utils_chair_with_its_synonyms_and_singular_forms():
+    from patching.datasets.coco_objects import CocoObjects, singularize
+    from patching.methods.hallucination import ObjectMatcher, chair
+
+    matcher = CocoObjects()
+    assert len(matcher.objects) == 80 and matcher.inverse["puppy"] == "dog" and "motor bike" not in matcher.inverse
+    for caption, objects in CAPTIONS:
+        assert matcher(caption) == objects, caption
+    assert [singularize(w) for w in ("glasses", "glass", "geese", "ponies", "oxen", "scissors", "luggage")] == \
+        ["glass", "glas", "goose", "pony", "ox", "scissors", "luggage"]
+    # CHAIR over the captions, with the anchor's compute_chair arithmetic on its labels
+    labels = [["dog"], ["elephant", "toilet"], ["person"], ["dining table"], ["person", "train"], []]
+    df = chair([c for c, _ in CAPTIONS], labels, matcher)
+    bad = [[o for o in objs if o not in set(lab)] for (_, objs), lab in zip(CAPTIONS, labels)]
+    assert df.hallucinated.tolist() == bad
+    assert df.n_hallucinated.sum() / df.n_mentions.sum() == sum(map(len, bad)) / sum(len(o) for _, o in CAPTIONS)
+    assert df.hallucinated_caption.tolist() == [True, True, True, False, True, True]
+    # the earlier matcher with the same names and no singular forms or two-word rules counts otherwise
+    plain = ObjectMatcher({line[0]: line[1:] for line in ([o, *[k for k, v in matcher.inverse.items() if v == o and k != o]]
+                                                          for o in matcher.objects)})
+    assert plain(CAPTIONS[0][0]) != CAPTIONS[0][1] and chair([CAPTIONS[0][0]], [["dog"]], plain).n_mentions[0] == 1
+
+
+def test_tokens_are_nltks_word_tokens():
+    nltk = pytest.importorskip("nltk")  # NLTK's Treebank tokenizer needs no data; its sentence model is not shipped
+    from nltk.tokenize import NLTKWordTokenizer
+
+    from patching.datasets.coco_objects import tokenize
+
+    for caption, _ in CAPTIONS + [("a dog's bowl, two cats' toys; it isn't 1,000 u.s. mother-in-law's (rain).", [])]:
+        sentences = [x + ("." if i < caption.count(". ") else "") for i, x in enumerate(caption.lower().split(". "))]
+        ref = [t for sent in sentences for t in NLTKWordTokenizer().tokenize(sent)]
+        assert tokenize(caption) == ref, (caption, nltk.__version__)
