@@ -139,7 +139,8 @@ class CocoObjects:
     def __init__(self, synonyms: str | Path = SYNONYMS):
         lines = [line.strip().split(", ") for line in Path(synonyms).read_text().splitlines() if line.strip()]
         if not lines:
-            raise ValueError(f"{synonyms}: no synonym lines; give one object per line, its name first, names split by ', '")
+            raise ValueError(f"{synonyms}: no synonym lines; give one object per line, its name first, "
+                             "names split by ', '")
         self.inverse = {name: line[0] for line in lines for name in line}
         self.double = double_words()
 

@@ -35,8 +35,9 @@ tokens skipped, read as a word: its first sub-token with and without a leading s
 Presets fill what is left as None: `"rome"` (noise 3 x the dataset's embedding std, 10 draws, every
 token on its own, block output per single layer, attention and MLP outputs over 10 centred layers),
 `"hub"` (media zeroing, `attn_in`, from each layer to the last, max over the steps up to eos with both
-space variants, the corrupted run's generated word for the mirror, its sign, x100 as the hub reports). Without a preset: noise per sample, `resid` and
-`attn_in`, single layers, first step, the restored sign, probability units.
+space variants, the corrupted run's generated word for the mirror, its sign, x100 as the hub
+reports). Without a preset: noise per sample, `resid` and `attn_in`, single layers, first step, the
+restored sign, probability units.
 """
 
 from __future__ import annotations
@@ -121,12 +122,13 @@ def causal_tracing(
     `answers`: per sample (or one for all) a token id, a list of candidate ids, or a word (needs
     `model.tokenizer`: its first sub-token with and without a leading space); default the clean run's
     top token. `corrupt_answers`: the same for the mirror (default: each corrupted run's own
-    prediction, `corrupt_pred` "top" or "generated", see the module docstring). `tokens`: TokenMap specs, `Selection`s or `patching.engine.token_sets.TokenSet`s to restore
-    (default `[corrupt]`), or `"each"` for every position on its own (ROME's heatmap; see
-    `heatmap`), `"each:<spec>"` for each position of a spec (ROME's `token_range`). `window`: layers per restoration, one number or `{site: number}`; `centres`: the
-    layers the windows start from (top_down) or centre on. `steps`: decoding steps the metric takes
-    the max over (1 = the last prompt position; "eos": until `eos_token_id`, at most 1024);
-    `eos_token_id` ends a row's steps.
+    prediction, `corrupt_pred` "top" or "generated", see the module docstring). `tokens`: TokenMap
+    specs, `Selection`s or `patching.engine.token_sets.TokenSet`s to restore (default `[corrupt]`),
+    or `"each"` for every position on its own (ROME's heatmap; see `heatmap`), `"each:<spec>"` for each
+    position of a spec (ROME's `token_range`). `window`: layers per restoration, one number or
+    `{site: number}`; `centres`: the layers the windows start from (top_down) or centre on. `steps`:
+    decoding steps the metric takes the max over (1 = the last prompt position; "eos": until
+    `eos_token_id`, at most 1024); `eos_token_id` ends a row's steps. Rows also carry `corrupt_pred`.
 
         res = causal_tracing(model, inputs, [answer], corrupt="audio", n_noise=2, centres=[0, 2], progress=False)
         res.mean()  # indirect effect per restore site, token set and layer

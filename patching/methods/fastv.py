@@ -78,9 +78,10 @@ def random_keep(media: Tensor, r: float, seed: int) -> Tensor:
 def masked_generate(model, sample, k: int, r: float, media: Tensor, n_new: int) -> tuple[Tensor, Tensor, list[int]]:
     """FastV's attention-mask path (see the module docstring) on one sample with a KV cache: the logits
     of each forward `[max(n_new, 1), vocab]` (row 0 the prefill's last position), the prefill's kept
-    positions (bool `[pos]`) and `n_new` greedy tokens (the first from the prefill). In every forward, the newest query's head-averaged attention at layer k-1 ranks the
-    media (`fastv_keep`) and layers k.. mask the keys outside that set for every query of the forward.
-    `media`: bool `[pos]` over the prompt (generated tokens are never media)."""
+    positions (bool `[pos]`) and `n_new` greedy tokens (the first from the prefill). In every forward,
+    the newest query's head-averaged attention at layer k-1 ranks the media (`fastv_keep`) and layers
+    k.. mask the keys outside that set for every query of the forward. `media`: bool `[pos]` over the
+    prompt (generated tokens are never media)."""
     n, state = sample.seq_len, {}
 
     def grab(pattern, hook):
@@ -186,8 +187,8 @@ def fastv(
     `media`: the tokens FastV ranks (TokenMap spec); `discard`: the groups discarded whole, one row
     each (default: every `|`-part of `media` the sample has). `max_new_tokens` greedy tokens are
     generated per method and timed (0: prefill only). One row per (sample, method) with method
-    "full", "fastv", "fastv (mask)", "random" or "discard <group>": `n_tokens`, `n_media`, `n_dropped`, `prob` and `correct`
-    (the answer at the prompt's last position), `pred`, `flops` / `flops_saved` (prefill, analytic,
+    "full", "fastv", "fastv (mask)", "random" or "discard <group>": `n_tokens`, `n_media`,
+    `n_dropped`, `prob` and `correct` (the answer at the prompt's last position), `pred`, `flops` / `flops_saved` (prefill, analytic,
     `discarding.forward_flops`), `seconds` / `time_saved` (prefill, median of `repeats` after a
     warm-up), `generated` (token ids), `gen_flops` / `gen_flops_saved` (every step recomputed, no
     KV cache), `gen_seconds` / `gen_time_saved`.

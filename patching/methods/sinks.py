@@ -41,7 +41,8 @@ from patching.engine.results import Result
 from patching.engine.sweep import samples
 
 MDS_EPS = 1e-9  # the hub's denominator guard, `(v - a) / (v + a + 1e-9)`
-HUB_DEPTH, HUB_MIN_LAYERS, HUB_LAYER_LIMIT = 28, 8, 23  # get_global_llm_sink_token(min_layers=8), get_layer_llm_sink_token(layer_limit=23) of 28
+# of the hub's 28 layers: get_global_llm_sink_token(min_layers=8), get_layer_llm_sink_token(layer_limit=23)
+HUB_DEPTH, HUB_MIN_LAYERS, HUB_LAYER_LIMIT = 28, 8, 23
 SELECT = ("prompt", "modality", "min_layers", "layer")
 DIRECTIONS = ("future_looks_sink", "sink_looks_back")
 CROSS_MODAL_FROM = {"audio": "video", "video": "audio"}  # an audio sink is cross-modal when video reads it
@@ -190,7 +191,8 @@ def find_sinks(
         if select == "layer":
             kept = _keep_per_layer(flagged, layers, layer_limit, masks, modalities)
         else:
-            kept = {m: [(None, p) for p in ps] for m, ps in _keep(flagged, masks, modalities, select, k_divide, min_layers).items()}
+            kept = _keep(flagged, masks, modalities, select, k_divide, min_layers)
+            kept = {m: [(None, p) for p in ps] for m, ps in kept.items()}
         if not any(kept.values()):
             continue
         patterns = _patterns(model, s, layers)
