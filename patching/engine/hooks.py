@@ -13,6 +13,7 @@ selects nothing in some row is an error raised here, before anything runs.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -323,6 +324,42 @@ def steer(tm, dst, src, alpha: float, layers, heads: Sequence[int] | None = None
         return scores + torch.where(live, alpha * scores.abs(), torch.zeros((), dtype=scores.dtype, device=scores.device))
 
     iv = _edge_hooks(tm, src, dst, layers, "steer", {"alpha": alpha}, edit, "steer", heads, generated, on_scores=True)
+    return iv if rows is None else iv.on_rows(rows)
+
+
+PAI_ALPHA, PAI_FROM_LAYER = 0.2, 6  # the hub's self.alpha = 0.2 and `self.layer_idx > 5`
+
+
+def after_media(tm) -> Selection:
+    """The positions after each row's last media token (the hub's `text_start_idx = max(audio_idx.max(),
+    video_idx.max()) + 1` onward; images count as media here), padding excluded. A row without media is
+    refused."""
+    media = tm.mask("media")
+    pos = torch.arange(media.shape[1])
+    last = torch.where(media, pos, -1).amax(-1, keepdim=True)  # [b, 1]
+    if bool((last < 0).any()):
+        rows = (last[:, 0] < 0).nonzero()[:, 0].tolist()
+        raise ValueError(f"row(s) {rows} hold no media token, so nothing comes after the media; give prompts with media")
+    return Selection((pos[None] > last) & ~tm.mask("padding"), "after media")
+
+
+def pai_steer(tm, tokens, layers, alpha: float = PAI_ALPHA, heads: Sequence[int] | None = None,
+              rows: Sequence[int] | None = None) -> Intervention:
+    """The hub's PAI-style `masking_token` path (`kaistmm/crossmodal-hub`, `model/modeling_qwen2_5_omni_low.py`,
+    `Qwen2_5OmniAttention.forward`, written but switched off there by `use_pai=False`): in `layers`
+    (the hub's `layer_idx > 5`: `range(6, n_layers)`), every query after the last media token (and each
+    generated one, the hub's `generation_mode` branch on row -1) gets `score += alpha * |score|` toward
+    the `tokens` keys (TokenMap spec, `Selection`; the hub passes sink positions), before the softmax,
+    alpha 0.2 by default. It is `steer(tm, after_media(tm), tokens, alpha, layers)`: composable with
+    any other edit, and a sweep (`run_rows`) recomputes it from the first query after the media on
+    (`first_query`).
+
+        iv = pai_steer(tm, "audio", layers=[2, 3])  # the hub's layers on a 28-layer model: range(6, 28)
+        logits = model.run_with_hooks(**inputs, fwd_hooks=iv.check(model))
+    """
+    dst = after_media(tm)
+    iv = steer(tm, dst, tokens, alpha, layers, heads=heads, generated="as_last")
+    iv = Intervention([dataclasses.replace(iv.parts[0], op="pai_steer")])  # named as what it is in saved results
     return iv if rows is None else iv.on_rows(rows)
 
 
