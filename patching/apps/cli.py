@@ -1,6 +1,6 @@
 """The `hooked-av` command: `demo` (the main job, on the embedded toy model), `flow` (the same
 knockout analysis on any supported model and clip), `study` (experiments over a dataset manifest),
-`harvest` (activations over a dataset manifest, for SAEs) and `toy-data` (the toy task as files and a
+`harvest` (activations over a dataset manifest, for SAEs), `sae view` (an SAE's features with their media) and `toy-data` (the toy task as files and a
 manifest). A user mistake prints one `error: ...` line
 and exits with status 2; anything else (a bug) keeps its traceback."""
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from patching.apps.features_page import register as register_view
 from patching.apps.harvest import register as register_harvest
 from patching.apps.study.cli import register as register_study
 
@@ -36,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     flow.add_argument("--out", default="runs/flow")
     register_study(sub)  # study, toy-data: each sets args.func
     register_harvest(sub)
+    sae = sub.add_parser("sae", help="sparse autoencoders on harvested activations: view (an offline page of features)")
+    register_view(sae.add_subparsers(dest="sae_command", required=True))
 
     args = ap.parse_args(argv)
     try:
