@@ -396,6 +396,15 @@ def test_the_page_is_offline_draws_in_chromium_with_its_audio_and_stays_in_its_b
     done, _ = _chromium(tmp_path, out.as_uri(), "--virtual-time-budget=5000", "--dump-dom")
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("<audio ") == n_audio and done.stdout.count("<section class=\"feature\"") == 6
+    # the browser decodes an embedded snippet: its duration (read by a probe page's script) is the snippet's
+    first = re.search(r"<audio [^>]*data-start='([^']+)' data-end='([^']+)' src='([^']+)'", text)
+    probe = tmp_path / "probe.html"
+    probe.write_text(f"<audio id=a preload=auto src='{first.group(3)}'></audio><p id=o>none</p><script>var a = "
+                     "document.getElementById('a'); a.onloadedmetadata = () => document.getElementById('o').textContent = "
+                     "'duration ' + a.duration; a.onerror = () => document.getElementById('o').textContent = 'error';</script>")
+    done, _ = _chromium(tmp_path, probe.as_uri(), "--virtual-time-budget=5000", "--dump-dom")
+    seconds = float(re.search(r'<p id="o">duration ([\d.]+)</p>', done.stdout).group(1))
+    assert seconds == pytest.approx(float(first.group(2)) - float(first.group(1)), abs=1e-3)
     shot = tmp_path / "page.png"
     done, _ = _chromium(tmp_path, out.as_uri(), "--virtual-time-budget=5000", "--window-size=1280,2400",
                         f"--screenshot={shot}")

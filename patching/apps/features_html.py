@@ -35,29 +35,35 @@ def wave_svg(clip: np.ndarray, start: float, t0: float, t1: float, width: int = 
 
 
 def _histogram_svg(edges: np.ndarray, counts: dict[str, np.ndarray], width: int = 440, height: int = 130) -> str:
-    """Bars of the firing activations' counts per bin, stacked by modality, with the axes' end values."""
-    left, bottom, top_pad = 34, 18, 6
+    """Bars of the firing activations' counts per bin on a log scale (a bar's height is log10(1 + count), so
+    a tail of a few tokens stays visible beside a bin of thousands), split by modality in proportion to
+    their counts."""
+    left, bottom, top_pad = 40, 18, 6
     w, h = width - left - 6, height - bottom - top_pad
-    top = max(int(counts["all"].max()), 1)
-    bw = w / len(counts["all"])
+    total = counts["all"]
+    top = max(int(total.max()), 1)
+    scale = h / math.log10(1 + top)
+    bw = w / len(total)
     bars = []
-    for b in range(len(counts["all"])):
-        y = height - bottom
+    for b in range(len(total)):
+        y, n = height - bottom, int(total[b])
         for m in MODALITIES:
             c = int(counts[m][b])
             if c:
-                bh = c / top * h
+                bh = c / n * math.log10(1 + n) * scale
                 y -= bh
-                bars.append(f"<rect x='{left + b * bw + 0.5:.1f}' y='{y:.1f}' width='{max(bw - 1, 0.5):.1f}' "
-                            f"height='{bh:.1f}' fill='{COLOURS[m]}'><title>{m}: {c} in "
+                bars.append(f"<rect x='{left + b * bw + 0.5:.1f}' y='{y:.2f}' width='{max(bw - 1, 0.5):.1f}' "
+                            f"height='{bh:.2f}' fill='{COLOURS[m]}'><title>{m}: {c} in "
                             f"[{edges[b]:.3g}, {edges[b + 1]:.3g})</title></rect>")
+    ticks = "".join(f"<line x1='{left - 3}' x2='{left}' y1='{y:.1f}' y2='{y:.1f}' stroke='#444'></line>"
+                    f"<text x='{left - 5}' y='{y + 3:.1f}' class='tick' text-anchor='end'>{v:,}</text>"
+                    for v in sorted({top} | {10 ** k for k in range(7) if 10 ** k <= top / 2})
+                    for y in [height - bottom - math.log10(1 + v) * scale])
     axis = (f"<line x1='{left}' y1='{height - bottom}' x2='{width - 6}' y2='{height - bottom}' stroke='#444'></line>"
             f"<line x1='{left}' y1='{top_pad}' x2='{left}' y2='{height - bottom}' stroke='#444'></line>"
             f"<text x='{left}' y='{height - 4}' class='tick'>0</text>"
             f"<text x='{width - 6}' y='{height - 4}' class='tick' text-anchor='end'>{edges[-1]:.3g}</text>"
-            f"<text x='{left + w / 2}' y='{height - 4}' class='tick' text-anchor='middle'>activation</text>"
-            f"<text x='{left - 4}' y='{top_pad + 8}' class='tick' text-anchor='end'>{top}</text>"
-            f"<text x='{left - 4}' y='{height - bottom}' class='tick' text-anchor='end'>0</text>")
+            f"<text x='{left + w / 2}' y='{height - 4}' class='tick' text-anchor='middle'>activation</text>{ticks}")
     return f"<svg class='hist' width='{width}' height='{height}' viewBox='0 0 {width} {height}'>{axis}{''.join(bars)}</svg>"
 
 
@@ -72,7 +78,7 @@ def _density_svg(table: pd.DataFrame, width: int = 520, height: int = 150, bins:
     counts = {g: np.histogram(logf[alive["group"].to_numpy() == g], edges)[0] for g in GROUPS if g != "dead"}
     total = sum(counts.values())
     left, bottom = 34, 30
-    w, h = width - left - 8, height - bottom - 8
+    w, h = width - left - 24, height - bottom - 8
     top = max(int(total.max()), 1)
     bw = w / bins
     bars = []
@@ -85,8 +91,8 @@ def _density_svg(table: pd.DataFrame, width: int = 520, height: int = 150, bins:
                 bars.append(f"<rect x='{left + b * bw + 0.5:.1f}' y='{y:.1f}' width='{max(bw - 1, 0.5):.1f}' height='{bh:.1f}' "
                             f"fill='{COLOURS[g]}'><title>{g}: {c[b]} feature(s)</title></rect>")
     ticks = "".join(f"<text x='{left + (e - lo) / (hi - lo) * w:.1f}' y='{height - bottom + 13}' class='tick' "
-                    f"text-anchor='middle'>1e{e}</text>" for e in range(lo, hi + 1))
-    axis = (f"<line x1='{left}' y1='{height - bottom}' x2='{width - 8}' y2='{height - bottom}' stroke='#444'></line>"
+                    f"text-anchor='middle'>{100 * 10.0 ** e:g}%</text>" for e in range(lo, hi + 1))
+    axis = (f"<line x1='{left}' y1='{height - bottom}' x2='{left + w}' y2='{height - bottom}' stroke='#444'></line>"
             f"<text x='{left + w / 2}' y='{height - 4}' class='tick' text-anchor='middle'>firing frequency (share of "
             f"the store's tokens, log scale)</text><text x='{left - 4}' y='16' class='tick' text-anchor='end'>{top}</text>"
             f"<text x='{left - 4}' y='{height - bottom}' class='tick' text-anchor='end'>0</text>")
@@ -123,7 +129,7 @@ def feature_section(stats: FeatureStats, f: int, media) -> str:
         return head + "<p>It never fires on this store: no histogram and no top token.</p></section>"
     n_bins = len(stats.edges[f]) - 1
     cap = (f"Activations where it fires: n = {int(r['n_firing']):,} tokens in {n_bins} bins of "
-           f"{stats.edges[f][1]:.3g} over (0, {stats.edges[f][-1]:.3g}], stacked by modality; the "
+           f"{stats.edges[f][1]:.3g} over (0, {stats.edges[f][-1]:.3g}], counts on a log scale, split by modality; the "
            f"{stats.n_tokens - int(r['n_firing']):,} tokens where it is 0 are not drawn. {_legend()}")
     top = stats.top[stats.top["feature"] == f]
     cards = []
@@ -163,6 +169,8 @@ def page_html(sae, store, stats: FeatureStats, sections, sizes, media) -> str:
         tables.append(f"<h3>{_badge(g)} {len(sub)} shown</h3><table><tr><th>feature</th><th>fires on (n, % of "
                       f"{stats.n_tokens:,} tokens)</th><th>max</th><th>mean where firing</th><th>mass share "
                       f"{_legend()}</th></tr>{rows}</table>")
+    by_group = "".join(f"<h2>{_badge(g)} features: {len(fs)} shown</h2>" + "".join(sections[f] for f in fs)
+                       for g in GROUPS for fs in [[f for f in stats.features if t.at[f, "group"] == g]] if fs)
     per = (f"{np.mean(sizes) / 1e3:,.0f} kB per feature on average (min {min(sizes) / 1e3:,.0f}, max "
            f"{max(sizes) / 1e3:,.0f})") if sizes else "no feature shown"
     notes = "".join(f"<p class=note>{html.escape(n)}</p>" for n in media.notes)
@@ -180,8 +188,7 @@ on the store. Shares carry the store's base rates (tokens per modality above).</
 <figure>{_density_svg(t)}<figcaption>Firing frequency of the {int((t['n_firing'] > 0).sum()):,} features that fire
 (n = {stats.n_tokens:,} tokens), stacked by group.</figcaption></figure>
 {''.join(tables)}
-<h2>Shown features</h2>
-{''.join(sections)}
+{by_group}
 <p class=foot>Page: {per}. Video and image crops: JPEG, the merged patch outlined ({CROP_SIDE} px at most); audio:
 16 kHz mono 16-bit WAV, {media.audio_context:g} s either side of the token.</p>"""
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>SAE features at {html.escape(stats.hook)}</title>"

@@ -70,8 +70,8 @@ def feature_page(sae, store, out="features.html", *, hook: str | None = None, fe
     stats = feature_stats(sae, store, hook, features=features, n_features=n_features, top_k=top_k, bins=bins,
                           threshold=threshold, progress=progress)
     media = _Media(store, sae, stats, audio_context, crop_context, text_context, tokenizer)
-    sections = [feature_section(stats, f, media) for f in stats.features]
-    sizes = [len(s.encode()) for s in sections]
+    sections = {f: feature_section(stats, f, media) for f in stats.features}
+    sizes = [len(s.encode()) for s in sections.values()]
     page = page_html(sae, store, stats, sections, sizes, media)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
