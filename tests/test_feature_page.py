@@ -113,6 +113,8 @@ def test_chosen_features_and_the_hook_the_sae_names(toy_store, toy_model):
     sae = random_sae(toy_model.cfg.d_model)
     got = fs.feature_stats(sae, toy_store, features=[5, 2], top_k=2)
     assert got.features == [5, 2] and got.top["feature"].drop_duplicates().tolist() == [5, 2]
+    with pytest.raises(ValueError, match="names the features to show and n_features=3 asks for the largest ones"):
+        fs.feature_stats(sae, toy_store, features=[5], n_features=3)
     for bad, message in [([24], r"not feature indices of this SAE \(0..23\)"), ([1, 1], "twice"), ([], "not feature")]:
         with pytest.raises(ValueError, match=message):
             fs.feature_stats(sae, toy_store, features=bad)
@@ -449,3 +451,6 @@ def test_cli_sae_view_writes_the_page_and_refuses_a_folder_without_an_sae(toy_st
     assert "kB per feature" in capsys.readouterr().out
     assert main(["sae", "view", "--sae", str(tmp_path), "--activations", str(toy_store.folder), "--out", str(out)]) == 2
     assert "is not an SAE folder (no cfg.json)" in capsys.readouterr().err
+    assert main(["sae", "view", "--sae", str(tmp_path / "sae"), "--activations", str(toy_store.folder), "--out", str(out),
+                 "--features", "3", "--feature", "0"]) == 2
+    assert "give one of them" in capsys.readouterr().err

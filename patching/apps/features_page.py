@@ -31,13 +31,13 @@ import pandas as pd
 
 from patching.apps.features_html import CROP_SIDE, feature_section, page_html, wave_svg
 from patching.datasets.activations import ActivationStore
-from patching.datasets.feature_stats import FeatureStats, feature_stats, resolve_hook
+from patching.datasets.feature_stats import N_FEATURES, FeatureStats, feature_stats, resolve_hook
 
 MAX_BYTES = 50_000_000
 _B64 = 4 / 3
 
 
-def feature_page(sae, store, out="features.html", *, hook: str | None = None, features=None, n_features: int = 24,
+def feature_page(sae, store, out="features.html", *, hook: str | None = None, features=None, n_features: int | None = None,
                  top_k: int = 8, bins: int = 30, threshold: float = 0.8, audio_context: float = 0.5,
                  crop_context: float = 1.0, text_context: int = 8, tokenizer=None, max_bytes: int = MAX_BYTES,
                  progress: bool = False) -> Path:
@@ -61,7 +61,7 @@ def feature_page(sae, store, out="features.html", *, hook: str | None = None, fe
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     if isinstance(text_context, bool) or not isinstance(text_context, int) or text_context < 0:
         raise ValueError(f"text_context must be a number of positions >= 0, got {text_context!r}")
-    shown = n_features if features is None else np.atleast_1d(features).size
+    shown = (n_features or N_FEATURES) if features is None else np.atleast_1d(features).size
     bound = page_bytes(shown, top_k, _longest_audio_token(store), audio_context)
     if bound > max_bytes:
         raise ValueError(f"{shown} feature(s) x top {top_k} tokens could write a page of about {bound / 1e6:.0f} MB (audio "
@@ -295,8 +295,9 @@ def register(sae_sub) -> None:
     v.add_argument("--sae", required=True, help="an SAE folder in SAELens's format (cfg.json + sae_weights.safetensors)")
     v.add_argument("--activations", required=True, help="the activation store (hooked-av harvest --out) at the SAE's hook")
     v.add_argument("--out", required=True, help="the page to write (FILE.html)")
-    v.add_argument("--features", type=int, default=24, help="show the N features of largest activation mass (default 24)")
-    v.add_argument("--feature", type=int, action="append", metavar="F", help="show feature F (repeat; replaces --features)")
+    v.add_argument("--features", type=int, default=None, metavar="N",
+                   help=f"show the N features of largest activation mass (default {N_FEATURES})")
+    v.add_argument("--feature", type=int, action="append", metavar="F", help="show feature F (repeat; instead of --features)")
     v.add_argument("--top", type=int, default=8, help="top-activating tokens per feature (default 8)")
     v.add_argument("--hook", default=None, help="the store's hook (default: the SAE's cfg.metadata.hook_name)")
     v.add_argument("--bins", type=int, default=30, help="histogram bins (default 30)")
@@ -326,5 +327,5 @@ def view_command(args) -> None:
                        top_k=args.top, bins=args.bins, threshold=args.threshold, audio_context=args.audio_context,
                        tokenizer=tokenizer, max_bytes=int(args.max_mb * 1e6), progress=True)
     size = out.stat().st_size
-    n = len(args.feature) if args.feature else args.features
+    n = len(args.feature) if args.feature else args.features or N_FEATURES
     print(f"page: {out.resolve()} ({size / 1e6:.2f} MB for up to {n} features, {size / max(n, 1) / 1e3:.0f} kB per feature)")

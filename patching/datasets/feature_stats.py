@@ -31,6 +31,7 @@ import torch
 from patching.datasets.activations import ActivationStore
 
 MODALITIES = ("audio", "video", "image", "text")  # the harvest's modality column
+N_FEATURES = 24  # features shown when none are named
 CHUNK_ELEMENTS = 1 << 24  # features per encoded chunk (tokens x d_sae): 64 MB in float32
 
 
@@ -55,12 +56,12 @@ class FeatureStats:
     counts: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
 
 
-def feature_stats(sae, store, hook: str | None = None, *, features=None, n_features: int = 24, top_k: int = 8,
+def feature_stats(sae, store, hook: str | None = None, *, features=None, n_features: int | None = None, top_k: int = 8,
                   bins: int = 30, threshold: float = 0.8, progress: bool = False) -> FeatureStats:
     """Stream `store` (an `ActivationStore` or its folder) through `sae` (a `sae_lens.SAE`, or anything
     with `encode(x [n, d_in]) -> [n, d_sae]` and `cfg.d_sae`) at `hook` (default: the SAE's
     `cfg.metadata.hook_name`, else the store's only hook) and return a `FeatureStats`. `features`: the
-    feature indices to show (default: the `n_features` alive features of largest activation mass);
+    feature indices to show, else the `n_features` (default 24) alive features of largest activation mass;
     `top_k` tokens each; `bins` histogram bins; `threshold` in (0.5, 1]: the mass share that names a
     feature's modality.
 
@@ -72,6 +73,10 @@ def feature_stats(sae, store, hook: str | None = None, *, features=None, n_featu
     store = store if isinstance(store, ActivationStore) else ActivationStore(store)
     hook = resolve_hook(sae, store, hook)
     d_sae = int(sae.cfg.d_sae)
+    if features is not None and n_features is not None:
+        raise ValueError(f"features={features!r} names the features to show and n_features={n_features!r} asks for the "
+                         "largest ones: give one of them")
+    n_features = N_FEATURES if n_features is None else n_features
     for value, name in ((top_k, "top_k"), (bins, "bins"), (n_features, "n_features")):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
