@@ -82,8 +82,8 @@ __all__ = [
     "normalised", "register", "relative_change", "run_rows", "samples",
     # results and studies
     "CocoObjects", "ManifestError", "Result", "Study", "read_manifest", "run_study", "write_report",
-    # features: activations harvested over a dataset
-    "harvest",
+    # features: activations harvested over a dataset, an SAE's features over them and their page
+    "feature_page", "feature_stats", "harvest",
 ]
 
 
@@ -92,6 +92,14 @@ def __getattr__(name):  # the study app loads matplotlib's file backend: only wh
         from patching.apps.harvest import harvest
 
         return harvest
+    if name == "feature_stats":
+        from patching.datasets.feature_stats import feature_stats
+
+        return feature_stats
+    if name == "feature_page":
+        from patching.apps.features_page import feature_page
+
+        return feature_page
     if name in ("run_study", "Study", "write_report"):
         from patching.apps.study import Study, run_study
         from patching.apps.study.report import write_report

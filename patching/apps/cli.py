@@ -1,7 +1,8 @@
 """The `hooked-av` command: `demo` (the main job, on the embedded toy model), `flow` (the same
 knockout analysis on any supported model and clip), `study` (experiments over a dataset manifest),
-`harvest` (activations over a dataset manifest, for SAEs), `sae train` (an SAE on a harvested store) and
-`toy-data` (the toy task as files and a manifest). A user mistake prints one `error: ...` line
+`harvest` (activations over a dataset manifest, for SAEs), `sae train` (an SAE on a harvested store),
+`sae view` (an SAE's features with their media) and `toy-data` (the toy task as files and a manifest). A
+user mistake prints one `error: ...` line
 and exits with status 2; anything else (a bug) keeps its traceback."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from patching.apps.features_page import register as register_view
 from patching.apps.harvest import register as register_harvest
 from patching.apps.sae_train import register as register_sae
 from patching.apps.study.cli import register as register_study
@@ -36,8 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     flow.add_argument("--device", default=None, help='e.g. "cuda" (default: CPU)')
     flow.add_argument("--out", default="runs/flow")
     register_study(sub)  # study, toy-data: each sets args.func
-    register_sae(sub)  # sae train
     register_harvest(sub)
+    sae = sub.add_parser("sae", help="sparse autoencoders on harvested activations: train one, view its features")
+    sae_commands = sae.add_subparsers(dest="sae_command", required=True)
+    register_sae(sae_commands)  # sae train
+    register_view(sae_commands)  # sae view
 
     args = ap.parse_args(argv)
     try:
