@@ -449,6 +449,6 @@ EXPERIMENT = Experiment(
     cells=("corrupted", "site", "tokens", "layer", "pos"), extra_options=frozenset({"sinks"}),
     not_options=frozenset({"corrupted", "corrupt_answers"}),
     report=Report("Causal tracing: indirect effect per restored token set", split=("corrupted",), by_site=True),
-    columns=("site", "tokens", "layer", "window_start", "window_end", "p_clean", "p_corrupt", "p_restored",
+    columns=("site", "tokens", "layer", "window_start", "window_end", "corrupt_pred", "p_clean", "p_corrupt", "p_restored",
              "indirect_effect", "ie_corrupt_pred", "correct", "pos", "corrupted", "dominance"),
 )
