@@ -83,12 +83,19 @@ class Experiment:
     study's options, less `not_options`, plus `extra_options`, with `required` ones always asked for.
     `by` / `value`: `Result.mean`'s default grouping and value; `label`: the axis label of `value`;
     `correct_only`: averaged over the correctly answered samples by default (the papers' convention
-    for knockout and causal tracing); `outcome`: "binary" when `value` is 0/1 per sample (an
-    accuracy), else "continuous". `run(sample, options)`: the study's adaptor, rows for one
+    for knockout and causal tracing); `outcome`: "binary" when `summary_value` is 0/1 per sample (an
+    accuracy; its interval is Wilson's, its paired test McNemar's), else "continuous" (a bootstrap
+    interval, the sign test of the per-sample effect: `patching.engine.stats`); `paired`: the
+    (intervention, plain run) columns of a row a cell is tested on, sample by sample (None: no
+    paired test; for a continuous outcome `summary_value` is the per-sample effect between them);
+    `unit`: "probability" or "percent" (a relative change of a probability) when the value has a
+    numerical floor (`stats.numerical_floor`), with `unit_scale(options)` its multiple of that unit
+    under a study's options (causal tracing's `scale`). `run(sample, options)`: the study's adaptor, rows for one
     `StudySample`; `cells` / `study_value`: the columns that name a cell of the study's summary and the
     value it averages (default `value`); `summary_rows(rows)`: the rows that summary averages where they
-    are not the rows as written (dominance: one 0/1 share per label); `check(options, window)`: refuses
-    settings before a model loads; `plot`, `report`: see `Plot`, `Report`.
+    are not the rows as written (dominance: one 0/1 share per label); `check(options, window, cfg)`:
+    refuses settings before a model loads (`cfg`: the model's `HookedAVConfig`, read from its
+    config.json without weights, or None); `plot`, `report`: see `Plot`, `Report`.
 
         record = Experiment("lens_by_rank", logit_lens, by=("group", "layer"), value="rank", label="rank of the answer")
         record.option_names()  # the options a study may give it: ['groups', 'lens', 'site']
@@ -110,8 +117,11 @@ class Experiment:
     not_options: frozenset = field(default_factory=frozenset)
     required: tuple[str, ...] = ()
     example: dict = field(default_factory=dict)  # a valid option set, quoted when a required option is missing
-    check: Callable | None = None  # check(options, window): refuse settings before a model loads
+    check: Callable | None = None  # check(options, window, cfg): refuse settings before a model loads
     summary_rows: Callable | None = None  # rows -> the rows a study's summary averages (default: as written)
+    paired: tuple[str, str] | None = None  # (intervention, plain run) columns a cell's paired test compares
+    unit: str | None = None  # "probability" / "percent": the value's numerical floor (patching.engine.stats)
+    unit_scale: Callable | None = None  # unit_scale(options) -> the value's multiple of `unit` (default 1)
 
     def __post_init__(self):
         if self.outcome not in OUTCOMES:
@@ -120,6 +130,14 @@ class Experiment:
     @property
     def summary_value(self) -> str:
         return self.study_value or self.value
+
+    def outcome_of(self, column: str, values=None) -> str:
+        """The outcome of `column`: the record's `outcome` for its summary value; else "binary" for a
+        boolean column (`values`, its data), "continuous" otherwise (discarding plots p(answer),
+        continuous, and summarises `correct`, binary)."""
+        if column == self.summary_value:
+            return self.outcome
+        return "binary" if values is not None and getattr(values, "dtype", None) == bool else "continuous"
 
     @property
     def subset(self) -> str:
@@ -140,7 +158,8 @@ class Experiment:
 class StudySample:
     """What a study hands an experiment's `run` for one sample: `inputs` (processor-style, on the
     device), `enc` (`model.encode`'s output: the towers ran once), `tm` (its TokenMap), `answer` (the
-    scored answer token id), `window` (the study's knockout window).
+    scored answer token id), `window` (the study's knockout window), `first` (the first sample this
+    run processes: settings only data can check are refused there, before the rest is spent).
 
         from patching.engine.experiment import get
         x = StudySample(model, inputs, model.encode(**inputs), tm, answer, window=1)
@@ -153,6 +172,7 @@ class StudySample:
     tm: object
     answer: int
     window: int | None
+    first: bool = False
 
 
 _REGISTRY: dict[str, Experiment] = {}
@@ -210,10 +230,11 @@ def draw(result, **kwargs):
     return _DRAWERS[0](result, **kwargs)
 
 
-def check_options(options: dict | None, experiments: list[str], window: int | None = None) -> dict:
+def check_options(options: dict | None, experiments: list[str], window: int | None = None, cfg=None) -> dict:
     """Refuse, before a model loads, options for experiments not run, names an experiment does not
     take, nested `sinks` options `find_sinks` does not take, missing required ones, and what a record's
-    own `check` refuses (the knockout window for its style)."""
+    own `check` refuses against the model's config `cfg` when given (the knockout window for its
+    style and the model's depth, a sink threshold the model's width cannot reach)."""
     options = dict(options or {})
     stray = [k for k in options if k not in experiments]
     if stray:
@@ -240,6 +261,11 @@ def check_options(options: dict | None, experiments: list[str], window: int | No
             bad = sorted(set(nested) - set(sink_options))
             if bad:
                 raise ValueError(f"{exp}.sinks: find_sinks takes no option(s) {bad}; its options: {sink_options}")
+            if get("sinks").check is not None:  # the sinks it finds follow the same thresholds
+                try:
+                    get("sinks").check(nested, window, cfg)
+                except ValueError as e:
+                    raise ValueError(f"{exp}.{e}") from None
     for exp in experiments:
         if exp == "accuracy":
             continue
@@ -249,5 +275,5 @@ def check_options(options: dict | None, experiments: list[str], window: int | No
             example = ", ".join(f"{exp}.{k}={v}" for k, v in record.example.items())
             raise ValueError(f"{exp} needs the option(s) {missing}" + (f", e.g. {example}" if example else ""))
         if record.check is not None:
-            record.check(options.get(exp, {}), window)
+            record.check(options.get(exp, {}), window, cfg)
     return options

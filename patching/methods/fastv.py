@@ -173,12 +173,14 @@ def fastv(
                 repeats)
         f_full = forward_flops(model, n)
         g_full = sum(forward_flops(model, n + t) for t in range(max_new_tokens))
+        correct_full = bool(metric.correct(outs["full"][0], s.index)[0])
         for name, (logits, keep) in outs.items():
             dropped = n - int(keep.sum())
             f = forward_flops(model, n, n - dropped, k)
             gf = sum(forward_flops(model, n + t, n + t - dropped, k) for t in range(max_new_tokens))
             rows.append(dict(sample=s.index, method=name, k=k, r=r, n_tokens=n, n_media=int(m.sum()), n_dropped=dropped,
                              prob=float(metric(logits, s.index)[0]), correct=bool(metric.correct(logits, s.index)[0]),
+                             correct_full=correct_full,
                              pred=int(logits[0].argmax()), flops=f, flops_saved=1 - f / f_full, seconds=seconds[name],
                              time_saved=1 - seconds[name] / seconds["full"], generated=" ".join(map(str, gen.get(name, []))),
                              gen_flops=gf, gen_flops_saved=(1 - gf / g_full) if max_new_tokens else 0.0,
@@ -197,5 +199,6 @@ def _run(x: StudySample, opts: dict) -> pd.DataFrame:
 EXPERIMENT = Experiment(
     "fastv", fastv, by=("method",), value="correct", label="accuracy", outcome="binary",
     plot=Plot("points", series="method", xlabel="prefill FLOPs saved (fraction)"), run=_run, cells=("method",),
+    paired=("correct", "correct_full"),
     report=Report("FastV beside discarding a whole modality: accuracy against prefill FLOPs saved"),
 )
