@@ -12,7 +12,8 @@ One sample per line (JSONL: one object; CSV: a header row, lists as JSON text):
   of `{video, audio, image, label}`, interleaved in that order); paths relative to the manifest's folder.
 - `options` (optional, at least two): then `answer` is an option's letter (`"B"`), its 0-based index
   (`1`, or `"1"` in a CSV) or its text.
-- Every other column (task, dataset, split, ...) is metadata, carried through to every result row.
+- Every other column (task, dataset, split, ...) is metadata, carried through to every result row;
+  `n_options` (a whole number >= 2) gives the chance level of a sample without `options`.
 
 `read_manifest` checks every row and every media file (the file exists; a video's first frame
 decodes; an audio column's file has an audio stream; an image opens) and raises one `ManifestError`
@@ -32,7 +33,7 @@ MEDIA = ("video", "audio", "image")
 ITEM_KEYS = MEDIA + ("label",)
 CORE = ("id", "question", "answer", "options", "items") + MEDIA
 # columns the study writes itself: metadata under these names would be overwritten in the results
-RESERVED = ("sample_correct", "correct", "prediction", "answer_text", "answer_token", "p_answer", "rule", "sample")
+RESERVED = ("sample_correct", "correct", "prediction", "answer_text", "answer_token", "p_answer", "rule", "sample", "chance")
 
 
 class ManifestError(ValueError):
@@ -192,6 +193,14 @@ def _row(n, rec, folder: Path, problems, checked, check_files) -> Row | None:
     for k in meta:
         if k in RESERVED:
             problems.append((n, rid, k, f"{k!r} is a column the study writes itself; rename this metadata column"))
+    if "n_options" in meta:  # the chance level 1 / n_options of a sample without options (a CSV cell is text)
+        v = meta["n_options"]
+        try:
+            whole = float(v) == int(float(v)) and int(float(v)) >= 2 and not isinstance(v, bool)
+        except (TypeError, ValueError):
+            whole = False
+        if not whole:
+            problems.append((n, rid, "n_options", f"must be a whole number of answer options >= 2, got {v!r}"))
     return Row(index=n - 1, id=rid, question=question, answer=str(rec["answer"]), answer_text=answer,
                options=tuple(options) if options else None, answer_index=index, items=tuple(items or ()),
                meta=meta, **media)
