@@ -286,3 +286,23 @@ def test_a_report_says_why_an_experiment_gave_no_rows_sample_by_sample(model, da
     section = html[html.index("Causal tracing"):html.index("Logit lens")]
     assert "No rows: no sample gave causal_tracing a result" in section and section.count("is empty in this sample") == N
     assert html.count("<img") == 1  # the logit lens' figure
+
+
+def test_layers_named_in_options_are_checked_against_the_models_depth_before_it_loads(data, tmp_path, monkeypatch):
+    import hooked_av
+
+    monkeypatch.setattr(hooked_av, "load", lambda *a, **k: pytest.fail("a model was loaded"))
+    cases = [  # the toy has 4 layers (0..3); discarding from 4 discards nothing
+        (["knockout"], {"knockout": {"centres": [1, 4]}}, r"knockout.centres \[4\] out of range; the model has 4 layers: 0..3"),
+        (["discarding"], {"discarding": {"from_layers": [5]}}, r"discarding.from_layers \[5\] out of range; .*0..4 \(4 = none\)"),
+        (["dla"], {"dla": {"layers": [7]}}, r"dla.layers \[7\] out of range"),
+        (["var"], {"var": {"layers": [2, 9]}}, r"var.layers \[9\] out of range"),
+        (["pathway"], {"pathway": {"keep": [["video", "last", [0, 6]]]}}, r"pathway.keep \[6\] out of range"),
+        (["fastv"], {"fastv": {"k": 4}}, r"fastv.k \[4\] out of range; k must be in 1..3"),
+        (["fastv"], {"fastv": {"k": 0}}, r"fastv.k \[0\] out of range; k must be in 1..3"),
+        (["causal_tracing"], {"causal_tracing": {"centres": [-1]}}, r"causal_tracing.centres \[-1\] out of range"),
+    ]
+    for exps, opts, msg in cases:
+        with pytest.raises(ValueError, match=msg + r".*before its weights load"):
+            run_study("toy", data, exps, tmp_path / "out", options=opts, progress=False)
+    assert not (tmp_path / "out").exists()

@@ -263,7 +263,7 @@ def check_options(options: dict | None, experiments: list[str], window: int | No
                 raise ValueError(f"{exp}.sinks: find_sinks takes no option(s) {bad}; its options: {sink_options}")
             if get("sinks").check is not None:  # the sinks it finds follow the same thresholds
                 try:
-                    get("sinks").check(nested, window, cfg)
+                    _check(get("sinks"), nested, window, cfg)
                 except ValueError as e:
                     raise ValueError(f"{exp}.{e}") from None
     for exp in experiments:
@@ -274,6 +274,43 @@ def check_options(options: dict | None, experiments: list[str], window: int | No
         if missing:
             example = ", ".join(f"{exp}.{k}={v}" for k, v in record.example.items())
             raise ValueError(f"{exp} needs the option(s) {missing}" + (f", e.g. {example}" if example else ""))
+        if cfg is not None:
+            _layer_options(exp, options.get(exp, {}), cfg.n_layers)
         if record.check is not None:
-            record.check(options.get(exp, {}), window, cfg)
+            _check(record, options.get(exp, {}), window, cfg)
     return options
+
+
+# options that name layers, with the range a model of L layers allows (discarding from L discards nothing)
+LAYER_OPTIONS = {"layers": 0, "centres": 0, "from_layers": 1}
+
+
+def _layer_options(exp: str, kw: dict, n_layers: int) -> None:
+    """Layers named in options (`layers`, `centres`, `from_layers`, the effective pathway's `keep`
+    triples, FastV's `k`) against the model's depth, before its weights load."""
+    from patching.engine import checks
+
+    named = {k: v for k, v in kw.items() if k in LAYER_OPTIONS and v is not None}
+    if exp == "pathway" and isinstance(kw.get("keep"), list):
+        named["keep"] = [layer for t in kw["keep"] if isinstance(t, (list, tuple)) and len(t) == 3 for layer in (t[2] or [])]
+    try:
+        for name, values in named.items():
+            values = [values] if isinstance(values, int) else values
+            extra = LAYER_OPTIONS.get(name, 0)
+            checks.indices(values, n_layers + extra, f"{exp}.{name}", "layers",
+                           valid=f"the model has {n_layers} layers: 0..{n_layers - 1 + extra}" + (f" ({n_layers} = none)" if extra else ""))
+        if exp == "fastv" and kw.get("k") is not None:
+            valid = f"k must be in 1..{n_layers - 1}: layer k-1's attention ranks the tokens"
+            if checks.indices([kw["k"]], n_layers, f"{exp}.k", "layers", valid=valid) == [0]:
+                raise ValueError(f"{exp}.k [0] out of range; {valid}")
+    except ValueError as e:
+        raise ValueError(f"{e} (checked against the model's config before its weights load)") from None
+
+
+def _check(record: Experiment, options: dict, window, cfg) -> None:
+    """`record.check(options, window, cfg)`; a check written as `check(options, window)` (before the
+    config was passed) is called without it."""
+    if len(inspect.signature(record.check).parameters) >= 3:
+        record.check(options, window, cfg)
+    else:
+        record.check(options, window)

@@ -167,9 +167,9 @@ def _band_text(methods, ctx, thin: bool, marks: bool, small: bool) -> str:
         parts.append("thin lines: samples")
     if small:
         parts.append(f"x: n < {MIN_N}, no interval")
-    if ctx["paired"] is not None and marks:
+    if ctx["paired"] is not None:  # the test is named whether or not a cell holds it
         test = "McNemar" if ctx["outcome"] == "binary" else "sign test"
-        parts.append(f"*: {CORRECTION}-adjusted p < {ALPHA:g} ({test} vs the plain run)")
+        parts.append(f"*: {CORRECTION}-adjusted p < {ALPHA:g} ({test} vs the plain run){'' if marks else ', none here'}")
     if ctx["floor"] > 0 and ctx["paired"] is not None:
         parts.append(f"|effect| <= {ctx['floor']:.1g}: no effect")
     return "; ".join(parts)
@@ -186,15 +186,16 @@ def _legend(ax, ns: dict, what: str) -> None:
     _legend_below(ax, f"n={counts.pop()} {what}" if len(counts) == 1 else what)
 
 
-def _legend_below(ax, title: str) -> None:
-    """The axes' legend under it (never over the data), long entries wrapped, fewer columns for them."""
+def _legend_below(ax, title: str, drop: float = LEGEND_DROP) -> None:
+    """The axes' legend `drop` points under it (never over the data), long entries wrapped, fewer
+    columns for them."""
     import textwrap
 
     handles, labels = ax.get_legend_handles_labels()
     labels = ["\n".join(textwrap.wrap(label, LEGEND_WIDTH)) for label in labels]  # a long merged entry wraps
     longest = max((len(line) for label in labels for line in label.split("\n")), default=0)
     ncol = 1 if longest > LEGEND_WIDTH // 2 + 4 else 2 if longest > 18 else 3
-    below = offset_copy(ax.transAxes, fig=ax.figure, y=-LEGEND_DROP, units="points")  # under the ticks and the x label
+    below = offset_copy(ax.transAxes, fig=ax.figure, y=-drop, units="points")  # under the ticks and the x label
     ax.legend(handles, labels, fontsize="small", title=title, title_fontsize="small", loc="upper center",
               bbox_to_anchor=(0.5, 0.0), bbox_transform=below, ncol=min(ncol, max(1, len(labels))), frameon=False)
 
@@ -594,8 +595,10 @@ def _knockout_accuracy(df, ax, figsize, ctx):
     _chance(ax, ctx, 100.0)
     _integer_ticks(ax.xaxis)
     mode = ctx["settings"].get("sample_mode", "correct")
+    tested = "p_holm" in df.columns
     marks = "".join([f"; x: n < {MIN_N}, no interval" if any_small else "",
-                     f"; *: {CORRECTION}-adjusted p < {ALPHA:g} (McNemar vs the plain run)" if any_mark else ""])
+                     f"; *: {CORRECTION}-adjusted p < {ALPHA:g} (McNemar vs the plain run){'' if any_mark else ', none here'}"
+                     if tested else ""])
     ax.set(xlabel="window centre layer", ylabel=_ylabel(ctx), ylim=(-2, 102),
            title=f"knockout accuracy ({mode} samples counted) over n={n}\nband: Wilson 95% CI{marks}")
     ax.title.set_fontsize("small")
@@ -614,11 +617,12 @@ def _pathway(df, ax, figsize, ctx):
         ax.axhline(df.groupby("sample")["correct_orig"].first().mean(), color="black", ls="--", lw=1, label="no blocking")
     _chance(ax, ctx)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize="small")
+        _legend_below(ax, "", drop=52)  # inside, it covered the bars; under their three-line labels
     _floor_axis(ax, ctx)
     if ctx["outcome"] == "binary":
         ax.set_ylim(0, 1.1)
-    ax.set(ylabel=_ylabel(ctx), title=f"effective pathway: mean {ctx['value']} over {ctx['subset']}\n{band}")
+    what = "accuracy" if ctx["outcome"] == "binary" else f"mean {ctx['value']}"
+    ax.set(ylabel=_ylabel(ctx), title=f"effective pathway: {what} over {ctx['subset']}\n{band}")
     ax.title.set_fontsize("small")
     return ax
 

@@ -160,6 +160,8 @@ def _union(lines: list[str]) -> str:
                 part = "band: "
             if part not in parts:
                 parts.append(part)
+    # a star in some panel and none in another: the figure has stars, and says once what they mean
+    parts = [p for p in parts if not (p.endswith(", none here") and p.removesuffix(", none here") in parts)]
     return "; ".join("band: " + " or ".join(bands) if p == "band: " else p for p in parts)
 
 
@@ -255,6 +257,7 @@ def _derived_figure(studies, record, source: str, facet):
     fig, axes = _wrapped(len(panels))
     # Holm over every cell of the figure (all panels), as `Study.knockout_accuracy` adjusts them
     tables = {st.dir: st.knockout_accuracy() for st in studies} if record.name == "knockout_accuracy" else {}
+    shared = []
     for (ax,), (st, title, df) in zip(axes, panels):
         res = record.fn(Result(source, df.assign(sample=pd.factorize(df["id"])[0])))
         if st.dir in tables:
@@ -264,6 +267,10 @@ def _derived_figure(studies, record, source: str, facet):
                 t = t[t[k].isin(df[k].unique())]
             res.df["p_holm"] = res.df[["edge", "layer"]].merge(t[["edge", "layer", "p_holm"]], how="left")["p_holm"].to_numpy()
         res.plot(ax=ax, chance=chance_of(st, df["id"].unique()))
-        ax.set_title(f"{title}\n{ax.get_title()}", fontsize="small")
+        first, *rest = ax.get_title().split("\n")  # what every panel shares goes once above them, as in _draw
+        ax.set_title(f"{title}\n{first}", fontsize="small")
+        shared += [r for r in rest if r not in shared]
+    if shared:
+        fig.suptitle("\n".join(_wrap(_union(shared))), fontsize="medium", y=1.0, va="bottom")
     fig.tight_layout()
     return fig
