@@ -88,7 +88,10 @@ def bootstrap_ci(values, n_boot: int = N_BOOT, seed: int = SEED, level: float = 
 
 def proportion_ci(k: float, n: int, level: float = LEVEL) -> tuple[float, float]:
     """Wilson score interval of the proportion k / n (statsmodels' `proportion_confint`, fractions);
-    NaN, NaN for n = 0."""
+    NaN, NaN for n = 0.
+
+        proportion_ci(5, 10)  # (0.237, 0.763)
+    """
     from statsmodels.stats.proportion import proportion_confint
 
     if n <= 0:
@@ -99,7 +102,10 @@ def proportion_ci(k: float, n: int, level: float = LEVEL) -> tuple[float, float]
 
 def two_level(values, floor: float = 0.0) -> float | None:
     """The level c when every value sits at 0 or at c (c: the value farthest from 0, |c| above the
-    floor; "at" means within `TWO_LEVEL_TOL` x |c| or the floor, whichever is larger); else None."""
+    floor; "at" means within `TWO_LEVEL_TOL` x |c| or the floor, whichever is larger); else None.
+
+        two_level([0.0, -100.0, -99.9997, 0.0], floor=1e-3)  # -100.0
+    """
     v = np.asarray(values, dtype=float)
     if not len(v):
         return None
@@ -224,7 +230,10 @@ def cell_table(per_sample, keys: list[str], outcome: str = "continuous", floor: 
     """`summarise` per cell of `per_sample` (a frame with `keys`, one row per sample and cell, its value
     in `v` and, for a paired binary outcome, the plain run's 0/1 in `base`), cells in order of first
     appearance, with Holm's correction over all of them (`p_holm`) and `significant` (p_holm < ALPHA).
-    The one computation behind `Study.summary`'s rows and every figure's means, bands and marks."""
+    The one computation behind `Study.summary`'s rows and every figure's means, bands and marks.
+
+        cell_table(pd.DataFrame(dict(layer=[0] * 6, v=[-100.0] * 6)), ["layer"], paired=True)  # p 0.031, Wilson two levels
+    """
     import pandas as pd
 
     rows = []
