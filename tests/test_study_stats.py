@@ -138,3 +138,16 @@ def test_the_knockout_figure_draws_the_summary_means_bands_and_every_sample(tmp_
     assert "n=7" in ax_a.get_legend().get_title().get_text()
     assert all(float(t).is_integer() for t in ax_a.get_xticks())
     assert "no sample is answered correctly" in " ".join(t.get_text() for t in ax_b.texts)  # said, not averaged over all
+
+
+def test_a_knockout_curve_that_never_drops_beyond_the_floor_has_no_lowest_point():
+    from patching.apps.study.report import lowest_points
+
+    def cells(edge, means):
+        return [dict(model="m", kind="a", edge=edge, layer=layer, mean=m, floor=1e-3, note="") for layer, m in enumerate(means)]
+
+    # "x": noise within the floor and a rise; before, its "lowest point" was whichever layer's noise was lowest
+    summary = pd.DataFrame(cells("x->y", [2e-4, -4e-4, 3.0, 0.0]) + cells("z->y", [0.0, -60.0, -2e-4, -80.0]))
+    low = lowest_points(summary).set_index("edge")
+    assert low.loc["x->y", "layer"] == "" and low.loc["x->y", "note"] == "no drop at any layer"
+    assert low.loc["z->y", "layer"] == 3 and low.loc["z->y", "mean"] == -80.0 and low.loc["z->y", "note"] == ""

@@ -85,8 +85,8 @@ def run_demo(out_dir: str | Path = "runs/demo", n_eval: int = 200, n_flow: int =
     report.text("Table: the lowest point of each mean curve above: mean [95 % interval] over the correctly answered "
                 "samples (percentile bootstrap, or Wilson of the share where every sample is at 0 or at one level), the "
                 "layer where it is lowest, and the exact sign test against the plain run with Holm's correction over "
-                "the figure's cells (p_holm; * below 0.05); 'no effect' where the whole curve is within the numerical "
-                "floor (0.001 %), 'n < 5' where no interval is given (n per kind: "
+                "the figure's cells (p_holm; * below 0.05); 'no drop' where no layer's mean falls below minus the "
+                "numerical floor (0.001 %), 'n < 5' where no interval is given (n per kind: "
                 + ", ".join(f"{k} {n}" for k, n in n_correct.items()) + ").").table(lowest_table)
     report.heading("Discarding audio + video tokens from layer L on: accuracy and FLOPs saved").figure(figure(flow, "discarding"))
     report.heading("Token layout of one two_clip sample").pre(layout)
@@ -105,8 +105,8 @@ def _cell(mean: float, lo: float, hi: float, layer, p_holm: float = float("nan")
     """`mean [lo, hi] at layer L (p_holm)`, one decimal; a curve within the numerical floor at every
     layer says "no effect" instead of naming an arbitrary layer; fewer than 5 samples: no interval."""
     r = lambda v: f"{round(v, 1) + 0.0:.1f}"  # noqa: E731  (+ 0.0: no "-0.0")
-    if note == "no effect at any layer":
-        return "no effect (within the floor)"
+    if note == "no drop at any layer":
+        return "no drop (within the floor)"
     if note == "n < 5":
         return f"{r(mean)} at layer {int(layer)} (n < 5: no interval, no test)"
     star = "*" if p_holm < 0.05 else ""

@@ -165,7 +165,7 @@ def _table(items, exp) -> tuple[pd.DataFrame, str]:
     table = rep.table if rep else "cells"
     if table == "lowest":  # the curve is the figure; the table gives where each mean curve is lowest
         return lowest_points(t), (f"Table: each edge's lowest point of the mean curve in the figure (the layer where it is "
-                                  f"lowest; 'no effect at any layer' where the whole curve is within the numerical floor; {what}).")
+                                  f"lowest; 'no drop at any layer' where no layer's mean falls below minus the numerical floor; {what}).")
     if table == "shares":
         return t, f"Table: share of the samples with audio and video that carry each label ({what})."
     if len(t) > MAX_ROWS:
@@ -184,19 +184,19 @@ def _floors(t: pd.DataFrame) -> str:
 def lowest_points(summary: pd.DataFrame) -> pd.DataFrame:
     """Per (model, kind / task / dataset, edge): the summary row (one subset) where the mean curve is
     lowest, i.e. the layer of the largest mean drop, with its interval, n and test; an edge whose
-    every mean is within the numerical floor has no lowest point: its row says "no effect at any
-    layer" with the layer left empty (any layer would be arbitrary)."""
+    mean never falls below minus the numerical floor has no lowest point: its row says "no drop at
+    any layer" with the layer left empty (any layer would be arbitrary)."""
     keys = ["model", *[c for c in ("kind", "task", "dataset") if c in summary.columns], "edge"]
     keys = [k for k in keys if k in summary.columns]
     s = summary.dropna(subset=["mean"])
     low = s.sort_values("mean", kind="stable").groupby(keys, sort=False).head(1).sort_values(keys).copy()
     if "floor" in s.columns:
-        flat = s.assign(within=s["mean"].abs() <= s["floor"]).groupby(keys)["within"].all()
+        flat = s.assign(within=s["mean"] >= -s["floor"]).groupby(keys)["within"].all()
         idx = pd.MultiIndex.from_frame(low[keys]) if len(keys) > 1 else low[keys[0]]
         is_flat = flat.reindex(idx).to_numpy(dtype=bool)
         low["layer"] = low["layer"].astype(object)
         low.loc[is_flat, "layer"] = ""
-        low.loc[is_flat, "note"] = "no effect at any layer"
+        low.loc[is_flat, "note"] = "no drop at any layer"
     return low
 
 
