@@ -34,7 +34,15 @@ from matplotlib.ticker import MaxNLocator
 from matplotlib.transforms import offset_copy
 
 from patching.engine import checks, experiment
-from patching.engine.stats import ALPHA, CORRECTION, MIN_N, cell_table, min_half_range, numerical_floor, two_level
+from patching.engine.stats import (
+    ALPHA,
+    CORRECTION,
+    MIN_N,
+    cell_table,
+    min_half_range,
+    numerical_floor,
+    two_level,
+)
 
 SIGNED = {"normalised", "attribution", "indirect_effect", "ie_corrupt_pred", "rel_change", "rel_change_pred", "dla",
           "mds", "metric_change"}  # values with a meaningful 0 in the middle: diverging colours centred there

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pandas as pd
 
-
 from patching.apps.study.runner import read_empty, read_parts
 from patching.engine import experiment as registry
 from patching.engine.stats import N_BOOT, SEED, adjust, cell_table, numerical_floor
