@@ -306,3 +306,14 @@ def test_layers_named_in_options_are_checked_against_the_models_depth_before_it_
         with pytest.raises(ValueError, match=msg + r".*before its weights load"):
             run_study("toy", data, exps, tmp_path / "out", options=opts, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_study_records_the_dtype_its_model_runs_in_and_refuses_a_contradicting_one(model, data, tmp_path):
+    import json
+
+    # the numerical floor of every table depends on the dtype: a loaded float32 model is not run in bfloat16
+    with pytest.raises(ValueError, match=r"dtype='bfloat16' applies to a model loaded by name; this model is already loaded "
+                                         r"in float32: pass dtype='float32' \(or None\)"):
+        run_study(model, data, ["accuracy"], tmp_path / "a", dtype="bfloat16", progress=False)
+    out = run_study(model, data, ["accuracy"], tmp_path / "b", dtype=None, limit=1, progress=False)
+    assert json.loads((out / "settings.json").read_text())["dtype"] == "float32"  # was "checkpoint": no floor for it

@@ -91,7 +91,16 @@ def run_study(
     rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
     dev = as_device(f"cuda:{local}" if device == "cuda" and world > 1 else device)
     name = model if isinstance(model, (str, os.PathLike)) else type(model).__name__
-    settings = dict(model=str(name), dtype=str(dtype_ or "checkpoint").removeprefix("torch."), device_type=dev.type,
+    # the dtype the model runs in (the numerical floor of every result depends on it): a name loads in float32
+    # unless dtype says otherwise, a loaded model runs in its own, which dtype may not contradict
+    used = dtype_ or torch.float32
+    if not isinstance(model, (str, os.PathLike)):
+        used = next(model.parameters()).dtype
+        if dtype_ is not None and dtype_ != used:
+            raise ValueError(f"dtype={dtype!r} applies to a model loaded by name; this model is already loaded in "
+                             f"{str(used).removeprefix('torch.')}: pass dtype={str(used).removeprefix('torch.')!r} "
+                             "(or None), or load it in the dtype you want")
+    settings = dict(model=str(name), dtype=str(used).removeprefix("torch."), device_type=dev.type,
                     manifest=manifest.sha256, experiments=experiments, template=tpl.settings(), scoring=scorer.settings(),
                     window=window, options=options, versions=_versions())
     out = Path(out_dir)
