@@ -81,7 +81,9 @@ class Study:
         study's options; 0 for values without a unit."""
         record = registry.get(experiment)
         scale = record.unit_scale(self.settings.get("options", {}).get(experiment, {})) if record.unit_scale else 1.0
-        return numerical_floor(record.unit, self.settings.get("dtype", "float32"), scale)
+        dtype = self.settings.get("dtype", "float32")
+        # folders written before the dtype was recorded said "checkpoint": a name loaded with no dtype ran in float32
+        return numerical_floor(record.unit, "float32" if dtype == "checkpoint" else dtype, scale)
 
     def knockout_accuracy(self, sample_mode: str = "correct", by: list[str] | None = None) -> pd.DataFrame:
         """Map the Flow's accuracy under the knockout (`patching.methods.knockout.knockout_accuracy`, percent of
