@@ -50,7 +50,8 @@ def as_result(study: Study, kind: str, df: pd.DataFrame) -> Result:
     if registry.get(kind).correct_only:
         df = df.assign(correct=df["sample_correct"])
     opts = study.settings.get("options", {}).get(kind, {})
-    settings = {"dtype": study.settings.get("dtype", "float32"), **opts}
+    dtype = study.settings.get("dtype", "float32")
+    settings = {"dtype": "float32" if dtype == "checkpoint" else dtype, **opts}  # as Study.floor reads an older folder
     if kind == "knockout":
         style = opts.get("window_style", "centre")
         rows = df["window"].dropna().unique() if "window" in df.columns else []
