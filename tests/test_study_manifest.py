@@ -86,6 +86,18 @@ def test_answers_by_letter_index_or_text_and_csv_lists(media):
     assert man.meta_columns == ["task"] and man.rows[3].meta == {"task": "other"}
 
 
+def test_the_chance_level_comes_from_the_options_or_n_options(media):
+    from patching.apps.study.runner import chance
+
+    man = read_manifest(_jsonl(media, [{"id": "a", "video": "av.mp4", "question": "Q", "options": ["dog", "car", "cat"], "answer": "A"},
+                                       {"id": "b", "video": "av.mp4", "question": "Q", "answer": "dog", "n_options": 4},
+                                       {"id": "c", "video": "av.mp4", "question": "Q", "answer": "dog"}]))
+    got = [chance(r) for r in man.rows]
+    assert got[:2] == pytest.approx([1 / 3, 1 / 4]) and got[2] != got[2]  # NaN: nothing says how many answers there are
+    with pytest.raises(ManifestError, match=r"column 'n_options': must be a whole number of answer options >= 2, got 1.5"):
+        read_manifest(_jsonl(media, [{"id": "a", "video": "av.mp4", "question": "Q", "answer": "dog", "n_options": 1.5}]))
+
+
 def test_templates_letter_the_options_and_add_the_instruction(media):
     man = read_manifest(_jsonl(media, [{"id": "a", "video": "av.mp4", "question": "What sounds?", "options": ["dog", "car"], "answer": "A"},
                                        {"id": "b", "video": "av.mp4", "question": "What sounds?", "answer": "dog"}]))

@@ -51,7 +51,11 @@ def test_one_row_per_sample_and_cell_with_id_metadata_and_correctness(model, dat
         assert set(part.sample_correct) == {bool(got["accuracy"].set_index("id").sample_correct[r.id])}
     disc = got["discarding"]
     assert len(disc) == len(man.rows) * (model.cfg.n_layers + 1) and set(disc.group) == {"audio|video"}
-    assert list(ko.columns[:5]) == ["id", "kind", "question_name", "dataset", "sample_correct"]
+    assert list(ko.columns[:6]) == ["id", "kind", "question_name", "dataset", "n_options", "sample_correct"]
+    # each sample's chance level, 1 / its question's answer words (the toy's vocab.chance), for accuracy figures
+    from hooked_av.toy import vocab
+
+    assert got["accuracy"].chance.tolist() == pytest.approx([vocab.chance(r.meta["kind"], r.meta["question_name"]) for r in man.rows])
 
 
 def test_resume_after_a_crash_equals_an_uninterrupted_run(model, data, full_run, tmp_path, monkeypatch):
@@ -76,7 +80,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(model, data, full_run,
     assert len(list((tmp_path / "parts" / "knockout").glob("*.parquet"))) == 4  # ... though its knockout part was written
     monkeypatch.setitem(experiment._REGISTRY, "discarding", record)
     seen = []
-    monkeypatch.setattr(runner, "run_sample", lambda m, row, *a: seen.append(row.id) or real_run_sample(m, row, *a))
+    monkeypatch.setattr(runner, "run_sample", lambda m, row, *a, **k: seen.append(row.id) or real_run_sample(m, row, *a, **k))
     run_study(model, data, EXPERIMENTS, tmp_path, window=1, options=OPTIONS, progress=False)
     assert seen == [f"toy-{k:05d}" for k in range(3, 8)]  # done ids skipped
     resumed, whole = frames(tmp_path), frames(full_run)

@@ -9,7 +9,8 @@ so decoding gives back the rendered frames rounded to uint8 and the waveform to 
 samples also name a separate float WAV of the same audio in their `audio` column (the toy has no
 audio-only format: it was trained on clips with both); two-clip samples list their clips as `items`.
 Rows: `id`, `video` or `items`, `audio` (auditory kind), `question`, `answer`, and the metadata
-columns `kind` (see `vocab.KINDS`), `question_name`, `dataset` ("toy").
+columns `kind` (see `vocab.KINDS`), `question_name`, `dataset` ("toy") and `n_options` (the question's
+answer words: a study's chance level is 1 / n_options).
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ def write_toy_dataset(out_dir, n: int, seed: int = 0, kinds: tuple[str, ...] = v
                 row["audio"] = clip(s.clips[0], "wav")
         else:
             row["items"] = [{"video": clip(c, "mp4")} for c in s.clips]
-        row |= {"question": s.text, "answer": s.answer, "kind": s.kind, "question_name": s.question, "dataset": "toy"}
+        row |= {"question": s.text, "answer": s.answer, "kind": s.kind, "question_name": s.question, "dataset": "toy",
+                "n_options": round(1 / vocab.chance(s.kind, s.question))}
         lines.append(json.dumps(row))
     path = out / "manifest.jsonl"
     path.write_text("\n".join(lines) + "\n")

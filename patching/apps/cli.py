@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     flow.add_argument("--audio", help="separate audio file")
     flow.add_argument("--question", required=True)
     flow.add_argument("--answer", required=True, help="the expected answer; its first token is scored")
-    flow.add_argument("--window", type=int, default=9, help="knockout window in layers (default 9)")
+    flow.add_argument("--window", type=int, default=None,
+                      help="knockout window in layers (default: 9 for models of 18 layers or more, a quarter of the depth below)")
     flow.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     flow.add_argument("--device", default=None, help='e.g. "cuda" (default: CPU)')
     flow.add_argument("--out", default="runs/flow")

@@ -51,7 +51,9 @@ def run_demo(out_dir: str | Path = "runs/demo", n_eval: int = 200, n_flow: int =
     run_study("toy", manifest, ["knockout"], out / "flow", limit=n_flow_total, window=window)
     flow = Study(out / "flow")
     t3 = time.perf_counter()
-    acc_table = acc.summary("accuracy", by=["kind"])[["kind", "n_samples", "mean", "ci_low", "ci_high"]]
+    acc_table = acc.summary("accuracy", by=["kind"])[["kind", "n_samples", "mean", "ci_low", "ci_high", "interval"]]
+    chance = acc.frame("accuracy").groupby("kind", sort=False)["chance"].mean()
+    acc_table = acc_table.assign(chance=acc_table["kind"].map(chance))
     print("accuracy per question kind (from the files):\n" + acc_table.round(3).to_string(index=False))
     throughput = dict(accuracy=len(manifest) / (t2 - t1), discarding=len(manifest) / (t_disc - t2),
                       flow=n_flow_total / (t3 - t_disc))
@@ -66,7 +68,8 @@ def run_demo(out_dir: str | Path = "runs/demo", n_eval: int = 200, n_flow: int =
     lowest = lowest_points(summary[summary.subset == "correct"])
     print("knockout: lowest point of each mean curve, relative change of p(answer) in % (correct samples):\n"
           + lowest.pivot(index="edge", columns="kind", values="mean").round(1).to_string())
-    lowest_table = lowest.assign(cell=[_cell(*r) for r in zip(lowest["mean"], lowest.ci_low, lowest.ci_high, lowest.layer)])
+    lowest_table = lowest.assign(cell=[_cell(*r) for r in zip(lowest["mean"], lowest.ci_low, lowest.ci_high, lowest.layer,
+                                                              lowest.p_holm, lowest.note)])
     lowest_table = lowest_table.pivot(index="edge", columns="kind", values="cell").fillna("(no such edge)").reset_index()
     lowest_table.columns.name = None
     n_correct = summary[summary.subset == "correct"].groupby("kind").n_samples.max()
@@ -83,15 +86,20 @@ def run_demo(out_dir: str | Path = "runs/demo", n_eval: int = 200, n_flow: int =
                 f"{len(manifest)} samples written as files ({out / 'data' / 'manifest.jsonl'}); knockout window {window}; "
                 f"run time {time.perf_counter() - t0:.0f} s; throughput {throughput['accuracy']:.1f} samples/s (accuracy), "
                 f"{throughput['discarding']:.1f} samples/s (discarding), {throughput['flow']:.1f} samples/s (knockout).")
-    report.heading("Accuracy per question kind (bootstrap 95 % intervals)").figure(_accuracy_figure(acc_table)).table(acc_table)
+    report.heading("Accuracy per question kind (Wilson 95 % intervals)").figure(_accuracy_figure(acc_table)).table(acc_table)
+    report.text("Table: accuracy over all samples of each kind, n_samples, the Wilson score 95 % interval (ci_low, "
+                "ci_high; none for n < 5) and the chance level (the mean of 1 / number of answer words over the samples).")
     report.heading("Attention knockout: relative change of p(answer) (%), correctly answered samples")
     report.figure(figure(flow, "knockout"))
-    report.text("Table: the lowest point of each mean curve above: mean [bootstrap 95 % interval] over the correctly "
-                "answered samples, and the layer where it is lowest (n per kind: "
+    report.text("Table: the lowest point of each mean curve above: mean [95 % interval] over the correctly answered "
+                "samples (percentile bootstrap, or Wilson of the share where every sample is at 0 or at one level), the "
+                "layer where it is lowest, and the exact sign test against the plain run with Holm's correction over "
+                "the figure's cells (p_holm; * below 0.05); 'no drop' where no layer's mean falls below minus the "
+                "numerical floor (0.001 %), 'n < 5' where no interval is given (n per kind: "
                 + ", ".join(f"{k} {n}" for k, n in n_correct.items()) + ").").table(lowest_table)
     report.heading("Discarding audio + video tokens from layer L on: accuracy and FLOPs saved").figure(figure(disc, "discarding"))
     report.text("Table: accuracy per question kind with the media discarded from layer L on, over every sample "
-                "(all samples, bootstrap 95 % intervals), beside chance (a uniform guess over each sample's answer "
+                "(all samples, Wilson score 95 % intervals), beside chance (a uniform guess over each sample's answer "
                 "words, averaged over the samples). Discarded early, the model answers one word per question, so "
                 "its accuracy is the share of samples whose answer is that word: near chance, and noisy on few "
                 "samples.").table(disc_table)
@@ -108,7 +116,7 @@ def run_demo(out_dir: str | Path = "runs/demo", n_eval: int = 200, n_flow: int =
 
 
 def _discarding_table(study, manifest):
-    """Per question kind and first discarded layer: n, accuracy [bootstrap 95 %] over all samples, and chance."""
+    """Per question kind and first discarded layer: n, accuracy [Wilson 95 %] over all samples, and chance."""
     from hooked_av.toy import vocab
 
     s = study.summary("discarding", by=["kind", "from_layer"], subsets=("all",))
@@ -123,19 +131,25 @@ def _discarding_table(study, manifest):
     return table.reset_index().rename(columns={"from_layer": "from layer"})
 
 
-def _cell(mean: float, lo: float, hi: float, layer) -> str:
-    """`mean [lo, hi] at layer L`, one decimal; a curve that never leaves 0 says so instead of naming
-    an arbitrary layer."""
+def _cell(mean: float, lo: float, hi: float, layer, p_holm: float = float("nan"), note: str = "") -> str:
+    """`mean [lo, hi] at layer L (p_holm)`, one decimal; a curve within the numerical floor at every
+    layer says "no effect" instead of naming an arbitrary layer; fewer than 5 samples: no interval."""
     r = lambda v: f"{round(v, 1) + 0.0:.1f}"  # noqa: E731  (+ 0.0: no "-0.0")
-    if max(abs(mean), abs(lo), abs(hi)) < 0.05:
-        return "0.0 (flat)"
-    return f"{r(mean)} [{r(lo)}, {r(hi)}] at layer {int(layer)}"
+    if note == "no drop at any layer":
+        return "no drop (within the floor)"
+    if note == "n < 5":
+        return f"{r(mean)} at layer {int(layer)} (n < 5: no interval, no test)"
+    star = "*" if p_holm < 0.05 else ""
+    return f"{r(mean)} [{r(lo)}, {r(hi)}] at layer {int(layer)} (p_holm {p_holm:.2g}{star})"
 
 
 def _accuracy_figure(table):
     fig, ax = plt.subplots(figsize=(5, 3))
-    err = [(table["mean"] - table.ci_low).clip(lower=0), (table.ci_high - table["mean"]).clip(lower=0)]
+    err = [(table["mean"] - table.ci_low).clip(lower=0).fillna(0), (table.ci_high - table["mean"]).clip(lower=0).fillna(0)]
     ax.bar([f"{k}\nn={n}" for k, n in zip(table["kind"], table.n_samples)], table["mean"], yerr=err, capsize=3)
-    ax.set(ylim=(0, 1.05), ylabel="accuracy", title="accuracy from the files")
+    for i, c in enumerate(table["chance"]):  # each kind's chance level over its bar
+        ax.hlines(c, i - 0.4, i + 0.4, colors="black", linestyles=":", label="chance" if i == 0 else None)
+    ax.set(ylim=(0, 1.05), ylabel="accuracy", title="accuracy from the files\nerror bars: Wilson 95% CI; dotted: chance")
+    ax.title.set_fontsize("small")
     return fig
 

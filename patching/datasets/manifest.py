@@ -19,6 +19,7 @@ One sample per line (JSONL: one object; CSV: a header row, lists as JSON text):
 - Every other column (task, dataset, split, ...) is metadata, carried through to every result row: one
   type per column (text, number, true/false, list or object; missing or null anywhere), no name that a
   study writes itself (`RESERVED`; the study also refuses the result columns of the experiments it runs).
+  `n_options` (a whole number >= 2) gives the chance level of a sample without `options`.
 - `id`: unique; not only spaces; two ids may not differ only by surrounding spaces.
 - CSV: UTF-8 (a byte-order mark is read), a header of distinct, non-empty names without surrounding
   spaces, and every row with as many fields as the header (quote a value that holds a comma). JSONL:
@@ -44,7 +45,7 @@ CORE = ("id", "question", "answer", "answer_is", "options", "items") + MEDIA
 ANSWER_READINGS = ("letter", "index", "text")
 # columns the study writes itself: metadata under these names would be overwritten in the results
 RESERVED = ("sample_correct", "correct", "prediction", "answer_text", "answer_token", "p_answer", "rule", "sample",
-            "model")  # `Study.frame` adds the model's name
+            "chance", "model")  # `Study.frame` adds the model's name
 
 
 class ManifestError(ValueError):
@@ -313,6 +314,14 @@ def _row(n, rec, folder: Path, problems, checked, check_files) -> Row | None:
     for k in meta:
         if k in RESERVED:
             problems.append((n, rid, k, f"{k!r} is a column the study writes itself; rename this metadata column"))
+    if "n_options" in meta:  # the chance level 1 / n_options of a sample without options (a CSV cell is text)
+        v = meta["n_options"]
+        try:
+            whole = float(v) == int(float(v)) and int(float(v)) >= 2 and not isinstance(v, bool)
+        except (TypeError, ValueError):
+            whole = False
+        if not whole:
+            problems.append((n, rid, "n_options", f"must be a whole number of answer options >= 2, got {v!r}"))
     return Row(index=n - 1, id=rid, question=question, answer=str(rec["answer"]), answer_text=answer,
                options=tuple(options) if options else None, answer_index=index, items=tuple(items or ()),
                meta=meta, **media)

@@ -420,8 +420,11 @@ def _run(x: StudySample, opts: dict) -> pd.DataFrame:
                 continue
             kw["tokens"] = sets
         frames.append(causal_tracing(x.model, given, [x.answer], corrupt=m, tm=x.tm, progress=False, **kw).df.assign(corrupted=m))
-    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    return df.assign(dominance=label_of(x)["label"].iloc[0])
+    if not frames:  # the report says why this sample has no rows
+        empty = pd.DataFrame()
+        empty.attrs["why"] = f"every token set asked for ({tokens}) is empty in this sample"
+        return empty
+    return pd.concat(frames, ignore_index=True).assign(dominance=label_of(x)["label"].iloc[0])
 
 
 def _token_sets(x: StudySample, specs: list, sink_opts: dict, seed: int) -> list:
@@ -443,10 +446,17 @@ def _token_sets(x: StudySample, specs: list, sink_opts: dict, seed: int) -> list
     return out
 
 
+def _scale(opts: dict) -> float:
+    """The indirect effect's multiple of a probability under a study's options (the hub preset: x100)."""
+    scale = opts.get("scale")
+    return float(scale if scale is not None else PRESETS[opts.get("preset")]["scale"])
+
+
 EXPERIMENT = Experiment(
     "causal_tracing", causal_tracing, by=("site", "tokens", "layer"), value="indirect_effect", label="indirect effect",
     correct_only=True, plot=Plot("traced", x="layer", series="tokens", panel="site", xlabel="layer"), run=_run,
     cells=("corrupted", "site", "tokens", "layer", "pos"), extra_options=frozenset({"sinks"}),
+    paired=("p_restored", "p_corrupt"), unit="probability", unit_scale=_scale,
     not_options=frozenset({"corrupted", "corrupt_answers"}),
     report=Report("Causal tracing: indirect effect per restored token set", split=("corrupted",), by_site=True),
     columns=("site", "tokens", "layer", "window_start", "window_end", "corrupt_pred", "p_clean", "p_corrupt", "p_restored",

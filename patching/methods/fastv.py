@@ -252,6 +252,7 @@ def fastv(
             gen, gen_seconds = ({}, {}) if max_new_tokens == 0 else median_times(generate, repeats)
         f_full = forward_flops(model, n)
         g_full = sum(forward_flops(model, n + t) for t in range(max_new_tokens))
+        correct_full = bool(metric.correct(outs["full"][0], s.index)[0])
         for name, (logits, keep) in outs.items():
             dropped = n - int(keep.sum())
             kept = n if name == "fastv (mask)" else n - dropped  # masked keys are still computed
@@ -259,6 +260,7 @@ def fastv(
             gf = sum(forward_flops(model, n + t, kept + t, k) for t in range(max_new_tokens))
             rows.append(dict(sample=s.index, method=name, k=k, r=r, n_tokens=n, n_media=int(m.sum()), n_dropped=dropped,
                              prob=float(metric(logits, s.index)[0]), correct=bool(metric.correct(logits, s.index)[0]),
+                             correct_full=correct_full,
                              pred=int(logits[0].argmax()), flops=f, flops_saved=1 - f / f_full, seconds=seconds[name],
                              time_saved=1 - seconds[name] / seconds["full"], generated=" ".join(map(str, gen.get(name, []))),
                              gen_flops=gf, gen_flops_saved=(1 - gf / g_full) if max_new_tokens else 0.0,
@@ -278,6 +280,7 @@ def _run(x: StudySample, opts: dict) -> pd.DataFrame:
 EXPERIMENT = Experiment(
     "fastv", fastv, by=("method",), value="correct", label="accuracy", outcome="binary",
     plot=Plot("points", series="method", xlabel="prefill FLOPs saved (fraction)"), run=_run, cells=("method",),
+    paired=("correct", "correct_full"),
     report=Report("FastV beside discarding a whole modality: accuracy against prefill FLOPs saved"),
     columns=("method", "k", "r", "n_tokens", "n_media", "n_dropped", "prob", "correct", "pred", "flops",
              "flops_saved", "seconds", "time_saved", "generated", "gen_flops", "gen_flops_saved", "gen_seconds",

@@ -29,6 +29,7 @@ every media position flagged at `min_layers` layers or more, most flagged first,
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 
@@ -57,6 +58,26 @@ def _resid_inputs(model, sample, layers) -> dict[int, torch.Tensor]:
     return {l: cache[f"blocks.{l}.hook_resid_pre"][0].float() for l in layers}  # [pos, d]
 
 
+class NoSinkDimensions(ValueError):
+    """No dimension reaches `ratio` x the median |activation|; `largest` is the largest ratio found."""
+
+    def __init__(self, ratio: float, largest: float):
+        self.ratio, self.largest = ratio, largest
+        super().__init__(f"no dimension reaches {ratio:g}x the median |activation| (the largest here is {largest:.3g}x): this "
+                         f"model shows no massive activations at that ratio; pass a ratio= below {largest:.3g}, or dims=")
+
+
+def _peaks(model, inputs: dict, layers, tm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(peak |h| per dimension `[d_model]`, median |h|) over the residual entering `layers`."""
+    peak = torch.zeros(model.cfg.d_model)
+    medians = []
+    for s in samples(model, inputs, tm):
+        for h in _resid_inputs(model, s, layers).values():
+            peak = torch.maximum(peak, h.abs().amax(0).cpu())
+            medians.append(h.abs().median().cpu())
+    return peak, torch.stack(medians).median()
+
+
 def sink_dimensions(model, inputs: dict, ratio: float = 100.0, layers: Sequence[int] | None = None, tm=None) -> list[int]:
     """Dimensions of massive activations over the samples of `inputs` (sorted by magnitude).
 
@@ -64,13 +85,7 @@ def sink_dimensions(model, inputs: dict, ratio: float = 100.0, layers: Sequence[
     """
     layers = checks.layers(model, layers)
     checks.finite(ratio, "ratio", minimum=0)
-    peak = torch.zeros(model.cfg.d_model)
-    medians = []
-    for s in samples(model, inputs, tm):
-        for h in _resid_inputs(model, s, layers).values():
-            peak = torch.maximum(peak, h.abs().amax(0).cpu())
-            medians.append(h.abs().median().cpu())
-    median = torch.stack(medians).median()
+    peak, median = _peaks(model, inputs, layers, tm)
     dims = (peak >= ratio * median).nonzero()[:, 0]
     return dims[peak[dims].argsort(descending=True)].tolist()
 
@@ -120,7 +135,9 @@ def find_sinks(
 ) -> Result:
     """Sinks per sample and modality, with their MDS and whether they are cross-modal; one row per
     sink: `sample`, `modality`, `pos` (position in the sample without its padding), `rank` (0 = most
-    often flagged), `layers_flagged`, `mds`, `cross_modal` (and `layer` with `select="layer"`).
+    often flagged), `layers_flagged`, `mds`, `cross_modal` (and `layer` with `select="layer"`). A sample
+    without a sink has no row; the settings say per sample how many sinks it has and the largest
+    `|h / rms(h)|` at the sink dimensions (`n_sinks`, `max_normalised`: what tau this model reaches there).
 
     `dims`: sink dimensions (default `sink_dimensions(model, inputs, ratio)`). `tau`: threshold on
     the RMS-normalised residual (hub 25; Kang et al. 20); it must be below sqrt(d_model), the largest
@@ -171,21 +188,18 @@ def find_sinks(
             raise ValueError(f"no layer of {layers} is below layer_limit={layer_limit}; raise it or choose lower layers")
     if dims is not None:  # negative dims would silently count from the end
         dims = checks.indices(checks.nonempty(dims, "dims", none_ok=True), model.cfg.d_model, "dims", "dimensions")
-    limit = math.sqrt(model.cfg.d_model)
-    if tau >= limit:
-        raise ValueError(
-            f"tau={tau:g} can never be exceeded: |h / rms(h)| is at most sqrt(d_model) = {limit:.2f} for this "
-            f"model (the hub's 25 is for d_model 3584); pass a smaller tau="
-        )
-    dims = sink_dimensions(model, inputs, ratio, layers, tm) if dims is None else dims
-    if not dims:
-        raise ValueError(
-            f"no dimension reaches {ratio}x the median |activation|: this model shows no massive activations "
-            "here; pass dims= explicitly or a lower ratio="
-        )
-    rows = []
+    check_tau(tau, model.cfg.d_model)
+    if dims is None:
+        checks.finite(ratio, "ratio", minimum=0)
+        peak, median = _peaks(model, inputs, layers, tm)
+        found = (peak >= ratio * median).nonzero()[:, 0]
+        dims = found[peak[found].argsort(descending=True)].tolist()
+        if not dims:
+            raise NoSinkDimensions(ratio, float(peak.max() / median))
+    rows, per_sample = [], []
     for s in samples(model, inputs, tm):
-        flagged = flags(_resid_inputs(model, s, layers), dims, tau, model.cfg.eps)  # [layers, pos]
+        resid = _resid_inputs(model, s, layers)
+        flagged = flags(resid, dims, tau, model.cfg.eps)  # [layers, pos]
         count = flagged.sum(0)
         masks = {m: s.tm.mask(m)[0].cpu() for m in {*modalities, "video", "audio"}}
         if select == "layer":
@@ -193,6 +207,8 @@ def find_sinks(
         else:
             kept = _keep(flagged, masks, modalities, select, k_divide, min_layers)
             kept = {m: [(None, p) for p in ps] for m, ps in kept.items()}
+        per_sample.append(dict(sample=s.index, n_sinks=sum(map(len, kept.values())), n_flagged=int(flagged.any(0).sum()),
+                               max_normalised=max_normalised(resid, dims, model.cfg.eps)))
         if not any(kept.values()):
             continue
         patterns = _patterns(model, s, layers)
@@ -213,8 +229,30 @@ def find_sinks(
         df.loc[part.index, "cross_modal"] = cross_modal(part.mds.tolist(), key[-1], split)
     settings = dict(dims=dims, tau=tau, k_divide=k_divide, modalities=list(modalities), layers=layers, ratio=ratio,
                     select=select, empty=empty, split=split, min_layers=min_layers, layer_limit=layer_limit,
-                    direction=direction)
+                    direction=direction, per_sample=per_sample)
     return Result("sinks", df, settings)
+
+
+def check_tau(tau: float, d_model: int) -> None:
+    """Refuse a tau that `|h / rms(h)|` can never exceed: one dimension holds at most all of the
+    squared norm, so it is at most sqrt(d_model)."""
+    limit = math.sqrt(d_model)
+    if tau >= limit:
+        raise ValueError(
+            f"tau={tau:g} can never be exceeded: |h / rms(h)| is at most sqrt(d_model) = {limit:.2f} for this model "
+            f"(d_model {d_model}; the hub's 25 and Kang et al.'s 20 are for d_model 3584, whose bound is 59.87); pass a "
+            f"tau below {limit:.2f} (the ratio= of the sink dimensions is checked on the first sample)"
+        )
+
+
+def max_normalised(resid: dict[int, torch.Tensor], dims: Sequence[int], eps: float) -> float:
+    """The largest `|h / rms(h)|` at `dims` over the layers and positions of `resid` (what `flags`
+    compares with tau)."""
+    out = 0.0
+    for h in resid.values():
+        normed = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        out = max(out, float(normed[:, list(dims)].abs().max()))
+    return out
 
 
 def _keep(flagged, masks, modalities, select, k_divide, min_layers=None) -> dict[str, list[int]]:
@@ -306,12 +344,50 @@ def _mean_attention_from(patterns, p: int, video: torch.Tensor, audio: torch.Ten
 
 # ---- the record ---------------------------------------------------------------------------------
 def _run(x: StudySample, opts: dict) -> pd.DataFrame:
-    return find_sinks(x.model, x.enc, tm=x.tm, **opts).df
+    """A study's sinks of one sample: its sinks, each row with the sample's `n_sinks`; a sample
+    without a sink is one row with `n_sinks` 0 and `why` (no NaN cell is averaged from it). No sink
+    dimension at `ratio` is refused on the run's first sample (the setting is wrong for this model,
+    and the error gives the largest ratio found) and is a row that says so on a later one."""
+    try:
+        res = find_sinks(x.model, x.enc, tm=x.tm, **opts)
+    except NoSinkDimensions as e:
+        if x.first:
+            raise ValueError(f"sinks, on the first sample: {e}") from None
+        return _no_sink(str(e), float("nan"))
+    if len(res.df):
+        return res.df.assign(n_sinks=len(res.df), why="")
+    (info,) = res.settings["per_sample"]
+    st = res.settings
+    why = (f"no position exceeds tau={st['tau']:g} at the sink dimensions {st['dims']} (the largest |h / rms(h)| there is "
+           f"{info['max_normalised']:.3g})" if not info["n_flagged"] else
+           f"{info['n_flagged']} position(s) exceed tau={st['tau']:g}, none of them among the {st['modalities']} tokens kept "
+           f"(select={st['select']!r}, k_divide={st['k_divide']})")
+    return _no_sink(why, info["max_normalised"])
+
+
+def _no_sink(why: str, largest: float) -> pd.DataFrame:
+    return pd.DataFrame([dict(sample=0, modality=None, pos=-1, rank=-1, layers_flagged=0, mds=float("nan"), cross_modal=False,
+                              n_sinks=0, why=f"no sink: {why}", max_normalised=largest)])
+
+
+def _with_sinks(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows of sinks found (a sample without one has a row that says so, not a cell)."""
+    return df[df["n_sinks"] > 0] if "n_sinks" in df.columns else df
+
+
+def _check(opts: dict, window, cfg=None) -> None:
+    """tau against the model's width, before its weights load (`check_tau`)."""
+    if cfg is not None:
+        tau = opts.get("tau", inspect.signature(find_sinks).parameters["tau"].default)
+        try:
+            check_tau(checks.finite(tau, "tau"), cfg.d_model)
+        except ValueError as e:
+            raise ValueError(f"sinks: {e}") from None
 
 
 EXPERIMENT = Experiment(
     "sinks", find_sinks, by=("modality", "cross_modal"), value="mds", label="MDS (video - audio) / (video + audio)",
-    plot=Plot("scatter", x="pos", xlabel="position"), run=_run, cells=("modality", "cross_modal"),
-    report=Report("Attention sinks: modality dominance score"),
-    columns=("modality", "pos", "rank", "layers_flagged", "mds", "cross_modal"),
+    plot=Plot("scatter", x="pos", xlabel="position"), run=_run, cells=("modality", "cross_modal"), check=_check,
+    summary_rows=_with_sinks, report=Report("Attention sinks: modality dominance score"),
+    columns=("modality", "layer", "pos", "rank", "layers_flagged", "mds", "cross_modal", "n_sinks", "why", "max_normalised"),
 )
