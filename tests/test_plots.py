@@ -292,7 +292,7 @@ def test_no_axis_zooms_into_the_numerical_floor():
 
 
 @pytest.mark.parametrize("kind", ["knockout", "knockout_accuracy", "discarding", "causal_tracing", "sinks", "logit_lens", "pathway",
-                                  "fastv", "dla", "activation_patching", "attribution"])
+                                  "fastv", "dla", "activation_patching", "attribution", "sae_features", "sae_loss"])
 def test_every_kind_plots_to_a_figure_and_into_given_axes(kind, tmp_path):
     from matplotlib.figure import Figure
 
@@ -334,4 +334,8 @@ FRAMES = {
                                   for layer in LAYERS for h in range(2)]), {}),
     "activation_patching": lambda: (patching_frame({"audio": 0.5}), {}),
     "attribution": lambda: (_samples_layers(site="resid_pre", head=-1, pos=-1, tokens="audio", attribution=lambda s, l: 0.1 * l), {}),
+    "sae_features": lambda: (pd.DataFrame([dict(sample=s, group=g, rank=r, rel_change=-10.0 * r - s, metric=0.5, metric_clean=0.6,
+                                                correct=True) for s in range(5) for g in ("audio", "video") for r in (1, 2, 3)]), {}),
+    "sae_loss": lambda: (pd.DataFrame([dict(sample=s, group=g, ce_sae=0.1 + 0.01 * s, ce_clean=0.1, ce_zero=2.0)
+                                       for s in range(5) for g in ("audio", "video")]), {}),
 }

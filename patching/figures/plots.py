@@ -615,12 +615,16 @@ def _knockout_accuracy(df, ax, figsize, ctx):
 
 
 def _pathway(df, ax, figsize, ctx):
-    """Accuracy (or `value`) of the pathway and its random baseline, one bar each with the share of
-    attention edges kept; the plain run's accuracy dashed, the chance level dotted."""
+    """One bar per value of the record's `series` (the pathway and its random baseline; an SAE's token
+    groups) with its 95 % interval; the pathway's share of attention edges kept under each bar, the plain
+    run's accuracy dashed, the chance level dotted."""
     (ax,) = _axes(ax, 1, figsize, width=5.0)
-    ns, band = _bars(ax, df, "run", ctx)
-    kept = df.groupby("run", sort=False)["kept_share"].mean()
-    ax.set_xticks(ax.get_xticks(), [f"{r}\nkept {kept[r]:.0%} of edges\n(n={ns[str(r)]})" for r in kept.index], fontsize="small")
+    series = ctx["record"].plot.series
+    ns, band = _bars(ax, df, series, ctx)
+    if "kept_share" in df.columns:
+        kept = df.groupby(series, sort=False)["kept_share"].mean()
+        ax.set_xticks(ax.get_xticks(), [f"{r}\nkept {kept[r]:.0%} of edges\n(n={ns[str(r)]})" for r in kept.index],
+                      fontsize="small")
     if ctx["value"] == "correct" and "correct_orig" in df.columns:
         ax.axhline(df.groupby("sample")["correct_orig"].first().mean(), color="black", ls="--", lw=1, label="no blocking")
     _chance(ax, ctx)
@@ -630,7 +634,8 @@ def _pathway(df, ax, figsize, ctx):
     if ctx["outcome"] == "binary":
         ax.set_ylim(0, 1.1)
     what = "accuracy" if ctx["outcome"] == "binary" else f"mean {ctx['value']}"
-    ax.set(ylabel=_ylabel(ctx), title=f"effective pathway: {what} over {ctx['subset']}\n{band}")
+    name = "effective pathway" if ctx["kind"] == "pathway" else ctx["kind"].replace("_", " ")
+    ax.set(ylabel=_ylabel(ctx), title=f"{name}: {what} over {ctx['subset']}\n{band}")
     ax.title.set_fontsize("small")
     return ax
 
