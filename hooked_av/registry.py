@@ -58,3 +58,15 @@ def inspect(name_or_path: str | os.PathLike):
     """
     where = folder(name_or_path)
     return family(checkpoint.read_config(where), name_or_path), checkpoint.load_tokenizer(where)
+
+
+def config(name_or_path: str | os.PathLike):
+    """The `HookedAVConfig` (`model.cfg`: layers, widths, heads) of a hub id, a local folder or "toy",
+    read from config.json and built on the meta device: no weight is read or allocated, so a caller can
+    check settings against the model's shape before it spends a load.
+
+        config("toy").n_layers  # 4
+    """
+    where = folder(name_or_path)
+    fam = family(checkpoint.read_config(where), name_or_path)
+    return fam.MODEL.from_config(fam.MODEL.read_checkpoint_config(where), device="meta").cfg

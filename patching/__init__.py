@@ -14,6 +14,7 @@ its registry record), `figures/` (how results are drawn), `apps/` (the CLI, the 
 
 from patching import figures as _figures  # registers how Result.plot draws  # noqa: F401
 from patching import methods as _methods  # registers every experiment record  # noqa: F401
+from patching.datasets.coco_objects import CocoObjects
 from patching.datasets.manifest import ManifestError, read_manifest
 from patching.engine.experiment import Experiment, Plot, Report, StudySample, register
 from patching.engine.features import (
@@ -27,6 +28,7 @@ from patching.engine.hooks import (
     add_noise,
     block_attention,
     discard,
+    pai_steer,
     patch_from_cache,
     scale_attention,
     steer,
@@ -71,7 +73,7 @@ __all__ = [
     "physical_forward", "sink_dimensions",
     # interventions (composable: `a + b`, printable, saved with results)
     "AdaptiveScale", "Intervention", "ablate", "ablate_experts", "add_noise", "block_attention", "discard",
-    "patch_from_cache", "scale_attention", "steer", "var",
+    "pai_steer", "patch_from_cache", "scale_attention", "steer", "var",
     # sparse autoencoders: feature edits and experiments on an SAELens SAE spliced by model.add_sae (docs/features.md)
     "ablate_features", "loss_recovered", "patch_features", "reconstruction_stats", "sae_features", "scale_features",
     "steer_features", "summarise_loss_recovered",
@@ -79,9 +81,9 @@ __all__ = [
     "AnswerLogProb", "AnswerProb", "Experiment", "LogitDiff", "Metric", "Plot", "Report", "Sample", "StudySample",
     "normalised", "register", "relative_change", "run_rows", "samples",
     # results and studies
-    "ManifestError", "Result", "Study", "read_manifest", "run_study", "write_report",
-    # features: activations harvested over a dataset
-    "harvest",
+    "CocoObjects", "ManifestError", "Result", "Study", "read_manifest", "run_study", "write_report",
+    # features: activations harvested over a dataset, an SAE's features over them and their page
+    "feature_page", "feature_stats", "harvest",
 ]
 
 
@@ -90,6 +92,14 @@ def __getattr__(name):  # the study app loads matplotlib's file backend: only wh
         from patching.apps.harvest import harvest
 
         return harvest
+    if name == "feature_stats":
+        from patching.datasets.feature_stats import feature_stats
+
+        return feature_stats
+    if name == "feature_page":
+        from patching.apps.features_page import feature_page
+
+        return feature_page
     if name in ("run_study", "Study", "write_report"):
         from patching.apps.study import Study, run_study
         from patching.apps.study.report import write_report

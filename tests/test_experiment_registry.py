@@ -47,7 +47,7 @@ def test_a_new_experiment_is_one_file_and_one_registration(registered, model, tm
     res = Result("residual_norm", rows.assign(sample=rows["id"].factorize()[0]))
     means = res.mean()  # the record's grouping and value
     assert list(means.columns) == ["group", "layer", "norm"] and len(means) == 4
-    ax = res.plot()
+    ax = res.plot().axes[0]
     assert [line.get_label() for line in ax.get_lines()[:2]] == ["audio", "video"] and ax.get_ylabel() == "mean residual norm"
 
     html = write_report(out).read_text()

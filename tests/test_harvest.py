@@ -43,7 +43,8 @@ def naive(model, inputs, hooks, groups: set[str], tm=None):
         meta = pd.DataFrame({"pos": sel["pos"], "group": sel["group"], "item": sel["item"],
                              "modality": [g if g in MEDIA else "text" for g in sel["group"]],
                              "t_start": sel["time"], "t_end": sel["time_end"], "frame": sel["frame"],
-                             "patch_row": sel["patch_row"], "patch_col": sel["patch_col"], "chunk": sel["chunk"]})
+                             "patch_row": sel["patch_row"], "patch_col": sel["patch_col"], "chunk": sel["chunk"],
+                             "token_id": inputs["input_ids"][r, pos].numpy()})
         for h in routers:
             layer = int(h.split(".")[1])
             if layer in hooked_layers:

@@ -258,3 +258,52 @@ def test_expert_hook_points_built_on_first_lookup_are_envoys_of_a_wrapped_qwen3_
         saved = av.get(name).output.save()
     _, cache = model.run_with_cache(input_ids=ids, attention_mask=mask, names_filter=[name])
     assert torch.equal(saved, cache[name])
+
+
+def test_hf_backend_takes_hook_pairs_as_our_models_do_and_refuses_other_things(pair):
+    # be.run(inputs, [(name, fn)]) failed with "'list' object has no attribute 'check'"
+    hf, model = pair
+    be = NNsightHF(hf)
+    inputs = av_inputs(6)
+    site = "blocks.1.hook_resid_post"
+
+    def zero_last(t, hook):
+        t = t.clone()
+        t[:, -1] = 0
+        return t
+
+    with torch.no_grad():
+        got, _ = be.run(inputs, [(site, zero_last)])
+        ours = model.run_with_hooks(**inputs, fwd_hooks=[(site, zero_last)])[:, -1]
+        assert (got - ours).abs().max() < 1e-5 and (got - model(**inputs)[:, -1]).abs().max() > 1e-4
+    for bad, message in (([("blocks.1.hook_resid_mid", zero_last)], "not a site"), ([(site,)], "list of \\(hook_name, fn\\)"),
+                         ((site, zero_last), "list of \\(hook_name, fn\\)"), ("blocks.1", "must be an Intervention")):
+        with pytest.raises((KeyError, TypeError), match=message):
+            be.run(inputs, bad)
+
+
+@pytest.mark.parametrize("value, message", [
+    (torch.zeros(1, 2, 3), r"has shape \(1, 2, 3\); it must have the shape of the activation it replaces, \(2, \d+, \d+\)"),
+    ("broadcast", r"has shape \(1, \d+, \d+\); it must have the shape"),
+    ("int", r"is torch.int64 on cpu; it must be torch.float32 on cpu"),
+    (5, r"is int; set a tensor of shape"),
+])
+def test_a_value_of_another_shape_or_dtype_set_in_a_trace_is_refused_naming_the_point(pair, padded, value, message):
+    # a [1, pos, d] value broadcast silently over the batch; an int tensor ran on; a scalar failed in torch
+    from hooked_av.core.base import HookShapeError
+
+    _, model = pair
+    av = wrap(model)
+    shape = (2, padded["input_ids"].shape[1], model.cfg.d_model)
+    value = {"broadcast": torch.zeros(1, *shape[1:]), "int": torch.zeros(shape, dtype=torch.long)}.get(value, value) \
+        if isinstance(value, str) else value
+    with pytest.raises(HookShapeError, match=r"the value set on blocks.1.hook_resid_post.output in the trace " + message):
+        with torch.no_grad(), av.trace(**padded):
+            av.blocks[1].hook_resid_post.output = value
+            av.output.save()
+    with torch.no_grad(), av.trace(**padded):  # the right shape is taken
+        av.blocks[1].hook_resid_post.output = torch.zeros(shape)
+        out = av.output.save()
+    with torch.no_grad():
+        ref = model.run_with_hooks(**padded, fwd_hooks=[("blocks.1.hook_resid_post", lambda t, hook: torch.zeros_like(t))])
+    assert torch.equal(out, ref)

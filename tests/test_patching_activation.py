@@ -47,7 +47,7 @@ def test_patching_all_of_resid_pre_0_restores_clean_and_untouched_positions_give
     assert before.normalised.abs().max() < 1e-3
     at = df[(df.layer == 0) & df.pos.isin(q.tolist())]  # the two corrupted tokens at layer 0 carry it all
     assert abs(at.normalised.sum() - 1) < 0.35 and at.normalised.max() > 0.1
-    ax = res.plot()
+    ax = res.plot().axes[0]
     assert ax.get_xlabel() == "position"
 
 

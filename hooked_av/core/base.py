@@ -14,6 +14,7 @@ from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.HookedRootModule import HookedRootModule
 
+from hooked_av.core.devices import as_device
 from hooked_av.core.hook_names import sae_site
 from hooked_av.core.sae import SAESplicing
 from hooked_av.core.tl_compat import AVActivationCache, TransformerLensCompat
@@ -147,7 +148,15 @@ class HookedAVModel(SAESplicing, TransformerLensCompat, HookedRootModule):
                        **kwargs: Any):
         """Run the model and return `(output, cache)`; the cache is a TransformerLens `ActivationCache`
         (its analysis methods read `model.cfg`, `model.blocks`, `model.ln_final`) that slices and
-        drops the batch dimension of the language model's activations only (see `AVActivationCache`)."""
+        drops the batch dimension of the language model's activations only (see `AVActivationCache`).
+        `device`: where the cache is kept (checked before the run: one that does not exist here, or "meta",
+        whose tensors hold no values, is refused)."""
+        if kwargs.get("device") is not None:
+            kwargs["device"] = as_device(kwargs["device"])
+            if kwargs["device"].type == "meta":
+                raise ValueError("run_with_cache(device='meta') would keep a cache of tensors without values; name a "
+                                 "device that holds data ('cpu', 'cuda', ...) or leave device out (each activation "
+                                 "stays where it was computed)")
         if remove_batch_dim:
             first = next((t for t in (*model_args[:1], kwargs.get("input_ids"), kwargs.get("inputs_embeds"))
                           if isinstance(t, Tensor)), None)

@@ -12,8 +12,9 @@ in `__init__` and supplies its own `encode` (towers, merge, position ids). The m
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from torch import Tensor, nn
@@ -200,8 +201,8 @@ class MRoPELanguageModel:
         forward of `inputs` (what `model(**inputs)` takes) under whatever hooks are active.
 
         queries: a TokenMap spec ("last", "question", ...; `tm` defaults to `model.token_map(inputs)`), a
-        Selection, a bool mask `[pos]` or `[batch, pos]`, or int positions; every batch row must select as
-        many. Computed per layer from the rotated q and k with the final mask (after any `hook_attn_mask`
+        Selection, a bool mask `[pos]` or `[batch, pos]` (rows in position order; every batch row must select
+        as many), or int positions (rows in the order and with the repeats given, as `logits_at`). Computed per layer from the rotated q and k with the final mask (after any `hook_attn_mask`
         edits), the rows alone (see `Attention.pattern_rows`); a layer whose scores or pattern are hooked
         runs exactly and gives the rows of its pattern as edited. Memory grows with rows x keys."""
         layers = layer_list(layers, len(self.blocks), "layers")
@@ -261,7 +262,8 @@ class MRoPELanguageModel:
                 blk.attn.reader = None
 
     def query_rows(self, inputs: dict, queries, tm=None) -> Tensor:
-        """long `[batch, r]`: the positions `queries` names in each row (see `attention_rows`)."""
+        """long `[batch, r]`: the positions `queries` names in each row (see `attention_rows`): int positions in
+        the order and with the repeats given (negative ones from the end), a mask's positions in order."""
         ref = inputs.get("inputs_embeds", inputs.get("input_ids"))
         b, s = ref.shape[:2]
         if isinstance(queries, str):
@@ -272,9 +274,7 @@ class MRoPELanguageModel:
             t = t.flatten().long()
             if not len(t) or int(t.max()) >= s or int(t.min()) < -s:
                 raise ValueError(f"queries {t.tolist()}: name at least one position in 0..{s - 1}")
-            m = torch.zeros(s, dtype=torch.bool)
-            m[t % s] = True
-            t = m
+            return (t % s)[None].expand(b, -1)  # in the order and with the repeats given, as logits_at
         t = t if t.dim() == 2 else t[None].expand(b, -1)
         if t.shape[-1] != s or t.shape[0] not in (1, b):
             raise ValueError(f"queries as a mask must be [pos] or [batch, pos] = [{b}, {s}], got {tuple(t.shape)}")
@@ -386,9 +386,38 @@ class MRoPELanguageModel:
                     break
             pos = (attention_mask.sum(-1, keepdim=True) + rope_deltas).unsqueeze(0).expand(3, -1, -1)
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(b, 1)], dim=1)
-            logits = self.run_language_model(self.embed(nxt[:, None]), pos, attention_mask, kv_caches=caches,
-                                             logits_at="last")
+            with decoding(s):  # hooks may ask (decoding_from): this run holds a generated token, no prompt position
+                logits = self.run_language_model(self.embed(nxt[:, None]), pos, attention_mask, kv_caches=caches,
+                                                 logits_at="last")
         return torch.stack(out, dim=1)
+
+
+_DECODING: ContextVar[int | None] = ContextVar("hooked_av_decoding", default=None)
+
+
+@contextmanager
+def decoding(prompt_length: int) -> Iterator[None]:
+    """Inside, the layer loop's runs are `greedy_decode`'s decoding steps after a prompt of `prompt_length`
+    positions (see `decoding_from`)."""
+    token = _DECODING.set(int(prompt_length))
+    try:
+        yield
+    finally:
+        _DECODING.reset(token)
+
+
+def decoding_from() -> int | None:
+    """While `generate` runs a decoding step (a generated token's forward, after the prompt's cached keys and
+    values): the prompt's length in positions (padding included), the first generated position; None for
+    any other run (a forward, the prefill, a sweep's cells). For hooks that act on prompt positions:
+
+        from hooked_av.utils import decoding_from
+        def zero_prompt_position_20(act, hook):
+            if decoding_from() is None:  # the prompt's run (prefill); decoding steps hold generated tokens only
+                act[:, 20] = 0
+            return act
+    """
+    return _DECODING.get()
 
 
 def decode_args(max_new_tokens: int, eos_token_id: int | list[int] | None, d_vocab: int) -> set[int]:

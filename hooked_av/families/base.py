@@ -26,6 +26,7 @@ from transformer_lens.hook_points import HookPoint
 
 from hooked_av.core import checkpoint
 from hooked_av.core.base import HookedAVModel
+from hooked_av.core.devices import as_device
 from hooked_av.core.language_model import MRoPELanguageModel, decode_args, scatter_injections
 from hooked_av.core.placeholders import check_patch_rows, check_placeholders, merged_tokens
 
@@ -51,6 +52,24 @@ class MediaInputs:
     video_grid_thw: Tensor | None = None
     positions: dict = field(default_factory=dict)
     returned: dict = field(default_factory=dict)
+
+
+def check_finite_media(media: dict) -> None:
+    """Refuse NaN or inf in any floating-point media input (features, pixels, seconds per grid, under any name
+    the family reads, aliases included), before any tower runs: the towers would spread it to every logit."""
+    for key, value in media.items():
+        if isinstance(value, (list, tuple)) or type(value).__module__ == "numpy":  # e.g. seconds per grid as a list
+            try:
+                value = torch.as_tensor(value)
+            except (TypeError, ValueError, RuntimeError):
+                continue
+        if isinstance(value, Tensor) and value.is_floating_point():
+            bad = ~torch.isfinite(value)
+            if bool(bad.any()):
+                first = [int(i) for i in bad.nonzero()[0].tolist()]
+                raise ValueError(f"{key} holds {int(bad.sum())} non-finite value(s) (NaN or inf), the first at index "
+                                 f"{first}; they would make every logit NaN: fix the media (model.prepare refuses such "
+                                 "media) or drop the item")
 
 
 class HookedAVFamily(MRoPELanguageModel, HookedAVModel):
@@ -103,7 +122,7 @@ class HookedAVFamily(MRoPELanguageModel, HookedAVModel):
             model = HookedQwen2_5Omni.from_config(hooked_av.load("toy").hf_config, device="meta")
         """
         cls.check_options(options)
-        with torch.device(device or "cpu"):
+        with torch.device(as_device(device)):  # a device this machine lacks: our message, not the driver's
             model = cls(config, **options)
         return model.to(dtype).eval()
 
@@ -243,14 +262,15 @@ class HookedAVFamily(MRoPELanguageModel, HookedAVModel):
         return tuple(None if t is None else (t, None) for t in (image, video))
 
     def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None, *, use_audio_in_video: bool | None = None,
-               text_parts: Tensor | None = None, **media) -> dict:
+               text_parts: Tensor | None = None, media_items: Tensor | None = None, **media) -> dict:
         """Run the towers and merge: returns `inputs_embeds` `[batch, pos, d_model]`, `position_ids`
         `[3, batch, pos]`, `attention_mask`, `rope_deltas` `[batch, 1]`, `injections` where the blocks take
         them (DeepStack: one `[batch, pos, d_model]` per tapped layer, zero off the visual positions; None
         without images or videos) and the family's `MediaInputs.returned`; `model(**enc)` continues.
         `media`: `model.media_args` (and `encode_options`). `use_audio_in_video`: the layout of each video
         block in `input_ids` decides; a flag that disagrees is a ValueError raised before any tower runs.
-        `text_parts` (`prepare`'s record of the user's text, for `token_map`) is accepted and not read.
+        `text_parts` and `media_items` (`prepare`'s records of the user's text and of the prompt's item of each
+        media token, for `token_map`) are accepted and not read.
 
             enc = model.encode(**model.prepare("Which instrument plays?", video="clip.mp4"))
         """
@@ -258,6 +278,7 @@ class HookedAVFamily(MRoPELanguageModel, HookedAVModel):
         if unknown:
             raise TypeError(f"unexpected argument(s) {sorted(unknown)}; accepted media inputs: {list(self.media_args)}"
                             + (f", options: {list(self.encode_options)}" if self.encode_options else ""))
+        check_finite_media(media)
         m = self.read_media(use_audio_in_video=use_audio_in_video, **media)
         self.check_inputs(input_ids, attention_mask, m, use_audio_in_video)
         position_ids, deltas = self.position_ids(input_ids, attention_mask, **m.positions)  # checks the ids' layout
@@ -290,13 +311,13 @@ class HookedAVFamily(MRoPELanguageModel, HookedAVModel):
                 inputs_embeds: Tensor | None = None, position_ids: Tensor | None = None,
                 rope_deltas: Tensor | None = None, injections=None, use_audio_in_video: bool | None = None,
                 return_type: str | None = "logits", logits_at=None, text_parts: Tensor | None = None,
-                stop_at_layer: int | None = None, **media) -> Tensor | None:
+                stop_at_layer: int | None = None, media_items: Tensor | None = None, **media) -> Tensor | None:
         """Logits `[batch, pos, vocab]` from input ids and media, or from `encode`'s outputs (with their
         `injections`). `return_type`: "logits", "resid" (after `ln_final`) or None; `logits_at` ("last",
         positions or None = all): only those positions are unembedded (HF's `logits_to_keep`), see
         `run_language_model`. `stop_at_layer` (as TransformerLens's): run the blocks before it only and
-        return the residual stream entering it, `[batch, pos, d_model]`. `use_audio_in_video`, `text_parts`
-        (accepted, not read), `media`: see `encode`.
+        return the residual stream entering it, `[batch, pos, d_model]`. `use_audio_in_video`, `text_parts` and
+        `media_items` (accepted, not read), `media`: see `encode`.
 
             logits = model(**batch.inputs, logits_at="last")   # [batch, 1, vocab]
         """
@@ -310,7 +331,7 @@ class HookedAVFamily(MRoPELanguageModel, HookedAVModel):
                  max_new_tokens: int = 16, eos_token_id: int | list[int] | None = None,
                  use_audio_in_video: bool | None = None, inputs_embeds: Tensor | None = None,
                  position_ids: Tensor | None = None, rope_deltas: Tensor | None = None, injections=None,
-                 text_parts: Tensor | None = None, **media) -> Tensor:
+                 text_parts: Tensor | None = None, media_items: Tensor | None = None, **media) -> Tensor:
         """Greedy decoding with a KV cache, under whatever hooks are active; decoding step n sits at id
         `n_real_tokens + rope_deltas` on every row (HF's); injections (DeepStack) are added on the prefill
         (from `encode`, or passed with `inputs_embeds`). Returns the new tokens `[batch, n_new]` (finished

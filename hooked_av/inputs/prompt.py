@@ -13,7 +13,7 @@ from torch import Tensor
 
 from hooked_av.inputs.chat import check_plain_text
 from hooked_av.inputs.media import Video
-from hooked_av.inputs.token_map import TEXT_PARTS
+from hooked_av.inputs.token_map import TEXT_PARTS, media_runs
 
 DEFAULT = object()  # "the family's own default system prompt"
 
@@ -196,6 +196,22 @@ def expand_placeholders(rows: list[list[tuple[str | None, str]]], tok: dict[str,
         return av_body(i, grid, counts[a])
 
     return [[(part, pattern.sub(one, t)) for part, t in row] for row in rows]
+
+
+def media_item_record(input_ids: Tensor, media: dict[int, str], prompts: list[Prompt], blocks) -> Tensor:
+    """`inputs["media_items"]` `[batch, pos]` long: the prompt's item (0-based) of every media placeholder, -1
+    elsewhere, so the TokenMap numbers clips as the prompt has them (from the ids alone a video-only clip
+    followed by an audio-only clip reads as one). `media`: placeholder id -> kind; `blocks(item)`: how many
+    media blocks (runs of placeholders between their start and end tokens) the family lays out for an item."""
+    out = torch.full_like(input_ids, -1)
+    for r, p in enumerate(prompts):
+        runs = list(media_runs(input_ids[r].tolist(), media))
+        owners = [k for k, it in enumerate(p.all_items()) for _ in range(blocks(it))]
+        if len(owners) != len(runs):  # the layout and its block count disagree: a bug, not a user error
+            raise RuntimeError(f"prompt {r} lays out {len(runs)} media blocks for items that make {len(owners)}; report this")
+        for (i, j, _), k in zip(runs, owners):
+            out[r, i:j] = k
+    return out
 
 
 def as_prompts(prompts, prompt_kwargs: dict) -> list:

@@ -153,3 +153,28 @@ def model_inputs(bank: ClipBank, clips: list[tuple[int, ...]], questions: list[s
         "video_grid_thw": torch.tensor([bank.grid_thw] * len(flat)),
         "video_second_per_grid": torch.full((len(flat),), bank.second_per_grid),
     }
+
+
+def prompt_records(input_ids: Tensor, clips: list[tuple[int, ...]], tokenizer) -> dict[str, Tensor]:
+    """`prepare`'s records of toy prompts (`model_inputs`' `input_ids`, the clips of each row): `text_parts`
+    (the words naming two clips, "clip one" / "clip two", are clip labels, `label`; the rest is the chat's)
+    and `media_items` (each clip's video and audio blocks are item k of its row), as the families' `prepare`
+    record them for `token_map`. Not in `collate`'s batches, which HF's Thinker takes too."""
+    from hooked_av.inputs.token_map import TEXT_PARTS, media_runs
+
+    media = {tokenizer.convert_tokens_to_ids(S["video"]): "video", tokenizer.convert_tokens_to_ids(S["audio"]): "audio"}
+    names = [tokenizer.convert_tokens_to_ids(w) for w in vocab.CLIP_NAMES]
+    parts, items = torch.zeros_like(input_ids), torch.full_like(input_ids, -1)
+    for r, c in enumerate(clips):
+        toks = input_ids[r].tolist()
+        runs = list(media_runs(toks, media))
+        if len(runs) != 2 * len(c):
+            raise RuntimeError(f"toy row {r} holds {len(runs)} media blocks for {len(c)} clip(s); report this")
+        for k, (i, j, _) in enumerate(runs):
+            items[r, i:j] = k // 2
+            if len(c) > 1 and k % 2 == 0:  # "clip <name> <vision_bos>" before each clip's video block
+                if toks[i - 3] != names[0] or toks[i - 2] != names[1 + k // 2]:
+                    raise RuntimeError(f"toy row {r}: clip {k // 2} is not named before its media; report this")
+                parts[r, i - 3 : i - 1] = TEXT_PARTS.index("label")
+    return {"text_parts": parts, "media_items": items}
+

@@ -23,7 +23,7 @@ from hooked_av.inputs.media import SAMPLE_RATE, Video, load_audio, load_video
 from hooked_av.inputs.prompt import Prompt, as_prompts
 from hooked_av.toy import vocab
 from hooked_av.toy.clips import FPS, N_FRAMES, SECONDS, SIZE, bank_from_media
-from hooked_av.toy.data import model_inputs
+from hooked_av.toy.data import model_inputs, prompt_records
 
 AUDIO_SLACK = 0.1  # s: a decoded track may be a little longer or shorter (codec padding); cut or pad to SECONDS
 
@@ -32,7 +32,8 @@ def prepare(model, prompts, *, use_audio_in_video: bool | None = None, **prompt_
     """Model inputs for one question (`video=` a file, frames `[2, 56, 56, 3]` uint8 or a `Video`;
     `audio=` a file or `(waveform, sample_rate)`, else the video file's track) or a list of `Prompt`
     (left-padded rows); `items=[Item(...), Item(...)]` for two clips. Returns `collate`'s inputs
-    and `use_audio_in_video=False`."""
+    and `use_audio_in_video=False`, with `prompt_records`' `text_parts` (the clip names are labels) and
+    `media_items`."""
     if use_audio_in_video:
         raise ValueError("the toy model was trained on separate video and audio blocks; pass use_audio_in_video=False (or leave it out)")
     frames, waves, clips, questions = [], [], [], []
@@ -49,7 +50,8 @@ def prepare(model, prompts, *, use_audio_in_video: bool | None = None, **prompt_
             waves.append(_wave(it.audio, it.video))
         clips.append(tuple(range(start, len(frames))))
     bank = bank_from_media({}, np.stack(frames), np.stack(waves), FPS)
-    return {**model_inputs(bank, clips, questions, model.tokenizer), "use_audio_in_video": False}
+    inputs = model_inputs(bank, clips, questions, model.tokenizer)
+    return {**inputs, **prompt_records(inputs["input_ids"], clips, model.tokenizer), "use_audio_in_video": False}
 
 
 def _question(p: Prompt) -> str:

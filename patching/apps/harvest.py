@@ -10,7 +10,8 @@ the towers once (`model.encode`), then the language model up to the last hooked 
 (`stop_at_layer`: no later block, no final norm, no unembedding), the hooked activations kept at the
 chosen groups' positions (trailing dims flattened: `[n_tokens, width]`). Per token, the metadata table
 says what the token is (`activations.META_COLUMNS`: sample id, manifest row, position, TokenMap group,
-clip index, modality, start and end time in seconds, frame, patch row and column, audio chunk) and, at
+clip index, modality, start and end time in seconds, frame, patch row and column, audio chunk), its
+input `token_id` (a view decodes text tokens with it) and, at
 a hooked block with a router (Qwen3-Omni's sparse layers), `expert_l{l}`: the k experts it chose. Per
 sample, the store's sample table (`ActivationStore.samples()`) keeps the media paths, the question and
 the answer, so a view can show the media a feature fires on.
@@ -182,8 +183,8 @@ def harvest_inputs(model, inputs: dict, hooks, groups=("media",), tm=None) -> li
     batch row `(acts, meta)`: `acts[hook]` `[n, width]` (on the CPU, the model's dtype; trailing dims
     flattened) at the row's `n` positions in `groups`, in position order, and `meta` one row per token:
     the `activations.META_COLUMNS` less `id` and `row` (`pos` counts left padding; `modality` "text" for
-    text groups; times in seconds, NaN for text and images; -1 where a field does not apply) and
-    `expert_l{l}` (the k chosen experts) at each hooked block with a router.
+    text groups; times in seconds, NaN for text and images; -1 where a field does not apply), `token_id`
+    (the input id at the position; -1 for inputs given as embeddings) and `expert_l{l}` (the k chosen experts) at each hooked block with a router.
 
         acts, meta = harvest_inputs(model, inputs, ["blocks.1.hook_resid_post"], "audio")[0]
         acts["blocks.1.hook_resid_post"].shape, meta[["pos", "group", "t_start", "t_end"]].head(3)
@@ -212,6 +213,7 @@ def harvest_inputs(model, inputs: dict, hooks, groups=("media",), tm=None) -> li
                          "forward reaches once, such as blocks.{l}.hook_resid_post")
     counts = mask.sum(-1).tolist()
     split = {h: got[0].split(counts) for h, got in grabbed.items()}
+    ids = inputs.get("input_ids")  # a view decodes text tokens from them (none when the inputs are embeddings)
     out = []
     for r, n in enumerate(counts):
         pos = mask[r].nonzero().flatten()
@@ -223,6 +225,7 @@ def harvest_inputs(model, inputs: dict, hooks, groups=("media",), tm=None) -> li
             **{k: (torch.full((n,), -1) if getattr(tm, k) is None else getattr(tm, k)[r, pos]).numpy()
                for k in ("patch_row", "patch_col")},
             "chunk": tm.chunk[r, pos].numpy(),
+            "token_id": (torch.full((n,), -1) if ids is None else ids[r, pos.to(ids.device)].cpu()).numpy(),
             **{f"expert_l{l}": list(split[name][r].tolist()) for l, name in routers.items()},
         })
         out.append(({h: split[h][r] for h in hooks}, meta))

@@ -256,11 +256,9 @@ def table(rows: list[dict], columns: Sequence[str]) -> str:
 
 
 # ---- the command ---------------------------------------------------------------------------------
-def register(sub) -> None:
-    """Add `sae train` to the subparsers of `hooked-av`."""
-    sae = sub.add_parser("sae", help="sparse autoencoders: train one on a harvested activation store")
-    cmds = sae.add_subparsers(dest="sae_command", required=True)
-    tr = cmds.add_parser("train", help="train an SAE with SAELens on a store; save it in SAELens's format")
+def register(sae_sub) -> None:
+    """Add `train` to the subparsers of `hooked-av sae` (it sets `func`)."""
+    tr = sae_sub.add_parser("train", help="train an SAE with SAELens on a store; save it in SAELens's format")
     tr.add_argument("--activations", required=True, help="the activation store folder (hooked-av harvest --out)")
     tr.add_argument("--out", required=True, help="the SAE's folder (must not hold an SAE yet)")
     tr.add_argument("--architecture", required=True, choices=ARCHITECTURES)

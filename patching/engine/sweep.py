@@ -13,6 +13,7 @@ values and residuals.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -32,7 +33,8 @@ class Sample:
     """One prompt ready for sweeps: what the family's `encode` gives the language model, trimmed to the
     real positions: `embeds` `[1, pos, d_model]`, `position_ids` `[3, 1, pos]`, `injections` (per layer
     `[1, pos, d_model]` or None; DeepStack's features), `tm` a batch-1 TokenMap of the same positions,
-    `index` its row in the caller's batch.
+    `index` its row in the caller's batch, `encoded_under` the hooks that were active on what `encode` runs
+    (towers, their output points) when it was encoded (`encode_hooks`): their edits are in `embeds`.
 
         sample: Sample = samples(model, inputs)[0]  # the towers ran once: embeds [1, pos, d_model]
         logits = model.run_language_model(**sample.lm_inputs(2), logits_at="last")  # two copies along the batch
@@ -44,6 +46,7 @@ class Sample:
     tm: object
     index: int
     injections: list | None = None
+    encoded_under: frozenset = frozenset()
 
     @property
     def seq_len(self) -> int:
@@ -56,12 +59,73 @@ class Sample:
                     position_ids=self.position_ids.expand(-1, n, -1), injections=inj)
 
 
+_ENCODED_UNDER: dict[int, frozenset] = {}  # id(inputs_embeds) -> the encode_hooks active when `encode` made it
+
+
 def encode(model, inputs: dict) -> dict:
-    """`model.encode(**inputs)` unless `inputs` already holds `inputs_embeds` (then returned as is)."""
+    """`model.encode(**inputs)` unless `inputs` already holds `inputs_embeds` (then returned as is). The hooks
+    active on what `encode` runs (`encode_hooks`) are remembered with the embeddings, so `samples` of the
+    result knows which tower edits they hold."""
     if "inputs_embeds" in inputs:
         return inputs
+    under = encode_hooks(model)
     with torch.no_grad():
-        return model.encode(**inputs)
+        enc = model.encode(**inputs)
+    key = id(enc["inputs_embeds"])
+    _ENCODED_UNDER[key] = under
+    weakref.finalize(enc["inputs_embeds"], _ENCODED_UNDER.pop, key, None)
+    return enc
+
+
+def _language_model_parts(model) -> tuple:
+    return (model.hook_embed, model.blocks, model.ln_final, model.unembed)
+
+
+def in_language_model(model, name: str) -> bool:
+    """Whether hook `name` sits in the language model a sweep runs (`hook_embed`, `blocks.*`, `ln_final.*`,
+    `unembed.*`). The towers, their output points (`hook_audio_embeds`, `hook_image_embeds`,
+    `hook_video_embeds`) and the token embedding run in `encode`, before a sweep, never in it."""
+    top = getattr(model, name.split(".")[0], None)
+    return any(top is m for m in _language_model_parts(model))
+
+
+def encode_hooks(model) -> frozenset:
+    """The hooks now active on what `encode` runs and a sweep does not (every tower module and hook point,
+    the towers' output points, the token embedding), as `(module name, hook id)` pairs."""
+    lm = _language_model_parts(model)
+    out = set()
+    for top, mod in model.named_children():
+        if not any(mod is m for m in lm):
+            for name, m in mod.named_modules(prefix=top):
+                out |= {(name, k) for k in (*m._forward_hooks, *m._forward_pre_hooks)}
+    return frozenset(out)
+
+
+HOW_TO_EDIT_TOWERS = ("a sweep runs the language model on embeddings the towers made in `samples` (`model.encode`) "
+                      "and never runs them again, so the edit would be lost: encode under the hook and sweep the encoded "
+                      "sample, `with model.hooks(fwd_hooks=[(name, fn)]): s = samples(model, inputs)[0]`, then "
+                      "`run_rows(model, s, ...)` (or run whole forwards: `model.run_with_hooks(**inputs, fwd_hooks=...)`)")
+
+
+def check_language_model_hooks(model, interventions: Sequence, sample: "Sample | None" = None) -> None:
+    """Refuse, before any forward, an intervention with a hook outside the language model (a tower, a tower's
+    output, the token embedding; a name filter matching one) and such a hook active on the model that the
+    sample was not encoded under: a sweep never runs those modules, so the edit would silently do nothing."""
+    for i, iv in enumerate(interventions):
+        for name, _ in iv:
+            if isinstance(name, str):
+                model.check_hook_name(name)
+                outside = [] if in_language_model(model, name) else [name]
+            else:  # a name filter: the points it matches outside the language model
+                outside = [n for n in model.hook_dict if not in_language_model(model, n) and name(n)]
+            if outside:
+                raise ValueError(f"intervention {i} ({iv!r}) hooks {outside[:3]}, outside the language model; "
+                                 + HOW_TO_EDIT_TOWERS)
+    new = encode_hooks(model) - (sample.encoded_under if sample is not None else frozenset())
+    if new:
+        raise ValueError(f"hook(s) active on {sorted({n for n, _ in new})[:3]}, outside the language model, were not "
+                         "active when the sample was encoded; " + HOW_TO_EDIT_TOWERS + "; hooks active while "
+                         "`samples` encodes are in the sample and may stay active")
 
 
 def slice_token_map(tm, row: int, keep: Tensor | None = None):
@@ -102,6 +166,15 @@ def samples(model, inputs: dict, tm=None) -> list[Sample]:
         run_rows(model, sample, [discard(sample.tm, "audio", 2)], progress=False).shape  # [1, vocab]
     """
     tm = _token_map_of(model, inputs, tm)
+    active = encode_hooks(model)
+    if "inputs_embeds" in inputs:  # encoded before: under the hooks `encode` remembered (none known otherwise)
+        under = _ENCODED_UNDER.get(id(inputs["inputs_embeds"]), frozenset())
+        if active - under:
+            raise ValueError(f"hook(s) are active on {sorted({n for n, _ in active - under})[:3]}, which `encode` runs, "
+                             "but the inputs were encoded without them (`inputs_embeds`), so they would do nothing: "
+                             "pass the raw inputs (input_ids and media) to `samples` under those hooks")
+    else:
+        under = active
     enc = encode(model, inputs)
     embeds, pos, mask = enc["inputs_embeds"], enc["position_ids"], enc.get("attention_mask")
     if pos is None:
@@ -114,7 +187,8 @@ def samples(model, inputs: dict, tm=None) -> list[Sample]:
         inj = enc.get("injections")
         if inj is not None:
             inj = [None if t is None else t[i : i + 1, keep].detach() for t in inj]
-        out.append(Sample(embeds[i : i + 1, keep].detach(), pos[:, i : i + 1, keep], slice_token_map(tm, i, keep), i, inj))
+        out.append(Sample(embeds[i : i + 1, keep].detach(), pos[:, i : i + 1, keep], slice_token_map(tm, i, keep), i, inj,
+                          under))
     return out
 
 
@@ -230,7 +304,9 @@ def run_rows(
     causal: nothing earlier changes; nothing changes before the first hooked block). Rows edited from
     position 0 of block 0 run whole in it where the sweep still does less work than whole forwards would.
     Anything else (a hook of another origin, a hook already active on the model, edits that leave nothing
-    to save) runs whole forwards, as does `incremental=False`. `stats`, if given, receives `positions` (the
+    to save) runs whole forwards, as does `incremental=False`. A hook outside the language model (a tower,
+    `hook_audio_embeds`, ...), in an intervention or active on the model but not while `samples` encoded,
+    is refused before any forward: the towers ran in `samples` and never run here. `stats`, if given, receives `positions` (the
     positions run, summed over rows and the clean forward), `layer_positions` (positions x blocks run),
     their whole-forward counterparts `positions_full` and `layer_positions_full`, and `incremental`.
 
@@ -238,6 +314,12 @@ def run_rows(
         ivs = [block_attention(sample.tm, "audio", "last", [layer]) for layer in range(model.cfg.n_layers)]
         run_rows(model, sample, ivs, reduce=AnswerProb([answer]), progress=False)  # [n_layers]: p(answer) per knocked-out layer
     """
+    bad = [(i, type(iv).__name__) for i, iv in enumerate(interventions) if not isinstance(iv, Intervention)]
+    if bad:
+        raise TypeError(f"run_rows puts intervention i on batch row i, which takes Intervention objects (they know their "
+                        f"rows); got {bad[:3]} (index, type): build them with patching.engine.hooks (block_attention, "
+                        "ablate, patch_from_cache, ...), or run (name, fn) pairs whole with model.run_with_hooks")
+    check_language_model_hooks(model, interventions, sample)
     seq, n_layers = sample.seq_len, len(model.blocks)
     starts = [first_query(iv) for iv in interventions] if incremental else [None] * len(interventions)
     # a cell that edits no prompt query (only generated ones) still reads the last position: run it from there

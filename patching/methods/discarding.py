@@ -122,11 +122,13 @@ def discarding(
             fns = {x: (lambda x=x: physical_forward(model, s, group, x)) for x in layers}
             logits, seconds = median_times(fns, repeats)
         p_full, f_full = float(metric(logits[L], s.index)[0]), forward_flops(model, n)
+        correct_full = bool(metric.correct(logits[L], s.index)[0])
         for layer in from_layers:
             f = forward_flops(model, n, n - dropped, layer)
             rows.append(dict(sample=s.index, from_layer=layer, group=str(group), n_tokens=n, n_discarded=dropped,
                              metric=float(metric(logits[layer], s.index)[0]), metric_full=p_full,
-                             correct=bool(metric.correct(logits[layer], s.index)[0]), flops=f, flops_full=f_full,
+                             correct=bool(metric.correct(logits[layer], s.index)[0]), correct_full=correct_full,
+                             flops=f, flops_full=f_full,
                              flops_saved=1 - f / f_full, seconds=seconds[layer], seconds_full=seconds[L],
                              time_saved=1 - seconds[layer] / seconds[L]))
     return Result("discarding", pd.DataFrame(rows), dict(group=str(group), from_layers=from_layers, repeats=repeats,
@@ -144,6 +146,9 @@ EXPERIMENT = Experiment(
     "discarding", discarding, by=("from_layer",), value="metric", label="p(answer)",
     plot=Plot("lines", x="from_layer", series="group", xlabel="discarded from layer (n_layers = nothing)"),
     run=_run, cells=("group", "from_layer"), study_value="correct",  # a study reports the accuracy with the group discarded
+    outcome="binary", paired=("correct", "correct_full"), unit="probability",
     report=Report("Discarding the media from layer L on: accuracy and FLOPs saved", samples=False,
                   twin=("flops_saved", "FLOPs saved (fraction, dashed)"), ylabel="accuracy (all samples)", ylim=(-0.05, 1.05)),
+    columns=("from_layer", "group", "n_tokens", "n_discarded", "metric", "metric_full", "correct", "flops",
+             "flops_full", "flops_saved", "seconds", "seconds_full", "time_saved"),
 )

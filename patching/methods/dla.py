@@ -106,4 +106,5 @@ EXPERIMENT = Experiment(
     "dla", dla, by=("layer", "head", "group"), value="dla", label="direct logit attribution (logit)",
     plot=Plot("heads", panel="group"), run=_run, cells=("group", "layer", "head"),
     report=Report("Direct logit attribution per head, split by the token group read"),
+    columns=("layer", "head", "group", "answer", "dla"),
 )

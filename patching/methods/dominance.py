@@ -76,4 +76,5 @@ EXPERIMENT = Experiment(
     "dominance", dominance, by=("label",), value="share", label="share of samples", outcome="binary",
     run=lambda x, opts: label_of(x), cells=("label",), summary_rows=label_shares,
     report=Report("Unimodal dominance: share of samples per label", table="shares"),
+    columns=("pred_av", "pred_audio_only", "pred_video_only", "label", "correct_av", "absent", "share"),
 )

@@ -113,6 +113,7 @@ def _run(x: StudySample, opts: dict) -> pd.DataFrame:
 
 EXPERIMENT = Experiment(
     "logit_lens", logit_lens, by=("group", "layer"), value="prob", label="p(answer)",
-    plot=Plot("lines", x="layer", series="group", xlabel="layer"), run=_run, cells=("lens", "group", "layer"),
+    plot=Plot("lines", x="layer", series="group", xlabel="layer"), run=_run, cells=("lens", "group", "layer"), unit="probability",
     report=Report("Logit lens: p(answer) per token group and layer", split=("lens",)),
+    columns=("layer", "group", "n_tokens", "answer", "prob", "rank", "top_token", "lens"),
 )

@@ -234,4 +234,5 @@ EXPERIMENT = Experiment(
     "sae_loss", loss_recovered, by=("group",), value="ce_sae", label="cross-entropy of the answer with the SAE (nats)",
     plot=Plot("bars", series="group"), run=_run, cells=("group",), required=("sae",), example={"sae": "runs/sae"},
     check=_check, report=Report("SAE spliced per token group: cross-entropy of the answer (nats)", samples=False),
+    columns=("group", "n_tokens", "ce_clean", "ce_sae", "ce_zero"),
 )

@@ -109,4 +109,6 @@ EXPERIMENT = Experiment(
     plot=Plot("lines", x="rank", series="group", xlabel="rank of the feature on its group (1 = most active)"),
     run=_run, cells=("group", "rank"), required=("sae",), example={"sae": "runs/sae"}, check=_check,
     report=Report("SAE features: relative change of p(answer) when each group's top features are ablated (%)"),
+    columns=("group", "rank", "feature", "act_sum", "act_mean", "act_max", "frac_active", "n_tokens", "metric",
+             "metric_clean", "change", "rel_change", "correct", "correct_ablated"),
 )

@@ -29,7 +29,8 @@ def register(sub) -> None:
     st.add_argument("--template", default="default", help='"default", "mc" or a custom text with {question} (and {options})')
     st.add_argument("--scoring", default="first_token", choices=RULES)
     st.add_argument("--window", type=_window, default=None,
-                    help="knockout window in layers (default: 9, the papers', for centred and inverse windows; top-down and bottom-up take none)")
+                    help="knockout window in layers (default: the papers' 9 for centred and inverse windows in models of 18 layers "
+                         "or more, a quarter of the depth below; top-down and bottom-up take none)")
     st.add_argument("--option", action="append", default=[], metavar="EXPERIMENT.NAME=VALUE",
                     help="an experiment's option, e.g. knockout.window_style=inverse or causal_tracing.tokens='[\"sink(video)\"]' "
                          "(VALUE read as JSON, else as text); repeat for several")
