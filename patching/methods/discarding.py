@@ -149,6 +149,6 @@ EXPERIMENT = Experiment(
     outcome="binary", paired=("correct", "correct_full"), unit="probability",
     report=Report("Discarding the media from layer L on: accuracy and FLOPs saved", samples=False,
                   twin=("flops_saved", "FLOPs saved (fraction, dashed)"), ylabel="accuracy (all samples)", ylim=(-0.05, 1.05)),
-    columns=("from_layer", "group", "n_tokens", "n_discarded", "metric", "metric_full", "correct", "flops",
+    columns=("from_layer", "group", "n_tokens", "n_discarded", "metric", "metric_full", "correct", "correct_full", "flops",
              "flops_full", "flops_saved", "seconds", "seconds_full", "time_saved"),
 )

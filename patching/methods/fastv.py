@@ -282,7 +282,7 @@ EXPERIMENT = Experiment(
     plot=Plot("points", series="method", xlabel="prefill FLOPs saved (fraction)"), run=_run, cells=("method",),
     paired=("correct", "correct_full"),
     report=Report("FastV beside discarding a whole modality: accuracy against prefill FLOPs saved"),
-    columns=("method", "k", "r", "n_tokens", "n_media", "n_dropped", "prob", "correct", "pred", "flops",
+    columns=("method", "k", "r", "n_tokens", "n_media", "n_dropped", "prob", "correct", "correct_full", "pred", "flops",
              "flops_saved", "seconds", "time_saved", "generated", "gen_flops", "gen_flops_saved", "gen_seconds",
              "gen_time_saved"),
 )

@@ -313,7 +313,7 @@ EXPERIMENT = Experiment(
     correct_only=True, plot=Plot("lines", x="layer", series="edge", xlabel="layer", window=True), run=_run,
     cells=("edge", "layer"), not_options=frozenset({"window"}), check=_check, paired=("p_blocked", "p_orig"), unit="percent",
     report=Report("Attention knockout: relative change of p(answer) (%)", derived=("knockout_accuracy",), table="lowest"),
-    columns=("edge", "src", "dst", "layer", "window_start", "window_end", "n_window_layers", "p_orig",
+    columns=("edge", "src", "dst", "layer", "window", "window_start", "window_end", "n_window_layers", "p_orig",
              "p_blocked", "rel_change", "pred", "p_pred_orig", "p_pred_blocked", "rel_change_pred",
              "pred_blocked", "correct", "correct_blocked"),
 )
