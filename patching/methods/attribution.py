@@ -46,7 +46,7 @@ def attribution_patching(
     if not isinstance(positions, str):
         positions = checks.nonempty(positions, "positions")
     if metric is not None:
-        metric.check(model, checks.batch_of(clean))
+        metric.check(model, checks.batch_of(clean), clean)
     cl, co = pair_samples(model, clean, corrupted, tm_clean, tm_corrupted)
     names = {(s, l): site_name(s, l) for s in sites for l in layers}
     rows = []

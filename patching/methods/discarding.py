@@ -110,7 +110,7 @@ def discarding(
         checks.nonempty(from_layers, "from_layers", none_ok=True), L + 1, "from_layer(s)", "layers", valid=f"valid: 0..{L} ({L} = discard nothing)")
     checks.count(repeats, "repeats")
     metric = answers if isinstance(answers, AnswerProb) else AnswerProb(answers)
-    metric.check(model, checks.batch_of(inputs))
+    metric.check(model, checks.batch_of(inputs), inputs)
     tm = model.token_map(inputs) if tm is None else tm
     n_drop = _dropped(tm, group).sum(-1).tolist()  # every sample, before any forward
     data = samples(model, inputs, tm)

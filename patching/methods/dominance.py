@@ -33,7 +33,7 @@ def dominance(model, inputs: dict, answers=None) -> pd.DataFrame:
     """
     n = checks.batch_of(inputs)
     if answers is not None:
-        answers = torch.as_tensor(answers).flatten()
+        answers = model.answer_tokens(answers, inputs)  # ids, or words read in each prompt's context
         if len(answers) not in (1, n):
             raise ValueError(f"{len(answers)} answer token ids for {n} samples: pass one per sample (or one for all)")
         checks.token_ids(model, answers.tolist(), "answer token id(s)")

@@ -134,7 +134,7 @@ def fastv(
     checks.count(max_new_tokens, "max_new_tokens", minimum=0)
     checks.count(repeats, "repeats")
     metric = answers if isinstance(answers, AnswerProb) else AnswerProb(answers)
-    metric.check(model, checks.batch_of(inputs))
+    metric.check(model, checks.batch_of(inputs), inputs)
     data = samples(model, inputs, tm)
     plans = []
     for s in data:  # every group checked before the first forward

@@ -148,7 +148,7 @@ def knockout(
         checks.count(batch_size, "batch_size")
     checks.count(max_batch_tokens, "max_batch_tokens")
     metric = answers if isinstance(answers, AnswerProb) else AnswerProb(answers)
-    metric.check(model, checks.batch_of(inputs))
+    metric.check(model, checks.batch_of(inputs), inputs)
     plans = []
     for index, stm in enumerate(sample_maps(model, inputs, tm)):  # every intervention built (so checked) before the towers
         sample_edges = default_edges(stm) if edges is None else edges
