@@ -186,6 +186,24 @@ class HookedAVModel(TransformerLensCompat, HookedRootModule):
             cache.remove_batch_dim()
         return (out, cache) if return_cache_object else (out, cache.cache_dict)
 
+    @contextmanager
+    def frozen(self):
+        """Inside, no parameter requires grad (each is restored on exit, even after an error): a backward then
+        reaches activations alone (backward hooks, an input that requires grad) and builds no graph for the
+        weights, as the library's gradient methods need (`patching.attribution_patching`).
+
+            with model.frozen(), torch.enable_grad():
+                ...
+        """
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        try:
+            for p in trainable:
+                p.requires_grad_(False)
+            yield self
+        finally:
+            for p in trainable:
+                p.requires_grad_(True)
+
     # ---- device / dtype ---------------------------------------------------------------------
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)  # .to(), .cuda(), .half(), ...

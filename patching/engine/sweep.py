@@ -128,8 +128,9 @@ def rows_per_forward(seq_len: int, batch_size: int | None, max_batch_tokens: int
 
 
 def forward_rows(model, sample: Sample, n: int) -> Tensor:
-    """Last-position logits `[n, vocab]` of `n` copies of the sample under the active hooks."""
-    return model.run_language_model(**sample.lm_inputs(n), logits_at="last")[:, -1]
+    """Last-position logits `[n, vocab]` of `n` copies of the sample under the active hooks (no graph)."""
+    with torch.no_grad():
+        return model.run_language_model(**sample.lm_inputs(n), logits_at="last")[:, -1]
 
 
 def first_query(iv: Intervention) -> int | None:
