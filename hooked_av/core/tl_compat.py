@@ -321,8 +321,9 @@ class TransformerLensCompat:
         last real token of `inputs["input_ids"]` row i (one answer per row, or one for all), else after a
         generation prompt. Ids pass through (checked against the vocabulary). A word reads as its text alone
         where the position before it ends a word (a newline, a space, a special token, or a word-level
-        vocabulary where both readings agree), else with a leading space; a word the tokenizer cannot spell,
-        or one that would continue the word before it, is refused.
+        vocabulary where both readings agree); written with a leading space (" Paris", TransformerLens's habit)
+        it reads as written; a word after text that does not end a word is ambiguous (a new word, or the
+        previous one continued) and refused, as is a word the tokenizer cannot spell.
 
             model.answer_tokens(["red", "blue"])          # tensor([id of red, id of blue])
         """
@@ -374,18 +375,19 @@ def answer_token(tokenizer, word: str, before: int | None) -> int:
     plain = tokenizer.encode(word, add_special_tokens=False)
     if not word.strip() or not plain:
         raise ValueError(f"the answer {word!r} has no text to score; give the answer's word")
-    if tokenizer.unk_token_id is not None and plain[0] == tokenizer.unk_token_id:
-        raise ValueError(f"the answer {word!r} starts with a word the tokenizer does not know (its first token is "
-                         f"{tokenizer.unk_token}); give an answer in the model's vocabulary, or its token ids")
+    back = tokenizer.decode(plain, clean_up_tokenization_spaces=False)
+    if (tokenizer.unk_token_id is not None and tokenizer.unk_token_id in plain) or back.strip() != word.strip():
+        raise ValueError(f"the answer {word!r} has a word the tokenizer does not know (it reads back as {back!r}); give "
+                         "an answer in the model's vocabulary, or its token ids")
     if word[0].isspace():  # the caller wrote the space: TransformerLens's habit (" Paris")
         return plain[0]
     spaced = tokenizer.encode(" " + word, add_special_tokens=False)
-    if spaced and spaced[0] == plain[0]:
+    if spaced and spaced[0] == plain[0]:  # a word-level vocabulary: both readings agree
         return plain[0]
     specials = set(getattr(tokenizer, "all_special_ids", []) or [])
     text = "\n" if before is None else tokenizer.decode([before])
-    if before in specials or not text or text[-1].isspace():
+    if before in specials or not text or text[-1].isspace():  # a new line, a space or a template token ends a word
         return plain[0]
-    if not spaced or (tokenizer.unk_token_id is not None and spaced[0] == tokenizer.unk_token_id):
-        raise ValueError(f"the answer {word!r} after {text!r} is ambiguous: it continues that word; pass token ids")
-    return spaced[0]
+    raise ValueError(
+        f"the answer {word!r} after {text!r} is ambiguous: the model may write it as a new word ({spaced[:1]}, with its "
+        f"space) or continue {text!r} ({plain[:1]}); write the space (' {word}') or pass token ids")

@@ -24,6 +24,8 @@ from hooked_av.core.loss import IGNORE  # HF's ignore_index: a position no loss 
 from hooked_av.inputs.chat import ChatTokens, text_groups
 from hooked_av.inputs.token_map import TEXT_PARTS
 
+USER_PARTS = ("question", "options", "instruction", "label")  # what the user wrote (TokenMap's "user")
+
 
 def default_labels(input_ids: Tensor, attention_mask: Tensor | None, text_parts: Tensor | None,
                    chat: ChatTokens | None, media_ids) -> Tensor:
@@ -31,9 +33,11 @@ def default_labels(input_ids: Tensor, attention_mask: Tensor | None, text_parts:
     ids = input_ids.long()
     real = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool().to(ids.device)
     media = torch.isin(ids, torch.tensor(sorted(set(media_ids)), dtype=torch.long, device=ids.device))
-    answer = None
+    answer = user = None
     if text_parts is not None:
-        answer = torch.as_tensor(text_parts, device=ids.device) == TEXT_PARTS.index("answer")
+        codes = torch.as_tensor(text_parts, device=ids.device)
+        answer = codes == TEXT_PARTS.index("answer")
+        user = torch.isin(codes, torch.tensor([TEXT_PARTS.index(p) for p in USER_PARTS], device=ids.device))
     scored = torch.zeros_like(real)
     for r in range(ids.shape[0]):
         where = real[r].nonzero()[:, 0]
@@ -50,6 +54,8 @@ def default_labels(input_ids: Tensor, attention_mask: Tensor | None, text_parts:
                 pick[start + after:] = True
             elif chat is None or chat.im_start not in row:
                 pick[start:] = True
+            elif user is not None:  # prepare's record: the user's own parts (not the separators it adds)
+                pick = user[r].clone()
             else:
                 groups = text_groups(row, chat)
                 pick[start:] = torch.tensor([g == "question" for g in groups], device=ids.device)
