@@ -26,7 +26,7 @@ LABELS = ("video", "audio", "neither")
 def dominance(model, inputs: dict, answers=None) -> pd.DataFrame:
     """One row per sample: `pred_av`, `pred_audio_only` (frames black), `pred_video_only` (waveform
     silent), `label` ("video", "audio" or "neither", see the module) and, with `answers` (one token id
-    per sample or one for all), `correct_av`. Three forwards of the batch; no sample is dropped.
+    or word per sample, or one for all; words as `model.answer_tokens` reads them), `correct_av`. Three forwards of the batch; no sample is dropped.
 
         labels = dominance(model, inputs, answers=[answer])
         labels[["pred_av", "pred_audio_only", "pred_video_only", "label"]]

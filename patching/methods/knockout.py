@@ -119,7 +119,8 @@ def knockout(
     max_batch_tokens: int = 16384,
     progress: bool = True,
 ) -> Result:
-    """`answers`: the gold answer's first token id per sample, one for all, or an `AnswerProb`. `edges`:
+    """`answers`: the gold answer's first token id per sample, one for all, or an `AnswerProb` (words are read
+    as the first token the model would write after each prompt: `model.answer_tokens`). `edges`:
     list of (src, dst) or "src->dst" (default `default_edges` of each sample). `centres`: the layers l
     the windows are built around (default every layer). `window` (default 9 for `centre` and `inverse`,
     Map the Flow's and Zhang et al.'s; None for `top_down` / `bottom_up`, which take no size) and
