@@ -246,6 +246,8 @@ def test_start_at_layer_continues_a_residual_as_transformer_lens(models, name):
         model(resid, start_at_layer=n - 1, tokens=inputs["input_ids"], return_type="loss")
     with pytest.raises(ValueError, match="start_at_layer"):
         model(resid, start_at_layer=n + 1)
+    with pytest.raises(ValueError, match="has no loss"):
+        model(q, stop_at_layer=1, return_type="loss")
 
 
 # ---- gradients -----------------------------------------------------------------------------------------------

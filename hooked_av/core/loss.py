@@ -11,10 +11,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 IGNORE = -100  # HF's ignore_index: a label no loss reads
+RETURN_TYPES = ("logits", "loss", "both", "resid", None)  # what a family's forward returns
 
 
 class Output(NamedTuple):
@@ -38,3 +40,33 @@ def lm_loss(logits: Tensor, labels: Tensor, per_token: bool = False, loss_fn: Ca
     if per_token:
         return F.cross_entropy(flat, shifted.reshape(-1), ignore_index=IGNORE, reduction="none").view(shifted.shape)
     return F.cross_entropy(flat, shifted.reshape(-1), ignore_index=IGNORE)
+
+
+def check_loss_options(return_type, labels, tokens, loss_per_token, loss_fn, logits_at) -> bool:
+    """Whether the forward computes a loss; what applies only to a loss is refused without one."""
+    if return_type not in RETURN_TYPES:
+        raise ValueError(f"return_type must be one of {list(RETURN_TYPES)}, got {return_type!r}")
+    loss = return_type in ("loss", "both")
+    if not loss:
+        given = [k for k, v in dict(labels=labels, tokens=tokens, loss_fn=loss_fn).items() if v is not None]
+        given += ["loss_per_token"] * bool(loss_per_token)
+        if given:
+            raise ValueError(f"{given} apply only to a loss: pass return_type='loss' or 'both'")
+        return False
+    if logits_at is not None:
+        raise ValueError("a loss reads every position's logits; logits_at does not apply with return_type "
+                         f"{return_type!r}")
+    if loss_fn is not None and not callable(loss_fn):
+        raise ValueError(f"loss_fn must be callable as loss_fn(logits, labels), got {type(loss_fn).__name__}")
+    if loss_fn is not None and loss_per_token:
+        raise ValueError("loss_per_token does not apply with loss_fn: your loss_fn decides what it returns")
+    return True
+
+
+def check_labels(labels, like: Tensor) -> Tensor:
+    """HF's labels `[batch, pos]` (ids, -100 where not scored) for a batch shaped like `like`."""
+    labels = torch.as_tensor(labels)
+    if labels.is_floating_point() or tuple(labels.shape) != tuple(like.shape[:2]):
+        raise ValueError(f"labels must be integer ids [batch, pos] = {list(like.shape[:2])} (-100 where not scored), "
+                         f"got {labels.dtype} {tuple(labels.shape)}")
+    return labels.long()

@@ -27,7 +27,8 @@ from transformer_lens.hook_points import HookPoint
 from hooked_av.core import checkpoint
 from hooked_av.core.base import HookedAVModel
 from hooked_av.core.language_model import MRoPELanguageModel, decode_args, scatter_injections
-from hooked_av.core.loss import Output, lm_loss
+from hooked_av.core.loss import Output, check_labels, check_loss_options, lm_loss
+from hooked_av.core.sampling import repeat_rows, sampler
 from hooked_av.core.placeholders import check_patch_rows, check_placeholders, merged_tokens
 
 KINDS = ("audio", "image", "video")
@@ -336,6 +337,9 @@ class HookedAVFamily(MRoPELanguageModel, HookedAVModel):
                                 stop_at_layer=stop_at_layer, labels=labels, loss_per_token=loss_per_token,
                                 loss_fn=loss_fn)
         loss = check_loss_options(return_type, labels, tokens, loss_per_token, loss_fn, logits_at)
+        if loss and stop_at_layer is not None:
+            raise ValueError("stop_at_layer returns the residual stream entering that block, which has no loss: "
+                             "leave return_type at 'logits' (or drop stop_at_layer)")
         if start_at_layer is not None:
             residual = input_ids if inputs_embeds is None else inputs_embeds
             return self._from_layer(residual, input_ids, inputs_embeds, start_at_layer, attention_mask, position_ids,
@@ -396,9 +400,9 @@ class HookedAVFamily(MRoPELanguageModel, HookedAVModel):
                 raise ValueError("a loss from start_at_layer needs the token ids: pass tokens= (TransformerLens's) or labels=")
             labels = self.loss_labels(tokens, attention_mask) if labels is None else check_labels(labels, residual)
         out = self.run_language_model(residual, position_ids, attention_mask, "logits" if loss else return_type,
-                                      injections=injections, logits_at=logits_at, start_layer=start_at_layer % (n + 1)
-                                      if start_at_layer >= 0 else start_at_layer + n, stop_at_layer=stop_at_layer,
-                                      embed=False)
+                                      injections=injections, logits_at=logits_at,
+                                      start_layer=start_at_layer if start_at_layer >= 0 else start_at_layer + n,
+                                      stop_at_layer=stop_at_layer, embed=False)
         if not loss:
             return out
         value = lm_loss(out, labels, loss_per_token, loss_fn)
@@ -584,91 +588,9 @@ class HookedAVFamily(MRoPELanguageModel, HookedAVModel):
                                    "(docs/architecture.md, 'What a family provides')")
 
 
-# ---- argument checks shared by forward and generate (refused before any tower runs) ----------------
-RETURN_TYPES = ("logits", "loss", "both", "resid", None)
-
-
 def is_text(x) -> bool:
     """A prompt given as text: a string or a non-empty list of strings."""
     return isinstance(x, str) or (isinstance(x, (list, tuple)) and bool(x) and all(isinstance(t, str) for t in x))
-
-
-def check_loss_options(return_type, labels, tokens, loss_per_token, loss_fn, logits_at) -> bool:
-    """Whether the forward computes a loss; what applies only to a loss is refused without one."""
-    if return_type not in RETURN_TYPES:
-        raise ValueError(f"return_type must be one of {list(RETURN_TYPES)}, got {return_type!r}")
-    loss = return_type in ("loss", "both")
-    if not loss:
-        given = [k for k, v in dict(labels=labels, tokens=tokens, loss_fn=loss_fn).items() if v is not None]
-        given += ["loss_per_token"] * bool(loss_per_token)
-        if given:
-            raise ValueError(f"{given} apply only to a loss: pass return_type='loss' or 'both'")
-        return False
-    if logits_at is not None:
-        raise ValueError("a loss reads every position's logits; logits_at does not apply with return_type "
-                         f"{return_type!r}")
-    if loss_fn is not None and not callable(loss_fn):
-        raise ValueError(f"loss_fn must be callable as loss_fn(logits, labels), got {type(loss_fn).__name__}")
-    if loss_fn is not None and loss_per_token:
-        raise ValueError("loss_per_token does not apply with loss_fn: your loss_fn decides what it returns")
-    return True
-
-
-def check_labels(labels, like: Tensor) -> Tensor:
-    """HF's labels `[batch, pos]` (ids, -100 where not scored) for a batch shaped like `like`."""
-    labels = torch.as_tensor(labels)
-    if labels.is_floating_point() or tuple(labels.shape) != tuple(like.shape[:2]):
-        raise ValueError(f"labels must be integer ids [batch, pos] = {list(like.shape[:2])} (-100 where not scored), "
-                         f"got {labels.dtype} {tuple(labels.shape)}")
-    return labels.long()
-
-
-def sampler(do_sample: bool, temperature, top_k, top_p, seed, generator):
-    """`pick(scores [batch, vocab] fp32) -> ids [batch]` sampling as HF's `generate` (its temperature, top-k
-    and top-p warpers, in that order, then `torch.multinomial`), or None for greedy decoding."""
-    given = {k: v for k, v in dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                                    generator=generator).items() if v is not None}
-    if not do_sample:
-        if given:
-            raise ValueError(f"{sorted(given)} apply only to sampling: pass do_sample=True (or leave them out for "
-                             "greedy decoding)")
-        return None
-    if temperature is not None and (isinstance(temperature, bool) or not float(temperature) > 0):
-        raise ValueError(f"temperature must be > 0, got {temperature!r} (greedy decoding: do_sample=False)")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
-    if top_p is not None and not 0 < float(top_p) <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-    if seed is not None and generator is not None:
-        raise ValueError("pass seed or generator, not both")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
-    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
-                                                        TopPLogitsWarper)
-
-    warpers = ([TemperatureLogitsWarper(float(temperature))] if temperature is not None and temperature != 1.0 else []) \
-        + ([TopKLogitsWarper(top_k)] if top_k is not None else []) \
-        + ([TopPLogitsWarper(float(top_p))] if top_p is not None and top_p < 1.0 else [])
-    state = {"generator": generator}
-
-    def pick(scores: Tensor) -> Tensor:
-        for w in warpers:
-            scores = w(None, scores)
-        if seed is not None and state["generator"] is None:  # on the logits' device, made at the first step
-            state["generator"] = torch.Generator(device=scores.device).manual_seed(seed)
-        return torch.multinomial(scores.softmax(-1), num_samples=1, generator=state["generator"]).squeeze(1)
-
-    return pick
-
-
-def repeat_rows(n: int, embeds: Tensor, position_ids: Tensor, attention_mask: Tensor | None, rope_deltas: Tensor | None,
-                injections):
-    """Every prompt row repeated n times in place (HF's `num_return_sequences` order: 0, 0, 1, 1, ...)."""
-    rep = lambda t, dim=0: None if t is None else t.repeat_interleave(n, dim=dim)  # noqa: E731
-    if injections is not None:
-        items = injections.items() if isinstance(injections, dict) else enumerate(injections)
-        injections = {k: rep(v) for k, v in items}
-    return rep(embeds), rep(position_ids, 1), rep(attention_mask), rep(rope_deltas), injections
 
 
 def generate_args() -> list[str]:
