@@ -123,8 +123,13 @@ def test_answers_as_words_are_their_first_token_after_the_prompt(models, name):
         LogitDiff([word], [word]).check(model, 1, inputs)
     with pytest.raises(ValueError, match="does not know"):
         model.answer_tokens(["zebra"])
-    if name == "toy":  # a method takes the words as it takes ids
+    if name == "toy":  # the methods take the words as they take ids
+        from patching import dla, knockout, logit_lens
+
         assert dominance(model, inputs, answers=[word]).equals(dominance(model, inputs, answers=ids[:1]))
+        for method, kw in ((knockout, dict(window=1, centres=[1], progress=False)), (logit_lens, {}), (dla, dict(layers=[3]))):
+            by_word, by_id = method(model, inputs, [word], **kw), method(model, inputs, ids[:1], **kw)
+            assert by_word.df.equals(by_id.df), method.__name__
 
 
 def test_an_answer_that_could_continue_the_word_before_it_is_refused(models):
