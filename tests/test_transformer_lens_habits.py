@@ -569,3 +569,20 @@ def test_cfg_carries_what_analysis_code_reads_from_the_checkpoint(models, name):
     assert c.d_head == (text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"])
     assert (c.act_fn, c.normalization_type, c.positional_embedding_type) == (text["hidden_act"], "RMS", "rotary")
     assert c.device == model.device and c.dtype == model.dtype == torch.float32
+
+
+def test_the_library_builds_no_graph_from_encode_outputs_that_carry_one(models):
+    """`model.encode` outside no_grad returns embeddings with a graph (the weights require grad); a sweep over
+    them saves nothing for a backward (make bench found 2 tensors saved by `samples`' indexing)."""
+    from patching import AnswerProb, activation_patching, samples
+
+    model = models["toy"]
+    inputs = {k: v for k, v in media_prompt(model, "toy").items() if k != "text_parts"}
+    enc = model.encode(**inputs)
+    assert enc["inputs_embeds"].requires_grad
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(1) or t, lambda t: t):
+        s = samples(model, enc, model.token_map(inputs))[0]
+        activation_patching(model, enc, enc, AnswerProb([model.to_single_token("red")]), sites=("resid_pre",), layers=[1],
+                            tm_clean=model.token_map(inputs), tm_corrupted=model.token_map(inputs), progress=False)
+    assert saved == [] and not s.embeds.requires_grad
