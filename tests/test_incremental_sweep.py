@@ -175,8 +175,11 @@ def test_start_layer_is_checked():
     inputs = av_inputs(6)
     s = samples(model, inputs, token_map(model, inputs))[0]
     L = model.cfg.n_layers
-    with pytest.raises(ValueError, match=rf"start_layer {L}: the model has {L} blocks"):
-        model.run_language_model(**s.lm_inputs(1), start_layer=L)
+    with pytest.raises(ValueError, match=rf"start_layer {L + 1}: the model has {L} blocks"):
+        model.run_language_model(**s.lm_inputs(1), start_layer=L + 1)
+    with torch.no_grad():  # start_layer = n_layers: no block, the final norm and unembedding alone (TransformerLens's)
+        resid = model.run_language_model(**s.lm_inputs(1), stop_at_layer=L)
+        assert torch.equal(model.run_language_model(resid, s.position_ids, start_layer=L), model.unembed(model.ln_final(resid)))
     with pytest.raises(ValueError, match="discard cannot run from start_layer > 0"):
         model.run_language_model(**s.lm_inputs(1), start_layer=1, discard=(s.tm.select("audio"), 2))
     with pytest.raises(ValueError, match=r"kv_caches holds 2 slots; the model has"):

@@ -83,8 +83,10 @@ class Attention(nn.Module):
     def out_proj_module(self) -> nn.Linear:
         return getattr(self, self._names[3])
 
-    # TransformerLens weight views: W_Q [n_heads, d_model, d_head]; W_K, W_V carry the kv heads;
-    # W_O [n_heads, d_head, d_model]; biases are zeros where the projection has none.
+    # TransformerLens weight views (TransformerLens 4's grouped-query attention): W_Q [n_heads, d_model, d_head];
+    # _W_K, _W_V [n_kv_heads, d_model, d_head] as stored, W_K, W_V their repeated view [n_heads, d_model, d_head]
+    # (query head h reads kv head h // groups); W_O [n_heads, d_head, d_model]; biases likewise, zeros where the
+    # projection has none.
     def _proj(self, i: int) -> nn.Linear:
         return getattr(self, self._names[i])
 
@@ -97,17 +99,28 @@ class Attention(nn.Module):
             return lin.bias.view(shape)
         return torch.zeros(shape, dtype=lin.weight.dtype, device=lin.weight.device)
 
+    def _repeat(self, t: Tensor) -> Tensor:
+        return t.repeat_interleave(self.n_heads // self.n_kv_heads, dim=0)
+
     @property
     def W_Q(self) -> Tensor:
         return self._w_in(0, self.n_heads)
 
     @property
-    def W_K(self) -> Tensor:
+    def _W_K(self) -> Tensor:
         return self._w_in(1, self.n_kv_heads)
 
     @property
-    def W_V(self) -> Tensor:
+    def _W_V(self) -> Tensor:
         return self._w_in(2, self.n_kv_heads)
+
+    @property
+    def W_K(self) -> Tensor:
+        return self._repeat(self._W_K)
+
+    @property
+    def W_V(self) -> Tensor:
+        return self._repeat(self._W_V)
 
     @property
     def W_O(self) -> Tensor:
@@ -118,16 +131,38 @@ class Attention(nn.Module):
         return self._b(0, (self.n_heads, self.d_head))
 
     @property
-    def b_K(self) -> Tensor:
+    def _b_K(self) -> Tensor:
         return self._b(1, (self.n_kv_heads, self.d_head))
 
     @property
-    def b_V(self) -> Tensor:
+    def _b_V(self) -> Tensor:
         return self._b(2, (self.n_kv_heads, self.d_head))
+
+    @property
+    def b_K(self) -> Tensor:
+        return self._repeat(self._b_K)
+
+    @property
+    def b_V(self) -> Tensor:
+        return self._repeat(self._b_V)
 
     @property
     def b_O(self) -> Tensor:
         return self._b(3, (self._proj(3).weight.shape[0],))
+
+    @property
+    def QK(self):
+        """`FactoredMatrix` `[n_heads, d_model, d_model]`: `W_Q @ W_K^T` per head (TransformerLens's)."""
+        from transformer_lens import FactoredMatrix
+
+        return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
+
+    @property
+    def OV(self):
+        """`FactoredMatrix` `[n_heads, d_model, d_model]`: `W_V @ W_O` per head (TransformerLens's)."""
+        from transformer_lens import FactoredMatrix
+
+        return FactoredMatrix(self.W_V, self.W_O)
 
     def needs_exact(self) -> bool:
         return self.hook_attn_scores.has_hooks() or self.hook_pattern.has_hooks()
@@ -139,6 +174,20 @@ class Attention(nn.Module):
         k = k_lin(x).view(b, p, self.n_kv_heads, self.d_head)
         v = v_lin(x).view(b, p, self.n_kv_heads, self.d_head)
         return q, k, v
+
+    def from_inputs(self, q_in: Tensor, k_in: Tensor, v_in: Tensor, mask: Tensor | None = None,
+                    rotary: Rotary | None = None, causal: bool = False, kv_cache: "KVSlot | None" = None) -> Tensor:
+        """`forward` from per-head inputs `[batch, pos, heads, d_model]` (TransformerLens's split inputs): head
+        h's projection reads its own input; k and v inputs with `n_kv_heads` heads give the kv heads, with
+        `n_heads` heads (one per query head) keys and values per query head."""
+        def proj(t: Tensor, w: Tensor, b: Tensor) -> Tensor:
+            return torch.einsum("bphd,hde->bphe", t, w) + b
+
+        q = proj(q_in, self.W_Q, self.b_Q)
+        grouped = k_in.shape[2] == self.n_kv_heads
+        k = proj(k_in, self._W_K if grouped else self.W_K, self._b_K if grouped else self.b_K)
+        v = proj(v_in, self._W_V if grouped else self.W_V, self._b_V if grouped else self.b_V)
+        return self.output(self.attend(q, k, v, mask=mask, rotary=rotary, causal=causal, kv_cache=kv_cache))
 
     def forward(
         self,
@@ -181,7 +230,7 @@ class Attention(nn.Module):
             self.reader(self, qh, kh, mask, causal, None)
         if self.needs_exact():
             self.last_path = "exact"
-            groups = self.n_heads // self.n_kv_heads
+            groups = self.n_heads // kh.shape[1]  # kv heads (n_heads where keys are per query head)
             kh = kh.repeat_interleave(groups, dim=1)
             vh = vh.repeat_interleave(groups, dim=1)
             scores = torch.matmul(qh, kh.transpose(2, 3)) * self.scale
@@ -203,7 +252,7 @@ class Attention(nn.Module):
                 attn_mask=None if use_causal else mask,
                 is_causal=use_causal,
                 scale=self.scale,
-                enable_gqa=self.n_kv_heads != self.n_heads,
+                enable_gqa=kh.shape[1] != self.n_heads,
             )
         return self.hook_z(z.transpose(1, 2))  # [b, pos, heads, d_head]
 

@@ -176,7 +176,7 @@ def samples(model, inputs: dict, tm=None) -> list[Sample]:
     else:
         under = active
     enc = encode(model, inputs)
-    embeds, pos, mask = enc["inputs_embeds"], enc["position_ids"], enc.get("attention_mask")
+    embeds, pos, mask = enc["inputs_embeds"].detach(), enc["position_ids"], enc.get("attention_mask")  # no graph from here
     if pos is None:
         raise ValueError("the encoded inputs carry no position_ids; pass model.encode's output")
     if tm.batch != embeds.shape[0] or tm.seq_len != embeds.shape[1]:
@@ -186,8 +186,8 @@ def samples(model, inputs: dict, tm=None) -> list[Sample]:
         keep = torch.ones(embeds.shape[1], dtype=torch.bool, device=embeds.device) if mask is None else mask[i].bool()
         inj = enc.get("injections")
         if inj is not None:
-            inj = [None if t is None else t[i : i + 1, keep].detach() for t in inj]
-        out.append(Sample(embeds[i : i + 1, keep].detach(), pos[:, i : i + 1, keep], slice_token_map(tm, i, keep), i, inj,
+            inj = [None if t is None else t.detach()[i : i + 1, keep] for t in inj]
+        out.append(Sample(embeds.detach()[i : i + 1, keep], pos[:, i : i + 1, keep], slice_token_map(tm, i, keep), i, inj,
                           under))
     return out
 
@@ -202,8 +202,9 @@ def rows_per_forward(seq_len: int, batch_size: int | None, max_batch_tokens: int
 
 
 def forward_rows(model, sample: Sample, n: int) -> Tensor:
-    """Last-position logits `[n, vocab]` of `n` copies of the sample under the active hooks."""
-    return model.run_language_model(**sample.lm_inputs(n), logits_at="last")[:, -1]
+    """Last-position logits `[n, vocab]` of `n` copies of the sample under the active hooks (no graph)."""
+    with torch.no_grad():
+        return model.run_language_model(**sample.lm_inputs(n), logits_at="last")[:, -1]
 
 
 def first_query(iv: Intervention) -> int | None:

@@ -43,7 +43,8 @@ def physical_forward(model, sample: Sample, group, from_layer: int) -> Tensor:
     if not 0 <= from_layer <= L:
         raise ValueError(f"from_layer {from_layer} out of range; the model has {L} layers (0..{L}, {L} = discard nothing)")
     drop = _dropped(sample.tm, group)[0].to(sample.embeds.device)
-    return model.run_language_model(**sample.lm_inputs(1), discard=(drop, from_layer), logits_at="last")[:, -1]
+    with torch.no_grad():  # a measurement: no graph
+        return model.run_language_model(**sample.lm_inputs(1), discard=(drop, from_layer), logits_at="last")[:, -1]
 
 
 def forward_flops(model, n_tokens: int, n_kept: int | None = None, from_layer: int | None = None) -> float:
@@ -110,7 +111,7 @@ def discarding(
         checks.nonempty(from_layers, "from_layers", none_ok=True), L + 1, "from_layer(s)", "layers", valid=f"valid: 0..{L} ({L} = discard nothing)")
     checks.count(repeats, "repeats")
     metric = answers if isinstance(answers, AnswerProb) else AnswerProb(answers)
-    metric.check(model, checks.batch_of(inputs))
+    metric.check(model, checks.batch_of(inputs), inputs)
     tm = model.token_map(inputs) if tm is None else tm
     n_drop = _dropped(tm, group).sum(-1).tolist()  # every sample, before any forward
     data = samples(model, inputs, tm)

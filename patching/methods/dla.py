@@ -59,7 +59,7 @@ def dla(model, inputs: dict, answers=None, groups: Sequence | None = None, layer
     """
     layers = checks.layers(model, layers)
     if answers is not None:
-        (answers if isinstance(answers, AnswerProb) else AnswerProb(answers)).check(model, checks.batch_of(inputs))
+        answers = (answers if isinstance(answers, AnswerProb) else AnswerProb(answers)).check(model, checks.batch_of(inputs), inputs)
     if groups is not None:
         groups = checks.nonempty(groups, "groups", none_ok=True)
     c = model.cfg
@@ -78,8 +78,7 @@ def dla(model, inputs: dict, answers=None, groups: Sequence | None = None, layer
         if answers is None:
             tok = int(logits[0].argmax())
         else:
-            metric = answers if isinstance(answers, AnswerProb) else AnswerProb(answers)
-            tok = int(metric._pick(metric.answer, s.index, 1, "cpu")[0])
+            tok = int(answers._pick(answers.answer, s.index, 1, "cpu")[0])
         with torch.no_grad():
             direction = model.tokens_to_residual_directions(tok).float()  # [d_model]
             scale = seen["ln_final.hook_scale"][-1].squeeze()

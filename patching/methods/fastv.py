@@ -207,7 +207,7 @@ def fastv(
     checks.count(repeats, "repeats")
     checks.count(seed, "seed", minimum=0)
     metric = answers if isinstance(answers, AnswerProb) else AnswerProb(answers)
-    metric.check(model, checks.batch_of(inputs))
+    metric.check(model, checks.batch_of(inputs), inputs)
     data = samples(model, inputs, tm)
     plans = []
     for s in data:  # every group checked before the first forward

@@ -162,7 +162,8 @@ def knockout(
     max_batch_tokens: int = 16384,
     progress: bool = True,
 ) -> Result:
-    """`answers`: the gold answer's first token id per sample, one for all, or an `AnswerProb`. `edges`:
+    """`answers`: the gold answer's first token id per sample, one for all, or an `AnswerProb` (words are read
+    as the first token the model would write after each prompt: `model.answer_tokens`). `edges`:
     list of (src, dst) or "src->dst" (default `default_edges` of each sample). `centres`: the layers l
     the windows are built around (default every layer). `window` (default `default_window(n_layers)`
     for `centre` and `inverse`: Map the Flow's and Zhang et al.'s 9 from 18 layers on, a quarter of
@@ -197,7 +198,7 @@ def knockout(
         checks.count(batch_size, "batch_size")
     checks.count(max_batch_tokens, "max_batch_tokens")
     metric = answers if isinstance(answers, AnswerProb) else AnswerProb(answers)
-    metric.check(model, checks.batch_of(inputs))
+    metric.check(model, checks.batch_of(inputs), inputs)
     plans = []
     for index, stm in enumerate(sample_maps(model, inputs, tm)):  # every intervention built (so checked) before the towers
         sample_edges = default_edges(stm) if edges is None else edges

@@ -56,7 +56,7 @@ def logit_lens(
         names = site_names(model, [site], range(L))
     project = _projection(model, lens, L)
     if answers is not None:
-        (answers if isinstance(answers, AnswerProb) else AnswerProb(answers)).check(model, checks.batch_of(inputs))
+        answers = (answers if isinstance(answers, AnswerProb) else AnswerProb(answers)).check(model, checks.batch_of(inputs), inputs)
     if groups is not None:
         groups = checks.nonempty(groups, "groups", none_ok=True)
     rows = []
@@ -69,7 +69,7 @@ def logit_lens(
                 raise ValueError("pass answers= when the site is not resid_post")
             answer, idx = AnswerProb(final.argmax(-1)), 0
         else:
-            answer, idx = (answers if isinstance(answers, AnswerProb) else AnswerProb(answers)), s.index
+            answer, idx = answers, s.index
         tok = int(answer._pick(answer.answer, idx, 1, "cpu")[0])
         specs = groups if groups is not None else [g for g in GROUPS if g != "padding" and bool(s.tm.select(g).mask.any())]
         for spec in specs:
