@@ -22,7 +22,7 @@ from torch import Tensor
 
 from hooked_av.core.loss import IGNORE  # HF's ignore_index: a position no loss reads
 from hooked_av.inputs.chat import ChatTokens, text_groups
-from hooked_av.inputs.token_map import TEXT_PARTS
+from hooked_av.inputs.token_map import TEXT_PARTS, with_text_parts
 
 USER_PARTS = ("question", "options", "instruction", "label")  # what the user wrote (TokenMap's "user")
 
@@ -33,11 +33,10 @@ def default_labels(input_ids: Tensor, attention_mask: Tensor | None, text_parts:
     ids = input_ids.long()
     real = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool().to(ids.device)
     media = torch.isin(ids, torch.tensor(sorted(set(media_ids)), dtype=torch.long, device=ids.device))
-    answer = user = None
+    answer = None
     if text_parts is not None:
         codes = torch.as_tensor(text_parts, device=ids.device)
         answer = codes == TEXT_PARTS.index("answer")
-        user = torch.isin(codes, torch.tensor([TEXT_PARTS.index(p) for p in USER_PARTS], device=ids.device))
     scored = torch.zeros_like(real)
     for r in range(ids.shape[0]):
         where = real[r].nonzero()[:, 0]
@@ -54,11 +53,10 @@ def default_labels(input_ids: Tensor, attention_mask: Tensor | None, text_parts:
                 pick[start + after:] = True
             elif chat is None or chat.im_start not in row:
                 pick[start:] = True
-            elif user is not None:  # prepare's record: the user's own parts (not the separators it adds)
-                pick = user[r].clone()
-            else:
-                groups = text_groups(row, chat)
-                pick[start:] = torch.tensor([g == "question" for g in groups], device=ids.device)
+            else:  # the user's own parts as the TokenMap groups them: prepare's record over the chat structure
+                codes_r = None if text_parts is None else codes[r, start:].tolist()
+                groups = with_text_parts(text_groups(row, chat), codes_r)
+                pick[start:] = torch.tensor([g in USER_PARTS for g in groups], device=ids.device)
         scored[r] = pick & real[r] & ~media[r]
         if not bool(scored[r, 1:].any()):  # position 0 has no earlier position to predict it
             raise ValueError(
