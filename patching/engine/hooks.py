@@ -204,12 +204,26 @@ def _edge_hooks(tm, src, dst, layers, op, params, edit, what, heads=None, genera
                 cache[key] = edge
             return edit(t, cache[key])
 
-        # the first query position any row edits: a sweep may reuse everything before it (patching.engine.sweep)
-        first = d_set.mask.any(0).nonzero()
-        fn.first_query = int(first[0, 0]) if len(first) else n  # generated queries only
+        # the first query position the edit changes: a sweep may reuse everything before it (patching.engine.sweep)
+        fn.first_query = first_seeing(d_set.mask, s_set.mask)
         return [(f"blocks.{l}.attn.{site}", fn) for l in layers]
 
     return Intervention([Part(op, params, make, layers, heads=tuple(heads or ()), seq_len=n)])
+
+
+def first_seeing(dst: Tensor, src: Tensor) -> int:
+    """The first prompt position at which an edit of the edges src -> dst can change anything: the first
+    `dst` query at or after the first `src` key of its row (attention is causal: a query before every
+    edited key sees none of them, so its scores, pattern and output are the clean run's; every later
+    position is recomputed). dst, src bool `[rows, pos]` over the TokenMap's positions; the map's length
+    where no prompt query sees an edited key (generated queries or keys only).
+
+        first_seeing(tm.mask("question"), tm.mask("audio"))  # the first question token after the audio's start
+    """
+    n = dst.shape[-1]
+    idx = torch.arange(n)
+    first_key = torch.where(src, idx, n).amin(-1, keepdim=True)  # [rows, 1]; n where the row has no src key
+    return int(torch.where(dst & (idx >= first_key), idx, n).amin()) if dst.numel() else n
 
 
 def _spread(tset: _Set, n_new: int, b: int, rows, device, what: str) -> Tensor:

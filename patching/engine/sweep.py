@@ -134,7 +134,8 @@ def forward_rows(model, sample: Sample, n: int) -> Tensor:
 
 def first_query(iv: Intervention) -> int | None:
     """The first position `iv` can change, when every hook it installs says so (`first_query`, set by
-    `patching.engine.hooks`' attention edits, the first edited query, and its activation edits, the first edited
+    `patching.engine.hooks`' attention edits, the first dst query at or after the first src key of its row
+    (`hooks.first_seeing`: an earlier query sees no edited key), and its activation edits, the first edited
     position, each of which also runs on a suffix of the prompt); None otherwise. Attention is causal,
     so nothing before that position changes, in any layer."""
     firsts = []
