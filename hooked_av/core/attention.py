@@ -185,6 +185,9 @@ class Attention(nn.Module):
             self.last_path = "fast"
             return self.hook_z(self.after_prefix(qh, kh, vh, prefix, mask).transpose(1, 2))
         if self.reader is not None and not self.needs_exact():
+            if getattr(self.reader, "block_rows", None):  # a read-out computed with the output, blockwise
+                self.last_path = "blockwise"
+                return self.hook_z(self.blockwise(qh, kh, vh, mask, causal, self.reader).transpose(1, 2))
             self.reader(self, qh, kh, mask, causal, None)
         if self.needs_exact():
             self.last_path = "exact"
@@ -213,6 +216,41 @@ class Attention(nn.Module):
                 enable_gqa=self.n_kv_heads != self.n_heads,
             )
         return self.hook_z(z.transpose(1, 2))  # [b, pos, heads, d_head]
+
+    def blockwise(self, qh: Tensor, kh: Tensor, vh: Tensor, mask: Tensor | None, causal: bool, reader) -> Tensor:
+        """The attention output `[batch, heads, q, d]` computed `reader.block_rows` query rows at a time as the
+        exact path computes it (scores in the model dtype, plus the mask, softmax in `softmax_dtype`, times
+        the values), each block against the keys up to the last one any of its rows may see (the causal
+        triangle, not the square: the keys after it are masked, so their weights are exactly 0), handing
+        each block's pattern `[batch, heads, rows, keys]` to `reader.block(start, pattern)` before its values
+        are read: a read-out of the whole pattern (`hooked_av.viz.group_attention_mass`) for the price of
+        the layer's own attention, no `[q, k]` matrix held. qh `[b, heads, q, d]`, kh, vh `[b, kv_heads, k, d]`
+        (the queries are the last q of the k positions), mask `[b, 1|heads, q, k]` additive or None."""
+        b, h, n_q, d = qh.shape
+        n_k, kv, step = kh.shape[2], self.n_kv_heads, int(reader.block_rows)
+        g = h // kv
+        z = qh.new_empty(b, h, n_q, d)
+        for start in range(0, n_q, step):
+            end = min(n_q, start + step)
+            r = end - start
+            if mask is not None:  # the last key any row of the block may see (an edit may open later keys)
+                allowed = mask[:, :, start:end] > neg_inf(mask.dtype) / 2
+                seen = allowed.flatten(0, 2).any(0).nonzero()
+                # a row that sees no key (left padding) spreads its weight over every key, as the exact path does
+                cut = int(seen[-1, 0]) + 1 if len(seen) and bool(allowed.any(-1).all()) else n_k
+            else:
+                cut = end + n_k - n_q if causal else n_k
+            q = qh[:, :, start:end].reshape(b, kv, g * r, d)  # query head j reads kv head j // groups
+            scores = torch.matmul(q, kh[:, :, :cut].transpose(2, 3)).view(b, h, r, cut) * self.scale
+            if mask is not None:
+                scores = scores + mask[:, :, start:end, :cut]
+            elif causal:
+                allowed = torch.arange(cut, device=qh.device) <= torch.arange(start, end, device=qh.device)[:, None] + n_k - n_q
+                scores = scores + additive(allowed, scores.dtype)
+            pattern = F.softmax(scores, dim=-1, dtype=softmax_dtype(scores.dtype)).to(qh.dtype)
+            reader.block(start, pattern)
+            z[:, :, start:end] = torch.matmul(pattern.view(b, kv, g * r, cut), vh[:, :, :cut]).view(b, h, r, d)
+        return z
 
     def after_prefix(self, qh: Tensor, kh: Tensor, vh: Tensor, prefix: tuple[Tensor, Tensor], mask: Tensor | None) -> Tensor:
         """Attention of every row's queries qh `[rows, heads, q, d]` over keys and values that every row shares
