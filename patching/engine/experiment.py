@@ -88,7 +88,9 @@ class Experiment:
     `StudySample`; `cells` / `study_value`: the columns that name a cell of the study's summary and the
     value it averages (default `value`); `summary_rows(rows)`: the rows that summary averages where they
     are not the rows as written (dominance: one 0/1 share per label); `check(options, window)`: refuses
-    settings before a model loads; `plot`, `report`: see `Plot`, `Report`.
+    settings before a model loads; `plot`, `report`: see `Plot`, `Report`; `plan(sample, options)`: a `Cost`,
+    what `run` will cost on that `StudySample`, counted from its TokenMap and the model's config without
+    running anything (the model may sit on the meta device; `hooked-av study --plan`).
 
         record = Experiment("lens_by_rank", logit_lens, by=("group", "layer"), value="rank", label="rank of the answer")
         record.option_names()  # the options a study may give it: ['groups', 'lens', 'site']
@@ -112,6 +114,7 @@ class Experiment:
     example: dict = field(default_factory=dict)  # a valid option set, quoted when a required option is missing
     check: Callable | None = None  # check(options, window): refuse settings before a model loads
     summary_rows: Callable | None = None  # rows -> the rows a study's summary averages (default: as written)
+    plan: Callable | None = None  # plan(sample, options) -> Cost: what `run` will cost, counted without running
 
     def __post_init__(self):
         if self.outcome not in OUTCOMES:
@@ -134,6 +137,21 @@ class Experiment:
         params = inspect.signature(self.fn).parameters
         lib = {n for n, p in params.items() if p.default is not inspect.Parameter.empty or n in self.required}
         return sorted((lib - RESERVED - self.not_options) | self.extra_options)
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What an experiment costs on one sample, counted before it runs: `flops` (its language-model work,
+    `patching.engine.cost`; towers not counted: a study runs them once per sample), `forwards` (that work in
+    plain forwards of the sample reading the last logits) and `peak_bytes` (the widest run's tensors besides
+    the weights, `cost.run_bytes`).
+
+        Cost(flops=2.4e12, forwards=1.17, peak_bytes=150 * 2**20)
+    """
+
+    flops: float
+    forwards: float
+    peak_bytes: int
 
 
 @dataclass
@@ -195,6 +213,19 @@ def names(study: bool = False, plotted: bool = False) -> list[str]:
     if plotted:
         out = [n for n in out if _REGISTRY[n].plot is not None]
     return out
+
+
+def study_experiments(experiments) -> list[str]:
+    """The experiments a study runs, checked: accuracy first (every result needs each sample's correctness),
+    then each given name once; a name no record a study can run has is refused, naming those it can."""
+    from patching.engine.checks import nonempty
+
+    experiments = nonempty(experiments, "experiments")
+    known = names(study=True)
+    unknown = [e for e in experiments if e not in known]
+    if unknown:
+        raise ValueError(f"unknown experiment(s) {unknown}; choose from {known}")
+    return ["accuracy"] + [e for e in dict.fromkeys(experiments) if e != "accuracy"]
 
 
 def register_drawer(fn: Callable) -> Callable:
