@@ -354,8 +354,9 @@ def plan_sweep(model, seq: int, interventions: Sequence[Intervention], *, batch_
     running anything (the model's config and its active hooks are read, never its weights: a model built on
     the meta device plans as well).
 
+        ivs = [block_attention(sample.tm, "audio", "last", [layer]) for layer in range(model.cfg.n_layers)]
         plan = plan_sweep(model, sample.seq_len, ivs)
-        plan.stats(model.cfg)["forwards"], len(plan.chunks)
+        plan.stats(model.cfg)["forwards"], len(plan.chunks)  # the sweep's cost in forwards, before it runs
     """
     starts = [first_query(iv) for iv in interventions] if incremental and not ambient_hooks(model) else [None] * len(interventions)
     kinds = [attention_layers(iv, model.cfg.n_layers) for iv in interventions]

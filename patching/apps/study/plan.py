@@ -102,8 +102,9 @@ def plan_study(model, manifest, experiments=("accuracy",), *, limit: int | None 
     device's memory in GiB (default: what the device reports free: `torch.cuda.mem_get_info`, or the
     machine's available memory for the CPU). `measure`: time one forward of the last block here.
 
-        plan = plan_study("toy", manifest, ["knockout"], window=1, measure=False)
+        plan = plan_study("toy", manifest, ["knockout"], window=1, measure=False)  # no weight read
         plan.samples[["id", "tokens", "knockout"]]  # the knockout's cost in plain forwards, per sample
+        print(plan.text())
     """
     from hooked_av.registry import skeleton
     from hooked_av.utils import as_device, as_dtype
