@@ -242,18 +242,21 @@ class MRoPELanguageModel:
         return [KVSlot() for _ in self.blocks]
 
     def prefix_kv_caches(self, kv: Sequence[tuple[Tensor, Tensor]], end: int, n: int = 1,
-                         from_layer: int = 0) -> list[KVSlot | None]:
+                         from_layer: int = 0, grow: bool = True, fold: bool = False) -> list[KVSlot | None]:
         """Slots holding positions `0..end-1` of cached keys and values `kv` (per block `(k, v)` of a batch-1
         run, e.g. an earlier `empty_kv_caches()` filled), repeated `n` times along the batch, for blocks
         `from_layer..` (None before them: a run with `start_layer=from_layer` reads none there). A run of the
-        positions after `end` continues from them, as a sweep's cells do.
+        positions after `end` continues from them, as a sweep's cells do. `grow=False`: a run reads the
+        prefix and its own keys and values but the slots keep the prefix alone (a sweep's cells run once, so
+        each layer's `n` rows of every key are dropped as soon as the layer is done); `fold` (with `grow=False`):
+        the rows' queries read the prefix in one attention call, not a copy per row (`KVSlot.of`).
 
             slots = model.prefix_kv_caches([(s.k, s.v) for s in caches], end=40, n=8, from_layer=2)
         """
         if len(kv) != len(self.blocks):
             raise ValueError(f"kv holds {len(kv)} layers; the model has {len(self.blocks)} blocks")
-        return [KVSlot.of(k[:, :end].expand(n, -1, -1, -1), v[:, :end].expand(n, -1, -1, -1)) if i >= from_layer else None
-                for i, (k, v) in enumerate(kv)]
+        return [KVSlot.of(k[:, :end].expand(n, -1, -1, -1), v[:, :end].expand(n, -1, -1, -1), grow=grow, fold=fold)
+                if i >= from_layer else None for i, (k, v) in enumerate(kv)]
 
     @contextmanager
     def attention_readers(self, readers: Mapping[int, Callable]):
