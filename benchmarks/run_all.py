@@ -9,7 +9,10 @@ Model: random weights of the real Qwen2.5-Omni Thinker architecture at docs/peer
 layers); one video with its audio track (use_audio_in_video) and a question. Method: torch threads set
 explicitly; in each table the contenders run interleaved, the order rotated every round, after one warm-up
 call each; min and median over `--rounds` (>= 5) of process CPU time and of wall time, each divided by the
-table's baseline measured in the same rounds; the machine's load average before and after. Like is compared
+table's baseline measured in the same rounds; the machine's load average before and after. The toolkit's own
+entry points (sweeps, patching, discarding, read-outs) run with autograd on, as users call them (the weights
+require grad): the notes say how many tensors each saved for a backward ("no graph": none); plain forwards run
+under torch.no_grad. Like is compared
 with like: rows from processor outputs (towers included) against HF's Thinker from the same outputs, rows from
 `encode()` outputs against the language model alone, the harvest (issue 22: towers, blocks up to the hooked one,
 shards written) against plain forwards of the same clips from processor outputs, as a throughput ratio. The scaling table runs each (operation, size) in a fresh
@@ -108,20 +111,44 @@ def synthetic_sample(model, n: int):
 
 # ---- timing ---------------------------------------------------------------------------------------------------
 
-def measure(contenders: dict, rounds: int) -> dict:
+def measure(contenders: dict, rounds: int, library: dict | None = None) -> dict:
     """`{name: (cpu seconds list, wall seconds list)}`: one warm-up call each, then `rounds` rounds calling
-    each once, the order rotated by one every round (drift in clock, cache or load hits every one alike)."""
-    names = list(contenders)
-    with torch.no_grad():
-        for fn in contenders.values():
-            fn()
-        out = {k: ([], []) for k in names}
-        for r in range(rounds):
-            for k in names[r % len(names):] + names[: r % len(names)]:
-                c, w = time.process_time(), time.perf_counter()
-                contenders[k]()
-                out[k][0].append(time.process_time() - c)
-                out[k][1].append(time.perf_counter() - w)
+    each once, the order rotated by one every round (drift in clock, cache or load hits every one alike).
+    Plain forwards run under `torch.no_grad`; contenders named in `library` (the toolkit's own entry points)
+    run with autograd on, as a user calls them (the weights require grad), so a graph one of them built would
+    cost its time here, and `library[name]` gets the tensors it saved for a backward in its warm-up call."""
+    names, library = list(contenders), {} if library is None else library
+
+    def call(k):
+        if k in library:
+            return contenders[k]()
+        with torch.no_grad():
+            return contenders[k]()
+
+    for k in names:
+        if k in library:
+            saved = []
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(1) or t, lambda t: t):
+                call(k)
+            library[k] = len(saved)
+        else:
+            call(k)
+    out = {k: ([], []) for k in names}
+    for r in range(rounds):
+        for k in names[r % len(names):] + names[: r % len(names)]:
+            c, w = time.process_time(), time.perf_counter()
+            call(k)
+            out[k][0].append(time.process_time() - c)
+            out[k][1].append(time.perf_counter() - w)
+    return out
+
+
+def graph_notes(library: dict, notes: dict | None = None) -> dict:
+    """The notes column with each library row's graph count ("no graph" where it saved nothing)."""
+    out = dict(notes or {})
+    for k, n in library.items():
+        said = "no graph" if n == 0 else f"graph: {n:,} tensors saved for a backward"
+        out[k] = f"{out[k]}; {said}" if k in out else said
     return out
 
 
@@ -183,7 +210,9 @@ def main_tables(args) -> list[str]:
          "hooked_av attention_rows, last token, every layer and head": lambda: ours.attention_rows(x, "last", tm=tm),
          "HF eager, output_attentions + hidden states": eager}
     out += ["### From processor outputs (towers included), against HF's Thinker with sdpa", "", HEAD]
-    out += [*ratio_rows(measure(a, args.rounds), "HF sdpa forward"), ""]
+    lib_a = {"hooked_av attention_rows, last token, every layer and head": None}
+    times = measure(a, args.rounds, lib_a)
+    out += [*ratio_rows(times, "HF sdpa forward", graph_notes(lib_a)), ""]
 
     edges = default_edges(s.tm)
     cells = [block_attention(s.tm, src, dst, window_layers(c, 9, L)) for src, dst in edges for c in range(L)]
@@ -223,7 +252,9 @@ def main_tables(args) -> list[str]:
              f"physical discarding of audio+video from layer {L // 2}": f"FLOPs saved {flops:.0%}"}
     out += [f"### From `encode()` outputs (the language model alone), against one hooked_av forward reading the last "
             f"logits ({len(edges)} edges x {L} window centres, window 9)", "", HEAD]
-    out += [*ratio_rows(measure(b, args.rounds), "hooked_av language model forward, last logits", notes), ""]
+    lib_b = {k: None for k in b if k != "HF sdpa language model forward, last logits"}
+    times = measure(b, args.rounds, lib_b)
+    out += [*ratio_rows(times, "hooked_av language model forward, last logits", graph_notes(lib_b, notes)), ""]
 
     out += sae_table(ours, s, args.rounds)
 
@@ -245,7 +276,9 @@ def main_tables(args) -> list[str]:
              ours, x, [answer], edges=edges, centres=[L // 2], tm=tm, progress=False)}
     out += [f"### The same knockout sweep through nnsight ({len(sub)} cells: {len(edges)} edges x the middle centre, from "
             "processor outputs), against hooked_av one forward per cell", "", HEAD]
-    out += [*ratio_rows(measure(c, args.rounds), "hooked_av run_with_hooks, one forward per cell"), ""]
+    lib_c = {"hooked_av knockout(): towers once, recompute what changes": None}
+    times = measure(c, args.rounds, lib_c)
+    out += [*ratio_rows(times, "hooked_av run_with_hooks, one forward per cell", graph_notes(lib_c)), ""]
     return out
 
 

@@ -43,7 +43,7 @@ from patching.engine.metrics import (
     relative_change,
 )
 from patching.engine.results import Result
-from patching.engine.sweep import Sample, run_rows, samples
+from patching.engine.sweep import Sample, plan_sweep, run_rows, samples
 from patching.methods.activation_patching import activation_patching
 from patching.methods.attribution import attribution_patching
 from patching.methods.causal_tracing import causal_tracing
@@ -79,9 +79,9 @@ __all__ = [
     "steer_features", "summarise_loss_recovered",
     # the engine, for writing an experiment
     "AnswerLogProb", "AnswerProb", "Experiment", "LogitDiff", "Metric", "Plot", "Report", "Sample", "StudySample",
-    "normalised", "register", "relative_change", "run_rows", "samples",
+    "normalised", "plan_sweep", "register", "relative_change", "run_rows", "samples",
     # results and studies
-    "CocoObjects", "ManifestError", "Result", "Study", "read_manifest", "run_study", "write_report",
+    "CocoObjects", "ManifestError", "Result", "Study", "plan_study", "read_manifest", "run_study", "write_report",
     # features: activations harvested over a dataset, an SAE's features over them and their page
     "feature_page", "feature_stats", "harvest",
 ]
@@ -100,9 +100,10 @@ def __getattr__(name):  # the study app loads matplotlib's file backend: only wh
         from patching.apps.features_page import feature_page
 
         return feature_page
-    if name in ("run_study", "Study", "write_report"):
+    if name in ("run_study", "Study", "write_report", "plan_study"):
         from patching.apps.study import Study, run_study
+        from patching.apps.study.plan import plan_study
         from patching.apps.study.report import write_report
 
-        return {"run_study": run_study, "Study": Study, "write_report": write_report}[name]
+        return {"run_study": run_study, "Study": Study, "write_report": write_report, "plan_study": plan_study}[name]
     raise AttributeError(f"module 'patching' has no attribute {name!r}")

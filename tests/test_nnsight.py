@@ -63,6 +63,27 @@ def test_reading_a_pattern_the_trace_did_not_name_says_what_to_pass(pair):
         av.trace(**av_inputs(), hooked="blocks.3.attn.hook_patern")
 
 
+def test_a_flag_gated_point_reads_in_a_trace_while_its_flag_is_on_and_says_which_flag_while_off(pair, padded):
+    """`hook_q_input` (TransformerLens's split inputs) runs only under `set_use_split_qkv_input(True)`: read in a
+    trace it equals run_with_cache's; while off, reading it says which flag to turn on."""
+    _, model = pair
+    av = wrap(model)
+    model.set_use_split_qkv_input(True)
+    try:
+        with torch.no_grad():
+            with av.trace(**padded):
+                got = av.blocks[2].hook_q_input.output.save()
+            _, cache = model.run_with_cache(**padded, names_filter="blocks.2.hook_q_input")
+    finally:
+        model.set_use_split_qkv_input(False)
+    assert torch.equal(got, cache["blocks.2.hook_q_input"])
+    with pytest.raises(Exception, match=r"set_use_split_qkv_input\(True\)"):
+        with torch.no_grad(), av.trace(**padded):
+            av.blocks[2].hook_q_input.output.save()
+    assert "blocks.2.hook_q_input" not in __import__("hooked_av.interop.nnsight", fromlist=["x"]).hooked_points(
+        model, lambda n: n.startswith("blocks.2."))  # a filter skips a point whose flag is off
+
+
 def test_knockout_set_in_a_trace_equals_block_attention_as_a_hook(pair, padded):
     """A padded batch shares one mask across layers: the in-place edit of layer 1's mask must stay in layer 1."""
     _, model = pair

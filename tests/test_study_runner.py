@@ -178,8 +178,8 @@ def test_a_missing_empty_or_truncated_part_is_recomputed_and_named(model, data, 
     with pytest.raises(ValueError, match=rf"cannot read the result part {cut}.*run the same study again to recompute it"):
         runner.merge(out, ["discarding"])
     seen = []
-    monkeypatch.setattr(runner, "run_sample", lambda m, row, tpl, sc, exps, *a: seen.append((row.id, exps))
-                        or real_run_sample(m, row, tpl, sc, exps, *a))
+    monkeypatch.setattr(runner, "run_sample", lambda m, row, tpl, sc, exps, *a, **k: seen.append((row.id, exps))
+                        or real_run_sample(m, row, tpl, sc, exps, *a, **k))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         run_study(model, data, EXPERIMENTS, out, window=1, options=OPTIONS, progress=False)

@@ -50,6 +50,7 @@ class MRoPELanguageModel:
                 SparseMoE(c.d_model, r.moe.n_experts, r.moe.top_k, r.moe.d_expert, r.moe.norm_topk_prob, c.act_fn)
                 if r.moe and layer in r.moe.layers else GatedMLP(c.d_model, c.d_mlp, c.act_fn),
                 injection=r.injection,
+                split_inputs=True,
             )
             for layer in range(c.n_layers)
         )
@@ -103,6 +104,7 @@ class MRoPELanguageModel:
         logits_at=None,
         start_layer: int = 0,
         stop_at_layer: int | None = None,
+        embed: bool = True,
     ) -> Tensor | None:
         """The one layer loop of the language model (every experiment runs through it).
 
@@ -118,6 +120,9 @@ class MRoPELanguageModel:
         start_layer: `inputs_embeds` is the residual stream entering block `start_layer` (its `hook_resid_pre`
           fires on it); `hook_embed`, the blocks before it and their injections do not run (what a sweep
           reusing a clean run's residuals needs: nothing before its first edited layer changes).
+          `n_layers`: no block runs, only `ln_final` and the unembedding (TransformerLens's `start_at_layer`).
+        embed: whether `inputs_embeds` passes `hook_embed` (False: it is already the residual stream, as
+          TransformerLens's `start_at_layer=0` takes it).
         stop_at_layer: as TransformerLens's: run blocks before it only (0: the embeddings alone; negative
           counts from the end, -1 = all but the last block) and return the residual stream entering that
           block, `[batch, pos, d_model]`, unnormalised; no later block, `ln_final` or unembedding runs (what
@@ -126,25 +131,26 @@ class MRoPELanguageModel:
         """
         b, q_len, _ = inputs_embeds.shape
         n = len(self.blocks)
-        if not 0 <= int(start_layer) < n:
-            raise ValueError(f"start_layer {start_layer}: the model has {n} blocks (0..{n - 1})")
+        if not 0 <= int(start_layer) <= n:
+            raise ValueError(f"start_layer {start_layer}: the model has {n} blocks (0..{n - 1}, or {n}: none)")
         start_layer = int(start_layer)
         stop = self._stop_layer(stop_at_layer, start_layer, return_type, logits_at, kv_caches)
         if start_layer and discard is not None:
             raise ValueError("discard cannot run from start_layer > 0; run the whole stack")
         if kv_caches is not None and len(kv_caches) != n:
             raise ValueError(f"kv_caches holds {len(kv_caches)} slots; the model has {n} blocks (one slot per block)")
-        past = kv_caches[start_layer].length if kv_caches else 0
+        past = kv_caches[start_layer].length if kv_caches and start_layer < n else 0
         inject = self.injection_list(injections, inputs_embeds)
         drop_at, keep = self._discard_plan(discard, b, q_len, inputs_embeds.device, past)
         read = read_positions(logits_at, q_len, inputs_embeds.device, keep)
         if return_type not in ("logits", "resid", None):
             raise ValueError(f"return_type must be 'logits', 'resid' or None, got {return_type!r}")
-        if (self.hook_embed.has_hooks() and not start_layer) or self.blocks[start_layer].hook_resid_pre.has_hooks():
+        embed = embed and not start_layer
+        if (self.hook_embed.has_hooks() and embed) or (start_layer < n and self.blocks[start_layer].hook_resid_pre.has_hooks()):
             # these two hooks receive the caller's tensor (encode() outputs, a sweep's cached residual): an
             # in-place edit must stay in this run
             inputs_embeds = inputs_embeds.clone()
-        x = inputs_embeds if start_layer else self.hook_embed(inputs_embeds)
+        x = self.hook_embed(inputs_embeds) if embed else inputs_embeds
         if position_ids.dim() == 2:
             position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
         state = None
@@ -236,18 +242,21 @@ class MRoPELanguageModel:
         return [KVSlot() for _ in self.blocks]
 
     def prefix_kv_caches(self, kv: Sequence[tuple[Tensor, Tensor]], end: int, n: int = 1,
-                         from_layer: int = 0) -> list[KVSlot | None]:
+                         from_layer: int = 0, grow: bool = True, fold: bool = False) -> list[KVSlot | None]:
         """Slots holding positions `0..end-1` of cached keys and values `kv` (per block `(k, v)` of a batch-1
         run, e.g. an earlier `empty_kv_caches()` filled), repeated `n` times along the batch, for blocks
         `from_layer..` (None before them: a run with `start_layer=from_layer` reads none there). A run of the
-        positions after `end` continues from them, as a sweep's cells do.
+        positions after `end` continues from them, as a sweep's cells do. `grow=False`: a run reads the
+        prefix and its own keys and values but the slots keep the prefix alone (a sweep's cells run once, so
+        each layer's `n` rows of every key are dropped as soon as the layer is done); `fold` (with `grow=False`):
+        the rows' queries read the prefix in one attention call, not a copy per row (`KVSlot.of`).
 
             slots = model.prefix_kv_caches([(s.k, s.v) for s in caches], end=40, n=8, from_layer=2)
         """
         if len(kv) != len(self.blocks):
             raise ValueError(f"kv holds {len(kv)} layers; the model has {len(self.blocks)} blocks")
-        return [KVSlot.of(k[:, :end].expand(n, -1, -1, -1), v[:, :end].expand(n, -1, -1, -1)) if i >= from_layer else None
-                for i, (k, v) in enumerate(kv)]
+        return [KVSlot.of(k[:, :end].expand(n, -1, -1, -1), v[:, :end].expand(n, -1, -1, -1), grow=grow, fold=fold)
+                if i >= from_layer else None for i, (k, v) in enumerate(kv)]
 
     @contextmanager
     def attention_readers(self, readers: Mapping[int, Callable]):
@@ -356,13 +365,17 @@ class MRoPELanguageModel:
         max_new_tokens: int,
         eos_token_id: int | list[int] | None,
         injections: Mapping[int, Tensor] | Sequence[Tensor | None] | None = None,
+        pick: Callable[[Tensor], Tensor] | None = None,
+        pad_token_id: int | None = None,
     ) -> Tensor:
-        """Greedy decoding with a KV cache from merged embeddings, under whatever hooks are active.
-        Decoding step n sits at position `n_real_tokens + rope_deltas` on all three rows.
+        """Decoding with a KV cache from merged embeddings, under whatever hooks are active: greedy, or
+        `pick(logits)` (fp32 `[batch, vocab]` of each step's last position -> the next ids `[batch]`; a
+        sampler). Decoding step n sits at position `n_real_tokens + rope_deltas` on all three rows.
         `injections` (what `encode` returns, e.g. DeepStack's `[batch, pos, d_model]` per layer) are added
         on the prefill only: generated tokens are text, where they add nothing (HF's Qwen3-Omni passes its
-        visual features on the first step alone).
-        Returns the new tokens `[batch, n_new]` (finished rows are padded with their eos)."""
+        visual features on the first step alone). Rows that have produced an eos id continue with
+        `pad_token_id` (default: their eos), as HF's; decoding stops when every row has.
+        Returns the new tokens `[batch, n_new]`."""
         eos = decode_args(max_new_tokens, eos_token_id, self.cfg.d_vocab)
         b, s = inputs_embeds.shape[:2]
         if attention_mask is None:
@@ -376,9 +389,10 @@ class MRoPELanguageModel:
                                          injections=injections)
         out, done = [], torch.zeros(b, dtype=torch.bool, device=inputs_embeds.device)
         for _ in range(max_new_tokens):
-            nxt = logits[:, -1].argmax(-1)
+            scores = logits[:, -1].float()  # HF reads each step's logits in fp32
+            nxt = scores.argmax(-1) if pick is None else pick(scores).to(scores.device)
             if out and eos:
-                nxt = torch.where(done, out[-1], nxt)
+                nxt = torch.where(done, out[-1] if pad_token_id is None else torch.full_like(nxt, pad_token_id), nxt)
             out.append(nxt)
             if eos:
                 done |= torch.isin(nxt, torch.tensor(sorted(eos), device=nxt.device))

@@ -54,6 +54,7 @@ class Prompt:
     system: object = DEFAULT
     options: list | None = None
     instruction: str | None = None
+    answer: str | None = None  # appended after the generation prompt (`inputs["text_parts"]` marks it): what a loss scores
 
     def all_items(self) -> list[Item]:
         single = Item(self.video, self.audio, self.image) if any(x is not None for x in (self.video, self.audio, self.image)) else None
@@ -89,6 +90,10 @@ def check_prompt_text(prompt: Prompt, specials: frozenset[str]) -> None:
     texts += [(f"option {i + 1}", str(o)) for i, o in enumerate(prompt.options or [])]
     if prompt.instruction is not None:
         texts.append(("the instruction", prompt.instruction))
+    if prompt.answer is not None:
+        if not isinstance(prompt.answer, str) or not prompt.answer.strip():
+            raise ValueError(f"the answer is empty ({prompt.answer!r}); pass its text or leave answer out")
+        texts.append(("the answer", prompt.answer))
     texts += [("the label", it.label) for it in prompt.all_items() if it.label]
     if isinstance(prompt.system, str):
         texts.append(("the system prompt", prompt.system))
@@ -212,6 +217,11 @@ def media_item_record(input_ids: Tensor, media: dict[int, str], prompts: list[Pr
         for (i, j, _), k in zip(runs, owners):
             out[r, i:j] = k
     return out
+
+
+def with_answer(segments: list[tuple[str | None, str]], prompt: Prompt) -> list[tuple[str | None, str]]:
+    """A prompt's chat segments with its answer (if any) after the generation prompt, as part "answer"."""
+    return segments + [("answer", prompt.answer)] if prompt.answer is not None else segments
 
 
 def as_prompts(prompts, prompt_kwargs: dict) -> list:

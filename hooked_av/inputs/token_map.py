@@ -20,12 +20,12 @@ import torch
 from torch import Tensor
 
 GROUPS = ("padding", "system", "template", "question", "audio", "video", "image", "last", "generated",
-          "options", "instruction", "label")
+          "options", "instruction", "label", "answer")
 MEDIA = ("audio", "video", "image")
 _CODE = {g: i for i, g in enumerate(GROUPS)}
 # the parts of the user's text that `prepare` records (`inputs["text_parts"]`, `[batch, pos]`): code i > 0
 # is the group TEXT_PARTS[i]; 0 leaves the chat structure's group (`hooked_av.inputs.chat.text_groups`)
-TEXT_PARTS = (None, "question", "options", "instruction", "label", "template")
+TEXT_PARTS = (None, "question", "options", "instruction", "label", "template", "answer")
 _ALIASES = {"media": MEDIA, "all": tuple(g for g in GROUPS if g != "padding"),
             "user": ("question", "options", "instruction", "label"),
             "text": tuple(g for g in GROUPS if g not in MEDIA and g != "padding")}
@@ -35,7 +35,7 @@ ITEM = "item"  # `item[i]`: every media token of clip i
 _MEDIA_RANK = {"image": 0, "video": 1, "audio": 2}
 # the letter `TokenMap.labels` gives each text group
 _TEXT_LETTER = {"padding": "P", "system": "S", "template": "T", "question": "Q", "last": "L", "generated": "G",
-                "options": "O", "instruction": "R", "label": "C"}  # R: the rule to answer by; C: a clip's label
+                "options": "O", "instruction": "R", "label": "C", "answer": "A"}  # R: the rule to answer by; C: a clip's label
 
 
 class _Text(str):
@@ -72,13 +72,14 @@ class TokenMap:
     """Per position of a `[batch, pos]` prompt batch (all tensors `[batch, pos]`, on the CPU):
 
     - `group`: index into `GROUPS` (padding, system, template, question, audio, video, image, last,
-      generated, options, instruction, label). `template` holds chat-template and media bos/eos
+      generated, options, instruction, label, answer). `template` holds chat-template and media bos/eos
       tokens; `last` is the final prompt position of each row. The user's text: on inputs from
       `model.prepare` (which record it as `inputs["text_parts"]`), `question` is the question only,
       `options` the lettered options, `instruction` the instruction after them, `label` the text
       naming each clip (`Item.label`), and text the template adds between items is `template`; on
       inputs without that record all user text is `question`. `"user"` selects all four;
-      `"text"` every group but the media and padding (`group_names`).
+      `"text"` every group but the media and padding (`group_names`). `answer`: the
+      answer `prepare(..., answer=)` appended after the generation prompt (what a loss scores).
     - `item`: the clip (media item) of a media token within its row, counted by clip, not per
       modality: in a row whose first clip is video only and whose second is video with audio,
       `audio[1]` is the second clip's audio and `audio[0]` is empty; `item[i]` is every media token

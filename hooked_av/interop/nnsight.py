@@ -28,7 +28,7 @@ import re
 
 from torch import Tensor
 
-from hooked_av.core.hook_names import conditional
+from hooked_av.core.hook_names import conditional, flag_of
 
 INSTALL = "pip install hooked-av[nnsight]"
 ALWAYS_HOOKED = ("hook_embed", "blocks.0.hook_resid_pre")
@@ -56,7 +56,7 @@ def hooked_points(model, hooked=None) -> list[str]:
     if hooked is None:
         chosen = []
     elif callable(hooked):
-        chosen = [n for n in model.hook_dict if hooked(n)]
+        chosen = [n for n in model.hook_dict if hooked(n) and model.hook_enabled(n)]  # flag-gated points off: never run
     else:
         chosen = [hooked] if isinstance(hooked, str) else list(hooked)
     always = [n for n in model.hook_dict if n.endswith("attn.hook_attn_mask") or n in ALWAYS_HOOKED]
@@ -135,6 +135,10 @@ def _envoy_class():
                 name = m.group(1) if m else None
                 if name is None or not conditional(name) or name not in self._module.hook_dict:
                     raise
+                flag = flag_of(name)
+                if flag:
+                    raise OutOfOrderError(f"{name!r} did not run in this trace: it runs only while cfg.{flag} is on; "
+                                          f"call model.set_{flag}(True) first (nnsight said: {e})") from e
                 raise OutOfOrderError(
                     f"{name!r} did not run in this trace: it is computed only when hooked (patterns and scores "
                     f"on the exact attention path). Pass hooked={name!r} (or a list / filter function) to trace(); "

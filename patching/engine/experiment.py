@@ -96,7 +96,10 @@ class Experiment:
     are not the rows as written (dominance: one 0/1 share per label); `check(options, window, cfg)`:
     refuses settings before a model loads (`cfg`: the model's `HookedAVConfig`, read from its
     config.json without weights, or None); `columns`: every column its study rows may hold (a study
-    refuses metadata of those names before a model loads); `plot`, `report`: see `Plot`, `Report`.
+    refuses metadata of those names before a model loads); `plot`, `report`: see `Plot`, `Report`; `plan(sample, options)`: a `Cost`,
+    what `run` will cost on that `StudySample`, counted from its TokenMap and the model's config without
+    running anything (the model may sit on the meta device; `hooked-av study --plan`).
+
 
         record = Experiment("lens_by_rank", logit_lens, by=("group", "layer"), value="rank", label="rank of the answer")
         record.option_names()  # the options a study may give it: ['groups', 'lens', 'site']
@@ -126,6 +129,7 @@ class Experiment:
     paired: tuple[str, str] | None = None  # (intervention, plain run) columns a cell's paired test compares
     unit: str | None = None  # "probability" / "percent": the value's numerical floor (patching.engine.stats)
     unit_scale: Callable | None = None  # unit_scale(options) -> the value's multiple of `unit` (default 1)
+    plan: Callable | None = None  # plan(sample, options) -> Cost: what `run` will cost, counted without running
 
     def __post_init__(self):
         if self.outcome not in OUTCOMES:
@@ -156,6 +160,21 @@ class Experiment:
         params = inspect.signature(self.fn).parameters
         lib = {n for n, p in params.items() if p.default is not inspect.Parameter.empty or n in self.required}
         return sorted((lib - RESERVED - self.not_options) | self.extra_options)
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What an experiment costs on one sample, counted before it runs: `flops` (its language-model work,
+    `patching.engine.cost`; towers not counted: a study runs them once per sample), `forwards` (that work in
+    plain forwards of the sample reading the last logits) and `peak_bytes` (the widest run's tensors besides
+    the weights, `cost.run_bytes`).
+
+        Cost(flops=2.4e12, forwards=1.17, peak_bytes=150 * 2**20)
+    """
+
+    flops: float
+    forwards: float
+    peak_bytes: int
 
 
 @dataclass
@@ -219,6 +238,19 @@ def names(study: bool = False, plotted: bool = False) -> list[str]:
     if plotted:
         out = [n for n in out if _REGISTRY[n].plot is not None]
     return out
+
+
+def study_experiments(experiments) -> list[str]:
+    """The experiments a study runs, checked: accuracy first (every result needs each sample's correctness),
+    then each given name once; a name no record a study can run has is refused, naming those it can."""
+    from patching.engine.checks import nonempty
+
+    experiments = nonempty(experiments, "experiments")
+    known = names(study=True)
+    unknown = [e for e in experiments if e not in known]
+    if unknown:
+        raise ValueError(f"unknown experiment(s) {unknown}; choose from {known}")
+    return ["accuracy"] + [e for e in dict.fromkeys(experiments) if e != "accuracy"]
 
 
 def register_drawer(fn: Callable) -> Callable:

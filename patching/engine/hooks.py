@@ -167,10 +167,12 @@ def positions_label(positions, what: str) -> str:
 
 def _edge_hooks(tm, src, dst, layers, op, params, edit, what, heads=None, generated: str = "as_last",
                 on_scores: bool = False):
-    """Shared by the mask edits: `edit(t, edge)` where edge is bool `[b, 1, q, k]`, t the layer's additive
-    mask (`hook_attn_mask`). With `heads` (or `on_scores`, for an edit that reads the scores) the edit is
-    on `hook_attn_scores` instead (a `[b, 1, q, k]` mask cannot tell heads apart), edge `[b, heads, q, k]`
-    True in those query heads only (`[b, 1, q, k]` without `heads`); those layers run on the exact path. `src`, `dst`: specs, `Selection`s or `_Set`s. The q queries are the last q of
+    """Shared by the mask edits: `edit(t, edge)` where t is the rows the edit acts on (all, or its `rows`) of
+    the layer's additive mask (`hook_attn_mask`) and edge is bool `[rows, 1, q, k]`; `edit` returns the
+    edited rows (in place or new). With `heads` (or `on_scores`, for an edit that reads the scores) the
+    edit is on `hook_attn_scores` instead (a `[b, 1, q, k]` mask cannot tell heads apart), edge
+    `[rows, heads, q, k]` True in those query heads only (`[rows, 1, q, k]` without `heads`); those layers
+    run on the exact path. `src`, `dst`: specs, `Selection`s or `_Set`s. The q queries are the last q of
     the k positions: a forward of the whole prompt (k = the map's positions), of a suffix after cached
     keys (`patching.engine.sweep`), or a step of `model.generate` (k = prompt + tokens generated so far, the
     queries after the map). Positions after the map are generated tokens: as keys they are in `src`
@@ -202,19 +204,53 @@ def _edge_hooks(tm, src, dst, layers, op, params, edit, what, heads=None, genera
                                      "model.generate, queries after the cached prompt)")
                 s = _spread(s_set, k - n, b, rows, t.device, what)
                 d = _spread(d_set, k - n, b, rows, t.device, what)[:, k - q:]
-                edge = d[:, None, :, None] & s[:, None, None, :]
+                # the edge over this part's rows only: a sweep puts one intervention per row, so an edge over
+                # the whole batch would cost every row's hooks the whole batch's mask (rows squared)
+                at = _row_span(rows, b)
+                edge = d[at][:, None, :, None] & s[at][:, None, None, :]
                 if heads is not None:
                     edge = edge & _head_mask(heads, h, t.device, torch.bool, what).view(1, h, 1, 1)
                 cache.clear()
-                cache[key] = edge
-            return edit(t, cache[key])
+                cache[key] = (at, edge)
+            at, edge = cache[key]
+            part = t[at]  # a view where the rows are consecutive: an in-place edit acts on t itself
+            new = edit(part, edge)
+            if new is not part or not isinstance(at, slice):
+                if t.requires_grad and torch.is_grad_enabled():
+                    t = t.clone()  # the edit's inputs may be saved for backward
+                t[at] = new
+            return t
 
-        # the first query position any row edits: a sweep may reuse everything before it (patching.engine.sweep)
-        first = d_set.mask.any(0).nonzero()
-        fn.first_query = int(first[0, 0]) if len(first) else n  # generated queries only
+        # the first query position the edit changes: a sweep may reuse everything before it (patching.engine.sweep)
+        fn.first_query = first_seeing(d_set.mask, s_set.mask)
         return [(f"blocks.{l}.attn.{site}", fn) for l in layers]
 
     return Intervention([Part(op, params, make, layers, heads=tuple(heads or ()), seq_len=n)])
+
+
+def _row_span(rows, b: int):
+    """The batch rows a part acts on as an index: a slice where they are consecutive (a view), else a list."""
+    if rows is None:
+        return slice(None)
+    rows = sorted(set(int(r) for r in rows))
+    if rows == list(range(rows[0], rows[-1] + 1)):
+        return slice(rows[0], rows[-1] + 1)
+    return rows
+
+
+def first_seeing(dst: Tensor, src: Tensor) -> int:
+    """The first prompt position at which an edit of the edges src -> dst can change anything: the first
+    `dst` query at or after the first `src` key of its row (attention is causal: a query before every
+    edited key sees none of them, so its scores, pattern and output are the clean run's; every later
+    position is recomputed). dst, src bool `[rows, pos]` over the TokenMap's positions; the map's length
+    where no prompt query sees an edited key (generated queries or keys only).
+
+        first_seeing(tm.mask("question"), tm.mask("audio"))  # the first question token after the audio's start
+    """
+    n = dst.shape[-1]
+    idx = torch.arange(n)
+    first_key = torch.where(src, idx, n).amin(-1, keepdim=True)  # [rows, 1]; n where the row has no src key
+    return int(torch.where(dst & (idx >= first_key), idx, n).amin()) if dst.numel() else n
 
 
 def _spread(tset: _Set, n_new: int, b: int, rows, device, what: str) -> Tensor:

@@ -207,7 +207,7 @@ def fastv(
     checks.count(repeats, "repeats")
     checks.count(seed, "seed", minimum=0)
     metric = answers if isinstance(answers, AnswerProb) else AnswerProb(answers)
-    metric.check(model, checks.batch_of(inputs))
+    metric.check(model, checks.batch_of(inputs), inputs)
     data = samples(model, inputs, tm)
     plans = []
     for s in data:  # every group checked before the first forward
@@ -282,7 +282,7 @@ EXPERIMENT = Experiment(
     plot=Plot("points", series="method", xlabel="prefill FLOPs saved (fraction)"), run=_run, cells=("method",),
     paired=("correct", "correct_full"),
     report=Report("FastV beside discarding a whole modality: accuracy against prefill FLOPs saved"),
-    columns=("method", "k", "r", "n_tokens", "n_media", "n_dropped", "prob", "correct", "pred", "flops",
+    columns=("method", "k", "r", "n_tokens", "n_media", "n_dropped", "prob", "correct", "correct_full", "pred", "flops",
              "flops_saved", "seconds", "time_saved", "generated", "gen_flops", "gen_flops_saved", "gen_seconds",
              "gen_time_saved"),
 )

@@ -22,13 +22,13 @@ from itertools import combinations
 import pandas as pd
 import torch
 
-from patching.engine import checks
-from patching.engine.experiment import Experiment, Plot, Report, StudySample
+from patching.engine import checks, cost
+from patching.engine.experiment import Cost, Experiment, Plot, Report, StudySample
 from patching.engine.hooks import block_attention
 from patching.engine.metrics import AnswerProb, relative_change
 from patching.engine.results import Result
 from patching.engine.stats import adjust, interval, paired_test
-from patching.engine.sweep import forward_rows, run_rows, sample_maps, samples
+from patching.engine.sweep import forward_rows, plan_sweep, run_rows, sample_maps, samples
 
 DEFAULT_EDGES = (
     ("audio", "question"), ("video", "question"), ("audio", "last"),
@@ -162,7 +162,8 @@ def knockout(
     max_batch_tokens: int = 16384,
     progress: bool = True,
 ) -> Result:
-    """`answers`: the gold answer's first token id per sample, one for all, or an `AnswerProb`. `edges`:
+    """`answers`: the gold answer's first token id per sample, one for all, or an `AnswerProb` (words are read
+    as the first token the model would write after each prompt: `model.answer_tokens`). `edges`:
     list of (src, dst) or "src->dst" (default `default_edges` of each sample). `centres`: the layers l
     the windows are built around (default every layer). `window` (default `default_window(n_layers)`
     for `centre` and `inverse`: Map the Flow's and Zhang et al.'s 9 from 18 layers on, a quarter of
@@ -197,22 +198,9 @@ def knockout(
         checks.count(batch_size, "batch_size")
     checks.count(max_batch_tokens, "max_batch_tokens")
     metric = answers if isinstance(answers, AnswerProb) else AnswerProb(answers)
-    metric.check(model, checks.batch_of(inputs))
-    plans = []
-    for index, stm in enumerate(sample_maps(model, inputs, tm)):  # every intervention built (so checked) before the towers
-        sample_edges = default_edges(stm) if edges is None else edges
-        if not sample_edges:
-            raise ValueError(f"sample {index} has none of the default edges' token groups; pass edges= explicitly")
-        cells, ivs = [], []
-        for src, dst in sample_edges:
-            for c in centres:
-                layers = layer_sets[c]
-                try:
-                    ivs.append(block_attention(stm, src, dst, layers, heads=heads))
-                except ValueError as e:
-                    raise ValueError(f"knockout edge {src}->{dst} (sample {index}): {e}") from None
-                cells.append((f"{src}->{dst}", src, dst, c, layers[0], layers[-1], len(layers)))
-        plans.append((cells, ivs))
+    metric.check(model, checks.batch_of(inputs), inputs)
+    # every intervention built (so checked) before the towers
+    plans = [_cells(stm, index, edges, centres, layer_sets, heads) for index, stm in enumerate(sample_maps(model, inputs, tm))]
     plans = [(s, *plan) for s, plan in zip(samples(model, inputs, tm), plans)]
 
     rows, t0 = [], time.perf_counter()
@@ -241,6 +229,23 @@ def knockout(
                     metric=metric.settings(), n_layers=L, seconds=time.perf_counter() - t0,
                     interventions_sample0=[iv.to_dict() for iv in plans[0][2]] if plans else [])
     return Result("knockout", pd.DataFrame(rows), settings)
+
+
+def _cells(stm, index: int, edges, centres, layer_sets: dict, heads) -> tuple[list, list]:
+    """`(cells, interventions)` of one sample's knockout: per edge and centre, its row's labels and the edit."""
+    sample_edges = default_edges(stm) if edges is None else edges
+    if not sample_edges:
+        raise ValueError(f"sample {index} has none of the default edges' token groups; pass edges= explicitly")
+    cells, ivs = [], []
+    for src, dst in sample_edges:
+        for c in centres:
+            layers = layer_sets[c]
+            try:
+                ivs.append(block_attention(stm, src, dst, layers, heads=heads))
+            except ValueError as e:
+                raise ValueError(f"knockout edge {src}->{dst} (sample {index}): {e}") from None
+            cells.append((f"{src}->{dst}", src, dst, c, layers[0], layers[-1], len(layers)))
+    return cells, ivs
 
 
 def knockout_accuracy(result: Result, sample_mode: str = "correct") -> Result:
@@ -288,6 +293,23 @@ def _run(x: StudySample, opts: dict) -> pd.DataFrame:
     return knockout(x.model, x.enc, [x.answer], window=x.window, tm=x.tm, progress=False, **opts).df
 
 
+def _plan(x: StudySample, opts: dict) -> Cost:
+    """What `_run` costs on one sample, counted without running: the plain forward, then the sweep as the
+    engine plans it (`patching.engine.sweep.plan_sweep`)."""
+    model, L = x.model, x.model.cfg.n_layers
+    style = opts.get("window_style", "centre")
+    centres = checks.layers(model, opts.get("centres"), "centres", "window centre(s)")
+    layer_sets = {c: styled_window(c, x.window, L, "centre" if style == "center" else style) for c in centres}
+    edges = opts.get("edges")
+    edges = None if edges is None else [parse_edge(e) for e in edges]
+    stm = sample_maps(model, x.inputs, x.tm)[0]
+    _, ivs = _cells(stm, 0, edges, centres, layer_sets, opts.get("heads"))
+    stats = plan_sweep(model, stm.seq_len, ivs, batch_size=opts.get("batch_size"),
+                       max_batch_tokens=opts.get("max_batch_tokens", 16384)).stats(model.cfg)
+    return Cost(stats["flops"] + stats["flops_forward"], stats["forwards"] + 1,
+                max(stats["peak_bytes"], cost.run_bytes(model.cfg, 1, stm.seq_len, stm.seq_len, mask=False)))
+
+
 def _check(opts: dict, window, cfg=None) -> None:
     """The style and the window's size agree; with the model's config (before its weights load), the
     window against the depth: an inverse window that leaves nothing is refused, one that covers the
@@ -311,9 +333,9 @@ def _check(opts: dict, window, cfg=None) -> None:
 EXPERIMENT = Experiment(
     "knockout", knockout, by=("edge", "layer"), value="rel_change", label="relative change of p(answer) (%)",
     correct_only=True, plot=Plot("lines", x="layer", series="edge", xlabel="layer", window=True), run=_run,
-    cells=("edge", "layer"), not_options=frozenset({"window"}), check=_check, paired=("p_blocked", "p_orig"), unit="percent",
+    cells=("edge", "layer"), not_options=frozenset({"window"}), check=_check, plan=_plan, paired=("p_blocked", "p_orig"), unit="percent",
     report=Report("Attention knockout: relative change of p(answer) (%)", derived=("knockout_accuracy",), table="lowest"),
-    columns=("edge", "src", "dst", "layer", "window_start", "window_end", "n_window_layers", "p_orig",
+    columns=("edge", "src", "dst", "layer", "window", "window_start", "window_end", "n_window_layers", "p_orig",
              "p_blocked", "rel_change", "pred", "p_pred_orig", "p_pred_blocked", "rel_change_pred",
              "pred_blocked", "correct", "correct_blocked"),
 )

@@ -148,7 +148,7 @@ def pathway(
             raise ValueError(f"random_ratio is a share of the edges, in [0, 1]; got {random_ratio}")
     checks.count(seed, "seed", minimum=0)
     metric = answers if isinstance(answers, AnswerProb) else AnswerProb(answers)
-    metric.check(model, checks.batch_of(inputs))
+    metric.check(model, checks.batch_of(inputs), inputs)
     data = samples(model, inputs, tm)
     plans = []
     for s in data:  # every mask built (and so every group checked) before the first forward

@@ -175,7 +175,7 @@ def loss_recovered(model, sae, inputs: dict, answers, groups: Sequence[str] = ("
     hook = hook_of(sae, hook)
     groups = checks.nonempty(groups, "groups")
     metric = AnswerLogProb(answers)
-    metric.check(model, checks.batch_of(inputs))
+    metric.check(model, checks.batch_of(inputs), inputs)
     for m in sample_maps(model, inputs, tm):  # every group name checked before the towers run
         for g in groups:
             token_group(m, g)

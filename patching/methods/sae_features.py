@@ -45,7 +45,7 @@ def sae_features(model, inputs: dict, answers, sae, groups: Sequence[str] = ("au
     groups = checks.nonempty(groups, "groups")
     top = checks.count(top, "top", unit=" feature")
     metric = answers if isinstance(answers, AnswerProb) else AnswerProb(answers)
-    metric.check(model, checks.batch_of(inputs))
+    metric.check(model, checks.batch_of(inputs), inputs)
     for m in sample_maps(model, inputs, tm):  # every group name checked before the towers run
         for g in groups:
             token_group(m, g)

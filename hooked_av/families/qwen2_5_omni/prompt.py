@@ -18,7 +18,7 @@ from hooked_av.families.qwen2_5_omni.processor import OmniParts, video_max_pixel
 from hooked_av.inputs.chat import special_texts
 from hooked_av.inputs.media import SAMPLE_RATE
 from hooked_av.inputs.prompt import (DEFAULT, Prompt, as_prompts, check_offsets, check_prompt_text, expand_placeholders,
-                                     gather_media, has_audio, media_item_record, text_part_codes)
+                                     gather_media, has_audio, media_item_record, text_part_codes, with_answer)
 
 OMNI_SYSTEM_PROMPT = (
     "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving "
@@ -127,7 +127,7 @@ def prepare_omni(
     specials = special_texts(parts.tokenizer, tok.values())
     for p in prompts:
         check_prompt_text(p, specials)
-    segments = [chat_segments(messages_for(p, av_mode), tok) for p in prompts]
+    segments = [with_answer(chat_segments(messages_for(p, av_mode), tok), p) for p in prompts]
     images, videos, audios = gather_media(prompts, parts.fps, av_mode)
     out: dict = {}
     if audios:

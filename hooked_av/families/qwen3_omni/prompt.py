@@ -26,7 +26,7 @@ from hooked_av.families.qwen2_5_omni.prompt import (chat_segments, item_blocks, 
 from hooked_av.families.qwen3_omni.layout import Qwen3OmniTokenIds, audio_token_counts, processor_av_order
 from hooked_av.inputs.chat import special_texts
 from hooked_av.inputs.prompt import (as_prompts, check_offsets, check_prompt_text, expand_placeholders, gather_media,
-                                     media_item_record, text_part_codes)
+                                     media_item_record, text_part_codes, with_answer)
 
 
 def prepare_qwen3_omni(parts: OmniParts, ids: Qwen3OmniTokenIds, n_window: int, prompts,
@@ -52,7 +52,8 @@ def prepare_qwen3_omni(parts: OmniParts, ids: Qwen3OmniTokenIds, n_window: int, 
     specials = special_texts(parts.tokenizer, tok.values())
     for p in prompts:
         check_prompt_text(p, specials)
-    segments = [chat_segments(messages_for(p, av_mode, default_system=None), tok, default_system=None) for p in prompts]
+    segments = [with_answer(chat_segments(messages_for(p, av_mode, default_system=None), tok, default_system=None), p)
+                for p in prompts]
     images, videos, audios = gather_media(prompts, parts.fps, av_mode)
     out: dict = {}
     if audios:

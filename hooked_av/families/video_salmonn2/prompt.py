@@ -268,6 +268,9 @@ def prepare_salmonn(
         code += text_part_codes(text["offset_mapping"], p.parts()).tolist()
         row += _encode(tok, "<|im_end|>\n<|im_start|>assistant\n")
         code += [0] * (len(row) - len(code))
+        if p.answer is not None:  # after the generation prompt, for a loss to score
+            row += _encode(tok, p.answer)
+            code += [TEXT_PARTS.index("answer")] * (len(row) - len(code))
         item += [-1] * (len(row) - len(item))
         rows.append(row)
         codes.append(code)

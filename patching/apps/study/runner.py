@@ -37,7 +37,7 @@ from patching.datasets.manifest import Manifest, Row, read_manifest
 from patching.datasets.scoring import Scorer
 from patching.datasets.templates import parse_template
 from patching.engine import checks
-from patching.engine.experiment import StudySample, check_options, get, names
+from patching.engine.experiment import StudySample, check_options, get, study_experiments
 
 # measured wall times (discarding, FastV) differ from run to run; every other column is a function of the inputs
 TIMING_COLUMNS = ("seconds", "seconds_full", "time_saved", "gen_seconds", "gen_time_saved")
@@ -124,7 +124,14 @@ def run_study(
 
     if isinstance(model, (str, os.PathLike)):
         from hooked_av import load
+        from patching.apps.study.plan import plan_study
 
+        # what the first sample will cost, from the config alone: a study that cannot fit is refused before loading
+        first = plan_study(model, manifest, experiments, limit=1, template=template, window=window, options=options,
+                           device=dev, dtype=dtype, measure=False)
+        if progress and rank == 0:
+            print(first.text().replace("1 sample(s)", f"the first of {len(rows)} sample(s)"), flush=True)
+        first.check_fits()
         model = load(model, dtype=dtype_ or torch.float32, device=dev)
     model.eval()
     group = _process_group(world, dev)
@@ -407,12 +414,7 @@ def _config(model):
 
 
 def _experiments(experiments) -> list[str]:
-    given = checks.nonempty(experiments, "experiments")
-    known = names(study=True)
-    unknown = [e for e in given if e not in known]
-    if unknown:
-        raise ValueError(f"unknown experiment(s) {unknown}; choose from {known}")
-    return ["accuracy"] + [e for e in dict.fromkeys(given) if e != "accuracy"]
+    return study_experiments(experiments)
 
 
 def _process_group(world: int, device) -> str | None:
