@@ -172,7 +172,28 @@ def features_section(report, out_dir, model=None, **sizes) -> FeatureProof:
         "with Wilson 95 % intervals; the dashed line is chance.")
     report.figure(ablation_figure(proof))
     report.table(ablation_table(proof))
+    report.text(ablation_summary(proof))
     return proof
+
+
+def ablation_summary(proof: FeatureProof) -> str:
+    """One sentence per ablated attribute, from the accuracy table: its own question against the plain run and
+    chance, and the largest change on the questions about the same and about the other modality."""
+    acc = proof.accuracy.set_index(["ablated", "question"])["accuracy"]
+    modality = {q: ATTRIBUTES[a.split("+")[0]] for q, a in QUESTIONS.items() if "+" not in a}
+    out = []
+    for a in proof.features:
+        own = [q for q, r in QUESTIONS.items() if r == a and (a, q) in acc.index]
+        same = [q for q in modality if modality[q] == ATTRIBUTES[a] and q not in own and (a, q) in acc.index]
+        other = [q for q in modality if modality[q] != ATTRIBUTES[a] and (a, q) in acc.index]
+        drop = lambda qs: max((acc["none", q] - acc[a, q] for q in qs), default=float("nan"))  # noqa: E731
+        out.append(f"{a}: " + ", ".join(f"{q} {acc['none', q]:.2f} -> {acc[a, q]:.2f} (chance {proof.chance(q):.2f})" for q in own)
+                   + f"; largest drop on the other {ATTRIBUTES[a]} questions {drop(same):.2f}, on the questions about "
+                   f"the other modality {drop(other):.2f}")
+    return ("Summary (accuracy, nothing ablated -> ablated): " + "; ".join(out) + ". Within a modality the features "
+            "are partly conjunctions of its two attributes (the table's last column: a value's best feature separates "
+            "it within some values of the other attribute only), so ablating one attribute's features also moves "
+            "the other's questions there.")
 
 
 def auroc_table(proof: FeatureProof) -> pd.DataFrame:
@@ -208,7 +229,7 @@ def auroc_figure(proof: FeatureProof):
     t = proof.table
     labels = [f"{a}={v}" for a, v in zip(t["attribute"], t["value"])]
     x = np.arange(len(t))
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(t)), 3.6))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(t)) + 2.5, 3.6))
     for off, col, name, colour in [(-0.2, "", "trained: best feature", "C0"), (0.2, "baseline_", "untrained: best feature", "C7")]:
         v = t[f"{col}auroc"]
         err = [(v - t[f"{col}auroc_low"]).clip(lower=0), (t[f"{col}auroc_high"] - v).clip(lower=0)]
@@ -219,7 +240,7 @@ def auroc_figure(proof: FeatureProof):
     ax.set(ylim=(0.4, 1.02), ylabel="held-out AUROC",
            title=f"best single SAE feature per attribute value ({proof.settings['hook']})\n"
                  f"n={proof.settings['n_heldout']} held-out clips; bars: 95 % stratified bootstrap")
-    ax.legend(fontsize=7, loc="lower left", ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     return fig
 
@@ -230,7 +251,7 @@ def ablation_figure(proof: FeatureProof):
     a = proof.accuracy
     questions = [q for q in QUESTIONS if q in set(a["question"])]
     sets = ["none", *proof.features]
-    fig, ax = plt.subplots(figsize=(7.5, 3.4))
+    fig, ax = plt.subplots(figsize=(9.5, 3.4))
     width = 0.8 / len(sets)
     for i, name in enumerate(sets):
         part = a[a["ablated"] == name].set_index("question").reindex(questions)
@@ -244,6 +265,6 @@ def ablation_figure(proof: FeatureProof):
     ax.set_xticks(np.arange(len(questions)), [f"{q}\n({QUESTIONS[q]}; n={n[q]})" for q in questions], fontsize=8)
     ax.set(ylim=(0, 1.05), ylabel="accuracy", title="accuracy with one attribute's features ablated on the media tokens\n"
            "held-out clips; bars: Wilson 95 % interval; dashed: chance")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     return fig
