@@ -51,7 +51,8 @@ def test_one_row_per_sample_and_cell_with_id_metadata_and_correctness(model, dat
         assert set(part.sample_correct) == {bool(got["accuracy"].set_index("id").sample_correct[r.id])}
     disc = got["discarding"]
     assert len(disc) == len(man.rows) * (model.cfg.n_layers + 1) and set(disc.group) == {"audio|video"}
-    assert list(ko.columns[:6]) == ["id", "kind", "question_name", "dataset", "n_options", "sample_correct"]
+    assert list(ko.columns[:10]) == ["id", "kind", "question_name", "dataset", "n_options", "colour", "brightness", "note",
+                                     "instrument", "sample_correct"]
     # each sample's chance level, 1 / its question's answer words (the toy's vocab.chance), for accuracy figures
     from hooked_av.toy import vocab
 

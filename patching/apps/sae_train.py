@@ -227,6 +227,32 @@ def train_sae(activations, out, *, architecture: str = "topk", width: int, k: in
     return report
 
 
+def untrained_sae(folder):
+    """The SAE `train_sae` wrote to `folder` as it was before training: the same SAELens training class and
+    configuration, initialised after the same `torch.manual_seed(seed)` (so the weights are those its report's
+    "before" statistics were measured on), in eval mode: the untrained baseline of the same architecture.
+
+        base = untrained_sae(tmp / "sae")
+    """
+    folder = Path(folder)
+    path = folder / "training.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} has no training.json: it was not written by `hooked-av sae train`, so how it "
+                                "was initialised is unknown")
+    s = json.loads(path.read_text())["settings"]
+    store = ActivationStore(s["activations"])
+    from hooked_av.sae import sae_lens
+
+    sae_lens()
+    from sae_lens.saes.sae import SAEMetadata
+
+    trained = json.loads((folder / "cfg.json").read_text())
+    metadata = SAEMetadata(**trained.get("metadata", {}))
+    torch.manual_seed(s["seed"])
+    cls, cfg = _config(s["architecture"], store.d[s["hook"]], s["width"], s["device"], metadata, s["k"], s["l1"], s["l0"])
+    return cls(cfg).eval()
+
+
 def _heldout_rows(manifest, held_ids: list[str], stored: set[str], limit: int):
     """The manifest with only its held-out rows (held out of training, or never in the store), the first `limit`."""
     from patching.datasets.manifest import read_manifest
