@@ -2,15 +2,20 @@
 
     .venv/bin/python benchmarks/run_all.py [--rounds 5] [--threads 1] [--sizes 1024,2048,4096,8192,16384]
                                             [--out docs/benchmarks.md] [--quick]
+    .venv/bin/python benchmarks/run_all.py --harvest-only [--harvest-clips 2]   # the harvest table alone, printed
 
 Model: random weights of the real Qwen2.5-Omni Thinker architecture at docs/peers.md's benchmark size (text
 512 wide, 8 layers, 8 query / 2 key-value heads, Qwen2.5's 152,064-token vocabulary; towers 256 wide, 4
 layers); one video with its audio track (use_audio_in_video) and a question. Method: torch threads set
 explicitly; in each table the contenders run interleaved, the order rotated every round, after one warm-up
 call each; min and median over `--rounds` (>= 5) of process CPU time and of wall time, each divided by the
-table's baseline measured in the same rounds; the machine's load average before and after. Like is compared
+table's baseline measured in the same rounds; the machine's load average before and after. The toolkit's own
+entry points (sweeps, patching, discarding, read-outs) run with autograd on, as users call them (the weights
+require grad): the notes say how many tensors each saved for a backward ("no graph": none); plain forwards run
+under torch.no_grad. Like is compared
 with like: rows from processor outputs (towers included) against HF's Thinker from the same outputs, rows from
-`encode()` outputs against the language model alone. The scaling table runs each (operation, size) in a fresh
+`encode()` outputs against the language model alone, the harvest (issue 22: towers, blocks up to the hooked one,
+shards written) against plain forwards of the same clips from processor outputs, as a throughput ratio. The scaling table runs each (operation, size) in a fresh
 subprocess (one timed call after a warm-up on 128 tokens; peak memory = the rise of the process's peak RSS, reset
 through /proc/self/clear_refs after loading, over what the loaded model and inputs already held, with glibc's mmap
 threshold fixed at 128 KiB so that it counts tensors, not heap fragmentation; Linux only).
@@ -106,20 +111,44 @@ def synthetic_sample(model, n: int):
 
 # ---- timing ---------------------------------------------------------------------------------------------------
 
-def measure(contenders: dict, rounds: int) -> dict:
+def measure(contenders: dict, rounds: int, library: dict | None = None) -> dict:
     """`{name: (cpu seconds list, wall seconds list)}`: one warm-up call each, then `rounds` rounds calling
-    each once, the order rotated by one every round (drift in clock, cache or load hits every one alike)."""
-    names = list(contenders)
-    with torch.no_grad():
-        for fn in contenders.values():
-            fn()
-        out = {k: ([], []) for k in names}
-        for r in range(rounds):
-            for k in names[r % len(names):] + names[: r % len(names)]:
-                c, w = time.process_time(), time.perf_counter()
-                contenders[k]()
-                out[k][0].append(time.process_time() - c)
-                out[k][1].append(time.perf_counter() - w)
+    each once, the order rotated by one every round (drift in clock, cache or load hits every one alike).
+    Plain forwards run under `torch.no_grad`; contenders named in `library` (the toolkit's own entry points)
+    run with autograd on, as a user calls them (the weights require grad), so a graph one of them built would
+    cost its time here, and `library[name]` gets the tensors it saved for a backward in its warm-up call."""
+    names, library = list(contenders), {} if library is None else library
+
+    def call(k):
+        if k in library:
+            return contenders[k]()
+        with torch.no_grad():
+            return contenders[k]()
+
+    for k in names:
+        if k in library:
+            saved = []
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(1) or t, lambda t: t):
+                call(k)
+            library[k] = len(saved)
+        else:
+            call(k)
+    out = {k: ([], []) for k in names}
+    for r in range(rounds):
+        for k in names[r % len(names):] + names[: r % len(names)]:
+            c, w = time.process_time(), time.perf_counter()
+            call(k)
+            out[k][0].append(time.process_time() - c)
+            out[k][1].append(time.perf_counter() - w)
+    return out
+
+
+def graph_notes(library: dict, notes: dict | None = None) -> dict:
+    """The notes column with each library row's graph count ("no graph" where it saved nothing)."""
+    out = dict(notes or {})
+    for k, n in library.items():
+        said = "no graph" if n == 0 else f"graph: {n:,} tensors saved for a backward"
+        out[k] = f"{out[k]}; {said}" if k in out else said
     return out
 
 
@@ -181,7 +210,9 @@ def main_tables(args) -> list[str]:
          "hooked_av attention_rows, last token, every layer and head": lambda: ours.attention_rows(x, "last", tm=tm),
          "HF eager, output_attentions + hidden states": eager}
     out += ["### From processor outputs (towers included), against HF's Thinker with sdpa", "", HEAD]
-    out += [*ratio_rows(measure(a, args.rounds), "HF sdpa forward"), ""]
+    lib_a = {"hooked_av attention_rows, last token, every layer and head": None}
+    times = measure(a, args.rounds, lib_a)
+    out += [*ratio_rows(times, "HF sdpa forward", graph_notes(lib_a)), ""]
 
     edges = default_edges(s.tm)
     cells = [block_attention(s.tm, src, dst, window_layers(c, 9, L)) for src, dst in edges for c in range(L)]
@@ -221,7 +252,11 @@ def main_tables(args) -> list[str]:
              f"physical discarding of audio+video from layer {L // 2}": f"FLOPs saved {flops:.0%}"}
     out += [f"### From `encode()` outputs (the language model alone), against one hooked_av forward reading the last "
             f"logits ({len(edges)} edges x {L} window centres, window 9)", "", HEAD]
-    out += [*ratio_rows(measure(b, args.rounds), "hooked_av language model forward, last logits", notes), ""]
+    lib_b = {k: None for k in b if k != "HF sdpa language model forward, last logits"}
+    times = measure(b, args.rounds, lib_b)
+    out += [*ratio_rows(times, "hooked_av language model forward, last logits", graph_notes(lib_b, notes)), ""]
+
+    out += sae_table(ours, s, args.rounds)
 
     be = NNsightHF(hf)
     sub = [block_attention(tm, src, dst, window_layers(c, 9, L)) for src, dst in edges for c in (L // 2,)]
@@ -241,7 +276,112 @@ def main_tables(args) -> list[str]:
              ours, x, [answer], edges=edges, centres=[L // 2], tm=tm, progress=False)}
     out += [f"### The same knockout sweep through nnsight ({len(sub)} cells: {len(edges)} edges x the middle centre, from "
             "processor outputs), against hooked_av one forward per cell", "", HEAD]
-    out += [*ratio_rows(measure(c, args.rounds), "hooked_av run_with_hooks, one forward per cell"), ""]
+    lib_c = {"hooked_av knockout(): towers once, recompute what changes": None}
+    times = measure(c, args.rounds, lib_c)
+    out += [*ratio_rows(times, "hooked_av run_with_hooks, one forward per cell", graph_notes(lib_c)), ""]
+    return out
+
+
+def sae_table(model, s, rounds: int, width_factor: int = 8, k: int = 64) -> list[str]:
+    """A TopK SAE of `width_factor` x d_model features (SAELens's `TopKSAE`, random weights) spliced at the middle
+    block's `hook_resid_post` with its error term, against the plain language-model forward (last logits);
+    each spliced contender splices and takes the SAE out inside its call (`model.saes`), which is counted."""
+    from sae_lens import TopKSAE, TopKSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    from patching.engine.features import ablate_features
+    from patching.engine.sweep import forward_rows
+
+    L, d = model.cfg.n_layers, model.cfg.d_model
+    hook = f"blocks.{L // 2}.hook_resid_post"
+    torch.manual_seed(0)
+    sae = TopKSAE(TopKSAEConfig(d_in=d, d_sae=width_factor * d, k=k, metadata=SAEMetadata(hook_name=hook))).eval()
+    point = f"{hook}.hook_sae_acts_post"
+    ablation = list(ablate_features(hook, [0], positions=s.tm.select("audio")))
+
+    def spliced(fn):
+        def run():
+            with model.saes(sae, use_error_term=True):
+                return fn()
+        return run
+
+    t = {"language model forward, last logits": lambda: forward_rows(model, s, 1),
+         "SAE spliced (error term kept), nothing hooked": spliced(lambda: forward_rows(model, s, 1)),
+         "SAE spliced, features cached (run_with_cache)": spliced(lambda: model.run_with_cache(
+             **s.lm_inputs(1), names_filter=point, logits_at="last")),
+         "SAE spliced, one feature ablated on the audio (ablate_features)": spliced(lambda: model.run_with_hooks(
+             **s.lm_inputs(1), fwd_hooks=ablation, logits_at="last"))}
+    with torch.no_grad():
+        _, cache = model.run_with_cache(**s.lm_inputs(1), names_filter=hook)
+    c0 = time.process_time()
+    for _ in range(20):
+        with model.saes(sae, use_error_term=True):
+            pass
+    splice_ms = (time.process_time() - c0) / 20 * 1e3
+    return [f"### An SAE spliced into the language model (`model.add_sae`; target: a spliced forward at most 1.2x a plain "
+            f"one): SAELens TopK, {width_factor * d:,} features (k={k}) at `{hook}`; splicing and taking it out "
+            f"(counted in each spliced row) costs {splice_ms:.1f} ms CPU", "", HEAD,
+            *ratio_rows(measure(t, rounds), "language model forward, last logits"), ""]
+
+
+def harvest_table(args) -> list[str]:
+    """Harvest throughput (`patching.apps.harvest`: towers once, blocks up to the hooked one, the media tokens'
+    activations and metadata written as store shards) against plain forwards (last logits) of the same clips."""
+    import shutil
+    import tempfile
+
+    from hooked_av import HookedQwen2_5Omni
+    from patching.apps.harvest import harvest_inputs
+    from patching.datasets.activations import StoreWriter
+
+    torch.manual_seed(0)
+    cfg = config()
+    model = HookedQwen2_5Omni.from_config(cfg).eval()
+    clips = [clip_inputs(args.tokens, cfg) for _ in range(args.harvest_clips)]
+    n_media = sum(int(model.token_map(x).mask("media").sum()) for x in clips)
+    folders: list[str] = []
+
+    def plain():
+        for x in clips:
+            model(**x, logits_at="last")
+
+    def harvest_at(hook):
+        def run():
+            folders.append(tempfile.mkdtemp(prefix="bench-harvest-"))
+            writer = None
+            for i, x in enumerate(clips):
+                (acts, meta), = harvest_inputs(model, x, [hook], "media")
+                meta.insert(0, "row", i)
+                meta.insert(0, "id", f"clip{i}")
+                writer = writer or StoreWriter(folders[-1], {hook: acts[hook].shape[1]}, shard_tokens=4096)
+                writer.add(acts, meta, {"id": f"clip{i}", "row": i, "n_tokens": len(meta)})
+            writer.close()
+        return run
+
+    last, mid = f"blocks.{LAYERS - 1}.hook_resid_post", f"blocks.{LAYERS // 2 - 1}.hook_resid_post"
+    runs = {"plain forward, last logits (every block, towers)": plain,
+            f"harvest {last} (every block runs; no final norm, no unembedding)": harvest_at(last),
+            f"harvest {mid} (half the blocks run)": harvest_at(mid)}
+    times = measure(runs, args.rounds)
+    disk = sum(f.stat().st_size for f in Path(folders[-1]).rglob("*") if f.is_file())
+    for f in folders:
+        shutil.rmtree(f, ignore_errors=True)
+    base = "plain forward, last logits (every block, towers)"
+    bc, bw = times[base]
+    out = [f"### Harvest throughput ({len(clips)} clips of {clips[0]['input_ids'].shape[1]:,} tokens, {n_media:,} media "
+           f"tokens in all; float32 store, {cfg.text_config.hidden_size} wide), against plain forwards of the same clips", "",
+           "Throughput ratio = the plain forwards' time / the harvest's (>= 1: the harvest is as fast as forwards; the "
+           "target is >= 0.90x). Both from processor outputs (towers included, media decoding not); the harvest writes "
+           "its shards to a temporary folder inside the timed call.", "",
+           "| | media tokens / s (median wall) | throughput / forward, CPU min | CPU median | wall min | wall median |",
+           "|---|---|---|---|---|---|"]
+    for k, (c, w) in times.items():
+        out.append(f"| {k} | {n_media / statistics.median(w):,.0f} | {min(bc) / min(c):.2f}x | "
+                   f"{statistics.median(bc) / statistics.median(c):.2f}x | {min(bw) / min(w):.2f}x | "
+                   f"{statistics.median(bw) / statistics.median(w):.2f}x |")
+    out += ["", f"Disk: {disk / n_media * 1e6 / 2**30:,.2f} GiB per million media tokens at one hook "
+            f"({cfg.text_config.hidden_size} x 4 bytes of activations, {(disk / n_media) - cfg.text_config.hidden_size * 4:,.0f} "
+            "bytes of metadata and files per token).", ""]
     return out
 
 
@@ -343,6 +483,8 @@ def main(argv=None) -> None:
     ap.add_argument("--full-depth-max", type=int, default=16384, help="longest size run at the full 8 layers")
     ap.add_argument("--long-layers", type=int, default=2, help="layers of the model above --full-depth-max")
     ap.add_argument("--scale-layers", type=int, default=LAYERS, help=argparse.SUPPRESS)
+    ap.add_argument("--harvest-clips", type=int, default=8, help="clips in the harvest table")
+    ap.add_argument("--harvest-only", action="store_true", help="print the harvest table only (writes no file)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     ap.add_argument("--scale-one", nargs=2, metavar=("OP", "TOKENS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -353,8 +495,12 @@ def main(argv=None) -> None:
         raise SystemExit(f"--rounds must be >= 5 for a min and a median worth reading, got {args.rounds}")
     args.sizes = [int(v) for v in args.sizes.split(",")]
     torch.set_num_threads(args.threads)
+    if args.harvest_only:
+        print("\n".join(harvest_table(args)))
+        return
     t0, load0 = time.time(), os.getloadavg()
     body = main_tables(args)
+    body += harvest_table(args)
     print("\n".join(body), flush=True)
     body += scaling_table(args)
     load1 = os.getloadavg()

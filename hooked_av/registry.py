@@ -67,3 +67,37 @@ def inspect(name_or_path: str | os.PathLike):
     """
     where = folder(name_or_path)
     return family(checkpoint.read_config(where), name_or_path), checkpoint.load_tokenizer(where)
+
+
+def config(name_or_path: str | os.PathLike):
+    """The `HookedAVConfig` (`model.cfg`: layers, widths, heads) of a hub id, a local folder or "toy",
+    read from config.json and built on the meta device: no weight is read or allocated, so a caller can
+    check settings against the model's shape before it spends a load.
+
+        config("toy").n_layers  # 4
+    """
+    where = folder(name_or_path)
+    fam = family(checkpoint.read_config(where), name_or_path)
+    return fam.MODEL.from_config(fam.MODEL.read_checkpoint_config(where), device="meta").cfg
+
+
+def skeleton(name_or_path: str | os.PathLike, dtype: torch.dtype | str = torch.float32, **options):
+    """The model of a hub id, a local folder or "toy" built on the meta device from its config, with its
+    tokenizer and checkpoint folder, reading no weight: what needs no weight works (`cfg`, `prepare`,
+    `token_map`, parameter counts), a forward does not. What a study's plan counts with before it loads.
+
+        model = skeleton("toy")
+        model.cfg.n_layers, sum(p.numel() for p in model.parameters())
+    """
+    where = folder(name_or_path)
+    fam = family(checkpoint.read_config(where), name_or_path)
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    model = fam.MODEL.from_config(fam.MODEL.read_checkpoint_config(where), dtype=dtype, device="meta", **options)
+    model.tokenizer, model.checkpoint_folder = checkpoint.load_tokenizer(where), where
+    if str(name_or_path) == TOY:
+        from types import MethodType
+
+        from hooked_av.toy import prepare
+
+        model.prepare = MethodType(prepare, model)  # the toy's own format, as toy.load sets it
+    return model

@@ -32,14 +32,16 @@ def toy_flow_model():
 
 @pytest.fixture(scope="session")
 def tiny_omni():
-    """A random-weight tiny Qwen2.5-Omni Thinker with the test tokenizer and processor parts (16 mel bins),
-    built once; tests that need their own weights or settings build their own."""
+    """A random-weight tiny Qwen2.5-Omni Thinker (seed 0) with the test tokenizer and processor parts (16 mel
+    bins, 30 s of padding to keep the feature extractor fast), built once: a test that changes it puts it
+    back; tests that need their own weights or settings build their own."""
     from media_helpers import tiny_tokenizer
     from omni_helpers import tiny_thinker_config
 
     from hooked_av import HookedQwen2_5Omni
     from hooked_av.families.qwen2_5_omni.processor import assemble_omni_parts
 
+    torch.manual_seed(0)
     model = HookedQwen2_5Omni.from_config(tiny_thinker_config())
     model.tokenizer = tiny_tokenizer()
     model.processor_parts = assemble_omni_parts(model.tokenizer, num_mel_bins=16, chunk_length=30)

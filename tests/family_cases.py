@@ -4,6 +4,7 @@ Qwen3-Omni (a left-padded batch: DeepStack, MoE). Random weights, built fresh on
 
     for name, model, inputs in families(): ...
     model, inputs = family("qwen3_omni")
+    model.tokenizer = tokenizer("qwen3_omni")   # for text prompts and prepare
 """
 
 from __future__ import annotations
@@ -34,3 +35,15 @@ def families():
 def family(name: str):
     """`(model, inputs)` of one family."""
     return next((m, i) for n, m, i in families() if n == name)
+
+
+def tokenizer(name: str):
+    """The offline word-level tokenizer over a family's tiny ids ("dog", "cat", "Which", "clip", ... and its chat
+    and media tokens), for text prompts and `prepare`."""
+    if name == "qwen2_5_omni":
+        from media_helpers import tiny_tokenizer
+    elif name == "qwen3_omni":
+        from qwen3_omni_helpers import tiny_tokenizer
+    else:
+        from test_salmonn_inputs import salmonn_tokenizer as tiny_tokenizer
+    return tiny_tokenizer()

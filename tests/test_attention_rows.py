@@ -47,8 +47,26 @@ def test_rows_equal_the_full_pattern_on_a_left_padded_batch(omni):
     assert got.shape == (n, 2, model.cfg.n_heads, 1, s)
     torch.testing.assert_close(got, full_rows(model, inputs, [[s - 1]] * 2, range(n)), atol=TOL, rtol=0)
     some = model.attention_rows(inputs, [5, -1, 20], layers=[1, 4], heads=[3, 0], tm=tm)
-    ref = full_rows(model, inputs, [[5, 20, s - 1]] * 2, [1, 4])[:, :, [3, 0]]
+    ref = full_rows(model, inputs, [[5, s - 1, 20]] * 2, [1, 4])[:, :, [3, 0]]
     torch.testing.assert_close(some, ref, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_omni", "video_salmonn2", "qwen3_omni"])
+def test_int_queries_keep_their_order_and_repeats_and_a_mask_reads_in_order(name):
+    # queries=[10, 2] returned rows 2, 10 and [5, 5] one row; logits_at keeps both, so must this
+    from family_cases import family
+
+    model, inputs = family(name)
+    s = inputs["input_ids"].shape[1]
+    for queries, rows in (([10, 2], [10, 2]), ([5, 5], [5, 5]), ([-1, 3, -1, 0], [s - 1, 3, s - 1, 0]),
+                          (torch.tensor([7, 4]), [7, 4])):
+        got = model.attention_rows(inputs, queries, layers=[0, 1])
+        assert got.shape[3] == len(rows)
+        torch.testing.assert_close(got, full_rows(model, inputs, [rows] * got.shape[1], [0, 1]), atol=TOL, rtol=0)
+    mask = torch.zeros(s, dtype=torch.bool)
+    mask[[9, 3]] = True
+    torch.testing.assert_close(model.attention_rows(inputs, mask, layers=[1]),
+                               full_rows(model, inputs, [[3, 9]] * inputs["input_ids"].shape[0], [1]), atol=TOL, rtol=0)
 
 
 def test_rows_under_a_knockout_are_those_of_the_edited_pattern(omni):
@@ -110,15 +128,19 @@ def test_group_mass_equals_the_reduction_of_full_patterns(omni, block_rows):
 
 
 def test_run_with_cache_moves_activations_to_the_device_asked(omni):
-    # on this CPU machine "meta" stands for another device: each activation is moved as it is made (the
-    # forward itself still runs on the model's device and its logits are unchanged, up to the exact path)
+    # each activation is moved as it is made (the forward itself runs on the model's device and its logits are
+    # unchanged, up to the exact path); "meta", which stood for another device here, is refused now: its cache
+    # held no values (test_refused_before_the_towers.py)
     model, inputs, _ = omni
     names = ["blocks.0.hook_resid_post", "audio_encoder.hook_out", "blocks.1.attn.hook_pattern"]
     with torch.no_grad():
         ref = model(**inputs)
-        out, cache = model.run_with_cache(**inputs, names_filter=names, device="meta")
-    assert {cache[n].device.type for n in names} == {"meta"}
+        out, cache = model.run_with_cache(**inputs, names_filter=names, device="cpu")
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)  # a read pattern takes the exact path
+    if torch.cuda.is_available():
+        with torch.no_grad():
+            _, cache = model.run_with_cache(**inputs, names_filter=names, device="cuda")
+        assert {cache[n].device.type for n in names} == {"cuda"}
     with torch.no_grad():
         _, cache = model.run_with_cache(**inputs, names_filter=names, device="cpu", return_type=None)
     assert {cache[n].device.type for n in names} == {"cpu"}

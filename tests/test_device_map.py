@@ -102,6 +102,43 @@ def test_maps_that_cannot_apply_are_refused(folder, kwargs, message):
         HookedQwen2_5Omni.from_pretrained(folder, **kwargs)
 
 
+@pytest.mark.parametrize("placement", [
+    dict(device_map={"": "cpu", "blocks.0": "disk", "blocks.1": "disk", "ln_final": "disk"}),
+    "auto"])
+def test_each_load_owns_its_offload_folder(folder, whole, tmp_path, placement):
+    # two checkpoints of one architecture placed with one offload folder: accelerate found the first's
+    # index.json and wrote nothing, so the second ran its offloaded blocks on the first's weights (logits off)
+    if placement == "auto":
+        size = sum(p.numel() * p.element_size() for p in whole.parameters())
+        placement = dict(device_map="auto", max_memory={"cpu": size // 2})
+    other = tmp_path / "other"
+    tiny_hf_thinker(seed=7).save_pretrained(other)
+    first = HookedQwen2_5Omni.from_pretrained(folder, offload_folder=tmp_path / "off", **placement)
+    second = HookedQwen2_5Omni.from_pretrained(other, offload_folder=tmp_path / "off", **placement)
+    with torch.no_grad():
+        assert torch.equal(first(**INPUTS), whole(**INPUTS))
+        assert torch.equal(second(**INPUTS), HookedQwen2_5Omni.from_pretrained(other)(**INPUTS))
+    # a folder that already holds another load's index.json and weights, at its top: not read either
+    import shutil
+    shutil.copytree(next((tmp_path / "off").iterdir()), tmp_path / "stale")
+    assert (tmp_path / "stale" / "index.json").exists()
+    third = HookedQwen2_5Omni.from_pretrained(other, offload_folder=tmp_path / "stale", **placement)
+    with torch.no_grad():
+        assert torch.equal(third(**INPUTS), second(**INPUTS))
+    # each load's subfolder goes with its model
+    import gc
+    n = len(list((tmp_path / "off").iterdir()))
+    del first
+    gc.collect()
+    assert len(list((tmp_path / "off").iterdir())) == n - 1
+
+
+def test_an_offload_folder_that_is_a_file_is_refused(folder, tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ValueError, match=r"offload_folder=.*/f' is a file; name a folder"):
+        HookedQwen2_5Omni.from_pretrained(folder, device_map={"": "cpu", "blocks.1": "disk"}, offload_folder=tmp_path / "f")
+
+
 def test_salmonn_and_qwen3_take_a_map(tmp_path):
     # towers offloaded too: SALMONN's Whisper reads its position table and Qwen3-VL's vision tower its
     # position embedding without calling the module; an offloaded tower loads all its weights first

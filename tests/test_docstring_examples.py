@@ -20,11 +20,18 @@ may assume these names (anything else it imports itself):
 - `sample`: `samples(model, inputs)[0]`;
 - `manifest`: the `manifest.jsonl` of a 2-sample toy dataset on disk
   (`hooked_av.toy.dataset.write_toy_dataset(dir, n=2)`);
-- `tmp`: an empty folder of the example's own (pytest's `tmp_path`).
+- `tmp`: an empty folder of the example's own (pytest's `tmp_path`);
+- `sae`: a random SAELens TopK SAE (64 features, k 4) reading `blocks.1.hook_resid_post`, not spliced: an
+  example that splices it (`with model.saes(sae, ...)`) leaves the model without SAEs.
 
 An example that registers an experiment kind leaves the registry as it found it; figures are closed.
 Examples that cannot run on the toy are compiled only and listed in `COMPILE_ONLY` with the reason,
 which is checked to still hold.
+
+The model's parameters require grad (as HF and TransformerLens load them), so every public function is
+also checked to build no autograd graph while it runs (no tensor is saved for a backward: the library's
+forwards run under `torch.no_grad`), except those in `BUILDS_A_GRAPH`, whose graph reaches activations
+only and leaves no weight gradient behind.
 """
 
 import ast
@@ -52,6 +59,10 @@ COMPILE_ONLY = {
     "ablate_experts": ("needs a mixture-of-experts model (e.g. Qwen3-Omni's Thinker); the toy's MLPs are dense",
                        lambda model: not any(".mlp.experts." in name for name in model.hook_dict)),
 }
+
+
+# name -> why it builds a graph (over activations only: it freezes the weights)
+BUILDS_A_GRAPH = {"attribution_patching": "its backward gives the metric's gradient at every site"}
 
 
 def example(name: str) -> str:
@@ -88,6 +99,9 @@ def namespace(tmp_path_factory):
     # the examples' comments read these as the toy's behaviour: the answer is known, silence loses it
     assert int(p_clean.argmax()) == answer and p_clean[answer] > 0.99 and p_corrupt[answer] < 0.01
     ns = {name: getattr(patching, name) for name in patching.__all__}
+    from sae_helpers import random_sae
+
+    ns.update(sae=random_sae("topk", d_in=model.cfg.d_model, d_sae=64, hook="blocks.1.hook_resid_post", k=4))
     ns.update(torch=torch, hooked_av=hooked_av, model=model, inputs=inputs, clean=inputs, answer=answer,
               tm=model.token_map(inputs), corrupted=corrupted, cache=cache, sample=patching.samples(model, inputs)[0],
               manifest=write_toy_dataset(tmp_path_factory.mktemp("toy_data"), n=2))
@@ -114,6 +128,17 @@ def test_docstring_example_runs_on_the_toy(name, namespace, tmp_path):
         pytest.skip(f"{name}: compiled only: {reason}")
     ns = {k: dict(v) if isinstance(v, dict) else v for k, v in namespace.items()}  # inputs dicts copied
     ns["tmp"] = tmp_path
+    saved = []  # tensors autograd saved for a backward while a public function ran (not the example's own code)
+
+    def counted(fn):
+        def run(*args, **kwargs):
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(fn.__name__) or t, lambda t: t):
+                return fn(*args, **kwargs)
+        return run
+
+    for public in patching.__all__:
+        if inspect.isfunction(ns[public]):
+            ns[public] = counted(ns[public])
     body = ast.parse(code).body
     # the last line, when an expression, is what the example shows: it must be something
     shown = body.pop() if isinstance(body[-1], ast.Expr) else None
@@ -128,6 +153,13 @@ def test_docstring_example_runs_on_the_toy(name, namespace, tmp_path):
         registry._REGISTRY.clear()
         registry._REGISTRY.update(records)
         plt.close("all")
+    assert ns["model"].acts_to_saes == {}, f"{name}: the example left SAEs spliced"
+    model = ns["model"]
+    assert all(p.requires_grad and p.grad is None for p in model.parameters()), f"{name} left weight gradients"
+    if name in BUILDS_A_GRAPH:
+        assert saved, f"{name} is said to build a graph ({BUILDS_A_GRAPH[name]}) but saved nothing"
+    else:
+        assert not saved, f"{name}: {len(saved)} tensors saved for a backward inside {sorted(set(saved))}"
 
 
 def test_compile_only_examples_are_public_names_and_few():

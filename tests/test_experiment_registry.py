@@ -47,7 +47,7 @@ def test_a_new_experiment_is_one_file_and_one_registration(registered, model, tm
     res = Result("residual_norm", rows.assign(sample=rows["id"].factorize()[0]))
     means = res.mean()  # the record's grouping and value
     assert list(means.columns) == ["group", "layer", "norm"] and len(means) == 4
-    ax = res.plot()
+    ax = res.plot().axes[0]
     assert [line.get_label() for line in ax.get_lines()[:2]] == ["audio", "video"] and ax.get_ylabel() == "mean residual norm"
 
     html = write_report(out).read_text()
@@ -87,9 +87,9 @@ def test_the_shipped_records_say_what_the_readers_used_to_keep_in_tables():
              "dla": ("dla", ("group", "layer", "head")), "dominance": ("share", ("label",))}
     assert {k: experiment.get(k).by for k in by} == by
     assert {k: (experiment.get(k).summary_value, experiment.get(k).cells) for k in study} == study
-    assert [k for k in experiment.names() if experiment.get(k).correct_only] == ["knockout", "causal_tracing"]
+    assert [k for k in experiment.names() if experiment.get(k).correct_only] == ["knockout", "causal_tracing", "sae_features"]
     assert experiment.names(study=True) == ["accuracy", "knockout", "discarding", "causal_tracing", "sinks", "logit_lens",
-                                            "pathway", "fastv", "var", "dla", "dominance"]
+                                            "pathway", "fastv", "var", "dla", "dominance", "sae_features", "sae_loss"]
     assert experiment.get("discarding").value == "metric" and experiment.get("discarding").summary_value == "correct"
     assert np.isin(["pathway", "fastv", "var", "accuracy", "dominance"],
                    [k for k in experiment.names() if experiment.get(k).outcome == "binary"]).all()

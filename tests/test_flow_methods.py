@@ -49,6 +49,32 @@ def test_window_styles_are_map_the_flows_layer_lists(n_layers, window):
         styled_window(2, 9, 6, "top_down")
 
 
+def test_the_default_window_fits_the_models_depth_and_a_whole_model_window_warns(toy_model):
+    import warnings
+
+    from hooked_av import toy
+    from patching.methods.knockout import default_window
+
+    assert [default_window(n) for n in (1, 4, 8, 16, 17, 18, 28, 36)] == [1, 1, 2, 4, 4, 9, 9, 9]
+    batch = toy.make_batch(2, seed=3, tokenizer=toy_model.tokenizer)
+    # the toy's 4 layers: the anchors' 9 would knock the edge out in every layer at every centre (a flat curve)
+    res = knockout(toy_model, batch.inputs, batch.answers.tolist(), edges=["audio->last"], progress=False)
+    df = res.df
+    assert (df.window_start == df.layer).all() and (df.window_end == df.layer).all() and (df.window == 1).all()
+    assert res.settings["window"] == 1 and res.settings["window_rule"] == "default for 4 layers"
+    title = res.plot().axes[0].get_title()
+    assert "1-layer centre window (default for 4 layers) at each layer" in title
+    with pytest.warns(UserWarning, match=r"a 9-layer knockout window covers every layer of this 4-layer model at centre\(s\) \[0, 1, 2, 3\]"):
+        knockout(toy_model, batch.inputs, batch.answers.tolist(), edges=["audio->last"], window=9, progress=False)
+    with pytest.warns(UserWarning, match=r"at centre\(s\) \[2\]"):  # 4 layers centred on 2: 0..3, the whole model
+        knockout(toy_model, batch.inputs, batch.answers.tolist(), edges=["audio->last"], window=4, centres=[1, 2], progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a window that never covers the whole model, or a top-down one: no warning
+        knockout(toy_model, batch.inputs, batch.answers.tolist(), edges=["audio->last"], window=3, centres=[1], progress=False)
+        top = knockout(toy_model, batch.inputs, batch.answers.tolist(), edges=["audio->last"], window_style="top_down", progress=False)
+    assert (top.df.window == -1).all() and top.settings["window"] is None and top.settings["window_rule"] == "none"
+
+
 def test_knockout_scores_the_models_own_token_beside_the_gold_one_and_map_the_flows_accuracy(setup):
     model, inputs, tm, top = setup
     first = knockout(model, inputs, top, edges=["video->last"], window_style="top_down", tm=tm, progress=False).df

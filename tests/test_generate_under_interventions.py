@@ -16,7 +16,7 @@ import torch
 
 import hooked_av
 from hooked_av.toy import make_batch
-from patching.engine.hooks import block_attention, discard, steer
+from patching.engine.hooks import ablate, add_noise, block_attention, discard, patch_from_cache, steer
 
 torch.set_num_threads(1)
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
@@ -126,3 +126,48 @@ def test_maps_that_do_not_fit_are_refused(setup):
             model.generate(**inputs, max_new_tokens=1)
     with pytest.raises(ValueError, match="generated must be one of"):
         block_attention(tm, "audio", "last", [0], generated="last")
+
+
+def _prompt_only(tm):
+    """bool `[batch, pos]`: every position of `tm` that is not a generated token."""
+    return ~tm.select("generated").mask
+
+
+ACTIVATION_CASES = {  # positions are the prompt's: the prefill is edited, the generated tokens are not
+    "ablate_at_20": (lambda tm: ablate(["blocks.1.hook_resid_pre"], positions=[20]),
+                     lambda tm: ablate(["blocks.1.hook_resid_pre"], positions=[20])),
+    "ablate_everywhere": (lambda tm: ablate(["blocks.2.hook_mlp_out"]),
+                          lambda tm: ablate(["blocks.2.hook_mlp_out"], positions=_prompt_only(tm))),
+    "ablate_a_head_at_the_audio": (lambda tm: ablate(["blocks.0.attn.hook_z"], positions=tm.select("audio"), heads=[1]),
+                                   lambda tm: ablate(["blocks.0.attn.hook_z"], positions=tm.select("audio"), heads=[1])),
+    "noise_on_the_embeddings": (lambda tm: add_noise("hook_embed", None, std=0.3, seed=2),
+                                lambda tm: add_noise("hook_embed", _prompt_only(tm), std=0.3, seed=2)),
+    "noise_at_the_video": (lambda tm: add_noise("hook_embed", tm.select("video"), std=0.3, seed=2),
+                           lambda tm: add_noise("hook_embed", tm.select("video"), std=0.3, seed=2)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ACTIVATION_CASES))
+def test_activation_edits_act_on_the_prompt_under_generation(setup, case):
+    # ablate(positions=[20]) failed at step 2 ("out of range for 1 positions"); positions=None zeroed each
+    # generated token and add_noise gave every generated token position 0's noise
+    model, inputs, tm = setup
+    on_prompt, on_extended = ACTIVATION_CASES[case]
+    tokens, logits = generate_with_logits(model, inputs, on_prompt(tm).check(model))
+    ref = by_hand(model, inputs, tm, tokens, on_extended)
+    assert (logits - ref).abs().max().item() < TOL[logits.dtype]
+    assert torch.equal(ref.argmax(-1), tokens)
+    _, plain = generate_with_logits(model, inputs, [])
+    assert (logits - plain).abs().max() > 1e-3  # the edit is not a no-op
+
+
+def test_patching_from_a_prompts_cache_runs_under_generation(setup):
+    # it failed at the first decoding step: the prompt's cache has no generated position
+    model, inputs, tm = setup
+    with torch.no_grad():
+        _, cache = model.run_with_cache(**inputs, names_filter=["blocks.1.hook_resid_pre"])
+    iv = patch_from_cache({"blocks.1.hook_resid_pre": cache["blocks.1.hook_resid_pre"].flip(0)}, ["blocks.1.hook_resid_pre"])
+    tokens, logits = generate_with_logits(model, inputs, iv.check(model))
+    with torch.no_grad(), model.hooks(fwd_hooks=iv.check(model)):
+        first = model(**inputs)[:, -1]
+    assert (logits[:, 0] - first).abs().max() < TOL[first.dtype] and tokens.shape == (2, STEPS)

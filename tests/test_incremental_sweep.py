@@ -12,6 +12,7 @@ from test_layer_loop import setup as qwen3_setup  # noqa: F401  (fixture)
 from test_layer_loop import token_map as qwen3_token_map
 from test_patching_common import av_inputs, tiny_pair, token_map
 from test_salmonn_inputs import salmonn_tokenizer, write_mp4
+from test_sweep_start_rule import naive_first
 
 from hooked_av import HookedVideoSALMONN2
 from patching.engine.hooks import ablate, block_attention, scale_attention, steer
@@ -44,10 +45,11 @@ def test_every_edge_and_window_on_a_left_padded_batch():
         fast, full, stats = both_ways(model, s, ivs, batch_size=5)
         torch.testing.assert_close(fast, full, atol=TOL, rtol=0)
         assert stats["incremental"]
-        # each cell recomputes from its first dst query (... -> last: one position), rows of a forward from
-        # the earliest of theirs; plus the clean forward that keeps the keys and values
-        first = {"last": s.seq_len - 1, "question": int(s.tm.mask("question")[0].nonzero()[0, 0])}
-        starts = sorted(first[dst] for src, dst in default_edges(s.tm) for _ in range(model.cfg.n_layers))
+        # each cell recomputes from its first dst query that sees a src key (... -> last: one position; an edge
+        # into a question before its src: the last position), rows of a forward from the earliest of theirs;
+        # plus the clean forward that keeps the keys and values
+        starts = sorted(min(naive_first(s.tm, src, dst), s.seq_len - 1)
+                        for src, dst in default_edges(s.tm) for _ in range(model.cfg.n_layers))
         expected = s.seq_len + sum(len(starts[i:i + 5]) * (s.seq_len - starts[i]) for i in range(0, len(starts), 5))
         assert stats["positions"] == expected < stats["positions_full"] / 2
         scaled = [scale_attention(s.tm, "last", "audio", 0.3, [1, 2]), scale_attention(s.tm, "question", "video", 2.0, [4]),
@@ -124,8 +126,8 @@ def test_cells_start_at_their_first_edited_block():
         ivs = cells(model, s, window=1)
         fast, full, stats = both_ways(model, s, ivs, batch_size=1)
         torch.testing.assert_close(fast, full, atol=TOL, rtol=0)
-        first = {"last": s.seq_len - 1, "question": int(s.tm.mask("question")[0].nonzero()[0, 0])}
-        parts = [(s.seq_len - first[dst]) * (L - c) for src, dst in default_edges(s.tm) for c in range(L)]
+        parts = [(s.seq_len - min(naive_first(s.tm, src, dst), s.seq_len - 1)) * (L - c)
+                 for src, dst in default_edges(s.tm) for c in range(L)]
         assert stats["incremental"] and stats["layer_positions"] == s.seq_len * L + sum(parts)
         # blocks before the cell's first one do not run at all
         seen: list = []
@@ -175,8 +177,11 @@ def test_start_layer_is_checked():
     inputs = av_inputs(6)
     s = samples(model, inputs, token_map(model, inputs))[0]
     L = model.cfg.n_layers
-    with pytest.raises(ValueError, match=rf"start_layer {L}: the model has {L} blocks"):
-        model.run_language_model(**s.lm_inputs(1), start_layer=L)
+    with pytest.raises(ValueError, match=rf"start_layer {L + 1}: the model has {L} blocks"):
+        model.run_language_model(**s.lm_inputs(1), start_layer=L + 1)
+    with torch.no_grad():  # start_layer = n_layers: no block, the final norm and unembedding alone (TransformerLens's)
+        resid = model.run_language_model(**s.lm_inputs(1), stop_at_layer=L)
+        assert torch.equal(model.run_language_model(resid, s.position_ids, start_layer=L), model.unembed(model.ln_final(resid)))
     with pytest.raises(ValueError, match="discard cannot run from start_layer > 0"):
         model.run_language_model(**s.lm_inputs(1), start_layer=1, discard=(s.tm.select("audio"), 2))
     with pytest.raises(ValueError, match=r"kv_caches holds 2 slots; the model has"):

@@ -7,13 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from media_helpers import OMNI_CHAT_TEMPLATE, moving_frames, sine, tiny_tokenizer, write_mp4, write_wav
-from omni_helpers import AUDIO, tiny_thinker_config
+from media_helpers import OMNI_CHAT_TEMPLATE, moving_frames, sine, write_mp4, write_wav
+from omni_helpers import AUDIO
 
 from hooked_av.inputs.media import load_audio, load_video, resample
-from hooked_av import HookedQwen2_5Omni
 from hooked_av.families.qwen2_5_omni.layout import audio_token_counts
-from hooked_av.families.qwen2_5_omni.processor import assemble_omni_parts, hf_processor
+from hooked_av.families.qwen2_5_omni.processor import hf_processor
 from hooked_av.families.qwen2_5_omni.prompt import messages_for, render_chat, token_strings
 from hooked_av.inputs.prompt import Item, Prompt
 
@@ -44,13 +43,8 @@ def _png(path):
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    m = HookedQwen2_5Omni.from_config(tiny_thinker_config())
-    m.tokenizer = tiny_tokenizer()
-    # the tiny config has 16 mel bins; 30 s of padding keeps the feature extractor fast
-    m.processor_parts = assemble_omni_parts(m.tokenizer, num_mel_bins=16, chunk_length=30)
-    return m
+def model(tiny_omni):
+    return tiny_omni
 
 
 def _hf(model, texts, videos=None, audio=None, images=None, av=False, audio_from_video=None):

@@ -162,3 +162,23 @@ def test_bad_input_gives_clear_errors(setup):
         patch_from_cache({}, "blocks.0.hook_resid_pre")
     with pytest.raises(ValueError, match="mode must be"):
         ablate("blocks.0.hook_resid_pre", mode="median")
+
+
+def test_a_bool_mask_is_a_token_set_and_other_objects_are_refused(setup):
+    # block_attention(tm, <bool tensor>, ...) failed with "Tensor.__contains__ only supports Tensor or scalar"
+    model, inputs, tm = setup[1], setup[2], setup[3]
+    for src, dst in ((tm.mask("audio"), "last"), ("audio", tm.mask("last")), (tm.mask("audio")[0], tm.mask("last")[:1])):
+        by_mask = block_attention(tm, src, dst, [1, 2])
+        by_name = block_attention(tm, "audio", "last", [1, 2])
+        with torch.no_grad():
+            assert torch.equal(model.run_with_hooks(**inputs, fwd_hooks=by_mask.check(model)),
+                               model.run_with_hooks(**inputs, fwd_hooks=by_name.check(model)))
+    assert "mask[" in str(block_attention(tm, tm.mask("audio"), "last", [1]))
+    with pytest.raises(ValueError, match=r"a bool mask of shape \(1, 5\) does not fit this TokenMap of \[1, \d+\] positions"):
+        block_attention(tm, torch.ones(5, dtype=torch.bool), "last", [1])
+    with pytest.raises(ValueError, match=r"a torch.int64 tensor is not a token set; pass a bool mask"):
+        block_attention(tm, torch.tensor([3, 4]), "last", [1])
+    with pytest.raises(TypeError, match=r"a token set is a group name .* got int 3"):
+        block_attention(tm, 3, "last", [1])
+    with pytest.raises(TypeError, match=r"got NoneType None"):
+        tm.select(None)

@@ -12,25 +12,20 @@ import numpy as np
 import pytest
 import torch
 
-from media_helpers import OMNI_CHAT_TEMPLATE, moving_frames, sine, tiny_tokenizer, write_mp4
-from omni_helpers import AUDIO, tiny_thinker_config
+from media_helpers import OMNI_CHAT_TEMPLATE, moving_frames, sine, write_mp4
+from omni_helpers import AUDIO
 from test_salmonn_inputs import salmonn_tokenizer
 
 from hooked_av import HookedVideoSALMONN2
 from hooked_av.inputs.media import Audio, load_audio, load_video
-from hooked_av import HookedQwen2_5Omni
 from hooked_av.families.qwen2_5_omni.processor import assemble_omni_parts, hf_processor
 from hooked_av.inputs.prompt import Prompt
 import salmonn_helpers as SH
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    m = HookedQwen2_5Omni.from_config(tiny_thinker_config())
-    m.tokenizer = tiny_tokenizer()
-    m.processor_parts = assemble_omni_parts(m.tokenizer, num_mel_bins=16, chunk_length=30)
-    return m
+def model(tiny_omni):
+    return tiny_omni
 
 
 @pytest.fixture(scope="module")

@@ -63,6 +63,27 @@ def test_reading_a_pattern_the_trace_did_not_name_says_what_to_pass(pair):
         av.trace(**av_inputs(), hooked="blocks.3.attn.hook_patern")
 
 
+def test_a_flag_gated_point_reads_in_a_trace_while_its_flag_is_on_and_says_which_flag_while_off(pair, padded):
+    """`hook_q_input` (TransformerLens's split inputs) runs only under `set_use_split_qkv_input(True)`: read in a
+    trace it equals run_with_cache's; while off, reading it says which flag to turn on."""
+    _, model = pair
+    av = wrap(model)
+    model.set_use_split_qkv_input(True)
+    try:
+        with torch.no_grad():
+            with av.trace(**padded):
+                got = av.blocks[2].hook_q_input.output.save()
+            _, cache = model.run_with_cache(**padded, names_filter="blocks.2.hook_q_input")
+    finally:
+        model.set_use_split_qkv_input(False)
+    assert torch.equal(got, cache["blocks.2.hook_q_input"])
+    with pytest.raises(Exception, match=r"set_use_split_qkv_input\(True\)"):
+        with torch.no_grad(), av.trace(**padded):
+            av.blocks[2].hook_q_input.output.save()
+    assert "blocks.2.hook_q_input" not in __import__("hooked_av.interop.nnsight", fromlist=["x"]).hooked_points(
+        model, lambda n: n.startswith("blocks.2."))  # a filter skips a point whose flag is off
+
+
 def test_knockout_set_in_a_trace_equals_block_attention_as_a_hook(pair, padded):
     """A padded batch shares one mask across layers: the in-place edit of layer 1's mask must stay in layer 1."""
     _, model = pair
@@ -258,3 +279,52 @@ def test_expert_hook_points_built_on_first_lookup_are_envoys_of_a_wrapped_qwen3_
         saved = av.get(name).output.save()
     _, cache = model.run_with_cache(input_ids=ids, attention_mask=mask, names_filter=[name])
     assert torch.equal(saved, cache[name])
+
+
+def test_hf_backend_takes_hook_pairs_as_our_models_do_and_refuses_other_things(pair):
+    # be.run(inputs, [(name, fn)]) failed with "'list' object has no attribute 'check'"
+    hf, model = pair
+    be = NNsightHF(hf)
+    inputs = av_inputs(6)
+    site = "blocks.1.hook_resid_post"
+
+    def zero_last(t, hook):
+        t = t.clone()
+        t[:, -1] = 0
+        return t
+
+    with torch.no_grad():
+        got, _ = be.run(inputs, [(site, zero_last)])
+        ours = model.run_with_hooks(**inputs, fwd_hooks=[(site, zero_last)])[:, -1]
+        assert (got - ours).abs().max() < 1e-5 and (got - model(**inputs)[:, -1]).abs().max() > 1e-4
+    for bad, message in (([("blocks.1.hook_resid_mid", zero_last)], "not a site"), ([(site,)], "list of \\(hook_name, fn\\)"),
+                         ((site, zero_last), "list of \\(hook_name, fn\\)"), ("blocks.1", "must be an Intervention")):
+        with pytest.raises((KeyError, TypeError), match=message):
+            be.run(inputs, bad)
+
+
+@pytest.mark.parametrize("value, message", [
+    (torch.zeros(1, 2, 3), r"has shape \(1, 2, 3\); it must have the shape of the activation it replaces, \(2, \d+, \d+\)"),
+    ("broadcast", r"has shape \(1, \d+, \d+\); it must have the shape"),
+    ("int", r"is torch.int64 on cpu; it must be torch.float32 on cpu"),
+    (5, r"is int; set a tensor of shape"),
+])
+def test_a_value_of_another_shape_or_dtype_set_in_a_trace_is_refused_naming_the_point(pair, padded, value, message):
+    # a [1, pos, d] value broadcast silently over the batch; an int tensor ran on; a scalar failed in torch
+    from hooked_av.core.base import HookShapeError
+
+    _, model = pair
+    av = wrap(model)
+    shape = (2, padded["input_ids"].shape[1], model.cfg.d_model)
+    value = {"broadcast": torch.zeros(1, *shape[1:]), "int": torch.zeros(shape, dtype=torch.long)}.get(value, value) \
+        if isinstance(value, str) else value
+    with pytest.raises(HookShapeError, match=r"the value set on blocks.1.hook_resid_post.output in the trace " + message):
+        with torch.no_grad(), av.trace(**padded):
+            av.blocks[1].hook_resid_post.output = value
+            av.output.save()
+    with torch.no_grad(), av.trace(**padded):  # the right shape is taken
+        av.blocks[1].hook_resid_post.output = torch.zeros(shape)
+        out = av.output.save()
+    with torch.no_grad():
+        ref = model.run_with_hooks(**padded, fwd_hooks=[("blocks.1.hook_resid_post", lambda t, hook: torch.zeros_like(t))])
+    assert torch.equal(out, ref)

@@ -47,7 +47,7 @@ def test_patching_all_of_resid_pre_0_restores_clean_and_untouched_positions_give
     assert before.normalised.abs().max() < 1e-3
     at = df[(df.layer == 0) & df.pos.isin(q.tolist())]  # the two corrupted tokens at layer 0 carry it all
     assert abs(at.normalised.sum() - 1) < 0.35 and at.normalised.max() > 0.1
-    ax = res.plot()
+    ax = res.plot().axes[0]
     assert ax.get_xlabel() == "position"
 
 
@@ -83,3 +83,33 @@ def test_attribution_agrees_with_exact_patching_in_sign_and_rank(setup):
     assert rho > 0.8 and float(sign) > 0.8
     assert (j[j.effect.abs() <= 1e-6].attribution.abs() < 1e-5).all()
     assert isinstance(exact, pd.DataFrame)
+
+
+def test_attribution_read_by_backward_hooks_equals_autograd_on_the_sites_and_leaves_no_weight_gradient(setup):
+    """The previous implementation, written out: the corrupted run's activations at the sites kept by forward
+    hooks, `torch.autograd.grad` of the metric on them, `(clean - corrupted) . grad` per position. Attribution
+    patching now reads the gradient through backward hooks with the weights frozen: the same numbers."""
+    from patching.methods.activation_patching import cache_sample, pair_samples
+
+    model, clean, corrupted, tm, metric, _ = setup
+    sites = {"resid_pre": "blocks.{l}.hook_resid_pre", "mlp_out": "blocks.{l}.hook_mlp_out", "head": "blocks.{l}.attn.hook_z"}
+    res = attribution_patching(model, clean, corrupted, metric, sites=tuple(sites), positions="each",
+                               tm_clean=tm, tm_corrupted=tm)
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
+    (a,), (b,) = pair_samples(model, clean, corrupted, tm, tm)
+    names = [t.format(l=l) for t in sites.values() for l in range(N_LAYERS)]
+    clean_cache = cache_sample(model, a, names)
+    acts = {}
+    with torch.enable_grad(), model.hooks(fwd_hooks=[(n, lambda t, hook: acts.__setitem__(hook.name, t)) for n in names]):
+        kw = b.lm_inputs(1)
+        x = kw.pop("inputs_embeds").detach().clone().requires_grad_(True)
+        value = metric(model.unembed(model.run_language_model(x, **kw, return_type="resid", logits_at="last")[:, -1]), 0).sum()
+        grads = dict(zip(names, torch.autograd.grad(value, [acts[n] for n in names])))
+    df = res.df.set_index(["site", "layer", "head", "pos"])["attribution"]
+    for site, t in sites.items():
+        for l in range(N_LAYERS):
+            n = t.format(l=l)
+            per = ((clean_cache[n] - acts[n].detach()) * grads[n])[0].sum(-1)  # [pos] or [pos, heads]
+            for p in range(per.shape[0]):
+                for h, v in (enumerate(per[p].tolist()) if site == "head" else [(-1, float(per[p]))]):
+                    assert abs(df[(site, l, h, p)] - v) < 1e-6, (site, l, h, p)

@@ -3,22 +3,15 @@
 import numpy as np
 import pytest
 import torch
-from media_helpers import moving_frames, sine, tiny_tokenizer
-from omni_helpers import tiny_thinker_config
+from media_helpers import moving_frames, sine
 
-from hooked_av import HookedQwen2_5Omni
-from hooked_av.families.qwen2_5_omni.processor import assemble_omni_parts
 from patching.methods.causal_tracing import causal_tracing
 from patching.engine.corrupt import zero_modality
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    m = HookedQwen2_5Omni.from_config(tiny_thinker_config())
-    m.tokenizer = tiny_tokenizer()
-    m.processor_parts = assemble_omni_parts(m.tokenizer, num_mel_bins=16, chunk_length=30)
-    return m
+def model(tiny_omni):
+    return tiny_omni
 
 
 def _prepare(model, frames, wave):

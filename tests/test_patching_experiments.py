@@ -146,6 +146,8 @@ def test_result_saves_loads_and_plots(setup, tmp_path):
         back = Result.load(path)
         assert back.kind == "knockout" and back.settings["window"] == 3 and len(back.df) == len(res.df)
         assert abs(back.df.rel_change.sum() - res.df.rel_change.sum()) < 1e-6
-    ax = res.plot()
+    fig = res.plot()
+    fig.savefig(tmp_path / "ko.png")  # a Figure, for every kind
+    ax = fig.axes[0]
     assert [line.get_label() for line in ax.get_lines()[:2]] == ["audio->last", "question->last"]
     assert ax.get_xlabel() == "layer"

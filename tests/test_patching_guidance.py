@@ -51,3 +51,27 @@ def test_guided_generation_keeps_deepstack_injections():
         reference = model.generate(**inputs, max_new_tokens=6)
     assert reference.tolist() == [[48] * 6, [111, 111, 53, 7, 92, 7]]
     assert torch.equal(guided_generate(model, inputs, lambda tm: Intervention(), scale=0.0, max_new_tokens=6), reference)
+
+
+def test_make_hooks_that_returns_no_intervention_is_refused_before_any_forward(toy_model):
+    # a make_hooks without `return` failed with "'NoneType' object is not iterable" after the plain forward
+    import pytest
+
+    batch = toy.make_batch(2, seed=31, tokenizer=toy_model.tokenizer, n_clips=32, kinds=("auditory",))
+    ran = []
+    handle = toy_model.blocks[0].register_forward_pre_hook(lambda m, a: ran.append(1))
+    try:
+        for make, message in ((lambda tm: None, r"make_hooks\(tm\) returned NoneType None; it must return an Intervention"),
+                              (lambda tm: [("blocks.0.hook_resid_post",)], r"returned list .* non-empty list of \(hook_name, fn\)"),
+                              (lambda tm: [("blocks.9.hook_resid_post", lambda t, hook: t)], r"does not exist"),
+                              ("block_attention", r"make_hooks must be a function of the TokenMap")):
+            with pytest.raises((TypeError, KeyError), match=message):
+                guided_generate(toy_model, batch.inputs, make, scale=1.0, max_new_tokens=1)
+    finally:
+        handle.remove()
+    assert not ran
+    pairs = guided_generate(toy_model, batch.inputs, lambda tm: list(block_attention(tm, "audio", "last", [0, 1])),
+                            scale=1.0, max_new_tokens=1)
+    iv = guided_generate(toy_model, batch.inputs, lambda tm: block_attention(tm, "audio", "last", [0, 1]), scale=1.0,
+                         max_new_tokens=1)
+    assert torch.equal(pairs, iv)

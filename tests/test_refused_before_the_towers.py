@@ -74,3 +74,75 @@ def test_a_sweep_refuses_edits_built_on_another_prompts_map_before_its_clean_for
     finally:
         handle.remove()
     assert ran == []
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_omni", "video_salmonn2", "qwen3_omni"])
+def test_non_finite_media_given_directly_are_refused_naming_the_key(name):
+    # NaN in input_features or pixel values given to the forward (not through prepare) returned NaN logits
+    from family_cases import family
+
+    model, inputs = family(name)
+    keys = [k for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    assert {"input_features", "pixel_values_videos"} <= set(keys)
+    variants = [(k, {**inputs, k: _poison(inputs[k], bad)}) for k in keys for bad in (float("nan"), float("inf"))]
+    if name == "video_salmonn2":  # the repository's name for the features
+        alias = {k: v for k, v in inputs.items() if k != "input_features"}
+        variants.append(("audio_feature", {**alias, "audio_feature": _poison(inputs["input_features"], float("nan"))}))
+    ran = []
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: ran.append(n))
+               for n, m in model.named_children() if n not in ("blocks", "ln_final", "unembed") and any(True for _ in m.parameters())]
+    try:
+        for key, bad in variants:
+            for call in (lambda x: model(**x), lambda x: model.encode(**x), lambda x: model.generate(**x, max_new_tokens=1),
+                         lambda x: model.run_with_cache(**x), lambda x: model.attention_rows(x, "last", layers=[0])):
+                with pytest.raises(ValueError, match=rf"^{key} holds \d+ non-finite value\(s\) \(NaN or inf\), the first at index"):
+                    call(bad)
+    finally:
+        for h in handles:
+            h.remove()
+    assert not ran  # before any tower (or the embedding) ran
+    with torch.no_grad():
+        assert torch.isfinite(model(**inputs)).all()
+
+
+def _poison(t, value):
+    t = t.clone()
+    t.view(-1)[t.numel() // 2] = value
+    return t
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_omni", "video_salmonn2", "qwen3_omni"])
+def test_a_cache_device_that_holds_no_data_or_does_not_exist_is_refused(name):
+    # run_with_cache(device="meta") returned a cache of empty meta tensors; device="cuda" without a GPU failed
+    # in the driver
+    from family_cases import family
+
+    model, inputs = family(name)
+    ran = []
+    handle = model.blocks[0].register_forward_pre_hook(lambda m, a: ran.append(1))
+    try:
+        with pytest.raises(ValueError, match=r"run_with_cache\(device='meta'\) would keep a cache of tensors without values"):
+            model.run_with_cache(**inputs, device="meta")
+        with pytest.raises(ValueError, match=r"device 'nowhere' is not a device"):
+            model.run_with_cache(**inputs, device="nowhere")
+        if not torch.cuda.is_available():
+            with pytest.raises(ValueError, match=r"device 'cuda' was asked for but CUDA is not available on this machine"):
+                model.run_with_cache(**inputs, device="cuda")
+    finally:
+        handle.remove()
+    assert not ran
+    _, cache = model.run_with_cache(**inputs, device="cpu", names_filter=["blocks.0.hook_resid_post"])
+    assert cache["blocks.0.hook_resid_post"].device.type == "cpu" and torch.isfinite(cache["blocks.0.hook_resid_post"]).all()
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"device 'cuda' was asked for but CUDA is not available"):
+            type(model).from_config(model.hf_config, device="cuda")
+
+
+def test_non_finite_seconds_per_grid_given_as_a_list_are_refused():
+    from family_cases import family
+
+    model, inputs = family("video_salmonn2")
+    spg = [float("nan")] * len(inputs["video_grid_thw"])
+    bad = {**{k: v for k, v in inputs.items() if k != "video_second_per_grid"}, "second_per_grid_ts": spg}
+    with pytest.raises(ValueError, match=r"^second_per_grid_ts holds \d+ non-finite value"):
+        model.encode(**bad)

@@ -213,3 +213,119 @@ def test_the_report_draws_every_method_and_says_what_each_table_holds(study):
     var = html[html.index("VAR (visual"):html.index("Direct logit attribution")]
     assert "no figure" in var and "the figure" not in var and "none (plain run)" in var
     assert "Table: the figure" in html[html.index("Effective pathway"):html.index("FastV beside")]
+
+
+def test_every_column_a_study_writes_is_named_by_its_record(study, data):
+    # a study refuses metadata named like a result column before the model loads, from the records' columns:
+    # those must name every column the rows hold
+    from patching.engine.experiment import get, names
+
+    meta = set(read_manifest(data).meta_columns) | {"id", "sample_correct"}
+    for exp in ["accuracy", *OPTIONS]:
+        cols = set(pd.read_parquet(study / f"{exp}.parquet").columns) - meta
+        assert cols <= set(get(exp).columns), (exp, cols - set(get(exp).columns))
+    assert all(get(e).columns for e in names(study=True)), [e for e in names(study=True) if not get(e).columns]
+
+
+def test_settings_are_checked_against_the_models_config_before_its_weights_load(data, tmp_path, monkeypatch, capsys):
+    import hooked_av
+    from patching.apps.cli import main
+
+    class Loaded(Exception):
+        pass
+
+    def load(*a, **k):
+        raise Loaded("the model was loaded")
+
+    monkeypatch.setattr(hooked_av, "load", load)
+    # the toy is 128 wide: |h / rms(h)| never exceeds sqrt(128) = 11.31, so the hub's tau 25 finds nothing, ever
+    with pytest.raises(ValueError, match=r"sinks: tau=25 can never be exceeded: .* at most sqrt\(d_model\) = 11.31"):
+        run_study("toy", data, ["sinks"], tmp_path / "a", progress=False)
+    with pytest.raises(ValueError, match=r"var.sinks: tau=12 can never be exceeded"):
+        run_study("toy", data, ["var"], tmp_path / "a", options={"var": {"sinks": {"tau": 12}}}, progress=False)
+    with pytest.raises(ValueError, match=r"causal_tracing.sinks: tau=25 can never be exceeded"):
+        run_study("toy", data, ["causal_tracing"], tmp_path / "a", options={"causal_tracing": {"sinks": {"ratio": 10}}}, progress=False)
+    # a window that covers the whole 4-layer model warns before the weights load (then the load happens)
+    with pytest.warns(UserWarning, match="a 9-layer knockout window covers every layer of this 4-layer model"), pytest.raises(Loaded):
+        run_study("toy", data, ["knockout"], tmp_path / "b", window=9, progress=False)
+    with pytest.raises(ValueError, match="the inverse of the 5-layer window around layer 1 is empty in a 4-layer model"):
+        run_study("toy", data, ["knockout"], tmp_path / "c", window=5, options={"knockout": {"window_style": "inverse"}},
+                  progress=False)
+    assert main(["study", "--model", "toy", "--manifest", str(data), "--out", str(tmp_path / "cli"), "--experiment", "sinks"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: sinks: tau=25 can never be exceeded") and "pass a tau below 11.31" in err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists() and not (tmp_path / "cli").exists()
+
+
+def test_sinks_refuse_an_unreachable_ratio_on_the_first_sample_with_the_largest_found(model, data, tmp_path):
+    with pytest.raises(ValueError, match=r"sinks, on the first sample: no dimension reaches 100x the median \|activation\| "
+                                         r"\(the largest here is \d+(\.\d)?x\)"):
+        run_study(model, data, ["sinks"], tmp_path / "s", limit=N, options={"sinks": {"tau": 3}}, progress=False)
+    assert not (tmp_path / "s").exists()  # nothing to resume: the folder is not left behind to refuse the next try
+
+
+def test_sinks_that_find_nothing_write_a_row_per_sample_and_the_report_is_written(model, data, tmp_path):
+    from patching.apps.study.report import write_report
+    from patching.apps.study.stats import Study
+
+    # reachable settings under which no token is a sink: 11 is below sqrt(128) but above what the toy reaches there
+    out = run_study(model, data, ["sinks", "logit_lens"], tmp_path / "s", limit=N, options={"sinks": {"tau": 11, "ratio": 10}},
+                    progress=False)
+    rows = pd.read_parquet(out / "sinks.parquet")
+    assert len(rows) == N and (rows.n_sinks == 0).all() and rows.modality.isna().all()
+    assert rows.why.str.match(r"no sink: no position exceeds tau=11 at the sink dimensions \[.*\] \(the largest \|h / rms\(h\)\| "
+                              r"there is \d").all()
+    assert (rows.max_normalised < 11).all()
+    assert Study(out).summary("sinks").empty  # no cell is averaged from samples without a sink
+    html = write_report(out).read_text()
+    sinks = html[html.index("Attention sinks"):html.index("Logit lens")]
+    assert sinks.count("no position exceeds tau=11") == N  # why, per sample (the figure's panel says there is no sink)
+    assert (out / "figures" / "logit_lens.png").is_file()  # the other experiments' sections are written
+
+
+def test_a_report_says_why_an_experiment_gave_no_rows_sample_by_sample(model, data, tmp_path):
+    from patching.apps.study.report import write_report
+    from patching.apps.study.stats import Study
+
+    out = run_study(model, data, ["causal_tracing", "logit_lens"], tmp_path / "e", limit=N,
+                    options={"causal_tracing": {"tokens": ["image"], "corrupt": "audio"}}, progress=False)
+    assert not (out / "causal_tracing.parquet").exists()
+    empty = Study(out).empty("causal_tracing")
+    assert len(empty) == N and (empty.why == "every token set asked for (['image']) is empty in this sample").all()
+    with pytest.raises(ValueError, match=r"no 'causal_tracing' rows yet .* 2 sample\(s\) gave none: every token set"):
+        Study(out).frame("causal_tracing")
+    html = write_report(out).read_text()
+    section = html[html.index("Causal tracing"):html.index("Logit lens")]
+    assert "No rows: no sample gave causal_tracing a result" in section and section.count("is empty in this sample") == N
+    assert html.count("<img") == 1  # the logit lens' figure
+
+
+def test_layers_named_in_options_are_checked_against_the_models_depth_before_it_loads(data, tmp_path, monkeypatch):
+    import hooked_av
+
+    monkeypatch.setattr(hooked_av, "load", lambda *a, **k: pytest.fail("a model was loaded"))
+    cases = [  # the toy has 4 layers (0..3); discarding from 4 discards nothing
+        (["knockout"], {"knockout": {"centres": [1, 4]}}, r"knockout.centres \[4\] out of range; the model has 4 layers: 0..3"),
+        (["discarding"], {"discarding": {"from_layers": [5]}}, r"discarding.from_layers \[5\] out of range; .*0..4 \(4 = none\)"),
+        (["dla"], {"dla": {"layers": [7]}}, r"dla.layers \[7\] out of range"),
+        (["var"], {"var": {"layers": [2, 9]}}, r"var.layers \[9\] out of range"),
+        (["pathway"], {"pathway": {"keep": [["video", "last", [0, 6]]]}}, r"pathway.keep \[6\] out of range"),
+        (["fastv"], {"fastv": {"k": 4}}, r"fastv.k \[4\] out of range; k must be in 1..3"),
+        (["fastv"], {"fastv": {"k": 0}}, r"fastv.k \[0\] out of range; k must be in 1..3"),
+        (["causal_tracing"], {"causal_tracing": {"centres": [-1]}}, r"causal_tracing.centres \[-1\] out of range"),
+    ]
+    for exps, opts, msg in cases:
+        with pytest.raises(ValueError, match=msg + r".*before its weights load"):
+            run_study("toy", data, exps, tmp_path / "out", options=opts, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_study_records_the_dtype_its_model_runs_in_and_refuses_a_contradicting_one(model, data, tmp_path):
+    import json
+
+    # the numerical floor of every table depends on the dtype: a loaded float32 model is not run in bfloat16
+    with pytest.raises(ValueError, match=r"dtype='bfloat16' applies to a model loaded by name; this model is already loaded "
+                                         r"in float32: pass dtype='float32' \(or None\)"):
+        run_study(model, data, ["accuracy"], tmp_path / "a", dtype="bfloat16", progress=False)
+    out = run_study(model, data, ["accuracy"], tmp_path / "b", dtype=None, limit=1, progress=False)
+    assert json.loads((out / "settings.json").read_text())["dtype"] == "float32"  # was "checkpoint": no floor for it

@@ -9,12 +9,10 @@ import pytest
 import torch
 
 from media_helpers import moving_frames, sine, tiny_tokenizer, write_mp4
-from omni_helpers import AUDIO, IM_END, IM_START, USER, VIDEO, geometries, tiny_thinker_config
+from omni_helpers import AUDIO, IM_END, IM_START, USER, VIDEO, geometries
 
 from hooked_av.inputs.chat import ChatTokens
-from hooked_av import HookedQwen2_5Omni
 from hooked_av.families.qwen2_5_omni.layout import audio_token_counts
-from hooked_av.families.qwen2_5_omni.processor import assemble_omni_parts
 from hooked_av.families.video_salmonn2.layout import salmonn_block_ids
 from hooked_av.families.video_salmonn2.token_map import salmonn_token_map
 from hooked_av.inputs.prompt import Item, Prompt
@@ -23,11 +21,8 @@ CHAT = ChatTokens(IM_START, IM_END, None, {"user": (USER,)})  # the hand-built r
 
 
 @pytest.fixture(scope="module")
-def model():
-    m = HookedQwen2_5Omni.from_config(tiny_thinker_config())
-    m.tokenizer = tiny_tokenizer()
-    m.processor_parts = assemble_omni_parts(m.tokenizer, num_mel_bins=16, chunk_length=30)
-    return m
+def model(tiny_omni):
+    return tiny_omni
 
 
 @pytest.fixture(scope="module")

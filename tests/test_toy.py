@@ -177,3 +177,22 @@ def test_tokenizer_round_trip_and_special_ids_agree_with_the_config(model):
         ids["vision_bos"], ids["vision_eos"], ids["user"]
     )
     assert tok.convert_tokens_to_ids("<|AUDIO|>") == ids["audio"]
+
+
+def test_the_docs_discarding_row_is_what_the_model_gives_by_mask_and_physically(model, held_out):
+    # docs/toy.md: media discarded from layer 0 -> visual 0.438, auditory 0.312, audiovisual 0.604, two_clip 0.333
+    # (n = 48 each); the demo, on 16 other visual samples, read 0.69: the same computation on other samples
+    from patching.methods.discarding import discarding
+
+    media = _media(model, held_out, "media")
+    acc = _accuracy(model, held_out, _block(~media, media, range(model.cfg.n_layers)))
+    assert {k: round(v, 3) for k, v in acc.items()} == {"visual": 0.438, "auditory": 0.312, "audiovisual": 0.604,
+                                                         "two_clip": 0.333}
+    visual = [s for s in held_out.samples if s.kind == "visual"]
+    batch = toy.collate(toy.make_clips(400, seed=HELD_OUT_SEED), visual, model.tokenizer)  # the held-out bank
+    inputs = batch.inputs
+    res = discarding(model, inputs, batch.answers.tolist(), from_layers=[0], repeats=1, progress=False).df
+    assert round(res.correct.mean(), 3) == 0.438 and len(res) == 48
+    # with no media the model gives one answer per question: accuracy is the share of samples with that answer
+    qs = [s.question for s in visual]
+    assert {q: res.correct[[j for j, x in enumerate(qs) if x == q]].sum() for q in set(qs)} == {"colour": 6, "brightness": 15}

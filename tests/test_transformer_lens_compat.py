@@ -104,7 +104,7 @@ def test_full_resid_decomposition_sums_to_the_final_residual(run):
 def test_token_helpers(run):
     model, _, _ = run
     assert model.to_single_token("w17") == 17
-    assert model.to_tokens(["w3 w4", "w5 w6"]).tolist() == [[3, 4], [5, 6]]
+    assert model.to_tokens(["w3 w4", "w5 w6"], prepend_bos=False).tolist() == [[3, 4], [5, 6]]  # the text alone
     assert model.to_string(torch.tensor([3, 4])) == "w3 w4"
     assert torch.allclose(model.tokens_to_residual_directions(7), model.W_U[:, 7] * model.ln_final.weight)
     with pytest.raises(ValueError, match="not one"):
@@ -115,8 +115,8 @@ def test_what_does_not_apply_says_why(run):
     model, _, cache = run
     with pytest.raises(NotImplementedError, match="no positional embedding matrix"):
         model.W_pos
-    with pytest.raises(ValueError, match="no BOS token"):
-        model.to_tokens("w1", prepend_bos=True)
+    with pytest.raises(ValueError, match="left-padded"):
+        model.to_tokens("w1", padding_side="right")
     bare = HookedQwen2_5Omni.from_hf(tiny_hf_thinker(seed=4))
     with pytest.raises(ValueError, match="no tokenizer is attached"):
         bare.to_single_token("w1")

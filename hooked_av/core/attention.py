@@ -18,7 +18,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
-from hooked_av.core.masks import additive, open_mask
+from hooked_av.core.masks import additive, neg_inf, open_mask
 
 Rotary = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
@@ -83,8 +83,10 @@ class Attention(nn.Module):
     def out_proj_module(self) -> nn.Linear:
         return getattr(self, self._names[3])
 
-    # TransformerLens weight views: W_Q [n_heads, d_model, d_head]; W_K, W_V carry the kv heads;
-    # W_O [n_heads, d_head, d_model]; biases are zeros where the projection has none.
+    # TransformerLens weight views (TransformerLens 4's grouped-query attention): W_Q [n_heads, d_model, d_head];
+    # _W_K, _W_V [n_kv_heads, d_model, d_head] as stored, W_K, W_V their repeated view [n_heads, d_model, d_head]
+    # (query head h reads kv head h // groups); W_O [n_heads, d_head, d_model]; biases likewise, zeros where the
+    # projection has none.
     def _proj(self, i: int) -> nn.Linear:
         return getattr(self, self._names[i])
 
@@ -97,17 +99,28 @@ class Attention(nn.Module):
             return lin.bias.view(shape)
         return torch.zeros(shape, dtype=lin.weight.dtype, device=lin.weight.device)
 
+    def _repeat(self, t: Tensor) -> Tensor:
+        return t.repeat_interleave(self.n_heads // self.n_kv_heads, dim=0)
+
     @property
     def W_Q(self) -> Tensor:
         return self._w_in(0, self.n_heads)
 
     @property
-    def W_K(self) -> Tensor:
+    def _W_K(self) -> Tensor:
         return self._w_in(1, self.n_kv_heads)
 
     @property
-    def W_V(self) -> Tensor:
+    def _W_V(self) -> Tensor:
         return self._w_in(2, self.n_kv_heads)
+
+    @property
+    def W_K(self) -> Tensor:
+        return self._repeat(self._W_K)
+
+    @property
+    def W_V(self) -> Tensor:
+        return self._repeat(self._W_V)
 
     @property
     def W_O(self) -> Tensor:
@@ -118,16 +131,38 @@ class Attention(nn.Module):
         return self._b(0, (self.n_heads, self.d_head))
 
     @property
-    def b_K(self) -> Tensor:
+    def _b_K(self) -> Tensor:
         return self._b(1, (self.n_kv_heads, self.d_head))
 
     @property
-    def b_V(self) -> Tensor:
+    def _b_V(self) -> Tensor:
         return self._b(2, (self.n_kv_heads, self.d_head))
+
+    @property
+    def b_K(self) -> Tensor:
+        return self._repeat(self._b_K)
+
+    @property
+    def b_V(self) -> Tensor:
+        return self._repeat(self._b_V)
 
     @property
     def b_O(self) -> Tensor:
         return self._b(3, (self._proj(3).weight.shape[0],))
+
+    @property
+    def QK(self):
+        """`FactoredMatrix` `[n_heads, d_model, d_model]`: `W_Q @ W_K^T` per head (TransformerLens's)."""
+        from transformer_lens import FactoredMatrix
+
+        return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
+
+    @property
+    def OV(self):
+        """`FactoredMatrix` `[n_heads, d_model, d_model]`: `W_V @ W_O` per head (TransformerLens's)."""
+        from transformer_lens import FactoredMatrix
+
+        return FactoredMatrix(self.W_V, self.W_O)
 
     def needs_exact(self) -> bool:
         return self.hook_attn_scores.has_hooks() or self.hook_pattern.has_hooks()
@@ -139,6 +174,20 @@ class Attention(nn.Module):
         k = k_lin(x).view(b, p, self.n_kv_heads, self.d_head)
         v = v_lin(x).view(b, p, self.n_kv_heads, self.d_head)
         return q, k, v
+
+    def from_inputs(self, q_in: Tensor, k_in: Tensor, v_in: Tensor, mask: Tensor | None = None,
+                    rotary: Rotary | None = None, causal: bool = False, kv_cache: "KVSlot | None" = None) -> Tensor:
+        """`forward` from per-head inputs `[batch, pos, heads, d_model]` (TransformerLens's split inputs): head
+        h's projection reads its own input; k and v inputs with `n_kv_heads` heads give the kv heads, with
+        `n_heads` heads (one per query head) keys and values per query head."""
+        def proj(t: Tensor, w: Tensor, b: Tensor) -> Tensor:
+            return torch.einsum("bphd,hde->bphe", t, w) + b
+
+        q = proj(q_in, self.W_Q, self.b_Q)
+        grouped = k_in.shape[2] == self.n_kv_heads
+        k = proj(k_in, self._W_K if grouped else self.W_K, self._b_K if grouped else self.b_K)
+        v = proj(v_in, self._W_V if grouped else self.W_V, self._b_V if grouped else self.b_V)
+        return self.output(self.attend(q, k, v, mask=mask, rotary=rotary, causal=causal, kv_cache=kv_cache))
 
     def forward(
         self,
@@ -163,13 +212,17 @@ class Attention(nn.Module):
         if rotary is not None:
             q, k = rotary(q, k)
         q, k = self.hook_rot_q(q), self.hook_rot_k(k)
+        prefix = None  # keys and values every row shares (a sweep's clean prefix), read without copies
         if kv_cache is not None:
-            k, v = kv_cache.update(k, v)
+            prefix = kv_cache.shared_prefix() if self.reader is None and not self.needs_exact() else None
+            if prefix is None:
+                k, v = kv_cache.update(k, v)
+        k_len = k.shape[1] + (0 if prefix is None else prefix[0].shape[1])
 
         if self.hook_attn_mask.has_hooks():
             # a hooked mask point always runs, on a real mask where the caller needs none (nothing
             # padded); else on a clone, so that an in-place edit does not leak into the other layers
-            b, q_len, k_len = q.shape[0], q.shape[1], k.shape[1]
+            b, q_len = q.shape[0], q.shape[1]
             mask = self.hook_attn_mask(open_mask(b, q_len, k_len, causal, q.dtype, q.device) if mask is None else mask.clone())
             causal = False
         elif mask is not None:
@@ -177,11 +230,17 @@ class Attention(nn.Module):
 
         qh = q.transpose(1, 2)  # [b, h, q, d]
         kh, vh = k.transpose(1, 2), v.transpose(1, 2)
+        if prefix is not None:
+            self.last_path = "fast"
+            return self.hook_z(self.after_prefix(qh, kh, vh, prefix, mask).transpose(1, 2))
         if self.reader is not None and not self.needs_exact():
+            if getattr(self.reader, "block_rows", None):  # a read-out computed with the output, blockwise
+                self.last_path = "blockwise"
+                return self.hook_z(self.blockwise(qh, kh, vh, mask, causal, self.reader).transpose(1, 2))
             self.reader(self, qh, kh, mask, causal, None)
         if self.needs_exact():
             self.last_path = "exact"
-            groups = self.n_heads // self.n_kv_heads
+            groups = self.n_heads // kh.shape[1]  # kv heads (n_heads where keys are per query head)
             kh = kh.repeat_interleave(groups, dim=1)
             vh = vh.repeat_interleave(groups, dim=1)
             scores = torch.matmul(qh, kh.transpose(2, 3)) * self.scale
@@ -203,9 +262,68 @@ class Attention(nn.Module):
                 attn_mask=None if use_causal else mask,
                 is_causal=use_causal,
                 scale=self.scale,
-                enable_gqa=self.n_kv_heads != self.n_heads,
+                enable_gqa=kh.shape[1] != self.n_heads,
             )
         return self.hook_z(z.transpose(1, 2))  # [b, pos, heads, d_head]
+
+    def blockwise(self, qh: Tensor, kh: Tensor, vh: Tensor, mask: Tensor | None, causal: bool, reader) -> Tensor:
+        """The attention output `[batch, heads, q, d]` computed `reader.block_rows` query rows at a time as the
+        exact path computes it (scores in the model dtype, plus the mask, softmax in `softmax_dtype`, times
+        the values), each block against the keys up to the last one any of its rows may see (the causal
+        triangle, not the square: the keys after it are masked, so their weights are exactly 0), handing
+        each block's pattern `[batch, heads, rows, keys]` to `reader.block(start, pattern)` before its values
+        are read: a read-out of the whole pattern (`hooked_av.viz.group_attention_mass`) for the price of
+        the layer's own attention, no `[q, k]` matrix held. qh `[b, heads, q, d]`, kh, vh `[b, kv_heads, k, d]`
+        (the queries are the last q of the k positions), mask `[b, 1|heads, q, k]` additive or None."""
+        b, h, n_q, d = qh.shape
+        n_k, kv, step = kh.shape[2], self.n_kv_heads, int(reader.block_rows)
+        g = h // kv
+        z = qh.new_empty(b, h, n_q, d)
+        for start in range(0, n_q, step):
+            end = min(n_q, start + step)
+            r = end - start
+            if mask is not None:  # the last key any row of the block may see (an edit may open later keys)
+                allowed = mask[:, :, start:end] > neg_inf(mask.dtype) / 2
+                seen = allowed.flatten(0, 2).any(0).nonzero()
+                # a row that sees no key (left padding) spreads its weight over every key, as the exact path does
+                cut = int(seen[-1, 0]) + 1 if len(seen) and bool(allowed.any(-1).all()) else n_k
+            else:
+                cut = end + n_k - n_q if causal else n_k
+            q = qh[:, :, start:end].reshape(b, kv, g * r, d)  # query head j reads kv head j // groups
+            scores = torch.matmul(q, kh[:, :, :cut].transpose(2, 3)).view(b, h, r, cut) * self.scale
+            if mask is not None:
+                scores = scores + mask[:, :, start:end, :cut]
+            elif causal:
+                allowed = torch.arange(cut, device=qh.device) <= torch.arange(start, end, device=qh.device)[:, None] + n_k - n_q
+                scores = scores + additive(allowed, scores.dtype)
+            pattern = F.softmax(scores, dim=-1, dtype=softmax_dtype(scores.dtype)).to(qh.dtype)
+            reader.block(start, pattern)
+            z[:, :, start:end] = torch.matmul(pattern.view(b, kv, g * r, cut), vh[:, :, :cut]).view(b, h, r, d)
+        return z
+
+    def after_prefix(self, qh: Tensor, kh: Tensor, vh: Tensor, prefix: tuple[Tensor, Tensor], mask: Tensor | None) -> Tensor:
+        """Attention of every row's queries qh `[rows, heads, q, d]` over keys and values that every row shares
+        (`prefix`: `[1, p, kv_heads, d]` each, a sweep's clean prefix) followed by the rows' own kh, vh
+        `[rows, kv_heads, q, d]`, under `mask` `[rows, 1|heads, q, p + q]` (None: every key; causal
+        among the row's own keys), `[rows, heads, q, d]`, in one attention call that reads the prefix once
+        for every row: the rows' queries as one sequence over the prefix and every row's own keys, each
+        row's queries masked off the other rows' keys (rows x q keys per query computed in vain: the
+        caller folds rows this way where that is small beside the prefix, `KVSlot.of(fold=True)`)."""
+        r, h, m, d = qh.shape
+        kp, vp = (t[:1].transpose(1, 2) for t in prefix)  # [1, kv, p, d]
+        p, dtype = kp.shape[2], qh.dtype
+        if mask is None:  # one query per row after the prefix: it sees every key
+            mask = torch.zeros(r, 1, m, p + m, dtype=dtype, device=qh.device)
+        mh = mask.shape[1]
+        k = torch.cat([kp, kh.transpose(0, 1).reshape(1, -1, r * m, d)], dim=2)  # [1, kv, p + r * m, d]
+        v = torch.cat([vp, vh.transpose(0, 1).reshape(1, -1, r * m, d)], dim=2)
+        full = torch.full((1, mh, r * m, p + r * m), neg_inf(dtype), dtype=dtype, device=qh.device)
+        full[0, :, :, :p] = mask[..., :p].transpose(0, 1).reshape(mh, r * m, p)
+        own = full[0, :, :, p:].view(mh, r, m, r, m).diagonal(dim1=1, dim2=3)  # [mh, m, m, r]: row i's own block
+        own.copy_(mask[..., p:].permute(1, 2, 3, 0))
+        z = F.scaled_dot_product_attention(qh.transpose(0, 1).reshape(1, h, r * m, d), k, v, attn_mask=full,
+                                           scale=self.scale, enable_gqa=self.n_kv_heads != self.n_heads)
+        return z.view(h, r, m, d).transpose(0, 1)
 
     def output(self, z: Tensor) -> Tensor:
         """`hook_z` `[batch, pos, heads, d_head]` -> the attention output `[batch, pos, d_model]`
@@ -257,18 +375,32 @@ class KVSlot:
     def __init__(self):
         self.k: Tensor | None = None
         self.v: Tensor | None = None
+        self.grow = True
+        self.fold = False
 
     @classmethod
-    def of(cls, k: Tensor, v: Tensor) -> "KVSlot":
-        """A slot already holding keys and values (a cached prefix)."""
+    def of(cls, k: Tensor, v: Tensor, grow: bool = True, fold: bool = False) -> "KVSlot":
+        """A slot already holding keys and values (a cached prefix); `grow=False`: a run reads the prefix
+        followed by its own keys and values, and the slot keeps the prefix alone; `fold` (with `grow=False`
+        and a prefix the same in every row): the rows' queries are folded into one attention call over the
+        prefix (`Attention.after_prefix`) instead of each row reading its own copy of it."""
         slot = cls()
-        slot.k, slot.v = k, v
+        slot.k, slot.v, slot.grow, slot.fold = k, v, grow, fold
         return slot
 
     def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        self.k = k if self.k is None else torch.cat([self.k, k], dim=1)
-        self.v = v if self.v is None else torch.cat([self.v, v], dim=1)
-        return self.k, self.v
+        k = k if self.k is None else torch.cat([self.k, k], dim=1)
+        v = v if self.v is None else torch.cat([self.v, v], dim=1)
+        if self.grow:
+            self.k, self.v = k, v
+        return k, v
+
+    def shared_prefix(self) -> tuple[Tensor, Tensor] | None:
+        """`(k, v)` `[1, p, kv_heads, d]` where the slot folds its rows over a prefix that every row shares and
+        keeps (`fold`, `grow=False`, the same keys in every row, as `prefix_kv_caches` expands them), else None."""
+        if self.grow or not self.fold or self.k is None or not self.k.shape[1] or not (self.k.shape[0] == 1 or (self.k.stride(0) == 0 and self.v.stride(0) == 0)):
+            return None
+        return self.k[:1], self.v[:1]
 
     @property
     def length(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import re
@@ -14,6 +15,10 @@ from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.HookedRootModule import HookedRootModule
 
+from hooked_av.core.devices import as_device
+from hooked_av.core.hook_names import sae_site
+from hooked_av.core.sae import SAESplicing
+from hooked_av.core.hook_names import flag_of, position_major
 from hooked_av.core.tl_compat import AVActivationCache, TransformerLensCompat
 
 
@@ -21,16 +26,27 @@ class HookShapeError(ValueError):
     """A hook function returned something other than a tensor of the shape, dtype and device it received."""
 
 
-class HookedAVModel(TransformerLensCompat, HookedRootModule):
+class HookNotEnabledError(ValueError, AssertionError):
+    """A hook point that runs only while a TransformerLens flag is on was named while it is off (an
+    AssertionError too, as TransformerLens raises one)."""
+
+
+class HookedAVModel(SAESplicing, TransformerLensCompat, HookedRootModule):
     """Base class: hook names (and `names_filter`s) checked before any work, hook functions checked
     for the shape, dtype and device they return, an `ActivationCache` that knows which activations
-    are batch-major returned by `run_with_cache`. Subclasses build their modules, then call `self.setup()`."""
+    are batch-major returned by `run_with_cache`, SAEs spliced as SAELens splices them (`add_sae`,
+    `hooked_av.core.sae`). Subclasses build their modules, then call `self.setup()`."""
 
     def blocks_count(self) -> int:
         return len(getattr(self, "blocks", []))
 
     # ---- hook names -------------------------------------------------------------------------
     def _unknown_hook_message(self, name: str) -> str:
+        site = sae_site(name)
+        if site is not None and site not in self.acts_to_saes:
+            spliced = sorted(self.acts_to_saes) or "no hook"
+            return (f"hook {name!r} does not exist: no SAE is spliced at {site!r} (SAEs are spliced at {spliced}); "
+                    "splice one there first (model.add_sae(sae) or `with model.saes(sae):`)")
         m = re.match(r"^(?:(\w+)\.)?blocks\.(\d+)\.", name)
         if m:
             prefix = m.group(1)
@@ -53,6 +69,10 @@ class HookedAVModel(TransformerLensCompat, HookedRootModule):
         if isinstance(name, str):
             if name not in self.hook_dict:
                 raise KeyError(self._unknown_hook_message(name))
+            flag = flag_of(name)
+            if not self.hook_enabled(name):
+                raise HookNotEnabledError(f"hook {name!r} runs only while cfg.{flag} is on (it would never fire): call "
+                                          f"model.set_{flag}(True) first")
         elif callable(name):
             if not any(name(n) for n in self.hook_dict):
                 raise KeyError(
@@ -127,32 +147,91 @@ class HookedAVModel(TransformerLensCompat, HookedRootModule):
         with super().hooks(fwd_hooks, bwd_hooks, reset_hooks_end, clear_contexts) as m:
             yield m
 
+    def hook_enabled(self, name: str) -> bool:
+        """Whether hook point `name` can run: False for a flag-gated point (`hook_result`, `hook_q_input`, ...)
+        whose flag is off."""
+        flag = flag_of(name)
+        return not flag or bool(getattr(self.cfg, flag, False))
+
     def get_caching_hooks(self, names_filter=None, *args, **kwargs):
         self.check_names_filter(names_filter)
-        return super().get_caching_hooks(names_filter, *args, **kwargs)
+        cache, fwd, bwd = super().get_caching_hooks(names_filter, *args, **kwargs)
+        # a filter function (or none: everything) leaves out the points whose flag is off; they never run
+        return cache, [h for h in fwd if self.hook_enabled(h[0])], [h for h in bwd if self.hook_enabled(h[0])]
 
     def add_caching_hooks(self, names_filter=None, *args, **kwargs):
         self.check_names_filter(names_filter)
         return super().add_caching_hooks(names_filter, *args, **kwargs)
 
     def run_with_cache(self, *model_args: Any, return_cache_object: bool = True, remove_batch_dim: bool = False,
-                       **kwargs: Any):
+                       incl_bwd: bool = False, pos_slice=None, **kwargs: Any):
         """Run the model and return `(output, cache)`; the cache is a TransformerLens `ActivationCache`
         (its analysis methods read `model.cfg`, `model.blocks`, `model.ln_final`) that slices and
-        drops the batch dimension of the language model's activations only (see `AVActivationCache`)."""
+        drops the batch dimension of the language model's activations only (see `AVActivationCache`).
+        `incl_bwd=True` (TransformerLens's) backpropagates the output, which must be one number
+        (`return_type="loss"`), and caches every point's gradient as `name + "_grad"`, with gradients enabled
+        even inside `torch.no_grad()`. `pos_slice` keeps those positions of the language model's prompt
+        positions (`[batch, pos, ...]` activations; the query axis of patterns, scores and masks); the towers'
+        activations are kept whole. `device`: where the cache is kept (checked before the run: one that does
+        not exist here, or "meta", whose tensors hold no values, is refused).
+
+            loss, cache = model.run_with_cache("what colour is the shape ?", return_type="loss", incl_bwd=True)
+            cache["blocks.0.hook_resid_pre_grad"]          # d loss / d resid_pre, [batch, pos, d_model]
+        """
+        if kwargs.get("device") is not None:
+            kwargs["device"] = as_device(kwargs["device"])
+            if kwargs["device"].type == "meta":
+                raise ValueError("run_with_cache(device='meta') would keep a cache of tensors without values; name a "
+                                 "device that holds data ('cpu', 'cuda', ...) or leave device out (each activation "
+                                 "stays where it was computed)")
         if remove_batch_dim:
             first = next((t for t in (*model_args[:1], kwargs.get("input_ids"), kwargs.get("inputs_embeds"))
                           if isinstance(t, Tensor)), None)
             if first is not None and first.shape[0] != 1:
                 raise ValueError(f"remove_batch_dim=True needs a batch of 1, got {first.shape[0]}; "
                                  "run one sample or keep the batch dimension")
-        out, cache_dict = super().run_with_cache(*model_args, **kwargs)
+        if incl_bwd and (kwargs.get("return_type") != "loss" or kwargs.get("loss_per_token")):
+            raise ValueError("incl_bwd=True backpropagates the model's output, which must be one number: pass "
+                             "return_type='loss' (or run_with_hooks with bwd_hooks and call backward on your own metric)")
+        with torch.enable_grad() if incl_bwd else contextlib.nullcontext():
+            out, cache_dict = super().run_with_cache(*model_args, incl_bwd=incl_bwd, **kwargs)
+        if pos_slice is not None:
+            cache_dict = {k: slice_positions(k, v, pos_slice) for k, v in cache_dict.items()}
         cache = AVActivationCache(cache_dict, self)
         if remove_batch_dim:
             cache.remove_batch_dim()
         return (out, cache) if return_cache_object else (out, cache.cache_dict)
 
+    @contextmanager
+    def frozen(self):
+        """Inside, no parameter requires grad (each is restored on exit, even after an error): a backward then
+        reaches activations alone (backward hooks, an input that requires grad) and builds no graph for the
+        weights, as the library's gradient methods need (`patching.attribution_patching`).
+
+            with model.frozen(), torch.enable_grad():
+                ...
+        """
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        try:
+            for p in trainable:
+                p.requires_grad_(False)
+            yield self
+        finally:
+            for p in trainable:
+                p.requires_grad_(True)
+
     # ---- device / dtype ---------------------------------------------------------------------
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)  # .to(), .cuda(), .half(), ...
+        self.sync_cfg()
+        return out
+
+    def sync_cfg(self) -> None:
+        """`cfg.device` and `cfg.dtype` as the model's own (TransformerLens code reads `cfg.device`)."""
+        cfg = getattr(self, "cfg", None)
+        if cfg is not None and next(self.parameters(), None) is not None:
+            cfg.device, cfg.dtype = self.device, self.dtype
+
     @property
     def device(self) -> torch.device:
         """Where inputs go: the embedding's execution device for a model placed by a device map, else the
@@ -166,3 +245,17 @@ class HookedAVModel(TransformerLensCompat, HookedRootModule):
     @property
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
+
+
+def slice_positions(name: str, t: Tensor, pos_slice) -> Tensor:
+    """A cached activation with TransformerLens's `pos_slice` applied to its prompt positions: dim 1 of the
+    language model's position-major points, the query axis (dim 2) of its patterns, scores and masks; the
+    towers' and experts' activations unchanged."""
+    try:
+        from transformer_lens.utilities import Slice
+    except ImportError:  # pragma: no cover - older layouts
+        from transformer_lens.utils import Slice
+    base = name.removesuffix("_grad")
+    if not base.startswith(("hook_embed", "blocks.", "ln_final.")) or ".mlp.experts." in base:
+        return t
+    return Slice.unwrap(pos_slice).apply(t, dim=1 if position_major(base) else 2)

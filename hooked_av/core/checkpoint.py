@@ -186,7 +186,7 @@ def load_converted(
         value = state[name]
         if dtype is not None and value.is_floating_point():
             value = value.to(dtype)
-        _assign(model, name, nn.Parameter(value, requires_grad=False))
+        _assign(model, name, nn.Parameter(value, requires_grad=value.is_floating_point()))  # trainable, as HF and TransformerLens load
 
 
 def _assign(model: nn.Module, dotted: str, param: nn.Parameter) -> None:

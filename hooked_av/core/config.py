@@ -94,8 +94,9 @@ class HookedAVConfig:
     use_split_qkv_input: bool = False
     use_hook_mlp_in: bool = False
     use_attn_in: bool = False
-    dtype: torch.dtype = torch.float32
-    device: str | None = None
+    dtype: torch.dtype = torch.float32  # the model's (kept current by HookedAVModel._apply)
+    device: torch.device | None = None  # where inputs go: the model's `device`, kept current likewise
+    n_ctx: int = 32768  # the checkpoint's max_position_embeddings
     towers: dict[str, dict[str, Any]] = field(default_factory=dict)
     recipe: BlockRecipe = field(default_factory=BlockRecipe)
 
@@ -115,6 +116,7 @@ class HookedAVConfig:
             d_head=getattr(text, "head_dim", None) or text.hidden_size // n_heads,
             d_mlp=text.intermediate_size,
             d_vocab=text.vocab_size,
+            n_ctx=int(getattr(text, "max_position_embeddings", None) or 32768),
             act_fn=text.hidden_act,
             eps=text.rms_norm_eps,
             rope_theta=float(rope.get("rope_theta", 1e6)),
@@ -137,7 +139,3 @@ class HookedAVConfig:
     @property
     def experts_per_token(self) -> int | None:
         return self.recipe.moe.top_k if self.recipe.moe else None
-
-    @property
-    def n_ctx(self) -> int:
-        return 32768

@@ -12,8 +12,9 @@ in `__init__` and supplies its own `encode` (towers, merge, position ids). The m
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from torch import Tensor, nn
@@ -49,6 +50,7 @@ class MRoPELanguageModel:
                 SparseMoE(c.d_model, r.moe.n_experts, r.moe.top_k, r.moe.d_expert, r.moe.norm_topk_prob, c.act_fn)
                 if r.moe and layer in r.moe.layers else GatedMLP(c.d_model, c.d_mlp, c.act_fn),
                 injection=r.injection,
+                split_inputs=True,
             )
             for layer in range(c.n_layers)
         )
@@ -102,6 +104,7 @@ class MRoPELanguageModel:
         logits_at=None,
         start_layer: int = 0,
         stop_at_layer: int | None = None,
+        embed: bool = True,
     ) -> Tensor | None:
         """The one layer loop of the language model (every experiment runs through it).
 
@@ -117,6 +120,9 @@ class MRoPELanguageModel:
         start_layer: `inputs_embeds` is the residual stream entering block `start_layer` (its `hook_resid_pre`
           fires on it); `hook_embed`, the blocks before it and their injections do not run (what a sweep
           reusing a clean run's residuals needs: nothing before its first edited layer changes).
+          `n_layers`: no block runs, only `ln_final` and the unembedding (TransformerLens's `start_at_layer`).
+        embed: whether `inputs_embeds` passes `hook_embed` (False: it is already the residual stream, as
+          TransformerLens's `start_at_layer=0` takes it).
         stop_at_layer: as TransformerLens's: run blocks before it only (0: the embeddings alone; negative
           counts from the end, -1 = all but the last block) and return the residual stream entering that
           block, `[batch, pos, d_model]`, unnormalised; no later block, `ln_final` or unembedding runs (what
@@ -125,25 +131,26 @@ class MRoPELanguageModel:
         """
         b, q_len, _ = inputs_embeds.shape
         n = len(self.blocks)
-        if not 0 <= int(start_layer) < n:
-            raise ValueError(f"start_layer {start_layer}: the model has {n} blocks (0..{n - 1})")
+        if not 0 <= int(start_layer) <= n:
+            raise ValueError(f"start_layer {start_layer}: the model has {n} blocks (0..{n - 1}, or {n}: none)")
         start_layer = int(start_layer)
         stop = self._stop_layer(stop_at_layer, start_layer, return_type, logits_at, kv_caches)
         if start_layer and discard is not None:
             raise ValueError("discard cannot run from start_layer > 0; run the whole stack")
         if kv_caches is not None and len(kv_caches) != n:
             raise ValueError(f"kv_caches holds {len(kv_caches)} slots; the model has {n} blocks (one slot per block)")
-        past = kv_caches[start_layer].length if kv_caches else 0
+        past = kv_caches[start_layer].length if kv_caches and start_layer < n else 0
         inject = self.injection_list(injections, inputs_embeds)
         drop_at, keep = self._discard_plan(discard, b, q_len, inputs_embeds.device, past)
         read = read_positions(logits_at, q_len, inputs_embeds.device, keep)
         if return_type not in ("logits", "resid", None):
             raise ValueError(f"return_type must be 'logits', 'resid' or None, got {return_type!r}")
-        if (self.hook_embed.has_hooks() and not start_layer) or self.blocks[start_layer].hook_resid_pre.has_hooks():
+        embed = embed and not start_layer
+        if (self.hook_embed.has_hooks() and embed) or (start_layer < n and self.blocks[start_layer].hook_resid_pre.has_hooks()):
             # these two hooks receive the caller's tensor (encode() outputs, a sweep's cached residual): an
             # in-place edit must stay in this run
             inputs_embeds = inputs_embeds.clone()
-        x = inputs_embeds if start_layer else self.hook_embed(inputs_embeds)
+        x = self.hook_embed(inputs_embeds) if embed else inputs_embeds
         if position_ids.dim() == 2:
             position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
         state = None
@@ -200,8 +207,8 @@ class MRoPELanguageModel:
         forward of `inputs` (what `model(**inputs)` takes) under whatever hooks are active.
 
         queries: a TokenMap spec ("last", "question", ...; `tm` defaults to `model.token_map(inputs)`), a
-        Selection, a bool mask `[pos]` or `[batch, pos]`, or int positions; every batch row must select as
-        many. Computed per layer from the rotated q and k with the final mask (after any `hook_attn_mask`
+        Selection, a bool mask `[pos]` or `[batch, pos]` (rows in position order; every batch row must select
+        as many), or int positions (rows in the order and with the repeats given, as `logits_at`). Computed per layer from the rotated q and k with the final mask (after any `hook_attn_mask`
         edits), the rows alone (see `Attention.pattern_rows`); a layer whose scores or pattern are hooked
         runs exactly and gives the rows of its pattern as edited. Memory grows with rows x keys."""
         layers = layer_list(layers, len(self.blocks), "layers")
@@ -235,18 +242,21 @@ class MRoPELanguageModel:
         return [KVSlot() for _ in self.blocks]
 
     def prefix_kv_caches(self, kv: Sequence[tuple[Tensor, Tensor]], end: int, n: int = 1,
-                         from_layer: int = 0) -> list[KVSlot | None]:
+                         from_layer: int = 0, grow: bool = True, fold: bool = False) -> list[KVSlot | None]:
         """Slots holding positions `0..end-1` of cached keys and values `kv` (per block `(k, v)` of a batch-1
         run, e.g. an earlier `empty_kv_caches()` filled), repeated `n` times along the batch, for blocks
         `from_layer..` (None before them: a run with `start_layer=from_layer` reads none there). A run of the
-        positions after `end` continues from them, as a sweep's cells do.
+        positions after `end` continues from them, as a sweep's cells do. `grow=False`: a run reads the
+        prefix and its own keys and values but the slots keep the prefix alone (a sweep's cells run once, so
+        each layer's `n` rows of every key are dropped as soon as the layer is done); `fold` (with `grow=False`):
+        the rows' queries read the prefix in one attention call, not a copy per row (`KVSlot.of`).
 
             slots = model.prefix_kv_caches([(s.k, s.v) for s in caches], end=40, n=8, from_layer=2)
         """
         if len(kv) != len(self.blocks):
             raise ValueError(f"kv holds {len(kv)} layers; the model has {len(self.blocks)} blocks")
-        return [KVSlot.of(k[:, :end].expand(n, -1, -1, -1), v[:, :end].expand(n, -1, -1, -1)) if i >= from_layer else None
-                for i, (k, v) in enumerate(kv)]
+        return [KVSlot.of(k[:, :end].expand(n, -1, -1, -1), v[:, :end].expand(n, -1, -1, -1), grow=grow, fold=fold)
+                if i >= from_layer else None for i, (k, v) in enumerate(kv)]
 
     @contextmanager
     def attention_readers(self, readers: Mapping[int, Callable]):
@@ -261,7 +271,8 @@ class MRoPELanguageModel:
                 blk.attn.reader = None
 
     def query_rows(self, inputs: dict, queries, tm=None) -> Tensor:
-        """long `[batch, r]`: the positions `queries` names in each row (see `attention_rows`)."""
+        """long `[batch, r]`: the positions `queries` names in each row (see `attention_rows`): int positions in
+        the order and with the repeats given (negative ones from the end), a mask's positions in order."""
         ref = inputs.get("inputs_embeds", inputs.get("input_ids"))
         b, s = ref.shape[:2]
         if isinstance(queries, str):
@@ -272,9 +283,7 @@ class MRoPELanguageModel:
             t = t.flatten().long()
             if not len(t) or int(t.max()) >= s or int(t.min()) < -s:
                 raise ValueError(f"queries {t.tolist()}: name at least one position in 0..{s - 1}")
-            m = torch.zeros(s, dtype=torch.bool)
-            m[t % s] = True
-            t = m
+            return (t % s)[None].expand(b, -1)  # in the order and with the repeats given, as logits_at
         t = t if t.dim() == 2 else t[None].expand(b, -1)
         if t.shape[-1] != s or t.shape[0] not in (1, b):
             raise ValueError(f"queries as a mask must be [pos] or [batch, pos] = [{b}, {s}], got {tuple(t.shape)}")
@@ -356,13 +365,17 @@ class MRoPELanguageModel:
         max_new_tokens: int,
         eos_token_id: int | list[int] | None,
         injections: Mapping[int, Tensor] | Sequence[Tensor | None] | None = None,
+        pick: Callable[[Tensor], Tensor] | None = None,
+        pad_token_id: int | None = None,
     ) -> Tensor:
-        """Greedy decoding with a KV cache from merged embeddings, under whatever hooks are active.
-        Decoding step n sits at position `n_real_tokens + rope_deltas` on all three rows.
+        """Decoding with a KV cache from merged embeddings, under whatever hooks are active: greedy, or
+        `pick(logits)` (fp32 `[batch, vocab]` of each step's last position -> the next ids `[batch]`; a
+        sampler). Decoding step n sits at position `n_real_tokens + rope_deltas` on all three rows.
         `injections` (what `encode` returns, e.g. DeepStack's `[batch, pos, d_model]` per layer) are added
         on the prefill only: generated tokens are text, where they add nothing (HF's Qwen3-Omni passes its
-        visual features on the first step alone).
-        Returns the new tokens `[batch, n_new]` (finished rows are padded with their eos)."""
+        visual features on the first step alone). Rows that have produced an eos id continue with
+        `pad_token_id` (default: their eos), as HF's; decoding stops when every row has.
+        Returns the new tokens `[batch, n_new]`."""
         eos = decode_args(max_new_tokens, eos_token_id, self.cfg.d_vocab)
         b, s = inputs_embeds.shape[:2]
         if attention_mask is None:
@@ -376,9 +389,10 @@ class MRoPELanguageModel:
                                          injections=injections)
         out, done = [], torch.zeros(b, dtype=torch.bool, device=inputs_embeds.device)
         for _ in range(max_new_tokens):
-            nxt = logits[:, -1].argmax(-1)
+            scores = logits[:, -1].float()  # HF reads each step's logits in fp32
+            nxt = scores.argmax(-1) if pick is None else pick(scores).to(scores.device)
             if out and eos:
-                nxt = torch.where(done, out[-1], nxt)
+                nxt = torch.where(done, out[-1] if pad_token_id is None else torch.full_like(nxt, pad_token_id), nxt)
             out.append(nxt)
             if eos:
                 done |= torch.isin(nxt, torch.tensor(sorted(eos), device=nxt.device))
@@ -386,9 +400,38 @@ class MRoPELanguageModel:
                     break
             pos = (attention_mask.sum(-1, keepdim=True) + rope_deltas).unsqueeze(0).expand(3, -1, -1)
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(b, 1)], dim=1)
-            logits = self.run_language_model(self.embed(nxt[:, None]), pos, attention_mask, kv_caches=caches,
-                                             logits_at="last")
+            with decoding(s):  # hooks may ask (decoding_from): this run holds a generated token, no prompt position
+                logits = self.run_language_model(self.embed(nxt[:, None]), pos, attention_mask, kv_caches=caches,
+                                                 logits_at="last")
         return torch.stack(out, dim=1)
+
+
+_DECODING: ContextVar[int | None] = ContextVar("hooked_av_decoding", default=None)
+
+
+@contextmanager
+def decoding(prompt_length: int) -> Iterator[None]:
+    """Inside, the layer loop's runs are `greedy_decode`'s decoding steps after a prompt of `prompt_length`
+    positions (see `decoding_from`)."""
+    token = _DECODING.set(int(prompt_length))
+    try:
+        yield
+    finally:
+        _DECODING.reset(token)
+
+
+def decoding_from() -> int | None:
+    """While `generate` runs a decoding step (a generated token's forward, after the prompt's cached keys and
+    values): the prompt's length in positions (padding included), the first generated position; None for
+    any other run (a forward, the prefill, a sweep's cells). For hooks that act on prompt positions:
+
+        from hooked_av.utils import decoding_from
+        def zero_prompt_position_20(act, hook):
+            if decoding_from() is None:  # the prompt's run (prefill); decoding steps hold generated tokens only
+                act[:, 20] = 0
+            return act
+    """
+    return _DECODING.get()
 
 
 def decode_args(max_new_tokens: int, eos_token_id: int | list[int] | None, d_vocab: int) -> set[int]:

@@ -38,13 +38,42 @@ from transformer_lens.hook_points import HookPoint
 from hooked_av.core.mlp import activation
 
 
-class ExpertHooks(nn.Module):
-    """The hook points of one expert (its weights live in the fused tensors of `Experts`)."""
+class ExpertWeights:
+    """Expert e's weights as TransformerLens's gated MLP names them, views of `Experts`' fused tensors:
+    `W_gate`, `W_in` `[d_model, d_expert]` (HF's gate and up projections), `W_out` `[d_expert, d_model]`
+    (`mlp.experts[e]`, and the same names on the expert's hook module `mlp.experts.{e}`)."""
 
-    def __init__(self):
+    def __init__(self, experts: "Experts", e: int):
+        self._experts, self._e = experts, e
+
+    @property
+    def W_gate(self) -> Tensor:
+        w = self._experts.gate_up_proj[self._e]
+        return w[: w.shape[0] // 2].T
+
+    @property
+    def W_in(self) -> Tensor:
+        w = self._experts.gate_up_proj[self._e]
+        return w[w.shape[0] // 2:].T
+
+    @property
+    def W_out(self) -> Tensor:
+        return self._experts.down_proj[self._e].T
+
+
+class ExpertHooks(nn.Module):
+    """The hook points of one expert (its weights live in the fused tensors of `Experts`; `W_gate`, `W_in`,
+    `W_out` read them as `ExpertWeights` does)."""
+
+    def __init__(self, experts: "Experts | None" = None, e: int = 0):
         super().__init__()
         self.hook_in = HookPoint()
         self.hook_out = HookPoint()
+        object.__setattr__(self, "_weights", None if experts is None else ExpertWeights(experts, e))  # not a child
+
+    W_gate = property(lambda self: self._weights.W_gate)
+    W_in = property(lambda self: self._weights.W_in)
+    W_out = property(lambda self: self._weights.W_out)
 
 
 _LAZY: ContextVar[bool] = ContextVar("experts_without_hooks", default=False)
@@ -83,9 +112,19 @@ class Experts(nn.Module):
             raise ValueError(f"expert {e}: this layer has {self.n_experts} experts (0..{self.n_experts - 1})")
         got = self._modules.get(str(e))
         if got is None:
-            got = ExpertHooks()
+            got = ExpertHooks(self, e)
             self.add_module(str(e), got)
         return got
+
+    def __getitem__(self, e: int) -> ExpertWeights:
+        """Expert e's weights (`W_gate`, `W_in`, `W_out`, TransformerLens's gated-MLP shapes), without
+        building its hook points."""
+        if isinstance(e, bool) or not isinstance(e, int) or not -self.n_experts <= e < self.n_experts:
+            raise IndexError(f"expert {e!r}: this layer has {self.n_experts} experts (0..{self.n_experts - 1})")
+        return ExpertWeights(self, e % self.n_experts)
+
+    def __len__(self) -> int:
+        return self.n_experts
 
     def run(self, e: int, x: Tensor) -> Tensor:
         """Expert e on the rows x `[n, d_model]` -> `[n, d_model]` (unweighted)."""
@@ -198,6 +237,11 @@ class SparseMoE(nn.Module):
         self.hook_router_logits = HookPoint()
         self.hook_router_weights = HookPoint()
         self.hook_router_choice = HookPoint()
+
+    @property
+    def W_router(self) -> Tensor:
+        """The router `[d_model, n_experts]` (HF's `gate.weight` transposed; TransformerLens's MoE calls it W_gate)."""
+        return self.gate.weight.T
 
     def forward(self, x: Tensor) -> Tensor:
         """x `[batch, pos, d_model]` -> `[batch, pos, d_model]`."""

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import tempfile
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -141,7 +145,8 @@ def execution_device(module: nn.Module) -> torch.device | None:
 def dispatch(model: nn.Module, device_map, max_memory: dict | None = None, offload_folder: str | os.PathLike | None = None,
              dtype=None) -> nn.Module:
     """Place `model` (weights loaded, on the CPU) by `device_map` ("auto", "balanced", "sequential" or a dict
-    of module name -> GPU index / "cuda:N" / "cpu" / "disk"); "disk" needs `offload_folder`. Sets
+    of module name -> GPU index / "cuda:N" / "cpu" / "disk"); "disk" needs `offload_folder`, in
+    which each load writes and reads its own fresh subfolder (removed when the model is freed). Sets
     `model.hf_device_map` (as HF) and `model.block_devices` (each block's execution device, read by the
     layer loop)."""
     acc = _accelerate()
@@ -165,7 +170,7 @@ def dispatch(model: nn.Module, device_map, max_memory: dict | None = None, offlo
                              "place some modules on 'disk'")
         offload_folder = None  # nothing goes there (accelerate would look for an index in it)
     else:
-        os.makedirs(offload_folder, exist_ok=True)
+        offload_folder = own_offload_dir(model, offload_folder)
     main = next((v for v in device_map.values() if v not in ("cpu", "disk")), "cpu")
     # an offloaded block or tower loads all its weights for its forward: some modules read a child's
     # weight instead of calling it (the vision patch embedding, position tables)
@@ -176,6 +181,23 @@ def dispatch(model: nn.Module, device_map, max_memory: dict | None = None, offlo
     if any(d is None for d in model.block_devices):
         raise RuntimeError("a block has no execution device after placement; this is a bug: report the device_map")
     return model
+
+
+def own_offload_dir(model: nn.Module, folder: str | os.PathLike) -> str:
+    """A fresh subfolder of `folder` that this load alone writes and reads, removed when `model` is freed (or at
+    exit). accelerate trusts an `index.json` already in the folder it is given and writes nothing: a second
+    checkpoint placed with the same folder ran its offloaded blocks on the first one's weights."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"offload_folder={str(folder)!r} is a file; name a folder (it is created if missing)")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        own = tempfile.mkdtemp(prefix="hooked_av-offload-", dir=folder)
+    except OSError as e:
+        raise ValueError(f"offload_folder={str(folder)!r} cannot hold the offloaded weights ({e.strerror}); "
+                         "name a writable folder") from None
+    weakref.finalize(model, shutil.rmtree, own, True)
+    return own
 
 
 def _offload_hook(module: nn.Module):

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from hooked_av.inputs.chat import check_plain_text
 from hooked_av.inputs.media import Video
-from hooked_av.inputs.token_map import TEXT_PARTS
+from hooked_av.inputs.token_map import TEXT_PARTS, media_runs
 
 DEFAULT = object()  # "the family's own default system prompt"
 
@@ -54,6 +54,7 @@ class Prompt:
     system: object = DEFAULT
     options: list | None = None
     instruction: str | None = None
+    answer: str | None = None  # appended after the generation prompt (`inputs["text_parts"]` marks it): what a loss scores
 
     def all_items(self) -> list[Item]:
         single = Item(self.video, self.audio, self.image) if any(x is not None for x in (self.video, self.audio, self.image)) else None
@@ -89,6 +90,10 @@ def check_prompt_text(prompt: Prompt, specials: frozenset[str]) -> None:
     texts += [(f"option {i + 1}", str(o)) for i, o in enumerate(prompt.options or [])]
     if prompt.instruction is not None:
         texts.append(("the instruction", prompt.instruction))
+    if prompt.answer is not None:
+        if not isinstance(prompt.answer, str) or not prompt.answer.strip():
+            raise ValueError(f"the answer is empty ({prompt.answer!r}); pass its text or leave answer out")
+        texts.append(("the answer", prompt.answer))
     texts += [("the label", it.label) for it in prompt.all_items() if it.label]
     if isinstance(prompt.system, str):
         texts.append(("the system prompt", prompt.system))
@@ -196,6 +201,27 @@ def expand_placeholders(rows: list[list[tuple[str | None, str]]], tok: dict[str,
         return av_body(i, grid, counts[a])
 
     return [[(part, pattern.sub(one, t)) for part, t in row] for row in rows]
+
+
+def media_item_record(input_ids: Tensor, media: dict[int, str], prompts: list[Prompt], blocks) -> Tensor:
+    """`inputs["media_items"]` `[batch, pos]` long: the prompt's item (0-based) of every media placeholder, -1
+    elsewhere, so the TokenMap numbers clips as the prompt has them (from the ids alone a video-only clip
+    followed by an audio-only clip reads as one). `media`: placeholder id -> kind; `blocks(item)`: how many
+    media blocks (runs of placeholders between their start and end tokens) the family lays out for an item."""
+    out = torch.full_like(input_ids, -1)
+    for r, p in enumerate(prompts):
+        runs = list(media_runs(input_ids[r].tolist(), media))
+        owners = [k for k, it in enumerate(p.all_items()) for _ in range(blocks(it))]
+        if len(owners) != len(runs):  # the layout and its block count disagree: a bug, not a user error
+            raise RuntimeError(f"prompt {r} lays out {len(runs)} media blocks for items that make {len(owners)}; report this")
+        for (i, j, _), k in zip(runs, owners):
+            out[r, i:j] = k
+    return out
+
+
+def with_answer(segments: list[tuple[str | None, str]], prompt: Prompt) -> list[tuple[str | None, str]]:
+    """A prompt's chat segments with its answer (if any) after the generation prompt, as part "answer"."""
+    return segments + [("answer", prompt.answer)] if prompt.answer is not None else segments
 
 
 def as_prompts(prompts, prompt_kwargs: dict) -> list:

@@ -20,21 +20,22 @@ import torch
 from torch import Tensor
 
 GROUPS = ("padding", "system", "template", "question", "audio", "video", "image", "last", "generated",
-          "options", "instruction", "label")
+          "options", "instruction", "label", "answer")
 MEDIA = ("audio", "video", "image")
 _CODE = {g: i for i, g in enumerate(GROUPS)}
 # the parts of the user's text that `prepare` records (`inputs["text_parts"]`, `[batch, pos]`): code i > 0
 # is the group TEXT_PARTS[i]; 0 leaves the chat structure's group (`hooked_av.inputs.chat.text_groups`)
-TEXT_PARTS = (None, "question", "options", "instruction", "label", "template")
+TEXT_PARTS = (None, "question", "options", "instruction", "label", "template", "answer")
 _ALIASES = {"media": MEDIA, "all": tuple(g for g in GROUPS if g != "padding"),
-            "user": ("question", "options", "instruction", "label")}
+            "user": ("question", "options", "instruction", "label"),
+            "text": tuple(g for g in GROUPS if g not in MEDIA and g != "padding")}
 _SPEC = re.compile(r"^\s*([a-z_]+)\s*(?:\[\s*(\d+)\s*\])?\s*$")
 ITEM = "item"  # `item[i]`: every media token of clip i
 # the order in which a clip (`hooked_av.inputs.prompt.Item`) shows its media: image, video, audio
 _MEDIA_RANK = {"image": 0, "video": 1, "audio": 2}
 # the letter `TokenMap.labels` gives each text group
 _TEXT_LETTER = {"padding": "P", "system": "S", "template": "T", "question": "Q", "last": "L", "generated": "G",
-                "options": "O", "instruction": "R", "label": "C"}  # R: the rule to answer by; C: a clip's label
+                "options": "O", "instruction": "R", "label": "C", "answer": "A"}  # R: the rule to answer by; C: a clip's label
 
 
 class _Text(str):
@@ -71,16 +72,20 @@ class TokenMap:
     """Per position of a `[batch, pos]` prompt batch (all tensors `[batch, pos]`, on the CPU):
 
     - `group`: index into `GROUPS` (padding, system, template, question, audio, video, image, last,
-      generated, options, instruction, label). `template` holds chat-template and media bos/eos
+      generated, options, instruction, label, answer). `template` holds chat-template and media bos/eos
       tokens; `last` is the final prompt position of each row. The user's text: on inputs from
       `model.prepare` (which record it as `inputs["text_parts"]`), `question` is the question only,
       `options` the lettered options, `instruction` the instruction after them, `label` the text
       naming each clip (`Item.label`), and text the template adds between items is `template`; on
-      inputs without that record all user text is `question`. `"user"` selects all four.
+      inputs without that record all user text is `question`. `"user"` selects all four;
+      `"text"` every group but the media and padding (`group_names`). `answer`: the
+      answer `prepare(..., answer=)` appended after the generation prompt (what a loss scores).
     - `item`: the clip (media item) of a media token within its row, counted by clip, not per
       modality: in a row whose first clip is video only and whose second is video with audio,
       `audio[1]` is the second clip's audio and `audio[0]` is empty; `item[i]` is every media token
-      of clip i; -1 elsewhere. How builders tell clips apart: `clip_numbers`.
+      of clip i; -1 elsewhere. `prepare` records each media token's item (`inputs["media_items"]`) and the
+      builders number by it; on inputs without that record they tell clips apart from the ids
+      (`clip_numbers`).
     - `frame`: temporal grid index of video/image tokens (and, for video-SALMONN, of the grid step an
       audio token follows); -1 elsewhere.
     - `time`, `time_end`: seconds from the start of the item that the token covers, `[time, time_end)`,
@@ -138,12 +143,19 @@ class TokenMap:
         chunk: int | None = None,
     ) -> Selection:
         """Positions of a group spec: a name (`"audio"`, `"question"`, `"media"`, `"all"`), a name
-        with an item (`"video[1]"`: clip 1's video), `"item[i]"` (all media of clip i), a union string (`"audio|video"`), a list of those, or a
-        `Selection`. Filters: `item`; `time=(a, b)` keeps media tokens whose span `[time, time_end)`
+        with an item (`"video[1]"`: clip 1's video), `"item[i]"` (all media of clip i), a union string
+        (`"audio|video"`), a list of those, a `Selection` or a bool mask `[pos]` / `[batch, pos]` of this
+        map's positions. Filters: `item`; `time=(a, b)` keeps media tokens whose span `[time, time_end)`
         overlaps `[a, b)` seconds; `frame` (one index or an inclusive range); `chunk`. Padding is
         never selected unless asked for by name."""
         if isinstance(spec, Selection):
-            sel = spec
+            sel = Selection(self._fit_mask(spec.mask, f"Selection {spec.label!r}"), spec.label)
+        elif isinstance(spec, Tensor):
+            if spec.dtype != torch.bool:
+                raise ValueError(f"a {spec.dtype} tensor is not a token set; pass a bool mask [pos] or [batch, pos] "
+                                 "(e.g. tm.mask('audio')), a group name or a Selection")
+            mask = self._fit_mask(spec, "a bool mask")
+            sel = Selection(mask, f"mask[{int(mask.sum())} positions]")
         elif isinstance(spec, (list, tuple)):
             if not spec:
                 raise ValueError("an empty list selects nothing; name at least one group")
@@ -151,8 +163,11 @@ class TokenMap:
             sel = parts[0]
             for p in parts[1:]:
                 sel = sel | p
-        else:
+        elif isinstance(spec, str):
             sel = self._parse(spec)
+        else:
+            raise TypeError(f"a token set is a group name ('audio', 'video[1]', 'audio|video'), a list of them, a "
+                            f"Selection or a bool mask [pos] / [batch, pos]; got {type(spec).__name__} {spec!r}")
         mask, label = sel.mask, sel.label
         if item is not None:
             mask, label = mask & (self.item == item), f"{label} item={item}"
@@ -166,6 +181,16 @@ class TokenMap:
             mask, label = mask & (self.chunk == chunk), f"{label} chunk={chunk}"
         return Selection(mask, label)
 
+    def _fit_mask(self, mask: Tensor, what: str) -> Tensor:
+        """`mask` (`[pos]`, `[1, pos]` or `[batch, pos]`) as `[batch, pos]` on the CPU, or a clear error."""
+        mask = mask.cpu()
+        if mask.dim() == 1:
+            mask = mask[None]
+        if mask.dim() != 2 or mask.shape[1] != self.seq_len or mask.shape[0] not in (1, self.batch):
+            raise ValueError(f"{what} of shape {tuple(mask.shape)} does not fit this TokenMap of [{self.batch}, "
+                             f"{self.seq_len}] positions; build it from the same inputs ([pos] or [batch, pos])")
+        return mask.expand(self.batch, -1)
+
     def _parse(self, spec: str) -> Selection:
         if "|" in spec:
             return self.select([s for s in spec.split("|")])
@@ -177,10 +202,7 @@ class TokenMap:
             if item is None:
                 raise ValueError(f"{spec!r} needs a clip index: 'item[0]' is every media token of the row's first clip")
             name = "media"
-        names = _ALIASES.get(name, (name,))
-        unknown = [n for n in names if n not in _CODE]
-        if unknown:
-            raise ValueError(f"unknown token group {name!r}; groups: {list(GROUPS)} (aliases: {list(_ALIASES)})")
+        names = group_names(name)
         mask = torch.zeros_like(self.group, dtype=torch.bool)
         for n in names:
             mask |= self.group == _CODE[n]
@@ -343,21 +365,71 @@ class TokenMap:
         return f"TokenMap(batch={self.batch}, pos={self.seq_len}{mode}; {counts})"
 
 
-def clip_numbers(runs: list[tuple[int, int, list[str]]]) -> list[int]:
-    """The clip index of each media run of one row (`runs` from `media_runs`, in order). A clip shows
-    its media in the order image, video, audio (as `prepare` lays out an `Item`; an audio-in-video
-    run is one clip), so a run starts a new clip when it holds a modality that does not come after
-    every modality of the current clip. Text between runs does not split a clip (a prompt "video,
-    question, audio" is one clip, as a processor lays out a clip whose audio is not interleaved), so
+def group_names(name: str) -> tuple[str, ...]:
+    """The groups a group name or alias stands for (`"media"` -> audio, video, image; `"text"` -> every
+    group but the media and padding); an unknown name is refused, naming the groups and aliases.
+
+        group_names("text")   # ('system', 'template', 'question', 'last', 'generated', 'options', ...)
+    """
+    names = _ALIASES.get(name, (name,))
+    unknown = [n for n in names if n not in _CODE]
+    if unknown:
+        raise ValueError(f"unknown token group {name!r}; groups: {list(GROUPS)} (aliases: {list(_ALIASES)})")
+    return names
+
+
+def clip_numbers(runs: list[tuple[int, int, list[str]]], items: list[int] | None = None,
+                 codes: list[int] | None = None) -> list[int]:
+    """The clip index of each media run of one row (`runs` from `media_runs`, in order).
+
+    `items`: the row's `inputs["media_items"]` (`prepare`'s record of the prompt's item of every media token,
+    indexed as `runs` index the row), where the inputs carry it: each run is the item it records, so a
+    video-only clip followed by an audio-only clip is two clips. Without it, from the ids: a clip shows its
+    media in the order image, video, audio (as `prepare` lays out an `Item`; an audio-in-video run is one
+    clip), so a run starts a new clip when it holds a modality that does not come after every modality of
+    the current clip, or when `codes` (the row's `text_parts`) put a clip label or the text a template adds
+    after an item between it and the run before. Other text between runs does not split a clip (a prompt
+    "video, question, audio" is one clip, as a processor lays out a clip whose audio is not interleaved), so
     from ids alone a video-only clip followed by an audio-only clip reads as one clip."""
-    out, clip, ranks = [], -1, None
-    for _, _, kinds in runs:
+    if items is not None:
+        out = []
+        for i, j, _ in runs:
+            got = set(items[i:j])
+            if len(got) != 1 or min(got) < 0 or (out and min(got) < out[-1]):
+                raise ValueError(
+                    f"inputs['media_items'] gives the media block at row positions {i}..{j - 1} the item(s) "
+                    f"{sorted(got)}{f' after item {out[-1]}' if out else ''}; it records prepare's item (0, 1, ...) of "
+                    "every media token in prompt order: pass it with the input_ids it was made with, or drop it")
+            out.append(got.pop())
+        return out
+    splits = {TEXT_PARTS.index("label"), TEXT_PARTS.index("template")}
+    out, clip, ranks, end = [], -1, None, 0
+    for i, j, kinds in runs:
         rank = [_MEDIA_RANK[k] for k in set(kinds)]
-        if ranks is None or min(rank) <= max(ranks):
+        named = codes is not None and any(c in splits for c in codes[end:i])
+        if ranks is None or named or min(rank) <= max(ranks):
             clip, ranks = clip + 1, []
         ranks += rank
         out.append(clip)
+        end = j
     return out
+
+
+def check_media_items(media_items, input_ids: Tensor) -> Tensor | None:
+    """`inputs["media_items"]` (`prepare`'s item of each media token, -1 elsewhere, `[batch, pos]` like
+    `input_ids`) on the CPU, or None when the inputs carry no record; a record that does not fit the ids
+    is an error."""
+    if media_items is None:
+        return None
+    rec = torch.as_tensor(media_items).cpu()
+    if rec.shape != input_ids.shape:
+        raise ValueError(
+            f"inputs['media_items'] has shape {tuple(rec.shape)} but input_ids {tuple(input_ids.shape)}: it records "
+            "prepare's item of each media token; slice or pad it together with input_ids, or drop it (clips are "
+            "then told apart from the ids, see clip_numbers)")
+    if rec.is_floating_point() or (rec.numel() and int(rec.min()) < -1):
+        raise ValueError("inputs['media_items'] holds item indices (0, 1, ...) and -1 off the media; got other values")
+    return rec
 
 
 def check_text_parts(text_parts, input_ids: Tensor) -> Tensor | None:
@@ -462,3 +534,9 @@ def fill_grid(out: TokenMapBuilder, row: int, where, kind: str, item: int, index
         out.set(row, where, "image", item=item, frame=frame)
         return None
     return frame
+
+
+def row_records(media_items: Tensor | None, text_parts: Tensor | None, row: int, pos) -> tuple:
+    """`(items, codes)` of `clip_numbers` for batch row `row` at its positions `pos`: the row's
+    `media_items` and `text_parts` records (None where the inputs carry none)."""
+    return tuple(None if t is None else t[row, pos].tolist() for t in (media_items, text_parts))

@@ -26,7 +26,9 @@ from __future__ import annotations
 import functools
 import re
 
-from hooked_av.core.hook_names import conditional
+from torch import Tensor
+
+from hooked_av.core.hook_names import conditional, flag_of
 
 INSTALL = "pip install hooked-av[nnsight]"
 ALWAYS_HOOKED = ("hook_embed", "blocks.0.hook_resid_pre")
@@ -54,7 +56,7 @@ def hooked_points(model, hooked=None) -> list[str]:
     if hooked is None:
         chosen = []
     elif callable(hooked):
-        chosen = [n for n in model.hook_dict if hooked(n)]
+        chosen = [n for n in model.hook_dict if hooked(n) and model.hook_enabled(n)]  # flag-gated points off: never run
     else:
         chosen = [hooked] if isinstance(hooked, str) else list(hooked)
     always = [n for n in model.hook_dict if n.endswith("attn.hook_attn_mask") or n in ALWAYS_HOOKED]
@@ -78,7 +80,35 @@ def wrap(model):
     hook_dict = getattr(model, "hook_dict", {})
     for name in list(hook_dict):
         hook_dict[name]
-    return _envoy_class()(model)
+    envoy = _envoy_class()(model)
+    _check_set_values(envoy.interleaver, {f"{envoy.path}.{n}.output": n for n in hook_dict})
+    return envoy
+
+
+def _check_set_values(interleaver, points: dict[str, str]) -> None:
+    """Make the trace refuse a value set on a hook point's `.output` that is not a tensor of the shape, dtype and
+    device it replaces (as `run_with_hooks` refuses such a hook's return), naming the point: a broadcastable
+    shape or another dtype would run on, silently or failing far from the line that set it."""
+    from hooked_av.core.base import HookShapeError
+
+    handle = interleaver.handle
+
+    def checked(provider, value):
+        out = handle(provider, value)
+        name = points.get(provider)
+        if name is not None and out is not value and isinstance(value, Tensor):
+            what = f"the value set on {name}.output in the trace"
+            if not isinstance(out, Tensor):
+                raise HookShapeError(f"{what} is {type(out).__name__}; set a tensor of shape {tuple(value.shape)}")
+            if out.shape != value.shape:
+                raise HookShapeError(f"{what} has shape {tuple(out.shape)}; it must have the shape of the activation "
+                                     f"it replaces, {tuple(value.shape)} (or edit .output in place)")
+            if out.dtype != value.dtype or out.device != value.device:
+                raise HookShapeError(f"{what} is {out.dtype} on {out.device}; it must be {value.dtype} on {value.device}, "
+                                     "as the activation it replaces (set `new.to(old)`)")
+        return out
+
+    interleaver.handle = checked
 
 
 @functools.cache
@@ -105,6 +135,10 @@ def _envoy_class():
                 name = m.group(1) if m else None
                 if name is None or not conditional(name) or name not in self._module.hook_dict:
                     raise
+                flag = flag_of(name)
+                if flag:
+                    raise OutOfOrderError(f"{name!r} did not run in this trace: it runs only while cfg.{flag} is on; "
+                                          f"call model.set_{flag}(True) first (nnsight said: {e})") from e
                 raise OutOfOrderError(
                     f"{name!r} did not run in this trace: it is computed only when hooked (patterns and scores "
                     f"on the exact attention path). Pass hooked={name!r} (or a list / filter function) to trace(); "

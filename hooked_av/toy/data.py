@@ -112,18 +112,21 @@ def prompt_text(bank: ClipBank, sample: Sample) -> str:
     return chat_text(bank, len(sample.clips), sample.text)
 
 
-def chat_text(bank: ClipBank, n_clips: int, question: str) -> str:
+def chat_text(bank: ClipBank | None, n_clips: int, question: str) -> str:
     """The toy's chat prompt for a question over `n_clips` clips of `bank`'s format: its own system
-    prompt; one clip's media bare, two as "clip one <media> clip two <media>"."""
-    media = media_text(bank)
-    if n_clips == 1:
+    prompt; one clip's media bare, two as "clip one <media> clip two <media>"; none (a text-only
+    prompt, which the toy never saw in training) the question alone."""
+    media = media_text(bank) if n_clips else ""
+    if n_clips == 0:
+        body = ""
+    elif n_clips == 1:
         body = media
     else:
         clip, *names = vocab.CLIP_NAMES
         body = " ".join(f"{clip} {name} {media}" for name in names[:n_clips])
     return (
         f"{S['im_start']} system {vocab.SYSTEM} {S['im_end']} "
-        f"{S['im_start']} user {body} {question} {S['im_end']} {S['im_start']} assistant"
+        f"{S['im_start']} user {body + ' ' if body else ''}{question} {S['im_end']} {S['im_start']} assistant"
     )
 
 
@@ -134,22 +137,63 @@ def collate(bank: ClipBank, samples: list[Sample], tokenizer) -> Batch:
     return Batch(inputs, answers, list(samples))
 
 
-def model_inputs(bank: ClipBank, clips: list[tuple[int, ...]], questions: list[str], tokenizer) -> dict[str, Tensor]:
+def model_inputs(bank: ClipBank | None, clips: list[tuple[int, ...]], questions: list[str], tokenizer,
+                 answers: list[str | None] | None = None) -> dict[str, Tensor]:
     """One row per question over the bank's `clips` (indices, prompt order): left-padded
     `input_ids` / `attention_mask` `[batch, pos]`, `input_features` `[n_audio, 128, frames]` +
     `feature_attention_mask`, `pixel_values_videos` `[n_video * rows, 1176]`, `video_grid_thw`
-    `[n_video, 3]`, `video_second_per_grid` `[n_video]` (media in prompt order)."""
-    enc = tokenizer([chat_text(bank, len(c), q) for c, q in zip(clips, questions)], padding=True, return_tensors="pt")
+    `[n_video, 3]`, `video_second_per_grid` `[n_video]` (media in prompt order; none when no row has a
+    clip). `answers` (one per row, or None): words appended after the prompt, marked in `text_parts`
+    (`[batch, pos]`, codes into `hooked_av.inputs.token_map.TEXT_PARTS`) as the answer a loss scores."""
+    texts = [chat_text(bank, len(c), q) for c, q in zip(clips, questions)]
+    if answers is not None:
+        texts = [t if a is None else f"{t} {a}" for t, a in zip(texts, answers)]
+    enc = tokenizer(texts, padding=True, return_tensors="pt")
     if enc["input_ids"].eq(tokenizer.unk_token_id).any():
         raise ValueError("a toy prompt has a word outside the toy vocabulary; rebuild the tokenizer")
-    flat = torch.tensor([i for c in clips for i in c])
+    out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    if answers is not None and any(a is not None for a in answers):
+        from hooked_av.inputs.token_map import TEXT_PARTS
+
+        parts = torch.zeros_like(enc["input_ids"])
+        for r, a in enumerate(answers):  # left-padded: the answer is the row's end
+            if a is not None:
+                parts[r, parts.shape[1] - len(tokenizer(a, add_special_tokens=False)["input_ids"]):] = TEXT_PARTS.index("answer")
+        out["text_parts"] = parts
+    flat = torch.tensor([i for c in clips for i in c], dtype=torch.long)
+    if not len(flat):
+        return out
     features = bank.features[flat]
     return {
-        "input_ids": enc["input_ids"],
-        "attention_mask": enc["attention_mask"],
+        **out,
         "input_features": features,
         "feature_attention_mask": torch.ones(features.shape[0], features.shape[2], dtype=torch.long),
         "pixel_values_videos": bank.pixels[flat].flatten(0, 1),
         "video_grid_thw": torch.tensor([bank.grid_thw] * len(flat)),
         "video_second_per_grid": torch.full((len(flat),), bank.second_per_grid),
     }
+
+
+def prompt_records(input_ids: Tensor, clips: list[tuple[int, ...]], tokenizer) -> dict[str, Tensor]:
+    """`prepare`'s records of toy prompts (`model_inputs`' `input_ids`, the clips of each row): `text_parts`
+    (the words naming two clips, "clip one" / "clip two", are clip labels, `label`; the rest is the chat's)
+    and `media_items` (each clip's video and audio blocks are item k of its row), as the families' `prepare`
+    record them for `token_map`. Not in `collate`'s batches, which HF's Thinker takes too."""
+    from hooked_av.inputs.token_map import TEXT_PARTS, media_runs
+
+    media = {tokenizer.convert_tokens_to_ids(S["video"]): "video", tokenizer.convert_tokens_to_ids(S["audio"]): "audio"}
+    names = [tokenizer.convert_tokens_to_ids(w) for w in vocab.CLIP_NAMES]
+    parts, items = torch.zeros_like(input_ids), torch.full_like(input_ids, -1)
+    for r, c in enumerate(clips):
+        toks = input_ids[r].tolist()
+        runs = list(media_runs(toks, media))
+        if len(runs) != 2 * len(c):
+            raise RuntimeError(f"toy row {r} holds {len(runs)} media blocks for {len(c)} clip(s); report this")
+        for k, (i, j, _) in enumerate(runs):
+            items[r, i:j] = k // 2
+            if len(c) > 1 and k % 2 == 0:  # "clip <name> <vision_bos>" before each clip's video block
+                if toks[i - 3] != names[0] or toks[i - 2] != names[1 + k // 2]:
+                    raise RuntimeError(f"toy row {r}: clip {k // 2} is not named before its media; report this")
+                parts[r, i - 3 : i - 1] = TEXT_PARTS.index("label")
+    return {"text_parts": parts, "media_items": items}
+

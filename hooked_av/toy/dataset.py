@@ -9,7 +9,11 @@ so decoding gives back the rendered frames rounded to uint8 and the waveform to 
 samples also name a separate float WAV of the same audio in their `audio` column (the toy has no
 audio-only format: it was trained on clips with both); two-clip samples list their clips as `items`.
 Rows: `id`, `video` or `items`, `audio` (auditory kind), `question`, `answer`, and the metadata
-columns `kind` (see `vocab.KINDS`), `question_name`, `dataset` ("toy").
+columns `kind` (see `vocab.KINDS`), `question_name`, `dataset` ("toy"), `n_options` (the question's
+answer words: a study's chance level is 1 / n_options) and the planted attributes of the row's clip(s)
+(`ATTRIBUTE_COLUMNS`: `colour`, `brightness`, `note`, `instrument`, as answer words, e.g. "red"), whatever
+the question asks: a two-clip row lists its clips' values in prompt order, comma-separated ("red,blue"), so
+`value.split(",")[item]` is the value of clip `item` (the TokenMap's and the store's `item`).
 """
 
 from __future__ import annotations
@@ -21,10 +25,11 @@ import numpy as np
 import torch
 
 from hooked_av.toy import vocab
-from hooked_av.toy.clips import FPS, N_FRAMES, SAMPLE_RATE, SECONDS, SIZE, ClipBank, render_clips
+from hooked_av.toy.clips import ATTRIBUTES, FPS, N_FRAMES, SAMPLE_RATE, SECONDS, SIZE, ClipBank, render_clips
 from hooked_av.toy.data import draw_samples
 
 MIN_CLIPS = 32  # enough clips that every attribute value (and a matching pair) is drawn
+ATTRIBUTE_COLUMNS = tuple(ATTRIBUTES)  # colour, brightness, note, instrument: metadata columns of every row
 
 
 def write_toy_dataset(out_dir, n: int, seed: int = 0, kinds: tuple[str, ...] = vocab.KINDS) -> Path:
@@ -57,7 +62,9 @@ def write_toy_dataset(out_dir, n: int, seed: int = 0, kinds: tuple[str, ...] = v
                 row["audio"] = clip(s.clips[0], "wav")
         else:
             row["items"] = [{"video": clip(c, "mp4")} for c in s.clips]
-        row |= {"question": s.text, "answer": s.answer, "kind": s.kind, "question_name": s.question, "dataset": "toy"}
+        row |= {"question": s.text, "answer": s.answer, "kind": s.kind, "question_name": s.question, "dataset": "toy",
+                "n_options": round(1 / vocab.chance(s.kind, s.question))}
+        row |= {a: ",".join(ATTRIBUTES[a][attrs[a][c]] for c in s.clips) for a in ATTRIBUTE_COLUMNS}
         lines.append(json.dumps(row))
     path = out / "manifest.jsonl"
     path.write_text("\n".join(lines) + "\n")

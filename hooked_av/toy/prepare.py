@@ -18,12 +18,13 @@ import math
 import os
 
 import numpy as np
+import torch
 
 from hooked_av.inputs.media import SAMPLE_RATE, Video, load_audio, load_video
 from hooked_av.inputs.prompt import Prompt, as_prompts
 from hooked_av.toy import vocab
 from hooked_av.toy.clips import FPS, N_FRAMES, SECONDS, SIZE, bank_from_media
-from hooked_av.toy.data import model_inputs
+from hooked_av.toy.data import model_inputs, prompt_records
 
 AUDIO_SLACK = 0.1  # s: a decoded track may be a little longer or shorter (codec padding); cut or pad to SECONDS
 
@@ -31,15 +32,19 @@ AUDIO_SLACK = 0.1  # s: a decoded track may be a little longer or shorter (codec
 def prepare(model, prompts, *, use_audio_in_video: bool | None = None, **prompt_kwargs) -> dict:
     """Model inputs for one question (`video=` a file, frames `[2, 56, 56, 3]` uint8 or a `Video`;
     `audio=` a file or `(waveform, sample_rate)`, else the video file's track) or a list of `Prompt`
-    (left-padded rows); `items=[Item(...), Item(...)]` for two clips. Returns `collate`'s inputs
-    and `use_audio_in_video=False`."""
+    (left-padded rows); `items=[Item(...), Item(...)]` for two clips; no media: a text-only prompt (what
+    `model("...")` runs; the toy never saw one in training). `answer=` appends the answer word after the
+    prompt, marked in `text_parts` (what `model(**inputs, return_type="loss")` scores). Returns
+    `collate`'s inputs and `use_audio_in_video=False`, with `prompt_records`' `text_parts` (the clip names are
+    labels; the answer) and `media_items`."""
     if use_audio_in_video:
         raise ValueError("the toy model was trained on separate video and audio blocks; pass use_audio_in_video=False (or leave it out)")
-    frames, waves, clips, questions = [], [], [], []
+    frames, waves, clips, questions, answers = [], [], [], [], []
     for p in as_prompts(prompts, prompt_kwargs):
         questions.append(_question(p))
+        answers.append(p.answer)
         items = p.all_items()
-        if not 1 <= len(items) <= len(vocab.CLIP_NAMES) - 1:
+        if len(items) > len(vocab.CLIP_NAMES) - 1:
             raise ValueError(f"the toy model was trained on one or two clips per prompt; this prompt has {len(items)}")
         start = len(frames)
         for it in items:
@@ -48,8 +53,12 @@ def prepare(model, prompts, *, use_audio_in_video: bool | None = None, **prompt_
             frames.append(_frames(it.video))
             waves.append(_wave(it.audio, it.video))
         clips.append(tuple(range(start, len(frames))))
-    bank = bank_from_media({}, np.stack(frames), np.stack(waves), FPS)
-    return {**model_inputs(bank, clips, questions, model.tokenizer), "use_audio_in_video": False}
+    bank = bank_from_media({}, np.stack(frames), np.stack(waves), FPS) if frames else None
+    inputs = model_inputs(bank, clips, questions, model.tokenizer, answers)
+    records = prompt_records(inputs["input_ids"], clips, model.tokenizer)
+    if "text_parts" in inputs:  # the answer model_inputs marked, over the clip labels' record
+        records["text_parts"] = torch.where(inputs["text_parts"] != 0, inputs["text_parts"], records["text_parts"])
+    return {**inputs, **records, "use_audio_in_video": False}
 
 
 def _question(p: Prompt) -> str:
@@ -58,7 +67,7 @@ def _question(p: Prompt) -> str:
     if p.system is not Prompt.system and p.system != vocab.SYSTEM:
         raise ValueError(f"the toy model was trained with its own system prompt ({vocab.SYSTEM!r}) only; leave system= out")
     known = set(vocab.all_words())
-    unknown = [w for w in p.text().split() if w not in known]
+    unknown = [w for w in (p.text() + " " + (p.answer or "")).split() if w not in known]
     if unknown:
         examples = [t for qs in vocab.SINGLE_CLIP.values() for t, _, _ in qs.values()][:2]
         raise ValueError(

@@ -1,10 +1,12 @@
 """Token-group x token-group attention mass per layer (and head), reduced inside the forward.
 
 A 7B model on a 4k-token clip has 28 x 28 x 4k x 4k attention weights; nobody looks at them
-one by one. This view reads each layer's pattern a block of query rows at a time from the rotated q and
-k and the final mask (`Attention.pattern_rows`, on the fast path, interventions included), reduces each
-block to `[groups, groups]` and drops it: memory grows with `block_rows x tokens`, never `tokens x tokens`
-(the time still grows with tokens squared, as attention does).
+one by one. This view has each layer compute its own attention a block of query rows at a time (`Attention.blockwise`:
+scores once, each block against the keys up to its last row, the output and the masses from the same
+pattern, interventions on the mask included), reduces each block to `[groups, groups]` and drops it:
+memory grows with `block_rows x tokens`, never `tokens x tokens`, and the time is the layer's own attention
+(the causal triangle) plus the reduction. On the exact path (a hooked pattern or scores) it reads the
+pattern the layer made.
 """
 
 from __future__ import annotations
@@ -52,23 +54,7 @@ def group_attention_mass(
         raise ValueError(f"none of the groups {list(groups)} occurs in this input")
     masks = torch.stack([token_map.mask(g) for g in present]).float()  # [G, batch, pos]
     out: dict[int, Tensor] = {}
-
-    def reader(layer: int):
-        def read(attn, qh, kh, mask, causal, pattern) -> None:
-            m = masks.to(qh.device, qh.dtype)
-            b, n_q = qh.shape[0], qh.shape[2]
-            summed = 0
-            for start in range(0, n_q, block_rows):
-                rows = torch.arange(start, min(n_q, start + block_rows), device=qh.device).expand(b, -1)
-                p = attn.pattern_rows(qh, kh, mask, causal, rows, pattern)  # [b, h, rows, keys]
-                to_src = torch.einsum("bhqk,gbk->bhqg", p, m)  # mass each query puts on each src group
-                summed = summed + torch.einsum("bhqg,fbq->bhfg", to_src, m[:, :, start : start + rows.shape[1]])
-            n_dst = m.sum(-1).T  # [batch, G]
-            out[layer] = (summed / n_dst.clamp(min=1)[:, None, :, None]).float().cpu()
-
-        return read
-
-    with model.attention_readers({l: reader(l) for l in layers}), torch.no_grad():
+    with model.attention_readers({l: _MassReader(l, masks, block_rows, out) for l in layers}), torch.no_grad():
         model(**inputs, return_type=None)
     counts = masks.sum(-1).T.cpu()  # [batch, G]
     both = (counts[:, :, None] > 0) & (counts[:, None, :] > 0)  # [batch, dst, src]
@@ -90,6 +76,33 @@ def group_attention_mass(
                         row["head"] = h
                     rows.append(row)
     return pd.DataFrame(rows)
+
+
+class _MassReader:
+    """One layer's group x group mass: on the fast path the layer computes its attention a block of query rows
+    at a time (`Attention.blockwise`, the keys cut at the block's last row) and hands each block's pattern to
+    `block`; on the exact path (a hooked pattern or scores) it is called with the full pattern. Sums the mass
+    each dst group's queries put on each src group into `out[layer]` `[batch, heads, dst, src]`, averaged
+    over the dst queries when the last block is read."""
+
+    def __init__(self, layer: int, masks: Tensor, block_rows: int, out: dict):
+        self.layer, self.masks, self.block_rows, self.out = layer, masks, block_rows, out
+        self.summed: Tensor | float = 0.0
+
+    def block(self, start: int, p: Tensor) -> None:
+        """`p` `[batch, heads, rows, keys]`: the pattern of query rows `start..` over the first `keys` keys."""
+        m = self.masks.to(p.device, p.dtype)
+        rows, keys = p.shape[2], p.shape[3]
+        to_src = torch.einsum("bhqk,gbk->bhqg", p, m[:, :, :keys])  # mass each query puts on each src group
+        self.summed = self.summed + torch.einsum("bhqg,fbq->bhfg", to_src, m[:, :, start : start + rows])
+        if start + rows == m.shape[-1]:
+            n_dst = m.sum(-1).T  # [batch, G]
+            self.out[self.layer] = (self.summed / n_dst.clamp(min=1)[:, None, :, None]).float().cpu()
+
+    def __call__(self, attn, qh, kh, mask, causal, pattern) -> None:
+        """The exact path: the full pattern `[batch, heads, q, k]`, read `block_rows` rows at a time."""
+        for start in range(0, qh.shape[2], self.block_rows):
+            self.block(start, pattern[:, :, start : start + self.block_rows])
 
 
 def plot_attention_mass(df, layers: Sequence[int] | None = None, ncols: int = 4):

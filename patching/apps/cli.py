@@ -1,6 +1,8 @@
 """The `hooked-av` command: `demo` (the main job, on the embedded toy model), `flow` (the same
-knockout analysis on any supported model and clip), `study` (experiments over a dataset manifest)
-and `toy-data` (the toy task as files and a manifest). A user mistake prints one `error: ...` line
+knockout analysis on any supported model and clip), `study` (experiments over a dataset manifest),
+`harvest` (activations over a dataset manifest, for SAEs), `sae train` (an SAE on a harvested store),
+`sae view` (an SAE's features with their media) and `toy-data` (the toy task as files and a manifest). A
+user mistake prints one `error: ...` line
 and exits with status 2; anything else (a bug) keeps its traceback."""
 
 from __future__ import annotations
@@ -8,6 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from patching.apps.features_page import register as register_view
+from patching.apps.harvest import register as register_harvest
+from patching.apps.sae_train import register as register_sae
 from patching.apps.study.cli import register as register_study
 
 
@@ -17,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
 
     demo = sub.add_parser("demo", help="information flow in the embedded toy model, as an HTML report")
     demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    demo.add_argument("--samples", type=int, default=200, help="held-out samples for accuracy")
+    demo.add_argument("--samples", type=int, default=200, help="held-out samples for accuracy and discarding")
     demo.add_argument("--flow-samples", type=int, default=16, help="samples per question kind for the knockout sweep")
     demo.add_argument("--window", type=int, default=1, help="knockout window in layers (default 1: the demo's toy-flow has 8 layers)")
     demo.add_argument("--seed", type=int, default=2024)
@@ -28,11 +33,17 @@ def main(argv: list[str] | None = None) -> int:
     flow.add_argument("--audio", help="separate audio file")
     flow.add_argument("--question", required=True)
     flow.add_argument("--answer", required=True, help="the expected answer; its first token is scored")
-    flow.add_argument("--window", type=int, default=9, help="knockout window in layers (default 9)")
+    flow.add_argument("--window", type=int, default=None,
+                      help="knockout window in layers (default: 9 for models of 18 layers or more, a quarter of the depth below)")
     flow.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     flow.add_argument("--device", default=None, help='e.g. "cuda" (default: CPU)')
     flow.add_argument("--out", default="runs/flow")
     register_study(sub)  # study, toy-data: each sets args.func
+    register_harvest(sub)
+    sae = sub.add_parser("sae", help="sparse autoencoders on harvested activations: train one, view its features")
+    sae_commands = sae.add_subparsers(dest="sae_command", required=True)
+    register_sae(sae_commands)  # sae train
+    register_view(sae_commands)  # sae view
 
     args = ap.parse_args(argv)
     try:

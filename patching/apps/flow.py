@@ -60,15 +60,17 @@ def answer_id(tokenizer, question: str, answer: str) -> int:
 
 
 def run_flow(model_name: str, video: str | None, question: str, answer: str, audio: str | None = None,
-             window: int = 9, out_dir: str | Path = "runs/flow", dtype: str = "float32", device: str | None = None) -> Path:
+             window: int | None = None, out_dir: str | Path = "runs/flow", dtype: str = "float32",
+             device: str | None = None) -> Path:
     """Everything a user can get wrong (text, window, dtype, device, media, folder, tokenizer) is
-    checked before the model is loaded."""
+    checked before the model is loaded. `window`: the knockout window in layers (None:
+    `knockout.default_window` of the model's depth, the anchors' 9 from 18 layers on)."""
     t0 = time.perf_counter()
     if not question.strip():
         raise ValueError("the question is empty")
     if not answer.strip():
         raise ValueError("the answer is empty")
-    if window < 1:
+    if window is not None and window < 1:
         raise ValueError(f"the knockout window must be at least 1 layer; got {window}")
     as_dtype(dtype)
     as_device(device)
@@ -102,12 +104,14 @@ def run_flow(model_name: str, video: str | None, question: str, answer: str, aud
     if warning:
         report.text(f"Warning: {warning}.")
     report.text(f"question {question!r}; answer {answer!r} (first token id {target}); the model's first "
-                f"token: {predicted!r}; p(answer) = {p_answer:.3f}; knockout window {window}; "
+                f"token: {predicted!r}; p(answer) = {p_answer:.3f}; knockout window {res.settings['window']} "
+                f"({res.settings['window_rule']}); "
                 f"{time.perf_counter() - t0:.0f} s.")
     # one sample: its curve whether or not the model gives the answer (the warning above says so)
-    ax = res.plot(correct_only=False, samples=False)
+    fig = res.plot(correct_only=False, samples=False)
+    ax = fig.axes[0]
     ax.set_title(f"{ax.get_title().splitlines()[0]}\none clip: its own values (n=1: no mean, no interval)", fontsize="small")
-    report.heading("Attention knockout").figure(ax.figure)
+    report.heading("Attention knockout").figure(fig)
     report.text("Table: the values the figure draws, for this one clip (no mean, no interval): per edge and window "
                 "centre, p(answer) plain and knocked out and their relative change (%), and the same for the model's own "
                 "top token (rel_change_pred).")

@@ -38,9 +38,11 @@ from hooked_av.inputs.token_map import (
     MEDIA,
     TokenMap,
     TokenMapBuilder,
+    check_media_items,
     check_text_parts,
     clip_numbers,
     media_runs,
+    row_records,
     with_text_parts,
 )
 from hooked_av.interop.nnsight import require_nnsight
@@ -76,7 +78,8 @@ def hf_token_map(inputs: dict, config, tokenizer=None, chat: ChatTokens | None =
     ids (`*_start/_end/_bos/_eos_token_id`, `boi/eoi`) and the tokenizer's special tokens as template
     (without a tokenizer, a media start/end id the config does not name reads as text), text from the ChatML structure of
     `chat` or `tokenizer` (ChatML only; without either all text is "question") and `prepare`'s
-    `text_parts` record where the inputs carry it (question, options, instruction, label), `last` the final real
+    `text_parts` and `media_items` records where the inputs carry them (question, options, instruction, label;
+    the prompt's item of each media token), `last` the final real
     position. Frames, times and chunks are not known here (-1 / NaN)."""
     media = {v: _MEDIA_ID.match(k).group(1) for k, v in _config_ids(config, _MEDIA_ID).items()}
     if not media:
@@ -91,6 +94,7 @@ def hf_token_map(inputs: dict, config, tokenizer=None, chat: ChatTokens | None =
     if mask is not None and mask.dim() != 2:
         raise ValueError(f"attention_mask must be the processor's 2D [batch, pos] mask, got shape {tuple(mask.shape)}")
     parts = check_text_parts(inputs.get("text_parts"), ids)
+    record = check_media_items(inputs.get("media_items"), ids)
     b = TokenMapBuilder(*ids.shape)
     for row in range(ids.shape[0]):
         real = torch.arange(ids.shape[1]) if mask is None else mask[row].cpu().bool().nonzero().flatten()
@@ -99,7 +103,7 @@ def hf_token_map(inputs: dict, config, tokenizer=None, chat: ChatTokens | None =
         for i, g in enumerate(groups):
             b.set(row, int(real[i]), "template" if toks[i] in edges else g)
         runs = list(media_runs(toks, media))
-        for (start, end, kinds), clip in zip(runs, clip_numbers(runs)):
+        for (start, end, kinds), clip in zip(runs, clip_numbers(runs, *row_records(record, parts, row, real))):
             for kind in dict.fromkeys(kinds):
                 pos = [int(real[start + j]) for j, k in enumerate(kinds) if k == kind]
                 b.set(row, pos, kind, item=clip)
@@ -170,14 +174,22 @@ class NNsightHF:
     # ---- one traced forward -----------------------------------------------------------------
     def run(self, inputs: dict, intervention: Intervention | None = None, read=(), logits: str = "last",
             **forward_kwargs) -> tuple[Tensor, dict[str, Tensor]]:
-        """Run the HF model on processor outputs `inputs` under `intervention` (its pairs applied in
-        execution order; parts on the same site in the order given) and return `(logits, cache)`:
+        """Run the HF model on processor outputs `inputs` under `intervention` (an `Intervention` or `(hook_name,
+        fn)` pairs, applied in execution order; parts on the same site in the order given) and return `(logits, cache)`:
         logits `[batch, vocab]` at the last position (`logits="last"`) or `[batch, pos, vocab]`
         ("all"); `cache[name]` the value at each site in `read` after the intervention's edits there."""
         if logits not in ("last", "all"):
             raise ValueError(f"logits must be 'last' or 'all', got {logits!r}")
-        if intervention is not None:  # layers, heads, rows and names, before anything runs
+        if isinstance(intervention, Intervention):  # layers, heads, rows and names, before anything runs
             intervention.check(self, batch=int(inputs["input_ids"].shape[0]))
+        elif intervention is not None:  # (name, fn) pairs, as model.run_with_hooks takes them
+            pairs = list(intervention) if isinstance(intervention, (list, tuple)) else None
+            if pairs is None or not all(isinstance(p, tuple) and len(p) == 2 and (isinstance(p[0], str) or callable(p[0]))
+                                        and callable(p[1]) for p in pairs):
+                raise TypeError(f"intervention must be an Intervention or a list of (hook_name, fn) pairs; got "
+                                f"{type(intervention).__name__} {intervention!r:.80}")
+            for name, _ in pairs:
+                self.check_hook_name(name)
         pairs = list(intervention or ())
         read = [read] if isinstance(read, str) else list(read)
         sites: dict[str, list] = {}
@@ -190,7 +202,7 @@ class NNsightHF:
         order = sorted(sites, key=self._order)
         saved: dict[str, Tensor] = {}
         env = self.envoy
-        model_inputs = {k: v for k, v in inputs.items() if k != "text_parts"}  # prepare's record, not a model input
+        model_inputs = {k: v for k, v in inputs.items() if k not in ("text_parts", "media_items")}  # prepare's records
         with env.trace(**model_inputs, use_cache=False, **forward_kwargs):
             for name in order:
                 self._visit(env, name, sites[name], name in read, saved)

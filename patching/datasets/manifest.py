@@ -11,8 +11,19 @@ One sample per line (JSONL: one object; CSV: a header row, lists as JSON text):
 - `id` (unique), `question`, `answer`; media as `video` / `audio` / `image` (one item) or `items` (a list
   of `{video, audio, image, label}`, interleaved in that order); paths relative to the manifest's folder.
 - `options` (optional, at least two): then `answer` is an option's letter (`"B"`), its 0-based index
-  (`1`, or `"1"` in a CSV) or its text.
-- Every other column (task, dataset, split, ...) is metadata, carried through to every result row.
+  (`1`, or `"1"` in a CSV) or its text (ignoring case and surrounding spaces; options must be distinct so
+  read). Where those readings name different options (options `["2", "3", "1"]` and answer `"1"`: the
+  text is option 2, the index option 1; options `["B", "A"]` and answer `"A"`) the row is refused unless
+  its `answer_is` column says which reading is meant: `"letter"`, `"index"` or `"text"` (only with
+  options).
+- Every other column (task, dataset, split, ...) is metadata, carried through to every result row: one
+  type per column (text, number, true/false, list or object; missing or null anywhere), no name that a
+  study writes itself (`RESERVED`; the study also refuses the result columns of the experiments it runs).
+  `n_options` (a whole number >= 2) gives the chance level of a sample without `options`.
+- `id`: unique; not only spaces; two ids may not differ only by surrounding spaces.
+- CSV: UTF-8 (a byte-order mark is read), a header of distinct, non-empty names without surrounding
+  spaces, and every row with as many fields as the header (quote a value that holds a comma). JSONL:
+  UTF-8, one object per line, no key given twice in an object.
 
 `read_manifest` checks every row and every media file (the file exists; a video's first frame
 decodes; an audio column's file has an audio stream; an image opens) and raises one `ManifestError`
@@ -30,9 +41,11 @@ from pathlib import Path
 
 MEDIA = ("video", "audio", "image")
 ITEM_KEYS = MEDIA + ("label",)
-CORE = ("id", "question", "answer", "options", "items") + MEDIA
+CORE = ("id", "question", "answer", "answer_is", "options", "items") + MEDIA
+ANSWER_READINGS = ("letter", "index", "text")
 # columns the study writes itself: metadata under these names would be overwritten in the results
-RESERVED = ("sample_correct", "correct", "prediction", "answer_text", "answer_token", "p_answer", "rule", "sample")
+RESERVED = ("sample_correct", "correct", "prediction", "answer_text", "answer_token", "p_answer", "rule", "sample",
+            "chance", "model")  # `Study.frame` adds the model's name
 
 
 class ManifestError(ValueError):
@@ -102,11 +115,16 @@ def read_manifest(path, check_files: bool = True) -> Manifest:
         raise ManifestError(path, [(0, None, None, f"unknown manifest format {path.suffix!r}; write JSONL (.jsonl) or CSV (.csv)")])
     data = path.read_bytes()
     problems: list = []
-    raw = _read_jsonl(data, problems) if path.suffix.lower() == ".jsonl" else _read_csv(data, problems)
+    try:
+        text = data.decode("utf-8-sig")  # a byte-order mark (Excel's CSV) is not part of the first column's name
+    except UnicodeDecodeError as e:
+        raise ManifestError(path, [(0, None, None, f"not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r}); "
+                                                   "save the manifest as UTF-8")]) from None
+    raw = _read_jsonl(text, problems) if path.suffix.lower() == ".jsonl" else _read_csv(text, problems)
     if not raw and not problems:
         problems.append((0, None, None, "the manifest holds no samples"))
     checked: dict = {}  # path -> problem or None, so a clip shared by many rows is opened once
-    rows, seen, meta_cols = [], {}, []
+    rows, seen, stripped, meta_cols = [], {}, {}, []
     for n, rec in raw:
         before = len(problems)
         row = _row(n, rec, path.parent, problems, checked, check_files)
@@ -115,39 +133,132 @@ def read_manifest(path, check_files: bool = True) -> Manifest:
         if row.id in seen:
             problems.append((n, row.id, "id", f"duplicate id: row {seen[row.id]} has the same id; ids must be unique"))
             continue
-        seen[row.id] = n
-        rows.append(row)
+        if row.id.strip() in stripped:
+            m, other = stripped[row.id.strip()]
+            problems.append((n, row.id, "id", f"ids {row.id!r} and {other!r} (row {m}) differ only by surrounding spaces; "
+                                              "make them distinct, or remove the spaces if they name one sample"))
+            continue
+        seen[row.id], stripped[row.id.strip()] = n, (n, row.id)
+        rows.append((n, row))
         meta_cols += [k for k in row.meta if k not in meta_cols]
+    _check_meta_types(rows, meta_cols, problems)
+    rows = [r for _, r in rows]
     if problems:
         raise ManifestError(path, problems)
     rows = [Row(**{**r.__dict__, "index": i}) for i, r in enumerate(rows)]
     return Manifest(path, rows, meta_cols, hashlib.sha256(data).hexdigest())
 
 
-def _read_jsonl(data: bytes, problems) -> list[tuple[int, dict]]:
+def _kind(v) -> str:
+    """The type of a metadata value as a results table stores it."""
+    if isinstance(v, bool):
+        return "true/false"
+    if isinstance(v, (int, float)):
+        return "number"
+    if isinstance(v, str):
+        return "text"
+    return "list" if isinstance(v, list) else "object" if isinstance(v, dict) else type(v).__name__
+
+
+def _check_meta_types(rows: list, meta_cols: list, problems) -> None:
+    """One type per metadata column (missing / null anywhere): the results table holds one per column, and
+    a column of 1 in one row and "test" in another would fail only when the study merges its results."""
+    for col in meta_cols:
+        kinds: dict[str, list] = {}
+        for n, r in rows:
+            v = r.meta.get(col)
+            if v is not None:
+                kinds.setdefault(_kind(v), []).append((n, r.id, v))
+        if len(kinds) > 1:
+            first = next(iter(kinds))
+            for kind, where in list(kinds.items())[1:]:
+                for n, rid, v in where[:5]:
+                    problems.append((n, rid, col, f"{v!r} is {kind}, but row {kinds[first][0][0]} has {kinds[first][0][2]!r} "
+                                                  f"({first}); a metadata column holds one type: write all its values "
+                                                  "as one (e.g. each as text, in quotes)"))
+        elif kinds and next(iter(kinds)) in ("list", "object"):  # the elements must share types too
+            _check_nested(col, next(iter(kinds.values())), problems)
+
+
+def _check_nested(col: str, values: list, problems) -> None:
+    """Lists / objects a results table can hold as one column (pyarrow's rule: [1, 2] and ["a"] cannot)."""
+    import pyarrow as pa
+
+    for k, (n, rid, v) in enumerate(values):
+        try:
+            pa.array([values[0][2], v] if k else [v])
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+            where = "its elements mix types" if not k else f"it does not match row {values[0][0]}'s {values[0][2]!r}"
+            problems.append((n, rid, col, f"{v!r}: {where} ({str(e).split(chr(10))[0]}); a metadata column holds one "
+                                          "type: write its lists (objects) with elements of one type"))
+
+
+def _no_duplicate_keys(pairs: list, twice: list) -> dict:
+    keys = [k for k, _ in pairs]
+    twice += [k for i, k in enumerate(keys) if k in keys[:i]]
+    return dict(pairs)
+
+
+def _read_jsonl(text: str, problems) -> list[tuple[int, dict]]:
     out, n = [], 0
-    for line in data.decode("utf-8").splitlines():
+    for line in text.splitlines():
         if not line.strip():
             continue
         n += 1
+        twice: list = []
         try:
-            rec = json.loads(line)
+            rec = json.loads(line, object_pairs_hook=lambda pairs: _no_duplicate_keys(pairs, twice))
         except json.JSONDecodeError as e:
             problems.append((n, None, None, f"not valid JSON ({e.msg} at column {e.colno})"))
             continue
         if not isinstance(rec, dict):
             problems.append((n, None, None, f"a line must be a JSON object, got {type(rec).__name__}"))
             continue
+        if twice:  # json keeps the last of a key given twice: one of the values would be lost
+            rid = rec.get("id") if isinstance(rec.get("id"), str) else None
+            problems += [(n, rid, k, f"the key {k!r} is given twice in this object; one value would be lost: "
+                                     "keep one") for k in dict.fromkeys(twice)]
+            continue
         out.append((n, rec))
     return out
 
 
-def _read_csv(data: bytes, problems) -> list[tuple[int, dict]]:
+def _read_csv(text: str, problems) -> list[tuple[int, dict]]:
     import io
 
-    out = []
-    for n, rec in enumerate(csv.DictReader(io.StringIO(data.decode("utf-8"), newline="")), start=1):
-        rec = {k: v for k, v in rec.items() if k is not None and v not in (None, "")}
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = next(reader, None)
+    if header is None:
+        return []
+    bad = False
+    for j, name in enumerate(header):
+        if not name.strip():
+            problems.append((0, None, None, f"header column {j + 1} has no name; name every column (or remove a "
+                                            "trailing comma from the header)"))
+            bad = True
+        elif name != name.strip():
+            problems.append((0, None, name, f"the header name {name!r} has surrounding spaces; write it as "
+                                            f"{name.strip()!r} (a CSV header is read as written)"))
+            bad = True
+        elif name in header[:j]:
+            problems.append((0, None, name, f"the header names column {name!r} twice (columns {header.index(name) + 1} "
+                                            f"and {j + 1}); one of them would be lost: rename or remove one"))
+            bad = True
+    if bad:
+        return []
+    out, n = [], 0
+    for fields in reader:
+        if not fields:  # a blank line
+            continue
+        n += 1
+        if len(fields) != len(header):
+            rid = fields[header.index("id")] if "id" in header and header.index("id") < len(fields) else None
+            extra = (f"; the extra value(s) {fields[len(header):][:3]} would shift into the wrong columns: quote a value "
+                     f"that holds a comma (\"a, b\")" if len(fields) > len(header) else
+                     ": a field is missing; give every column (an empty one as nothing between two commas)")
+            problems.append((n, rid, None, f"{len(fields)} fields, but the header has {len(header)}{extra}"))
+            continue
+        rec = {k: v for k, v in zip(header, fields) if v != ""}
         for key in ("options", "items"):  # lists are JSON text in a CSV cell
             if key in rec:
                 try:
@@ -164,7 +275,9 @@ def _text(rec, key, n, rid, problems) -> str | None:
     if isinstance(v, int) and not isinstance(v, bool) and key == "id":  # 7 and "7" name the same row; 1.5 is refused
         v = str(v)
     if not isinstance(v, str) or not v.strip():
-        problems.append((n, rid, key, "missing or empty" if v in (None, "") else f"must be text, got {v!r}"))
+        why = ("missing or empty" if v in (None, "") else "only spaces" if isinstance(v, str)
+               else f"must be text, got {v!r}")
+        problems.append((n, rid, key, why))
         return None
     return v
 
@@ -179,7 +292,16 @@ def _row(n, rec, folder: Path, problems, checked, check_files) -> Row | None:
                                 or not all(isinstance(o, str) and o.strip() for o in options)):
         problems.append((n, rid, "options", f"must be a list of at least two non-empty texts, got {options!r}"))
         options = None
-    answer, index = _answer(rec.get("answer"), options, n, rid, problems)
+    if options is not None:
+        folded = [o.strip().casefold() for o in options]
+        same = [(i, j) for j in range(len(folded)) for i in range(j) if folded[i] == folded[j]]
+        if same:
+            i, j = same[0]
+            problems.append((n, rid, "options", f"options {chr(65 + i)} ({options[i]!r}) and {chr(65 + j)} ({options[j]!r}) "
+                                                "are the same text (ignoring case and spaces): an answer naming it could "
+                                                "mean either; make the options distinct"))
+            options = None
+    answer, index = _answer(rec.get("answer"), options, n, rid, problems, rec.get("answer_is"))
     media = {k: _media(rec.get(k), k, n, rid, folder, problems, checked, check_files) for k in MEDIA if rec.get(k) is not None}
     items = _items(rec.get("items"), n, rid, folder, problems, checked, check_files)
     if media and items:
@@ -192,34 +314,72 @@ def _row(n, rec, folder: Path, problems, checked, check_files) -> Row | None:
     for k in meta:
         if k in RESERVED:
             problems.append((n, rid, k, f"{k!r} is a column the study writes itself; rename this metadata column"))
+    if "n_options" in meta:  # the chance level 1 / n_options of a sample without options (a CSV cell is text)
+        v = meta["n_options"]
+        try:
+            whole = float(v) == int(float(v)) and int(float(v)) >= 2 and not isinstance(v, bool)
+        except (TypeError, ValueError):
+            whole = False
+        if not whole:
+            problems.append((n, rid, "n_options", f"must be a whole number of answer options >= 2, got {v!r}"))
     return Row(index=n - 1, id=rid, question=question, answer=str(rec["answer"]), answer_text=answer,
                options=tuple(options) if options else None, answer_index=index, items=tuple(items or ()),
                meta=meta, **media)
 
 
-def _answer(a, options, n, rid, problems) -> tuple[str | None, int | None]:
+def _readings(a, options) -> dict[str, int]:
+    """Which option `a` names when read as each of `ANSWER_READINGS` (only the readings that apply and are
+    in range)."""
+    out = {}
+    if isinstance(a, str) and len(a.strip()) == 1 and a.strip().isalpha() and 0 <= ord(a.strip().upper()) - 65 < len(options):
+        out["letter"] = ord(a.strip().upper()) - 65
+    if (isinstance(a, int) and not isinstance(a, bool) or isinstance(a, str) and a.strip().isdigit()) and 0 <= int(a) < len(options):
+        out["index"] = int(a)
+    text = a.strip() if isinstance(a, str) else str(a) if isinstance(a, int) and not isinstance(a, bool) else None
+    texts = [i for i, o in enumerate(options) if text is not None and o.strip().casefold() == text.casefold()]
+    if texts:  # options are distinct ignoring case and spaces (checked), so one at most
+        out["text"] = texts[0]
+    return out
+
+
+def _answer(a, options, n, rid, problems, answer_is=None) -> tuple[str | None, int | None]:
     if a is None or (isinstance(a, str) and not a.strip()):
         problems.append((n, rid, "answer", "missing or empty"))
         return None, None
+    if answer_is is not None and answer_is not in ANSWER_READINGS:
+        problems.append((n, rid, "answer_is", f"{answer_is!r} is not a reading of the answer; use one of {list(ANSWER_READINGS)}"))
+        return None, None
     if not options:
+        if answer_is is not None:
+            problems.append((n, rid, "answer_is", f"answer_is={answer_is!r} applies to rows with options; this row has "
+                                                  "none: drop it"))
+            return None, None
         if not isinstance(a, (str, int, float)) or isinstance(a, bool):
             problems.append((n, rid, "answer", f"must be text, got {a!r}"))
             return None, None
         return str(a), None
-    if isinstance(a, str) and a.strip() in options:
-        return a.strip(), options.index(a.strip())
-    if isinstance(a, str) and len(a.strip()) == 1 and a.strip().isalpha():
-        i = ord(a.strip().upper()) - 65
-    elif isinstance(a, int) and not isinstance(a, bool) or isinstance(a, str) and a.strip().isdigit():
-        i = int(a)
-    else:
-        problems.append((n, rid, "answer", f"{a!r} is neither an option's text, its letter nor its 0-based index"))
+    readings = _readings(a, options)
+    if answer_is is not None:
+        if answer_is not in readings:
+            problems.append((n, rid, "answer", f"{a!r} read as {answer_is!r} (answer_is) names no option of {options} "
+                                               f"(letters A-{chr(64 + len(options))}, indices 0-{len(options) - 1})"))
+            return None, None
+        readings = {answer_is: readings[answer_is]}
+    if len(set(readings.values())) > 1:
+        said = ", ".join(f"as {k} option {chr(65 + i)} ({options[i]!r})" for k, i in readings.items())
+        problems.append((n, rid, "answer", f"{a!r} reads {said}; say which with an answer_is column "
+                                           f"({' / '.join(repr(k) for k in readings)})"))
         return None, None
-    if not 0 <= i < len(options):
+    if readings:
+        i = next(iter(readings.values()))
+        return options[i], i
+    letter = isinstance(a, str) and len(a.strip()) == 1 and a.strip().isalpha()
+    if letter or isinstance(a, int) and not isinstance(a, bool) or isinstance(a, str) and a.strip().isdigit():  # out of range
         last = chr(64 + len(options))
         problems.append((n, rid, "answer", f"{a!r} is out of range for {len(options)} options (letters A-{last}, indices 0-{len(options) - 1})"))
-        return None, None
-    return options[i], i
+    else:
+        problems.append((n, rid, "answer", f"{a!r} is neither an option's text, its letter nor its 0-based index"))
+    return None, None
 
 
 def _items(items, n, rid, folder, problems, checked, check_files) -> list[dict] | None:

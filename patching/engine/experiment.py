@@ -83,12 +83,23 @@ class Experiment:
     study's options, less `not_options`, plus `extra_options`, with `required` ones always asked for.
     `by` / `value`: `Result.mean`'s default grouping and value; `label`: the axis label of `value`;
     `correct_only`: averaged over the correctly answered samples by default (the papers' convention
-    for knockout and causal tracing); `outcome`: "binary" when `value` is 0/1 per sample (an
-    accuracy), else "continuous". `run(sample, options)`: the study's adaptor, rows for one
+    for knockout and causal tracing); `outcome`: "binary" when `summary_value` is 0/1 per sample (an
+    accuracy; its interval is Wilson's, its paired test McNemar's), else "continuous" (a bootstrap
+    interval, the sign test of the per-sample effect: `patching.engine.stats`); `paired`: the
+    (intervention, plain run) columns of a row a cell is tested on, sample by sample (None: no
+    paired test; for a continuous outcome `summary_value` is the per-sample effect between them);
+    `unit`: "probability" or "percent" (a relative change of a probability) when the value has a
+    numerical floor (`stats.numerical_floor`), with `unit_scale(options)` its multiple of that unit
+    under a study's options (causal tracing's `scale`). `run(sample, options)`: the study's adaptor, rows for one
     `StudySample`; `cells` / `study_value`: the columns that name a cell of the study's summary and the
     value it averages (default `value`); `summary_rows(rows)`: the rows that summary averages where they
-    are not the rows as written (dominance: one 0/1 share per label); `check(options, window)`: refuses
-    settings before a model loads; `plot`, `report`: see `Plot`, `Report`.
+    are not the rows as written (dominance: one 0/1 share per label); `check(options, window, cfg)`:
+    refuses settings before a model loads (`cfg`: the model's `HookedAVConfig`, read from its
+    config.json without weights, or None); `columns`: every column its study rows may hold (a study
+    refuses metadata of those names before a model loads); `plot`, `report`: see `Plot`, `Report`; `plan(sample, options)`: a `Cost`,
+    what `run` will cost on that `StudySample`, counted from its TokenMap and the model's config without
+    running anything (the model may sit on the meta device; `hooked-av study --plan`).
+
 
         record = Experiment("lens_by_rank", logit_lens, by=("group", "layer"), value="rank", label="rank of the answer")
         record.option_names()  # the options a study may give it: ['groups', 'lens', 'site']
@@ -110,8 +121,15 @@ class Experiment:
     not_options: frozenset = field(default_factory=frozenset)
     required: tuple[str, ...] = ()
     example: dict = field(default_factory=dict)  # a valid option set, quoted when a required option is missing
-    check: Callable | None = None  # check(options, window): refuse settings before a model loads
+    check: Callable | None = None  # check(options, window, cfg): refuse settings before a model loads
     summary_rows: Callable | None = None  # rows -> the rows a study's summary averages (default: as written)
+    # every column its study rows may hold, under any options (and its summary_rows'), besides what the runner
+    # adds (id, metadata, sample_correct): a manifest's metadata of these names is refused before a model loads
+    columns: tuple[str, ...] = ()
+    paired: tuple[str, str] | None = None  # (intervention, plain run) columns a cell's paired test compares
+    unit: str | None = None  # "probability" / "percent": the value's numerical floor (patching.engine.stats)
+    unit_scale: Callable | None = None  # unit_scale(options) -> the value's multiple of `unit` (default 1)
+    plan: Callable | None = None  # plan(sample, options) -> Cost: what `run` will cost, counted without running
 
     def __post_init__(self):
         if self.outcome not in OUTCOMES:
@@ -120,6 +138,14 @@ class Experiment:
     @property
     def summary_value(self) -> str:
         return self.study_value or self.value
+
+    def outcome_of(self, column: str, values=None) -> str:
+        """The outcome of `column`: the record's `outcome` for its summary value; else "binary" for a
+        boolean column (`values`, its data), "continuous" otherwise (discarding plots p(answer),
+        continuous, and summarises `correct`, binary)."""
+        if column == self.summary_value:
+            return self.outcome
+        return "binary" if values is not None and getattr(values, "dtype", None) == bool else "continuous"
 
     @property
     def subset(self) -> str:
@@ -136,11 +162,27 @@ class Experiment:
         return sorted((lib - RESERVED - self.not_options) | self.extra_options)
 
 
+@dataclass(frozen=True)
+class Cost:
+    """What an experiment costs on one sample, counted before it runs: `flops` (its language-model work,
+    `patching.engine.cost`; towers not counted: a study runs them once per sample), `forwards` (that work in
+    plain forwards of the sample reading the last logits) and `peak_bytes` (the widest run's tensors besides
+    the weights, `cost.run_bytes`).
+
+        Cost(flops=2.4e12, forwards=1.17, peak_bytes=150 * 2**20)
+    """
+
+    flops: float
+    forwards: float
+    peak_bytes: int
+
+
 @dataclass
 class StudySample:
     """What a study hands an experiment's `run` for one sample: `inputs` (processor-style, on the
     device), `enc` (`model.encode`'s output: the towers ran once), `tm` (its TokenMap), `answer` (the
-    scored answer token id), `window` (the study's knockout window).
+    scored answer token id), `window` (the study's knockout window), `first` (the first sample this
+    run processes: settings only data can check are refused there, before the rest is spent).
 
         from patching.engine.experiment import get
         x = StudySample(model, inputs, model.encode(**inputs), tm, answer, window=1)
@@ -153,6 +195,7 @@ class StudySample:
     tm: object
     answer: int
     window: int | None
+    first: bool = False
 
 
 _REGISTRY: dict[str, Experiment] = {}
@@ -197,6 +240,19 @@ def names(study: bool = False, plotted: bool = False) -> list[str]:
     return out
 
 
+def study_experiments(experiments) -> list[str]:
+    """The experiments a study runs, checked: accuracy first (every result needs each sample's correctness),
+    then each given name once; a name no record a study can run has is refused, naming those it can."""
+    from patching.engine.checks import nonempty
+
+    experiments = nonempty(experiments, "experiments")
+    known = names(study=True)
+    unknown = [e for e in experiments if e not in known]
+    if unknown:
+        raise ValueError(f"unknown experiment(s) {unknown}; choose from {known}")
+    return ["accuracy"] + [e for e in dict.fromkeys(experiments) if e != "accuracy"]
+
+
 def register_drawer(fn: Callable) -> Callable:
     """How results are drawn, registered by `patching.figures` (this layer imports no picture)."""
     _DRAWERS[:] = [fn]
@@ -210,10 +266,11 @@ def draw(result, **kwargs):
     return _DRAWERS[0](result, **kwargs)
 
 
-def check_options(options: dict | None, experiments: list[str], window: int | None = None) -> dict:
+def check_options(options: dict | None, experiments: list[str], window: int | None = None, cfg=None) -> dict:
     """Refuse, before a model loads, options for experiments not run, names an experiment does not
     take, nested `sinks` options `find_sinks` does not take, missing required ones, and what a record's
-    own `check` refuses (the knockout window for its style)."""
+    own `check` refuses against the model's config `cfg` when given (the knockout window for its
+    style and the model's depth, a sink threshold the model's width cannot reach)."""
     options = dict(options or {})
     stray = [k for k in options if k not in experiments]
     if stray:
@@ -240,6 +297,11 @@ def check_options(options: dict | None, experiments: list[str], window: int | No
             bad = sorted(set(nested) - set(sink_options))
             if bad:
                 raise ValueError(f"{exp}.sinks: find_sinks takes no option(s) {bad}; its options: {sink_options}")
+            if get("sinks").check is not None:  # the sinks it finds follow the same thresholds
+                try:
+                    _check(get("sinks"), nested, window, cfg)
+                except ValueError as e:
+                    raise ValueError(f"{exp}.{e}") from None
     for exp in experiments:
         if exp == "accuracy":
             continue
@@ -248,6 +310,43 @@ def check_options(options: dict | None, experiments: list[str], window: int | No
         if missing:
             example = ", ".join(f"{exp}.{k}={v}" for k, v in record.example.items())
             raise ValueError(f"{exp} needs the option(s) {missing}" + (f", e.g. {example}" if example else ""))
+        if cfg is not None:
+            _layer_options(exp, options.get(exp, {}), cfg.n_layers)
         if record.check is not None:
-            record.check(options.get(exp, {}), window)
+            _check(record, options.get(exp, {}), window, cfg)
     return options
+
+
+# options that name layers, with the range a model of L layers allows (discarding from L discards nothing)
+LAYER_OPTIONS = {"layers": 0, "centres": 0, "from_layers": 1}
+
+
+def _layer_options(exp: str, kw: dict, n_layers: int) -> None:
+    """Layers named in options (`layers`, `centres`, `from_layers`, the effective pathway's `keep`
+    triples, FastV's `k`) against the model's depth, before its weights load."""
+    from patching.engine import checks
+
+    named = {k: v for k, v in kw.items() if k in LAYER_OPTIONS and v is not None}
+    if exp == "pathway" and isinstance(kw.get("keep"), list):
+        named["keep"] = [layer for t in kw["keep"] if isinstance(t, (list, tuple)) and len(t) == 3 for layer in (t[2] or [])]
+    try:
+        for name, values in named.items():
+            values = [values] if isinstance(values, int) else values
+            extra = LAYER_OPTIONS.get(name, 0)
+            checks.indices(values, n_layers + extra, f"{exp}.{name}", "layers",
+                           valid=f"the model has {n_layers} layers: 0..{n_layers - 1 + extra}" + (f" ({n_layers} = none)" if extra else ""))
+        if exp == "fastv" and kw.get("k") is not None:
+            valid = f"k must be in 1..{n_layers - 1}: layer k-1's attention ranks the tokens"
+            if checks.indices([kw["k"]], n_layers, f"{exp}.k", "layers", valid=valid) == [0]:
+                raise ValueError(f"{exp}.k [0] out of range; {valid}")
+    except ValueError as e:
+        raise ValueError(f"{e} (checked against the model's config before its weights load)") from None
+
+
+def _check(record: Experiment, options: dict, window, cfg) -> None:
+    """`record.check(options, window, cfg)`; a check written as `check(options, window)` (before the
+    config was passed) is called without it."""
+    if len(inspect.signature(record.check).parameters) >= 3:
+        record.check(options, window, cfg)
+    else:
+        record.check(options, window)

@@ -13,6 +13,7 @@ selects nothing in some row is an error raised here, before anything runs.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -23,7 +24,7 @@ import torch
 from torch import Tensor
 
 from hooked_av.inputs import Selection
-from hooked_av.utils import SITES, layer_of, neg_inf, position_major, positions_or_mask
+from hooked_av.utils import SITES, decoding_from, layer_of, neg_inf, position_major, positions_or_mask
 from patching.engine import checks
 from patching.engine.intervention import Intervention, Part, batch_rows, layer_list
 
@@ -42,9 +43,13 @@ def run_from(start: int) -> Iterator[None]:
         _OFFSET.reset(token)
 
 
-def _window(positions, act: Tensor, rows, what: str) -> tuple[int, Tensor]:
+def _window(positions, act: Tensor, rows, what: str) -> tuple[int, Tensor] | None:
     """`(start, where)`: the prompt position of the activations' first index (see `run_from`) and bool
-    `[batch, act positions]`, the edited positions of the run's rows from `start` on."""
+    `[batch, act positions]`, the edited positions of the run's rows from `start` on; None in a decoding step
+    of `model.generate` (`decoding_from`): positions are the prompt's, so activation edits act on the prefill
+    and a generated token runs unedited."""
+    if decoding_from() is not None:
+        return None
     start = _OFFSET.get()
     full = position_mask(positions, act.shape[0], act.shape[1] + start, act.device)
     return start, batch_rows(full, act.shape[0], rows, what)[:, start:]
@@ -111,14 +116,14 @@ GENERATED = ("as_last", "by_group")  # how a mask edit's dst treats generated qu
 def _token_set(tm, spec, what: str, queries: str | None = None) -> _Set:
     """The set of a spec, with its generated positions: as keys (`queries` None) and as queries under
     `generated="by_group"`, those of `tm.extend(1).select(spec)`, i.e. where the spec names the group
-    `generated` (`"generated"`, `"all"`); a `Selection` covers the map's positions only and selects no
+    `generated` (`"generated"`, `"all"`); a `Selection` or bool mask covers the map's positions only and selects no
     generated one. As queries under `generated="as_last"`, a generated query is in the set exactly
     where the row's final prompt position (`last`) is. A row with neither map positions nor generated
     ones is refused (the edit would change nothing there)."""
     sel = tm.select(spec)
     if queries == "as_last":
         gen = (sel.mask & tm.select("last").mask).any(-1)
-    elif isinstance(spec, Selection):
+    elif isinstance(spec, (Selection, Tensor)):  # a mask covers the map's positions only
         gen = torch.zeros(tm.batch, dtype=torch.bool)
     else:
         gen = tm.extend(1).select(spec).mask[:, -1]
@@ -162,10 +167,12 @@ def positions_label(positions, what: str) -> str:
 
 def _edge_hooks(tm, src, dst, layers, op, params, edit, what, heads=None, generated: str = "as_last",
                 on_scores: bool = False):
-    """Shared by the mask edits: `edit(t, edge)` where edge is bool `[b, 1, q, k]`, t the layer's additive
-    mask (`hook_attn_mask`). With `heads` (or `on_scores`, for an edit that reads the scores) the edit is
-    on `hook_attn_scores` instead (a `[b, 1, q, k]` mask cannot tell heads apart), edge `[b, heads, q, k]`
-    True in those query heads only (`[b, 1, q, k]` without `heads`); those layers run on the exact path. `src`, `dst`: specs, `Selection`s or `_Set`s. The q queries are the last q of
+    """Shared by the mask edits: `edit(t, edge)` where t is the rows the edit acts on (all, or its `rows`) of
+    the layer's additive mask (`hook_attn_mask`) and edge is bool `[rows, 1, q, k]`; `edit` returns the
+    edited rows (in place or new). With `heads` (or `on_scores`, for an edit that reads the scores) the
+    edit is on `hook_attn_scores` instead (a `[b, 1, q, k]` mask cannot tell heads apart), edge
+    `[rows, heads, q, k]` True in those query heads only (`[rows, 1, q, k]` without `heads`); those layers
+    run on the exact path. `src`, `dst`: specs, `Selection`s or `_Set`s. The q queries are the last q of
     the k positions: a forward of the whole prompt (k = the map's positions), of a suffix after cached
     keys (`patching.engine.sweep`), or a step of `model.generate` (k = prompt + tokens generated so far, the
     queries after the map). Positions after the map are generated tokens: as keys they are in `src`
@@ -197,19 +204,53 @@ def _edge_hooks(tm, src, dst, layers, op, params, edit, what, heads=None, genera
                                      "model.generate, queries after the cached prompt)")
                 s = _spread(s_set, k - n, b, rows, t.device, what)
                 d = _spread(d_set, k - n, b, rows, t.device, what)[:, k - q:]
-                edge = d[:, None, :, None] & s[:, None, None, :]
+                # the edge over this part's rows only: a sweep puts one intervention per row, so an edge over
+                # the whole batch would cost every row's hooks the whole batch's mask (rows squared)
+                at = _row_span(rows, b)
+                edge = d[at][:, None, :, None] & s[at][:, None, None, :]
                 if heads is not None:
                     edge = edge & _head_mask(heads, h, t.device, torch.bool, what).view(1, h, 1, 1)
                 cache.clear()
-                cache[key] = edge
-            return edit(t, cache[key])
+                cache[key] = (at, edge)
+            at, edge = cache[key]
+            part = t[at]  # a view where the rows are consecutive: an in-place edit acts on t itself
+            new = edit(part, edge)
+            if new is not part or not isinstance(at, slice):
+                if t.requires_grad and torch.is_grad_enabled():
+                    t = t.clone()  # the edit's inputs may be saved for backward
+                t[at] = new
+            return t
 
-        # the first query position any row edits: a sweep may reuse everything before it (patching.engine.sweep)
-        first = d_set.mask.any(0).nonzero()
-        fn.first_query = int(first[0, 0]) if len(first) else n  # generated queries only
+        # the first query position the edit changes: a sweep may reuse everything before it (patching.engine.sweep)
+        fn.first_query = first_seeing(d_set.mask, s_set.mask)
         return [(f"blocks.{l}.attn.{site}", fn) for l in layers]
 
     return Intervention([Part(op, params, make, layers, heads=tuple(heads or ()), seq_len=n)])
+
+
+def _row_span(rows, b: int):
+    """The batch rows a part acts on as an index: a slice where they are consecutive (a view), else a list."""
+    if rows is None:
+        return slice(None)
+    rows = sorted(set(int(r) for r in rows))
+    if rows == list(range(rows[0], rows[-1] + 1)):
+        return slice(rows[0], rows[-1] + 1)
+    return rows
+
+
+def first_seeing(dst: Tensor, src: Tensor) -> int:
+    """The first prompt position at which an edit of the edges src -> dst can change anything: the first
+    `dst` query at or after the first `src` key of its row (attention is causal: a query before every
+    edited key sees none of them, so its scores, pattern and output are the clean run's; every later
+    position is recomputed). dst, src bool `[rows, pos]` over the TokenMap's positions; the map's length
+    where no prompt query sees an edited key (generated queries or keys only).
+
+        first_seeing(tm.mask("question"), tm.mask("audio"))  # the first question token after the audio's start
+    """
+    n = dst.shape[-1]
+    idx = torch.arange(n)
+    first_key = torch.where(src, idx, n).amin(-1, keepdim=True)  # [rows, 1]; n where the row has no src key
+    return int(torch.where(dst & (idx >= first_key), idx, n).amin()) if dst.numel() else n
 
 
 def _spread(tset: _Set, n_new: int, b: int, rows, device, what: str) -> Tensor:
@@ -322,6 +363,42 @@ def steer(tm, dst, src, alpha: float, layers, heads: Sequence[int] | None = None
     return iv if rows is None else iv.on_rows(rows)
 
 
+PAI_ALPHA, PAI_FROM_LAYER = 0.2, 6  # the hub's self.alpha = 0.2 and `self.layer_idx > 5`
+
+
+def after_media(tm) -> Selection:
+    """The positions after each row's last media token (the hub's `text_start_idx = max(audio_idx.max(),
+    video_idx.max()) + 1` onward; images count as media here), padding excluded. A row without media is
+    refused."""
+    media = tm.mask("media")
+    pos = torch.arange(media.shape[1])
+    last = torch.where(media, pos, -1).amax(-1, keepdim=True)  # [b, 1]
+    if bool((last < 0).any()):
+        rows = (last[:, 0] < 0).nonzero()[:, 0].tolist()
+        raise ValueError(f"row(s) {rows} hold no media token, so nothing comes after the media; give prompts with media")
+    return Selection((pos[None] > last) & ~tm.mask("padding"), "after media")
+
+
+def pai_steer(tm, tokens, layers, alpha: float = PAI_ALPHA, heads: Sequence[int] | None = None,
+              rows: Sequence[int] | None = None) -> Intervention:
+    """The hub's PAI-style `masking_token` path (`kaistmm/crossmodal-hub`, `model/modeling_qwen2_5_omni_low.py`,
+    `Qwen2_5OmniAttention.forward`, written but switched off there by `use_pai=False`): in `layers`
+    (the hub's `layer_idx > 5`: `range(6, n_layers)`), every query after the last media token (and each
+    generated one, the hub's `generation_mode` branch on row -1) gets `score += alpha * |score|` toward
+    the `tokens` keys (TokenMap spec, `Selection`; the hub passes sink positions), before the softmax,
+    alpha 0.2 by default. It is `steer(tm, after_media(tm), tokens, alpha, layers)`: composable with
+    any other edit, and a sweep (`run_rows`) recomputes it from the first query after the media on
+    (`first_query`).
+
+        iv = pai_steer(tm, "audio", layers=[2, 3])  # the hub's layers on a 28-layer model: range(6, 28)
+        logits = model.run_with_hooks(**inputs, fwd_hooks=iv.check(model))
+    """
+    dst = after_media(tm)
+    iv = steer(tm, dst, tokens, alpha, layers, heads=heads, generated="as_last")
+    iv = Intervention([dataclasses.replace(iv.parts[0], op="pai_steer")])  # named as what it is in saved results
+    return iv if rows is None else iv.on_rows(rows)
+
+
 def _write(act: Tensor, where: Tensor, value: Tensor, heads, what: str) -> Tensor:
     """act `[b, pos, ...]`; where bool `[b, pos]`; value broadcastable to act; only `heads` (dim 2) if given."""
     w = where.view(*where.shape, *([1] * (act.dim() - 2))).to(act.dtype)
@@ -351,7 +428,8 @@ def patch_from_cache(cache, sites, positions=None, heads: Sequence[int] | None =
                      rows: Sequence[int] | None = None) -> Intervention:
     """Write `cache[site]` (an ActivationCache or dict, batch 1 or the run's batch) into the run at
     `positions` (None: all; a Selection, bool mask or int positions) of every site (hook names);
-    `heads` restricts a `hook_z` site to those heads.
+    `heads` restricts a `hook_z` site to those heads. Positions are the prompt's: under `model.generate`
+    the edit acts on the prompt's run and the generated tokens run unedited.
 
         iv = patch_from_cache(cache, ["blocks.2.hook_resid_pre"], positions=tm.select("audio"))  # cache: the clean run's
         logits = model.run_with_hooks(**corrupted, fwd_hooks=iv.check(model))
@@ -366,7 +444,10 @@ def patch_from_cache(cache, sites, positions=None, heads: Sequence[int] | None =
 
     def make(rows):
         def fn(act: Tensor, hook) -> Tensor:
-            start, where = _window(positions, act, rows, "patch_from_cache")
+            window = _window(positions, act, rows, "patch_from_cache")
+            if window is None:  # a generated token: no prompt position
+                return act
+            start, where = window
             src = cache[hook.name].to(act.device, act.dtype)
             if src.shape[2:] != act.shape[2:] or src.shape[1] != start + act.shape[1]:
                 raise ValueError(f"patch_from_cache at {hook.name}: cached shape {tuple(src.shape)} does not match the run's {tuple(act.shape)}; clean and corrupted layouts must match")
@@ -385,7 +466,8 @@ def ablate(sites, mode: str = "zero", positions=None, reference=None, heads: Seq
            seed: int = 0, rows: Sequence[int] | None = None) -> Intervention:
     """Replace activations at `positions`: `zero`; `mean` (the mean of `reference[site]` over its batch
     rows and positions, one vector per site); `resample` (row `seed`-chosen of `reference[site]`, same
-    positions). `reference` is an ActivationCache or dict of the reference runs.
+    positions). `reference` is an ActivationCache or dict of the reference runs. Positions (None: all) are the
+    prompt's: under `model.generate` the edit acts on the prompt's run and the generated tokens run unedited.
 
         iv = ablate(["blocks.1.hook_resid_pre"], "zero", positions=tm.select("audio"))
         iv += ablate(["blocks.2.attn.hook_z"], "mean", reference=cache, heads=[0, 1])  # heads 0, 1 at their mean over `cache`
@@ -412,7 +494,10 @@ def ablate(sites, mode: str = "zero", positions=None, reference=None, heads: Seq
 
     def make(rows):
         def fn(act: Tensor, hook) -> Tensor:
-            start, where = _window(positions, act, rows, "ablate")
+            window = _window(positions, act, rows, "ablate")
+            if window is None:  # a generated token: no prompt position
+                return act
+            start, where = window
             return _write(act, where, value(hook.name, act, start), heads, f"ablate at {hook.name}")
 
         return [(n, _starting(fn, positions, n)) for n in names]
@@ -425,7 +510,8 @@ def ablate(sites, mode: str = "zero", positions=None, reference=None, heads: Seq
 def add_noise(site: str, positions, std: float, seed: int = 0, rows: Sequence[int] | None = None) -> Intervention:
     """Add Gaussian noise of `std` (activation units) at `positions` of `site` (ROME's corruption on
     `hook_embed`). The noise is drawn once from `seed` (`[pos, d]`, CPU generator) so the same seed
-    gives the same noise in any batch layout.
+    gives the same noise in any batch layout. Under `model.generate` the noise is on the prompt's run; the
+    generated tokens run without it (they used to get position 0's noise).
 
         iv = add_noise("hook_embed", tm.select("audio"), std=0.5, seed=0)  # ROME's corruption
         logits = model.run_with_hooks(**inputs, fwd_hooks=iv.check(model))
@@ -436,7 +522,10 @@ def add_noise(site: str, positions, std: float, seed: int = 0, rows: Sequence[in
 
     def make(rows):
         def fn(act: Tensor, hook) -> Tensor:
-            start, where = _window(positions, act, rows, "add_noise")
+            window = _window(positions, act, rows, "add_noise")
+            if window is None:  # a generated token: no prompt position
+                return act
+            start, where = window
             shape = (start + act.shape[1], *act.shape[2:])  # the whole prompt's noise, whatever part runs
             if shape not in drawn:
                 g = torch.Generator().manual_seed(seed)

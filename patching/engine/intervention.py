@@ -37,6 +37,7 @@ class Part:
     rows: tuple[int, ...] | None = None
     heads: tuple[int, ...] = ()
     seq_len: int | None = None  # the positions of the TokenMap it was built on, where it was built on one
+    check: Callable[[object], None] | None = field(default=None, repr=False, compare=False)  # check(model): raises
 
     def describe(self) -> str:
         args = ", ".join(f"{k}={v}" for k, v in self.params.items())
@@ -101,14 +102,17 @@ class Intervention:
     # ---- validation -------------------------------------------------------------------------
     def check(self, model, batch: int | None = None, seq_len: int | None = None) -> "Intervention":
         """Raise a clear error for a layer or head the model does not have, a hook name it does not
-        know, a row outside a run of `batch` rows, or a part built on a TokenMap of other than `seq_len`
-        positions (the prompt it will run on)."""
+        know, a row outside a run of `batch` rows, a part built on a TokenMap of other than `seq_len`
+        positions (the prompt it will run on), or what a part's own `check` refuses (a feature the SAE
+        spliced there lacks)."""
         for p in self.parts:
             if seq_len is not None and p.seq_len is not None and p.seq_len != seq_len:
                 raise ValueError(f"{p.describe()}: built on a TokenMap of {p.seq_len} positions, but the prompt it runs "
                                  f"on has {seq_len}; build it from that prompt's map (a sweep's sample.tm)")
             checked_layers(p.layers, model.cfg.n_layers, f"{p.describe()}: layer(s)") if p.layers else None
             checks.heads(model, p.heads, f"{p.describe()}: head(s)")
+            if p.check is not None:
+                p.check(model)
             if batch is not None and p.rows is not None:
                 bad_rows = [r for r in p.rows if not 0 <= r < batch]
                 if bad_rows:

@@ -2,7 +2,9 @@
 
 A metric is called as `metric(logits, samples)`: `logits` `[rows, vocab]` (the final prompt position),
 `samples` `[rows]` (or one int) the sample index of each row (a sweep repeats one sample over many rows);
-it returns `[rows]` floats. Answers are token ids, one for every sample (or one for all). Without
+it returns `[rows]` floats. Answers are token ids, one for every sample (or one for all), or words: a
+word is the first token the model would write next (`model.answer_tokens`, read in each prompt's context
+when the metric is checked against the inputs, as every experiment does before its forwards). Without
 `samples`, row i is sample i when there are as many rows as answers; any other shape must say which
 sample each row is (scoring every row against the first answer was a silent wrong result).
 """
@@ -17,7 +19,14 @@ from torch import Tensor
 from patching.engine import checks
 
 
-def _ids(tokens) -> Tensor:
+class Words(list):
+    """Answers given as words, resolved to token ids by `Metric.check(model, n, inputs)`."""
+
+
+def _ids(tokens) -> Tensor | Words:
+    items = [tokens] if isinstance(tokens, str) else tokens
+    if isinstance(items, (list, tuple)) and any(isinstance(t, str) for t in items):
+        return Words(items)
     t = torch.as_tensor(tokens).flatten()
     if t.numel() == 0:
         raise ValueError("a metric needs at least one answer token id")
@@ -45,6 +54,9 @@ class Metric:
 
     @staticmethod
     def _pick(ids: Tensor, samples, rows: int, device) -> Tensor:
+        if isinstance(ids, Words):
+            raise ValueError(f"answers given as words {list(ids)} become token ids in their prompts' context: call "
+                             "metric.check(model, n_samples, inputs) first (every experiment does), or pass token ids")
         if samples is None:
             if len(ids) == 1:
                 return ids.to(device).expand(rows)
@@ -62,9 +74,16 @@ class Metric:
             raise IndexError(f"sample {int(s.max())} has no answer: the metric holds {len(ids)} answers")
         return ids.to(device)[s]
 
-    def check(self, model, n_samples: int) -> "Metric":
+    def check(self, model, n_samples: int, inputs: dict | None = None) -> "Metric":
         """Raise, before any forward, unless every id list holds one id per sample (or one for all)
-        and every id is in the model's vocabulary."""
+        and every id is in the model's vocabulary. Answers given as words become ids here, each read in
+        the context of its prompt in `inputs` (`model.answer_tokens`), or after a generation prompt."""
+        for field, words in [(k, v) for k, v in vars(self).items() if isinstance(v, Words)]:
+            if len(words) not in (1, n_samples):
+                raise ValueError(f"{len(words)} {field.removesuffix('_ids')} words for {n_samples} sample"
+                                 f"{'s' * (n_samples != 1)}: pass one per sample (or one for all)")
+            ctx = inputs if inputs is not None and "input_ids" in inputs else None
+            setattr(self, field, model.answer_tokens(list(words), ctx))
         for field, ids in self._id_lists().items():
             what = f"{field.removesuffix('_ids')} token"  # "answer token", "correct token", "wrong token"
             if len(ids) not in (1, n_samples):
@@ -75,6 +94,10 @@ class Metric:
 
     def _id_lists(self) -> dict[str, Tensor]:
         return {k: v for k, v in vars(self).items() if isinstance(v, Tensor)}
+
+    def resolved(self, model, n_samples: int, inputs: dict | None = None) -> "Metric":
+        """`check`, returning the metric (for `metric = AnswerProb(answers).resolved(model, n, inputs)`)."""
+        return self.check(model, n_samples, inputs)
 
     def settings(self) -> dict:
         return {"metric": self.name, **{k: v.tolist() if isinstance(v, Tensor) else v for k, v in vars(self).items()}}
@@ -131,6 +154,18 @@ class LogitDiff(Metric):
 
     def __init__(self, correct, wrong):
         self.correct_ids, self.wrong_ids = _ids(correct), _ids(wrong)
+
+    def check(self, model, n_samples: int, inputs: dict | None = None) -> "LogitDiff":
+        """As `Metric.check`; a sample whose correct and wrong answers are the same token is refused (its
+        difference would be 0 whatever the model does)."""
+        super().check(model, n_samples, inputs)
+        c, w = self.correct_ids.expand(n_samples) if len(self.correct_ids) == 1 else self.correct_ids, \
+            self.wrong_ids.expand(n_samples) if len(self.wrong_ids) == 1 else self.wrong_ids
+        same = (c == w).nonzero()[:, 0].tolist()
+        if same:
+            raise ValueError(f"sample(s) {same}: the correct and wrong answers are the same token ({int(c[same[0]])}); "
+                             "a logit difference needs two tokens (words that start differently, or token ids)")
+        return self
 
     def __call__(self, logits, samples=None):
         n, d = logits.shape[0], logits.device

@@ -60,8 +60,9 @@ class Result:
     def plot(self, ax=None, correct_only: bool | None = None, **kwargs):
         """The experiment's figure, drawn as its record says (`patching.figures.plots.plot`, registered
         by `patching.figures`): every dimension of interest (edge, token set, group, site, item, method,
-        head) its own series or panel, the spread over samples and their count shown, the statistic
-        named in the title. Returns the Axes, or an array of Axes when the figure has several panels."""
+        head) its own series or panel, the spread over samples and their count shown, the statistic,
+        its interval and test named in the title. Returns the matplotlib `Figure` (`.savefig`); with
+        `ax=` (an Axes, or one per panel) it draws there and returns the Figure that holds them."""
         return experiment.draw(self, ax=ax, correct_only=correct_only, **kwargs)
 
     # ---- files ------------------------------------------------------------------------------

@@ -19,6 +19,8 @@ from patching.methods import (
     knockout,
     logit_lens,
     pathway,
+    sae_eval,
+    sae_features,
     sinks,
     var,
 )
@@ -39,4 +41,6 @@ RECORDS = register(
     activation_patching.EXPERIMENT,
     attribution.EXPERIMENT,
     hallucination.EXPERIMENT,
+    sae_features.EXPERIMENT,
+    sae_eval.EXPERIMENT,
 )

@@ -13,4 +13,4 @@ from __future__ import annotations
 from patching.engine.experiment import Experiment, Report
 
 EXPERIMENT = Experiment("accuracy", by=(), value="sample_correct", label="accuracy", outcome="binary",
-                        report=Report("Accuracy"))
+                        report=Report("Accuracy"), columns=("prediction", "answer_text", "answer_token", "p_answer", "rule", "chance"))

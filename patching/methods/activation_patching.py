@@ -134,7 +134,7 @@ def activation_patching(
         positions = checks.nonempty(positions, "positions")
     heads = list(range(model.cfg.n_heads)) if heads is None else checks.heads(model, checks.nonempty(heads, "heads", none_ok=True))
     if metric is not None:
-        metric.check(model, checks.batch_of(clean))
+        metric.check(model, checks.batch_of(clean), clean)
     names = sorted(set(site_names(model, sites, layers)))  # a hook name once, whatever `layers`
     cl, co = pair_samples(model, clean, corrupted, tm_clean, tm_corrupted)
     rows = []

@@ -1,6 +1,8 @@
 """Attribution patching (Nanda 2023; Syed et al. 2023): the first-order estimate of patching clean into
 corrupted at every site at once, `(a_clean - a_corrupt) . dM/da` with the gradient taken in the
-corrupted run. Cost per sample: one clean forward (cache) and one corrupted forward + backward.
+corrupted run, read by backward hooks at the sites (TransformerLens's `bwd_hooks`), with the weights
+frozen so the backward reaches the activations alone. Cost per sample: one clean forward (cache) and one
+corrupted forward + backward.
 Use it to choose where to run exact `activation_patching`.
 """
 
@@ -46,7 +48,7 @@ def attribution_patching(
     if not isinstance(positions, str):
         positions = checks.nonempty(positions, "positions")
     if metric is not None:
-        metric.check(model, checks.batch_of(clean))
+        metric.check(model, checks.batch_of(clean), clean)
     cl, co = pair_samples(model, clean, corrupted, tm_clean, tm_corrupted)
     names = {(s, l): site_name(s, l) for s in sites for l in layers}
     rows = []
@@ -57,24 +59,28 @@ def attribution_patching(
         m = metric or AnswerProb(lc.argmax(-1))
         idx = a.index if metric is not None else 0
         acts: dict = {}
+        grads: dict = {}
 
         def keep(t, hook):
-            acts[hook.name] = t
-            return None
+            acts[hook.name] = t.detach()
 
-        with torch.enable_grad(), model.hooks(fwd_hooks=[(n, keep) for n in set(names.values())]):
+        def grad(g, hook):  # d metric / d activation, as the backward passes the hook point
+            grads[hook.name] = g.detach()
+
+        points = sorted(set(names.values()))
+        with torch.enable_grad(), model.frozen(), model.hooks(fwd_hooks=[(n, keep) for n in points],
+                                                             bwd_hooks=[(n, grad) for n in points]):
             kw = b.lm_inputs(1)  # the sample's injections (DeepStack) too
-            x = kw.pop("inputs_embeds").detach().clone().requires_grad_(True)  # a graph even when the weights are frozen
+            x = kw.pop("inputs_embeds").detach().clone().requires_grad_(True)  # the graph's one leaf (weights frozen)
             resid = model.run_language_model(x, **kw, return_type="resid", logits_at="last")
             value = m(model.unembed(resid[:, -1]), idx).sum()
-            order = sorted(acts)
-            grads = dict(zip(order, torch.autograd.grad(value, [acts[n] for n in order], allow_unused=True)))
+            torch.autograd.grad(value, x)  # runs the backward hooks; no weight gradient is made or kept
         units = position_units(b.tm, positions)
         for (site, layer), name in names.items():
-            g = grads[name]
+            g = grads.get(name)  # none where the metric does not depend on the site
             if g is None:
                 g = torch.zeros_like(acts[name])
-            per_pos = ((clean_cache[name] - acts[name].detach()) * g)[0]  # [pos, d] or [pos, h, d_head]
+            per_pos = ((clean_cache[name] - acts[name]) * g)[0]  # [pos, d] or [pos, h, d_head]
             per_pos = per_pos.sum(-1)  # [pos] or [pos, h]
             for label, pos, where in units:
                 sel = torch.zeros(b.seq_len, dtype=torch.bool)

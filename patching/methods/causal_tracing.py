@@ -21,16 +21,23 @@ Metric: the probability of the answer at the last prompt position (`steps=1`), o
 `max_prob_for_word`, the largest probability of any of the answer's candidate ids (its first
 sub-token with and without a leading space: pass the word as a string) over `steps` greedily
 generated steps (the restoration acts on the prompt positions; the decoding steps run from the
-KV cache, as the hub's hooks skip one-token steps). Effects: `indirect_effect = scale *
-(p_restored - p_corrupt)` of the answer; the mirror for the corrupted run's own prediction,
-`ie_corrupt_pred`, is `scale * (p_corrupt - p_restored)` in the hub's sign (`mirror="corrupt"`) or
-`scale * (p_restored - p_corrupt)` (`mirror="restored"`).
+KV cache, as the hub's hooks skip one-token steps); `steps="eos"` decodes until every row has
+emitted `eos_token_id` (default the tokenizer's), at most 1024 steps: the hub's `model.generate` with
+its `thinker_max_new_tokens=1024`. Effects: `indirect_effect = scale * (p_restored - p_corrupt)` of
+the answer; the mirror for the corrupted run's own prediction, `ie_corrupt_pred`, is
+`scale * (p_corrupt - p_restored)` in the hub's sign (`mirror="corrupt"`) or
+`scale * (p_restored - p_corrupt)` (`mirror="restored"`). That prediction (`corrupt_pred`) is the
+corrupted run's top token at the last prompt position (`"top"`) or, as the hub takes it
+(`preprocess/step1/output2input_*.py`: `corrupt_pred` = the corrupted run's decoded `text_output`,
+scored by `max_prob_for_word`), the text the corrupted run generates over the same steps, special
+tokens skipped, read as a word: its first sub-token with and without a leading space (`"generated"`).
 
 Presets fill what is left as None: `"rome"` (noise 3 x the dataset's embedding std, 10 draws, every
 token on its own, block output per single layer, attention and MLP outputs over 10 centred layers),
-`"hub"` (media zeroing, `attn_in`, from each layer to the last, max over 8 steps with both space
-variants, the mirror sign, x100 as the hub reports). Without a preset: noise per sample, `resid` and
-`attn_in`, single layers, first step, the restored sign, probability units.
+`"hub"` (media zeroing, `attn_in`, from each layer to the last, max over the steps up to eos with both
+space variants, the corrupted run's generated word for the mirror, its sign, x100 as the hub
+reports). Without a preset: noise per sample, `resid` and `attn_in`, single layers, first step, the
+restored sign, probability units.
 """
 
 from __future__ import annotations
@@ -62,19 +69,21 @@ from patching.methods.knockout import window_layers
 RESTORE_SITES = {"resid": "resid_pre", "resid_post": "resid_post", "attn_in": "attn_in", "attn_out": "attn_out",
                  "mlp_out": "mlp_out"}
 MODES = ("noise", "zero", "media", "inputs")
+MAX_NEW_TOKENS = 1024  # steps="eos": the hub's Qwen2_5OmniForConditionalGeneration.generate(thinker_max_new_tokens=1024)
 PRESETS = {
     None: dict(mode="noise", restore=("resid", "attn_in"), window=1, window_style="centre", steps=1,
-               mirror="restored", scale=1.0, noise_std="sample", tokens=None),
+               mirror="restored", scale=1.0, noise_std="sample", tokens=None, corrupt_pred="top"),
     # ROME: calculate_hidden_flow (samples=10, noise "s3" = 3 x collect_embedding_std over the dataset's
     # subjects), trace_important_states (every token, one layer's block output) and
     # trace_important_window (kind "attn"/"mlp", window=10, centred)
     "rome": dict(mode="noise", restore=("resid_post", "attn_out", "mlp_out"),
                  window={"resid_post": 1, "attn_out": 10, "mlp_out": 10}, window_style="centre", steps=1,
-                 mirror="restored", scale=1.0, noise_std="dataset", tokens="each"),
+                 mirror="restored", scale=1.0, noise_std="dataset", tokens="each", corrupt_pred="top"),
     # the hub: black frames / silence, input_layernorm outputs from layer 0 over window 50 (to the end),
-    # max_prob_for_word over generated steps, causal_effect.py's two means x 100
-    "hub": dict(mode="media", restore=("attn_in",), window=None, window_style="top_down", steps=8,
-                mirror="corrupt", scale=100.0, noise_std="sample", tokens=None),
+    # max_prob_for_word over the steps generate decodes (to eos, thinker_max_new_tokens=1024), the
+    # corrupted run's generated text as the mirror's word, causal_effect.py's two means x 100
+    "hub": dict(mode="media", restore=("attn_in",), window=None, window_style="top_down", steps="eos",
+                mirror="corrupt", scale=100.0, noise_std="sample", tokens=None, corrupt_pred="generated"),
 }
 
 
@@ -93,9 +102,10 @@ def causal_tracing(
     n_noise: int = 10,
     noise_scale: float = 3.0,
     noise_std: float | str | None = None,
-    steps: int | None = None,
+    steps: int | str | None = None,
     eos_token_id: int | None = None,
     corrupt_answers=None,
+    corrupt_pred: str | None = None,
     mirror: str | None = None,
     scale: float | None = None,
     preset: str | None = None,
@@ -111,12 +121,14 @@ def causal_tracing(
 
     `answers`: per sample (or one for all) a token id, a list of candidate ids, or a word (needs
     `model.tokenizer`: its first sub-token with and without a leading space); default the clean run's
-    top token. `corrupt_answers`: the same for the mirror (default: each corrupted run's own top
-    token). `tokens`: TokenMap specs, `Selection`s or `patching.engine.token_sets.TokenSet`s to restore
-    (default `[corrupt]`), or `"each"` for every position on its own (ROME's heatmap; see
-    `heatmap`), `"each:<spec>"` for each position of a spec (ROME's `token_range`). `window`: layers per restoration, one number or `{site: number}`; `centres`: the
-    layers the windows start from (top_down) or centre on. `steps`: decoding steps the metric takes
-    the max over (1 = the last prompt position); `eos_token_id` ends a row's steps.
+    top token. `corrupt_answers`: the same for the mirror (default: each corrupted run's own
+    prediction, `corrupt_pred` "top" or "generated", see the module docstring). `tokens`: TokenMap
+    specs, `Selection`s or `patching.engine.token_sets.TokenSet`s to restore (default `[corrupt]`),
+    or `"each"` for every position on its own (ROME's heatmap; see `heatmap`), `"each:<spec>"` for each
+    position of a spec (ROME's `token_range`). `window`: layers per restoration, one number or
+    `{site: number}`; `centres`: the layers the windows start from (top_down) or centre on. `steps`:
+    decoding steps the metric takes the max over (1 = the last prompt position; "eos": until
+    `eos_token_id`, at most 1024); `eos_token_id` ends a row's steps. Rows also carry `corrupt_pred`.
 
         res = causal_tracing(model, inputs, [answer], corrupt="audio", n_noise=2, centres=[0, 2], progress=False)
         res.mean()  # indirect effect per restore site, token set and layer
@@ -124,7 +136,7 @@ def causal_tracing(
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {list(PRESETS)}, got {preset!r}")
     given = dict(mode=mode, restore=restore, window=window, window_style=window_style, steps=steps, mirror=mirror,
-                 scale=scale, noise_std=noise_std, tokens=tokens)
+                 scale=scale, noise_std=noise_std, tokens=tokens, corrupt_pred=corrupt_pred)
     o = {k: (PRESETS[preset][k] if (v == "preset" if k == "window" else v is None) else v) for k, v in given.items()}
     if corrupted is not None and mode is None:
         o["mode"] = "inputs"
@@ -146,7 +158,26 @@ def causal_tracing(
             raise ValueError(f"noise_std must be 'sample', 'dataset' or a number, got {o['noise_std']!r}")
     else:
         checks.finite(o["noise_std"], "noise_std", minimum=0)
-    steps = checks.count(o["steps"], "steps")
+    if o["steps"] == "eos":
+        if eos_token_id is None:
+            eos_token_id = getattr(getattr(model, "tokenizer", None), "eos_token_id", None)
+        if eos_token_id is None:
+            raise ValueError("steps='eos' decodes until the end token: pass eos_token_id= (the model has no tokenizer "
+                             "to take it from) or a number of steps")
+        steps = MAX_NEW_TOKENS
+    elif isinstance(o["steps"], str):
+        raise ValueError(f"steps must be a number of decoding steps or 'eos', got {o['steps']!r}")
+    else:
+        steps = checks.count(o["steps"], "steps")
+    if o["corrupt_pred"] not in ("top", "generated"):
+        raise ValueError(f"corrupt_pred must be 'top' (the corrupted run's top token) or 'generated' (the hub's: the "
+                         f"word it generates), got {o['corrupt_pred']!r}")
+    if corrupt_pred is not None and corrupt_answers is not None:
+        raise ValueError("corrupt_pred chooses the corrupted run's own prediction, which corrupt_answers replaces; "
+                         "pass one of them")
+    if o["corrupt_pred"] == "generated" and corrupt_answers is None and getattr(model, "tokenizer", None) is None:
+        raise ValueError("corrupt_pred='generated' reads the corrupted run's text as a word: it needs model.tokenizer; "
+                         "pass corrupt_pred='top' or corrupt_answers=")
     if o["mirror"] not in ("corrupt", "restored"):
         raise ValueError(f"mirror must be 'corrupt' (the hub's p_corrupt - p_restored) or 'restored', got {o['mirror']!r}")
     checks.finite(o["scale"], "scale")
@@ -195,9 +226,17 @@ def causal_tracing(
         with torch.no_grad():
             top_clean = int(forward_rows(model, s, 1)[0].argmax())
         answer = [top_clean] if targets is None else targets[s.index]
-        base_top = run_rows(model, target, corruptions, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
-                            progress=False).argmax(-1).tolist()  # each draw's corrupted prediction
-        preds = [[t] for t in base_top] if wrong is None else [wrong[s.index]] * len(corruptions)
+        if wrong is not None:
+            preds, pred_labels = [wrong[s.index]] * len(corruptions), [str(wrong[s.index])] * len(corruptions)
+        elif o["corrupt_pred"] == "generated":  # the hub's corrupt_pred: the corrupted run's decoded text
+            _, generated = _probe(model, target, corruptions, [0], keep_tokens=True, **probe)
+            words = [model.tokenizer.decode(_until(g, eos_token_id), skip_special_tokens=True,
+                                            clean_up_tokenization_spaces=False) for g in generated]
+            preds, pred_labels = [candidates(model, w, 1, "corrupt_pred")[0] for w in words], words
+        else:
+            base_top = run_rows(model, target, corruptions, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
+                                progress=False).argmax(-1).tolist()  # each draw's corrupted prediction
+            preds, pred_labels = [[t] for t in base_top], [str(t) for t in base_top]
         cand = sorted({*answer, *(t for p in preds for t in p)})
         col = {t: i for i, t in enumerate(cand)}
         a_idx = [col[t] for t in answer]
@@ -226,13 +265,15 @@ def causal_tracing(
                        window_start=lo, window_end=hi, p_clean=float(p_clean_all[a_idx].max()), p_corrupt=p_corrupt,
                        p_restored=p_restored, indirect_effect=o["scale"] * (p_restored - p_corrupt),
                        ie_corrupt_pred=o["scale"] * (mirror_gap if o["mirror"] == "corrupt" else -mirror_gap),
-                       correct=top_clean in answer)
+                       corrupt_pred=" | ".join(dict.fromkeys(pred_labels)), correct=top_clean in answer)
             if each:
                 row["pos"] = pos
             rows.append(row)
     settings = dict(preset=preset, corrupt=str(corrupt), mode=o["mode"], restore=restore,
                     tokens=o["tokens"] if each else [str(getattr(t, "label", t)) for t in sets], window=o["window"],
-                    window_style=o["window_style"], centres=centres, steps=steps, eos_token_id=eos_token_id,
+                    window_style=o["window_style"], centres=centres, steps=o["steps"], eos_token_id=eos_token_id,
+                    corrupt_pred="given" if corrupt_answers is not None else o["corrupt_pred"],
+                    token_set_seeds={t.label: t.seed for t in sets if getattr(t, "seed", None) is not None},
                     mirror=o["mirror"], scale=o["scale"], n_noise=n_noise if o["mode"] == "noise" else 1,
                     noise_scale=noise_scale, noise_std=std if o["mode"] == "noise" else None, seed=seed)
     return Result("causal_tracing", pd.DataFrame(rows), settings)
@@ -284,16 +325,22 @@ def candidates(model, answers, n: int, what: str) -> list[list[int]]:
     return out * n if len(out) == 1 else out
 
 
+def _until(tokens: list[int], eos: int | None) -> list[int]:
+    """`tokens` cut after their first `eos`."""
+    return tokens[: tokens.index(eos) + 1] if eos is not None and eos in tokens else tokens
+
+
 def _probe(model, sample, interventions, cand: list[int], steps: int = 1, eos: int | None = None,
-           batch_size=None, max_batch_tokens=16384, progress=False, desc="tracing") -> torch.Tensor:
+           batch_size=None, max_batch_tokens=16384, progress=False, desc="tracing", keep_tokens: bool = False):
     """`[rows, cand]`: per intervention, the largest probability of each candidate id over `steps`
     greedy steps (step 1 = the last prompt position). The intervention acts on the prompt's forward;
-    later steps run from its KV cache; a row's steps end after it emits `eos`."""
-    if steps == 1:
+    later steps run from its KV cache; a row's steps end after it emits `eos`. With `keep_tokens`,
+    also each row's greedy tokens (a list per row, up to `steps`; read them with `_until`)."""
+    if steps == 1 and not keep_tokens:
         return run_rows(model, sample, interventions, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
                         progress=progress, desc=desc, reduce=lambda lg: lg.float().softmax(-1)[:, cand].cpu())
     per = rows_per_forward(sample.seq_len, batch_size, max_batch_tokens)
-    out = []
+    out, tokens = [], []
     with torch.no_grad():
         for start in range(0, len(interventions), per):
             group = interventions[start:start + per]
@@ -308,6 +355,7 @@ def _probe(model, sample, interventions, cand: list[int], steps: int = 1, eos: i
             best = logits.float().softmax(-1)[:, cand]
             live = torch.ones(b, dtype=torch.bool, device=logits.device)
             nxt_pos = int(sample.position_ids.max()) + 1
+            chosen = [logits.argmax(-1)]
             for step in range(1, steps):
                 tok = logits.argmax(-1)
                 if eos is not None:
@@ -319,8 +367,10 @@ def _probe(model, sample, interventions, cand: list[int], steps: int = 1, eos: i
                                                   kv_caches=caches, logits_at="last")[:, -1]
                 p = logits.float().softmax(-1)[:, cand]
                 best = torch.where(live[:, None], torch.maximum(best, p), best)
+                chosen.append(logits.argmax(-1))
             out.append(best.cpu())
-    return torch.cat(out)
+            tokens += torch.stack(chosen, 1).tolist()
+    return (torch.cat(out), tokens) if keep_tokens else torch.cat(out)
 
 
 def heatmap(result: Result, site: str, sample: int = 0, value: str = "p_restored") -> pd.DataFrame:
@@ -370,8 +420,11 @@ def _run(x: StudySample, opts: dict) -> pd.DataFrame:
                 continue
             kw["tokens"] = sets
         frames.append(causal_tracing(x.model, given, [x.answer], corrupt=m, tm=x.tm, progress=False, **kw).df.assign(corrupted=m))
-    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    return df.assign(dominance=label_of(x)["label"].iloc[0])
+    if not frames:  # the report says why this sample has no rows
+        empty = pd.DataFrame()
+        empty.attrs["why"] = f"every token set asked for ({tokens}) is empty in this sample"
+        return empty
+    return pd.concat(frames, ignore_index=True).assign(dominance=label_of(x)["label"].iloc[0])
 
 
 def _token_sets(x: StudySample, specs: list, sink_opts: dict, seed: int) -> list:
@@ -393,10 +446,19 @@ def _token_sets(x: StudySample, specs: list, sink_opts: dict, seed: int) -> list
     return out
 
 
+def _scale(opts: dict) -> float:
+    """The indirect effect's multiple of a probability under a study's options (the hub preset: x100)."""
+    scale = opts.get("scale")
+    return float(scale if scale is not None else PRESETS[opts.get("preset")]["scale"])
+
+
 EXPERIMENT = Experiment(
     "causal_tracing", causal_tracing, by=("site", "tokens", "layer"), value="indirect_effect", label="indirect effect",
     correct_only=True, plot=Plot("traced", x="layer", series="tokens", panel="site", xlabel="layer"), run=_run,
     cells=("corrupted", "site", "tokens", "layer", "pos"), extra_options=frozenset({"sinks"}),
+    paired=("p_restored", "p_corrupt"), unit="probability", unit_scale=_scale,
     not_options=frozenset({"corrupted", "corrupt_answers"}),
     report=Report("Causal tracing: indirect effect per restored token set", split=("corrupted",), by_site=True),
+    columns=("site", "tokens", "layer", "window_start", "window_end", "corrupt_pred", "p_clean", "p_corrupt", "p_restored",
+             "indirect_effect", "ie_corrupt_pred", "correct", "pos", "corrupted", "dominance"),
 )

@@ -15,11 +15,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from patching.engine import checks
-from patching.engine.experiment import Experiment, Plot, Report, StudySample
+from patching.engine import checks, cost
+from patching.engine.experiment import Cost, Experiment, Plot, Report, StudySample
 from patching.engine.metrics import AnswerProb
 from patching.engine.results import Result
-from patching.engine.sweep import Sample, samples
+from patching.engine.sweep import Sample, sample_maps, samples
 
 
 def _dropped(tm, group) -> Tensor:
@@ -43,26 +43,21 @@ def physical_forward(model, sample: Sample, group, from_layer: int) -> Tensor:
     if not 0 <= from_layer <= L:
         raise ValueError(f"from_layer {from_layer} out of range; the model has {L} layers (0..{L}, {L} = discard nothing)")
     drop = _dropped(sample.tm, group)[0].to(sample.embeds.device)
-    return model.run_language_model(**sample.lm_inputs(1), discard=(drop, from_layer), logits_at="last")[:, -1]
+    with torch.no_grad():  # a measurement: no graph
+        return model.run_language_model(**sample.lm_inputs(1), discard=(drop, from_layer), logits_at="last")[:, -1]
 
 
 def forward_flops(model, n_tokens: int, n_kept: int | None = None, from_layer: int | None = None) -> float:
     """Multiply-adds x 2 of a causal forward of `n_tokens` through the language model (projections,
-    attention scores and values, MLP; the last position's unembedding), with only `n_kept` tokens
-    from `from_layer` on when given. Norms and rotary are ignored (O(n d))."""
+    attention scores and values, MLP, a sparse layer's router and top-k experts; the last position's
+    unembedding), with only `n_kept` tokens from `from_layer` on when given (`patching.engine.cost`).
+    Norms and rotary are ignored (O(n d))."""
     c = model.cfg
-    dq, dkv = c.n_heads * c.d_head, c.n_key_value_heads * c.d_head
-    mlp = (3 if getattr(c, "gated_mlp", True) else 2) * c.d_model * c.d_mlp
-
-    def layer(n: int) -> float:
-        dense = n * (c.d_model * (dq + 2 * dkv) + dq * c.d_model + mlp)
-        attn = 2 * dq * n * (n + 1) / 2  # QK^T and PV over the causal triangle
-        return 2 * (dense + attn)
-
-    L = c.n_layers
-    cut = L if from_layer is None else from_layer
+    cut = c.n_layers if from_layer is None else from_layer
     kept = n_tokens if n_kept is None else n_kept
-    return cut * layer(n_tokens) + (L - cut) * layer(kept) + 2 * c.d_model * c.d_vocab
+    causal = [cost.keys_read(n, 0) for n in (n_tokens, kept)]
+    return (sum(cost.block_flops(c, l, n_tokens, causal[0]) for l in range(cut))
+            + sum(cost.block_flops(c, l, kept, causal[1]) for l in range(cut, c.n_layers)) + cost.unembed_flops(c, 1))
 
 
 def median_times(fns: dict, repeats: int) -> tuple[dict, dict]:
@@ -110,7 +105,7 @@ def discarding(
         checks.nonempty(from_layers, "from_layers", none_ok=True), L + 1, "from_layer(s)", "layers", valid=f"valid: 0..{L} ({L} = discard nothing)")
     checks.count(repeats, "repeats")
     metric = answers if isinstance(answers, AnswerProb) else AnswerProb(answers)
-    metric.check(model, checks.batch_of(inputs))
+    metric.check(model, checks.batch_of(inputs), inputs)
     tm = model.token_map(inputs) if tm is None else tm
     n_drop = _dropped(tm, group).sum(-1).tolist()  # every sample, before any forward
     data = samples(model, inputs, tm)
@@ -122,11 +117,13 @@ def discarding(
             fns = {x: (lambda x=x: physical_forward(model, s, group, x)) for x in layers}
             logits, seconds = median_times(fns, repeats)
         p_full, f_full = float(metric(logits[L], s.index)[0]), forward_flops(model, n)
+        correct_full = bool(metric.correct(logits[L], s.index)[0])
         for layer in from_layers:
             f = forward_flops(model, n, n - dropped, layer)
             rows.append(dict(sample=s.index, from_layer=layer, group=str(group), n_tokens=n, n_discarded=dropped,
                              metric=float(metric(logits[layer], s.index)[0]), metric_full=p_full,
-                             correct=bool(metric.correct(logits[layer], s.index)[0]), flops=f, flops_full=f_full,
+                             correct=bool(metric.correct(logits[layer], s.index)[0]), correct_full=correct_full,
+                             flops=f, flops_full=f_full,
                              flops_saved=1 - f / f_full, seconds=seconds[layer], seconds_full=seconds[L],
                              time_saved=1 - seconds[layer] / seconds[L]))
     return Result("discarding", pd.DataFrame(rows), dict(group=str(group), from_layers=from_layers, repeats=repeats,
@@ -136,14 +133,33 @@ def discarding(
 # ---- the record ---------------------------------------------------------------------------------
 def _run(x: StudySample, opts: dict) -> pd.DataFrame:
     """A study's discarding of one sample; `group` defaults to the sample's media."""
-    opts.setdefault("group", "|".join(g for g in ("audio", "video", "image") if bool(x.tm.select(g).mask.any())))
+    opts.setdefault("group", _media(x.tm))
     return discarding(x.model, x.enc, [x.answer], tm=x.tm, progress=False, **opts).df
+
+
+def _media(tm) -> str:
+    return "|".join(g for g in ("audio", "video", "image") if bool(tm.select(g).mask.any()))
+
+
+def _plan(x: StudySample, opts: dict) -> Cost:
+    """What `_run` costs on one sample: each from-layer's physical forward (the full one included), once to
+    warm up and `repeats` times timed."""
+    model, L = x.model, x.model.cfg.n_layers
+    tm = sample_maps(model, x.inputs, x.tm)[0]
+    n, dropped = tm.seq_len, int(_dropped(tm, opts.get("group", _media(tm))).sum())
+    from_layers = opts.get("from_layers")
+    layers = [L] + [v for v in dict.fromkeys(range(L + 1) if from_layers is None else from_layers) if v != L]
+    flops = (opts.get("repeats", 3) + 1) * sum(forward_flops(model, n, n - dropped, v) for v in layers)
+    return Cost(flops, flops / forward_flops(model, n), cost.run_bytes(model.cfg, 1, n, n, mask=False))
 
 
 EXPERIMENT = Experiment(
     "discarding", discarding, by=("from_layer",), value="metric", label="p(answer)",
     plot=Plot("lines", x="from_layer", series="group", xlabel="discarded from layer (n_layers = nothing)"),
-    run=_run, cells=("group", "from_layer"), study_value="correct",  # a study reports the accuracy with the group discarded
+    run=_run, plan=_plan, cells=("group", "from_layer"), study_value="correct",  # a study reports the accuracy with the group discarded
+    outcome="binary", paired=("correct", "correct_full"), unit="probability",
     report=Report("Discarding the media from layer L on: accuracy and FLOPs saved", samples=False,
                   twin=("flops_saved", "FLOPs saved (fraction, dashed)"), ylabel="accuracy (all samples)", ylim=(-0.05, 1.05)),
+    columns=("from_layer", "group", "n_tokens", "n_discarded", "metric", "metric_full", "correct", "correct_full", "flops",
+             "flops_full", "flops_saved", "seconds", "seconds_full", "time_saved"),
 )

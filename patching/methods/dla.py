@@ -19,11 +19,11 @@ import torch
 
 from hooked_av.inputs.token_map import GROUPS
 from hooked_av.utils import resident
-from patching.engine import checks
-from patching.engine.experiment import Experiment, Plot, Report, StudySample
+from patching.engine import checks, cost
+from patching.engine.experiment import Cost, Experiment, Plot, Report, StudySample
 from patching.engine.metrics import AnswerProb
 from patching.engine.results import Result
-from patching.engine.sweep import forward_rows, samples
+from patching.engine.sweep import forward_rows, sample_maps, samples
 
 
 def _groups(tm, groups) -> list[tuple[str, torch.Tensor]]:
@@ -59,7 +59,7 @@ def dla(model, inputs: dict, answers=None, groups: Sequence | None = None, layer
     """
     layers = checks.layers(model, layers)
     if answers is not None:
-        (answers if isinstance(answers, AnswerProb) else AnswerProb(answers)).check(model, checks.batch_of(inputs))
+        answers = (answers if isinstance(answers, AnswerProb) else AnswerProb(answers)).check(model, checks.batch_of(inputs), inputs)
     if groups is not None:
         groups = checks.nonempty(groups, "groups", none_ok=True)
     c = model.cfg
@@ -78,8 +78,7 @@ def dla(model, inputs: dict, answers=None, groups: Sequence | None = None, layer
         if answers is None:
             tok = int(logits[0].argmax())
         else:
-            metric = answers if isinstance(answers, AnswerProb) else AnswerProb(answers)
-            tok = int(metric._pick(metric.answer, s.index, 1, "cpu")[0])
+            tok = int(answers._pick(answers.answer, s.index, 1, "cpu")[0])
         with torch.no_grad():
             direction = model.tokens_to_residual_directions(tok).float()  # [d_model]
             scale = seen["ln_final.hook_scale"][-1].squeeze()
@@ -102,8 +101,19 @@ def _run(x: StudySample, opts: dict) -> pd.DataFrame:
     return dla(x.model, x.enc, [x.answer], tm=x.tm, **opts).df
 
 
+def _plan(x: StudySample, opts: dict) -> Cost:
+    """One forward whose read layers run on the exact path (their patterns are read: every key)."""
+    c = x.model.cfg
+    n = sample_maps(x.model, x.inputs, x.tm)[0].seq_len
+    read = set(checks.layers(x.model, opts.get("layers")))
+    flops = sum(cost.block_flops(c, l, n, cost.keys_read(n, 0, "all" if l in read else "causal")) for l in range(c.n_layers))
+    flops += cost.unembed_flops(c, 1)
+    return Cost(flops, flops / cost.forward_flops(c, n), cost.run_bytes(c, 1, n, n, exact=True))
+
+
 EXPERIMENT = Experiment(
     "dla", dla, by=("layer", "head", "group"), value="dla", label="direct logit attribution (logit)",
-    plot=Plot("heads", panel="group"), run=_run, cells=("group", "layer", "head"),
+    plot=Plot("heads", panel="group"), run=_run, plan=_plan, cells=("group", "layer", "head"),
     report=Report("Direct logit attribution per head, split by the token group read"),
+    columns=("layer", "head", "group", "answer", "dla"),
 )

@@ -26,14 +26,14 @@ LABELS = ("video", "audio", "neither")
 def dominance(model, inputs: dict, answers=None) -> pd.DataFrame:
     """One row per sample: `pred_av`, `pred_audio_only` (frames black), `pred_video_only` (waveform
     silent), `label` ("video", "audio" or "neither", see the module) and, with `answers` (one token id
-    per sample or one for all), `correct_av`. Three forwards of the batch; no sample is dropped.
+    or word per sample, or one for all; words as `model.answer_tokens` reads them), `correct_av`. Three forwards of the batch; no sample is dropped.
 
         labels = dominance(model, inputs, answers=[answer])
         labels[["pred_av", "pred_audio_only", "pred_video_only", "label"]]
     """
     n = checks.batch_of(inputs)
     if answers is not None:
-        answers = torch.as_tensor(answers).flatten()
+        answers = model.answer_tokens(answers, inputs)  # ids, or words read in each prompt's context
         if len(answers) not in (1, n):
             raise ValueError(f"{len(answers)} answer token ids for {n} samples: pass one per sample (or one for all)")
         checks.token_ids(model, answers.tolist(), "answer token id(s)")
@@ -76,4 +76,5 @@ EXPERIMENT = Experiment(
     "dominance", dominance, by=("label",), value="share", label="share of samples", outcome="binary",
     run=lambda x, opts: label_of(x), cells=("label",), summary_rows=label_shares,
     report=Report("Unimodal dominance: share of samples per label", table="shares"),
+    columns=("pred_av", "pred_audio_only", "pred_video_only", "label", "correct_av", "absent", "share"),
 )

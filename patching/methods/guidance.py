@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from patching.engine import checks, token_sets
+from patching.engine.intervention import Intervention
 from patching.engine.sweep import encode, slice_token_map
 
 HUB_LAYERS, HUB_DEPTH = (18, 26), 28  # the hub's target_layers=range(18, 26) on the 28-layer 7B Thinker
@@ -193,6 +194,26 @@ def _plain_run(model, embeds, pos, mask, inj, layers):
     return logits, (torch.stack([got[l] for l in layers]) if layers else None)
 
 
+def _hooks_of(model, make_hooks, tm) -> list:
+    """`make_hooks(tm)` as checked `(hook_name, fn)` pairs; anything else is refused, naming what it returned."""
+    if not callable(make_hooks):
+        raise TypeError(f"make_hooks must be a function of the TokenMap returning the intervention (e.g. "
+                        f"lambda tm: steer(tm, 'last', 'audio', 0.5, [3])), got {type(make_hooks).__name__}")
+    got = make_hooks(tm)
+    if isinstance(got, Intervention):
+        return list(got.check(model, seq_len=tm.seq_len))
+    pairs = list(got) if isinstance(got, (list, tuple)) else None
+    if pairs is None or not pairs or not all(isinstance(p, tuple) and len(p) == 2 and (isinstance(p[0], str) or callable(p[0]))
+                                             and callable(p[1]) for p in pairs):
+        raise TypeError(f"make_hooks(tm) returned {type(got).__name__} {got!r:.80}; it must return an Intervention "
+                        "(e.g. lambda tm: steer(tm, 'last', 'audio', 0.5, [3])) or a non-empty list of (hook_name, fn) "
+                        "pairs (a function body without `return` gives None)")
+    for name, _ in pairs:
+        if isinstance(name, str):
+            model.check_hook_name(name)
+    return pairs
+
+
 @torch.no_grad()
 def guided_generate(
     model,
@@ -226,6 +247,7 @@ def guided_generate(
     tm = model.token_map(inputs) if tm is None else tm
     if adaptive:
         scale.start(model, tm)
+    _hooks_of(model, make_hooks, tm)  # what it returns is checked before any forward
     enc = encode(model, inputs)
     embeds, pos = enc["inputs_embeds"], enc["position_ids"]
     inj = enc.get("injections")
@@ -240,7 +262,7 @@ def guided_generate(
         if bool((torch.as_tensor(s) == 0).all()):
             nxt = plain.argmax(-1)
         else:
-            with model.hooks(fwd_hooks=list(make_hooks(tm))):
+            with model.hooks(fwd_hooks=_hooks_of(model, make_hooks, tm)):
                 guided = model.run_language_model(embeds, pos, mask, injections=inj, logits_at="last")[:, -1]
             nxt = guided_logits(plain, guided, s).argmax(-1)
         if out and eos_token_id is not None:

@@ -9,6 +9,7 @@ hallucinated when its object is not among the clip's labels. Over a set of capti
     CHAIR_s = captions with a hallucinated mention / all captions
 
     matcher = ObjectMatcher({"dog": ["dog", "puppy"], "fire truck": ["fire truck", "fire engine"]})
+    # or CHAIR's own MSCOCO reading: patching.datasets.coco_objects.CocoObjects()
     res = hallucination(model, inputs, objects=[["dog"], ["piano", "man"]], make_hooks=guide,
                         scale=AdaptiveScale.from_sinks(find_sinks(model, inputs)), matcher=matcher,
                         eos_token_id=im_end)
@@ -88,8 +89,9 @@ def chair(captions: Sequence[str], labels: Sequence[Iterable[str]], matcher: Cal
     """One row per caption: `caption`, `objects` (its labels as objects), `mentioned` (every mention),
     `hallucinated` (mentions of objects outside the labels), `n_mentions`, `n_hallucinated`,
     `hallucinated_caption`, and `unknown_labels` (labels the matcher does not know: they can never be
-    mentioned, so check them). `matcher`: an `ObjectMatcher`, or any `caption -> [object]` (labels
-    then compared as given)."""
+    mentioned, so check them). `matcher`: an `ObjectMatcher`, CHAIR's own reading
+    (`patching.datasets.coco_objects.CocoObjects`: MSCOCO synonyms, singular forms, two-word names), or
+    any `caption -> [object]` (labels then compared as given, or through its `canonical(label)`)."""
     if len(captions) != len(labels):
         raise ValueError(f"{len(captions)} captions but {len(labels)} label lists: give one list of objects per caption")
     rows = []
@@ -97,7 +99,7 @@ def chair(captions: Sequence[str], labels: Sequence[Iterable[str]], matcher: Cal
         if isinstance(labs, str):
             raise ValueError(f"labels {labs!r} is one string; give each caption a list of object names")
         labs = list(labs)
-        known = {n: matcher.canonical(n) if isinstance(matcher, ObjectMatcher) else n for n in labs}
+        known = {n: matcher.canonical(n) if hasattr(matcher, "canonical") else n for n in labs}
         objects = {o for o in known.values() if o is not None}
         mentioned = list(matcher(cap))
         bad = [m for m in mentioned if m not in objects]

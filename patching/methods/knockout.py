@@ -22,12 +22,13 @@ from itertools import combinations
 import pandas as pd
 import torch
 
-from patching.engine import checks
-from patching.engine.experiment import Experiment, Plot, Report, StudySample
+from patching.engine import checks, cost
+from patching.engine.experiment import Cost, Experiment, Plot, Report, StudySample
 from patching.engine.hooks import block_attention
 from patching.engine.metrics import AnswerProb, relative_change
 from patching.engine.results import Result
-from patching.engine.sweep import forward_rows, run_rows, sample_maps, samples
+from patching.engine.stats import adjust, interval, paired_test
+from patching.engine.sweep import forward_rows, plan_sweep, run_rows, sample_maps, samples
 
 DEFAULT_EDGES = (
     ("audio", "question"), ("video", "question"), ("audio", "last"),
@@ -37,6 +38,47 @@ DEFAULT_EDGES = (
 
 WINDOW_STYLES = ("centre", "inverse", "top_down", "bottom_up")
 DEFAULT_WINDOW = 9  # Zhang et al. and Map the Flow (information_flow_analysis.py, --window 9)
+MIN_LAYERS_FOR_DEFAULT = 18  # 9 layers are a window (at most half the model) from 18 layers on
+
+
+def default_window(n_layers: int) -> int:
+    """The knockout window a model gets when none is given: the anchors' 9 layers where the model has
+    at least 18 (their models have 28 to 40; 9 is then at most half the depth), else a quarter of the
+    depth, at least 1 (the 4-layer toy: 1; 8 layers: 2; 16: 4), so that no window covers the whole
+    model and the curve can say where along the depth an edge matters.
+
+        default_window(28), default_window(4)  # (9, 1)
+    """
+    checks.count(n_layers, "n_layers", unit=" layer")
+    return DEFAULT_WINDOW if n_layers >= MIN_LAYERS_FOR_DEFAULT else max(1, n_layers // 4)
+
+
+def window_rule(k: int | None, n_layers: int, style: str = "centre") -> str:
+    """How the window of a knockout was chosen, for settings and titles: "given", "default for N
+    layers", or "none" for the styles that take no size."""
+    if style in ("top_down", "bottom_up"):
+        return "none"
+    return "given" if k is not None else f"default for {n_layers} layers"
+
+
+def whole_model_centres(k: int, n_layers: int, centres=None) -> list[int]:
+    """The centres at which a centred `k`-layer window covers every layer of an `n_layers` model."""
+    return [c for c in (range(n_layers) if centres is None else centres) if len(window_layers(c, k, n_layers)) == n_layers]
+
+
+def warn_wide_window(k: int | None, n_layers: int, style: str = "centre", centres=None) -> None:
+    """A UserWarning when a given centred window knocks out the whole model at some centre (the curve is
+    then flat there and its lowest point arbitrary); the default window never does."""
+    if k is None or style != "centre":
+        return
+    whole = whole_model_centres(k, n_layers, centres)
+    if whole:
+        import warnings
+
+        warnings.warn(f"a {k}-layer knockout window covers every layer of this {n_layers}-layer model at centre(s) {whole}: "
+                      f"each of those points knocks the edge out everywhere and the curve is flat there; pass a smaller "
+                      f"window (None gives {default_window(n_layers)}, the default for {n_layers} layers)", UserWarning,
+                      stacklevel=3)
 
 
 def window_layers(centre: int, k: int, n_layers: int) -> range:
@@ -49,9 +91,10 @@ def window_layers(centre: int, k: int, n_layers: int) -> range:
 def styled_window(layer: int, k: int | None, n_layers: int, style: str = "centre") -> list[int]:
     """The layers knocked out for `layer`, as Map the Flow's `information_flow_analysis.py` builds them
     (`--window_style`): `centre` (its "center"): `window_layers(layer, k)`; `inverse`: every layer
-    outside that window; `top_down`: `layer`..L-1; `bottom_up`: 0..`layer`. `k` (None: 9, their
-    default) sizes the first two; the last two take no size (pass None). An empty list (an inverse
-    window that covers the model) is refused: it would knock out nothing."""
+    outside that window; `top_down`: `layer`..L-1; `bottom_up`: 0..`layer`. `k` (None:
+    `default_window(n_layers)`, their 9 from 18 layers on) sizes the first two; the last two take no
+    size (pass None). An empty list (an inverse window that covers the model) is refused: it would
+    knock out nothing."""
     style = "centre" if style == "center" else style
     if style not in WINDOW_STYLES:
         raise ValueError(f"window style must be one of {list(WINDOW_STYLES)}, got {style!r}")
@@ -60,7 +103,7 @@ def styled_window(layer: int, k: int | None, n_layers: int, style: str = "centre
             raise ValueError(f"a {style} window runs {'from the layer to the last' if style == 'top_down' else 'from layer 0 to the layer'}"
                              f" and takes no window size; pass window=None (got {k})")
         return list(range(layer, n_layers)) if style == "top_down" else list(range(0, layer + 1))
-    window = list(window_layers(layer, DEFAULT_WINDOW if k is None else k, n_layers))
+    window = list(window_layers(layer, default_window(n_layers) if k is None else k, n_layers))
     if style == "centre":
         return window
     out = [x for x in range(n_layers) if x not in window]
@@ -119,11 +162,16 @@ def knockout(
     max_batch_tokens: int = 16384,
     progress: bool = True,
 ) -> Result:
-    """`answers`: the gold answer's first token id per sample, one for all, or an `AnswerProb`. `edges`:
+    """`answers`: the gold answer's first token id per sample, one for all, or an `AnswerProb` (words are read
+    as the first token the model would write after each prompt: `model.answer_tokens`). `edges`:
     list of (src, dst) or "src->dst" (default `default_edges` of each sample). `centres`: the layers l
-    the windows are built around (default every layer). `window` (default 9 for `centre` and `inverse`,
-    Map the Flow's and Zhang et al.'s; None for `top_down` / `bottom_up`, which take no size) and
-    `window_style` as in `styled_window`. `heads`: knock out in these query heads only (default all).
+    the windows are built around (default every layer). `window` (default `default_window(n_layers)`
+    for `centre` and `inverse`: Map the Flow's and Zhang et al.'s 9 from 18 layers on, a quarter of
+    the depth below; None for `top_down` / `bottom_up`, which take no size) and `window_style` as in
+    `styled_window`; a given centred window that covers the whole model at some centre warns. The
+    window used and how it was chosen are in the settings (`window`, `window_rule`) and every row
+    (`window`, -1 for the styles without a size). `heads`: knock out in these query heads only
+    (default all).
 
     One row per (sample, edge, centre): `p_orig`, `p_blocked`, `rel_change` (gold token, percent);
     `pred` (the plain run's top token), `p_pred_orig`, `p_pred_blocked`, `rel_change_pred` (Zhang et
@@ -140,6 +188,8 @@ def knockout(
         raise ValueError(f"window_style must be one of {list(WINDOW_STYLES)}, got {window_style!r}")
     centres = checks.layers(model, centres, "centres", "window centre(s)")
     layer_sets = {c: styled_window(c, window, L, style) for c in centres}  # refuses what cannot apply
+    warn_wide_window(window, L, style, centres)
+    size = None if style in ("top_down", "bottom_up") else (default_window(L) if window is None else window)
     if heads is not None:
         heads = checks.heads(model, checks.nonempty(heads, "heads", none_ok=True))
     if edges is not None:
@@ -148,22 +198,9 @@ def knockout(
         checks.count(batch_size, "batch_size")
     checks.count(max_batch_tokens, "max_batch_tokens")
     metric = answers if isinstance(answers, AnswerProb) else AnswerProb(answers)
-    metric.check(model, checks.batch_of(inputs))
-    plans = []
-    for index, stm in enumerate(sample_maps(model, inputs, tm)):  # every intervention built (so checked) before the towers
-        sample_edges = default_edges(stm) if edges is None else edges
-        if not sample_edges:
-            raise ValueError(f"sample {index} has none of the default edges' token groups; pass edges= explicitly")
-        cells, ivs = [], []
-        for src, dst in sample_edges:
-            for c in centres:
-                layers = layer_sets[c]
-                try:
-                    ivs.append(block_attention(stm, src, dst, layers, heads=heads))
-                except ValueError as e:
-                    raise ValueError(f"knockout edge {src}->{dst} (sample {index}): {e}") from None
-                cells.append((f"{src}->{dst}", src, dst, c, layers[0], layers[-1], len(layers)))
-        plans.append((cells, ivs))
+    metric.check(model, checks.batch_of(inputs), inputs)
+    # every intervention built (so checked) before the towers
+    plans = [_cells(stm, index, edges, centres, layer_sets, heads) for index, stm in enumerate(sample_maps(model, inputs, tm))]
     plans = [(s, *plan) for s, plan in zip(samples(model, inputs, tm), plans)]
 
     rows, t0 = [], time.perf_counter()
@@ -183,15 +220,32 @@ def knockout(
                        progress=progress, desc=f"knockout sample {s.index}")
         rel, rel_pred = relative_change(out[:, 0], p_orig), relative_change(out[:, 1], p_pred_orig)
         for (edge, src, dst, c, lo, hi, n), o, rc, rcp in zip(cells, out.tolist(), rel.tolist(), rel_pred.tolist()):
-            rows.append(dict(sample=s.index, edge=edge, src=src, dst=dst, layer=c, window_start=lo, window_end=hi,
-                             n_window_layers=n, p_orig=p_orig, p_blocked=o[0], rel_change=rc, pred=pred,
+            rows.append(dict(sample=s.index, edge=edge, src=src, dst=dst, layer=c, window=-1 if size is None else size,
+                             window_start=lo, window_end=hi, n_window_layers=n, p_orig=p_orig, p_blocked=o[0], rel_change=rc, pred=pred,
                              p_pred_orig=p_pred_orig, p_pred_blocked=o[1], rel_change_pred=rcp,
                              pred_blocked=int(o[2]), correct=correct, correct_blocked=bool(o[3])))
-    settings = dict(window=window, window_style=style, heads=heads, centres=centres,
+    settings = dict(window=size, window_rule=window_rule(window, L, style), window_style=style, heads=heads, centres=centres,
                     edges=None if edges is None else [list(e) for e in edges],
                     metric=metric.settings(), n_layers=L, seconds=time.perf_counter() - t0,
                     interventions_sample0=[iv.to_dict() for iv in plans[0][2]] if plans else [])
     return Result("knockout", pd.DataFrame(rows), settings)
+
+
+def _cells(stm, index: int, edges, centres, layer_sets: dict, heads) -> tuple[list, list]:
+    """`(cells, interventions)` of one sample's knockout: per edge and centre, its row's labels and the edit."""
+    sample_edges = default_edges(stm) if edges is None else edges
+    if not sample_edges:
+        raise ValueError(f"sample {index} has none of the default edges' token groups; pass edges= explicitly")
+    cells, ivs = [], []
+    for src, dst in sample_edges:
+        for c in centres:
+            layers = layer_sets[c]
+            try:
+                ivs.append(block_attention(stm, src, dst, layers, heads=heads))
+            except ValueError as e:
+                raise ValueError(f"knockout edge {src}->{dst} (sample {index}): {e}") from None
+            cells.append((f"{src}->{dst}", src, dst, c, layers[0], layers[-1], len(layers)))
+    return cells, ivs
 
 
 def knockout_accuracy(result: Result, sample_mode: str = "correct") -> Result:
@@ -200,7 +254,10 @@ def knockout_accuracy(result: Result, sample_mode: str = "correct") -> Result:
     `information_flow_analysis.py` counts it: with `sample_mode="correct"` (its default) only samples
     the plain run answers correctly are knocked out, so a sample counts when it is correct both
     plainly and under the knockout; `"all"` counts every sample correct under the knockout. The frame
-    also holds `accuracy_base`, the plain run's accuracy (percent).
+    also holds `accuracy_base`, the plain run's accuracy (percent), the Wilson 95 % interval of each
+    accuracy (`ci_low`, `ci_high`, percent; none below `stats.MIN_N` samples), the exact McNemar test
+    of each cell against the plain run over the same samples (`p_value`) and Holm's correction over
+    the cells (`p_holm`).
 
         res = knockout(model, inputs, answers=[answer], window=1, centres=[1], progress=False)
         knockout_accuracy(res).df  # accuracy (%) per edge and layer
@@ -215,38 +272,76 @@ def knockout_accuracy(result: Result, sample_mode: str = "correct") -> Result:
         raise ValueError(f"this knockout frame has no {sorted(missing)} column(s); rerun knockout to get them")
     n = df["sample"].nunique()
     hit = df["correct_blocked"] & df["correct"] if sample_mode == "correct" else df["correct_blocked"]
-    groups = df.assign(hit=hit).groupby(["edge", "layer"], sort=False)
     # over the samples that have the edge (a sample without the edge's groups has no row for it)
-    acc = groups.agg(hits=("hit", "sum"), n_samples=("sample", "nunique")).reset_index()
-    acc["accuracy"] = 100.0 * acc.pop("hits") / acc["n_samples"]
-    acc = acc[["edge", "layer", "accuracy", "n_samples"]]
+    per_sample = df.assign(hit=hit).groupby(["edge", "layer", "sample"], sort=False)[["hit", "correct"]].first()
+    rows = []
+    for (edge, layer), part in per_sample.groupby(["edge", "layer"], sort=False):
+        v, base = part["hit"].to_numpy(dtype=float), part["correct"].to_numpy(dtype=float)
+        lo, hi, _ = interval(v, "binary")
+        rows.append(dict(edge=edge, layer=layer, accuracy=100.0 * v.mean(), n_samples=len(v), ci_low=100.0 * lo,
+                         ci_high=100.0 * hi, p_value=paired_test(v, "binary", base)[0]))
+    acc = pd.DataFrame(rows, columns=["edge", "layer", "accuracy", "n_samples", "ci_low", "ci_high", "p_value"])
+    acc["p_holm"] = adjust(acc["p_value"])
     acc["accuracy_base"] = 100.0 * df.groupby("sample")["correct"].first().mean()
     return Result("knockout_accuracy", acc, dict(sample_mode=sample_mode, n_samples=n, **result.settings))
 
 
 # ---- the record ---------------------------------------------------------------------------------
 def _run(x: StudySample, opts: dict) -> pd.DataFrame:
-    """A study's knockout of one sample; the window is the study's `window=` (None: the style's default)."""
+    """A study's knockout of one sample; the window is the study's `window=` (None: `default_window`
+    of the model's depth, as the library's)."""
     return knockout(x.model, x.enc, [x.answer], window=x.window, tm=x.tm, progress=False, **opts).df
 
 
-def _check(opts: dict, window) -> None:
-    """The style and the window's size agree (the model's depth is checked once it loads)."""
+def _plan(x: StudySample, opts: dict) -> Cost:
+    """What `_run` costs on one sample, counted without running: the plain forward, then the sweep as the
+    engine plans it (`patching.engine.sweep.plan_sweep`)."""
+    model, L = x.model, x.model.cfg.n_layers
     style = opts.get("window_style", "centre")
+    centres = checks.layers(model, opts.get("centres"), "centres", "window centre(s)")
+    layer_sets = {c: styled_window(c, x.window, L, "centre" if style == "center" else style) for c in centres}
+    edges = opts.get("edges")
+    edges = None if edges is None else [parse_edge(e) for e in edges]
+    stm = sample_maps(model, x.inputs, x.tm)[0]
+    _, ivs = _cells(stm, 0, edges, centres, layer_sets, opts.get("heads"))
+    stats = plan_sweep(model, stm.seq_len, ivs, batch_size=opts.get("batch_size"),
+                       max_batch_tokens=opts.get("max_batch_tokens", 16384)).stats(model.cfg)
+    return Cost(stats["flops"] + stats["flops_forward"], stats["forwards"] + 1,
+                max(stats["peak_bytes"], cost.run_bytes(model.cfg, 1, stm.seq_len, stm.seq_len, mask=False)))
+
+
+def _check(opts: dict, window, cfg=None) -> None:
+    """The style and the window's size agree; with the model's config (before its weights load), the
+    window against the depth: an inverse window that leaves nothing is refused, one that covers the
+    whole model warns."""
+    style = opts.get("window_style", "centre")
+    style = "centre" if style == "center" else style
+    L = getattr(cfg, "n_layers", None)
     try:
         styled_window(0, window, 10**6, style)
+        if L is not None:
+            centres = opts.get("centres")
+            centres = range(L) if centres is None else checks.indices(centres, L, "centres", "window centre(s)")
+            for c in centres:
+                styled_window(c, window, L, style)
     except ValueError as e:
         raise ValueError(f"knockout window {window} with window_style {style!r}: {e}") from None
+    if L is not None:
+        warn_wide_window(window, L, style, opts.get("centres"))
 
 
 EXPERIMENT = Experiment(
     "knockout", knockout, by=("edge", "layer"), value="rel_change", label="relative change of p(answer) (%)",
     correct_only=True, plot=Plot("lines", x="layer", series="edge", xlabel="layer", window=True), run=_run,
-    cells=("edge", "layer"), not_options=frozenset({"window"}), check=_check,
+    cells=("edge", "layer"), not_options=frozenset({"window"}), check=_check, plan=_plan, paired=("p_blocked", "p_orig"), unit="percent",
     report=Report("Attention knockout: relative change of p(answer) (%)", derived=("knockout_accuracy",), table="lowest"),
+    columns=("edge", "src", "dst", "layer", "window", "window_start", "window_end", "n_window_layers", "p_orig",
+             "p_blocked", "rel_change", "pred", "p_pred_orig", "p_pred_blocked", "rel_change_pred",
+             "pred_blocked", "correct", "correct_blocked"),
 )
 ACCURACY = Experiment(
-    "knockout_accuracy", knockout_accuracy, by=("edge", "layer"), value="accuracy", label="accuracy (%)",
+    "knockout_accuracy", knockout_accuracy, by=("edge", "layer"), value="accuracy", label="accuracy (%)", outcome="binary",
+    paired=("correct_blocked", "correct"),
     plot=Plot("accuracy", x="layer", series="edge", xlabel="window centre layer"),
     report=Report("Accuracy under the knockout (Map the Flow's count: correct plainly and under the knockout)"),
 )

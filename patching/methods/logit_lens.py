@@ -17,11 +17,11 @@ import torch
 
 from hooked_av.inputs.token_map import GROUPS
 from hooked_av.utils import resident_weight
-from patching.engine import checks
-from patching.engine.experiment import Experiment, Plot, Report, StudySample
+from patching.engine import checks, cost
+from patching.engine.experiment import Cost, Experiment, Plot, Report, StudySample
 from patching.engine.metrics import AnswerProb
 from patching.engine.results import Result
-from patching.engine.sweep import samples
+from patching.engine.sweep import sample_maps, samples
 from patching.methods.activation_patching import cache_sample, site_names
 
 
@@ -56,7 +56,7 @@ def logit_lens(
         names = site_names(model, [site], range(L))
     project = _projection(model, lens, L)
     if answers is not None:
-        (answers if isinstance(answers, AnswerProb) else AnswerProb(answers)).check(model, checks.batch_of(inputs))
+        answers = (answers if isinstance(answers, AnswerProb) else AnswerProb(answers)).check(model, checks.batch_of(inputs), inputs)
     if groups is not None:
         groups = checks.nonempty(groups, "groups", none_ok=True)
     rows = []
@@ -69,7 +69,7 @@ def logit_lens(
                 raise ValueError("pass answers= when the site is not resid_post")
             answer, idx = AnswerProb(final.argmax(-1)), 0
         else:
-            answer, idx = (answers if isinstance(answers, AnswerProb) else AnswerProb(answers)), s.index
+            answer, idx = answers, s.index
         tok = int(answer._pick(answer.answer, idx, 1, "cpu")[0])
         specs = groups if groups is not None else [g for g in GROUPS if g != "padding" and bool(s.tm.select(g).mask.any())]
         for spec in specs:
@@ -111,8 +111,27 @@ def _run(x: StudySample, opts: dict) -> pd.DataFrame:
                       for lens in lenses], ignore_index=True)
 
 
+def _plan(x: StudySample, opts: dict) -> Cost:
+    """Per lens: one forward keeping the residuals, then every read position projected onto the vocabulary
+    at every layer (and, for the standard lens at resid_post, the last position's final logits)."""
+    c, model = x.model.cfg, x.model
+    tm = sample_maps(model, x.inputs, x.tm)[0]
+    n = tm.seq_len
+    lenses = opts.get("lens", "standard")
+    groups = opts.get("groups")
+    specs = groups if groups is not None else [g for g in GROUPS if g != "padding" and bool(tm.select(g).mask.any())]
+    sizes = [int(tm.select(spec).mask.sum()) for spec in specs]
+    read = sum(sizes)
+    flops = 0.0
+    for lens in [lenses] if isinstance(lenses, str) else lenses:
+        final = lens == "map_the_flow" or opts.get("site") in (None, "resid_post")
+        flops += cost.run_flops(c, n, read=0) + cost.unembed_flops(c, read * c.n_layers + final)
+    return Cost(flops, flops / cost.forward_flops(c, n), cost.run_bytes(c, 1, n, n, mask=False) + 8 * max(sizes) * c.d_vocab)
+
+
 EXPERIMENT = Experiment(
     "logit_lens", logit_lens, by=("group", "layer"), value="prob", label="p(answer)",
-    plot=Plot("lines", x="layer", series="group", xlabel="layer"), run=_run, cells=("lens", "group", "layer"),
+    plot=Plot("lines", x="layer", series="group", xlabel="layer"), run=_run, plan=_plan, cells=("lens", "group", "layer"), unit="probability",
     report=Report("Logit lens: p(answer) per token group and layer", split=("lens",)),
+    columns=("layer", "group", "n_tokens", "answer", "prob", "rank", "top_token", "lens"),
 )

@@ -148,7 +148,7 @@ def pathway(
             raise ValueError(f"random_ratio is a share of the edges, in [0, 1]; got {random_ratio}")
     checks.count(seed, "seed", minimum=0)
     metric = answers if isinstance(answers, AnswerProb) else AnswerProb(answers)
-    metric.check(model, checks.batch_of(inputs))
+    metric.check(model, checks.batch_of(inputs), inputs)
     data = samples(model, inputs, tm)
     plans = []
     for s in data:  # every mask built (and so every group checked) before the first forward
@@ -196,7 +196,9 @@ def _run(x: StudySample, opts: dict) -> pd.DataFrame:
 
 EXPERIMENT = Experiment(
     "pathway", pathway, by=("run",), value="correct", label="accuracy", outcome="binary",
-    plot=Plot("bars", series="run"), run=_run, cells=("run",), required=("keep",),
+    plot=Plot("bars", series="run"), run=_run, cells=("run",), required=("keep",), paired=("correct", "correct_orig"),
     example={"keep": '[["video", "question", [1, 2]]]'},
     report=Report("Effective pathway: accuracy with the pathway and with random blocking of as many edges"),
+    columns=("run", "edges_total", "edges_kept", "kept_share", "masked_share", "p_orig", "p", "rel_change",
+             "pred", "correct_orig", "correct"),
 )

@@ -162,5 +162,8 @@ def _run(x: StudySample, opts: dict) -> pd.DataFrame:
 EXPERIMENT = Experiment(
     "var", var, by=("intervention",), value="correct", label="accuracy", outcome="binary", run=_run,
     cells=("intervention",), extra_options=frozenset({"sinks", "layers"}), not_options=frozenset({"sinks", "rows"}),
+    paired=("correct", "correct_orig"),
     report=Report("VAR (visual attention redistribution): accuracy with and without it", baseline="correct_orig"),
+    columns=("intervention", "layers", "n_sinks", "n_media_sinks", "applied", "p_orig", "p", "rel_change",
+             "pred_orig", "pred", "correct_orig", "correct"),
 )

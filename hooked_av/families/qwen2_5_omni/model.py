@@ -118,5 +118,5 @@ class HookedQwen2_5Omni(HookedAVFamily):
             inputs["input_ids"], inputs.get("attention_mask"), self.ids, chat_tokens(tok, chat, self.cfg.d_vocab, self.ids.vision_start),
             inputs.get("image_grid_thw"), inputs.get("video_grid_thw"), counts,
             inputs.get("video_second_per_grid"), self.vision_encoder.merge, self.position_id_per_seconds, self.seconds_per_chunk,
-            inputs.get("text_parts"),
+            inputs.get("text_parts"), inputs.get("media_items"),
         )

@@ -18,7 +18,7 @@ from hooked_av.families.qwen2_5_omni.processor import OmniParts, video_max_pixel
 from hooked_av.inputs.chat import special_texts
 from hooked_av.inputs.media import SAMPLE_RATE
 from hooked_av.inputs.prompt import (DEFAULT, Prompt, as_prompts, check_offsets, check_prompt_text, expand_placeholders,
-                                     gather_media, has_audio, text_part_codes)
+                                     gather_media, has_audio, media_item_record, text_part_codes, with_answer)
 
 OMNI_SYSTEM_PROMPT = (
     "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving "
@@ -83,6 +83,12 @@ def messages_for(prompt: Prompt, use_audio_in_video: bool, default_system: str |
     return ([{"role": "system", "content": system}] if system is not None else []) + [{"role": "user", "content": content}]
 
 
+def item_blocks(it, use_audio_in_video: bool) -> int:
+    """The media blocks `messages_for` lays out for an item: its image, its video (with its audio when
+    `use_audio_in_video`), its audio on its own otherwise."""
+    return (it.image is not None) + (it.video is not None) + (it.audio is not None and not (it.video is not None and use_audio_in_video))
+
+
 def resolve_audio_in_video(prompts: list[Prompt], use_audio_in_video: bool | None) -> bool:
     """`None`: True when every video item has audio (a track or an explicit waveform), False when
     none has; a mix is an error (the model's flag applies to the whole batch)."""
@@ -105,7 +111,8 @@ def prepare_omni(
     grid_thw, video_second_per_grid, `use_audio_in_video`, and `text_parts` `[batch, pos]` (codes into
     `hooked_av.inputs.token_map.TEXT_PARTS`: which tokens are the question, options, instruction and
     item labels, read from the fast tokenizer's character offsets of the same call, so the ids are the
-    processor's; `token_map` reads it, `forward` / `encode` accept and ignore it).
+    processor's; `token_map` reads it, `forward` / `encode` accept and ignore it) and `media_items` `[batch, pos]`
+    (the prompt's item of each media token, -1 elsewhere, `media_item_record`: the TokenMap numbers clips by it).
 
     As qwen-omni-utils + `Qwen2_5OmniProcessor` build them: a video file is sampled at `parts.fps` by
     `media.sample_frames`, and its seconds per temporal grid step are `temporal_patch_size` over the
@@ -120,7 +127,7 @@ def prepare_omni(
     specials = special_texts(parts.tokenizer, tok.values())
     for p in prompts:
         check_prompt_text(p, specials)
-    segments = [chat_segments(messages_for(p, av_mode), tok) for p in prompts]
+    segments = [with_answer(chat_segments(messages_for(p, av_mode), tok), p) for p in prompts]
     images, videos, audios = gather_media(prompts, parts.fps, av_mode)
     out: dict = {}
     if audios:
@@ -146,8 +153,10 @@ def prepare_omni(
     enc = parts.tokenizer(["".join(t for _, t in row) for row in expanded], padding=True, padding_side="left",
                           return_tensors="pt", return_offsets_mapping=True)
     text_parts = torch.stack([text_part_codes(o, row) for o, row in zip(enc["offset_mapping"], expanded)])
+    items = media_item_record(enc["input_ids"], {ids.audio: "audio", ids.video: "video", ids.image: "image"}, prompts,
+                              lambda it: item_blocks(it, av_mode))
     result = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], **out, "use_audio_in_video": av_mode,
-              "text_parts": text_parts}
+              "text_parts": text_parts, "media_items": items}
     if return_text:  # the chat text before placeholder expansion (what the HF processor takes)
         result["text"] = ["".join(t for _, t in row) for row in segments]
     return result

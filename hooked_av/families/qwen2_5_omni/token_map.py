@@ -13,7 +13,8 @@ from torch import Tensor
 from hooked_av.families.qwen2_5_omni.layout import AUDIO_SECONDS_PER_TOKEN, OmniTokenIds, av_block_runs, video_temporal_ids
 from hooked_av.inputs.chat import ChatTokens, text_groups
 from hooked_av.inputs.token_map import (
-    TokenMap, TokenMapBuilder, check_text_parts, clip_numbers, fill_audio, fill_grid, media_runs, with_text_parts,
+    TokenMap, TokenMapBuilder, check_media_items, check_text_parts, clip_numbers, fill_audio, fill_grid, media_runs,
+    row_records, with_text_parts,
 )
 
 
@@ -30,6 +31,7 @@ def omni_token_map(
     per_second: float = 25,
     seconds_per_chunk: float = 2.0,
     text_parts: Tensor | None = None,
+    media_items: Tensor | None = None,
 ) -> TokenMap:
     """TokenMap of a Qwen2.5-Omni batch `[batch, pos]` (left or right padded). Media metadata are
     consumed in order across the batch, as the processor emits them; an audio-in-video block is a
@@ -38,6 +40,7 @@ def omni_token_map(
     which makes it question, options, instruction and label; without it all user text is question."""
     b, s = input_ids.shape
     parts = check_text_parts(text_parts, input_ids)
+    record = check_media_items(media_items, input_ids)
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
     out = TokenMapBuilder(b, s)
     media = {ids.audio: "audio", ids.video: "video", ids.image: "image"}
@@ -57,7 +60,7 @@ def omni_token_map(
             if t in specials:
                 out.set(row, p, "template")
         runs = list(media_runs(toks, media))
-        for (i, j, block), clip in zip(runs, clip_numbers(runs)):
+        for (i, j, block), clip in zip(runs, clip_numbers(runs, *row_records(record, parts, row, pos))):
             kinds = set(block)
             if "image" in kinds and len(kinds) > 1:
                 raise ValueError(f"row {row}: image placeholders at positions {pos[i]}..{pos[j-1]} are mixed with other media")

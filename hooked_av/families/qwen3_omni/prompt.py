@@ -21,11 +21,12 @@ from __future__ import annotations
 import torch
 
 from hooked_av.families.qwen2_5_omni.processor import OmniParts
-from hooked_av.families.qwen2_5_omni.prompt import chat_segments, messages_for, resolve_audio_in_video, token_strings
+from hooked_av.families.qwen2_5_omni.prompt import (chat_segments, item_blocks, messages_for, resolve_audio_in_video,
+                                                   token_strings)
 from hooked_av.families.qwen3_omni.layout import Qwen3OmniTokenIds, audio_token_counts, processor_av_order
 from hooked_av.inputs.chat import special_texts
 from hooked_av.inputs.prompt import (as_prompts, check_offsets, check_prompt_text, expand_placeholders, gather_media,
-                                     text_part_codes)
+                                     media_item_record, text_part_codes, with_answer)
 
 
 def prepare_qwen3_omni(parts: OmniParts, ids: Qwen3OmniTokenIds, n_window: int, prompts,
@@ -33,8 +34,9 @@ def prepare_qwen3_omni(parts: OmniParts, ids: Qwen3OmniTokenIds, n_window: int, 
     """Model inputs for one prompt (`prompts` a question string plus `prompt_kwargs`, `Prompt` fields) or a
     batch (a list of `Prompt`), left-padded: `input_ids` / `attention_mask` `[batch, pos]`, `input_features`
     `[n_audio, mels, frames]` + `feature_attention_mask`, `pixel_values(_videos)` `[n_patches, 3 * 2 * 16 * 16]`
-    + grids, `video_second_per_grid` (s), `use_audio_in_video`, and `text_parts` `[batch, pos]` (codes into
-    `hooked_av.inputs.token_map.TEXT_PARTS`, from the fast tokenizer's character offsets of the same call).
+    + grids, `video_second_per_grid` (s), `use_audio_in_video`, `text_parts` `[batch, pos]` (codes into
+    `hooked_av.inputs.token_map.TEXT_PARTS`, from the fast tokenizer's character offsets of the same call) and
+    `media_items` `[batch, pos]` (the prompt's item of each media token, -1 elsewhere).
 
     Media are taken in order of appearance (image, video with its audio, audio, clip by clip); a video file
     is sampled at `parts.fps` (1 frame/s, the processor's default) by `media.sample_frames`, and its seconds
@@ -50,7 +52,8 @@ def prepare_qwen3_omni(parts: OmniParts, ids: Qwen3OmniTokenIds, n_window: int, 
     specials = special_texts(parts.tokenizer, tok.values())
     for p in prompts:
         check_prompt_text(p, specials)
-    segments = [chat_segments(messages_for(p, av_mode, default_system=None), tok, default_system=None) for p in prompts]
+    segments = [with_answer(chat_segments(messages_for(p, av_mode, default_system=None), tok, default_system=None), p)
+                for p in prompts]
     images, videos, audios = gather_media(prompts, parts.fps, av_mode)
     out: dict = {}
     if audios:
@@ -71,8 +74,10 @@ def prepare_qwen3_omni(parts: OmniParts, ids: Qwen3OmniTokenIds, n_window: int, 
     enc = parts.tokenizer(["".join(t for _, t in row) for row in expanded], padding=True, padding_side="left",
                           return_tensors="pt", return_offsets_mapping=True)
     text_parts = torch.stack([text_part_codes(o, row) for o, row in zip(enc["offset_mapping"], expanded)])
+    items = media_item_record(enc["input_ids"], {ids.audio: "audio", ids.video: "video", ids.image: "image"}, prompts,
+                              lambda it: item_blocks(it, av_mode))
     result = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], **out,
-              "use_audio_in_video": av_mode, "text_parts": text_parts}
+              "use_audio_in_video": av_mode, "text_parts": text_parts, "media_items": items}
     if return_text:  # the chat text before placeholder expansion (what the HF processor takes)
         result["text"] = ["".join(t for _, t in row) for row in segments]
     return result

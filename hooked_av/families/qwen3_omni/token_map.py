@@ -15,8 +15,8 @@ from torch import Tensor
 from hooked_av.families.qwen3_omni.layout import (Qwen3OmniTokenIds, audio_seconds_per_token, audio_token_counts,
                                                   processor_av_order, token_ids)
 from hooked_av.inputs.chat import ChatTokens, chat_tokens, text_groups
-from hooked_av.inputs.token_map import (TokenMap, TokenMapBuilder, check_text_parts, clip_numbers, fill_audio, fill_grid, media_runs,
-                                        with_text_parts)
+from hooked_av.inputs.token_map import (TokenMap, TokenMapBuilder, check_media_items, check_text_parts, clip_numbers,
+                                        fill_audio, fill_grid, media_runs, row_records, with_text_parts)
 
 
 def qwen3_omni_token_map(
@@ -32,6 +32,7 @@ def qwen3_omni_token_map(
     per_second: float = 13,
     seconds_per_audio_token: float = 1 / 13,
     text_parts: Tensor | None = None,
+    media_items: Tensor | None = None,
 ) -> TokenMap:
     """TokenMap of a Qwen3-Omni batch `[batch, pos]` (left or right padded). Media metadata are consumed in
     order across the batch; an audio-in-video block is one run of media tokens holding both ids, checked
@@ -40,6 +41,7 @@ def qwen3_omni_token_map(
     options, instruction and label; without it all user text is question."""
     b, s = input_ids.shape
     parts = check_text_parts(text_parts, input_ids)
+    record = check_media_items(media_items, input_ids)
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
     out = TokenMapBuilder(b, s)
     media = {ids.audio: "audio", ids.video: "video", ids.image: "image"}
@@ -56,7 +58,7 @@ def qwen3_omni_token_map(
             if t in specials:
                 out.set(row, p, "template")
         runs = list(media_runs(toks, media))
-        for (i, j, block), clip in zip(runs, clip_numbers(runs)):
+        for (i, j, block), clip in zip(runs, clip_numbers(runs, *row_records(record, parts, row, pos))):
             kinds = set(block)
             if "image" in kinds and len(kinds) > 1:
                 raise ValueError(f"row {row}: image placeholders at positions {pos[i]}..{pos[j - 1]} are mixed with other media")
@@ -107,4 +109,5 @@ def model_token_map(model, inputs: dict, tokenizer=None, chat=None) -> TokenMap:
         chat_tokens(tok, chat, model.cfg.d_vocab, model.ids.vision_start),
         inputs.get("image_grid_thw"), inputs.get("video_grid_thw"), counts, inputs.get("video_second_per_grid"),
         model.merge, model.position_id_per_seconds, audio_seconds_per_token(model.n_window), inputs.get("text_parts"),
+        inputs.get("media_items"),
     )

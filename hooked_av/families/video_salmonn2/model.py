@@ -191,5 +191,5 @@ class HookedVideoSALMONN2(HookedAVFamily):
         return salmonn_token_map(
             inputs["input_ids"], inputs.get("attention_mask"), self.ids, chat, inputs.get("image_grid_thw"),
             inputs.get("video_grid_thw"), spg, self.vision_encoder.merge, inputs.get("position_mode") or self.position_mode,
-            inputs.get("text_parts"),
+            inputs.get("text_parts"), inputs.get("media_items"),
         )

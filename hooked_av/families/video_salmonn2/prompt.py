@@ -208,7 +208,9 @@ def prepare_salmonn(
       tokens are the question, options, instruction, item labels and the newline the template puts
       after each item (the question text is tokenized whole and split by the fast tokenizer's
       character offsets, so the ids do not change); `token_map` reads it, `forward` / `encode`
-      accept and ignore it.
+      accept and ignore it;
+    - `media_items` `[batch, pos]`: the prompt's item (0-based) of each media token, -1 elsewhere (the
+      TokenMap numbers clips by it).
 
     `use_audio_in_video`: None (default) interleaves each video with its audio when it has some; True
     requires audio for every video; False keeps video frames alone (an `audio=` then becomes its own block).
@@ -225,14 +227,16 @@ def prepare_salmonn(
     for p in prompts:
         check_prompt_text(p, specials)
     tp = parts.video_processor.temporal_patch_size
-    rows, codes, mels, images, videos, spgs = [], [], [], [], [], []
+    rows, codes, items, mels, images, videos, spgs = [], [], [], [], [], [], []
+    placeholders = {ids.audio, ids.image, ids.video}
 
     for p in prompts:
         system = SALMONN_SYSTEM_PROMPT if p.system is DEFAULT else p.system
         head = (f"<|im_start|>system\n{system}<|im_end|>\n" if system is not None else "") + "<|im_start|>user\n"
         row = _encode(tok, head)
         code = [0] * len(row)
-        for it in p.all_items():
+        item = [-1] * len(row)
+        for k, it in enumerate(p.all_items()):
             row += _encode(tok, it.label) if it.label else []
             code += [TEXT_PARTS.index("label")] * (len(row) - len(code))
             if it.image is not None:
@@ -256,6 +260,7 @@ def prepare_salmonn(
                 mels.append(feats)
                 row += salmonn_block_ids(ids, None, n_audio=n_audio)
             code += [0] * (len(row) - len(code))
+            item += [k if t in placeholders else -1 for t in row[len(item):]]
             row += _encode(tok, "\n")
             code += [TEXT_PARTS.index("template")] * (len(row) - len(code))
         text = tok(p.text(), add_special_tokens=False, return_offsets_mapping=True)  # whole: the ids do not change
@@ -263,11 +268,17 @@ def prepare_salmonn(
         code += text_part_codes(text["offset_mapping"], p.parts()).tolist()
         row += _encode(tok, "<|im_end|>\n<|im_start|>assistant\n")
         code += [0] * (len(row) - len(code))
+        if p.answer is not None:  # after the generation prompt, for a loss to score
+            row += _encode(tok, p.answer)
+            code += [TEXT_PARTS.index("answer")] * (len(row) - len(code))
+        item += [-1] * (len(row) - len(item))
         rows.append(row)
         codes.append(code)
+        items.append(item)
 
     out = _left_pad(rows, tok)
     out["text_parts"] = _left_pad(codes, tok, pad=0)["input_ids"]
+    out["media_items"] = _left_pad(items, tok, pad=-1)["input_ids"]
     if mels:
         out["input_features"] = torch.cat(mels)
     if images:

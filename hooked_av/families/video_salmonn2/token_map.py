@@ -13,7 +13,8 @@ from torch import Tensor
 
 from hooked_av.families.video_salmonn2.layout import AUDIO_SECONDS_PER_TOKEN
 from hooked_av.inputs.chat import ChatTokens, text_groups
-from hooked_av.inputs.token_map import TokenMap, TokenMapBuilder, check_text_parts, clip_numbers, media_runs, with_text_parts
+from hooked_av.inputs.token_map import (TokenMap, TokenMapBuilder, check_media_items, check_text_parts, clip_numbers,
+                                        media_runs, row_records, with_text_parts)
 
 def salmonn_token_map(
     input_ids: Tensor,
@@ -26,6 +27,7 @@ def salmonn_token_map(
     merge: int = 2,
     position_mode: str | None = None,
     text_parts: Tensor | None = None,
+    media_items: Tensor | None = None,
 ) -> TokenMap:
     """TokenMap of a video-SALMONN 2+ batch `[batch, pos]`: audio tokens get the grid step they
     follow as `frame`; blocks are consumed in order across the batch; items are numbered by clip within
@@ -35,6 +37,7 @@ def salmonn_token_map(
     template's newline after each item; without it all user text is question."""
     b, s = input_ids.shape
     parts = check_text_parts(text_parts, input_ids)
+    record = check_media_items(media_items, input_ids)
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
     out = TokenMapBuilder(b, s)
     media = {ids.audio: "audio", ids.video: "video", ids.image: "image"}
@@ -49,7 +52,7 @@ def salmonn_token_map(
         for p, t, g in zip(pos, toks, groups):
             out.set(row, p, "template" if t in (ids.vision_start, ids.vision_end) else g)
         runs = list(media_runs(toks, media))
-        for (i, j, block), clip in zip(runs, clip_numbers(runs)):
+        for (i, j, block), clip in zip(runs, clip_numbers(runs, *row_records(record, parts, row, pos))):
             kinds = set(block)
             grid = None
             for kind in ("video", "image"):

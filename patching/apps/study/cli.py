@@ -3,7 +3,7 @@
     hooked-av toy-data data/toy --n 200
     hooked-av study --model toy --manifest data/toy/manifest.jsonl --experiment knockout \\
         --experiment discarding --out runs/toy --window 1 [--limit N] [--template mc] [--device cuda --dtype bfloat16]
-        [--option knockout.window_style=inverse --option sinks.tau=3 --options options.json]
+        [--option knockout.window_style=inverse --option sinks.tau=3 --options options.json] [--plan [--memory GIB]]
     torchrun --nproc_per_node 4 --no-python hooked-av study ...        # data-parallel, one rank per GPU
 """
 
@@ -29,7 +29,8 @@ def register(sub) -> None:
     st.add_argument("--template", default="default", help='"default", "mc" or a custom text with {question} (and {options})')
     st.add_argument("--scoring", default="first_token", choices=RULES)
     st.add_argument("--window", type=_window, default=None,
-                    help="knockout window in layers (default: 9, the papers', for centred and inverse windows; top-down and bottom-up take none)")
+                    help="knockout window in layers (default: the papers' 9 for centred and inverse windows in models of 18 layers "
+                         "or more, a quarter of the depth below; top-down and bottom-up take none)")
     st.add_argument("--option", action="append", default=[], metavar="EXPERIMENT.NAME=VALUE",
                     help="an experiment's option, e.g. knockout.window_style=inverse or causal_tracing.tokens='[\"sink(video)\"]' "
                          "(VALUE read as JSON, else as text); repeat for several")
@@ -38,6 +39,12 @@ def register(sub) -> None:
     st.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     st.add_argument("--device", default=None, help='e.g. "cuda" (default: CPU); under torchrun each rank takes cuda:LOCAL_RANK')
     st.add_argument("--no-report", action="store_true", help="skip the HTML report")
+    st.add_argument("--plan", action="store_true",
+                    help="print what the study will cost (tokens, forwards per sample per experiment, memory per device, "
+                         "time) from the config and the media, without loading weights, and stop; refuses a plan that "
+                         "does not fit the device")
+    st.add_argument("--memory", type=float, default=None, metavar="GIB",
+                    help="each device's memory for the plan's check (default: what the device reports free)")
     st.set_defaults(func=run_study_command)
 
     td = sub.add_parser("toy-data", help="write the toy task as media files and a manifest")
@@ -52,6 +59,15 @@ def run_study_command(args: argparse.Namespace) -> None:
 
     from patching.apps.study.runner import run_study
 
+    if args.plan:
+        from patching.apps.study.plan import plan_study
+
+        plan = plan_study(args.model, args.manifest, args.experiment or ["accuracy"], limit=args.limit,
+                          template=args.template, window=args.window, options=parse_options(args.option, args.options),
+                          device=args.device, dtype=args.dtype, memory=args.memory, progress=True)
+        print(plan.text())
+        plan.check_fits()
+        return
     try:
         out = run_study(args.model, args.manifest, args.experiment or ["accuracy"], args.out, limit=args.limit,
                         template=args.template, scoring=args.scoring, window=args.window, device=args.device, dtype=args.dtype,

@@ -1,14 +1,17 @@
 """The papers' figures from study folders: `figure(studies, experiment)` takes one study or several side
 by side (two models, two datasets) and returns a matplotlib Figure (DLA: one per panel). Every panel is
-drawn by the experiment's own `Result.plot` (`patching.figures.plots`) on the study's rows: the mean over
-samples with its bootstrap 95 % band (`patching.engine.stats.bootstrap_ci`, the interval `Study.summary`
-reports), every sample as a faint line, n= in the legend, integer layer ticks; one panel per study and
-value of `facet`. How a kind is laid out is its registry record's `Report`: columns drawn as panels of
-their own (`split`, e.g. causal tracing's corrupted modality), one column per restore site
-(`by_site`), a second axis (`twin`, discarding's FLOPs saved), the study's value and axis where they
-differ from `Result.plot`'s (discarding's accuracy), and kinds derived from the rows (`derived`:
-knockout accuracy from the knockout rows). Averaged over the record's subset (the correctly answered
-samples for knockout and causal tracing, the summary's "correct" subset) unless `subset` says otherwise.
+drawn by the experiment's own `Result.plot` (`patching.figures.plots`) on the study's rows, with the
+study's own statistics (`Study.summary`: the mean over samples, its 95 % interval as the band (Wilson
+for 0/1 outcomes, the seeded bootstrap for continuous ones), x where n < 5, a star where the paired
+test against the plain run holds after Holm's correction over the figure's cells), every sample of a
+continuous value as a faint line, n= in the legend, integer layer ticks, the chance level on
+accuracy figures (from the samples' `chance`, `runner.chance`); one panel per study and value of
+`facet`. How a kind is laid out is its registry record's `Report`: columns drawn as panels of their
+own (`split`, e.g. causal tracing's corrupted modality), one column per restore site (`by_site`), a
+second axis (`twin`, discarding's FLOPs saved), the study's value and axis where they differ from
+`Result.plot`'s (discarding's accuracy), and kinds derived from the rows (`derived`: knockout
+accuracy from the knockout rows). Averaged over the record's subset (the correctly answered samples
+for knockout and causal tracing, the summary's "correct" subset) unless `subset` says otherwise.
 
     fig = figure("runs/toy", "knockout")
     fig = figure(["runs/omni3b", "runs/omni7b"], "discarding")
@@ -20,7 +23,6 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: a study runs headless
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from patching.apps.study.stats import Study  # noqa: E402
@@ -42,13 +44,35 @@ def as_result(study: Study, kind: str, df: pd.DataFrame) -> Result:
     """The study's rows of one panel as a `Result` of `kind`: `sample` numbers the ids in manifest
     order; for kinds averaged over correct samples (knockout, causal tracing) `correct` is the study's
     `sample_correct` (its scoring rule), so the figure averages the samples the summary's "correct"
-    subset does."""
+    subset does. Its settings: the study's dtype and options (what the numerical floor depends on)
+    and, for knockout, the window the rows were run with."""
     df = df.assign(sample=pd.factorize(df["id"])[0])
     if registry.get(kind).correct_only:
         df = df.assign(correct=df["sample_correct"])
     opts = study.settings.get("options", {}).get(kind, {})
-    settings = {"window": study.settings.get("window"), "window_style": opts.get("window_style", "centre")} if kind == "knockout" else {}
+    dtype = study.settings.get("dtype", "float32")
+    settings = {"dtype": "float32" if dtype == "checkpoint" else dtype, **opts}  # as Study.floor reads an older folder
+    if kind == "knockout":
+        style = opts.get("window_style", "centre")
+        rows = df["window"].dropna().unique() if "window" in df.columns else []
+        window = int(rows[0]) if len(rows) == 1 and rows[0] >= 0 else study.settings.get("window")
+        rule = "none" if style in ("top_down", "bottom_up") else "given" if study.settings.get("window") is not None else \
+            "default for the model's depth"
+        settings.update(window=window, window_style=style, window_rule=rule)
     return Result(kind, df, settings)
+
+
+def chance_of(study: Study, ids) -> float | None:
+    """The chance accuracy of the samples `ids`: the mean of their `chance` (1 / number of options);
+    None when the study's samples do not say (no options, no `n_options`)."""
+    try:
+        acc = study.frame("accuracy")
+    except ValueError:
+        return None
+    if "chance" not in acc.columns:
+        return None
+    c = acc.loc[acc["id"].isin(set(ids)), "chance"].astype(float)
+    return float(c.mean()) if len(c) and c.notna().all() else None
 
 
 def _panels(studies, experiment, facet, split=None):
@@ -88,27 +112,64 @@ def _empty(ax, title: str, why: str) -> None:
     ax.title.set_fontsize("small")
 
 
-def _draw(fig, fig_axes, panels, kind, **plot_kw):
-    """Each panel's `Result.plot` on its row of axes. The plot's first title line (what is shown)
-    stays under the panel's name; the lines every panel shares (the statistic, what the band and the
-    thin lines are) go once into the figure's title. A panel whose subset is empty says so."""
-    shared = []
+def _draw(fig, fig_axes, panels, kind, cells=None, **plot_kw):
+    """Each panel's `Result.plot` on its row of axes, with its rows of the study's summary (`cells`:
+    {study dir: summary}) and its samples' chance level. The plot's first title line (what is shown)
+    stays under the panel's name; the lines every panel shares (the statistic, what the band, the
+    thin lines and the marks are) go once into the figure's title. A panel whose subset is empty says
+    so."""
+    shared, failed = [], []
+    record = registry.get(kind)
+    binary = record.outcome_of(plot_kw.get("value", record.value)) == "binary"
     for axes, (st, title, df) in zip(fig_axes, panels):
         res = as_result(st, kind, df)
+        kw = dict(plot_kw)
+        if cells is not None:
+            kw["cells"] = cells[st.dir]  # the plot keeps the rows of what it draws
+        if binary:
+            kw["chance"] = chance_of(st, df["id"].unique())
         try:
-            drawn = res.plot(ax=axes if len(axes) > 1 else axes[0], **plot_kw)
+            res.plot(ax=axes if len(axes) > 1 else axes[0], **kw)
         except ValueError as e:  # e.g. no correctly answered sample in this panel: say so in the panel
             for ax in axes:
                 _empty(ax, title, "\n".join(str(e).split("; ")))
+            failed.append(str(e))
             continue
-        for ax in np.atleast_1d(drawn):
+        for ax in axes:
             first, *rest = ax.get_title().split("\n")
             ax.set_title(f"{title}\n{first}", fontsize="small")
             shared += [r for r in rest if r not in shared]
+    if len(failed) == len(panels):  # nothing drawn anywhere: no figure, and the reason
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+        raise ValueError(f"{failed[0]} (in each of the {len(panels)} panel(s))" if len(set(failed)) == 1 else "; ".join(failed))
     if shared:
         if plot_kw.get("samples") is False:
             shared = [r.replace("; thin lines: samples", "") for r in shared]
-        fig.suptitle("; ".join(shared), fontsize="medium", y=1.0, va="bottom")  # above the panels, never over a title
+        fig.suptitle("\n".join(_wrap(_union(shared))), fontsize="medium", y=1.0, va="bottom")  # above the panels
+
+
+def _union(lines: list[str]) -> str:
+    """The panels' shared title lines as one: each "; "-part once, the bands of every panel named in
+    one "band: ... or ..." part."""
+    parts, bands = [], []
+    for line in lines:
+        for part in line.split("; "):
+            if part.startswith("band: "):
+                bands += [b for b in part.removeprefix("band: ").split(" or ") if b not in bands]
+                part = "band: "
+            if part not in parts:
+                parts.append(part)
+    # a star in some panel and none in another: the figure has stars, and says once what they mean
+    parts = [p for p in parts if not (p.endswith(", none here") and p.removesuffix(", none here") in parts)]
+    return "; ".join("band: " + " or ".join(bands) if p == "band: " else p for p in parts)
+
+
+def _wrap(text: str, width: int = 110) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, width) or [""]
 
 
 def figure(studies, experiment: str, facet: str | None = "kind", subset: str | None = None):
@@ -136,7 +197,16 @@ def figure(studies, experiment: str, facet: str | None = "kind", subset: str | N
                 ax.set_visible(False)
             rows.append(list(row[:k]))
     value = record.summary_value if record.summary_value != record.value else None
-    _draw(fig, rows, panels, experiment, correct_only=correct_only, samples=rep.samples,
+    shown = value or record.value
+    cells = None
+    if shown == record.summary_value:  # the figure draws the summary's own numbers (Holm over all its cells)
+        sub = "correct" if correct_only else "all"
+        cells = {}
+        for st in studies:  # by the panels' keys and the record's cells: the figure's own cells
+            df = st.frame(experiment)
+            by = [c for c in dict.fromkeys([facet, *rep.split[:1], *record.cells]) if c and c in df.columns]
+            cells[st.dir] = st.summary(experiment, by=by, subsets=[sub])
+    _draw(fig, rows, panels, experiment, cells=cells, correct_only=correct_only, samples=rep.samples,
           **({} if value is None else {"value": value}))
     for axes_row, (_, _, df) in zip(rows, panels):
         for ax in axes_row:
@@ -170,8 +240,7 @@ def _heatmap_figures(panels, kind: str) -> list:
     record = registry.get(kind)
     figs = []
     for st, title, df in panels:
-        axes = as_result(st, kind, df).plot(correct_only=False)
-        fig = np.atleast_1d(axes)[0].figure
+        fig = as_result(st, kind, df).plot(correct_only=False)
         fig.suptitle(f"{title}: mean {record.label or record.value} per layer and head, all samples; "
                      "one colour scale for every panel", fontsize="small", y=1.02)
         figs.append(fig)
@@ -187,12 +256,22 @@ def _derived_figure(studies, record, source: str, facet):
     `correct`, gold being the plain run's top token, Map the Flow's count), per study x facet."""
     panels = _panels(studies, source, facet)
     fig, axes = _wrapped(len(panels))
+    # Holm over every cell of the figure (all panels), as `Study.knockout_accuracy` adjusts them
+    tables = {st.dir: st.knockout_accuracy() for st in studies} if record.name == "knockout_accuracy" else {}
+    shared = []
     for (ax,), (st, title, df) in zip(axes, panels):
         res = record.fn(Result(source, df.assign(sample=pd.factorize(df["id"])[0])))
-        res.plot(ax=ax)
-        ax.set_title(f"{title}\n{ax.get_title()}", fontsize="small")
-        handles, labels = ax.get_legend_handles_labels()  # below the axes: inside, it hid the curves
-        ax.legend(handles, labels, fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, frameon=False,
-                  title=ax.get_legend().get_title().get_text(), title_fontsize="small")
+        if st.dir in tables:
+            t = tables[st.dir]
+            keys = [c for c in st.group_columns(df) if c in t.columns and c != "model"]
+            for k in keys:
+                t = t[t[k].isin(df[k].unique())]
+            res.df["p_holm"] = res.df[["edge", "layer"]].merge(t[["edge", "layer", "p_holm"]], how="left")["p_holm"].to_numpy()
+        res.plot(ax=ax, chance=chance_of(st, df["id"].unique()))
+        first, *rest = ax.get_title().split("\n")  # what every panel shares goes once above them, as in _draw
+        ax.set_title(f"{title}\n{first}", fontsize="small")
+        shared += [r for r in rest if r not in shared]
+    if shared:
+        fig.suptitle("\n".join(_wrap(_union(shared))), fontsize="medium", y=1.0, va="bottom")
     fig.tight_layout()
     return fig
