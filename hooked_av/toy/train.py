@@ -110,15 +110,19 @@ TWO_CLIP_BATCHES = 0.4  # the share of two-clip batches: they learn slowest
 
 def train(steps: int, out: Path, seed: int = 0, batch_size: int = 32, lr: float = 2e-3, warmup: int = 100,
           n_clips: int = 4000, drop_p: float = 0.5, plant_from: float = 0.3, eval_every: int = 250, threads: int = 2,
-          resume: Path | None = None, n_layers: int = 4, plant: str = "last_layer", audio_from: str | None = None) -> dict:
+          resume: Path | None = None, n_layers: int = 4, plant: str = "last_layer", audio_from: str | None = None,
+          relay_layers: int | None = None) -> dict:
     """Train (or continue) a toy for `steps` steps and save it to `out`; returns the train report.
     `plant` (`PLANTS`): "last_layer", the toy's (the last layer's text queries may not read the
-    media), or "relay", toy-flow's (at every layer, no text query but the question's words may read
-    the media); either acts in a share `drop_p` of the rows of every batch, after the first
+    media), or "relay", toy-flow's (in the first `relay_layers` layers (None: all) no text query but
+    the question's words may read the media, in the later ones no text query may); either acts in a
+    share `drop_p` of the rows of every batch, after the first
     `plant_from` of the steps. `audio_from`: a shipped toy (`hooked_av.toy.TOYS`) whose trained audio
     tower a fresh model starts from (everything else starts random; see `_copy_audio_tower`)."""
     if plant not in PLANTS:
         raise ValueError(f"plant must be one of {list(PLANTS)}, got {plant!r}")
+    if relay_layers is not None and (plant != "relay" or not 1 <= relay_layers <= n_layers):
+        raise ValueError(f"relay_layers applies to plant='relay' only and must be in 1..{n_layers}, got {relay_layers!r}")
     from transformers import Qwen2_5OmniThinkerForConditionalGeneration
 
     torch.set_num_threads(threads)
@@ -148,8 +152,11 @@ def train(steps: int, out: Path, seed: int = 0, batch_size: int = 32, lr: float 
     media_ids = torch.tensor([ids["audio"], ids["video"]])
     planted: dict = {}
     layers = model.model.language_model.layers
-    for layer in layers if plant == "relay" else layers[-1:]:
-        layer.register_forward_pre_hook(_plant_hook(planted), with_kwargs=True)
+    n_relay = len(layers) if relay_layers is None else relay_layers
+    for i, layer in enumerate(layers):  # which planted mask each layer takes ("relay" / "blind"), if any
+        key = "relay" if plant == "relay" and i < n_relay else "blind"
+        if plant == "relay" or i == len(layers) - 1:
+            layer.register_forward_pre_hook(_plant_hook(planted, key), with_kwargs=True)
     rng = np.random.default_rng(seed)
     curve, train_start = [], time.time()
     for step in range(1, steps + 1):
@@ -158,8 +165,9 @@ def train(steps: int, out: Path, seed: int = 0, batch_size: int = 32, lr: float 
         # planting starts once the features exist: early on it only slows learning them
         drop = torch.from_numpy(rng.random(batch_size) < (drop_p if step > plant_from * steps else 0.0))
         ids_ = batch.inputs["input_ids"]
-        readers = question_positions(ids_) if plant == "relay" else None
-        planted["mask"] = last_layer_media_mask(ids_, batch.inputs["attention_mask"], drop, media_ids, readers)
+        planted["blind"] = last_layer_media_mask(ids_, batch.inputs["attention_mask"], drop, media_ids)
+        if plant == "relay":
+            planted["relay"] = last_layer_media_mask(ids_, batch.inputs["attention_mask"], drop, media_ids, question_positions(ids_))
         logits = model(**batch.inputs, use_audio_in_video=False).logits[:, -1]
         loss = F.cross_entropy(logits.float(), batch.answers)
         opt.zero_grad(set_to_none=True)
@@ -168,14 +176,14 @@ def train(steps: int, out: Path, seed: int = 0, batch_size: int = 32, lr: float 
         opt.step()
         sched.step()
         if step % eval_every == 0 or step == steps:
-            planted["mask"] = None  # evaluate the model as it is shipped: plain causal attention
+            planted.clear()  # evaluate the model as it is shipped: plain causal attention
             acc = accuracy_by_kind(model, test_bank, probe, tokenizer)
             minutes = (time.time() - train_start) / 60
             curve.append({"step": step, "minutes": round(minutes, 2), "loss": round(loss.item(), 4), **acc})
             print(json.dumps(curve[-1]), flush=True)
 
     final_samples = draw_samples(test_bank, 2000, seed=200 + seed)
-    planted["mask"] = None
+    planted.clear()
     final = accuracy_by_kind(model, test_bank, final_samples, tokenizer)
     per_question = accuracy_by_kind(model, test_bank, final_samples, tokenizer, by="question")
     report = {
@@ -183,7 +191,7 @@ def train(steps: int, out: Path, seed: int = 0, batch_size: int = 32, lr: float 
         "minutes": round((time.time() - train_start) / 60, 2), "threads": threads, "parameters": n_params,
         "train_clips": n_clips, "audio_from": audio_from, "resumed_from": None if resume is None else str(resume), "held_out_samples": len(final_samples), "held_out_accuracy": final,
         "held_out_accuracy_by_question": per_question,
-        "n_layers": n_layers, "plant": plant, "plant_drop_p": drop_p, "plant_from_fraction": plant_from, "two_clip_batch_share": TWO_CLIP_BATCHES, "curve": curve,
+        "n_layers": n_layers, "plant": plant, "relay_layers": relay_layers, "plant_drop_p": drop_p, "plant_from_fraction": plant_from, "two_clip_batch_share": TWO_CLIP_BATCHES, "curve": curve,
     }
     out.mkdir(parents=True, exist_ok=True)
     model.eval().save_pretrained(out)
@@ -215,13 +223,13 @@ def _copy_audio_tower(model, toy: str) -> None:
     model.load_state_dict(tower, strict=False)
 
 
-def _plant_hook(plant: dict):
-    """Forward pre-hook for a planted decoder layer: swaps in `plant["mask"]` unless it is None."""
+def _plant_hook(plant: dict, key: str):
+    """Forward pre-hook for a planted decoder layer: swaps in the mask `plant[key]` when there is one."""
 
     def hook(module, args, kwargs):
-        if plant.get("mask") is None:
+        if plant.get(key) is None:
             return None
-        return args, {**kwargs, "attention_mask": plant["mask"]}
+        return args, {**kwargs, "attention_mask": plant[key]}
 
     return hook
 
@@ -231,7 +239,8 @@ PLANTS = ("last_layer", "relay")
 # what each shipped toy was trained with (`--toy NAME`; its weights are `hooked_av.toy.weights_dir(NAME)`)
 RECIPES = {
     "toy": dict(n_layers=4, plant="last_layer", schedule=DEFAULT_SCHEDULE, drop_p=0.5, plant_from=0.3),
-    "toy-flow": dict(n_layers=8, plant="relay", schedule="2000:2e-3", drop_p=0.75, plant_from=0.2, audio_from="toy"),
+    "toy-flow": dict(n_layers=8, plant="relay", relay_layers=4, schedule="2000:2e-3,1500:1e-3", drop_p=0.9, plant_from=0.2,
+                     audio_from="toy"),
 }
 
 
