@@ -19,11 +19,12 @@ from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
 from hooked_av.core.masks import additive, neg_inf, open_mask
+from hooked_av.core.tl_compat import FactoredViews
 
 Rotary = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
-class Attention(nn.Module):
+class Attention(FactoredViews, nn.Module):
     """Multi-head attention with `n_kv_heads <= n_heads` (grouped-query).
 
     Hook shapes (TransformerLens convention):
@@ -149,20 +150,6 @@ class Attention(nn.Module):
     @property
     def b_O(self) -> Tensor:
         return self._b(3, (self._proj(3).weight.shape[0],))
-
-    @property
-    def QK(self):
-        """`FactoredMatrix` `[n_heads, d_model, d_model]`: `W_Q @ W_K^T` per head (TransformerLens's)."""
-        from transformer_lens import FactoredMatrix
-
-        return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
-
-    @property
-    def OV(self):
-        """`FactoredMatrix` `[n_heads, d_model, d_model]`: `W_V @ W_O` per head (TransformerLens's)."""
-        from transformer_lens import FactoredMatrix
-
-        return FactoredMatrix(self.W_V, self.W_O)
 
     def needs_exact(self) -> bool:
         return self.hook_attn_scores.has_hooks() or self.hook_pattern.has_hooks()
