@@ -241,6 +241,11 @@ def test_settings_are_checked_against_the_models_config_before_its_weights_load(
     # the toy is 128 wide: |h / rms(h)| never exceeds sqrt(128) = 11.31, so the hub's tau 25 finds nothing, ever
     with pytest.raises(ValueError, match=r"sinks: tau=25 can never be exceeded: .* at most sqrt\(d_model\) = 11.31"):
         run_study("toy", data, ["sinks"], tmp_path / "a", progress=False)
+    with pytest.raises(ValueError, match=r"var.sinks \(not given: find_sinks' defaults.*\): tau=25 can never be exceeded"):
+        run_study("toy", data, ["var"], tmp_path / "a", progress=False)
+    with pytest.raises(ValueError, match=r"causal_tracing.sinks \(not given: find_sinks' defaults, for sink\(video\).*\): tau=25"):
+        run_study("toy", data, ["causal_tracing"], tmp_path / "a", options={"causal_tracing": {"tokens": ["sink(video)"]}},
+                  progress=False)
     with pytest.raises(ValueError, match=r"var.sinks: tau=12 can never be exceeded"):
         run_study("toy", data, ["var"], tmp_path / "a", options={"var": {"sinks": {"tau": 12}}}, progress=False)
     with pytest.raises(ValueError, match=r"causal_tracing.sinks: tau=25 can never be exceeded"):

@@ -452,8 +452,20 @@ def _scale(opts: dict) -> float:
     return float(scale if scale is not None else PRESETS[opts.get("preset")]["scale"])
 
 
+def _check(opts: dict, window, cfg=None) -> None:
+    """The hub's named token sets (`sink(audio)`, ...) run `find_sinks` on every sample: without a `sinks`
+    option, check its defaults against the model's width before its weights load."""
+    from patching.methods.sinks import check_settings
+
+    tokens = opts.get("tokens")
+    named = [t for t in ([tokens] if isinstance(tokens, str) else tokens or []) if isinstance(t, str) and TOKEN_SET.match(t)]
+    if named and opts.get("sinks") is None:
+        check_settings({}, cfg, f"causal_tracing.sinks (not given: find_sinks' defaults, for {named[0]}; set them with "
+                                "causal_tracing.sinks={\"tau\": ...})")
+
+
 EXPERIMENT = Experiment(
-    "causal_tracing", causal_tracing, by=("site", "tokens", "layer"), value="indirect_effect", label="indirect effect",
+    "causal_tracing", causal_tracing, check=_check, by=("site", "tokens", "layer"), value="indirect_effect", label="indirect effect",
     correct_only=True, plot=Plot("traced", x="layer", series="tokens", panel="site", xlabel="layer"), run=_run,
     cells=("corrupted", "site", "tokens", "layer", "pos"), extra_options=frozenset({"sinks"}),
     paired=("p_restored", "p_corrupt"), unit="probability", unit_scale=_scale,

@@ -159,8 +159,17 @@ def _run(x: StudySample, opts: dict) -> pd.DataFrame:
                               correct=bool(metric.correct(lg)[0]))])
 
 
+def _check(opts: dict, window, cfg=None) -> None:
+    """Without a `sinks` option every sample runs `find_sinks` with its defaults: check those against the
+    model's width before its weights load (a given `sinks` option is checked by the registry)."""
+    from patching.methods.sinks import check_settings
+
+    if opts.get("sinks") is None:
+        check_settings({}, cfg, "var.sinks (not given: find_sinks' defaults; set them with var.sinks={\"tau\": ...})")
+
+
 EXPERIMENT = Experiment(
-    "var", var, by=("intervention",), value="correct", label="accuracy", outcome="binary", run=_run,
+    "var", var, check=_check, by=("intervention",), value="correct", label="accuracy", outcome="binary", run=_run,
     cells=("intervention",), extra_options=frozenset({"sinks", "layers"}), not_options=frozenset({"sinks", "rows"}),
     paired=("correct", "correct_orig"),
     report=Report("VAR (visual attention redistribution): accuracy with and without it", baseline="correct_orig"),
