@@ -131,13 +131,19 @@ def _run(x: StudySample, opts: dict) -> pd.DataFrame:
     its media has nothing to redistribute: VAR is the identity there, and its row says `applied=False`."""
     from patching.engine.metrics import AnswerProb, relative_change
     from patching.engine.sweep import forward_rows, samples
-    from patching.methods.sinks import find_sinks
+    from patching.methods.sinks import NoSinkDimensions, find_sinks
 
     model = x.model
     sink_opts = opts.pop("sinks", None) or {}
     layers = opts.pop("layers", None) or var_layers(model.cfg.n_layers)
     media = opts.get("media", "audio|video|image")
-    found = find_sinks(model, x.enc, tm=x.tm, **sink_opts).df
+    why = ""
+    try:
+        found = find_sinks(model, x.enc, tm=x.tm, **sink_opts).df
+    except NoSinkDimensions as e:  # the setting is wrong for this model on the first sample; later, this sample has none
+        if x.first:
+            raise ValueError(f"var, on the first sample: {e} (set them with var.sinks={{\"ratio\": ...}})") from None
+        found, why = pd.DataFrame({"pos": []}), f"no sink dimension: {e}"
     sinks = torch.zeros(1, x.tm.seq_len, dtype=torch.bool)
     sinks[0, found.pos.astype(int).tolist()] = True
     n_media_sinks = int((sinks & x.tm.mask(media)).sum())
@@ -156,7 +162,8 @@ def _run(x: StudySample, opts: dict) -> pd.DataFrame:
                               n_media_sinks=n_media_sinks, applied=bool(n_media_sinks), p_orig=float(p_orig[0]), p=float(p[0]),
                               rel_change=float(relative_change(p, p_orig)[0]), pred_orig=int(base[0].argmax()),
                               pred=int(lg[0].argmax()), correct_orig=bool(metric.correct(base)[0]),
-                              correct=bool(metric.correct(lg)[0]))])
+                              correct=bool(metric.correct(lg)[0]),
+                              why=why or ("" if n_media_sinks else "no sink among the media tokens: VAR changes nothing"))])
 
 
 def _check(opts: dict, window, cfg=None) -> None:
@@ -174,5 +181,5 @@ EXPERIMENT = Experiment(
     paired=("correct", "correct_orig"),
     report=Report("VAR (visual attention redistribution): accuracy with and without it", baseline="correct_orig"),
     columns=("intervention", "layers", "n_sinks", "n_media_sinks", "applied", "p_orig", "p", "rel_change",
-             "pred_orig", "pred", "correct_orig", "correct"),
+             "pred_orig", "pred", "correct_orig", "correct", "why"),
 )
