@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import importlib.util
 import statistics
 import sys
 import time
@@ -634,8 +635,10 @@ def family_table(family: str, args, budget: Budget, dev: Device, device: str, dt
         else:
             n_q3 = int(args.qwen3_layers)
             layers_note = f"{n_q3} of {QWEN3_RELEASED_LAYERS} layers (--qwen3-layers {n_q3})"
+    no_nnsight = importlib.util.find_spec("nnsight") is None
     try:
-        b = build_family(family, args.tiny, device, dtype, n_q3, nnsight=NNSIGHT not in LEFT_OUT.get(family, {}))
+        b = build_family(family, args.tiny, device, dtype, n_q3,
+                         nnsight=NNSIGHT not in LEFT_OUT.get(family, {}) and not no_nnsight)
     except Exception as e:
         if not out_of_memory(e):
             raise
@@ -652,6 +655,8 @@ def family_table(family: str, args, budget: Budget, dev: Device, device: str, dt
         fmt["eager"] = (f"{c.n_layers} x {c.n_heads} x {n0:,}^2 x {c.dtype.itemsize} B = "
                         f"{c.n_layers * c.n_heads * n0 * n0 * c.dtype.itemsize / 2**30:.1f} GiB at {n0:,} tokens")
     left_out = {k: v.format(**fmt) for k, v in LEFT_OUT.get(family, {}).items()}
+    if no_nnsight:
+        left_out.setdefault(NNSIGHT, "left out: nnsight is not installed here (pip install 'hooked-av[nnsight]')")
     weights = [forward_flops(c, n) + forward_flops(c, 1024) for n in args.lengths]  # + a fixed cost per call
     rows: dict[int, list[Cell]] = {}
     for i, n in enumerate(args.lengths):
