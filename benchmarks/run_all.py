@@ -473,6 +473,23 @@ def scaling_table(args) -> list[str]:
     return out
 
 
+GPU_HEADING = "## GPU check"
+
+
+def gpu_section(path: Path) -> str:
+    """The section of an existing docs/benchmarks.md from its `## GPU check` heading to the next `## ` heading or
+    the end ("" when there is none): benchmarks/gpu_check.sh's tables, pasted from an accelerator run, which this
+    run cannot measure and so keeps, unchanged, after its own tables."""
+    if not path.exists():
+        return ""
+    lines = path.read_text().splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith(GPU_HEADING)), None)
+    if start is None:
+        return ""
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    return "\n" + "\n".join(lines[start:end]).rstrip("\n") + "\n"
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=5)
@@ -509,8 +526,11 @@ def main(argv=None) -> None:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    kept = gpu_section(Path(args.out))
     head = ["# Benchmarks", "", "Written by `make bench` (benchmarks/run_all.py); every figure is a ratio measured in the "
-            "run that wrote this file. Method: see the script's docstring.", "",
+            "run that wrote this file. Method: see the script's docstring."
+            + (" The last section, `GPU check`, is benchmarks/gpu_check.sh's, pasted from an accelerator run; "
+               "`make bench` keeps it as it is." if kept else ""), "",
             f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; took {(time.time() - t0) / 60:.1f} min",
             f"- machine: {cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}; torch {torch.__version__}",
             f"- torch threads: {torch.get_num_threads()}; rounds: {args.rounds} (min and median), contenders interleaved, order rotated",
@@ -519,7 +539,7 @@ def main(argv=None) -> None:
             + (" (above the core count: other processes shared the cores, read the CPU columns)"
                if max(*load0, *load1) > (os.cpu_count() or 1) else " (at most the core count)"),
             ""]
-    Path(args.out).write_text("\n".join(head + body) + "\n")
+    Path(args.out).write_text("\n".join(head + body) + "\n" + kept)
     print(f"wrote {args.out}")
 
 
