@@ -654,8 +654,8 @@ def floor_table(args) -> list[str]:
                        f"{min(sc) / min(fc) / floor:.3f} | {statistics.median(sc) / statistics.median(fc) / floor:.3f} | {stats['chunks']} |")
         print(f"  floor {n}: sweep {statistics.median(sc) / statistics.median(fc):.3f} forwards, floor {floor:.3f}", flush=True)
     load = load_note(before, os.getloadavg())
-    deep = (f"the benchmark model's width with {L} layers, not its {LAYERS}: at {LAYERS} layers a 16k-token forward takes about "
-            "a minute here and 5 interleaved rounds of the forward and the sweep would take over 10 minutes of "
+    deep = (f"the benchmark model's width with {L} layers, not its {LAYERS}: at {LAYERS} layers 5 interleaved rounds of a "
+            "16k-token forward and the sweep would add about 7 minutes (5 x the scaling table's one call of each) to "
             "`make bench`'s ~25; the scaling table below gives the 8-layer model's sweep at 4k and 16k by FLOPs beside "
             "one timed call each") if L != LAYERS else f"the benchmark model ({LAYERS} layers)"
     return ["### Limit 3 (issue 25): the sweep against its FLOP floor", "",
