@@ -277,12 +277,14 @@ class Attention(FactoredViews, nn.Module):
             else:
                 cut = end + n_k - n_q if causal else n_k
             q = qh[:, :, start:end].reshape(b, kv, g * r, d)  # query head j reads kv head j // groups
-            scores = torch.matmul(q, kh[:, :, :cut].transpose(2, 3)).view(b, h, r, cut) * self.scale
+            # in place: the same values as `scores * scale + mask`, in fewer passes over the block's scores
+            scores = torch.matmul(q, kh[:, :, :cut].transpose(2, 3)).view(b, h, r, cut).mul_(self.scale)
             if mask is not None:
-                scores = scores + mask[:, :, start:end, :cut]
-            elif causal:
-                allowed = torch.arange(cut, device=qh.device) <= torch.arange(start, end, device=qh.device)[:, None] + n_k - n_q
-                scores = scores + additive(allowed, scores.dtype)
+                scores.add_(mask[:, :, start:end, :cut])
+            elif causal:  # every row sees the keys before the block's own r x r triangle: only that is masked
+                diag = cut - r
+                allowed = torch.arange(diag, cut, device=qh.device) <= torch.arange(start, end, device=qh.device)[:, None] + n_k - n_q
+                scores[..., diag:].add_(additive(allowed, scores.dtype))
             pattern = F.softmax(scores, dim=-1, dtype=softmax_dtype(scores.dtype)).to(qh.dtype)
             reader.block(start, pattern)
             z[:, :, start:end] = torch.matmul(pattern.view(b, kv, g * r, cut), vh[:, :, :cut]).view(b, h, r, d)
