@@ -5,8 +5,9 @@ back to back). `prepare` records each media token's item (`inputs["media_items"]
 numbers by it; without the record a clip label between two blocks splits them. The expected items are
 written from how each prompt is laid out: item k holds the placeholders of its own media."""
 
-import dataclasses
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
