@@ -32,39 +32,10 @@ from run_all import clip_inputs  # noqa: E402
 
 def build(tiny: bool, device: str, dtype: torch.dtype):
     """The Thinker config (HF's defaults are the 7B Thinker's) and a hooked model with random weights of a
-    plausible scale, built on the meta device and materialised on `device` (as gpu_check.sh does)."""
-    from transformers import Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration
+    plausible scale, built on the meta device and materialised on `device` (gpu_check.py's `build_family`)."""
+    from gpu_check import build_family, qwen2_5_config
 
-    from hooked_av import HookedQwen2_5Omni
-
-    cfg = Qwen2_5OmniThinkerConfig()
-    if tiny:
-        cfg = Qwen2_5OmniThinkerConfig(
-            text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                             num_key_value_heads=2, rope_parameters={"rope_type": "default", "rope_theta": 1e6,
-                                                                     "mrope_section": [2, 3, 3]}),
-            audio_config=dict(d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64, output_dim=64),
-            vision_config=dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=48, out_hidden_size=64,
-                               fullatt_block_indexes=[0]))
-    cfg.vision_start_token_id, cfg.vision_end_token_id = 151652, 151653
-    with torch.device("meta"):
-        hf = Qwen2_5OmniThinkerForConditionalGeneration._from_config(cfg, attn_implementation="sdpa", dtype=dtype)
-    hf = hf.to_empty(device=device).eval()
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.02)
-            else:
-                p.fill_(1.0 if "norm" in name or "ln" in name else 0.0)
-        for m in hf.modules():  # to_empty leaves buffers unset: the rotary inverse frequencies again
-            if hasattr(m, "inv_freq") and hasattr(m, "compute_default_rope_parameters"):
-                inv, _ = m.compute_default_rope_parameters(m.config, device=device)
-                m.inv_freq.copy_(inv)
-                m.original_inv_freq.copy_(inv)
-    model = HookedQwen2_5Omni.from_hf(hf, device=device).eval()
-    del hf
-    return cfg, model
+    return qwen2_5_config(tiny), build_family("qwen2_5_omni", tiny, device, dtype).model
 
 
 def main(argv=None) -> None:
@@ -81,26 +52,37 @@ def main(argv=None) -> None:
     dtype = getattr(torch, a.dtype or ("float32" if a.tiny else "bfloat16"))
     n_tokens, n_clips = a.tokens or (512 if a.tiny else 4096), a.clips or (2 if a.tiny else 8)
 
+    cfg, model = build(a.tiny, device, dtype)
+    what = "tiny config on the CPU (--tiny)" if a.tiny else f"7B-architecture Thinker, {torch.cuda.get_device_name()}"
+    print("\n" + "\n".join(harvest_table(model, cfg, n_tokens, n_clips, a.layer, what)))
+
+
+def harvest_table(model, cfg, n_tokens: int, n_clips: int, layer: int | None = None, what: str = "") -> list[str]:
+    """The table's lines for `model` (a hooked Qwen2.5-Omni Thinker of `cfg`, whose config names the vision
+    start / end ids, on its device and in its dtype): `n_clips` timed clips of about `n_tokens` tokens after
+    a warm-up clip, harvesting `blocks.{layer}.hook_resid_post` (default the middle block).
+    benchmarks/gpu_check.py calls it with the model it built."""
     from patching.apps.harvest import harvest_inputs
     from patching.datasets.activations import StoreWriter
 
-    cfg, model = build(a.tiny, device, dtype)
+    device, dtype = model.cfg.device, model.cfg.dtype
     L = model.cfg.n_layers
-    layer = L // 2 if a.layer is None else a.layer
+    layer = L // 2 if layer is None else layer
     hook = f"blocks.{layer}.hook_resid_post"
     torch.manual_seed(1)
     clips = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in clip_inputs(n_tokens, cfg).items()}
              for _ in range(n_clips + 1)]  # the first is the warm-up
     media = [int(model.token_map(x).mask("media").sum()) for x in clips]
+    cuda = torch.device(device).type == "cuda"
 
     def sync():
-        if device == "cuda":
+        if cuda:
             torch.cuda.synchronize()
 
     folder = Path(tempfile.mkdtemp(prefix="harvest-check-"))
     try:
-        base = torch.cuda.memory_allocated() if device == "cuda" else 0
-        if device == "cuda":
+        base = torch.cuda.memory_allocated() if cuda else 0
+        if cuda:
             torch.cuda.reset_peak_memory_stats()
         writer, seconds = None, {"forward": 0.0, "harvest": 0.0}
         with torch.no_grad():
@@ -123,20 +105,18 @@ def main(argv=None) -> None:
                 if i:  # clip 0 warms both up
                     seconds["forward"] += forward
                     seconds["harvest"] += time.perf_counter() - t
-        peak = f"{(torch.cuda.max_memory_allocated() - base) / 2**30:.2f}" if device == "cuda" else "-"
+        peak = f"{(torch.cuda.max_memory_allocated() - base) / 2**30:.2f}" if cuda else "-"
         disk = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     timed = sum(media[1:])
-    what = "tiny config on the CPU (--tiny)" if a.tiny else f"7B-architecture Thinker, {torch.cuda.get_device_name()}"
-    print(f"\nHarvest at one layer: {what}, {str(dtype).removeprefix('torch.')}; {hook} of {L} blocks; {n_clips} timed "
-          f"clips of {clips[0]['input_ids'].shape[1]:,} tokens ({timed:,} media tokens) after a warm-up clip\n")
-    print("| | media tokens / s | / plain forward | disk GiB per million media tokens | peak GiB above the model |")
-    print("|---|---|---|---|---|")
-    print(f"| plain forward, last logits (towers, every block) | {timed / seconds['forward']:,.0f} | 1.00x | - | - |")
-    print(f"| harvest {hook} (towers, blocks 0..{layer}, shards written) | {timed / seconds['harvest']:,.0f} | "
-          f"{seconds['forward'] / seconds['harvest']:.2f}x | {disk / sum(media) * 1e6 / 2**30:.2f} | {peak} |")
-
+    return [f"Harvest at one layer: {what}, {str(dtype).removeprefix('torch.')}; {hook} of {L} blocks; {n_clips} timed "
+            f"clips of {clips[0]['input_ids'].shape[1]:,} tokens ({timed:,} media tokens) after a warm-up clip", "",
+            "| | media tokens / s | / plain forward | disk GiB per million media tokens | peak GiB above the model |",
+            "|---|---|---|---|---|",
+            f"| plain forward, last logits (towers, every block) | {timed / seconds['forward']:,.0f} | 1.00x | - | - |",
+            f"| harvest {hook} (towers, blocks 0..{layer}, shards written) | {timed / seconds['harvest']:,.0f} | "
+            f"{seconds['forward'] / seconds['harvest']:.2f}x | {disk / sum(media) * 1e6 / 2**30:.2f} | {peak} |"]
 
 if __name__ == "__main__":
     main()

@@ -8,9 +8,12 @@ from patching.apps.cli import main
 
 def test_demo_writes_a_report_whose_knockouts_show_the_audio_and_video_routes(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--samples", "60", "--flow-samples", "6"]) == 0
+    assert main(["demo", "--out", str(out), "--samples", "60", "--flow-samples", "6",
+                 "--feature-rows", "200", "--feature-steps", "300"]) == 0
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 4 and "two_clip" in html
+    # accuracy, knockout, discarding, attention mass, and the feature level's AUROC and ablation figures
+    assert html.count("data:image/png;base64,") == 6 and "two_clip" in html
+    assert "Features: a sparse autoencoder on the media tokens" in html and "Summary (accuracy, nothing ablated" in html
     ko = pd.read_csv(out / "knockout.csv")
     ko = ko[ko.correct]
     worst = ko.groupby(["kind", "edge"]).rel_change.min()

@@ -4,6 +4,8 @@ and the hub's token sets, dominance, sinks): for each, the study's rows equal th
 called directly on the prepared sample, on toy samples; options are refused by name before a model
 loads, from Python and from the CLI."""
 
+import functools
+
 import pandas as pd
 import pytest
 import torch
@@ -241,6 +243,11 @@ def test_settings_are_checked_against_the_models_config_before_its_weights_load(
     # the toy is 128 wide: |h / rms(h)| never exceeds sqrt(128) = 11.31, so the hub's tau 25 finds nothing, ever
     with pytest.raises(ValueError, match=r"sinks: tau=25 can never be exceeded: .* at most sqrt\(d_model\) = 11.31"):
         run_study("toy", data, ["sinks"], tmp_path / "a", progress=False)
+    with pytest.raises(ValueError, match=r"var.sinks \(not given: find_sinks' defaults.*\): tau=25 can never be exceeded"):
+        run_study("toy", data, ["var"], tmp_path / "a", progress=False)
+    with pytest.raises(ValueError, match=r"causal_tracing.sinks \(not given: find_sinks' defaults, for sink\(video\).*\): tau=25"):
+        run_study("toy", data, ["causal_tracing"], tmp_path / "a", options={"causal_tracing": {"tokens": ["sink(video)"]}},
+                  progress=False)
     with pytest.raises(ValueError, match=r"var.sinks: tau=12 can never be exceeded"):
         run_study("toy", data, ["var"], tmp_path / "a", options={"var": {"sinks": {"tau": 12}}}, progress=False)
     with pytest.raises(ValueError, match=r"causal_tracing.sinks: tau=25 can never be exceeded"):
@@ -329,3 +336,40 @@ def test_the_study_records_the_dtype_its_model_runs_in_and_refuses_a_contradicti
         run_study(model, data, ["accuracy"], tmp_path / "a", dtype="bfloat16", progress=False)
     out = run_study(model, data, ["accuracy"], tmp_path / "b", dtype=None, limit=1, progress=False)
     assert json.loads((out / "settings.json").read_text())["dtype"] == "float32"  # was "checkpoint": no floor for it
+
+
+@pytest.mark.parametrize("exp", ["var", "causal_tracing"])
+def test_a_later_sample_without_sink_dimensions_is_a_row_that_says_so_not_a_crash(model, data, tmp_path, monkeypatch, exp):
+    """VAR and causal tracing over the hub's sink sets run find_sinks on every sample: a setting no sample
+    reaches is refused on the first one (as `sinks` does); a later sample without sink dimensions has no sink
+    (VAR's row says why; tracing has no rows for the sink sets), and the study goes on."""
+    from patching.apps.study import Study
+    from patching.methods import sinks as sinks_module
+
+    real, calls = sinks_module.find_sinks, []
+
+    @functools.wraps(real)
+    def flaky(m, inputs, **kw):  # the n-th call (one per sample) finds no sink dimension
+        calls.append(1)
+        if len(calls) == fail_at:
+            raise sinks_module.NoSinkDimensions(kw.get("ratio", 100.0), 9.5)
+        return real(m, inputs, **kw)
+
+    monkeypatch.setattr(sinks_module, "find_sinks", flaky)
+    opts = {exp: OPTIONS[exp]}
+    fail_at = 1
+    with pytest.raises(ValueError, match=rf"{exp}, on the first sample: no dimension reaches 10x .* \(the largest here is 9.5x\)"):
+        run_study(model, data, [exp], tmp_path / "first", options=opts, window=1, progress=False)
+    calls.clear()
+    fail_at = 2
+    run_study(model, data, [exp], tmp_path / "later", limit=3, options=opts, window=1, progress=False)
+    df = Study(tmp_path / "later").frame(exp)
+    ids = [r.id for r in read_manifest(data).rows[:3]]
+    assert sorted(df["id"].unique()) == sorted(ids)  # every sample ran
+    second = df[df["id"] == ids[1]]
+    if exp == "var":
+        assert second["applied"].tolist() == [False] and second["why"].iloc[0].startswith("no sink dimension: no dimension reaches")
+        assert (df[df["id"] != ids[1]]["why"].str.startswith("no sink dimension") == False).all()  # noqa: E712
+    else:  # the sink sets are empty there; the plain set is traced
+        assert set(second["tokens"]) == {"video"}
+    assert len(calls) == 3  # find_sinks ran on every sample, the second's failure taken as "no sink"

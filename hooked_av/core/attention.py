@@ -19,11 +19,12 @@ from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
 from hooked_av.core.masks import additive, neg_inf, open_mask
+from hooked_av.core.tl_compat import FactoredViews
 
 Rotary = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
-class Attention(nn.Module):
+class Attention(FactoredViews, nn.Module):
     """Multi-head attention with `n_kv_heads <= n_heads` (grouped-query).
 
     Hook shapes (TransformerLens convention):
@@ -149,20 +150,6 @@ class Attention(nn.Module):
     @property
     def b_O(self) -> Tensor:
         return self._b(3, (self._proj(3).weight.shape[0],))
-
-    @property
-    def QK(self):
-        """`FactoredMatrix` `[n_heads, d_model, d_model]`: `W_Q @ W_K^T` per head (TransformerLens's)."""
-        from transformer_lens import FactoredMatrix
-
-        return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
-
-    @property
-    def OV(self):
-        """`FactoredMatrix` `[n_heads, d_model, d_model]`: `W_V @ W_O` per head (TransformerLens's)."""
-        from transformer_lens import FactoredMatrix
-
-        return FactoredMatrix(self.W_V, self.W_O)
 
     def needs_exact(self) -> bool:
         return self.hook_attn_scores.has_hooks() or self.hook_pattern.has_hooks()
@@ -290,12 +277,14 @@ class Attention(nn.Module):
             else:
                 cut = end + n_k - n_q if causal else n_k
             q = qh[:, :, start:end].reshape(b, kv, g * r, d)  # query head j reads kv head j // groups
-            scores = torch.matmul(q, kh[:, :, :cut].transpose(2, 3)).view(b, h, r, cut) * self.scale
+            # in place: the same values as `scores * scale + mask`, in fewer passes over the block's scores
+            scores = torch.matmul(q, kh[:, :, :cut].transpose(2, 3)).view(b, h, r, cut).mul_(self.scale)
             if mask is not None:
-                scores = scores + mask[:, :, start:end, :cut]
-            elif causal:
-                allowed = torch.arange(cut, device=qh.device) <= torch.arange(start, end, device=qh.device)[:, None] + n_k - n_q
-                scores = scores + additive(allowed, scores.dtype)
+                scores.add_(mask[:, :, start:end, :cut])
+            elif causal:  # every row sees the keys before the block's own r x r triangle: only that is masked
+                diag = cut - r
+                allowed = torch.arange(diag, cut, device=qh.device) <= torch.arange(start, end, device=qh.device)[:, None] + n_k - n_q
+                scores[..., diag:].add_(additive(allowed, scores.dtype))
             pattern = F.softmax(scores, dim=-1, dtype=softmax_dtype(scores.dtype)).to(qh.dtype)
             reader.block(start, pattern)
             z[:, :, start:end] = torch.matmul(pattern.view(b, kv, g * r, cut), vh[:, :, :cut]).view(b, h, r, d)

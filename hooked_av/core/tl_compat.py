@@ -77,7 +77,26 @@ class AVActivationCache(ActivationCache):
         return AVActivationCache(self._with(part), self.model, has_batch_dim=part.has_batch_dim)
 
 
-class TransformerLensCompat:
+class FactoredViews:
+    """`QK` and `OV` as TransformerLens's `FactoredMatrix` over the owner's `W_Q`, `W_K`, `W_V`, `W_O` (a
+    block's attention: `[n_heads, d_model, d_model]`; the model: stacked, `[n_layers, n_heads, ...]`)."""
+
+    @property
+    def QK(self):
+        """`W_Q @ W_K^T` per head (TransformerLens's)."""
+        from transformer_lens import FactoredMatrix
+
+        return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
+
+    @property
+    def OV(self):
+        """`W_V @ W_O` per head (TransformerLens's)."""
+        from transformer_lens import FactoredMatrix
+
+        return FactoredMatrix(self.W_V, self.W_O)
+
+
+class TransformerLensCompat(FactoredViews):
     # ---- weights ----------------------------------------------------------------------------
     @property
     def W_E(self) -> Tensor:
@@ -133,19 +152,6 @@ class TransformerLensCompat:
     b_in = property(lambda self: self._mlp_stack("b_in"), doc="`[n_layers, d_mlp]` (zeros: no bias)")
     b_out = property(lambda self: self._mlp_stack("b_out"), doc="`[n_layers, d_model]` (zeros: no bias)")
 
-    @property
-    def QK(self):
-        """`FactoredMatrix` `[n_layers, n_heads, d_model, d_model]`: `W_Q @ W_K^T` (TransformerLens's)."""
-        from transformer_lens import FactoredMatrix
-
-        return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
-
-    @property
-    def OV(self):
-        """`FactoredMatrix` `[n_layers, n_heads, d_model, d_model]`: `W_V @ W_O` (TransformerLens's)."""
-        from transformer_lens import FactoredMatrix
-
-        return FactoredMatrix(self.W_V, self.W_O)
 
     @property
     def W_pos(self):

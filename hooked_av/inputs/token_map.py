@@ -419,31 +419,35 @@ def check_media_items(media_items, input_ids: Tensor) -> Tensor | None:
     """`inputs["media_items"]` (`prepare`'s item of each media token, -1 elsewhere, `[batch, pos]` like
     `input_ids`) on the CPU, or None when the inputs carry no record; a record that does not fit the ids
     is an error."""
-    if media_items is None:
+    rec = _record(media_items, input_ids, "media_items", "prepare's item of each media token",
+                  "clips are then told apart from the ids, see clip_numbers")
+    if rec is None:
         return None
-    rec = torch.as_tensor(media_items).cpu()
-    if rec.shape != input_ids.shape:
-        raise ValueError(
-            f"inputs['media_items'] has shape {tuple(rec.shape)} but input_ids {tuple(input_ids.shape)}: it records "
-            "prepare's item of each media token; slice or pad it together with input_ids, or drop it (clips are "
-            "then told apart from the ids, see clip_numbers)")
     if rec.is_floating_point() or (rec.numel() and int(rec.min()) < -1):
         raise ValueError("inputs['media_items'] holds item indices (0, 1, ...) and -1 off the media; got other values")
+    return rec
+
+
+def _record(value, input_ids: Tensor, name: str, records: str, without: str) -> Tensor | None:
+    """A per-position record of `prepare`'s (`inputs[name]`) on the CPU, None when absent; refused unless it has
+    `input_ids`' shape."""
+    if value is None:
+        return None
+    rec = torch.as_tensor(value).cpu()
+    if rec.shape != input_ids.shape:
+        raise ValueError(
+            f"inputs['{name}'] has shape {tuple(rec.shape)} but input_ids {tuple(input_ids.shape)}: it records "
+            f"{records}; slice or pad it together with input_ids, or drop it ({without})")
     return rec
 
 
 def check_text_parts(text_parts, input_ids: Tensor) -> Tensor | None:
     """`inputs["text_parts"]` (codes into `TEXT_PARTS`, `[batch, pos]` like `input_ids`) on the CPU,
     or None when the inputs carry no record; a record that does not fit the ids is an error."""
-    if text_parts is None:
+    codes = _record(text_parts, input_ids, "text_parts", "prepare's text parts per position",
+                    "all user text is then 'question'")
+    if codes is None:
         return None
-    codes = torch.as_tensor(text_parts).cpu()
-    if codes.shape != input_ids.shape:
-        raise ValueError(
-            f"inputs['text_parts'] has shape {tuple(codes.shape)} but input_ids {tuple(input_ids.shape)}: it records "
-            "prepare's text parts per position; slice or pad it together with input_ids, or drop it (all user text is "
-            "then 'question')"
-        )
     if codes.numel() and not (0 <= int(codes.min()) and int(codes.max()) < len(TEXT_PARTS)):
         raise ValueError(f"inputs['text_parts'] holds codes outside 0..{len(TEXT_PARTS) - 1} (TEXT_PARTS: {TEXT_PARTS})")
     return codes

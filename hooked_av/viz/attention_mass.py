@@ -26,7 +26,7 @@ def group_attention_mass(
     groups: Sequence[str] = DEFAULT_GROUPS,
     layers: Sequence[int] | None = None,
     per_head: bool = False,
-    block_rows: int = 256,
+    block_rows: int = 64,
 ):
     """Mean over the query positions of group `dst` of the attention mass they put on the keys of
     group `src` (a number in [0, 1]; a row sums to 1 over groups that cover every key).

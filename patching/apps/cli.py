@@ -26,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--flow-samples", type=int, default=16, help="samples per question kind for the knockout sweep")
     demo.add_argument("--window", type=int, default=1, help="knockout window in layers (default 1: the demo's toy-flow has 8 layers)")
     demo.add_argument("--seed", type=int, default=2024)
+    demo.add_argument("--feature-rows", type=int, default=1500,
+                      help="toy rows written for the feature level (about 0.6 x as many distinct clips; the SAE's data)")
+    demo.add_argument("--feature-steps", type=int, default=1500, help="SAE training steps of 256 tokens")
 
     flow = sub.add_parser("flow", help="attention-knockout flow analysis of one clip on any supported model")
     flow.add_argument("--model", required=True, help='hub id, local checkpoint folder, or "toy"')
@@ -52,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "demo":
             from patching.apps.demo import run_demo
 
-            run_demo(args.out, n_eval=args.samples, n_flow=args.flow_samples, window=args.window, seed=args.seed)
+            run_demo(args.out, n_eval=args.samples, n_flow=args.flow_samples, window=args.window, seed=args.seed,
+                     n_features=args.feature_rows, feature_steps=args.feature_steps)
         else:
             from patching.apps.flow import run_flow
 

@@ -26,12 +26,12 @@ from patching.apps.demo_features import features_section  # noqa: E402
 
 
 def run_demo(out_dir: str | Path = "runs/demo", n_eval: int = 200, n_flow: int = 16, window: int = 1, seed: int = 2024,
-             n_features: int = 1500) -> Path:
+             n_features: int = 1500, feature_steps: int = 1500) -> Path:
     """`n_eval` samples for accuracy and discarding (cheap: one forward per layer; with the media discarded
     early the model answers one word per question, so accuracy there is the share of samples whose answer is
     that word, which a few samples per kind estimate badly); knockout on the first `n_flow` x (number of
     question kinds) of them; the toy has 4 layers, hence the 1-layer knockout window. `n_features`: toy rows
-    written for the feature level (about 0.6 x that many distinct clips)."""
+    written for the feature level (about 0.6 x that many distinct clips), `feature_steps` the SAE's training steps."""
     from hooked_av import load, toy
     from hooked_av.toy.dataset import write_toy_dataset
     from patching.apps.study import Study, read_manifest, run_study
@@ -118,7 +118,7 @@ def run_demo(out_dir: str | Path = "runs/demo", n_eval: int = 200, n_flow: int =
     features = out / "features"
     if features.exists():  # the demo's own folder: the proof writes a new one each run
         shutil.rmtree(features)
-    proof = features_section(report, features, model=model, n_rows=n_features, steps=1500, per_value=16, n_ablation=600)
+    proof = features_section(report, features, model=model, n_rows=n_features, steps=feature_steps, per_value=16, n_ablation=600)
     print(f"features ({time.perf_counter() - t4:.0f} s): best single feature per planted value, held-out AUROC "
           f"(n={proof.settings['n_heldout']} clips; untrained SAE beside it):\n"
           + proof.table[["attribute", "value", "auroc", "baseline_auroc", "set_auroc", "modality"]].round(3).to_string(index=False))

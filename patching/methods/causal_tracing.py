@@ -430,17 +430,26 @@ def _run(x: StudySample, opts: dict) -> pd.DataFrame:
 def _token_sets(x: StudySample, specs: list, sink_opts: dict, seed: int) -> list:
     """TokenMap specs as given; the hub's named sets (`sink(audio)`, ...) from `find_sinks`; sets
     that are empty in this sample left out."""
-    from patching.engine.token_sets import hub_sets
-    from patching.methods.sinks import find_sinks
+    from patching.engine.token_sets import KINDS, hub_sets, media
+    from patching.methods.sinks import NoSinkDimensions, find_sinks
 
     named = {}
     if any(isinstance(s, str) and TOKEN_SET.match(s) for s in specs):
-        found = find_sinks(x.model, x.enc, tm=x.tm, **sink_opts)
+        try:
+            found = find_sinks(x.model, x.enc, tm=x.tm, **sink_opts)
+        except NoSinkDimensions as e:  # wrong for this model on the first sample; later, this sample has no sink set
+            if x.first:
+                raise ValueError(f"causal_tracing, on the first sample: {e} (set them with causal_tracing.sinks="
+                                 "{\"ratio\": ...})") from None
+            found = None
         for m in ("audio", "video"):
-            named.update({f"{k}({m})": v for k, v in hub_sets(found, m, seed).items()})
+            named.update({f"{k}({m})": v for k, v in hub_sets(found, m, seed).items()} if found is not None else
+                         {f"all({m})": media(m), **{f"{k}({m})": None for k in (*KINDS, "random_sink_num")}})
     out = []
     for s in specs:
         spec = named[s] if isinstance(s, str) and s in named else s
+        if spec is None:  # a sink set of a sample without sink dimensions: empty
+            continue
         if bool(resolve(spec, x.tm, 0).mask.any()):
             out.append(spec)
     return out
@@ -452,8 +461,20 @@ def _scale(opts: dict) -> float:
     return float(scale if scale is not None else PRESETS[opts.get("preset")]["scale"])
 
 
+def _check(opts: dict, window, cfg=None) -> None:
+    """The hub's named token sets (`sink(audio)`, ...) run `find_sinks` on every sample: without a `sinks`
+    option, check its defaults against the model's width before its weights load."""
+    from patching.methods.sinks import check_settings
+
+    tokens = opts.get("tokens")
+    named = [t for t in ([tokens] if isinstance(tokens, str) else tokens or []) if isinstance(t, str) and TOKEN_SET.match(t)]
+    if named and opts.get("sinks") is None:
+        check_settings({}, cfg, f"causal_tracing.sinks (not given: find_sinks' defaults, for {named[0]}; set them with "
+                                "causal_tracing.sinks={\"tau\": ...})")
+
+
 EXPERIMENT = Experiment(
-    "causal_tracing", causal_tracing, by=("site", "tokens", "layer"), value="indirect_effect", label="indirect effect",
+    "causal_tracing", causal_tracing, check=_check, by=("site", "tokens", "layer"), value="indirect_effect", label="indirect effect",
     correct_only=True, plot=Plot("traced", x="layer", series="tokens", panel="site", xlabel="layer"), run=_run,
     cells=("corrupted", "site", "tokens", "layer", "pos"), extra_options=frozenset({"sinks"}),
     paired=("p_restored", "p_corrupt"), unit="probability", unit_scale=_scale,

@@ -375,14 +375,19 @@ def _with_sinks(df: pd.DataFrame) -> pd.DataFrame:
     return df[df["n_sinks"] > 0] if "n_sinks" in df.columns else df
 
 
-def _check(opts: dict, window, cfg=None) -> None:
-    """tau against the model's width, before its weights load (`check_tau`)."""
+def check_settings(opts: dict, cfg, who: str = "sinks") -> None:
+    """`find_sinks`' tau (given in `opts`, else its default) against the model's width, before its weights
+    load (`check_tau`); the error starts with `who` (the option that holds them, e.g. "var.sinks")."""
     if cfg is not None:
         tau = opts.get("tau", inspect.signature(find_sinks).parameters["tau"].default)
         try:
             check_tau(checks.finite(tau, "tau"), cfg.d_model)
         except ValueError as e:
-            raise ValueError(f"sinks: {e}") from None
+            raise ValueError(f"{who}: {e}") from None
+
+
+def _check(opts: dict, window, cfg=None) -> None:
+    check_settings(opts, cfg)
 
 
 EXPERIMENT = Experiment(

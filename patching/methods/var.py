@@ -131,13 +131,19 @@ def _run(x: StudySample, opts: dict) -> pd.DataFrame:
     its media has nothing to redistribute: VAR is the identity there, and its row says `applied=False`."""
     from patching.engine.metrics import AnswerProb, relative_change
     from patching.engine.sweep import forward_rows, samples
-    from patching.methods.sinks import find_sinks
+    from patching.methods.sinks import NoSinkDimensions, find_sinks
 
     model = x.model
     sink_opts = opts.pop("sinks", None) or {}
     layers = opts.pop("layers", None) or var_layers(model.cfg.n_layers)
     media = opts.get("media", "audio|video|image")
-    found = find_sinks(model, x.enc, tm=x.tm, **sink_opts).df
+    why = ""
+    try:
+        found = find_sinks(model, x.enc, tm=x.tm, **sink_opts).df
+    except NoSinkDimensions as e:  # the setting is wrong for this model on the first sample; later, this sample has none
+        if x.first:
+            raise ValueError(f"var, on the first sample: {e} (set them with var.sinks={{\"ratio\": ...}})") from None
+        found, why = pd.DataFrame({"pos": []}), f"no sink dimension: {e}"
     sinks = torch.zeros(1, x.tm.seq_len, dtype=torch.bool)
     sinks[0, found.pos.astype(int).tolist()] = True
     n_media_sinks = int((sinks & x.tm.mask(media)).sum())
@@ -156,14 +162,24 @@ def _run(x: StudySample, opts: dict) -> pd.DataFrame:
                               n_media_sinks=n_media_sinks, applied=bool(n_media_sinks), p_orig=float(p_orig[0]), p=float(p[0]),
                               rel_change=float(relative_change(p, p_orig)[0]), pred_orig=int(base[0].argmax()),
                               pred=int(lg[0].argmax()), correct_orig=bool(metric.correct(base)[0]),
-                              correct=bool(metric.correct(lg)[0]))])
+                              correct=bool(metric.correct(lg)[0]),
+                              why=why or ("" if n_media_sinks else "no sink among the media tokens: VAR changes nothing"))])
+
+
+def _check(opts: dict, window, cfg=None) -> None:
+    """Without a `sinks` option every sample runs `find_sinks` with its defaults: check those against the
+    model's width before its weights load (a given `sinks` option is checked by the registry)."""
+    from patching.methods.sinks import check_settings
+
+    if opts.get("sinks") is None:
+        check_settings({}, cfg, "var.sinks (not given: find_sinks' defaults; set them with var.sinks={\"tau\": ...})")
 
 
 EXPERIMENT = Experiment(
-    "var", var, by=("intervention",), value="correct", label="accuracy", outcome="binary", run=_run,
+    "var", var, check=_check, by=("intervention",), value="correct", label="accuracy", outcome="binary", run=_run,
     cells=("intervention",), extra_options=frozenset({"sinks", "layers"}), not_options=frozenset({"sinks", "rows"}),
     paired=("correct", "correct_orig"),
     report=Report("VAR (visual attention redistribution): accuracy with and without it", baseline="correct_orig"),
     columns=("intervention", "layers", "n_sinks", "n_media_sinks", "applied", "p_orig", "p", "rel_change",
-             "pred_orig", "pred", "correct_orig", "correct"),
+             "pred_orig", "pred", "correct_orig", "correct", "why"),
 )
