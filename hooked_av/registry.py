@@ -12,7 +12,6 @@ import torch
 from hooked_av.core import checkpoint
 from hooked_av import families
 
-TOY = "toy"  # the default toy; every shipped toy's name is a key of hooked_av.toy.TOYS
 
 
 def _toy(name_or_path) -> str | None:
@@ -82,7 +81,7 @@ def config(name_or_path: str | os.PathLike):
 
 
 def skeleton(name_or_path: str | os.PathLike, dtype: torch.dtype | str = torch.float32, **options):
-    """The model of a hub id, a local folder or "toy" built on the meta device from its config, with its
+    """The model of a hub id, a local folder or a shipped toy built on the meta device from its config, with its
     tokenizer and checkpoint folder, reading no weight: what needs no weight works (`cfg`, `prepare`,
     `token_map`, parameter counts), a forward does not. What a study's plan counts with before it loads.
 
@@ -94,7 +93,7 @@ def skeleton(name_or_path: str | os.PathLike, dtype: torch.dtype | str = torch.f
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     model = fam.MODEL.from_config(fam.MODEL.read_checkpoint_config(where), dtype=dtype, device="meta", **options)
     model.tokenizer, model.checkpoint_folder = checkpoint.load_tokenizer(where), where
-    if str(name_or_path) == TOY:
+    if _toy(name_or_path):
         from types import MethodType
 
         from hooked_av.toy import prepare

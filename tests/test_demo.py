@@ -1,12 +1,12 @@
-"""The main job on the shipped toy model: `hooked-av demo` writes its report and the numbers in it
-show the structure the toy was built with."""
+"""The main job on the shipped toys: `hooked-av demo` writes its report and the numbers in it show the
+structure toy-flow was built with (its flow sections) and the features of the toy (its feature section)."""
 
 import pandas as pd
 
 from patching.apps.cli import main
 
 
-def test_demo_writes_a_report_whose_knockouts_show_the_audio_and_video_routes(tmp_path, capsys):
+def test_demo_writes_a_report_whose_knockouts_show_the_planted_pathway(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--samples", "60", "--flow-samples", "6",
                  "--feature-rows", "200", "--feature-steps", "300"]) == 0
@@ -16,17 +16,23 @@ def test_demo_writes_a_report_whose_knockouts_show_the_audio_and_video_routes(tm
     assert "Features: a sparse autoencoder on the media tokens" in html and "Summary (accuracy, nothing ablated" in html
     ko = pd.read_csv(out / "knockout.csv")
     ko = ko[ko.correct]
-    worst = ko.groupby(["kind", "edge"]).rel_change.min()
-    # auditory answers need audio -> last; visual answers need video -> last; neither needs the other
-    assert worst["auditory", "audio->last"] < -50 and worst["visual", "video->last"] < -50
-    assert worst["auditory", "video->last"] > -20 and worst["visual", "audio->last"] > -20
+    assert set(ko.window) == {2}  # toy-flow's 8 layers: the library's default window, a quarter of the depth
+    mean = ko.groupby(["kind", "edge", "layer"]).rel_change.mean()
+    worst, where = mean.groupby(["kind", "edge"]).min(), mean.groupby(["kind", "edge"]).idxmin().str[2]
+    # toy-flow's planted pathway (docs/toy.md): each modality reaches the question in layers 1-2 (a window
+    # centred on layer l covers l-1 and l), the question reaches the answer in layers 4-5, nothing goes
+    # straight from the media to the answer, and neither kind needs the other modality
+    for kind, media, other in (("visual", "video", "audio"), ("auditory", "audio", "video")):
+        assert worst[kind, f"{media}->question"] < -50 and where[kind, f"{media}->question"] in (1, 2, 3), kind
+        assert worst[kind, "question->last"] < -50 and where[kind, "question->last"] in (4, 5, 6), kind
+        assert worst[kind, f"{media}->last"] > -20 and worst[kind, f"{other}->question"] > -20, kind
     disc = pd.read_csv(out / "discarding.csv")
     # discarding runs over every sample: on the knockout's few per kind (16 in `make demo`) accuracy with the
     # media discarded early read 0.69 for visual answers against 0.44 on 48 (docs/toy.md)
     assert disc.id.nunique() == 60 and pd.read_csv(out / "knockout.csv").id.nunique() == 24
-    assert "beside chance" in html
+    assert "beside chance" in html and "'toy-flow', a Qwen2.5-Omni Thinker architecture of 8 layers" in html
     by_layer = disc.groupby("from_layer").correct.mean()
-    assert by_layer.index.tolist() == [0, 1, 2, 3, 4]
-    assert by_layer[4] == by_layer[3] == 1.0 and by_layer[0] < 0.8
+    assert by_layer.index.tolist() == list(range(9))
+    # once the question has gathered the media (layers 1-2), the media can go
+    assert by_layer[8] == by_layer[3] == 1.0 and by_layer[0] < 0.8 and by_layer[1] < 0.8
     assert "report:" in capsys.readouterr().out
-

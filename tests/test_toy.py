@@ -63,6 +63,14 @@ def clean(model, held_out):
     return _accuracy(model, held_out)
 
 
+@pytest.fixture(scope="module", params=list(FIXTURES))
+def any_toy(request):
+    """(model, held-out batch, plain accuracy) of each shipped toy: what both must pass."""
+    model = request.getfixturevalue(FIXTURES[request.param])
+    batch = request.getfixturevalue("held_out")  # same clips and questions; the toys share the tokenizer
+    return model, batch, _accuracy(model, batch)
+
+
 @pytest.mark.parametrize("name, layers", [("toy", 4), ("toy-flow", 8)])
 def test_shipped_files_load_in_hf_and_ours_with_equal_logits(name, layers, request):
     from transformers import Qwen2_5OmniThinkerForConditionalGeneration
@@ -104,35 +112,70 @@ def test_each_toy_loads_by_name_through_one_loader(toy_model, toy_flow_model):
         hooked_av.load("toy-flow", position_mode="x")
 
 
-def test_held_out_accuracy_of_every_question_kind_is_at_least_95_percent(clean):
+def test_held_out_accuracy_of_every_question_kind_is_at_least_95_percent(any_toy):
+    clean = any_toy[2]
     assert min(clean.values()) >= 0.95, clean
 
 
-def test_blocking_audio_keys_kills_auditory_answers_only(model, held_out, clean):
+def test_blocking_audio_keys_kills_auditory_answers_only(any_toy):
+    model, held_out, _ = any_toy
     audio = _media(model, held_out, "audio")
     acc = _accuracy(model, held_out, _block(~audio, audio, range(model.cfg.n_layers)))
     assert acc["auditory"] <= _chance(held_out, "auditory") + 0.15, acc
     assert acc["visual"] >= 0.9, acc
 
 
-def test_blocking_video_keys_kills_visual_answers_only(model, held_out, clean):
+def test_blocking_video_keys_kills_visual_answers_only(any_toy):
+    model, held_out, _ = any_toy
     video = _media(model, held_out, "video")
     acc = _accuracy(model, held_out, _block(~video, video, range(model.cfg.n_layers)))
     assert acc["visual"] <= _chance(held_out, "visual") + 0.15, acc
     assert acc["auditory"] >= 0.9, acc
 
 
-def test_discarding_media_from_the_last_layer_keeps_accuracy(model, held_out):
+def test_discarding_media_from_the_last_layer_keeps_accuracy(any_toy):
+    model, held_out, _ = any_toy
     media = _media(model, held_out, "media")
     acc = _accuracy(model, held_out, _block(~media, media, [model.cfg.n_layers - 1]))
     assert min(acc.values()) >= 0.9, acc
 
 
-def test_discarding_media_from_layer_0_destroys_accuracy(model, held_out):
+def test_discarding_media_from_layer_0_destroys_accuracy(any_toy):
+    model, held_out, _ = any_toy
     media = _media(model, held_out, "media")
     acc = _accuracy(model, held_out, _block(~media, media, range(model.cfg.n_layers)))
     for kind in vocab.KINDS:
         assert acc[kind] <= _chance(held_out, kind) + 0.15, (kind, acc)
+
+
+# toy-flow's planted pathway (train.RECIPES["toy-flow"], train.pathway_mask): the question's words read the media
+# in layers 1-2 only, the positions after the question read the question in layers 4-5 only
+
+
+def test_toy_flow_takes_the_media_to_the_answer_through_the_question_in_the_planted_layers(toy_flow_model, held_out):
+    from hooked_av.toy.train import RECIPES, question_positions
+
+    model, layers = toy_flow_model, RECIPES["toy-flow"]["pathway_layers"]
+    assert layers == {"gather": (1, 2), "answer": (4, 5)} and model.cfg.n_layers == 8
+    ids = held_out.inputs["input_ids"]
+    media, question = _media(model, held_out, "media"), question_positions(ids)
+    pos = torch.arange(ids.shape[1])
+    after = pos[None] >= torch.where(ids == toy.token_ids()["im_end"], pos, -1).max(1).values[:, None]
+    kept = {  # what the plant leaves the model free to lose
+        "media gone from layer 3 on": _accuracy(model, held_out, _block(~media, media, range(3, 8))),
+        "no text but the question reads the media": _accuracy(model, held_out, _block(~media & ~question, media, range(8))),
+        "the answer side reads the question in layers 4-5 only": _accuracy(
+            model, held_out, _block(after, question, [0, 1, 2, 3, 6, 7])),
+    }
+    for name, acc in kept.items():
+        assert min(acc.values()) >= 0.9, (name, acc)
+    cut = {  # what it needs: either step of the pathway, in its layers
+        "the question blind to the media in layers 1-2": _accuracy(model, held_out, _block(question, media, layers["gather"])),
+        "the answer side blind to the question in layers 4-5": _accuracy(model, held_out, _block(after, question, layers["answer"])),
+    }
+    for name, acc in cut.items():
+        for kind in vocab.KINDS:
+            assert acc[kind] <= _chance(held_out, kind) + 0.15, (name, kind, acc)
 
 
 def test_data_generator_is_deterministic_in_its_seed(model):

@@ -86,6 +86,40 @@ def question_positions(input_ids) -> torch.Tensor:
     return (pos > after[:, None]) & (pos < before[:, None])
 
 
+def pathway_mask(input_ids, attention_mask, drop_rows, stage: str) -> torch.Tensor:
+    """Additive float mask `[batch, 1, pos, pos]` of toy-flow's planted pathway at a layer of `stage`:
+    causal and padding, plus, in `drop_rows`: audio and video tokens read their own modality's media only;
+    no text query reads the media, except the question's words (`question_positions`) at a "gather"
+    layer; the positions after the question (the template and the last) do not read the question's
+    words, except at an "answer" layer ("closed": neither). So the media reach the answer only as
+    media -> question (gather layers) -> last (answer layers)."""
+    b, s = input_ids.shape
+    allowed = torch.ones(s, s, dtype=torch.bool).tril()[None].expand(b, s, s) & attention_mask.bool()[:, None, :]
+    blocked = pathway_blocked(input_ids, stage)
+    allowed = (allowed & ~(drop_rows[:, None, None] & blocked)) | torch.eye(s, dtype=torch.bool)[None]
+    mask = torch.zeros(b, 1, s, s)
+    return mask.masked_fill_(~allowed[:, None], torch.finfo(torch.float32).min)
+
+
+def pathway_blocked(input_ids, stage: str) -> torch.Tensor:
+    """bool `[batch, query, key]`: the (query, key) pairs toy-flow's plant forbids at a layer of `stage`
+    (`pathway_mask`), whatever the causal and padding masks say."""
+    if stage not in ("gather", "answer", "closed"):
+        raise ValueError(f"stage must be 'gather', 'answer' or 'closed', got {stage!r}")
+    ids = token_ids()
+    s = input_ids.shape[1]
+    audio, video = input_ids == ids["audio"], input_ids == ids["video"]
+    media, question = audio | video, question_positions(input_ids)
+    pos = torch.arange(s)
+    after = pos[None] >= torch.where(input_ids == ids["im_end"], pos, -1).max(1).values[:, None]
+    blocked = (audio[:, :, None] & video[:, None, :]) | (video[:, :, None] & audio[:, None, :])
+    readers = question if stage == "gather" else torch.zeros_like(question)
+    blocked |= (~media & ~readers)[:, :, None] & media[:, None, :]
+    if stage != "answer":
+        blocked |= after[:, :, None] & question[:, None, :]
+    return blocked & ~torch.eye(s, dtype=torch.bool)[None]
+
+
 @torch.no_grad()
 def accuracy_by_kind(model, bank, samples, tokenizer, batch_size: int = 64, by: str = "kind") -> dict[str, float]:
     """Held-out accuracy per question kind (`by="kind"`) or per "kind/question" (`by="question"`)
@@ -111,18 +145,24 @@ TWO_CLIP_BATCHES = 0.4  # the share of two-clip batches: they learn slowest
 def train(steps: int, out: Path, seed: int = 0, batch_size: int = 32, lr: float = 2e-3, warmup: int = 100,
           n_clips: int = 4000, drop_p: float = 0.5, plant_from: float = 0.3, eval_every: int = 250, threads: int = 2,
           resume: Path | None = None, n_layers: int = 4, plant: str = "last_layer", audio_from: str | None = None,
-          relay_layers: int | None = None) -> dict:
+          pathway_layers: dict | None = None, init_from: str | None = None, attention_penalty: float = 0.0) -> dict:
     """Train (or continue) a toy for `steps` steps and save it to `out`; returns the train report.
     `plant` (`PLANTS`): "last_layer", the toy's (the last layer's text queries may not read the
-    media), or "relay", toy-flow's (in the first `relay_layers` layers (None: all) no text query but
-    the question's words may read the media, in the later ones no text query may); either acts in a
-    share `drop_p` of the rows of every batch, after the first
+    media), or "pathway", toy-flow's (`pathway_mask`: the question's words read the media in the layers
+    `pathway_layers["gather"]` only, the positions after the question read the question in `pathway_layers["answer"]`
+    only, no other text query reads the media, each media token reads its own modality only); either
+    acts in a share `drop_p` of the rows of every batch, after the first
     `plant_from` of the steps. `audio_from`: a shipped toy (`hooked_av.toy.TOYS`) whose trained audio
-    tower a fresh model starts from (everything else starts random; see `_copy_audio_tower`)."""
+    tower a fresh model starts from (everything else starts random; see `_copy_audio_tower`). `init_from`: a shipped toy whose every
+    weight a fresh model starts from (`_grow_from`: its layers first, the rest as identity copies).
+    `attention_penalty` (plant "pathway"): the loss adds this times the attention mass the plain
+    (unplanted) rows put on the pairs the plant forbids (`pathway_blocked`; per query, averaged over the
+    queries that have such keys, the heads, rows and layers), so the shipped model keeps to the pathway
+    with plain causal attention instead of learning a second, direct route in those rows."""
     if plant not in PLANTS:
         raise ValueError(f"plant must be one of {list(PLANTS)}, got {plant!r}")
-    if relay_layers is not None and (plant != "relay" or not 1 <= relay_layers <= n_layers):
-        raise ValueError(f"relay_layers applies to plant='relay' only and must be in 1..{n_layers}, got {relay_layers!r}")
+    if (plant == "pathway") != (pathway_layers is not None) or any(not 0 <= i < n_layers for v in (pathway_layers or {}).values() for i in v):
+        raise ValueError(f"pathway_layers (layers in 0..{n_layers - 1}) go with plant='pathway' and only with it, got {pathway_layers!r}")
     from transformers import Qwen2_5OmniThinkerForConditionalGeneration
 
     torch.set_num_threads(threads)
@@ -140,8 +180,14 @@ def train(steps: int, out: Path, seed: int = 0, batch_size: int = 32, lr: float 
         model = Qwen2_5OmniThinkerForConditionalGeneration(cfg).train()
         if audio_from is not None:
             _copy_audio_tower(model, audio_from)
+        if init_from is not None:
+            _grow_from(model, init_from)
     else:  # continue from a saved run (its minutes are not counted in this report)
         model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(str(resume), attn_implementation="sdpa").train()
+    if attention_penalty:  # the penalty reads the attention probabilities: eager attention while training
+        if plant != "pathway":
+            raise ValueError(f"attention_penalty applies to plant='pathway' only, got plant={plant!r}")
+        model.set_attn_implementation("eager")
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{n_params / 1e6:.2f}M parameters", flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
@@ -152,10 +198,11 @@ def train(steps: int, out: Path, seed: int = 0, batch_size: int = 32, lr: float 
     media_ids = torch.tensor([ids["audio"], ids["video"]])
     planted: dict = {}
     layers = model.model.language_model.layers
-    n_relay = len(layers) if relay_layers is None else relay_layers
-    for i, layer in enumerate(layers):  # which planted mask each layer takes ("relay" / "blind"), if any
-        key = "relay" if plant == "relay" and i < n_relay else "blind"
-        if plant == "relay" or i == len(layers) - 1:
+    stage_of = []
+    for i, layer in enumerate(layers):  # which planted mask each layer takes, if any
+        key = next((k for k, v in (pathway_layers or {}).items() if i in v), "closed" if plant == "pathway" else "blind")
+        stage_of.append(key)
+        if plant == "pathway" or i == len(layers) - 1:
             layer.register_forward_pre_hook(_plant_hook(planted, key), with_kwargs=True)
     rng = np.random.default_rng(seed)
     curve, train_start = [], time.time()
@@ -165,11 +212,15 @@ def train(steps: int, out: Path, seed: int = 0, batch_size: int = 32, lr: float 
         # planting starts once the features exist: early on it only slows learning them
         drop = torch.from_numpy(rng.random(batch_size) < (drop_p if step > plant_from * steps else 0.0))
         ids_ = batch.inputs["input_ids"]
-        planted["blind"] = last_layer_media_mask(ids_, batch.inputs["attention_mask"], drop, media_ids)
-        if plant == "relay":
-            planted["relay"] = last_layer_media_mask(ids_, batch.inputs["attention_mask"], drop, media_ids, question_positions(ids_))
-        logits = model(**batch.inputs, use_audio_in_video=False).logits[:, -1]
-        loss = F.cross_entropy(logits.float(), batch.answers)
+        if plant == "pathway":
+            planted.update({k: pathway_mask(ids_, batch.inputs["attention_mask"], drop, k) for k in ("gather", "answer", "closed")})
+        else:
+            planted["blind"] = last_layer_media_mask(ids_, batch.inputs["attention_mask"], drop, media_ids)
+        res = model(**batch.inputs, use_audio_in_video=False, output_attentions=bool(attention_penalty))
+        loss = F.cross_entropy(res.logits[:, -1].float(), batch.answers)
+        forbidden = _forbidden_mass(res.attentions, ids_, stage_of) if attention_penalty else None
+        if attention_penalty:
+            loss = loss + attention_penalty * forbidden
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -179,7 +230,8 @@ def train(steps: int, out: Path, seed: int = 0, batch_size: int = 32, lr: float 
             planted.clear()  # evaluate the model as it is shipped: plain causal attention
             acc = accuracy_by_kind(model, test_bank, probe, tokenizer)
             minutes = (time.time() - train_start) / 60
-            curve.append({"step": step, "minutes": round(minutes, 2), "loss": round(loss.item(), 4), **acc})
+            curve.append({"step": step, "minutes": round(minutes, 2), "loss": round(loss.item(), 4),
+                          **({} if forbidden is None else {"forbidden_mass": round(forbidden.item(), 4)}), **acc})
             print(json.dumps(curve[-1]), flush=True)
 
     final_samples = draw_samples(test_bank, 2000, seed=200 + seed)
@@ -189,11 +241,13 @@ def train(steps: int, out: Path, seed: int = 0, batch_size: int = 32, lr: float 
     report = {
         "seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup,
         "minutes": round((time.time() - train_start) / 60, 2), "threads": threads, "parameters": n_params,
-        "train_clips": n_clips, "audio_from": audio_from, "resumed_from": None if resume is None else str(resume), "held_out_samples": len(final_samples), "held_out_accuracy": final,
+        "train_clips": n_clips, "audio_from": audio_from, "init_from": init_from, "resumed_from": None if resume is None else str(resume), "held_out_samples": len(final_samples), "held_out_accuracy": final,
         "held_out_accuracy_by_question": per_question,
-        "n_layers": n_layers, "plant": plant, "relay_layers": relay_layers, "plant_drop_p": drop_p, "plant_from_fraction": plant_from, "two_clip_batch_share": TWO_CLIP_BATCHES, "curve": curve,
+        "n_layers": n_layers, "plant": plant, "pathway_layers": pathway_layers, "attention_penalty": attention_penalty, "plant_drop_p": drop_p, "plant_from_fraction": plant_from, "two_clip_batch_share": TWO_CLIP_BATCHES, "curve": curve,
     }
     out.mkdir(parents=True, exist_ok=True)
+    if attention_penalty:
+        model.set_attn_implementation("sdpa")
     model.eval().save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / "train_report.json").write_text(json.dumps(report, indent=1) + "\n")
@@ -223,6 +277,50 @@ def _copy_audio_tower(model, toy: str) -> None:
     model.load_state_dict(tower, strict=False)
 
 
+def _forbidden_mass(attentions, input_ids, stage_of) -> torch.Tensor:
+    """Attention mass on the pairs `pathway_blocked` forbids: per query with such keys, averaged over those
+    queries, plus the last (answer) position's own, each averaged over heads, rows and layers (`attentions`:
+    one `[batch, head, query, key]` per layer). The answer position is one query in ~50; averaged with the
+    rest alone, its direct reads of the media stayed (a knockout of video -> last still cost -56 %)."""
+    blocked = {st: pathway_blocked(input_ids, st) for st in set(stage_of)}
+    total = 0.0
+    for probs, st in zip(attentions, stage_of):
+        mass = (probs * blocked[st][:, None].to(probs.dtype)).sum(-1)  # [batch, head, query]
+        has = blocked[st].any(-1)[:, None].expand_as(mass)
+        total = total + mass[has].mean() + mass[:, :, -1].mean()  # the answer position counted on its own too
+    return total / len(stage_of)
+
+
+LAYERS = "model.language_model.layers."  # the state-dict prefix of the Thinker's decoder layers
+
+
+def _grow_from(model, toy: str) -> None:
+    """Start `model` from the shipped toy `toy` (same widths, at least as many decoder layers): every
+    weight copied; decoder layer i of the deeper model takes the toy's layer i where the toy has one,
+    else the toy's layer i mod its depth with its attention output (`o_proj`) and MLP output
+    (`down_proj`) zeroed, so the extra layers add nothing and the grown model computes what the toy
+    computes until training moves them."""
+    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+    from hooked_av.toy import weights_dir
+
+    source = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(str(weights_dir(toy))).state_dict()
+    n_src = 1 + max(int(k[len(LAYERS):].split(".")[0]) for k in source if k.startswith(LAYERS))
+    grown = {}
+    for k, v in model.state_dict().items():
+        if not k.startswith(LAYERS):
+            grown[k] = source[k]
+            continue
+        i, rest = k[len(LAYERS):].split(".", 1)
+        w = source[f"{LAYERS}{int(i) % n_src}.{rest}"].clone()
+        if int(i) >= n_src and rest.split(".")[-2] in ("o_proj", "down_proj"):
+            w.zero_()
+        grown[k] = w
+    if any(grown[k].shape != v.shape for k, v in model.state_dict().items()):
+        raise ValueError(f"the toy {toy!r} does not fit this model's widths; train it from scratch (init_from=None)")
+    model.load_state_dict(grown)
+
+
 def _plant_hook(plant: dict, key: str):
     """Forward pre-hook for a planted decoder layer: swaps in the mask `plant[key]` when there is one."""
 
@@ -235,12 +333,13 @@ def _plant_hook(plant: dict, key: str):
 
 
 DEFAULT_SCHEDULE = "2200:2e-3,1500:1e-3,1500:5e-4"  # the shipped toy's stages
-PLANTS = ("last_layer", "relay")
+PLANTS = ("last_layer", "pathway")
 # what each shipped toy was trained with (`--toy NAME`; its weights are `hooked_av.toy.weights_dir(NAME)`)
 RECIPES = {
     "toy": dict(n_layers=4, plant="last_layer", schedule=DEFAULT_SCHEDULE, drop_p=0.5, plant_from=0.3),
-    "toy-flow": dict(n_layers=8, plant="relay", relay_layers=4, schedule="2000:2e-3,1500:1e-3", drop_p=0.9, plant_from=0.2,
-                     audio_from="toy"),
+    "toy-flow": dict(n_layers=8, plant="pathway", pathway_layers={"gather": (1, 2), "answer": (4, 5)}, schedule="1500:1e-3",
+                     drop_p=0.75, plant_from=0.0, attention_penalty=5.0,
+                     init_from="toy"),
 }
 
 

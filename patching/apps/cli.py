@@ -24,14 +24,15 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     demo.add_argument("--samples", type=int, default=200, help="held-out samples for accuracy and discarding")
     demo.add_argument("--flow-samples", type=int, default=16, help="samples per question kind for the knockout sweep")
-    demo.add_argument("--window", type=int, default=1, help="knockout window in layers (default 1: the demo's toy-flow has 8 layers)")
+    demo.add_argument("--window", type=int, default=None,
+                      help="knockout window in layers (default: the library's rule, a quarter of the depth: 2 for toy-flow's 8 layers)")
     demo.add_argument("--seed", type=int, default=2024)
     demo.add_argument("--feature-rows", type=int, default=1500,
                       help="toy rows written for the feature level (about 0.6 x as many distinct clips; the SAE's data)")
     demo.add_argument("--feature-steps", type=int, default=1500, help="SAE training steps of 256 tokens")
 
     flow = sub.add_parser("flow", help="attention-knockout flow analysis of one clip on any supported model")
-    flow.add_argument("--model", required=True, help='hub id, local checkpoint folder, or "toy"')
+    flow.add_argument("--model", required=True, help='hub id, local checkpoint folder, or a shipped toy ("toy", "toy-flow")')
     flow.add_argument("--video", help="video file (its audio track is used when it has one)")
     flow.add_argument("--audio", help="separate audio file")
     flow.add_argument("--question", required=True)

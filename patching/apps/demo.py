@@ -25,13 +25,15 @@ from hooked_av.viz import Report, group_attention_mass, plot_attention_mass  # n
 from patching.apps.demo_features import features_section  # noqa: E402
 
 
-def run_demo(out_dir: str | Path = "runs/demo", n_eval: int = 200, n_flow: int = 16, window: int = 1, seed: int = 2024,
-             n_features: int = 1500, feature_steps: int = 1500) -> Path:
+def run_demo(out_dir: str | Path = "runs/demo", n_eval: int = 200, n_flow: int = 16, window: int | None = None, seed: int = 2024,
+             n_features: int = 1500, feature_steps: int = 1500, flow_model: str = "toy-flow") -> Path:
     """`n_eval` samples for accuracy and discarding (cheap: one forward per layer; with the media discarded
     early the model answers one word per question, so accuracy there is the share of samples whose answer is
     that word, which a few samples per kind estimate badly); knockout on the first `n_flow` x (number of
-    question kinds) of them; the toy has 4 layers, hence the 1-layer knockout window. `n_features`: toy rows
-    written for the feature level (about 0.6 x that many distinct clips), `feature_steps` the SAE's training steps."""
+    question kinds) of them, with a `window`-layer window (None: `knockout.default_window`, 2 for 8 layers). The flow sections run on the shipped toy
+    `flow_model` (default "toy-flow": 8 layers, deep enough for a pathway, docs/toy.md); the feature level on
+    the 4-layer "toy" (docs/features.md). `n_features`: toy rows written for the feature level (about 0.6 x
+    that many distinct clips), `feature_steps` the SAE's training steps."""
     from hooked_av import load, toy
     from hooked_av.toy.dataset import write_toy_dataset
     from patching.apps.study import Study, read_manifest, run_study
@@ -42,19 +44,19 @@ def run_demo(out_dir: str | Path = "runs/demo", n_eval: int = 200, n_flow: int =
     out = Path(out_dir)
     manifest = read_manifest(write_toy_dataset(out / "data", n=n_eval, seed=seed))
     t_data = time.perf_counter() - t0
-    model = load("toy")
-    print(f"toy model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {model.cfg.n_layers} layers; "
+    model = load(flow_model)
+    print(f"{flow_model} model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {model.cfg.n_layers} layers; "
           f"{len(manifest)} samples written to {out / 'data'} in {t_data:.1f} s")
 
     t1 = time.perf_counter()
-    run_study("toy", manifest, ["accuracy"], out / "accuracy", progress=False)  # by name: the report says "toy"
+    run_study(flow_model, manifest, ["accuracy"], out / "accuracy", progress=False)  # by name: the report names it
     acc = Study(out / "accuracy")
     t2 = time.perf_counter()
-    run_study("toy", manifest, ["discarding"], out / "discarding", options={"discarding": {"repeats": 1}}, progress=False)
+    run_study(flow_model, manifest, ["discarding"], out / "discarding", options={"discarding": {"repeats": 1}}, progress=False)
     disc = Study(out / "discarding")
     t_disc = time.perf_counter()
     n_flow_total = min(len(manifest), n_flow * len(toy.KINDS))
-    run_study("toy", manifest, ["knockout"], out / "flow", limit=n_flow_total, window=window)
+    run_study(flow_model, manifest, ["knockout"], out / "flow", limit=n_flow_total, window=window)
     flow = Study(out / "flow")
     t3 = time.perf_counter()
     acc_table = acc.summary("accuracy", by=["kind"])[["kind", "n_samples", "mean", "ci_low", "ci_high", "interval"]]
@@ -70,6 +72,7 @@ def run_demo(out_dir: str | Path = "runs/demo", n_eval: int = 200, n_flow: int =
           + disc_table.to_string(index=False))
 
     ko = flow.frame("knockout")
+    used_window = int(ko["window"].iloc[0])  # what the study ran: the given window or the library's default
     summary = flow.summary("knockout", by=["kind", "edge", "layer"])
     lowest = lowest_points(summary[summary.subset == "correct"])
     print("knockout: lowest point of each mean curve, relative change of p(answer) in % (correct samples):\n"
@@ -87,9 +90,11 @@ def run_demo(out_dir: str | Path = "runs/demo", n_eval: int = 200, n_flow: int =
 
     layout = model.token_map(model.prepare(parse_template("default").prompt(two_clip))).describe()
 
-    report = Report("hooked_av demo: information flow in the toy audio-visual model, run as a study")
-    report.text(f"{model.cfg.n_layers}-layer Qwen2.5-Omni Thinker architecture trained on a synthetic task, read from "
-                f"{len(manifest)} samples written as files ({out / 'data' / 'manifest.jsonl'}); knockout window {window}; "
+    report = Report("hooked_av demo: information flow and features in the toy audio-visual models, run as studies")
+    report.text(f"Flow sections: the shipped toy {flow_model!r}, a Qwen2.5-Omni Thinker architecture of {model.cfg.n_layers} layers "
+                "trained on a synthetic task (docs/toy.md: how it was trained, and what was planted), read from "
+                f"{len(manifest)} samples written as files ({out / 'data' / 'manifest.jsonl'}); knockout window {used_window}"
+                f"{'' if window else ' (the default for its depth)'}; "
                 f"run time {time.perf_counter() - t0:.0f} s; throughput {throughput['accuracy']:.1f} samples/s (accuracy), "
                 f"{throughput['discarding']:.1f} samples/s (discarding), {throughput['flow']:.1f} samples/s (knockout).")
     report.heading("Accuracy per question kind (Wilson 95 % intervals)").figure(_accuracy_figure(acc_table)).table(acc_table)
@@ -118,7 +123,7 @@ def run_demo(out_dir: str | Path = "runs/demo", n_eval: int = 200, n_flow: int =
     features = out / "features"
     if features.exists():  # the demo's own folder: the proof writes a new one each run
         shutil.rmtree(features)
-    proof = features_section(report, features, model=model, n_rows=n_features, steps=feature_steps, per_value=16, n_ablation=600)
+    proof = features_section(report, features, n_rows=n_features, steps=feature_steps, per_value=16, n_ablation=600)
     print(f"features ({time.perf_counter() - t4:.0f} s): best single feature per planted value, held-out AUROC "
           f"(n={proof.settings['n_heldout']} clips; untrained SAE beside it):\n"
           + proof.table[["attribute", "value", "auroc", "baseline_auroc", "set_auroc", "modality"]].round(3).to_string(index=False))

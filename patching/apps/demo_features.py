@@ -96,6 +96,7 @@ def toy_feature_proof(out_dir, *, n_rows: int = 600, hook: str = "blocks.0.hook_
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} is not empty; the proof writes a new folder (data, acts, sae)")
+    name = "toy" if model is None else type(model).__name__  # a loaded model is named by its class
     model = load("toy") if model is None else model
     t = {"start": time.perf_counter()}
     manifest = write_toy_dataset(out / "data", n=n_rows, seed=seed, kinds=SINGLE_CLIP)
@@ -138,12 +139,17 @@ def toy_feature_proof(out_dir, *, n_rows: int = 600, hook: str = "blocks.0.hook_
     settings = dict(hook=hook, width=width, k=k, steps=steps, batch_size=batch_size, lr=lr, holdout=holdout,
                     per_value=per_value, seed=seed, n_rows=n_rows, n_clips=int(table.attrs["n_train"] + table.attrs["n_heldout"]),
                     n_train=table.attrs["n_train"], n_heldout=table.attrs["n_heldout"], n_ablation=len(rows),
-                    pool=table.attrs["pool"])
+                    pool=table.attrs["pool"], model=name, n_layers=model.cfg.n_layers)
     settings["ablated_on"] = where
     return FeatureProof(out, table, heldout, accuracy, features, settings, seconds)
 
 
 # ---- the report section ---------------------------------------------------------------------------------------
+def model_name(proof: FeatureProof) -> str:
+    """How the report names the model the proof ran on: its depth and, for a shipped toy, its name."""
+    return f"{proof.settings['n_layers']}-layer model {proof.settings['model']!r}"
+
+
 def features_section(report, out_dir, model=None, **sizes) -> FeatureProof:
     """Run `toy_feature_proof` in `out_dir` with `sizes` and add the demo report's "Features" section: the
     table and figure of the best features per attribute value (trained vs untrained, held-out AUROC with
@@ -152,7 +158,7 @@ def features_section(report, out_dir, model=None, **sizes) -> FeatureProof:
     s = proof.settings
     report.heading("Features: a sparse autoencoder on the media tokens finds the planted attributes")
     report.text(
-        f"{s['n_clips']} distinct toy clips written as files, harvested at {s['hook']} (audio and video tokens), a TopK "
+        f"On the {model_name(proof)}: {s['n_clips']} distinct toy clips written as files, harvested at {s['hook']} (audio and video tokens), a TopK "
         f"SAE of {s['width']} features (k {s['k']}) trained with SAELens on the tokens of {s['n_train']} clips for "
         f"{s['steps']} steps of {s['batch_size']} tokens; {s['n_heldout']} clips held out. Per attribute value, the "
         f"feature with the highest AUROC on the training clips (clip score: the {s['pool']} of the feature over the "

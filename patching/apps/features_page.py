@@ -275,11 +275,13 @@ class _Media:
 
 def _store_tokenizer(store: ActivationStore):
     """The tokenizer of the model the store was harvested with, where its settings name one this machine
-    holds ("toy", a checkpoint folder, a hub id): a loaded model is stored under its class name only."""
+    holds (a shipped toy, a checkpoint folder, a hub id): a loaded model is stored under its class name only."""
     name = store.settings.get("model")
-    if not isinstance(name, str) or not (name == "toy" or os.path.isdir(name) or name.count("/") == 1):
-        return None
     from hooked_av.registry import inspect
+    from hooked_av.toy import TOYS
+
+    if not isinstance(name, str) or not (name in TOYS or os.path.isdir(name) or name.count("/") == 1):
+        return None
 
     try:
         return inspect(name)[1]

@@ -20,7 +20,7 @@ def register(sub) -> None:
     from patching.engine.experiment import names
 
     st = sub.add_parser("study", help="run experiments over a dataset manifest (resumable, torchrun-parallel) and write a report")
-    st.add_argument("--model", required=True, help='hub id, local checkpoint folder, or "toy"')
+    st.add_argument("--model", required=True, help='hub id, local checkpoint folder, or a shipped toy ("toy", "toy-flow")')
     st.add_argument("--manifest", required=True, help="JSONL or CSV manifest (see patching.datasets.manifest)")
     st.add_argument("--experiment", action="append", choices=names(study=True), default=None,
                     help="an experiment to run; repeat for several (accuracy is always written)")
