@@ -112,32 +112,38 @@ def test_each_toy_loads_by_name_through_one_loader(toy_model, toy_flow_model):
         hooked_av.load("toy-flow", position_mode="x")
 
 
-def test_held_out_accuracy_of_every_question_kind_is_at_least_95_percent(any_toy):
-    clean = any_toy[2]
-    assert min(clean.values()) >= 0.95, clean
+# held-out accuracy each toy reaches on every kind; toy-flow's auditory and two-clip kinds hold the instrument
+# questions, which its planted pathway answers at about 0.65 (docs/toy.md: the question's few words carry it)
+FLOOR = {"toy": dict.fromkeys(vocab.KINDS, 0.95), "toy-flow": {"visual": 0.95, "auditory": 0.8, "audiovisual": 0.95, "two_clip": 0.85}}
+
+
+def test_held_out_accuracy_of_every_question_kind_reaches_the_toys_floor(any_toy):
+    model, _, clean = any_toy
+    floor = FLOOR["toy" if model.cfg.n_layers == 4 else "toy-flow"]
+    assert all(clean[k] >= floor[k] for k in vocab.KINDS), (clean, floor)
 
 
 def test_blocking_audio_keys_kills_auditory_answers_only(any_toy):
-    model, held_out, _ = any_toy
+    model, held_out, clean = any_toy
     audio = _media(model, held_out, "audio")
     acc = _accuracy(model, held_out, _block(~audio, audio, range(model.cfg.n_layers)))
     assert acc["auditory"] <= _chance(held_out, "auditory") + 0.15, acc
-    assert acc["visual"] >= 0.9, acc
+    assert acc["visual"] >= clean["visual"] - 0.05, acc
 
 
 def test_blocking_video_keys_kills_visual_answers_only(any_toy):
-    model, held_out, _ = any_toy
+    model, held_out, clean = any_toy
     video = _media(model, held_out, "video")
     acc = _accuracy(model, held_out, _block(~video, video, range(model.cfg.n_layers)))
     assert acc["visual"] <= _chance(held_out, "visual") + 0.15, acc
-    assert acc["auditory"] >= 0.9, acc
+    assert acc["auditory"] >= clean["auditory"] - 0.05, acc
 
 
 def test_discarding_media_from_the_last_layer_keeps_accuracy(any_toy):
-    model, held_out, _ = any_toy
+    model, held_out, clean = any_toy
     media = _media(model, held_out, "media")
     acc = _accuracy(model, held_out, _block(~media, media, [model.cfg.n_layers - 1]))
-    assert min(acc.values()) >= 0.9, acc
+    assert all(acc[k] >= clean[k] - 0.05 for k in vocab.KINDS), (acc, clean)
 
 
 def test_discarding_media_from_layer_0_destroys_accuracy(any_toy):
@@ -149,33 +155,40 @@ def test_discarding_media_from_layer_0_destroys_accuracy(any_toy):
 
 
 # toy-flow's planted pathway (train.RECIPES["toy-flow"], train.pathway_mask): the question's words read the media
-# in layers 1-2 only, the positions after the question read the question in layers 4-5 only
+# in the "gather" layers only, the positions after the question read the question in the "answer" layers only.
+# The audiovisual (match) question also takes a second route, through the template tokens between the media
+# (docs/toy.md: 0.958 -> 0.646 with only the question reading the media), so the pathway is asserted on the others
+PATHWAY_KINDS = ("visual", "auditory", "two_clip")
 
 
 def test_toy_flow_takes_the_media_to_the_answer_through_the_question_in_the_planted_layers(toy_flow_model, held_out):
+    clean = _accuracy(toy_flow_model, held_out)
     from hooked_av.toy.train import RECIPES, question_positions
 
     model, layers = toy_flow_model, RECIPES["toy-flow"]["pathway_layers"]
-    assert layers == {"gather": (1, 2), "answer": (4, 5)} and model.cfg.n_layers == 8
+    gather, answer = list(layers["gather"]), list(layers["answer"])
+    assert model.cfg.n_layers == 8 and max(gather) < min(answer)
     ids = held_out.inputs["input_ids"]
     media, question = _media(model, held_out, "media"), question_positions(ids)
     pos = torch.arange(ids.shape[1])
     after = pos[None] >= torch.where(ids == toy.token_ids()["im_end"], pos, -1).max(1).values[:, None]
+    elsewhere = lambda chosen: [i for i in range(8) if i not in chosen]  # noqa: E731
     kept = {  # what the plant leaves the model free to lose
-        "media gone from layer 3 on": _accuracy(model, held_out, _block(~media, media, range(3, 8))),
+        "media gone after the gather layers": _accuracy(model, held_out, _block(~media, media, range(max(gather) + 1, 8))),
         "no text but the question reads the media": _accuracy(model, held_out, _block(~media & ~question, media, range(8))),
-        "the answer side reads the question in layers 4-5 only": _accuracy(
-            model, held_out, _block(after, question, [0, 1, 2, 3, 6, 7])),
+        "the question reads the media in the gather layers only": _accuracy(model, held_out, _block(question, media, elsewhere(gather))),
+        "the answer side reads the question in the answer layers only": _accuracy(model, held_out, _block(after, question, elsewhere(answer))),
     }
     for name, acc in kept.items():
-        assert min(acc.values()) >= 0.9, (name, acc)
+        assert all(acc[k] >= clean[k] - 0.05 for k in PATHWAY_KINDS), (name, acc, clean)
     cut = {  # what it needs: either step of the pathway, in its layers
-        "the question blind to the media in layers 1-2": _accuracy(model, held_out, _block(question, media, layers["gather"])),
-        "the answer side blind to the question in layers 4-5": _accuracy(model, held_out, _block(after, question, layers["answer"])),
+        "the question blind to the media in the gather layers": _accuracy(model, held_out, _block(question, media, gather)),
+        "the answer side blind to the question in the answer layers": _accuracy(model, held_out, _block(after, question, answer)),
     }
     for name, acc in cut.items():
-        for kind in vocab.KINDS:
+        for kind in PATHWAY_KINDS:
             assert acc[kind] <= _chance(held_out, kind) + 0.15, (name, kind, acc)
+        assert acc["audiovisual"] < clean["audiovisual"] - 0.15, (name, acc)  # it needs the pathway too, not only
 
 
 def test_data_generator_is_deterministic_in_its_seed(model):

@@ -337,7 +337,7 @@ PLANTS = ("last_layer", "pathway")
 # what each shipped toy was trained with (`--toy NAME`; its weights are `hooked_av.toy.weights_dir(NAME)`)
 RECIPES = {
     "toy": dict(n_layers=4, plant="last_layer", schedule=DEFAULT_SCHEDULE, drop_p=0.5, plant_from=0.3),
-    "toy-flow": dict(n_layers=8, plant="pathway", pathway_layers={"gather": (1, 2), "answer": (4, 5)}, schedule="1500:1e-3",
+    "toy-flow": dict(n_layers=8, plant="pathway", pathway_layers={"gather": (1, 2), "answer": (4, 5)}, schedule="1500:1e-3,2000:5e-4",
                      drop_p=0.75, plant_from=0.0, attention_penalty=5.0,
                      init_from="toy"),
 }
