@@ -252,3 +252,15 @@ def test_the_docs_discarding_row_is_what_the_model_gives_by_mask_and_physically(
     # with no media the model gives one answer per question: accuracy is the share of samples with that answer
     qs = [s.question for s in visual]
     assert {q: res.correct[[j for j, x in enumerate(qs) if x == q]].sum() for q in set(qs)} == {"colour": 6, "brightness": 15}
+
+
+def test_training_refuses_settings_that_cannot_apply_before_any_work(tmp_path):
+    from hooked_av.toy.train import train
+
+    with pytest.raises(ValueError, match="a resumed run keeps its weights: audio_from=None / init_from='toy'"):
+        train(1, tmp_path / "out", resume=toy.weights_dir("toy-flow"), init_from="toy", n_layers=8)
+    with pytest.raises(ValueError, match="pathway_layers .* go with plant='pathway' and only with it"):
+        train(1, tmp_path / "out", plant="pathway")
+    with pytest.raises(ValueError, match="attention_penalty applies to plant='pathway' only"):
+        train(1, tmp_path / "out", attention_penalty=1.0, n_clips=8)
+    assert not (tmp_path / "out").exists()

@@ -161,6 +161,10 @@ def train(steps: int, out: Path, seed: int = 0, batch_size: int = 32, lr: float 
     with plain causal attention instead of learning a second, direct route in those rows."""
     if plant not in PLANTS:
         raise ValueError(f"plant must be one of {list(PLANTS)}, got {plant!r}")
+    if attention_penalty and plant != "pathway":
+        raise ValueError(f"attention_penalty applies to plant='pathway' only, got plant={plant!r}")
+    if resume is not None and (audio_from or init_from):
+        raise ValueError(f"a resumed run keeps its weights: audio_from={audio_from!r} / init_from={init_from!r} start a fresh model only")
     if (plant == "pathway") != (pathway_layers is not None) or any(not 0 <= i < n_layers for v in (pathway_layers or {}).values() for i in v):
         raise ValueError(f"pathway_layers (layers in 0..{n_layers - 1}) go with plant='pathway' and only with it, got {pathway_layers!r}")
     from transformers import Qwen2_5OmniThinkerForConditionalGeneration
@@ -185,8 +189,6 @@ def train(steps: int, out: Path, seed: int = 0, batch_size: int = 32, lr: float 
     else:  # continue from a saved run (its minutes are not counted in this report)
         model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(str(resume), attn_implementation="sdpa").train()
     if attention_penalty:  # the penalty reads the attention probabilities: eager attention while training
-        if plant != "pathway":
-            raise ValueError(f"attention_penalty applies to plant='pathway' only, got plant={plant!r}")
         model.set_attn_implementation("eager")
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{n_params / 1e6:.2f}M parameters", flush=True)
@@ -369,7 +371,8 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for i, (steps, lr) in enumerate(stages):
             out = out_dir if i == len(stages) - 1 else Path(tmp) / f"stage{i}"
-            reports.append(train(steps, out, seed=a.seed, lr=lr, threads=a.threads, resume=previous, **recipe))
+            start = recipe if previous is None else {k: v for k, v in recipe.items() if k not in ("audio_from", "init_from")}
+            reports.append(train(steps, out, seed=a.seed, lr=lr, threads=a.threads, resume=previous, **start))
             previous = out
     report = {
         "toy": a.toy, "schedule": schedule, "seed": a.seed, "threads": a.threads,
