@@ -448,7 +448,7 @@ def qwen3_layers(longest: int, free_bytes: int, margin: float = 4 * 2**30) -> tu
     last 64 queries: its output, [layers, 1, heads, 64, tokens] in bf16, held twice while the layers are stacked,
     plus one layer's fp32 softmax. The other rows hold less at 48 layers and 32,768 tokens: a forward 2.3 GiB
     (`patching.engine.cost.run_bytes`), the sweep 11.4 GiB as its plan counts it in fp32 (`plan_sweep(...).stats`),
-    `group_attention_mass` a few GiB (a block of 256 query rows at a time). Returns (layers, the reckoning)."""
+    `group_attention_mass` a few GiB (a block of `block_rows`, 64, query rows at a time). Returns (layers, the reckoning)."""
     from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import Qwen3OmniMoeThinkerForConditionalGeneration
 
     one, two = (weight_bytes(on_meta(Qwen3OmniMoeThinkerForConditionalGeneration, qwen3_config(False, n), torch.bfloat16))
@@ -777,7 +777,12 @@ def parse(argv=None):
         ap.error(f"--rounds must be >= 5 for a min and a median worth reading, got {a.rounds}")
     if a.new_tokens < 1:
         ap.error(f"--new-tokens must be >= 1, got {a.new_tokens}")
+    if not 0 < a.budget <= MAX_BUDGET:  # gpu_check.sh kills the run at 470 s, mid-table
+        ap.error(f"--budget must be in (0, {MAX_BUDGET:.0f}] seconds (gpu_check.sh stops the run at 470 s), got {a.budget}")
     return a
+
+
+MAX_BUDGET = 460.0  # seconds: under gpu_check.sh's `timeout 470`, with the tables' writing after it
 
 
 def main(argv=None) -> list[str]:

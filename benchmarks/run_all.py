@@ -552,9 +552,7 @@ def mass_table(args) -> list[str]:
         w = synthetic_sample(model, WARM)
         wx = {"inputs_embeds": w.embeds, "position_ids": w.position_ids}
         ran: dict = {}
-        for n in sorted(set(MASS_SIZES) | set(sizes)):
-            if n not in sizes:
-                continue
+        for n in sorted(set(sizes)):
             s = synthetic_sample(model, n)
             x = {"inputs_embeds": s.embeds, "position_ids": s.position_ids}
             runs = {"forward": lambda: model(**x, return_type=None), "mass": lambda: group_attention_mass(model, x, s.tm)}

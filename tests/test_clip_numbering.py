@@ -91,7 +91,6 @@ def test_items_follow_the_prompts_clips(family, case, request):
     assert torch.equal(tm.extend(3).item[:, :-3], tm.item)
 
 
-SALMONN_FRAMES = 16
 
 
 @pytest.mark.parametrize("family", ["omni", "salmonn", "qwen3"])

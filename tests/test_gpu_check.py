@@ -210,3 +210,10 @@ def test_make_bench_keeps_the_pasted_gpu_section(tmp_path):
     assert gpu_section(doc) == "\n## GPU check: H100, 2027-01-01\n\n### Qwen\n\n| y |\n"
     doc.write_text("# Benchmarks\n\n## GPU check (not run yet)\n\ntext\n\n## Other\n\nz\n")
     assert gpu_section(doc) == "\n## GPU check (not run yet)\n\ntext\n"
+
+
+@pytest.mark.parametrize("budget", ["0", "-5", "600"])
+def test_a_budget_the_run_cannot_keep_is_refused_before_any_work(G, budget, capsys):
+    with pytest.raises(SystemExit):
+        G.parse(["--tiny", "--budget", budget])
+    assert f"--budget must be in (0, 460] seconds (gpu_check.sh stops the run at 470 s), got {float(budget)}" in capsys.readouterr().err

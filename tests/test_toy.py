@@ -263,4 +263,7 @@ def test_training_refuses_settings_that_cannot_apply_before_any_work(tmp_path):
         train(1, tmp_path / "out", plant="pathway")
     with pytest.raises(ValueError, match="attention_penalty applies to plant='pathway' only"):
         train(1, tmp_path / "out", attention_penalty=1.0, n_clips=8)
+    for typo in ({"gathr": (1,), "answer": (4,)}, {"gather": (1, 4), "answer": (4,)}):  # one ignored, one ambiguous
+        with pytest.raises(ValueError, match="names the 'gather' and the 'answer' layers, no layer in both"):
+            train(1, tmp_path / "out", plant="pathway", pathway_layers=typo, n_layers=8)
     assert not (tmp_path / "out").exists()

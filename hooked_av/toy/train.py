@@ -62,16 +62,19 @@ def toy_config(n_layers: int = 4):
     return cfg
 
 
-def last_layer_media_mask(input_ids, attention_mask, drop_rows, media_ids, readers=None) -> torch.Tensor:
+def last_layer_media_mask(input_ids, attention_mask, drop_rows, media_ids) -> torch.Tensor:
     """Additive float mask `[batch, 1, pos, pos]`: causal and padding, plus, in `drop_rows`, text
-    queries blocked from media keys, except the positions of `readers` (bool `[batch, pos]`; None:
-    none). Padding queries keep their own key, so no row is empty."""
-    b, s = input_ids.shape
-    allowed = torch.ones(s, s, dtype=torch.bool).tril()[None].expand(b, s, s) & attention_mask.bool()[:, None, :]
+    queries blocked from media keys. Padding queries keep their own key, so no row is empty."""
     media = torch.isin(input_ids, media_ids)
-    queries = ~media if readers is None else ~media & ~readers
-    blocked = drop_rows[:, None, None] & queries[:, :, None] & media[:, None, :]
-    allowed = (allowed & ~blocked) | torch.eye(s, dtype=torch.bool)[None]
+    return planted_mask(attention_mask, drop_rows, ~media[:, :, None] & media[:, None, :])
+
+
+def planted_mask(attention_mask, drop_rows, blocked) -> torch.Tensor:
+    """Additive float mask `[batch, 1, pos, pos]`: causal and padding, plus the pairs `blocked` (bool
+    `[batch, query, key]`) in the rows `drop_rows`; every query keeps its own key, so no row is empty."""
+    b, s = attention_mask.shape
+    allowed = torch.ones(s, s, dtype=torch.bool).tril()[None].expand(b, s, s) & attention_mask.bool()[:, None, :]
+    allowed = (allowed & ~(drop_rows[:, None, None] & blocked)) | torch.eye(s, dtype=torch.bool)[None]
     mask = torch.zeros(b, 1, s, s)
     return mask.masked_fill_(~allowed[:, None], torch.finfo(torch.float32).min)
 
@@ -93,19 +96,17 @@ def pathway_mask(input_ids, attention_mask, drop_rows, stage: str) -> torch.Tens
     layer; the positions after the question (the template and the last) do not read the question's
     words, except at an "answer" layer ("closed": neither). So the media reach the answer only as
     media -> question (gather layers) -> last (answer layers)."""
-    b, s = input_ids.shape
-    allowed = torch.ones(s, s, dtype=torch.bool).tril()[None].expand(b, s, s) & attention_mask.bool()[:, None, :]
-    blocked = pathway_blocked(input_ids, stage)
-    allowed = (allowed & ~(drop_rows[:, None, None] & blocked)) | torch.eye(s, dtype=torch.bool)[None]
-    mask = torch.zeros(b, 1, s, s)
-    return mask.masked_fill_(~allowed[:, None], torch.finfo(torch.float32).min)
+    return planted_mask(attention_mask, drop_rows, pathway_blocked(input_ids, stage))
+
+
+STAGES = ("gather", "answer", "closed")  # a pathway layer's stage; the layers not named in pathway_layers are "closed"
 
 
 def pathway_blocked(input_ids, stage: str) -> torch.Tensor:
     """bool `[batch, query, key]`: the (query, key) pairs toy-flow's plant forbids at a layer of `stage`
     (`pathway_mask`), whatever the causal and padding masks say."""
-    if stage not in ("gather", "answer", "closed"):
-        raise ValueError(f"stage must be 'gather', 'answer' or 'closed', got {stage!r}")
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {list(STAGES)}, got {stage!r}")
     ids = token_ids()
     s = input_ids.shape[1]
     audio, video = input_ids == ids["audio"], input_ids == ids["video"]
@@ -167,6 +168,9 @@ def train(steps: int, out: Path, seed: int = 0, batch_size: int = 32, lr: float 
         raise ValueError(f"a resumed run keeps its weights: audio_from={audio_from!r} / init_from={init_from!r} start a fresh model only")
     if (plant == "pathway") != (pathway_layers is not None) or any(not 0 <= i < n_layers for v in (pathway_layers or {}).values() for i in v):
         raise ValueError(f"pathway_layers (layers in 0..{n_layers - 1}) go with plant='pathway' and only with it, got {pathway_layers!r}")
+    if pathway_layers is not None and (set(pathway_layers) != {"gather", "answer"}
+                                       or set(pathway_layers["gather"]) & set(pathway_layers["answer"])):
+        raise ValueError(f"pathway_layers names the 'gather' and the 'answer' layers, no layer in both, got {pathway_layers!r}")
     from transformers import Qwen2_5OmniThinkerForConditionalGeneration
 
     torch.set_num_threads(threads)
@@ -213,14 +217,15 @@ def train(steps: int, out: Path, seed: int = 0, batch_size: int = 32, lr: float 
         batch = collate(train_bank, draw_samples(train_bank, batch_size, seed=int(rng.integers(2**31)), kinds=kinds), tokenizer)
         # planting starts once the features exist: early on it only slows learning them
         drop = torch.from_numpy(rng.random(batch_size) < (drop_p if step > plant_from * steps else 0.0))
-        ids_ = batch.inputs["input_ids"]
-        if plant == "pathway":
-            planted.update({k: pathway_mask(ids_, batch.inputs["attention_mask"], drop, k) for k in ("gather", "answer", "closed")})
+        ids_, am = batch.inputs["input_ids"], batch.inputs["attention_mask"]
+        if plant == "pathway":  # each stage's forbidden pairs once a step: the masks and the penalty read them
+            blocked = {k: pathway_blocked(ids_, k) for k in set(stage_of)}
+            planted.update({k: planted_mask(am, drop, v) for k, v in blocked.items()})
         else:
-            planted["blind"] = last_layer_media_mask(ids_, batch.inputs["attention_mask"], drop, media_ids)
+            planted["blind"] = last_layer_media_mask(ids_, am, drop, media_ids)
         res = model(**batch.inputs, use_audio_in_video=False, output_attentions=bool(attention_penalty))
         loss = F.cross_entropy(res.logits[:, -1].float(), batch.answers)
-        forbidden = _forbidden_mass(res.attentions, ids_, stage_of) if attention_penalty else None
+        forbidden = _forbidden_mass(res.attentions, blocked, stage_of) if attention_penalty else None
         if attention_penalty:
             loss = loss + attention_penalty * forbidden
         opt.zero_grad(set_to_none=True)
@@ -257,6 +262,15 @@ def train(steps: int, out: Path, seed: int = 0, batch_size: int = 32, lr: float 
     return report
 
 
+def _toy_state(toy: str) -> dict:
+    """The state dict of the shipped toy `toy` (`hooked_av.toy.TOYS`), as HF's Thinker loads it."""
+    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+    from hooked_av.toy import weights_dir
+
+    return Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(str(weights_dir(toy))).state_dict()
+
+
 AUDIO_TOWER = "model.audio_tower."  # the state-dict prefix of the Thinker's audio tower
 
 
@@ -267,11 +281,7 @@ def _copy_audio_tower(model, toy: str) -> None:
     tower is not copied: its features (norm ~200 against ~0.3 for the text embeddings) stayed unread
     by a fresh 8-layer decoder, visual questions at chance for 1,500 steps, while a vision tower
     trained along with the decoder learns colour in a few hundred."""
-    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
-
-    from hooked_av.toy import weights_dir
-
-    source = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(str(weights_dir(toy))).state_dict()
+    source = _toy_state(toy)
     mine = model.state_dict()
     tower = {k: v for k, v in source.items() if k.startswith(AUDIO_TOWER)}
     if not tower or any(k not in mine or mine[k].shape != v.shape for k, v in tower.items()):
@@ -279,12 +289,12 @@ def _copy_audio_tower(model, toy: str) -> None:
     model.load_state_dict(tower, strict=False)
 
 
-def _forbidden_mass(attentions, input_ids, stage_of) -> torch.Tensor:
-    """Attention mass on the pairs `pathway_blocked` forbids: per query with such keys, averaged over those
-    queries, plus the last (answer) position's own, each averaged over heads, rows and layers (`attentions`:
-    one `[batch, head, query, key]` per layer). The answer position is one query in ~50; averaged with the
-    rest alone, its direct reads of the media stayed (a knockout of video -> last still cost -56 %)."""
-    blocked = {st: pathway_blocked(input_ids, st) for st in set(stage_of)}
+def _forbidden_mass(attentions, blocked, stage_of) -> torch.Tensor:
+    """Attention mass on the pairs `blocked[stage]` (`pathway_blocked`) forbids: per query with such keys,
+    averaged over those queries, plus the last (answer) position's own, each averaged over heads, rows and
+    layers (`attentions`: one `[batch, head, query, key]` per layer; `stage_of`: each layer's stage). The
+    answer position is one query in ~50; averaged with the rest alone, its direct reads of the media stayed
+    (a knockout of video -> last still cost -56 %)."""
     total = 0.0
     for probs, st in zip(attentions, stage_of):
         mass = (probs * blocked[st][:, None].to(probs.dtype)).sum(-1)  # [batch, head, query]
@@ -302,11 +312,7 @@ def _grow_from(model, toy: str) -> None:
     else the toy's layer i mod its depth with its attention output (`o_proj`) and MLP output
     (`down_proj`) zeroed, so the extra layers add nothing and the grown model computes what the toy
     computes until training moves them."""
-    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
-
-    from hooked_av.toy import weights_dir
-
-    source = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(str(weights_dir(toy))).state_dict()
+    source = _toy_state(toy)
     n_src = 1 + max(int(k[len(LAYERS):].split(".")[0]) for k in source if k.startswith(LAYERS))
     grown = {}
     for k, v in model.state_dict().items():
@@ -360,8 +366,8 @@ def main(argv=None) -> None:
     p.add_argument("--resume", type=Path, default=None, help="start the first stage from a saved model")
     a = p.parse_args(argv)
     recipe = dict(RECIPES[a.toy])
-    schedule = a.schedule or recipe.pop("schedule")
-    recipe.pop("schedule", None)
+    schedule = a.schedule or recipe["schedule"]
+    del recipe["schedule"]
     out_dir = a.out or weights_dir(a.toy)
     try:
         stages = [(int(steps), float(lr)) for steps, lr in (part.split(":") for part in schedule.split(","))]

@@ -94,7 +94,7 @@ def run_demo(out_dir: str | Path = "runs/demo", n_eval: int = 200, n_flow: int =
     report.text(f"Flow sections: the shipped toy {flow_model!r}, a Qwen2.5-Omni Thinker architecture of {model.cfg.n_layers} layers "
                 "trained on a synthetic task (docs/toy.md: how it was trained, and what was planted), read from "
                 f"{len(manifest)} samples written as files ({out / 'data' / 'manifest.jsonl'}); knockout window {used_window}"
-                f"{'' if window else ' (the default for its depth)'}; "
+                f"{'' if window is not None else ' (the default for its depth)'}; "
                 f"run time {time.perf_counter() - t0:.0f} s; throughput {throughput['accuracy']:.1f} samples/s (accuracy), "
                 f"{throughput['discarding']:.1f} samples/s (discarding), {throughput['flow']:.1f} samples/s (knockout).")
     report.heading("Accuracy per question kind (Wilson 95 % intervals)").figure(_accuracy_figure(acc_table)).table(acc_table)
